@@ -1,0 +1,243 @@
+//! `kiln`: from one labelled COCO dataset to a small prompt-free model for edge devices.
+//! The commands are thin: each parses its arguments and calls the libraries.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_data::{SplitOptions, SplitSpec, SynthLabels, SynthOptions, ValidateOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Turn one labelled COCO dataset into a small, prompt-free model for edge devices.",
+    long_about = "Turn one labelled COCO dataset into a small, prompt-free model for edge devices.\n\n\
+        kiln inspects the data and does the rest: validate (inspect, repair, split), train the teachers \
+        (GroundingDINO for boxes, SAM for masks), distil a one-stage student (YOLOv8, YOLOv8-seg, FastSAM), \
+        export it. Every command fills its settings from the data and takes overrides on the command line.\n\n\
+        Start with `kiln demo`, or `kiln validate --data annotations.json` on your own data."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect, repair, validate and split a COCO dataset (or a YOLO dataset), and report.
+    ///
+    /// Reads the annotation file, checks every image, derives missing `bbox` and `area` from the
+    /// masks, reports every problem (errors stop the run, warnings do not), splits the images into
+    /// train/val/test stratified by class, and writes the repaired file and one file per split into
+    /// the output directory. The input is never modified and no existing file is replaced.
+    /// Exits with status 1 when the data has errors.
+    Validate(ValidateArgs),
+    /// Generate a labelled dataset of shapes on textured backgrounds (COCO JSON + images).
+    ///
+    /// The embedded default kiln's demo and tests run on: several named shape classes, instance
+    /// masks of the visible parts (polygons, or compressed RLE where shapes overlap), varied scale,
+    /// rotation, colour and background. Reproducible with --seed.
+    Synth(SynthArgs),
+    /// Run the main job on a dataset kiln generates itself: synth, then validate (more steps join
+    /// as they land).
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct ValidateArgs {
+    /// COCO annotation file (JSON), or a YOLO dataset: its data yaml or the directory holding it.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Directory that the images' `file_name`s are relative to [default: `images/` beside the
+    /// annotation file if it exists, else the file's directory].
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Split by image into named parts with ratios summing to 1.
+    #[arg(
+        long,
+        value_name = "SPEC",
+        default_value = "train:0.7,val:0.15,test:0.15"
+    )]
+    split: String,
+    /// Keep each class's share close to its share overall in every part (iterative
+    /// stratification); `--stratify false` splits at random.
+    #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    stratify: bool,
+    /// Seed of the split: the same seed and data give the same split.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Where to write the repaired file and the splits [default: `splits/` beside the input].
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Print the report as JSON on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LabelsArg {
+    Both,
+    Boxes,
+    Masks,
+}
+
+#[derive(clap::Args)]
+struct SynthArgs {
+    /// Output directory: `annotations.json` and `images/` are written there (never over existing ones).
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    #[command(flatten)]
+    options: SynthFlags,
+}
+
+#[derive(clap::Args)]
+struct SynthFlags {
+    /// Number of images.
+    #[arg(long = "num-images", default_value_t = 200)]
+    images: usize,
+    /// Number of classes (circle, square, triangle, star, hexagon, cross, heart, arrow: the first N).
+    #[arg(long, default_value_t = 4)]
+    classes: usize,
+    /// Longest image side in pixels.
+    #[arg(long, default_value_t = 320)]
+    size: u32,
+    /// Which labels the annotations carry: boxes and masks, boxes only, or masks only (no bbox/area).
+    #[arg(long, value_enum, default_value_t = LabelsArg::Both)]
+    labels: LabelsArg,
+    /// Most objects per image.
+    #[arg(long, default_value_t = 6)]
+    max_objects: usize,
+    /// Seed: the same seed and options give the same dataset.
+    #[arg(long = "synth-seed", default_value_t = 0)]
+    seed: u64,
+}
+
+impl SynthFlags {
+    fn options(&self) -> SynthOptions {
+        SynthOptions {
+            images: self.images,
+            classes: self.classes,
+            size: self.size,
+            labels: match self.labels {
+                LabelsArg::Both => SynthLabels::Both,
+                LabelsArg::Boxes => SynthLabels::Boxes,
+                LabelsArg::Masks => SynthLabels::Masks,
+            },
+            seed: self.seed,
+            max_objects: self.max_objects,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Run directory; `runs/demo`, `runs/demo2`, ... is taken when it already exists.
+    #[arg(long, value_name = "DIR", default_value = "runs/demo")]
+    output: PathBuf,
+    #[command(flatten)]
+    options: SynthFlags,
+}
+
+fn progress_bar(message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:32}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}
+
+fn run_validate(args: &ValidateArgs) -> anyhow::Result<bool> {
+    let spec: SplitSpec = args.split.parse()?;
+    let options = ValidateOptions {
+        data: args.data.clone(),
+        images: args.images.clone(),
+        split: SplitOptions {
+            spec,
+            seed: args.seed,
+            stratify: args.stratify,
+        },
+        output_dir: args.output_dir.clone(),
+    };
+    let report = kiln_data::run_validate(&options, &progress_bar("images"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(report.ok)
+}
+
+fn run_synth(output: &Path, flags: &SynthFlags) -> anyhow::Result<PathBuf> {
+    let options = flags.options();
+    let generated = kiln_data::synthesize(&options, output, &progress_bar("synth"))?;
+    println!(
+        "kiln synth: {} images, {} annotations, {} classes ({}) -> {}",
+        generated.dataset.images.len(),
+        generated.dataset.annotations.len(),
+        options.classes,
+        generated.dataset.class_names().join(", "),
+        generated.annotations.display()
+    );
+    Ok(generated.annotations)
+}
+
+/// `base`, or the first of `base2`, `base3`, ... that does not exist yet.
+fn fresh_run_dir(base: &Path) -> PathBuf {
+    if !base.exists() {
+        return base.to_path_buf();
+    }
+    let name = base
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into());
+    (2..)
+        .map(|i| base.with_file_name(format!("{name}{i}")))
+        .find(|p| !p.exists())
+        .expect("an unused name")
+}
+
+fn run_demo(args: &DemoArgs) -> anyhow::Result<bool> {
+    let run = fresh_run_dir(&args.output);
+    println!("kiln demo -> {}\n", run.display());
+    let annotations = run_synth(&run.join("data"), &args.options)?;
+    println!();
+    let validate = ValidateArgs {
+        data: annotations,
+        images: None,
+        split: "train:0.7,val:0.15,test:0.15".into(),
+        stratify: true,
+        seed: 42,
+        output_dir: None,
+        json: false,
+    };
+    run_validate(&validate)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = matches!(&cli.command, Command::Validate(a) if a.json);
+    let outcome = match &cli.command {
+        Command::Validate(args) => run_validate(args),
+        Command::Synth(args) => run_synth(&args.output, &args.options).map(|_| true),
+        Command::Demo(args) => run_demo(args),
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": error.to_string()})
+                );
+            }
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

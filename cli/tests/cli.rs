@@ -1,0 +1,250 @@
+//! The `kiln` binary as a user runs it: reports, exit codes, files written and files left alone.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use kiln_tests::{Scratch, coco8_dir};
+
+fn kiln(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run kiln")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn validate_coco8_seg_derives_every_box_and_area_and_reports() {
+    let scratch = Scratch::new("cli-coco8");
+    let input = coco8_dir().join("annotations.json");
+    let before = std::fs::read(&input).unwrap();
+    let out = scratch.path().join("splits");
+    let output = kiln(
+        &[
+            "validate",
+            "--data",
+            input.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+        ],
+        scratch.path(),
+    );
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    for expected in [
+        "valid COCO JSON",
+        "8 listed, 8 found, 8 readable",
+        "Boxes        0 given, 30 derived from masks",
+        "Areas        30 derived from masks",
+        "person",
+        "SAM (box prompt -> masks)",
+        "Student      yolov8n-seg",
+        "Next         kiln train-teacher --data",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&input).unwrap(),
+        before,
+        "the input is never modified"
+    );
+    let repaired: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("annotations.repaired.json")).unwrap())
+            .unwrap();
+    let annotations = repaired["annotations"].as_array().unwrap();
+    assert_eq!(annotations.len(), 30);
+    assert!(annotations.iter().all(
+        |a| a["bbox"].as_array().map(Vec::len) == Some(4) && a["area"].as_f64().unwrap() > 0.0
+    ));
+    for part in ["train.json", "val.json", "test.json"] {
+        assert!(out.join(part).is_file(), "{part}");
+    }
+
+    // Running again refuses to replace what is there, and says how to proceed.
+    let again = kiln(
+        &[
+            "validate",
+            "--data",
+            input.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+        ],
+        scratch.path(),
+    );
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("refusing to overwrite"),
+        "{}",
+        text(&again.stderr)
+    );
+}
+
+#[test]
+fn validate_json_report_is_machine_readable() {
+    let scratch = Scratch::new("cli-json");
+    let input = coco8_dir().join("annotations.json");
+    let out = scratch.path().join("o");
+    let output = kiln(
+        &[
+            "validate",
+            "--data",
+            input.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--json",
+        ],
+        scratch.path(),
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("stdout is JSON");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["summary"]["images"], 8);
+    assert_eq!(report["summary"]["has_masks"], true);
+    assert_eq!(report["repair"]["bbox_from_mask"], 30);
+    assert_eq!(report["recommendation"]["student"], "yolov8n-seg");
+    assert_eq!(report["split"]["parts"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn malformed_file_exits_non_zero_with_a_clear_message() {
+    let scratch = Scratch::new("cli-malformed");
+    let path = scratch.path().join("export.json");
+    std::fs::write(&path, "{\"images\": [], \"annotations\": [}").unwrap();
+    let output = kiln(&["validate", "--data", "export.json"], scratch.path());
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("export.json")
+            && stderr.contains("not valid COCO JSON")
+            && stderr.contains("line 1"),
+        "{stderr}"
+    );
+    assert!(!scratch.path().join("splits").exists(), "no partial output");
+
+    let output = kiln(&["validate", "--data", "missing.json"], scratch.path());
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("missing.json: no such file"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let output = kiln(
+        &[
+            "validate",
+            "--data",
+            "export.json",
+            "--split",
+            "train:0.5,val:0.2",
+        ],
+        scratch.path(),
+    );
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("ratios sum to 0.7"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn data_errors_exit_non_zero_and_list_the_problems() {
+    let scratch = Scratch::new("cli-data-errors");
+    let input = coco8_dir().join("annotations.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&input).unwrap()).unwrap();
+    value["annotations"][3]["category_id"] = serde_json::json!(4242);
+    let path = scratch.path().join("bad.json");
+    std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+    let images = coco8_dir().join("images");
+    let output = kiln(
+        &[
+            "validate",
+            "--data",
+            "bad.json",
+            "--images",
+            images.to_str().unwrap(),
+        ],
+        scratch.path(),
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.contains("unknown_category") && stdout.contains("annotation 4 (category 4242)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("nothing was written"));
+    assert!(!scratch.path().join("splits").exists());
+}
+
+#[test]
+fn demo_runs_synth_then_validate_in_a_fresh_run_directory() {
+    let scratch = Scratch::new("cli-demo");
+    let args = [
+        "demo",
+        "--output",
+        "runs/demo",
+        "--num-images",
+        "12",
+        "--size",
+        "64",
+    ];
+    let first = kiln(&args, scratch.path());
+    assert!(
+        first.status.success(),
+        "{}\n{}",
+        text(&first.stdout),
+        text(&first.stderr)
+    );
+    let stdout = text(&first.stdout);
+    assert!(stdout.contains("kiln synth: 12 images"), "{stdout}");
+    assert!(stdout.contains("Student      yolov8n-seg"), "{stdout}");
+    assert!(
+        scratch
+            .path()
+            .join("runs/demo/data/splits/train.json")
+            .is_file()
+    );
+    let second = kiln(&args, scratch.path());
+    assert!(second.status.success());
+    assert!(
+        scratch
+            .path()
+            .join("runs/demo2/data/splits/train.json")
+            .is_file(),
+        "a second run never touches the first"
+    );
+}
+
+#[test]
+fn help_explains_every_command() {
+    let output = kiln(&["--help"], Path::new("."));
+    let stdout = text(&output.stdout);
+    for command in ["validate", "synth", "demo"] {
+        assert!(stdout.contains(command), "{stdout}");
+    }
+    let output = kiln(&["validate", "--help"], Path::new("."));
+    let stdout = text(&output.stdout);
+    for flag in [
+        "--data",
+        "--images",
+        "--split",
+        "--stratify",
+        "--seed",
+        "--output-dir",
+        "--json",
+    ] {
+        assert!(stdout.contains(flag), "{flag} in {stdout}");
+    }
+}

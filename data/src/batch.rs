@@ -1,0 +1,440 @@
+//! From a COCO dataset to Burn tensors: samples loaded from disk, letterboxed to a square input as
+//! Ultralytics' `LetterBox` does (scale to fit, centre, pad with grey 114), boxes and masks moved
+//! by the same transform so they stay aligned with the pixels, then batched with per-image instance
+//! padding (the layout YOLOv8's task-aligned assigner consumes).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::Dataset;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use image::RgbImage;
+
+use crate::coco::{CocoDataset, Segmentation};
+use crate::error::{DataError, Result};
+use crate::mask::{BinaryMask, Rle};
+
+/// Grey used for padding (Ultralytics' `LetterBox` default).
+pub const PAD_VALUE: u8 = 114;
+
+/// The transform from original image pixels to the letterboxed input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Letterbox {
+    pub scale_x: f64,
+    pub scale_y: f64,
+    pub pad_left: u32,
+    pub pad_top: u32,
+    pub width: u32,
+    pub height: u32,
+    pub original_width: u32,
+    pub original_height: u32,
+}
+
+impl Letterbox {
+    /// Ultralytics' `LetterBox(new_shape, auto=False, center=True)`.
+    pub fn new(original_width: u32, original_height: u32, width: u32, height: u32) -> Self {
+        let ratio =
+            (width as f64 / original_width as f64).min(height as f64 / original_height as f64);
+        let unpadded_w = ((original_width as f64 * ratio).round() as u32).clamp(1, width);
+        let unpadded_h = ((original_height as f64 * ratio).round() as u32).clamp(1, height);
+        let dw = (width - unpadded_w) as f64 / 2.0;
+        let dh = (height - unpadded_h) as f64 / 2.0;
+        Self {
+            scale_x: unpadded_w as f64 / original_width as f64,
+            scale_y: unpadded_h as f64 / original_height as f64,
+            pad_left: (dw - 0.1).round().max(0.0) as u32,
+            pad_top: (dh - 0.1).round().max(0.0) as u32,
+            width,
+            height,
+            original_width,
+            original_height,
+        }
+    }
+
+    pub fn content_width(&self) -> u32 {
+        (self.original_width as f64 * self.scale_x).round() as u32
+    }
+
+    pub fn content_height(&self) -> u32 {
+        (self.original_height as f64 * self.scale_y).round() as u32
+    }
+
+    /// `[x1, y1, x2, y2]` in original pixels → letterboxed pixels.
+    pub fn forward_box(&self, [x1, y1, x2, y2]: [f64; 4]) -> [f64; 4] {
+        let (sx, sy, px, py) = (
+            self.scale_x,
+            self.scale_y,
+            self.pad_left as f64,
+            self.pad_top as f64,
+        );
+        [x1 * sx + px, y1 * sy + py, x2 * sx + px, y2 * sy + py]
+    }
+
+    /// `[x1, y1, x2, y2]` in letterboxed pixels → original pixels (for predictions).
+    pub fn inverse_box(&self, [x1, y1, x2, y2]: [f64; 4]) -> [f64; 4] {
+        let (sx, sy, px, py) = (
+            self.scale_x,
+            self.scale_y,
+            self.pad_left as f64,
+            self.pad_top as f64,
+        );
+        [
+            (x1 - px) / sx,
+            (y1 - py) / sy,
+            (x2 - px) / sx,
+            (y2 - py) / sy,
+        ]
+    }
+
+    /// Resizes (bilinear, half-pixel centres, like OpenCV's `INTER_LINEAR`) and pads the image.
+    pub fn apply_image(&self, image: &RgbImage) -> RgbImage {
+        let (cw, ch) = (self.content_width(), self.content_height());
+        let mut out = RgbImage::from_pixel(self.width, self.height, image::Rgb([PAD_VALUE; 3]));
+        let (src_w, src_h) = (image.width() as usize, image.height() as usize);
+        let src = image.as_raw();
+        let sx = src_w as f64 / cw as f64;
+        let sy = src_h as f64 / ch as f64;
+        let sample = |coordinate: f64, size: usize| -> (usize, usize, f32) {
+            let c = coordinate.clamp(0.0, (size - 1) as f64);
+            let low = c.floor() as usize;
+            (low, (low + 1).min(size - 1), (c - low as f64) as f32)
+        };
+        let columns: Vec<(usize, usize, f32)> = (0..cw)
+            .map(|x| sample((x as f64 + 0.5) * sx - 0.5, src_w))
+            .collect();
+        for y in 0..ch {
+            let (y0, y1, fy) = sample((y as f64 + 0.5) * sy - 0.5, src_h);
+            for (x, &(x0, x1, fx)) in columns.iter().enumerate() {
+                let pixel = out.get_pixel_mut(x as u32 + self.pad_left, y + self.pad_top);
+                for c in 0..3 {
+                    let at = |yy: usize, xx: usize| src[(yy * src_w + xx) * 3 + c] as f32;
+                    let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
+                    let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
+                    pixel.0[c] = (top * (1.0 - fy) + bottom * fy).round().clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+        out
+    }
+
+    /// The instance mask in the letterboxed frame, at `1 / downsample` of its resolution.
+    pub fn apply_mask(&self, segmentation: &Segmentation, downsample: u32) -> Result<BinaryMask> {
+        let d = downsample.max(1) as f64;
+        let (out_w, out_h) = (
+            self.width.div_ceil(downsample.max(1)),
+            self.height.div_ceil(downsample.max(1)),
+        );
+        let (sx, sy) = (self.scale_x / d, self.scale_y / d);
+        let (ox, oy) = (self.pad_left as f64 / d, self.pad_top as f64 / d);
+        segmentation.rasterize_affine(
+            self.original_width,
+            self.original_height,
+            [sx, sy, ox, oy],
+            out_w,
+            out_h,
+        )
+    }
+}
+
+impl Segmentation {
+    /// Rasterises the mask after the map `x' = x * sx + ox`, `y' = y * sy + oy` onto an
+    /// `out_width x out_height` grid. Polygons are transformed, then rasterised (sharp at any
+    /// scale); RLE masks are decoded and sampled by nearest neighbour at the output pixel centres.
+    pub fn rasterize_affine(
+        &self,
+        image_width: u32,
+        image_height: u32,
+        [sx, sy, ox, oy]: [f64; 4],
+        out_width: u32,
+        out_height: u32,
+    ) -> Result<BinaryMask> {
+        match self {
+            Segmentation::Polygons(polygons) => {
+                let mapped: Vec<Vec<f64>> = polygons
+                    .iter()
+                    .map(|p| {
+                        p.chunks_exact(2)
+                            .flat_map(|xy| [xy[0] * sx + ox, xy[1] * sy + oy])
+                            .collect()
+                    })
+                    .collect();
+                Ok(Rle::from_polygons(&mapped, out_height, out_width).decode())
+            }
+            Segmentation::Rle(_) => {
+                let source = self.to_rle(image_height, image_width)?.decode();
+                let mut out = BinaryMask::zeros(out_width, out_height);
+                let source_index =
+                    |out_coordinate: u32, scale: f64, offset: f64, size: u32| -> Option<u32> {
+                        let s = ((out_coordinate as f64 + 0.5 - offset) / scale).floor();
+                        (s >= 0.0 && s < size as f64).then_some(s as u32)
+                    };
+                let columns: Vec<Option<u32>> = (0..out_width)
+                    .map(|x| source_index(x, sx, ox, image_width))
+                    .collect();
+                for y in 0..out_height {
+                    let Some(src_y) = source_index(y, sy, oy, image_height) else {
+                        continue;
+                    };
+                    for (x, src_x) in columns.iter().enumerate() {
+                        if let Some(src_x) = *src_x {
+                            out.data[(y * out_width) as usize + x] =
+                                source.data[(src_y * image_width + src_x) as usize];
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// One labelled instance as training uses it.
+#[derive(Debug, Clone)]
+pub struct InstanceLabel {
+    /// Contiguous class index (see [`CocoDataset::class_index`]).
+    pub class: usize,
+    /// `[x1, y1, x2, y2]` in original pixels, clipped to the image.
+    pub bbox: [f64; 4],
+    pub segmentation: Option<Segmentation>,
+}
+
+/// An image with its instances, read from disk.
+#[derive(Debug, Clone)]
+pub struct DetectionItem {
+    pub image_id: u64,
+    pub image: RgbImage,
+    pub instances: Vec<InstanceLabel>,
+}
+
+/// A COCO dataset whose images are read from `images_dir` on demand. Crowd regions and instances
+/// with an empty box are left out of the targets (COCO's own training convention).
+pub struct CocoDetectionDataset {
+    dataset: Arc<CocoDataset>,
+    images_dir: PathBuf,
+    annotations_by_image: Vec<Vec<usize>>,
+    class_index: HashMap<u64, usize>,
+}
+
+impl CocoDetectionDataset {
+    pub fn new(dataset: CocoDataset, images_dir: impl AsRef<Path>) -> Self {
+        let annotations_by_image = dataset.annotations_by_image();
+        let class_index = dataset.class_index();
+        Self {
+            dataset: Arc::new(dataset),
+            images_dir: images_dir.as_ref().to_path_buf(),
+            annotations_by_image,
+            class_index,
+        }
+    }
+
+    pub fn coco(&self) -> &CocoDataset {
+        &self.dataset
+    }
+
+    pub fn class_names(&self) -> Vec<String> {
+        self.dataset.class_names()
+    }
+
+    pub fn load(&self, index: usize) -> Result<DetectionItem> {
+        let info = self.dataset.images.get(index).ok_or_else(|| {
+            DataError::invalid(
+                &self.images_dir,
+                format!(
+                    "image index {index} is out of range ({} images)",
+                    self.dataset.images.len()
+                ),
+            )
+        })?;
+        let path = self.images_dir.join(&info.file_name);
+        let image = image::ImageReader::open(&path)
+            .map_err(|e| DataError::io(&path, "cannot open the image", e))?
+            .with_guessed_format()
+            .map_err(|e| DataError::io(&path, "cannot read the image", e))?
+            .decode()
+            .map_err(|e| DataError::Image {
+                path: path.clone(),
+                message: e.to_string(),
+            })?
+            .into_rgb8();
+        if image.dimensions() != (info.width, info.height) {
+            return Err(DataError::Image {
+                path,
+                message: format!(
+                    "it is {}x{} but the annotations say {}x{}",
+                    image.width(),
+                    image.height(),
+                    info.width,
+                    info.height
+                ),
+            });
+        }
+        let (w, h) = (info.width as f64, info.height as f64);
+        let mut instances = Vec::new();
+        for &a in &self.annotations_by_image[index] {
+            let annotation = &self.dataset.annotations[a];
+            let Some(&class) = self.class_index.get(&annotation.category_id) else {
+                continue;
+            };
+            if annotation.iscrowd != 0 {
+                continue;
+            }
+            let bbox = match (annotation.bbox, annotation.mask()) {
+                (Some(b), _) => b,
+                (None, Some(_)) => rle_of_mask(annotation, info, &path)?.bbox(),
+                (None, None) => continue,
+            };
+            if annotation.bbox.is_some() && annotation.mask().is_some() {
+                // Decoding now makes a broken mask an error here rather than a failure in the batcher.
+                rle_of_mask(annotation, info, &path)?;
+            }
+            let [x, y, bw, bh] = bbox;
+            let clipped = [
+                x.clamp(0.0, w),
+                y.clamp(0.0, h),
+                (x + bw).clamp(0.0, w),
+                (y + bh).clamp(0.0, h),
+            ];
+            if clipped[2] - clipped[0] <= 0.0 || clipped[3] - clipped[1] <= 0.0 {
+                continue;
+            }
+            instances.push(InstanceLabel {
+                class,
+                bbox: clipped,
+                segmentation: annotation.mask().cloned(),
+            });
+        }
+        Ok(DetectionItem {
+            image_id: info.id,
+            image,
+            instances,
+        })
+    }
+}
+
+fn rle_of_mask(
+    annotation: &crate::coco::CocoAnnotation,
+    image: &crate::coco::CocoImage,
+    path: &Path,
+) -> Result<Rle> {
+    let mask = annotation
+        .mask()
+        .expect("called for annotations with a mask");
+    mask.to_rle(image.height, image.width)
+        .map_err(|e| DataError::invalid(path, format!("annotation {}: {e}", annotation.id)))
+}
+
+impl Dataset<DetectionItem, DataError> for CocoDetectionDataset {
+    fn get(&self, index: usize) -> Result<DetectionItem> {
+        self.load(index)
+    }
+
+    fn len(&self) -> usize {
+        self.dataset.images.len()
+    }
+}
+
+/// A batch of letterboxed images and their padded targets.
+#[derive(Debug, Clone)]
+pub struct DetectionBatch {
+    /// `[B, 3, S, S]`, RGB in 0..1.
+    pub images: Tensor<4>,
+    /// `[B, M, 4]` `x1, y1, x2, y2` in letterboxed pixels; zeros where padded.
+    pub boxes: Tensor<3>,
+    /// `[B, M]` class indexes; 0 where padded.
+    pub classes: Tensor<2, Int>,
+    /// `[B, M]` 1 for a real instance, 0 for padding.
+    pub valid: Tensor<2>,
+    /// `[B, M, S/d, S/d]` instance masks, when the batcher makes masks.
+    pub masks: Option<Tensor<4>>,
+    pub letterboxes: Vec<Letterbox>,
+    pub image_ids: Vec<u64>,
+}
+
+/// Turns [`DetectionItem`]s into a [`DetectionBatch`] at a square input size. `M` is the largest
+/// instance count in the batch (at least 1, so no tensor is empty).
+#[derive(Debug, Clone)]
+pub struct DetectionBatcher {
+    pub image_size: u32,
+    /// `Some(d)`: masks at `image_size / d` (YOLOv8-seg trains on `d = 4`); `None`: no masks.
+    pub mask_downsample: Option<u32>,
+}
+
+impl DetectionBatcher {
+    pub fn try_batch(&self, items: &[DetectionItem], device: &Device) -> Result<DetectionBatch> {
+        let b = items.len();
+        let s = self.image_size;
+        let m = items
+            .iter()
+            .map(|i| i.instances.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut pixels = Vec::with_capacity(b * 3 * (s * s) as usize);
+        let mut boxes = vec![0f32; b * m * 4];
+        let mut classes = vec![0i64; b * m];
+        let mut valid = vec![0f32; b * m];
+        let mask_size = self.mask_downsample.map(|d| s.div_ceil(d.max(1)));
+        let mut masks = vec![0f32; mask_size.map_or(0, |ms| b * m * (ms * ms) as usize)];
+        let mut letterboxes = Vec::with_capacity(b);
+        for (bi, item) in items.iter().enumerate() {
+            let letterbox = Letterbox::new(item.image.width(), item.image.height(), s, s);
+            let canvas = letterbox.apply_image(&item.image);
+            for c in 0..3 {
+                pixels.extend(
+                    canvas
+                        .as_raw()
+                        .iter()
+                        .skip(c)
+                        .step_by(3)
+                        .map(|&v| v as f32 / 255.0),
+                );
+            }
+            for (mi, instance) in item.instances.iter().enumerate() {
+                let slot = bi * m + mi;
+                let mapped = letterbox.forward_box(instance.bbox);
+                boxes[slot * 4..slot * 4 + 4].copy_from_slice(&mapped.map(|v| v as f32));
+                classes[slot] = instance.class as i64;
+                valid[slot] = 1.0;
+                if let (Some(d), Some(ms), Some(segmentation)) =
+                    (self.mask_downsample, mask_size, &instance.segmentation)
+                {
+                    let mask = letterbox.apply_mask(segmentation, d)?;
+                    let plane = (ms * ms) as usize;
+                    for (dst, &v) in masks[slot * plane..(slot + 1) * plane]
+                        .iter_mut()
+                        .zip(&mask.data)
+                    {
+                        *dst = v as f32;
+                    }
+                }
+            }
+            letterboxes.push(letterbox);
+        }
+        let (s, m) = (s as usize, m);
+        Ok(DetectionBatch {
+            images: Tensor::from_data(TensorData::new(pixels, [b, 3, s, s]), device),
+            boxes: Tensor::from_data(TensorData::new(boxes, [b, m, 4]), device),
+            classes: Tensor::from_data(TensorData::new(classes, [b, m]), device),
+            valid: Tensor::from_data(TensorData::new(valid, [b, m]), device),
+            masks: mask_size.map(|ms| {
+                Tensor::from_data(
+                    TensorData::new(masks, [b, m, ms as usize, ms as usize]),
+                    device,
+                )
+            }),
+            letterboxes,
+            image_ids: items.iter().map(|i| i.image_id).collect(),
+        })
+    }
+}
+
+impl Batcher<DetectionItem, DetectionBatch> for DetectionBatcher {
+    /// Items from [`CocoDetectionDataset`] have had every mask decoded once already, so this cannot
+    /// fail for them; [`DetectionBatcher::try_batch`] returns the error for items built elsewhere.
+    fn batch(&self, items: Vec<DetectionItem>, device: &Device) -> DetectionBatch {
+        self.try_batch(&items, device)
+            .unwrap_or_else(|e| panic!("cannot batch: {e}"))
+    }
+}

@@ -1,0 +1,32 @@
+//! kiln's data layer: COCO datasets read, inspected, repaired, validated, split, imported from the
+//! YOLO layout, synthesised, rasterised and batched into Burn tensors.
+
+pub mod batch;
+pub mod coco;
+pub mod error;
+pub mod inspect;
+pub mod io;
+pub mod mask;
+pub mod pipeline;
+pub mod repair;
+pub mod rng;
+pub mod split;
+pub mod synth;
+pub mod validate;
+pub mod yolo;
+
+pub use batch::{
+    CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, InstanceLabel, Letterbox,
+};
+pub use coco::{
+    CocoAnnotation, CocoCategory, CocoDataset, CocoImage, RleCounts, RleJson, Segmentation,
+};
+pub use error::{DataError, Result};
+pub use inspect::{DatasetSummary, Recommendation, inspect};
+pub use mask::{BinaryMask, Rle};
+pub use pipeline::{LoadedDataset, ValidateOptions, ValidateReport, load_dataset, run_validate};
+pub use repair::{RepairSummary, repair};
+pub use split::{Split, SplitOptions, SplitSpec, split};
+pub use synth::{SynthLabels, SynthOptions, synthesize};
+pub use validate::{Problem, Severity, Validation, validate};
+pub use yolo::import_yolo;

@@ -1,0 +1,372 @@
+//! `kiln validate` as a library call: load (COCO JSON or a YOLO dataset), inspect, repair, validate,
+//! split, write, and the report of it all. Nothing is written when the data has errors, and nothing
+//! already on disk is replaced.
+
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use crate::coco::CocoDataset;
+use crate::error::{DataError, Result};
+use crate::inspect::{DatasetSummary, Recommendation, inspect};
+use crate::repair::{RepairSummary, repair};
+use crate::split::{PartSummary, SplitOptions, split, summarize};
+use crate::validate::{Severity, Validation, validate};
+
+#[derive(Debug, Clone)]
+pub struct ValidateOptions {
+    /// A COCO JSON file, or a YOLO data yaml (or the directory holding it).
+    pub data: PathBuf,
+    /// Where `file_name`s are relative to; by default `images/` beside the JSON when it exists,
+    /// else the JSON's directory.
+    pub images: Option<PathBuf>,
+    pub split: SplitOptions,
+    /// By default `splits/` beside the input.
+    pub output_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ValidateReport {
+    pub input: String,
+    pub format: &'static str,
+    pub images_dir: String,
+    pub summary: DatasetSummary,
+    pub repair: RepairSummary,
+    pub validation: Validation,
+    pub split: Option<SplitReport>,
+    pub recommendation: Option<Recommendation>,
+    pub written: Vec<String>,
+    pub next_command: Option<String>,
+    /// No errors: the outputs were written.
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitReport {
+    pub spec: String,
+    pub seed: u64,
+    pub stratified: bool,
+    pub parts: Vec<PartSummary>,
+}
+
+/// The loaded dataset and where its images are.
+pub struct LoadedDataset {
+    pub dataset: CocoDataset,
+    pub images_dir: PathBuf,
+    pub format: &'static str,
+}
+
+/// Reads COCO JSON, or imports a YOLO dataset when `data` is a yaml file or a directory.
+pub fn load_dataset(data: &Path, images: Option<&Path>) -> Result<LoadedDataset> {
+    if !data.exists() {
+        return Err(DataError::invalid(data, "no such file or directory"));
+    }
+    let is_yolo = data.is_dir() || data.extension().is_some_and(|e| e == "yaml" || e == "yml");
+    if is_yolo {
+        let import = crate::yolo::import_yolo(data)?;
+        let images_dir = images.map(Path::to_path_buf).unwrap_or(import.images_dir);
+        return Ok(LoadedDataset {
+            dataset: import.dataset,
+            images_dir,
+            format: "yolo",
+        });
+    }
+    let dataset = CocoDataset::load(data)?;
+    let images_dir = match images {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            let parent = data
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let beside = parent.join("images");
+            if beside.is_dir() {
+                beside
+            } else {
+                parent.to_path_buf()
+            }
+        }
+    };
+    Ok(LoadedDataset {
+        dataset,
+        images_dir,
+        format: "coco",
+    })
+}
+
+pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result<ValidateReport> {
+    let LoadedDataset {
+        mut dataset,
+        images_dir,
+        format,
+    } = load_dataset(&options.data, options.images.as_deref())?;
+    if !images_dir.is_dir() {
+        return Err(DataError::invalid(
+            &images_dir,
+            "image directory not found; pass --images DIR (the directory `file_name`s are relative to)",
+        ));
+    }
+    let summary = inspect(&dataset);
+    let repair_summary = repair(&mut dataset);
+    let validation = validate(&dataset, Some(&images_dir), progress);
+    let recommendation = summary.recommendation();
+
+    let mut report = ValidateReport {
+        input: options.data.display().to_string(),
+        format,
+        images_dir: images_dir.display().to_string(),
+        summary,
+        repair: repair_summary,
+        validation,
+        split: None,
+        recommendation,
+        written: Vec::new(),
+        next_command: None,
+        ok: false,
+    };
+    if report.validation.has_errors() {
+        return Ok(report);
+    }
+
+    let parts = split(&dataset, &options.split);
+    report.split = Some(SplitReport {
+        spec: options.split.spec.to_string(),
+        seed: options.split.seed,
+        stratified: options.split.stratify,
+        parts: summarize(&dataset, &parts),
+    });
+
+    let output_dir = match &options.output_dir {
+        Some(dir) => dir.clone(),
+        None => options
+            .data
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("splits"),
+    };
+    let stem = options
+        .data
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dataset".into());
+    let full_name = if format == "coco" {
+        format!("{stem}.repaired.json")
+    } else {
+        format!("{stem}.coco.json")
+    };
+    let mut outputs: Vec<(PathBuf, CocoDataset)> =
+        vec![(output_dir.join(full_name), dataset.clone())];
+    for (name, images) in &parts.parts {
+        outputs.push((
+            output_dir.join(format!("{name}.json")),
+            dataset.subset(images),
+        ));
+    }
+    let input = std::fs::canonicalize(&options.data).ok();
+    for (path, _) in &outputs {
+        let resolved = path
+            .parent()
+            .and_then(|p| std::fs::canonicalize(p).ok())
+            .zip(path.file_name())
+            .map(|(p, n)| p.join(n));
+        if resolved.is_some() && resolved == input {
+            return Err(DataError::invalid(
+                path,
+                "would overwrite the input file; choose another --output-dir",
+            ));
+        }
+    }
+    crate::io::refuse_to_overwrite(outputs.iter().map(|(p, _)| p.as_path()))?;
+    let mut written: Vec<PathBuf> = Vec::new();
+    for (path, part) in &outputs {
+        if let Err(e) = part.save(path) {
+            for done in &written {
+                let _ = std::fs::remove_file(done);
+            }
+            return Err(e);
+        }
+        written.push(path.clone());
+    }
+    report.written = written.iter().map(|p| p.display().to_string()).collect();
+    let train = output_dir.join("train.json");
+    let val = parts
+        .part("val")
+        .filter(|v| !v.is_empty())
+        .map(|_| output_dir.join("val.json"));
+    report.next_command = Some(format!(
+        "kiln train-teacher --data {}{} --images {}",
+        train.display(),
+        val.map(|v| format!(" --val {}", v.display()))
+            .unwrap_or_default(),
+        images_dir.display()
+    ));
+    report.ok = true;
+    Ok(report)
+}
+
+impl ValidateReport {
+    /// The human-readable report.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let s = &self.summary;
+        let mut out = String::new();
+        let format = if self.format == "coco" {
+            "COCO JSON"
+        } else {
+            "YOLO dataset (imported)"
+        };
+        let _ = writeln!(out, "kiln validate: {}\n", self.input);
+        let _ = writeln!(out, "  Format       valid {format}");
+        if let Some(images) = &self.validation.images {
+            let _ = writeln!(
+                out,
+                "  Images       {} listed, {} found, {} readable  (in {})",
+                images.listed, images.found, images.decoded, self.images_dir
+            );
+        }
+        let p = &s.annotations_per_image;
+        let _ = writeln!(
+            out,
+            "  Annotations  {} ({} crowd); per image {}..{}, mean {:.1}; {} images without annotations",
+            s.annotations, s.crowd_annotations, p.min, p.max, p.mean, p.images_without_annotations
+        );
+        let m = &s.masks;
+        if s.has_masks {
+            let _ = writeln!(
+                out,
+                "  Masks        {} ({} polygons, {} RLE, {} compressed RLE)",
+                m.total(),
+                m.polygons,
+                m.rle_uncompressed,
+                m.rle_compressed
+            );
+        } else {
+            let _ = writeln!(out, "  Masks        none");
+        }
+        let _ = writeln!(
+            out,
+            "  Boxes        {} given, {} derived from masks",
+            s.boxes_given, self.repair.bbox_from_mask
+        );
+        let _ = writeln!(
+            out,
+            "  Areas        {} derived from masks, {} from boxes",
+            self.repair.area_from_mask, self.repair.area_from_box
+        );
+        let _ = writeln!(
+            out,
+            "  Keypoints    {}",
+            if s.has_keypoints {
+                "present (not used by kiln's models)"
+            } else {
+                "none"
+            }
+        );
+
+        let used: Vec<_> = s.class_mapping.iter().filter(|c| c.instances > 0).collect();
+        let _ = writeln!(
+            out,
+            "  Classes      {} ({} with instances)",
+            s.num_classes,
+            used.len()
+        );
+        let part_names: Vec<&str> = self
+            .split
+            .iter()
+            .flat_map(|sp| sp.parts.iter().map(|p| p.name.as_str()))
+            .collect();
+        let _ = write!(
+            out,
+            "    {:>5} {:>6}  {:<20} {:>9} {:>7}",
+            "index", "id", "name", "instances", "images"
+        );
+        for name in &part_names {
+            let _ = write!(out, " {name:>7}");
+        }
+        out.push('\n');
+        for class in &used {
+            let _ = write!(
+                out,
+                "    {:>5} {:>6}  {:<20} {:>9} {:>7}",
+                class.index, class.id, class.name, class.instances, class.images
+            );
+            for part in self.split.iter().flat_map(|sp| sp.parts.iter()) {
+                let _ = write!(out, " {:>7}", part.instances_per_class[class.index]);
+            }
+            out.push('\n');
+        }
+
+        let v = &self.validation;
+        let _ = writeln!(
+            out,
+            "\n  Problems     {} errors, {} warnings",
+            v.errors(),
+            v.warnings()
+        );
+        for problem in &v.problems {
+            let tag = match problem.severity {
+                Severity::Error => "error  ",
+                Severity::Warning => "warning",
+            };
+            let _ = writeln!(
+                out,
+                "    {tag} {}: {} ({})",
+                problem.code, problem.message, problem.count
+            );
+            let more = if problem.count > problem.examples.len() {
+                ", ..."
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "            first: {}{more}",
+                problem.examples.join("; ")
+            );
+        }
+
+        if let Some(split) = &self.split {
+            let _ = writeln!(
+                out,
+                "\n  Split        {} (seed {}, {})",
+                split.spec,
+                split.seed,
+                if split.stratified {
+                    "stratified by class"
+                } else {
+                    "random"
+                }
+            );
+            for part in &split.parts {
+                let _ = writeln!(
+                    out,
+                    "    {:<8} {:>6} images {:>8} annotations",
+                    part.name, part.images, part.annotations
+                );
+            }
+        }
+        if let Some(r) = &self.recommendation {
+            let _ = writeln!(out, "\n  Teachers     {}", r.teachers.join(", "));
+            let _ = writeln!(out, "  Student      {} ({})", r.student, r.reason);
+        }
+        if !self.written.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n  Wrote        {}",
+                self.written.join("\n               ")
+            );
+        }
+        if let Some(next) = &self.next_command {
+            let _ = writeln!(out, "\n  Next         {next}");
+        }
+        if !self.ok {
+            let _ = writeln!(
+                out,
+                "\n  The data has errors: nothing was written. Fix them in the annotation file (or your tool) and run kiln validate again."
+            );
+        }
+        out
+    }
+}
