@@ -13,8 +13,7 @@ fn pipeline(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("load_inspect_repair_split_20k_images_200k_polygons", |b| {
         b.iter(|| {
-            let mut dataset =
-                CocoDataset::from_slice(black_box(&bytes), Path::new("bench.json")).unwrap();
+            let mut dataset = CocoDataset::from_slice(black_box(&bytes), Path::new("bench.json")).unwrap();
             let summary = inspect(&dataset);
             let repaired = repair(&mut dataset);
             let parts = split(&dataset, &SplitOptions::default());
@@ -23,20 +22,12 @@ fn pipeline(c: &mut Criterion) {
     });
     let dataset = CocoDataset::from_slice(&bytes, Path::new("bench.json")).unwrap();
     group.bench_function("load_only", |b| {
-        b.iter(|| {
-            black_box(CocoDataset::from_slice(black_box(&bytes), Path::new("bench.json")).unwrap())
-        })
+        b.iter(|| black_box(CocoDataset::from_slice(black_box(&bytes), Path::new("bench.json")).unwrap()))
     });
     group.bench_function("repair_only", |b| {
-        b.iter_batched(
-            || dataset.clone(),
-            |mut d| black_box(repair(&mut d)),
-            criterion::BatchSize::LargeInput,
-        )
+        b.iter_batched(|| dataset.clone(), |mut d| black_box(repair(&mut d)), criterion::BatchSize::LargeInput)
     });
-    group.bench_function("split_only", |b| {
-        b.iter(|| black_box(split(&dataset, &SplitOptions::default())))
-    });
+    group.bench_function("split_only", |b| b.iter(|| black_box(split(&dataset, &SplitOptions::default()))));
     group.finish();
 }
 

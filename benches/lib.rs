@@ -11,20 +11,12 @@ pub fn large_coco(images: usize, annotations: usize, seed: u64) -> CocoDataset {
     let mut rng = SeededRng::new(seed);
     let mut dataset = CocoDataset {
         categories: (0..20)
-            .map(|i| CocoCategory {
-                id: i * 3 + 1,
-                name: format!("class_{i}"),
-                supercategory: None,
-                extra: Map::new(),
-            })
+            .map(|i| CocoCategory { id: i * 3 + 1, name: format!("class_{i}"), supercategory: None, extra: Map::new() })
             .collect(),
         ..Default::default()
     };
     for i in 0..images {
-        let (width, height) = (
-            rng.uniform(480.0, 640.0) as u32,
-            rng.uniform(360.0, 480.0) as u32,
-        );
+        let (width, height) = (rng.uniform(480.0, 640.0) as u32, rng.uniform(360.0, 480.0) as u32);
         dataset.images.push(CocoImage {
             id: i as u64 + 1,
             file_name: format!("{i:06}.jpg"),

@@ -3,19 +3,11 @@
 //! then `python benches/pycocotools_baseline.py /tmp/large.json`.
 
 fn main() {
-    let path = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "large_coco.json".into());
+    let path = std::env::args().nth(1).unwrap_or_else(|| "large_coco.json".into());
     let dataset = kiln_benches::large_coco(20_000, 200_000, 1);
-    dataset
-        .save(std::path::Path::new(&path))
-        .unwrap_or_else(|e| {
-            eprintln!("error: {e}");
-            std::process::exit(1)
-        });
-    println!(
-        "wrote {path}: {} images, {} annotations",
-        dataset.images.len(),
-        dataset.annotations.len()
-    );
+    dataset.save(std::path::Path::new(&path)).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1)
+    });
+    println!("wrote {path}: {} images, {} annotations", dataset.images.len(), dataset.annotations.len());
 }

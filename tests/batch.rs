@@ -4,19 +4,13 @@
 use burn::tensor::Device;
 use indicatif::ProgressBar;
 use kiln_data::{
-    BinaryMask, CocoDetectionDataset, DetectionBatch, DetectionBatcher, Letterbox, Rle,
-    SynthOptions, synthesize,
+    BinaryMask, CocoDetectionDataset, DetectionBatch, DetectionBatcher, Letterbox, Rle, SynthOptions, synthesize,
 };
 use kiln_tests::Scratch;
 
 fn dataset(scratch: &Scratch) -> CocoDetectionDataset {
     let generated = synthesize(
-        &SynthOptions {
-            images: 6,
-            size: 120,
-            seed: 21,
-            ..Default::default()
-        },
+        &SynthOptions { images: 6, size: 120, seed: 21, ..Default::default() },
         scratch.path(),
         &ProgressBar::hidden(),
     )
@@ -28,34 +22,19 @@ fn batch_on(device: &Device, downsample: u32) -> (DetectionBatch, CocoDetectionD
     let scratch = Scratch::new(&format!("batch-{downsample}-{}", device_name(device)));
     let data = dataset(&scratch);
     let items: Vec<_> = (0..4).map(|i| data.load(i).unwrap()).collect();
-    let batcher = DetectionBatcher {
-        image_size: 96,
-        mask_downsample: Some(downsample),
-    };
+    let batcher = DetectionBatcher { image_size: 96, mask_downsample: Some(downsample) };
     (batcher.try_batch(&items, device).unwrap(), data, scratch)
 }
 
 fn device_name(device: &Device) -> String {
-    format!("{device:?}")
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .take(12)
-        .collect()
+    format!("{device:?}").chars().filter(|c| c.is_ascii_alphanumeric()).take(12).collect()
 }
 
 #[test]
 fn letterbox_matches_ultralytics_geometry() {
     // 640x480 into 320: scale 0.5, 320x240 content, 40 px of padding above and below.
     let lb = Letterbox::new(640, 480, 320, 320);
-    assert_eq!(
-        (
-            lb.content_width(),
-            lb.content_height(),
-            lb.pad_left,
-            lb.pad_top
-        ),
-        (320, 240, 0, 40)
-    );
+    assert_eq!((lb.content_width(), lb.content_height(), lb.pad_left, lb.pad_top), (320, 240, 0, 40));
     let b = lb.forward_box([100.0, 50.0, 300.0, 250.0]);
     assert_eq!(b, [50.0, 65.0, 150.0, 165.0]);
     assert_eq!(lb.inverse_box(b), [100.0, 50.0, 300.0, 250.0]);
@@ -69,11 +48,7 @@ fn mask_of(batch: &DetectionBatch, b: usize, m: usize) -> BinaryMask {
     let [_, _, h, w] = masks.dims();
     let data = masks.to_data().try_to_vec::<f32>().unwrap();
     let plane = &data[((b * masks.dims()[1]) + m) * h * w..][..h * w];
-    BinaryMask {
-        width: w as u32,
-        height: h as u32,
-        data: plane.iter().map(|&v| v as u8).collect(),
-    }
+    BinaryMask { width: w as u32, height: h as u32, data: plane.iter().map(|&v| v as u8).collect() }
 }
 
 #[test]
@@ -82,20 +57,13 @@ fn batch_shapes_padding_and_box_mask_alignment() {
     let (batch, data, _scratch) = batch_on(&device, 1);
     let [b, c, h, w] = batch.images.dims();
     assert_eq!((b, c, h, w), (4, 3, 96, 96));
-    let counts: Vec<usize> = (0..4)
-        .map(|i| data.load(i).unwrap().instances.len())
-        .collect();
+    let counts: Vec<usize> = (0..4).map(|i| data.load(i).unwrap().instances.len()).collect();
     let m = *counts.iter().max().unwrap();
     assert_eq!(batch.boxes.dims(), [4, m, 4]);
     assert_eq!(batch.classes.dims(), [4, m]);
     let valid = batch.valid.to_data().try_to_vec::<f32>().unwrap();
     let boxes = batch.boxes.to_data().try_to_vec::<f32>().unwrap();
-    let classes = batch
-        .classes
-        .to_data()
-        .convert::<i64>()
-        .try_to_vec::<i64>()
-        .unwrap();
+    let classes = batch.classes.to_data().convert::<i64>().try_to_vec::<i64>().unwrap();
     let pixels = batch.images.to_data().try_to_vec::<f32>().unwrap();
     for (bi, &count) in counts.iter().enumerate() {
         for mi in 0..m {
@@ -151,23 +119,18 @@ fn wgpu_batch_equals_flex_batch() {
     let wgpu = Device::wgpu(Default::default());
     let (a, _, _s1) = batch_on(&Device::flex(), 4);
     let (b, _, _s2) = batch_on(&wgpu, 4);
-    assert_eq!(
-        a.images.to_data().try_to_vec::<f32>().unwrap(),
-        b.images.to_data().try_to_vec::<f32>().unwrap()
-    );
-    assert_eq!(
-        a.boxes.to_data().try_to_vec::<f32>().unwrap(),
-        b.boxes.to_data().try_to_vec::<f32>().unwrap()
-    );
+    assert_eq!(a.images.to_data().try_to_vec::<f32>().unwrap(), b.images.to_data().try_to_vec::<f32>().unwrap());
+    assert_eq!(a.boxes.to_data().try_to_vec::<f32>().unwrap(), b.boxes.to_data().try_to_vec::<f32>().unwrap());
     assert_eq!(
         a.masks.unwrap().to_data().try_to_vec::<f32>().unwrap(),
         b.masks.unwrap().to_data().try_to_vec::<f32>().unwrap()
     );
-    // A computation on the device, not only a copy: the mean image intensity.
-    let mean_flex: f32 = a.images.mean().into_scalar();
-    let mean_wgpu: f32 = b.images.mean().into_scalar();
-    assert!(
-        (mean_flex - mean_wgpu).abs() < 1e-5,
-        "{mean_flex} vs {mean_wgpu}"
-    );
+    // A computation on the device, not only a copy: the mean image intensity, against the exact
+    // mean (f32 sums of ~100k values in a backend's own order drift by about 1e-4 relative).
+    let pixels = a.images.to_data().try_to_vec::<f32>().unwrap();
+    let exact = pixels.iter().map(|&v| v as f64).sum::<f64>() / pixels.len() as f64;
+    for (name, images) in [("flex", a.images), ("wgpu", b.images)] {
+        let mean: f32 = images.mean().into_scalar();
+        assert!((mean as f64 - exact).abs() < 3e-4 * exact, "{name}: mean {mean} vs exact {exact}");
+    }
 }

@@ -14,19 +14,11 @@ fn reference() -> Value {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 fn counts(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 #[test]
@@ -35,17 +27,10 @@ fn polygons_rasterise_exactly_like_pycocotools() {
     let cases = reference["polygons"].as_array().unwrap();
     assert!(cases.len() >= 40);
     for (i, case) in cases.iter().enumerate() {
-        let (h, w) = (
-            case["height"].as_u64().unwrap() as u32,
-            case["width"].as_u64().unwrap() as u32,
-        );
+        let (h, w) = (case["height"].as_u64().unwrap() as u32, case["width"].as_u64().unwrap() as u32);
         let rle = Rle::from_polygon(&floats(&case["polygon"]), h, w);
         assert_eq!(rle.counts, counts(&case["counts"]), "case {i}: counts");
-        assert_eq!(
-            rle.to_compressed(),
-            case["compressed"].as_str().unwrap(),
-            "case {i}: compressed string"
-        );
+        assert_eq!(rle.to_compressed(), case["compressed"].as_str().unwrap(), "case {i}: compressed string");
         assert_eq!(rle.area(), case["area"].as_u64().unwrap(), "case {i}: area");
         assert_eq!(rle.bbox().to_vec(), floats(&case["bbox"]), "case {i}: bbox");
     }
@@ -55,38 +40,18 @@ fn polygons_rasterise_exactly_like_pycocotools() {
 fn dense_masks_encode_and_decode_like_pycocotools() {
     let reference = reference();
     for (i, case) in reference["dense"].as_array().unwrap().iter().enumerate() {
-        let (h, w) = (
-            case["height"].as_u64().unwrap() as u32,
-            case["width"].as_u64().unwrap() as u32,
-        );
+        let (h, w) = (case["height"].as_u64().unwrap() as u32, case["width"].as_u64().unwrap() as u32);
         let data: Vec<u8> = case["rows"]
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|row| {
-                row.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() as u8)
-            })
+            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8))
             .collect();
-        let mask = BinaryMask {
-            width: w,
-            height: h,
-            data,
-        };
+        let mask = BinaryMask { width: w, height: h, data };
         let rle = Rle::encode(&mask);
         let compressed = case["compressed"].as_str().unwrap();
-        assert_eq!(
-            rle.counts,
-            counts(&case["counts"]),
-            "case {i}: uncompressed counts"
-        );
-        assert_eq!(
-            rle.to_compressed(),
-            compressed,
-            "case {i}: compressed string"
-        );
+        assert_eq!(rle.counts, counts(&case["counts"]), "case {i}: uncompressed counts");
+        assert_eq!(rle.to_compressed(), compressed, "case {i}: compressed string");
         let decoded = Rle::from_compressed(compressed, h, w).unwrap();
         assert_eq!(decoded, rle, "case {i}: decode of the compressed string");
         assert_eq!(decoded.decode(), mask, "case {i}: dense decode");
@@ -102,10 +67,7 @@ fn coco8_seg_boxes_and_areas_derived_like_pycocotools() {
     let reference = reference();
     let mut dataset = CocoDataset::load(&coco8_dir().join("annotations.json")).unwrap();
     assert!(
-        dataset
-            .annotations
-            .iter()
-            .all(|a| a.bbox.is_none() && a.area.is_none()),
+        dataset.annotations.iter().all(|a| a.bbox.is_none() && a.area.is_none()),
         "coco8-seg ships without bbox/area"
     );
     let summary = repair(&mut dataset);
@@ -117,17 +79,10 @@ fn coco8_seg_boxes_and_areas_derived_like_pycocotools() {
         let annotation = dataset.annotations.iter().find(|a| a.id == id).unwrap();
         let bbox = annotation.bbox.unwrap();
         for (got, want) in bbox.iter().zip(floats(&case["bbox"])) {
-            assert!(
-                (got - want).abs() <= 0.5,
-                "annotation {id}: bbox {bbox:?} vs pycocotools {:?}",
-                case["bbox"]
-            );
+            assert!((got - want).abs() <= 0.5, "annotation {id}: bbox {bbox:?} vs pycocotools {:?}", case["bbox"]);
         }
         let (area, want) = (annotation.area.unwrap(), case["area"].as_f64().unwrap());
-        assert!(
-            (area - want).abs() <= 0.01 * want,
-            "annotation {id}: area {area} vs pycocotools {want}"
-        );
+        assert!((area - want).abs() <= 0.01 * want, "annotation {id}: area {area} vs pycocotools {want}");
     }
 }
 
@@ -146,48 +101,18 @@ fn synth_masks_match_pycocotools_for_polygons_and_compressed_rle() {
     let generated = synthesize(&options, scratch.path(), &ProgressBar::hidden()).unwrap();
     let dataset = generated.dataset;
     let expected = synth["annotations"].as_array().unwrap();
-    assert_eq!(
-        dataset.annotations.len(),
-        expected.len(),
-        "synth is reproducible from its seed"
-    );
+    assert_eq!(dataset.annotations.len(), expected.len(), "synth is reproducible from its seed");
     let (mut polygons, mut rles) = (0, 0);
     for (annotation, case) in dataset.annotations.iter().zip(expected) {
-        let image = dataset
-            .images
-            .iter()
-            .find(|i| i.id == annotation.image_id)
-            .unwrap();
-        let rle = annotation
-            .mask()
-            .unwrap()
-            .to_rle(image.height, image.width)
-            .unwrap();
+        let image = dataset.images.iter().find(|i| i.id == annotation.image_id).unwrap();
+        let rle = annotation.mask().unwrap().to_rle(image.height, image.width).unwrap();
         match annotation.mask().unwrap() {
             kiln_data::Segmentation::Polygons(_) => polygons += 1,
             kiln_data::Segmentation::Rle(_) => rles += 1,
         }
-        assert_eq!(
-            rle.to_compressed(),
-            case["compressed"].as_str().unwrap(),
-            "annotation {}",
-            annotation.id
-        );
-        assert_eq!(
-            annotation.area.unwrap(),
-            case["area"].as_f64().unwrap(),
-            "annotation {}",
-            annotation.id
-        );
-        assert_eq!(
-            annotation.bbox.unwrap().to_vec(),
-            floats(&case["bbox"]),
-            "annotation {}",
-            annotation.id
-        );
+        assert_eq!(rle.to_compressed(), case["compressed"].as_str().unwrap(), "annotation {}", annotation.id);
+        assert_eq!(annotation.area.unwrap(), case["area"].as_f64().unwrap(), "annotation {}", annotation.id);
+        assert_eq!(annotation.bbox.unwrap().to_vec(), floats(&case["bbox"]), "annotation {}", annotation.id);
     }
-    assert!(
-        polygons > 0 && rles > 0,
-        "the fixture covers both mask forms ({polygons} polygons, {rles} RLE)"
-    );
+    assert!(polygons > 0 && rles > 0, "the fixture covers both mask forms ({polygons} polygons, {rles} RLE)");
 }

@@ -6,10 +6,7 @@ use std::collections::HashSet;
 use indicatif::ProgressBar;
 use kiln_data::rng::SeededRng;
 use kiln_data::split::images_per_class;
-use kiln_data::{
-    CocoAnnotation, CocoCategory, CocoDataset, CocoImage, SplitOptions, SynthOptions, split,
-    synthesize,
-};
+use kiln_data::{CocoAnnotation, CocoCategory, CocoDataset, CocoImage, SplitOptions, SynthOptions, split, synthesize};
 use kiln_tests::Scratch;
 use serde_json::Map;
 
@@ -20,12 +17,7 @@ fn multilabel(images: usize, seed: u64) -> CocoDataset {
     let classes = 8u64;
     let mut dataset = CocoDataset {
         categories: (0..classes + 2)
-            .map(|k| CocoCategory {
-                id: 100 + 7 * k,
-                name: format!("c{k}"),
-                supercategory: None,
-                extra: Map::new(),
-            })
+            .map(|k| CocoCategory { id: 100 + 7 * k, name: format!("c{k}"), supercategory: None, extra: Map::new() })
             .collect(),
         ..Default::default()
     };
@@ -88,27 +80,9 @@ fn ratios_hold_and_no_image_is_in_two_parts() {
 #[test]
 fn same_seed_same_split_other_seed_other_split() {
     let dataset = multilabel(300, 5);
-    let a = split(
-        &dataset,
-        &SplitOptions {
-            seed: 1,
-            ..Default::default()
-        },
-    );
-    let b = split(
-        &dataset,
-        &SplitOptions {
-            seed: 1,
-            ..Default::default()
-        },
-    );
-    let c = split(
-        &dataset,
-        &SplitOptions {
-            seed: 2,
-            ..Default::default()
-        },
-    );
+    let a = split(&dataset, &SplitOptions { seed: 1, ..Default::default() });
+    let b = split(&dataset, &SplitOptions { seed: 1, ..Default::default() });
+    let c = split(&dataset, &SplitOptions { seed: 2, ..Default::default() });
     assert_eq!(a, b);
     assert_ne!(a, c);
 }
@@ -117,9 +91,7 @@ fn same_seed_same_split_other_seed_other_split() {
 /// and its share of all images.
 fn worst_share_gap(dataset: &CocoDataset, parts: &kiln_data::Split) -> f64 {
     let per_part = images_per_class(dataset, parts);
-    let total: Vec<usize> = (0..dataset.categories.len())
-        .map(|c| per_part.values().map(|v| v[c]).sum())
-        .collect();
+    let total: Vec<usize> = (0..dataset.categories.len()).map(|c| per_part.values().map(|v| v[c]).sum()).collect();
     let n = dataset.images.len() as f64;
     let mut worst: f64 = 0.0;
     for (name, images) in &parts.parts {
@@ -140,28 +112,13 @@ fn stratification_keeps_class_shares_close_and_beats_random() {
     // Random splits over a few seeds, to show stratification earns its keep.
     let random: f64 = (0..5)
         .map(|seed| {
-            worst_share_gap(
-                &dataset,
-                &split(
-                    &dataset,
-                    &SplitOptions {
-                        seed,
-                        stratify: false,
-                        ..Default::default()
-                    },
-                ),
-            )
+            worst_share_gap(&dataset, &split(&dataset, &SplitOptions { seed, stratify: false, ..Default::default() }))
         })
         .sum::<f64>()
         / 5.0;
-    assert!(
-        stratified < 0.03,
-        "stratified worst share gap {stratified:.3}"
-    );
-    assert!(
-        stratified < random / 2.0,
-        "stratified {stratified:.3} vs random {random:.3}"
-    );
+    eprintln!("stratified {stratified:.4} random {random:.4}");
+    assert!(stratified < 0.025, "stratified worst share gap {stratified:.3}");
+    assert!(stratified < random / 2.0, "stratified {stratified:.3} vs random {random:.3}");
 }
 
 #[test]
@@ -169,20 +126,10 @@ fn every_class_with_images_is_in_train() {
     let dataset = multilabel(60, 2);
     for seed in 0..20 {
         for stratify in [true, false] {
-            let parts = split(
-                &dataset,
-                &SplitOptions {
-                    seed,
-                    stratify,
-                    ..Default::default()
-                },
-            );
+            let parts = split(&dataset, &SplitOptions { seed, stratify, ..Default::default() });
             let in_train = &images_per_class(&dataset, &parts)["train"];
             for (class, &count) in in_train.iter().enumerate() {
-                assert!(
-                    count > 0,
-                    "seed {seed}, stratify {stratify}: class {class} missing from train"
-                );
+                assert!(count > 0, "seed {seed}, stratify {stratify}: class {class} missing from train");
             }
         }
     }
@@ -193,12 +140,7 @@ fn validate_writes_splits_with_identical_categories_and_preserved_ids() {
     let scratch = Scratch::new("split-files");
     let data = scratch.path().join("data");
     let generated = synthesize(
-        &SynthOptions {
-            images: 40,
-            size: 64,
-            seed: 3,
-            ..Default::default()
-        },
+        &SynthOptions { images: 40, size: 64, seed: 3, ..Default::default() },
         &data,
         &ProgressBar::hidden(),
     )
@@ -221,31 +163,18 @@ fn validate_writes_splits_with_identical_categories_and_preserved_ids() {
         assert_eq!(part.extra, original.extra, "{name}: top-level fields");
         let ids: HashSet<u64> = part.images.iter().map(|i| i.id).collect();
         for annotation in &part.annotations {
-            assert!(
-                ids.contains(&annotation.image_id),
-                "{name}: annotation on an image of another part"
-            );
-            let source = original
-                .annotations
-                .iter()
-                .find(|a| a.id == annotation.id)
-                .expect("ids preserved");
+            assert!(ids.contains(&annotation.image_id), "{name}: annotation on an image of another part");
+            let source = original.annotations.iter().find(|a| a.id == annotation.id).expect("ids preserved");
             assert_eq!(source.image_id, annotation.image_id);
             assert!(annotation_ids.insert(annotation.id));
         }
         for image in &part.images {
-            assert!(
-                image_ids.insert(image.id),
-                "image {} in two parts",
-                image.id
-            );
-            assert_eq!(
-                original.images.iter().find(|i| i.id == image.id),
-                Some(image)
-            );
+            assert!(image_ids.insert(image.id), "image {} in two parts", image.id);
+            assert_eq!(original.images.iter().find(|i| i.id == image.id), Some(image));
         }
     }
     assert_eq!(image_ids.len(), original.images.len());
     assert_eq!(annotation_ids.len(), original.annotations.len());
     assert!(out.join("annotations.repaired.json").is_file());
 }
+

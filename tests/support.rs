@@ -4,18 +4,13 @@ use std::path::{Path, PathBuf};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the repository")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repository").to_path_buf()
 }
 
 /// `../shared` beside the repository (real data and weights; see its README). Tests that need it
 /// fail loudly when it is missing rather than passing without checking anything.
 pub fn shared_dir() -> PathBuf {
-    let dir = std::env::var_os("KILN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared"));
+    let dir = std::env::var_os("KILN_SHARED").map(PathBuf::from).unwrap_or_else(|| repo_root().join("../shared"));
     assert!(
         dir.join("data/coco8-seg/annotations.json").is_file(),
         "this test needs the shared test data at {} (data/coco8-seg); set KILN_SHARED to its location",
@@ -37,7 +32,9 @@ pub struct Scratch(pub PathBuf);
 
 impl Scratch {
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("kiln-test-{name}-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("kiln-test-{name}-{}-{unique}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create scratch dir");
         Scratch(dir)

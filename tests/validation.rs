@@ -9,9 +9,7 @@ use std::path::Path;
 /// A valid two-image dataset, with its images written into `dir`.
 fn base(dir: &Path) -> Value {
     for (name, w, h) in [("a.png", 40, 30), ("b.png", 32, 32)] {
-        image::RgbImage::from_pixel(w, h, image::Rgb([10, 200, 30]))
-            .save(dir.join(name))
-            .unwrap();
+        image::RgbImage::from_pixel(w, h, image::Rgb([10, 200, 30])).save(dir.join(name)).unwrap();
     }
     json!({
         "images": [
@@ -35,23 +33,11 @@ fn check(name: &str, edit: impl FnOnce(&mut Value, &Path)) -> Validation {
     validate(&dataset, Some(scratch.path()), &ProgressBar::hidden())
 }
 
-fn assert_problem(
-    validation: &Validation,
-    code: &str,
-    severity: Severity,
-    count: usize,
-    first: &str,
-) {
-    let problem = validation
-        .problem(code)
-        .unwrap_or_else(|| panic!("expected {code}, got {:#?}", validation.problems));
+fn assert_problem(validation: &Validation, code: &str, severity: Severity, count: usize, first: &str) {
+    let problem = validation.problem(code).unwrap_or_else(|| panic!("expected {code}, got {:#?}", validation.problems));
     assert_eq!(problem.severity, severity, "{code}");
     assert_eq!(problem.count, count, "{code}");
-    assert!(
-        problem.examples[0].contains(first),
-        "{code}: first example {:?} should name {first}",
-        problem.examples
-    );
+    assert!(problem.examples[0].contains(first), "{code}: first example {:?} should name {first}", problem.examples);
 }
 
 #[test]
@@ -64,31 +50,21 @@ fn clean_dataset_has_no_problems() {
 
 #[test]
 fn missing_image() {
-    let v = check("missing", |_, dir| {
-        std::fs::remove_file(dir.join("b.png")).unwrap()
-    });
+    let v = check("missing", |_, dir| std::fs::remove_file(dir.join("b.png")).unwrap());
     assert_problem(&v, "missing_image", Severity::Error, 1, "image 2 (b.png)");
     assert_eq!(v.images.unwrap().found, 1);
 }
 
 #[test]
 fn corrupt_image() {
-    let v = check("corrupt", |_, dir| {
-        std::fs::write(dir.join("a.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap()
-    });
+    let v = check("corrupt", |_, dir| std::fs::write(dir.join("a.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap());
     assert_problem(&v, "corrupt_image", Severity::Error, 1, "image 1 (a.png)");
 }
 
 #[test]
 fn image_size_differs_from_json() {
     let v = check("size", |value, _| value["images"][0]["width"] = json!(41));
-    assert_problem(
-        &v,
-        "image_size_mismatch",
-        Severity::Error,
-        1,
-        "image 1 (a.png): file is 40x30, JSON says 41x30",
-    );
+    assert_problem(&v, "image_size_mismatch", Severity::Error, 1, "image 1 (a.png): file is 40x30, JSON says 41x30");
 }
 
 #[test]
@@ -97,20 +73,8 @@ fn annotation_on_unknown_image_or_category() {
         value["annotations"][0]["image_id"] = json!(77);
         value["annotations"][1]["category_id"] = json!(3);
     });
-    assert_problem(
-        &v,
-        "unknown_image",
-        Severity::Error,
-        1,
-        "annotation 10 (image 77)",
-    );
-    assert_problem(
-        &v,
-        "unknown_category",
-        Severity::Error,
-        1,
-        "annotation 11 (category 3)",
-    );
+    assert_problem(&v, "unknown_image", Severity::Error, 1, "annotation 10 (image 77)");
+    assert_problem(&v, "unknown_category", Severity::Error, 1, "annotation 11 (category 3)");
 }
 
 #[test]
@@ -121,20 +85,8 @@ fn duplicate_ids() {
         value["categories"][1]["id"] = json!(5);
     });
     assert_problem(&v, "duplicate_image_id", Severity::Error, 1, "image 1");
-    assert_problem(
-        &v,
-        "duplicate_annotation_id",
-        Severity::Error,
-        1,
-        "annotation 10",
-    );
-    assert_problem(
-        &v,
-        "duplicate_category_id",
-        Severity::Error,
-        1,
-        "category 5",
-    );
+    assert_problem(&v, "duplicate_annotation_id", Severity::Error, 1, "annotation 10");
+    assert_problem(&v, "duplicate_category_id", Severity::Error, 1, "category 5");
 }
 
 #[test]
@@ -168,30 +120,15 @@ fn boxes_outside_the_image() {
             .push(json!({"id": 13, "image_id": 1, "category_id": 9, "bbox": [30, 20, 15, 5]}));
     });
     assert_problem(&v, "box_outside_image", Severity::Error, 1, "annotation 11");
-    assert_problem(
-        &v,
-        "box_crosses_image_border",
-        Severity::Warning,
-        1,
-        "annotation 13",
-    );
+    assert_problem(&v, "box_crosses_image_border", Severity::Warning, 1, "annotation 13");
 }
 
 #[test]
 fn categories_without_instances() {
     let v = check("unused", |value, _| {
-        value["categories"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"id": 30, "name": "washer"}));
+        value["categories"].as_array_mut().unwrap().push(json!({"id": 30, "name": "washer"}));
     });
-    assert_problem(
-        &v,
-        "unused_category",
-        Severity::Warning,
-        1,
-        "category 30 (washer)",
-    );
+    assert_problem(&v, "unused_category", Severity::Warning, 1, "category 30 (washer)");
     assert_eq!(v.errors(), 0);
 }
 
@@ -199,10 +136,7 @@ fn categories_without_instances() {
 fn undecodable_rle_and_labelless_annotations() {
     let v = check("rle", |value, _| {
         value["annotations"][2]["segmentation"] = json!({"size": [32, 32], "counts": [100, 20]});
-        value["annotations"]
-            .as_array_mut()
-            .unwrap()
-            .push(json!({"id": 14, "image_id": 1, "category_id": 9}));
+        value["annotations"].as_array_mut().unwrap().push(json!({"id": 14, "image_id": 1, "category_id": 9}));
     });
     assert_problem(&v, "invalid_rle", Severity::Error, 1, "annotation 12");
     assert_problem(&v, "no_label", Severity::Error, 1, "annotation 14");
@@ -219,13 +153,8 @@ fn malformed_json_is_an_error_naming_the_file_and_nothing_is_written() {
         split: Default::default(),
         output_dir: Some(scratch.path().join("out")),
     };
-    let error = run_validate(&options, &ProgressBar::hidden())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains("broken.json") && error.contains("line 1"),
-        "{error}"
-    );
+    let error = run_validate(&options, &ProgressBar::hidden()).unwrap_err().to_string();
+    assert!(error.contains("broken.json") && error.contains("line 1"), "{error}");
     assert!(!scratch.path().join("out").exists());
 }
 
@@ -237,12 +166,8 @@ fn data_errors_write_nothing_and_say_so() {
     let path = scratch.path().join("annotations.json");
     std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
     let out = scratch.path().join("out");
-    let options = ValidateOptions {
-        data: path,
-        images: None,
-        split: Default::default(),
-        output_dir: Some(out.clone()),
-    };
+    let options =
+        ValidateOptions { data: path, images: None, split: Default::default(), output_dir: Some(out.clone()) };
     let report = run_validate(&options, &ProgressBar::hidden()).unwrap();
     assert!(!report.ok && report.written.is_empty());
     assert!(!out.exists());

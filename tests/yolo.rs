@@ -18,25 +18,10 @@ fn coco8_seg_yolo_layout_equals_its_coco_export() {
     assert_eq!(dataset.images.len(), 8);
     assert_eq!(dataset.annotations.len(), 30);
     for image in &dataset.images {
-        let reference = coco
-            .images
-            .iter()
-            .find(|i| i.file_name == image.file_name)
-            .expect("same file names");
-        assert_eq!(
-            (image.width, image.height),
-            (reference.width, reference.height)
-        );
-        let mine: Vec<_> = dataset
-            .annotations
-            .iter()
-            .filter(|a| a.image_id == image.id)
-            .collect();
-        let theirs: Vec<_> = coco
-            .annotations
-            .iter()
-            .filter(|a| a.image_id == reference.id)
-            .collect();
+        let reference = coco.images.iter().find(|i| i.file_name == image.file_name).expect("same file names");
+        assert_eq!((image.width, image.height), (reference.width, reference.height));
+        let mine: Vec<_> = dataset.annotations.iter().filter(|a| a.image_id == image.id).collect();
+        let theirs: Vec<_> = coco.annotations.iter().filter(|a| a.image_id == reference.id).collect();
         assert_eq!(mine.len(), theirs.len(), "{}", image.file_name);
         for (m, t) in mine.iter().zip(&theirs) {
             assert_eq!(m.category_id, t.category_id);
@@ -73,16 +58,10 @@ fn validate_accepts_the_yolo_layout_directly() {
 fn yolo_box_dataset(dir: &std::path::Path, label: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(dir.join("images/train")).unwrap();
     std::fs::create_dir_all(dir.join("labels/train")).unwrap();
-    image::RgbImage::new(200, 100)
-        .save(dir.join("images/train/x.png"))
-        .unwrap();
+    image::RgbImage::new(200, 100).save(dir.join("images/train/x.png")).unwrap();
     std::fs::write(dir.join("labels/train/x.txt"), label).unwrap();
     let yaml = dir.join("data.yaml");
-    std::fs::write(
-        &yaml,
-        "path: .\ntrain: images/train\nnames:\n  0: cat\n  1: dog\n",
-    )
-    .unwrap();
+    std::fs::write(&yaml, "path: .\ntrain: images/train\nnames:\n  0: cat\n  1: dog\n").unwrap();
     yaml
 }
 
@@ -113,9 +92,6 @@ fn bad_label_lines_are_errors_naming_file_and_line() {
         let scratch = Scratch::new("yolo-bad");
         let yaml = yolo_box_dataset(scratch.path(), label);
         let error = import_yolo(&yaml).err().expect("an error").to_string();
-        assert!(
-            error.contains("x.txt") && error.contains(expected),
-            "{error}"
-        );
+        assert!(error.contains("x.txt") && error.contains(expected), "{error}");
     }
 }

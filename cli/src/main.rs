@@ -55,11 +55,7 @@ struct ValidateArgs {
     #[arg(long, value_name = "DIR")]
     images: Option<PathBuf>,
     /// Split by image into named parts with ratios summing to 1.
-    #[arg(
-        long,
-        value_name = "SPEC",
-        default_value = "train:0.7,val:0.15,test:0.15"
-    )]
+    #[arg(long, value_name = "SPEC", default_value = "train:0.7,val:0.15,test:0.15")]
     split: String,
     /// Keep each class's share close to its share overall in every part (iterative
     /// stratification); `--stratify false` splits at random.
@@ -156,11 +152,7 @@ fn run_validate(args: &ValidateArgs) -> anyhow::Result<bool> {
     let options = ValidateOptions {
         data: args.data.clone(),
         images: args.images.clone(),
-        split: SplitOptions {
-            spec,
-            seed: args.seed,
-            stratify: args.stratify,
-        },
+        split: SplitOptions { spec, seed: args.seed, stratify: args.stratify },
         output_dir: args.output_dir.clone(),
     };
     let report = kiln_data::run_validate(&options, &progress_bar("images"))?;
@@ -191,14 +183,8 @@ fn fresh_run_dir(base: &Path) -> PathBuf {
     if !base.exists() {
         return base.to_path_buf();
     }
-    let name = base
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "run".into());
-    (2..)
-        .map(|i| base.with_file_name(format!("{name}{i}")))
-        .find(|p| !p.exists())
-        .expect("an unused name")
+    let name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    (2..).map(|i| base.with_file_name(format!("{name}{i}"))).find(|p| !p.exists()).expect("an unused name")
 }
 
 fn run_demo(args: &DemoArgs) -> anyhow::Result<bool> {
@@ -231,10 +217,7 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": false, "error": error.to_string()})
-                );
+                println!("{}", serde_json::json!({"ok": false, "error": error.to_string()}));
             }
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

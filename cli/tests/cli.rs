@@ -6,11 +6,7 @@ use std::process::{Command, Output};
 use kiln_tests::{Scratch, coco8_dir};
 
 fn kiln(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run kiln")
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(cwd).output().expect("run kiln")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -23,22 +19,10 @@ fn validate_coco8_seg_derives_every_box_and_area_and_reports() {
     let input = coco8_dir().join("annotations.json");
     let before = std::fs::read(&input).unwrap();
     let out = scratch.path().join("splits");
-    let output = kiln(
-        &[
-            "validate",
-            "--data",
-            input.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
-        ],
-        scratch.path(),
-    );
+    let output =
+        kiln(&["validate", "--data", input.to_str().unwrap(), "--output-dir", out.to_str().unwrap()], scratch.path());
     let stdout = text(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        text(&output.stderr)
-    );
+    assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
     for expected in [
         "valid COCO JSON",
         "8 listed, 8 found, 8 readable",
@@ -49,45 +33,25 @@ fn validate_coco8_seg_derives_every_box_and_area_and_reports() {
         "Student      yolov8n-seg",
         "Next         kiln train-teacher --data",
     ] {
-        assert!(
-            stdout.contains(expected),
-            "missing {expected:?} in:\n{stdout}"
-        );
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
     }
-    assert_eq!(
-        std::fs::read(&input).unwrap(),
-        before,
-        "the input is never modified"
-    );
+    assert_eq!(std::fs::read(&input).unwrap(), before, "the input is never modified");
     let repaired: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("annotations.repaired.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(out.join("annotations.repaired.json")).unwrap()).unwrap();
     let annotations = repaired["annotations"].as_array().unwrap();
     assert_eq!(annotations.len(), 30);
-    assert!(annotations.iter().all(
-        |a| a["bbox"].as_array().map(Vec::len) == Some(4) && a["area"].as_f64().unwrap() > 0.0
-    ));
+    assert!(
+        annotations.iter().all(|a| a["bbox"].as_array().map(Vec::len) == Some(4) && a["area"].as_f64().unwrap() > 0.0)
+    );
     for part in ["train.json", "val.json", "test.json"] {
         assert!(out.join(part).is_file(), "{part}");
     }
 
     // Running again refuses to replace what is there, and says how to proceed.
-    let again = kiln(
-        &[
-            "validate",
-            "--data",
-            input.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
-        ],
-        scratch.path(),
-    );
+    let again =
+        kiln(&["validate", "--data", input.to_str().unwrap(), "--output-dir", out.to_str().unwrap()], scratch.path());
     assert!(!again.status.success());
-    assert!(
-        text(&again.stderr).contains("refusing to overwrite"),
-        "{}",
-        text(&again.stderr)
-    );
+    assert!(text(&again.stderr).contains("refusing to overwrite"), "{}", text(&again.stderr));
 }
 
 #[test]
@@ -96,14 +60,7 @@ fn validate_json_report_is_machine_readable() {
     let input = coco8_dir().join("annotations.json");
     let out = scratch.path().join("o");
     let output = kiln(
-        &[
-            "validate",
-            "--data",
-            input.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--json",
-        ],
+        &["validate", "--data", input.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--json"],
         scratch.path(),
     );
     assert!(output.status.success(), "{}", text(&output.stderr));
@@ -125,65 +82,33 @@ fn malformed_file_exits_non_zero_with_a_clear_message() {
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert!(
-        stderr.contains("export.json")
-            && stderr.contains("not valid COCO JSON")
-            && stderr.contains("line 1"),
+        stderr.contains("export.json") && stderr.contains("not valid COCO JSON") && stderr.contains("line 1"),
         "{stderr}"
     );
     assert!(!scratch.path().join("splits").exists(), "no partial output");
 
     let output = kiln(&["validate", "--data", "missing.json"], scratch.path());
     assert!(!output.status.success());
-    assert!(
-        text(&output.stderr).contains("missing.json: no such file"),
-        "{}",
-        text(&output.stderr)
-    );
+    assert!(text(&output.stderr).contains("missing.json: no such file"), "{}", text(&output.stderr));
 
-    let output = kiln(
-        &[
-            "validate",
-            "--data",
-            "export.json",
-            "--split",
-            "train:0.5,val:0.2",
-        ],
-        scratch.path(),
-    );
+    let output = kiln(&["validate", "--data", "export.json", "--split", "train:0.5,val:0.2"], scratch.path());
     assert!(!output.status.success());
-    assert!(
-        text(&output.stderr).contains("ratios sum to 0.7"),
-        "{}",
-        text(&output.stderr)
-    );
+    assert!(text(&output.stderr).contains("ratios sum to 0.7"), "{}", text(&output.stderr));
 }
 
 #[test]
 fn data_errors_exit_non_zero_and_list_the_problems() {
     let scratch = Scratch::new("cli-data-errors");
     let input = coco8_dir().join("annotations.json");
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&input).unwrap()).unwrap();
+    let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&input).unwrap()).unwrap();
     value["annotations"][3]["category_id"] = serde_json::json!(4242);
     let path = scratch.path().join("bad.json");
     std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
     let images = coco8_dir().join("images");
-    let output = kiln(
-        &[
-            "validate",
-            "--data",
-            "bad.json",
-            "--images",
-            images.to_str().unwrap(),
-        ],
-        scratch.path(),
-    );
+    let output = kiln(&["validate", "--data", "bad.json", "--images", images.to_str().unwrap()], scratch.path());
     assert_eq!(output.status.code(), Some(1));
     let stdout = text(&output.stdout);
-    assert!(
-        stdout.contains("unknown_category") && stdout.contains("annotation 4 (category 4242)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("unknown_category") && stdout.contains("annotation 4 (category 4242)"), "{stdout}");
     assert!(stdout.contains("nothing was written"));
     assert!(!scratch.path().join("splits").exists());
 }
@@ -191,40 +116,16 @@ fn data_errors_exit_non_zero_and_list_the_problems() {
 #[test]
 fn demo_runs_synth_then_validate_in_a_fresh_run_directory() {
     let scratch = Scratch::new("cli-demo");
-    let args = [
-        "demo",
-        "--output",
-        "runs/demo",
-        "--num-images",
-        "12",
-        "--size",
-        "64",
-    ];
+    let args = ["demo", "--output", "runs/demo", "--num-images", "12", "--size", "64"];
     let first = kiln(&args, scratch.path());
-    assert!(
-        first.status.success(),
-        "{}\n{}",
-        text(&first.stdout),
-        text(&first.stderr)
-    );
+    assert!(first.status.success(), "{}\n{}", text(&first.stdout), text(&first.stderr));
     let stdout = text(&first.stdout);
     assert!(stdout.contains("kiln synth: 12 images"), "{stdout}");
     assert!(stdout.contains("Student      yolov8n-seg"), "{stdout}");
-    assert!(
-        scratch
-            .path()
-            .join("runs/demo/data/splits/train.json")
-            .is_file()
-    );
+    assert!(scratch.path().join("runs/demo/data/splits/train.json").is_file());
     let second = kiln(&args, scratch.path());
     assert!(second.status.success());
-    assert!(
-        scratch
-            .path()
-            .join("runs/demo2/data/splits/train.json")
-            .is_file(),
-        "a second run never touches the first"
-    );
+    assert!(scratch.path().join("runs/demo2/data/splits/train.json").is_file(), "a second run never touches the first");
 }
 
 #[test]
@@ -236,15 +137,7 @@ fn help_explains_every_command() {
     }
     let output = kiln(&["validate", "--help"], Path::new("."));
     let stdout = text(&output.stdout);
-    for flag in [
-        "--data",
-        "--images",
-        "--split",
-        "--stratify",
-        "--seed",
-        "--output-dir",
-        "--json",
-    ] {
+    for flag in ["--data", "--images", "--split", "--stratify", "--seed", "--output-dir", "--json"] {
         assert!(stdout.contains(flag), "{flag} in {stdout}");
     }
 }

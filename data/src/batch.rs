@@ -35,8 +35,7 @@ pub struct Letterbox {
 impl Letterbox {
     /// Ultralytics' `LetterBox(new_shape, auto=False, center=True)`.
     pub fn new(original_width: u32, original_height: u32, width: u32, height: u32) -> Self {
-        let ratio =
-            (width as f64 / original_width as f64).min(height as f64 / original_height as f64);
+        let ratio = (width as f64 / original_width as f64).min(height as f64 / original_height as f64);
         let unpadded_w = ((original_width as f64 * ratio).round() as u32).clamp(1, width);
         let unpadded_h = ((original_height as f64 * ratio).round() as u32).clamp(1, height);
         let dw = (width - unpadded_w) as f64 / 2.0;
@@ -63,29 +62,14 @@ impl Letterbox {
 
     /// `[x1, y1, x2, y2]` in original pixels → letterboxed pixels.
     pub fn forward_box(&self, [x1, y1, x2, y2]: [f64; 4]) -> [f64; 4] {
-        let (sx, sy, px, py) = (
-            self.scale_x,
-            self.scale_y,
-            self.pad_left as f64,
-            self.pad_top as f64,
-        );
+        let (sx, sy, px, py) = (self.scale_x, self.scale_y, self.pad_left as f64, self.pad_top as f64);
         [x1 * sx + px, y1 * sy + py, x2 * sx + px, y2 * sy + py]
     }
 
     /// `[x1, y1, x2, y2]` in letterboxed pixels → original pixels (for predictions).
     pub fn inverse_box(&self, [x1, y1, x2, y2]: [f64; 4]) -> [f64; 4] {
-        let (sx, sy, px, py) = (
-            self.scale_x,
-            self.scale_y,
-            self.pad_left as f64,
-            self.pad_top as f64,
-        );
-        [
-            (x1 - px) / sx,
-            (y1 - py) / sy,
-            (x2 - px) / sx,
-            (y2 - py) / sy,
-        ]
+        let (sx, sy, px, py) = (self.scale_x, self.scale_y, self.pad_left as f64, self.pad_top as f64);
+        [(x1 - px) / sx, (y1 - py) / sy, (x2 - px) / sx, (y2 - py) / sy]
     }
 
     /// Resizes (bilinear, half-pixel centres, like OpenCV's `INTER_LINEAR`) and pads the image.
@@ -101,9 +85,7 @@ impl Letterbox {
             let low = c.floor() as usize;
             (low, (low + 1).min(size - 1), (c - low as f64) as f32)
         };
-        let columns: Vec<(usize, usize, f32)> = (0..cw)
-            .map(|x| sample((x as f64 + 0.5) * sx - 0.5, src_w))
-            .collect();
+        let columns: Vec<(usize, usize, f32)> = (0..cw).map(|x| sample((x as f64 + 0.5) * sx - 0.5, src_w)).collect();
         for y in 0..ch {
             let (y0, y1, fy) = sample((y as f64 + 0.5) * sy - 0.5, src_h);
             for (x, &(x0, x1, fx)) in columns.iter().enumerate() {
@@ -122,19 +104,10 @@ impl Letterbox {
     /// The instance mask in the letterboxed frame, at `1 / downsample` of its resolution.
     pub fn apply_mask(&self, segmentation: &Segmentation, downsample: u32) -> Result<BinaryMask> {
         let d = downsample.max(1) as f64;
-        let (out_w, out_h) = (
-            self.width.div_ceil(downsample.max(1)),
-            self.height.div_ceil(downsample.max(1)),
-        );
+        let (out_w, out_h) = (self.width.div_ceil(downsample.max(1)), self.height.div_ceil(downsample.max(1)));
         let (sx, sy) = (self.scale_x / d, self.scale_y / d);
         let (ox, oy) = (self.pad_left as f64 / d, self.pad_top as f64 / d);
-        segmentation.rasterize_affine(
-            self.original_width,
-            self.original_height,
-            [sx, sy, ox, oy],
-            out_w,
-            out_h,
-        )
+        segmentation.rasterize_affine(self.original_width, self.original_height, [sx, sy, ox, oy], out_w, out_h)
     }
 }
 
@@ -154,25 +127,18 @@ impl Segmentation {
             Segmentation::Polygons(polygons) => {
                 let mapped: Vec<Vec<f64>> = polygons
                     .iter()
-                    .map(|p| {
-                        p.chunks_exact(2)
-                            .flat_map(|xy| [xy[0] * sx + ox, xy[1] * sy + oy])
-                            .collect()
-                    })
+                    .map(|p| p.chunks_exact(2).flat_map(|xy| [xy[0] * sx + ox, xy[1] * sy + oy]).collect())
                     .collect();
                 Ok(Rle::from_polygons(&mapped, out_height, out_width).decode())
             }
             Segmentation::Rle(_) => {
                 let source = self.to_rle(image_height, image_width)?.decode();
                 let mut out = BinaryMask::zeros(out_width, out_height);
-                let source_index =
-                    |out_coordinate: u32, scale: f64, offset: f64, size: u32| -> Option<u32> {
-                        let s = ((out_coordinate as f64 + 0.5 - offset) / scale).floor();
-                        (s >= 0.0 && s < size as f64).then_some(s as u32)
-                    };
-                let columns: Vec<Option<u32>> = (0..out_width)
-                    .map(|x| source_index(x, sx, ox, image_width))
-                    .collect();
+                let source_index = |out_coordinate: u32, scale: f64, offset: f64, size: u32| -> Option<u32> {
+                    let s = ((out_coordinate as f64 + 0.5 - offset) / scale).floor();
+                    (s >= 0.0 && s < size as f64).then_some(s as u32)
+                };
+                let columns: Vec<Option<u32>> = (0..out_width).map(|x| source_index(x, sx, ox, image_width)).collect();
                 for y in 0..out_height {
                     let Some(src_y) = source_index(y, sy, oy, image_height) else {
                         continue;
@@ -241,10 +207,7 @@ impl CocoDetectionDataset {
         let info = self.dataset.images.get(index).ok_or_else(|| {
             DataError::invalid(
                 &self.images_dir,
-                format!(
-                    "image index {index} is out of range ({} images)",
-                    self.dataset.images.len()
-                ),
+                format!("image index {index} is out of range ({} images)", self.dataset.images.len()),
             )
         })?;
         let path = self.images_dir.join(&info.file_name);
@@ -253,10 +216,7 @@ impl CocoDetectionDataset {
             .with_guessed_format()
             .map_err(|e| DataError::io(&path, "cannot read the image", e))?
             .decode()
-            .map_err(|e| DataError::Image {
-                path: path.clone(),
-                message: e.to_string(),
-            })?
+            .map_err(|e| DataError::Image { path: path.clone(), message: e.to_string() })?
             .into_rgb8();
         if image.dimensions() != (info.width, info.height) {
             return Err(DataError::Image {
@@ -290,37 +250,18 @@ impl CocoDetectionDataset {
                 rle_of_mask(annotation, info, &path)?;
             }
             let [x, y, bw, bh] = bbox;
-            let clipped = [
-                x.clamp(0.0, w),
-                y.clamp(0.0, h),
-                (x + bw).clamp(0.0, w),
-                (y + bh).clamp(0.0, h),
-            ];
+            let clipped = [x.clamp(0.0, w), y.clamp(0.0, h), (x + bw).clamp(0.0, w), (y + bh).clamp(0.0, h)];
             if clipped[2] - clipped[0] <= 0.0 || clipped[3] - clipped[1] <= 0.0 {
                 continue;
             }
-            instances.push(InstanceLabel {
-                class,
-                bbox: clipped,
-                segmentation: annotation.mask().cloned(),
-            });
+            instances.push(InstanceLabel { class, bbox: clipped, segmentation: annotation.mask().cloned() });
         }
-        Ok(DetectionItem {
-            image_id: info.id,
-            image,
-            instances,
-        })
+        Ok(DetectionItem { image_id: info.id, image, instances })
     }
 }
 
-fn rle_of_mask(
-    annotation: &crate::coco::CocoAnnotation,
-    image: &crate::coco::CocoImage,
-    path: &Path,
-) -> Result<Rle> {
-    let mask = annotation
-        .mask()
-        .expect("called for annotations with a mask");
+fn rle_of_mask(annotation: &crate::coco::CocoAnnotation, image: &crate::coco::CocoImage, path: &Path) -> Result<Rle> {
+    let mask = annotation.mask().expect("called for annotations with a mask");
     mask.to_rle(image.height, image.width)
         .map_err(|e| DataError::invalid(path, format!("annotation {}: {e}", annotation.id)))
 }
@@ -365,12 +306,7 @@ impl DetectionBatcher {
     pub fn try_batch(&self, items: &[DetectionItem], device: &Device) -> Result<DetectionBatch> {
         let b = items.len();
         let s = self.image_size;
-        let m = items
-            .iter()
-            .map(|i| i.instances.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let m = items.iter().map(|i| i.instances.len()).max().unwrap_or(0).max(1);
         let mut pixels = Vec::with_capacity(b * 3 * (s * s) as usize);
         let mut boxes = vec![0f32; b * m * 4];
         let mut classes = vec![0i64; b * m];
@@ -382,14 +318,7 @@ impl DetectionBatcher {
             let letterbox = Letterbox::new(item.image.width(), item.image.height(), s, s);
             let canvas = letterbox.apply_image(&item.image);
             for c in 0..3 {
-                pixels.extend(
-                    canvas
-                        .as_raw()
-                        .iter()
-                        .skip(c)
-                        .step_by(3)
-                        .map(|&v| v as f32 / 255.0),
-                );
+                pixels.extend(canvas.as_raw().iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
             }
             for (mi, instance) in item.instances.iter().enumerate() {
                 let slot = bi * m + mi;
@@ -402,10 +331,7 @@ impl DetectionBatcher {
                 {
                     let mask = letterbox.apply_mask(segmentation, d)?;
                     let plane = (ms * ms) as usize;
-                    for (dst, &v) in masks[slot * plane..(slot + 1) * plane]
-                        .iter_mut()
-                        .zip(&mask.data)
-                    {
+                    for (dst, &v) in masks[slot * plane..(slot + 1) * plane].iter_mut().zip(&mask.data) {
                         *dst = v as f32;
                     }
                 }
@@ -418,12 +344,8 @@ impl DetectionBatcher {
             boxes: Tensor::from_data(TensorData::new(boxes, [b, m, 4]), device),
             classes: Tensor::from_data(TensorData::new(classes, [b, m]), device),
             valid: Tensor::from_data(TensorData::new(valid, [b, m]), device),
-            masks: mask_size.map(|ms| {
-                Tensor::from_data(
-                    TensorData::new(masks, [b, m, ms as usize, ms as usize]),
-                    device,
-                )
-            }),
+            masks: mask_size
+                .map(|ms| Tensor::from_data(TensorData::new(masks, [b, m, ms as usize, ms as usize]), device)),
             letterboxes,
             image_ids: items.iter().map(|i| i.image_id).collect(),
         })
@@ -434,7 +356,6 @@ impl Batcher<DetectionItem, DetectionBatch> for DetectionBatcher {
     /// Items from [`CocoDetectionDataset`] have had every mask decoded once already, so this cannot
     /// fail for them; [`DetectionBatcher::try_batch`] returns the error for items built elsewhere.
     fn batch(&self, items: Vec<DetectionItem>, device: &Device) -> DetectionBatch {
-        self.try_batch(&items, device)
-            .unwrap_or_else(|e| panic!("cannot batch: {e}"))
+        self.try_batch(&items, device).unwrap_or_else(|e| panic!("cannot batch: {e}"))
     }
 }

@@ -110,18 +110,14 @@ impl CocoAnnotation {
 
     pub fn has_keypoints(&self) -> bool {
         self.num_keypoints.is_some_and(|n| n > 0)
-            || self
-                .keypoints
-                .as_ref()
-                .is_some_and(|k| k.chunks(3).any(|kp| kp.get(2).is_some_and(|&v| v > 0.0)))
+            || self.keypoints.as_ref().is_some_and(|k| k.chunks(3).any(|kp| kp.get(2).is_some_and(|&v| v > 0.0)))
     }
 }
 
 impl CocoDataset {
     /// Reads and parses a COCO JSON file; the error names the file, line and column.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| DataError::io(path, "cannot read the annotation file", e))?;
+        let bytes = std::fs::read(path).map_err(|e| DataError::io(path, "cannot read the annotation file", e))?;
         Self::from_slice(&bytes, path)
     }
 
@@ -129,9 +125,7 @@ impl CocoDataset {
     pub fn from_slice(bytes: &[u8], path: &Path) -> Result<Self> {
         serde_json::from_slice(bytes).map_err(|e| DataError::Json {
             path: path.to_path_buf(),
-            message: format!(
-                "{e}; a COCO file is one JSON object with `images`, `annotations` and `categories` lists"
-            ),
+            message: format!("{e}; a COCO file is one JSON object with `images`, `annotations` and `categories` lists"),
         })
     }
 
@@ -149,24 +143,13 @@ impl CocoDataset {
 
     /// Category id → contiguous class index (ids sorted ascending).
     pub fn class_index(&self) -> HashMap<u64, usize> {
-        self.class_ids()
-            .into_iter()
-            .enumerate()
-            .map(|(i, id)| (id, i))
-            .collect()
+        self.class_ids().into_iter().enumerate().map(|(i, id)| (id, i)).collect()
     }
 
     /// Class names in class-index order.
     pub fn class_names(&self) -> Vec<String> {
-        let names: HashMap<u64, &str> = self
-            .categories
-            .iter()
-            .map(|c| (c.id, c.name.as_str()))
-            .collect();
-        self.class_ids()
-            .iter()
-            .map(|id| names[id].to_string())
-            .collect()
+        let names: HashMap<u64, &str> = self.categories.iter().map(|c| (c.id, c.name.as_str())).collect();
+        self.class_ids().iter().map(|id| names[id].to_string()).collect()
     }
 
     /// Image id → position in `images` (first occurrence wins for duplicate ids).
@@ -199,12 +182,7 @@ impl CocoDataset {
         CocoDataset {
             extra: self.extra.clone(),
             images: keep.iter().map(|&i| self.images[i].clone()).collect(),
-            annotations: self
-                .annotations
-                .iter()
-                .filter(|a| ids.contains(&a.image_id))
-                .cloned()
-                .collect(),
+            annotations: self.annotations.iter().filter(|a| ids.contains(&a.image_id)).cloned().collect(),
             categories: self.categories.clone(),
         }
     }
@@ -228,23 +206,14 @@ mod tests {
     #[test]
     fn parses_every_segmentation_form_and_keeps_unknown_fields_on_write() {
         let dataset = CocoDataset::from_slice(SAMPLE.as_bytes(), Path::new("sample.json")).unwrap();
-        assert!(matches!(
-            dataset.annotations[0].segmentation,
-            Some(Segmentation::Polygons(_))
-        ));
+        assert!(matches!(dataset.annotations[0].segmentation, Some(Segmentation::Polygons(_))));
         assert!(matches!(
             dataset.annotations[1].segmentation,
-            Some(Segmentation::Rle(RleJson {
-                counts: RleCounts::Uncompressed(_),
-                ..
-            }))
+            Some(Segmentation::Rle(RleJson { counts: RleCounts::Uncompressed(_), .. }))
         ));
         assert!(matches!(
             dataset.annotations[2].segmentation,
-            Some(Segmentation::Rle(RleJson {
-                counts: RleCounts::Compressed(_),
-                ..
-            }))
+            Some(Segmentation::Rle(RleJson { counts: RleCounts::Compressed(_), .. }))
         ));
         assert_eq!(dataset.annotations[1].iscrowd, 1);
 

@@ -7,11 +7,7 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {what}: {source}")]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, what: &'static str, source: std::io::Error },
 
     #[error("{path}: not valid COCO JSON: {message}")]
     Json { path: PathBuf, message: String },
@@ -37,17 +33,10 @@ pub enum DataError {
 
 impl DataError {
     pub fn io(path: &Path, what: &'static str, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.to_path_buf(),
-            what,
-            source,
-        }
+        Self::Io { path: path.to_path_buf(), what, source }
     }
 
     pub fn invalid(path: &Path, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            path: path.to_path_buf(),
-            message: message.into(),
-        }
+        Self::Invalid { path: path.to_path_buf(), message: message.into() }
     }
 }

@@ -87,19 +87,12 @@ pub fn inspect(dataset: &CocoDataset) -> DatasetSummary {
         crowd += (annotation.iscrowd != 0) as usize;
         keypoints += annotation.has_keypoints() as usize;
         *instances.entry(annotation.category_id).or_default() += 1;
-        images_of_class
-            .entry(annotation.category_id)
-            .or_default()
-            .insert(annotation.image_id);
+        images_of_class.entry(annotation.category_id).or_default().insert(annotation.image_id);
         *per_image.entry(annotation.image_id).or_default() += 1;
     }
 
     let class_ids = dataset.class_ids();
-    let names: HashMap<u64, &str> = dataset
-        .categories
-        .iter()
-        .map(|c| (c.id, c.name.as_str()))
-        .collect();
+    let names: HashMap<u64, &str> = dataset.categories.iter().map(|c| (c.id, c.name.as_str())).collect();
     let class_mapping = class_ids
         .iter()
         .enumerate()
@@ -112,19 +105,11 @@ pub fn inspect(dataset: &CocoDataset) -> DatasetSummary {
         })
         .collect();
 
-    let counts: Vec<usize> = dataset
-        .images
-        .iter()
-        .map(|i| per_image.get(&i.id).copied().unwrap_or(0))
-        .collect();
+    let counts: Vec<usize> = dataset.images.iter().map(|i| per_image.get(&i.id).copied().unwrap_or(0)).collect();
     let annotations_per_image = PerImage {
         min: counts.iter().copied().min().unwrap_or(0),
         max: counts.iter().copied().max().unwrap_or(0),
-        mean: if counts.is_empty() {
-            0.0
-        } else {
-            counts.iter().sum::<usize>() as f64 / counts.len() as f64
-        },
+        mean: if counts.is_empty() { 0.0 } else { counts.iter().sum::<usize>() as f64 / counts.len() as f64 },
         images_without_annotations: counts.iter().filter(|&&c| c == 0).count(),
     };
 
@@ -160,22 +145,16 @@ impl DatasetSummary {
             teachers.push("SAM (box prompt -> masks)".to_string());
         }
         let (student, reason) = match (self.has_boxes, self.has_masks) {
-            (_, true) if self.boxes_given == 0 && self.num_classes == 1 => (
-                "fastsam-s",
-                "masks of a single class and no boxes of their own: class-agnostic segmentation",
-            ),
-            (_, true) if self.boxes_given == 0 => (
-                "yolov8n-seg",
-                "masks with classes (boxes derived from the masks): boxes + masks",
-            ),
+            (_, true) if self.boxes_given == 0 && self.num_classes == 1 => {
+                ("fastsam-s", "masks of a single class and no boxes of their own: class-agnostic segmentation")
+            }
+            (_, true) if self.boxes_given == 0 => {
+                ("yolov8n-seg", "masks with classes (boxes derived from the masks): boxes + masks")
+            }
             (_, true) => ("yolov8n-seg", "boxes and masks"),
             (true, false) => ("yolov8n", "boxes only"),
             (false, false) => return None,
         };
-        Some(Recommendation {
-            teachers,
-            student: student.to_string(),
-            reason: reason.to_string(),
-        })
+        Some(Recommendation { teachers, student: student.to_string(), reason: reason.to_string() })
     }
 }

@@ -9,10 +9,7 @@ use crate::error::{DataError, Result};
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| DataError::io(dir, "cannot create the directory", e))?;
     let tmp = temporary_sibling(path);
     let result = (|| {
@@ -36,25 +33,14 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<
 }
 
 fn temporary_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
 /// Fails when any of `paths` exists, so a command never replaces what a user already has.
 pub fn refuse_to_overwrite<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<()> {
-    let existing: Vec<String> = paths
-        .into_iter()
-        .filter(|p| p.exists())
-        .map(|p| p.display().to_string())
-        .collect();
-    if existing.is_empty() {
-        Ok(())
-    } else {
-        Err(DataError::WouldOverwrite(existing))
-    }
+    let existing: Vec<String> = paths.into_iter().filter(|p| p.exists()).map(|p| p.display().to_string()).collect();
+    if existing.is_empty() { Ok(()) } else { Err(DataError::WouldOverwrite(existing)) }
 }
 
 #[cfg(test)]

@@ -15,12 +15,8 @@ pub mod synth;
 pub mod validate;
 pub mod yolo;
 
-pub use batch::{
-    CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, InstanceLabel, Letterbox,
-};
-pub use coco::{
-    CocoAnnotation, CocoCategory, CocoDataset, CocoImage, RleCounts, RleJson, Segmentation,
-};
+pub use batch::{CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, InstanceLabel, Letterbox};
+pub use coco::{CocoAnnotation, CocoCategory, CocoDataset, CocoImage, RleCounts, RleJson, Segmentation};
 pub use error::{DataError, Result};
 pub use inspect::{DatasetSummary, Recommendation, inspect};
 pub use mask::{BinaryMask, Rle};

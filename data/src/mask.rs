@@ -26,11 +26,7 @@ pub struct BinaryMask {
 
 impl Rle {
     pub fn empty(height: u32, width: u32) -> Self {
-        Self {
-            height,
-            width,
-            counts: vec![height * width],
-        }
+        Self { height, width, counts: vec![height * width] }
     }
 
     /// Rasterises one polygon `[x1, y1, x2, y2, …]` (pycocotools `rleFrPoly`).
@@ -43,9 +39,7 @@ impl Rle {
         const SCALE: f64 = 5.0;
         // C's `(int)(v + .5)` truncates toward zero; `as i64` does the same.
         let mut x: Vec<i64> = (0..k).map(|j| (SCALE * xy[2 * j] + 0.5) as i64).collect();
-        let mut y: Vec<i64> = (0..k)
-            .map(|j| (SCALE * xy[2 * j + 1] + 0.5) as i64)
-            .collect();
+        let mut y: Vec<i64> = (0..k).map(|j| (SCALE * xy[2 * j + 1] + 0.5) as i64).collect();
         x.push(x[0]);
         y.push(y[0]);
 
@@ -62,11 +56,7 @@ impl Rle {
                 std::mem::swap(&mut ys, &mut ye);
             }
             if dx >= dy {
-                let s = if dx == 0 {
-                    0.0
-                } else {
-                    (ye - ys) as f64 / dx as f64
-                };
+                let s = if dx == 0 { 0.0 } else { (ye - ys) as f64 / dx as f64 };
                 for d in 0..=dx {
                     let t = if flip { dx - d } else { d };
                     u.push(t + xs);
@@ -129,11 +119,7 @@ impl Rle {
                 }
             }
         }
-        Self {
-            height,
-            width,
-            counts,
-        }
+        Self { height, width, counts }
     }
 
     /// Union of several polygons, as pycocotools' `annToRLE` does for a polygon annotation.
@@ -154,11 +140,7 @@ impl Rle {
                 "RLE counts cover {total} pixels but its size {height}x{width} has {expected}"
             )));
         }
-        Ok(Self {
-            height,
-            width,
-            counts,
-        })
+        Ok(Self { height, width, counts })
     }
 
     /// Decodes pycocotools' compressed counts string (`rleFrString`).
@@ -171,9 +153,7 @@ impl Rle {
             let mut k = 0;
             loop {
                 let Some(c) = bytes.get(p).map(|&b| b as i64 - 48) else {
-                    return Err(DataError::Mask(
-                        "compressed RLE string ends in the middle of a count".into(),
-                    ));
+                    return Err(DataError::Mask("compressed RLE string ends in the middle of a count".into()));
                 };
                 if !(0..64).contains(&c) || k > 12 {
                     return Err(DataError::Mask(format!(
@@ -194,11 +174,8 @@ impl Rle {
             if counts.len() > 2 {
                 x += counts[counts.len() - 2] as i64;
             }
-            let count = u32::try_from(x).map_err(|_| {
-                DataError::Mask(format!(
-                    "compressed RLE string decodes to an invalid run length {x}"
-                ))
-            })?;
+            let count = u32::try_from(x)
+                .map_err(|_| DataError::Mask(format!("compressed RLE string decodes to an invalid run length {x}")))?;
             counts.push(count);
         }
         Self::from_counts(counts, height, width)
@@ -241,12 +218,7 @@ impl Rle {
 
     /// Number of foreground pixels (`rleArea`).
     pub fn area(&self) -> u64 {
-        self.counts
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .map(|&c| c as u64)
-            .sum()
+        self.counts.iter().skip(1).step_by(2).map(|&c| c as u64).sum()
     }
 
     /// Tight pixel box `[x, y, w, h]` (`rleToBbox`); all zeros for an empty mask.
@@ -275,12 +247,7 @@ impl Rle {
             ys = ys.min(y);
             ye = ye.max(y);
         }
-        [
-            xs as f64,
-            ys as f64,
-            (xe - xs + 1) as f64,
-            (ye - ys + 1) as f64,
-        ]
+        [xs as f64, ys as f64, (xe - xs + 1) as f64, (ye - ys + 1) as f64]
     }
 
     /// Foreground intervals `[start, end)` in column-major pixel order.
@@ -293,11 +260,7 @@ impl Rle {
         })
     }
 
-    fn from_intervals(
-        intervals: impl Iterator<Item = (u64, u64)>,
-        height: u32,
-        width: u32,
-    ) -> Self {
+    fn from_intervals(intervals: impl Iterator<Item = (u64, u64)>, height: u32, width: u32) -> Self {
         let total = height as u64 * width as u64;
         let mut counts = Vec::new();
         let mut position = 0u64;
@@ -314,20 +277,12 @@ impl Rle {
         if counts.is_empty() || position < total {
             counts.push((total - position) as u32);
         }
-        Self {
-            height,
-            width,
-            counts,
-        }
+        Self { height, width, counts }
     }
 
     /// Pixel-wise OR of two masks of the same size (`rleMerge` with `intersect = 0`).
     pub fn union(&self, other: &Rle) -> Rle {
-        assert_eq!(
-            (self.height, self.width),
-            (other.height, other.width),
-            "union of masks of different sizes"
-        );
+        assert_eq!((self.height, self.width), (other.height, other.width), "union of masks of different sizes");
         let mut all: Vec<(u64, u64)> = self.intervals().chain(other.intervals()).collect();
         all.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(all.len());
@@ -349,11 +304,7 @@ impl Rle {
                 data[y * w + x] = 1;
             }
         }
-        BinaryMask {
-            width: self.width,
-            height: self.height,
-            data,
-        }
+        BinaryMask { width: self.width, height: self.height, data }
     }
 
     pub fn encode(mask: &BinaryMask) -> Rle {
@@ -373,21 +324,13 @@ impl Rle {
             }
         }
         counts.push(run);
-        Rle {
-            height: mask.height,
-            width: mask.width,
-            counts,
-        }
+        Rle { height: mask.height, width: mask.width, counts }
     }
 }
 
 impl BinaryMask {
     pub fn zeros(width: u32, height: u32) -> Self {
-        Self {
-            width,
-            height,
-            data: vec![0; width as usize * height as usize],
-        }
+        Self { width, height, data: vec![0; width as usize * height as usize] }
     }
 
     pub fn area(&self) -> u64 {
@@ -403,13 +346,11 @@ impl BinaryMask {
         let mut out = BinaryMask::zeros(width, height);
         let sx = self.width as f64 / width as f64;
         let sy = self.height as f64 / height as f64;
-        let columns: Vec<usize> = (0..width)
-            .map(|x| (((x as f64 + 0.5) * sx) as usize).min(self.width as usize - 1))
-            .collect();
+        let columns: Vec<usize> =
+            (0..width).map(|x| (((x as f64 + 0.5) * sx) as usize).min(self.width as usize - 1)).collect();
         for y in 0..height as usize {
             let src_y = (((y as f64 + 0.5) * sy) as usize).min(self.height as usize - 1);
-            let src_row =
-                &self.data[src_y * self.width as usize..(src_y + 1) * self.width as usize];
+            let src_row = &self.data[src_y * self.width as usize..(src_y + 1) * self.width as usize];
             let row = &mut out.data[y * width as usize..(y + 1) * width as usize];
             for (value, &src_x) in row.iter_mut().zip(&columns) {
                 *value = src_row[src_x];
@@ -425,11 +366,7 @@ impl BinaryMask {
             inter += (a & b) as u64;
             union += (a | b) as u64;
         }
-        if union == 0 {
-            1.0
-        } else {
-            inter as f64 / union as f64
-        }
+        if union == 0 { 1.0 } else { inter as f64 / union as f64 }
     }
 }
 
@@ -441,9 +378,7 @@ impl Segmentation {
             Segmentation::Rle(rle) => {
                 let [h, w] = rle.size;
                 if (h, w) != (height, width) {
-                    return Err(DataError::Mask(format!(
-                        "RLE size {h}x{w} differs from the image's {height}x{width}"
-                    )));
+                    return Err(DataError::Mask(format!("RLE size {h}x{w} differs from the image's {height}x{width}")));
                 }
                 match &rle.counts {
                     RleCounts::Uncompressed(counts) => Rle::from_counts(counts.clone(), h, w),
@@ -469,11 +404,7 @@ impl Segmentation {
                 let sy = out_height as f64 / image_height as f64;
                 let scaled: Vec<Vec<f64>> = polygons
                     .iter()
-                    .map(|p| {
-                        p.chunks_exact(2)
-                            .flat_map(|xy| [xy[0] * sx, xy[1] * sy])
-                            .collect()
-                    })
+                    .map(|p| p.chunks_exact(2).flat_map(|xy| [xy[0] * sx, xy[1] * sy]).collect())
                     .collect();
                 Ok(Rle::from_polygons(&scaled, out_height, out_width).decode())
             }
@@ -521,16 +452,8 @@ mod tests {
 
     #[test]
     fn large_counts_survive_compression() {
-        let rle = Rle::from_counts(
-            vec![100_000, 3, 250_000, 7, 1_000_000 - 350_010],
-            1000,
-            1000,
-        )
-        .unwrap();
-        assert_eq!(
-            Rle::from_compressed(&rle.to_compressed(), 1000, 1000).unwrap(),
-            rle
-        );
+        let rle = Rle::from_counts(vec![100_000, 3, 250_000, 7, 1_000_000 - 350_010], 1000, 1000).unwrap();
+        assert_eq!(Rle::from_compressed(&rle.to_compressed(), 1000, 1000).unwrap(), rle);
     }
 
     #[test]

@@ -66,41 +66,22 @@ pub fn load_dataset(data: &Path, images: Option<&Path>) -> Result<LoadedDataset>
     if is_yolo {
         let import = crate::yolo::import_yolo(data)?;
         let images_dir = images.map(Path::to_path_buf).unwrap_or(import.images_dir);
-        return Ok(LoadedDataset {
-            dataset: import.dataset,
-            images_dir,
-            format: "yolo",
-        });
+        return Ok(LoadedDataset { dataset: import.dataset, images_dir, format: "yolo" });
     }
     let dataset = CocoDataset::load(data)?;
     let images_dir = match images {
         Some(dir) => dir.to_path_buf(),
         None => {
-            let parent = data
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
+            let parent = data.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             let beside = parent.join("images");
-            if beside.is_dir() {
-                beside
-            } else {
-                parent.to_path_buf()
-            }
+            if beside.is_dir() { beside } else { parent.to_path_buf() }
         }
     };
-    Ok(LoadedDataset {
-        dataset,
-        images_dir,
-        format: "coco",
-    })
+    Ok(LoadedDataset { dataset, images_dir, format: "coco" })
 }
 
 pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result<ValidateReport> {
-    let LoadedDataset {
-        mut dataset,
-        images_dir,
-        format,
-    } = load_dataset(&options.data, options.images.as_deref())?;
+    let LoadedDataset { mut dataset, images_dir, format } = load_dataset(&options.data, options.images.as_deref())?;
     if !images_dir.is_dir() {
         return Err(DataError::invalid(
             &images_dir,
@@ -139,43 +120,20 @@ pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result
 
     let output_dir = match &options.output_dir {
         Some(dir) => dir.clone(),
-        None => options
-            .data
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .join("splits"),
+        None => options.data.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("splits"),
     };
-    let stem = options
-        .data
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "dataset".into());
-    let full_name = if format == "coco" {
-        format!("{stem}.repaired.json")
-    } else {
-        format!("{stem}.coco.json")
-    };
-    let mut outputs: Vec<(PathBuf, CocoDataset)> =
-        vec![(output_dir.join(full_name), dataset.clone())];
+    let stem = options.data.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "dataset".into());
+    let full_name = if format == "coco" { format!("{stem}.repaired.json") } else { format!("{stem}.coco.json") };
+    let mut outputs: Vec<(PathBuf, CocoDataset)> = vec![(output_dir.join(full_name), dataset.clone())];
     for (name, images) in &parts.parts {
-        outputs.push((
-            output_dir.join(format!("{name}.json")),
-            dataset.subset(images),
-        ));
+        outputs.push((output_dir.join(format!("{name}.json")), dataset.subset(images)));
     }
     let input = std::fs::canonicalize(&options.data).ok();
     for (path, _) in &outputs {
-        let resolved = path
-            .parent()
-            .and_then(|p| std::fs::canonicalize(p).ok())
-            .zip(path.file_name())
-            .map(|(p, n)| p.join(n));
+        let resolved =
+            path.parent().and_then(|p| std::fs::canonicalize(p).ok()).zip(path.file_name()).map(|(p, n)| p.join(n));
         if resolved.is_some() && resolved == input {
-            return Err(DataError::invalid(
-                path,
-                "would overwrite the input file; choose another --output-dir",
-            ));
+            return Err(DataError::invalid(path, "would overwrite the input file; choose another --output-dir"));
         }
     }
     crate::io::refuse_to_overwrite(outputs.iter().map(|(p, _)| p.as_path()))?;
@@ -191,15 +149,11 @@ pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result
     }
     report.written = written.iter().map(|p| p.display().to_string()).collect();
     let train = output_dir.join("train.json");
-    let val = parts
-        .part("val")
-        .filter(|v| !v.is_empty())
-        .map(|_| output_dir.join("val.json"));
+    let val = parts.part("val").filter(|v| !v.is_empty()).map(|_| output_dir.join("val.json"));
     report.next_command = Some(format!(
         "kiln train-teacher --data {}{} --images {}",
         train.display(),
-        val.map(|v| format!(" --val {}", v.display()))
-            .unwrap_or_default(),
+        val.map(|v| format!(" --val {}", v.display())).unwrap_or_default(),
         images_dir.display()
     ));
     report.ok = true;
@@ -212,11 +166,7 @@ impl ValidateReport {
         use std::fmt::Write;
         let s = &self.summary;
         let mut out = String::new();
-        let format = if self.format == "coco" {
-            "COCO JSON"
-        } else {
-            "YOLO dataset (imported)"
-        };
+        let format = if self.format == "coco" { "COCO JSON" } else { "YOLO dataset (imported)" };
         let _ = writeln!(out, "kiln validate: {}\n", self.input);
         let _ = writeln!(out, "  Format       valid {format}");
         if let Some(images) = &self.validation.images {
@@ -245,11 +195,8 @@ impl ValidateReport {
         } else {
             let _ = writeln!(out, "  Masks        none");
         }
-        let _ = writeln!(
-            out,
-            "  Boxes        {} given, {} derived from masks",
-            s.boxes_given, self.repair.bbox_from_mask
-        );
+        let _ =
+            writeln!(out, "  Boxes        {} given, {} derived from masks", s.boxes_given, self.repair.bbox_from_mask);
         let _ = writeln!(
             out,
             "  Areas        {} derived from masks, {} from boxes",
@@ -258,30 +205,13 @@ impl ValidateReport {
         let _ = writeln!(
             out,
             "  Keypoints    {}",
-            if s.has_keypoints {
-                "present (not used by kiln's models)"
-            } else {
-                "none"
-            }
+            if s.has_keypoints { "present (not used by kiln's models)" } else { "none" }
         );
 
         let used: Vec<_> = s.class_mapping.iter().filter(|c| c.instances > 0).collect();
-        let _ = writeln!(
-            out,
-            "  Classes      {} ({} with instances)",
-            s.num_classes,
-            used.len()
-        );
-        let part_names: Vec<&str> = self
-            .split
-            .iter()
-            .flat_map(|sp| sp.parts.iter().map(|p| p.name.as_str()))
-            .collect();
-        let _ = write!(
-            out,
-            "    {:>5} {:>6}  {:<20} {:>9} {:>7}",
-            "index", "id", "name", "instances", "images"
-        );
+        let _ = writeln!(out, "  Classes      {} ({} with instances)", s.num_classes, used.len());
+        let part_names: Vec<&str> = self.split.iter().flat_map(|sp| sp.parts.iter().map(|p| p.name.as_str())).collect();
+        let _ = write!(out, "    {:>5} {:>6}  {:<20} {:>9} {:>7}", "index", "id", "name", "instances", "images");
         for name in &part_names {
             let _ = write!(out, " {name:>7}");
         }
@@ -299,32 +229,15 @@ impl ValidateReport {
         }
 
         let v = &self.validation;
-        let _ = writeln!(
-            out,
-            "\n  Problems     {} errors, {} warnings",
-            v.errors(),
-            v.warnings()
-        );
+        let _ = writeln!(out, "\n  Problems     {} errors, {} warnings", v.errors(), v.warnings());
         for problem in &v.problems {
             let tag = match problem.severity {
                 Severity::Error => "error  ",
                 Severity::Warning => "warning",
             };
-            let _ = writeln!(
-                out,
-                "    {tag} {}: {} ({})",
-                problem.code, problem.message, problem.count
-            );
-            let more = if problem.count > problem.examples.len() {
-                ", ..."
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                out,
-                "            first: {}{more}",
-                problem.examples.join("; ")
-            );
+            let _ = writeln!(out, "    {tag} {}: {} ({})", problem.code, problem.message, problem.count);
+            let more = if problem.count > problem.examples.len() { ", ..." } else { "" };
+            let _ = writeln!(out, "            first: {}{more}", problem.examples.join("; "));
         }
 
         if let Some(split) = &self.split {
@@ -333,18 +246,11 @@ impl ValidateReport {
                 "\n  Split        {} (seed {}, {})",
                 split.spec,
                 split.seed,
-                if split.stratified {
-                    "stratified by class"
-                } else {
-                    "random"
-                }
+                if split.stratified { "stratified by class" } else { "random" }
             );
             for part in &split.parts {
-                let _ = writeln!(
-                    out,
-                    "    {:<8} {:>6} images {:>8} annotations",
-                    part.name, part.images, part.annotations
-                );
+                let _ =
+                    writeln!(out, "    {:<8} {:>6} images {:>8} annotations", part.name, part.images, part.annotations);
             }
         }
         if let Some(r) = &self.recommendation {
@@ -352,11 +258,7 @@ impl ValidateReport {
             let _ = writeln!(out, "  Student      {} ({})", r.student, r.reason);
         }
         if !self.written.is_empty() {
-            let _ = writeln!(
-                out,
-                "\n  Wrote        {}",
-                self.written.join("\n               ")
-            );
+            let _ = writeln!(out, "\n  Wrote        {}", self.written.join("\n               "));
         }
         if let Some(next) = &self.next_command {
             let _ = writeln!(out, "\n  Next         {next}");

@@ -33,11 +33,8 @@ struct Derived {
 }
 
 pub fn repair(dataset: &mut CocoDataset) -> RepairSummary {
-    let sizes: std::collections::HashMap<u64, (u32, u32)> = dataset
-        .images
-        .iter()
-        .map(|i| (i.id, (i.height, i.width)))
-        .collect();
+    let sizes: std::collections::HashMap<u64, (u32, u32)> =
+        dataset.images.iter().map(|i| (i.id, (i.height, i.width))).collect();
     let outcomes: Vec<Derived> = dataset
         .annotations
         .par_iter_mut()
@@ -47,9 +44,7 @@ pub fn repair(dataset: &mut CocoDataset) -> RepairSummary {
                 return derived;
             }
             if let Some(mask) = annotation.mask() {
-                let rle = sizes
-                    .get(&annotation.image_id)
-                    .and_then(|&(h, w)| mask.to_rle(h, w).ok());
+                let rle = sizes.get(&annotation.image_id).and_then(|&(h, w)| mask.to_rle(h, w).ok());
                 let Some(rle) = rle else {
                     derived.failed = true;
                     return derived;

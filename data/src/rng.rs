@@ -11,9 +11,7 @@ pub struct SeededRng {
 
 impl SeededRng {
     pub fn new(seed: u64) -> Self {
-        Self {
-            state: seed ^ 0x5DEE_CE66_D1CE_4E5B,
-        }
+        Self { state: seed ^ 0x5DEE_CE66_D1CE_4E5B }
     }
 
     /// A generator for an independent stream, e.g. one per image, so that changing one image's
@@ -77,15 +75,9 @@ mod tests {
 
     #[test]
     fn same_seed_same_stream_and_different_seed_different_stream() {
-        let a: Vec<u64> = (0..8)
-            .scan(SeededRng::new(7), |r, _| Some(r.next_u64()))
-            .collect();
-        let b: Vec<u64> = (0..8)
-            .scan(SeededRng::new(7), |r, _| Some(r.next_u64()))
-            .collect();
-        let c: Vec<u64> = (0..8)
-            .scan(SeededRng::new(8), |r, _| Some(r.next_u64()))
-            .collect();
+        let a: Vec<u64> = (0..8).scan(SeededRng::new(7), |r, _| Some(r.next_u64())).collect();
+        let b: Vec<u64> = (0..8).scan(SeededRng::new(7), |r, _| Some(r.next_u64())).collect();
+        let c: Vec<u64> = (0..8).scan(SeededRng::new(8), |r, _| Some(r.next_u64())).collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -28,29 +28,15 @@ impl FromStr for SplitSpec {
     type Err = DataError;
 
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
-        let fail = |message: String| DataError::SplitSpec {
-            spec: spec.to_string(),
-            message,
-        };
+        let fail = |message: String| DataError::SplitSpec { spec: spec.to_string(), message };
         let mut parts: Vec<(String, f64)> = Vec::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, ratio) = part
-                .split_once(':')
-                .ok_or_else(|| fail(format!("'{part}' is not name:ratio")))?;
+            let (name, ratio) = part.split_once(':').ok_or_else(|| fail(format!("'{part}' is not name:ratio")))?;
             let name = name.trim();
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
-                return Err(fail(format!(
-                    "'{name}' is not a usable split name (letters, digits, _ and -)"
-                )));
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(fail(format!("'{name}' is not a usable split name (letters, digits, _ and -)")));
             }
-            let ratio: f64 = ratio
-                .trim()
-                .parse()
-                .map_err(|_| fail(format!("'{ratio}' is not a number")))?;
+            let ratio: f64 = ratio.trim().parse().map_err(|_| fail(format!("'{ratio}' is not a number")))?;
             if !(0.0..=1.0).contains(&ratio) {
                 return Err(fail(format!("ratio {ratio} is outside 0..1")));
             }
@@ -86,11 +72,7 @@ pub struct SplitOptions {
 
 impl Default for SplitOptions {
     fn default() -> Self {
-        Self {
-            spec: SplitSpec::default(),
-            seed: 42,
-            stratify: true,
-        }
+        Self { spec: SplitSpec::default(), seed: 42, stratify: true }
     }
 }
 
@@ -102,10 +84,7 @@ pub struct Split {
 
 impl Split {
     pub fn part(&self, name: &str) -> Option<&[usize]> {
-        self.parts
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, images)| images.as_slice())
+        self.parts.iter().find(|(n, _)| n == name).map(|(_, images)| images.as_slice())
     }
 }
 
@@ -119,11 +98,7 @@ pub fn split(dataset: &CocoDataset, options: &SplitOptions) -> Split {
         .map(|annotations| {
             let mut classes: Vec<usize> = annotations
                 .iter()
-                .filter_map(|&a| {
-                    class_index
-                        .get(&dataset.annotations[a].category_id)
-                        .copied()
-                })
+                .filter_map(|&a| class_index.get(&dataset.annotations[a].category_id).copied())
                 .collect();
             classes.sort_unstable();
             classes.dedup();
@@ -138,14 +113,7 @@ pub fn split(dataset: &CocoDataset, options: &SplitOptions) -> Split {
     rng.shuffle(&mut order);
 
     let assignment = if options.stratify {
-        iterative_stratification(
-            &order,
-            &labels,
-            class_index.len(),
-            &ratios,
-            capacity,
-            &mut rng,
-        )
+        iterative_stratification(&order, &labels, class_index.len(), &ratios, capacity, &mut rng)
     } else {
         let mut assignment = vec![0; n];
         let mut position = 0;
@@ -157,26 +125,15 @@ pub fn split(dataset: &CocoDataset, options: &SplitOptions) -> Split {
         }
         assignment
     };
-    let train = options
-        .spec
-        .parts
-        .iter()
-        .position(|(name, _)| name == "train")
-        .unwrap_or(0);
-    let assignment =
-        ensure_every_class_in_train(assignment, &labels, class_index.len(), train, &order);
+    let train = options.spec.parts.iter().position(|(name, _)| name == "train").unwrap_or(0);
+    let assignment = ensure_every_class_in_train(assignment, &labels, class_index.len(), train, &order);
 
     let parts = options
         .spec
         .parts
         .iter()
         .enumerate()
-        .map(|(part, (name, _))| {
-            (
-                name.clone(),
-                (0..n).filter(|&i| assignment[i] == part).collect(),
-            )
-        })
+        .map(|(part, (name, _))| (name.clone(), (0..n).filter(|&i| assignment[i] == part).collect()))
         .collect();
     Split { parts }
 }
@@ -186,11 +143,8 @@ fn largest_remainder(ratios: &[f64], n: usize) -> Vec<usize> {
     let exact: Vec<f64> = ratios.iter().map(|r| r * n as f64).collect();
     let mut counts: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
     let mut by_remainder: Vec<usize> = (0..ratios.len()).collect();
-    by_remainder.sort_by(|&a, &b| {
-        (exact[b] - exact[b].floor())
-            .total_cmp(&(exact[a] - exact[a].floor()))
-            .then(a.cmp(&b))
-    });
+    by_remainder
+        .sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())).then(a.cmp(&b)));
     let mut missing = n - counts.iter().sum::<usize>();
     for &part in by_remainder.iter().cycle() {
         if missing == 0 {
@@ -220,16 +174,11 @@ fn iterative_stratification(
         }
     }
     // How many more images of each class each part wants.
-    let mut wanted: Vec<Vec<f64>> = ratios
-        .iter()
-        .map(|r| {
-            images_of_class
-                .iter()
-                .map(|images| r * images.len() as f64)
-                .collect()
-        })
-        .collect();
+    let mut wanted: Vec<Vec<f64>> =
+        ratios.iter().map(|r| images_of_class.iter().map(|images| r * images.len() as f64).collect()).collect();
     let mut remaining: Vec<usize> = images_of_class.iter().map(Vec::len).collect();
+    let totals = remaining.clone();
+    let n = labels.len();
 
     let assign = |image: usize,
                   part: usize,
@@ -247,10 +196,7 @@ fn iterative_stratification(
 
     loop {
         // The rarest class still holding unassigned images.
-        let Some(class) = (0..num_classes)
-            .filter(|&c| remaining[c] > 0)
-            .min_by_key(|&c| (remaining[c], c))
-        else {
+        let Some(class) = (0..num_classes).filter(|&c| remaining[c] > 0).min_by_key(|&c| (remaining[c], c)) else {
             break;
         };
         for &image in &images_of_class[class].clone() {
@@ -258,47 +204,52 @@ fn iterative_stratification(
                 continue;
             }
             let open: Vec<usize> = (0..parts).filter(|&p| capacity[p] > 0).collect();
-            let best_want = open
-                .iter()
-                .map(|&p| wanted[p][class])
-                .fold(f64::NEG_INFINITY, f64::max);
-            let mut candidates: Vec<usize> = open
-                .iter()
-                .copied()
-                .filter(|&p| wanted[p][class] == best_want)
-                .collect();
-            if candidates.len() > 1 {
-                let most_room = candidates.iter().map(|&p| capacity[p]).max().unwrap_or(0);
-                candidates.retain(|&p| capacity[p] == most_room);
-            }
+            let scores: Vec<f64> =
+                open.iter().map(|&p| need(p, &labels[image], &wanted, &capacity, &totals, ratios, n)).collect();
+            let best = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let candidates: Vec<usize> =
+                open.iter().zip(&scores).filter(|(_, s)| **s >= best - 1e-12).map(|(&p, _)| p).collect();
             let part = *rng.pick(&candidates);
-            assign(
-                image,
-                part,
-                &mut assignment,
-                &mut capacity,
-                &mut wanted,
-                &mut remaining,
-            );
+            assign(image, part, &mut assignment, &mut capacity, &mut wanted, &mut remaining);
         }
     }
     // Images without any annotation fill the remaining room.
     for &image in order {
         if assignment[image] == UNASSIGNED {
-            let part = (0..parts)
-                .max_by_key(|&p| (capacity[p], std::cmp::Reverse(p)))
-                .unwrap_or(0);
-            assign(
-                image,
-                part,
-                &mut assignment,
-                &mut capacity,
-                &mut wanted,
-                &mut remaining,
-            );
+            let part = (0..parts).max_by_key(|&p| (capacity[p], std::cmp::Reverse(p))).unwrap_or(0);
+            assign(image, part, &mut assignment, &mut capacity, &mut wanted, &mut remaining);
         }
     }
     assignment
+}
+
+/// How much part `p` still needs an image with these labels: for every class, the share of its
+/// remaining quota the image would fill — of images *with* the class when the image has it, of
+/// images *without* it otherwise. Counting absences matters for very common classes: an image
+/// lacking a class present in 90 % of images is as informative as a rare class's image.
+fn need(
+    p: usize,
+    image_labels: &[usize],
+    wanted: &[Vec<f64>],
+    capacity: &[usize],
+    totals: &[usize],
+    ratios: &[f64],
+    n: usize,
+) -> f64 {
+    let mut score = 0.0;
+    let mut next = image_labels.iter().peekable();
+    for class in 0..totals.len() {
+        let has = next.next_if_eq(&&class).is_some();
+        let (quota, expected) = if has {
+            (wanted[p][class], ratios[p] * totals[class] as f64)
+        } else {
+            (capacity[p] as f64 - wanted[p][class], ratios[p] * (n - totals[class]) as f64)
+        };
+        if expected > 0.0 {
+            score += quota / expected;
+        }
+    }
+    score
 }
 
 /// Moves one image of each class missing from train into it, and, to keep the part sizes, sends
@@ -334,9 +285,10 @@ fn ensure_every_class_in_train(
         for &c in &labels[image] {
             in_train[c] += 1;
         }
-        let swap_back = order.iter().copied().find(|&i| {
-            i != image && assignment[i] == train && labels[i].iter().all(|&c| in_train[c] >= 2)
-        });
+        let swap_back = order
+            .iter()
+            .copied()
+            .find(|&i| i != image && assignment[i] == train && labels[i].iter().all(|&c| in_train[c] >= 2));
         if let Some(other) = swap_back {
             assignment[other] = donor;
             for &c in &labels[other] {
@@ -373,12 +325,7 @@ pub fn summarize(dataset: &CocoDataset, split: &Split) -> Vec<PartSummary> {
                     }
                 }
             }
-            PartSummary {
-                name: name.clone(),
-                images: images.len(),
-                annotations,
-                instances_per_class,
-            }
+            PartSummary { name: name.clone(), images: images.len(), annotations, instances_per_class }
         })
         .collect()
 }
@@ -395,11 +342,7 @@ pub fn images_per_class(dataset: &CocoDataset, split: &Split) -> HashMap<String,
             for &image in images {
                 let mut classes: Vec<usize> = by_image[image]
                     .iter()
-                    .filter_map(|&a| {
-                        class_index
-                            .get(&dataset.annotations[a].category_id)
-                            .copied()
-                    })
+                    .filter_map(|&a| class_index.get(&dataset.annotations[a].category_id).copied())
                     .collect();
                 classes.sort_unstable();
                 classes.dedup();
@@ -419,22 +362,9 @@ mod tests {
     #[test]
     fn spec_parses_and_rejects_bad_input() {
         let spec: SplitSpec = "train:0.8, val:0.2".parse().unwrap();
-        assert_eq!(
-            spec.parts,
-            vec![("train".to_string(), 0.8), ("val".to_string(), 0.2)]
-        );
-        for bad in [
-            "train:0.5,val:0.2",
-            "val:1.0",
-            "train",
-            "train:x",
-            "train:0.5,train:0.5",
-            "train:1.5,val:-0.5",
-        ] {
-            assert!(
-                bad.parse::<SplitSpec>().is_err(),
-                "{bad} should be rejected"
-            );
+        assert_eq!(spec.parts, vec![("train".to_string(), 0.8), ("val".to_string(), 0.2)]);
+        for bad in ["train:0.5,val:0.2", "val:1.0", "train", "train:x", "train:0.5,train:0.5", "train:1.5,val:-0.5"] {
+            assert!(bad.parse::<SplitSpec>().is_err(), "{bad} should be rejected");
         }
     }
 

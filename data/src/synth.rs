@@ -17,9 +17,7 @@ use crate::mask::{BinaryMask, Rle};
 use crate::rng::SeededRng;
 
 /// Shape classes, in the order classes are taken.
-pub const SHAPES: [&str; 8] = [
-    "circle", "square", "triangle", "star", "hexagon", "cross", "heart", "arrow",
-];
+pub const SHAPES: [&str; 8] = ["circle", "square", "triangle", "star", "hexagon", "cross", "heart", "arrow"];
 
 /// Which labels the generated annotations carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,14 +42,7 @@ pub struct SynthOptions {
 
 impl Default for SynthOptions {
     fn default() -> Self {
-        Self {
-            images: 200,
-            classes: 4,
-            size: 320,
-            labels: SynthLabels::Both,
-            seed: 0,
-            max_objects: 6,
-        }
+        Self { images: 200, classes: 4, size: 320, labels: SynthLabels::Both, seed: 0, max_objects: 6 }
     }
 }
 
@@ -64,22 +55,12 @@ pub struct SynthOutput {
 
 /// Generates the dataset into `output_dir` (`annotations.json` + `images/`). Fails, writing nothing,
 /// if either already exists.
-pub fn synthesize(
-    options: &SynthOptions,
-    output_dir: &Path,
-    progress: &ProgressBar,
-) -> Result<SynthOutput> {
+pub fn synthesize(options: &SynthOptions, output_dir: &Path, progress: &ProgressBar) -> Result<SynthOutput> {
     if options.classes == 0 || options.classes > SHAPES.len() {
-        return Err(DataError::invalid(
-            output_dir,
-            format!("--classes must be 1..={} (one per shape)", SHAPES.len()),
-        ));
+        return Err(DataError::invalid(output_dir, format!("--classes must be 1..={} (one per shape)", SHAPES.len())));
     }
     if options.images == 0 || options.size < 32 || options.max_objects == 0 {
-        return Err(DataError::invalid(
-            output_dir,
-            "need at least 1 image, a size of at least 32 px and 1 object",
-        ));
+        return Err(DataError::invalid(output_dir, "need at least 1 image, a size of at least 32 px and 1 object"));
     }
     let annotations_path = output_dir.join("annotations.json");
     let images_dir = output_dir.join("images");
@@ -87,8 +68,7 @@ pub fn synthesize(
     // Images are written into a staging directory renamed at the end, so an interrupted run leaves
     // no half dataset behind.
     let staging = output_dir.join(format!(".images.{}.partial", std::process::id()));
-    std::fs::create_dir_all(&staging)
-        .map_err(|e| DataError::io(&staging, "cannot create the directory", e))?;
+    std::fs::create_dir_all(&staging).map_err(|e| DataError::io(&staging, "cannot create the directory", e))?;
 
     let root = SeededRng::new(options.seed);
     progress.set_length(options.images as u64);
@@ -99,31 +79,18 @@ pub fn synthesize(
             let scene = Scene::generate(options, &mut rng);
             let file_name = format!("synth_{:05}.jpg", index + 1);
             let path = staging.join(&file_name);
-            let image = image::RgbImage::from_raw(scene.width, scene.height, scene.pixels)
-                .expect("buffer size");
+            let image = image::RgbImage::from_raw(scene.width, scene.height, scene.pixels).expect("buffer size");
             let mut buffer = std::io::Cursor::new(Vec::new());
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buffer, 92)
                 .encode_image(&image)
-                .map_err(|e| DataError::Image {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| DataError::Image { path: path.clone(), message: e.to_string() })?;
             std::fs::write(&path, buffer.into_inner())
                 .map_err(|e| DataError::io(&path, "cannot write the image", e))?;
             progress.inc(1);
             let image_id = index as u64 + 1;
-            let coco_image = CocoImage {
-                id: image_id,
-                file_name,
-                width: scene.width,
-                height: scene.height,
-                extra: Map::new(),
-            };
-            let annotations = scene
-                .instances
-                .into_iter()
-                .map(|i| i.annotation(image_id, options.labels))
-                .collect();
+            let coco_image =
+                CocoImage { id: image_id, file_name, width: scene.width, height: scene.height, extra: Map::new() };
+            let annotations = scene.instances.into_iter().map(|i| i.annotation(image_id, options.labels)).collect();
             Ok((coco_image, annotations))
         })
         .collect();
@@ -164,11 +131,7 @@ pub fn synthesize(
     std::fs::rename(&staging, &images_dir)
         .map_err(|e| DataError::io(&images_dir, "cannot move the images into place", e))?;
     dataset.save(&annotations_path)?;
-    Ok(SynthOutput {
-        annotations: annotations_path,
-        images_dir,
-        dataset,
-    })
+    Ok(SynthOutput { annotations: annotations_path, images_dir, dataset })
 }
 
 struct Instance {
@@ -187,11 +150,7 @@ impl Instance {
             Segmentation::Rle(self.visible.to_json(true))
         };
         let (segmentation, bbox, area) = match labels {
-            SynthLabels::Both => (
-                Some(segmentation),
-                Some(self.visible.bbox()),
-                Some(self.visible.area() as f64),
-            ),
+            SynthLabels::Both => (Some(segmentation), Some(self.visible.bbox()), Some(self.visible.area() as f64)),
             SynthLabels::Masks => (Some(segmentation), None, None),
             SynthLabels::Boxes => {
                 let bbox = self.visible.bbox();
@@ -227,11 +186,7 @@ impl Scene {
     fn generate(options: &SynthOptions, rng: &mut SeededRng) -> Scene {
         let long = options.size;
         let short = ((long as f64) * rng.uniform(0.75, 1.0)).round() as u32;
-        let (width, height) = if rng.chance(0.5) {
-            (long, short)
-        } else {
-            (short, long)
-        };
+        let (width, height) = if rng.chance(0.5) { (long, short) } else { (short, long) };
         let mut canvas = background(width, height, rng);
 
         let target = 1 + rng.below(options.max_objects);
@@ -262,27 +217,14 @@ impl Scene {
                 other.visible = Rle::encode(&subtract(&other.visible.decode(), &new_mask));
             }
             paint_shape(&mut canvas, width, &new_mask, radius, cx, cy, rng);
-            instances.push(Instance {
-                class,
-                polygon,
-                visible: full.clone(),
-                full,
-            });
+            instances.push(Instance { class, polygon, visible: full.clone(), full });
         }
 
         for value in canvas.iter_mut() {
             *value += rng.normal() as f32 * 5.0;
         }
-        let pixels = canvas
-            .iter()
-            .map(|v| v.round().clamp(0.0, 255.0) as u8)
-            .collect();
-        Scene {
-            width,
-            height,
-            pixels,
-            instances,
-        }
+        let pixels = canvas.iter().map(|v| v.round().clamp(0.0, 255.0) as u8).collect();
+        Scene { width, height, pixels, instances }
     }
 }
 
@@ -290,21 +232,12 @@ fn subtract(mask: &BinaryMask, cover: &BinaryMask) -> BinaryMask {
     BinaryMask {
         width: mask.width,
         height: mask.height,
-        data: mask
-            .data
-            .iter()
-            .zip(&cover.data)
-            .map(|(&m, &c)| m & (1 - c))
-            .collect(),
+        data: mask.data.iter().zip(&cover.data).map(|(&m, &c)| m & (1 - c)).collect(),
     }
 }
 
 fn random_colour(rng: &mut SeededRng) -> [f32; 3] {
-    [
-        rng.uniform(20.0, 235.0) as f32,
-        rng.uniform(20.0, 235.0) as f32,
-        rng.uniform(20.0, 235.0) as f32,
-    ]
+    [rng.uniform(20.0, 235.0) as f32, rng.uniform(20.0, 235.0) as f32, rng.uniform(20.0, 235.0) as f32]
 }
 
 /// A busy background: a gradient, stripes, a checkerboard or soft clouds between two colours.
@@ -314,15 +247,8 @@ fn background(width: u32, height: u32, rng: &mut SeededRng) -> Vec<f32> {
     let angle = rng.uniform(0.0, PI);
     let (dx, dy) = (angle.cos(), angle.sin());
     let period = rng.uniform(8.0, 40.0);
-    let waves: Vec<(f64, f64, f64)> = (0..3)
-        .map(|_| {
-            (
-                rng.uniform(0.005, 0.04),
-                rng.uniform(0.005, 0.04),
-                rng.uniform(0.0, 2.0 * PI),
-            )
-        })
-        .collect();
+    let waves: Vec<(f64, f64, f64)> =
+        (0..3).map(|_| (rng.uniform(0.005, 0.04), rng.uniform(0.005, 0.04), rng.uniform(0.0, 2.0 * PI))).collect();
     let diagonal = (width as f64).hypot(height as f64);
     let mut canvas = vec![0f32; width as usize * height as usize * 3];
     for y in 0..height as usize {
@@ -331,16 +257,8 @@ fn background(width: u32, height: u32, rng: &mut SeededRng) -> Vec<f32> {
             let t = match kind {
                 0 => (xf * dx + yf * dy) / diagonal,
                 1 => 0.5 + 0.5 * ((xf * dx + yf * dy) * 2.0 * PI / period).sin(),
-                2 => {
-                    (((xf / period).floor() + (yf / period).floor()) as i64 % 2) as f64 * 0.8 + 0.1
-                }
-                _ => {
-                    0.5 + waves
-                        .iter()
-                        .map(|(fx, fy, p)| (xf * fx + yf * fy + p).sin())
-                        .sum::<f64>()
-                        / 6.0
-                }
+                2 => (((xf / period).floor() + (yf / period).floor()) as i64 % 2) as f64 * 0.8 + 0.1,
+                _ => 0.5 + waves.iter().map(|(fx, fy, p)| (xf * fx + yf * fy + p).sin()).sum::<f64>() / 6.0,
             }
             .clamp(0.0, 1.0) as f32;
             let pixel = &mut canvas[(y * width as usize + x) * 3..][..3];
@@ -353,15 +271,7 @@ fn background(width: u32, height: u32, rng: &mut SeededRng) -> Vec<f32> {
 }
 
 /// Fills the mask with a shaded colour and a darker rim, so edges look like objects, not stencils.
-fn paint_shape(
-    canvas: &mut [f32],
-    width: u32,
-    mask: &BinaryMask,
-    radius: f64,
-    cx: f64,
-    cy: f64,
-    rng: &mut SeededRng,
-) {
+fn paint_shape(canvas: &mut [f32], width: u32, mask: &BinaryMask, radius: f64, cx: f64, cy: f64, rng: &mut SeededRng) {
     let colour = random_colour(rng);
     let light = rng.uniform(0.0, 2.0 * PI);
     let (lx, ly) = (light.cos(), light.sin());
@@ -372,18 +282,11 @@ fn paint_shape(
             if mask.data[y * w + x] == 0 {
                 continue;
             }
-            let rim = [(-1i64, 0i64), (1, 0), (0, -1), (0, 1)]
-                .iter()
-                .any(|(ox, oy)| {
-                    let (nx, ny) = (x as i64 + ox, y as i64 + oy);
-                    nx < 0
-                        || ny < 0
-                        || nx >= w as i64
-                        || ny >= h as i64
-                        || mask.data[ny as usize * w + nx as usize] == 0
-                });
-            let shade = 1.0
-                + 0.25 * (((x as f64 - cx) * lx + (y as f64 - cy) * ly) / radius).clamp(-1.0, 1.0);
+            let rim = [(-1i64, 0i64), (1, 0), (0, -1), (0, 1)].iter().any(|(ox, oy)| {
+                let (nx, ny) = (x as i64 + ox, y as i64 + oy);
+                nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 || mask.data[ny as usize * w + nx as usize] == 0
+            });
+            let shade = 1.0 + 0.25 * (((x as f64 - cx) * lx + (y as f64 - cy) * ly) / radius).clamp(-1.0, 1.0);
             let factor = if rim { 0.55 } else { shade } as f32;
             let pixel = &mut canvas[(y * w + x) * 3..][..3];
             for c in 0..3 {
@@ -437,22 +340,11 @@ fn shape_polygon(class: usize, cx: f64, cy: f64, radius: f64, rng: &mut SeededRn
             .map(|i| {
                 let t = 2.0 * PI * i as f64 / 40.0;
                 let x = 16.0 * t.sin().powi(3);
-                let y = 13.0 * t.cos()
-                    - 5.0 * (2.0 * t).cos()
-                    - 2.0 * (3.0 * t).cos()
-                    - (4.0 * t).cos();
+                let y = 13.0 * t.cos() - 5.0 * (2.0 * t).cos() - 2.0 * (3.0 * t).cos() - (4.0 * t).cos();
                 (x / 17.0, -y / 17.0)
             })
             .collect(),
-        _ => vec![
-            (-1.0, -0.3),
-            (0.2, -0.3),
-            (0.2, -0.75),
-            (1.0, 0.0),
-            (0.2, 0.75),
-            (0.2, 0.3),
-            (-1.0, 0.3),
-        ],
+        _ => vec![(-1.0, -0.3), (0.2, -0.3), (0.2, -0.75), (1.0, 0.0), (0.2, 0.75), (0.2, 0.3), (-1.0, 0.3)],
     };
     let rotation = rng.uniform(0.0, 2.0 * PI);
     let (sin, cos) = rotation.sin_cos();

@@ -49,17 +49,11 @@ pub struct Validation {
 
 impl Validation {
     pub fn errors(&self) -> usize {
-        self.problems
-            .iter()
-            .filter(|p| p.severity == Severity::Error)
-            .count()
+        self.problems.iter().filter(|p| p.severity == Severity::Error).count()
     }
 
     pub fn warnings(&self) -> usize {
-        self.problems
-            .iter()
-            .filter(|p| p.severity == Severity::Warning)
-            .count()
+        self.problems.iter().filter(|p| p.severity == Severity::Warning).count()
     }
 
     pub fn has_errors(&self) -> bool {
@@ -79,11 +73,7 @@ struct Findings {
 
 impl Findings {
     fn add(&mut self, severity: Severity, code: &'static str, message: &str, item: String) {
-        self.items
-            .entry(code)
-            .or_insert_with(|| (severity, message.to_string(), Vec::new()))
-            .2
-            .push(item);
+        self.items.entry(code).or_insert_with(|| (severity, message.to_string(), Vec::new())).2.push(item);
     }
 
     fn into_problems(self) -> Vec<Problem> {
@@ -115,37 +105,18 @@ fn duplicates<'a>(ids: impl Iterator<Item = &'a u64>) -> Vec<u64> {
 }
 
 /// Checks the annotation file's content and, when `images_dir` is given, the images on disk.
-pub fn validate(
-    dataset: &CocoDataset,
-    images_dir: Option<&Path>,
-    progress: &ProgressBar,
-) -> Validation {
+pub fn validate(dataset: &CocoDataset, images_dir: Option<&Path>, progress: &ProgressBar) -> Validation {
     use Severity::{Error, Warning};
     let mut found = Findings::default();
 
     for id in duplicates(dataset.images.iter().map(|i| &i.id)) {
-        found.add(
-            Error,
-            "duplicate_image_id",
-            "image ids used more than once",
-            format!("image {id}"),
-        );
+        found.add(Error, "duplicate_image_id", "image ids used more than once", format!("image {id}"));
     }
     for id in duplicates(dataset.annotations.iter().map(|a| &a.id)) {
-        found.add(
-            Error,
-            "duplicate_annotation_id",
-            "annotation ids used more than once",
-            format!("annotation {id}"),
-        );
+        found.add(Error, "duplicate_annotation_id", "annotation ids used more than once", format!("annotation {id}"));
     }
     for id in duplicates(dataset.categories.iter().map(|c| &c.id)) {
-        found.add(
-            Error,
-            "duplicate_category_id",
-            "category ids used more than once",
-            format!("category {id}"),
-        );
+        found.add(Error, "duplicate_category_id", "category ids used more than once", format!("category {id}"));
     }
     let mut names = HashSet::new();
     for category in &dataset.categories {
@@ -157,24 +128,19 @@ pub fn validate(
                 format!("category {}", category.id),
             );
         } else if !names.insert(category.name.trim().to_lowercase()) {
-            found.add(Warning, "duplicate_category_name", "category names used by more than one id (they cannot be told apart in a text prompt)", format!("category {} ({})", category.id, category.name));
+            found.add(
+                Warning,
+                "duplicate_category_name",
+                "category names used by more than one id (they cannot be told apart in a text prompt)",
+                format!("category {} ({})", category.id, category.name),
+            );
         }
     }
     if dataset.categories.is_empty() {
-        found.add(
-            Error,
-            "no_categories",
-            "the file lists no categories",
-            "categories".into(),
-        );
+        found.add(Error, "no_categories", "the file lists no categories", "categories".into());
     }
     if dataset.images.is_empty() {
-        found.add(
-            Error,
-            "no_images",
-            "the file lists no images",
-            "images".into(),
-        );
+        found.add(Error, "no_images", "the file lists no images", "images".into());
     }
     let mut file_names = HashSet::new();
     for image in &dataset.images {
@@ -196,11 +162,7 @@ pub fn validate(
         }
     }
 
-    let images: HashMap<u64, (u32, u32)> = dataset
-        .images
-        .iter()
-        .map(|i| (i.id, (i.width, i.height)))
-        .collect();
+    let images: HashMap<u64, (u32, u32)> = dataset.images.iter().map(|i| (i.id, (i.width, i.height))).collect();
     let categories: HashSet<u64> = dataset.categories.iter().map(|c| c.id).collect();
     let mut used_categories = HashSet::new();
     for annotation in &dataset.annotations {
@@ -226,38 +188,18 @@ pub fn validate(
         }
         let mask = annotation.mask();
         if mask.is_none() && annotation.bbox.is_none() {
-            found.add(
-                Error,
-                "no_label",
-                "annotations with neither a box nor a mask",
-                item.clone(),
-            );
+            found.add(Error, "no_label", "annotations with neither a box nor a mask", item.clone());
         }
         if let Some(Segmentation::Polygons(polygons)) = mask {
             if polygons.iter().any(|p| p.len() % 2 != 0) {
-                found.add(
-                    Error,
-                    "odd_polygon",
-                    "polygons with an odd number of coordinates",
-                    item.clone(),
-                );
+                found.add(Error, "odd_polygon", "polygons with an odd number of coordinates", item.clone());
             } else if polygons.iter().any(|p| p.len() < 6) {
-                found.add(
-                    Error,
-                    "short_polygon",
-                    "polygons with fewer than 3 points",
-                    item.clone(),
-                );
+                found.add(Error, "short_polygon", "polygons with fewer than 3 points", item.clone());
             }
         }
         if let (Some(mask), Some((width, height))) = (mask, size) {
             match mask.to_rle(height, width) {
-                Err(e) => found.add(
-                    Error,
-                    "invalid_rle",
-                    "RLE masks that cannot be decoded",
-                    format!("{item}: {e}"),
-                ),
+                Err(e) => found.add(Error, "invalid_rle", "RLE masks that cannot be decoded", format!("{item}: {e}")),
                 Ok(rle) if rle.area() == 0 => found.add(
                     Warning,
                     "empty_mask",
@@ -269,16 +211,16 @@ pub fn validate(
         }
         if let Some([x, y, w, h]) = annotation.bbox {
             if !(w > 0.0 && h > 0.0) {
-                found.add(Warning, "empty_box", "boxes with zero or negative width or height (kept in the files, ignored in training)", item.clone());
+                found.add(
+                    Warning,
+                    "empty_box",
+                    "boxes with zero or negative width or height (kept in the files, ignored in training)",
+                    item.clone(),
+                );
             } else if let Some((width, height)) = size {
                 let (width, height) = (width as f64, height as f64);
                 if x >= width || y >= height || x + w <= 0.0 || y + h <= 0.0 {
-                    found.add(
-                        Error,
-                        "box_outside_image",
-                        "boxes entirely outside their image",
-                        item.clone(),
-                    );
+                    found.add(Error, "box_outside_image", "boxes entirely outside their image", item.clone());
                 } else if x < -1.0 || y < -1.0 || x + w > width + 1.0 || y + h > height + 1.0 {
                     found.add(
                         Warning,
@@ -302,10 +244,7 @@ pub fn validate(
     }
 
     let image_check = images_dir.map(|dir| check_images(dataset, dir, progress, &mut found));
-    Validation {
-        problems: found.into_problems(),
-        images: image_check,
-    }
+    Validation { problems: found.into_problems(), images: image_check }
 }
 
 enum ImageState {
@@ -316,12 +255,7 @@ enum ImageState {
 }
 
 /// Decodes every listed image (in parallel): finds missing, corrupt and mis-sized files.
-fn check_images(
-    dataset: &CocoDataset,
-    dir: &Path,
-    progress: &ProgressBar,
-    found: &mut Findings,
-) -> ImageCheck {
+fn check_images(dataset: &CocoDataset, dir: &Path, progress: &ProgressBar, found: &mut Findings) -> ImageCheck {
     progress.set_length(dataset.images.len() as u64);
     let states: Vec<ImageState> = dataset
         .images
@@ -337,9 +271,7 @@ fn check_images(
                     .and_then(|r| r.decode().map_err(|e| e.to_string()))
                 {
                     Err(e) => ImageState::Unreadable(e),
-                    Ok(decoded)
-                        if (decoded.width(), decoded.height()) != (image.width, image.height) =>
-                    {
+                    Ok(decoded) if (decoded.width(), decoded.height()) != (image.width, image.height) => {
                         ImageState::WrongSize(decoded.width(), decoded.height())
                     }
                     Ok(_) => ImageState::Ok,
@@ -351,30 +283,19 @@ fn check_images(
         .collect();
     progress.finish_and_clear();
 
-    let mut check = ImageCheck {
-        listed: dataset.images.len(),
-        ..Default::default()
-    };
+    let mut check = ImageCheck { listed: dataset.images.len(), ..Default::default() };
     for (image, state) in dataset.images.iter().zip(states) {
         let item = format!("image {} ({})", image.id, image.file_name);
         match state {
             ImageState::Missing => found.add(
                 Severity::Error,
                 "missing_image",
-                &format!(
-                    "images listed in the file but missing under {}",
-                    dir.display()
-                ),
+                &format!("images listed in the file but missing under {}", dir.display()),
                 item,
             ),
             ImageState::Unreadable(e) => {
                 check.found += 1;
-                found.add(
-                    Severity::Error,
-                    "corrupt_image",
-                    "images that cannot be decoded",
-                    format!("{item}: {e}"),
-                )
+                found.add(Severity::Error, "corrupt_image", "images that cannot be decoded", format!("{item}: {e}"))
             }
             ImageState::WrongSize(w, h) => {
                 check.found += 1;
@@ -383,10 +304,7 @@ fn check_images(
                     Severity::Error,
                     "image_size_mismatch",
                     "images whose size on disk differs from `width`/`height` in the file",
-                    format!(
-                        "{item}: file is {w}x{h}, JSON says {}x{}",
-                        image.width, image.height
-                    ),
+                    format!("{item}: file is {w}x{h}, JSON says {}x{}", image.width, image.height),
                 )
             }
             ImageState::Ok => {

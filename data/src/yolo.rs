@@ -50,8 +50,7 @@ pub fn find_data_yaml(path: &Path) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
-    let entries =
-        std::fs::read_dir(path).map_err(|e| DataError::io(path, "cannot read the directory", e))?;
+    let entries = std::fs::read_dir(path).map_err(|e| DataError::io(path, "cannot read the directory", e))?;
     let mut yamls: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
@@ -59,52 +58,32 @@ pub fn find_data_yaml(path: &Path) -> Result<PathBuf> {
     yamls.sort();
     match yamls.len() {
         1 => Ok(yamls.remove(0)),
-        0 => Err(DataError::invalid(
-            path,
-            "no data yaml (with `names`) found in this YOLO dataset directory",
-        )),
-        _ => Err(DataError::invalid(
-            path,
-            "several yaml files here: pass the data yaml itself",
-        )),
+        0 => Err(DataError::invalid(path, "no data yaml (with `names`) found in this YOLO dataset directory")),
+        _ => Err(DataError::invalid(path, "several yaml files here: pass the data yaml itself")),
     }
 }
 
 /// Reads a YOLO dataset (`path` = its data yaml or the directory holding it) into COCO types.
 pub fn import_yolo(path: &Path) -> Result<YoloImport> {
     let yaml_path = find_data_yaml(path)?;
-    let text = std::fs::read_to_string(&yaml_path)
-        .map_err(|e| DataError::io(&yaml_path, "cannot read the data yaml", e))?;
+    let text =
+        std::fs::read_to_string(&yaml_path).map_err(|e| DataError::io(&yaml_path, "cannot read the data yaml", e))?;
     let yaml: DataYaml = serde_yaml::from_str(&text)
         .map_err(|e| DataError::invalid(&yaml_path, format!("not a YOLO data yaml: {e}")))?;
     let yaml_dir = yaml_path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let root = match yaml
-        .path
-        .as_deref()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-    {
+    let root = match yaml.path.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
         Some(p) if Path::new(p).is_absolute() => PathBuf::from(p),
         Some(p) if yaml_dir.join(p).is_dir() => yaml_dir.join(p),
         _ => yaml_dir.clone(),
     };
 
     let names: Vec<(u64, String)> = match yaml.names {
-        Names::List(list) => list
-            .into_iter()
-            .enumerate()
-            .map(|(i, n)| (i as u64, n))
-            .collect(),
+        Names::List(list) => list.into_iter().enumerate().map(|(i, n)| (i as u64, n)).collect(),
         Names::Map(map) => map.into_iter().collect(),
     };
     let categories: Vec<CocoCategory> = names
         .iter()
-        .map(|(id, name)| CocoCategory {
-            id: *id,
-            name: name.clone(),
-            supercategory: None,
-            extra: Map::new(),
-        })
+        .map(|(id, name)| CocoCategory { id: *id, name: name.clone(), supercategory: None, extra: Map::new() })
         .collect();
 
     let mut image_files = Vec::new();
@@ -122,24 +101,15 @@ pub fn import_yolo(path: &Path) -> Result<YoloImport> {
     if image_files.is_empty() {
         return Err(DataError::invalid(
             &yaml_path,
-            format!(
-                "no images found for train/val/test under {}",
-                root.display()
-            ),
+            format!("no images found for train/val/test under {}", root.display()),
         ));
     }
 
     let images_dir = root.join("images");
-    let mut dataset = CocoDataset {
-        categories,
-        ..Default::default()
-    };
+    let mut dataset = CocoDataset { categories, ..Default::default() };
     for (index, image_path) in image_files.iter().enumerate() {
-        let (width, height) =
-            image::image_dimensions(image_path).map_err(|e| DataError::Image {
-                path: image_path.clone(),
-                message: e.to_string(),
-            })?;
+        let (width, height) = image::image_dimensions(image_path)
+            .map_err(|e| DataError::Image { path: image_path.clone(), message: e.to_string() })?;
         let file_name = image_path
             .strip_prefix(&images_dir)
             .or_else(|_| image_path.strip_prefix(&root))
@@ -147,54 +117,28 @@ pub fn import_yolo(path: &Path) -> Result<YoloImport> {
             .to_string_lossy()
             .replace('\\', "/");
         let image_id = index as u64 + 1;
-        dataset.images.push(CocoImage {
-            id: image_id,
-            file_name,
-            width,
-            height,
-            extra: Map::new(),
-        });
+        dataset.images.push(CocoImage { id: image_id, file_name, width, height, extra: Map::new() });
         let label_path = label_path_for(image_path);
         if label_path.is_file() {
-            read_labels(
-                &label_path,
-                image_id,
-                width,
-                height,
-                &names,
-                &mut dataset.annotations,
-            )?;
+            read_labels(&label_path, image_id, width, height, &names, &mut dataset.annotations)?;
         }
     }
-    let images_dir = if images_dir.is_dir() {
-        images_dir
-    } else {
-        root
-    };
-    Ok(YoloImport {
-        dataset,
-        images_dir,
-    })
+    let images_dir = if images_dir.is_dir() { images_dir } else { root };
+    Ok(YoloImport { dataset, images_dir })
 }
 
 /// Images of one yaml entry: a directory (searched recursively) or a `.txt` list of image paths.
 fn list_images(source: &Path) -> Result<Vec<PathBuf>> {
     if source.is_file() {
-        let text = std::fs::read_to_string(source)
-            .map_err(|e| DataError::io(source, "cannot read the image list", e))?;
+        let text =
+            std::fs::read_to_string(source).map_err(|e| DataError::io(source, "cannot read the image list", e))?;
         let base = source.parent().unwrap_or(Path::new("."));
-        return Ok(text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(|l| base.join(l))
-            .collect());
+        return Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| base.join(l)).collect());
     }
     let mut found = Vec::new();
     let mut stack = vec![source.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| DataError::io(&dir, "cannot read the image directory", e))?;
+        let entries = std::fs::read_dir(&dir).map_err(|e| DataError::io(&dir, "cannot read the image directory", e))?;
         for entry in entries.filter_map(|e| e.ok()) {
             let path = entry.path();
             if path.is_dir() {
@@ -218,13 +162,7 @@ fn label_path_for(image: &Path) -> PathBuf {
     let mut path: PathBuf = components
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            if Some(i) == position {
-                std::ffi::OsStr::new("labels")
-            } else {
-                c.as_os_str()
-            }
-        })
+        .map(|(i, c)| if Some(i) == position { std::ffi::OsStr::new("labels") } else { c.as_os_str() })
         .collect();
     path.set_extension("txt");
     path
@@ -238,23 +176,17 @@ fn read_labels(
     names: &[(u64, String)],
     annotations: &mut Vec<CocoAnnotation>,
 ) -> Result<()> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| DataError::io(path, "cannot read the label file", e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, "cannot read the label file", e))?;
     let (w, h) = (width as f64, height as f64);
     for (line_number, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
-        let fail = |message: String| {
-            DataError::invalid(path, format!("line {}: {message}", line_number + 1))
-        };
+        let fail = |message: String| DataError::invalid(path, format!("line {}: {message}", line_number + 1));
         let values: Vec<f64> = line
             .split_whitespace()
-            .map(|v| {
-                v.parse::<f64>()
-                    .map_err(|_| fail(format!("'{v}' is not a number")))
-            })
+            .map(|v| v.parse::<f64>().map_err(|_| fail(format!("'{v}' is not a number"))))
             .collect::<Result<_>>()?;
         let class = values[0];
         if class < 0.0 || class.fract() != 0.0 || !names.iter().any(|(id, _)| *id as f64 == class) {
@@ -264,22 +196,14 @@ fn read_labels(
         let (segmentation, bbox) = match coords.len() {
             4 => {
                 let [cx, cy, bw, bh] = [coords[0], coords[1], coords[2], coords[3]];
-                (
-                    None,
-                    Some([(cx - bw / 2.0) * w, (cy - bh / 2.0) * h, bw * w, bh * h]),
-                )
+                (None, Some([(cx - bw / 2.0) * w, (cy - bh / 2.0) * h, bw * w, bh * h]))
             }
             n if n >= 6 && n % 2 == 0 => {
-                let polygon: Vec<f64> = coords
-                    .chunks_exact(2)
-                    .flat_map(|p| [p[0] * w, p[1] * h])
-                    .collect();
+                let polygon: Vec<f64> = coords.chunks_exact(2).flat_map(|p| [p[0] * w, p[1] * h]).collect();
                 (Some(Segmentation::Polygons(vec![polygon])), None)
             }
             n => {
-                return Err(fail(format!(
-                    "{n} coordinates: expected 4 (box) or an even number >= 6 (polygon)"
-                )));
+                return Err(fail(format!("{n} coordinates: expected 4 (box) or an even number >= 6 (polygon)")));
             }
         };
         annotations.push(CocoAnnotation {
