@@ -5,7 +5,9 @@
 fn main() {
     let path = std::env::args().nth(1).unwrap_or_else(|| "large_coco.json".into());
     let dataset = kiln_benches::large_coco(20_000, 200_000, 1);
-    dataset.save(std::path::Path::new(&path)).unwrap_or_else(|e| {
+    // Compact, as the bench parses it.
+    let bytes = serde_json::to_vec(&dataset).expect("serialisable");
+    kiln_data::io::write_atomic(std::path::Path::new(&path), &bytes).unwrap_or_else(|e| {
         eprintln!("error: {e}");
         std::process::exit(1)
     });

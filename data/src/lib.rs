@@ -1,6 +1,7 @@
 //! kiln's data layer: COCO datasets read, inspected, repaired, validated, split, imported from the
 //! YOLO layout, synthesised, rasterised and batched into Burn tensors.
 
+#[cfg(feature = "batch")]
 pub mod batch;
 pub mod coco;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod synth;
 pub mod validate;
 pub mod yolo;
 
+#[cfg(feature = "batch")]
 pub use batch::{CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, InstanceLabel, Letterbox};
 pub use coco::{CocoAnnotation, CocoCategory, CocoDataset, CocoImage, RleCounts, RleJson, Segmentation};
 pub use error::{DataError, Result};

@@ -43,9 +43,25 @@ impl Rle {
         x.push(x[0]);
         y.push(y[0]);
 
-        // Upsample: every integer point along the boundary at 5x resolution.
-        let mut u = Vec::new();
-        let mut v = Vec::new();
+        // Walk every integer point along the boundary at 5x resolution (pycocotools' upsampling)
+        // and keep the points where it crosses a pixel column centre (its downsampling), without
+        // storing the upsampled boundary. At 5x, coordinate `c` maps back to `(c + 0.5) / 5 - 0.5`
+        // = `(c - 2) / 5`, which is an integer exactly when `(c - 2) % 5 == 0`; integer arithmetic
+        // gives the same columns and rows as pycocotools' floating point, without libm calls.
+        let mut starts: Vec<u32> = Vec::with_capacity(2 * (w as usize + 2));
+        let mut previous: Option<(i64, i64)> = None;
+        let mut visit = |u: i64, v: i64| {
+            if let Some((pu, pv)) = previous.replace((u, v))
+                && u != pu
+            {
+                let column = if u < pu { u } else { u - 1 } - 2;
+                if column.rem_euclid(5) == 0 && column >= 0 && column / 5 <= w - 1 {
+                    let row = (if v < pv { v } else { pv }) - 2;
+                    let row = row.div_euclid(5) + (row.rem_euclid(5) != 0) as i64;
+                    starts.push((column / 5 * h + row.clamp(0, h)) as u32);
+                }
+            }
+        };
         for j in 0..k {
             let (mut xs, mut xe, mut ys, mut ye) = (x[j], x[j + 1], y[j], y[j + 1]);
             let dx = (xe - xs).abs();
@@ -59,39 +75,15 @@ impl Rle {
                 let s = if dx == 0 { 0.0 } else { (ye - ys) as f64 / dx as f64 };
                 for d in 0..=dx {
                     let t = if flip { dx - d } else { d };
-                    u.push(t + xs);
-                    v.push((ys as f64 + s * t as f64 + 0.5) as i64);
+                    visit(t + xs, (ys as f64 + s * t as f64 + 0.5) as i64);
                 }
             } else {
                 let s = (xe - xs) as f64 / dy as f64;
                 for d in 0..=dy {
                     let t = if flip { dy - d } else { d };
-                    v.push(t + ys);
-                    u.push((xs as f64 + s * t as f64 + 0.5) as i64);
+                    visit((xs as f64 + s * t as f64 + 0.5) as i64, t + ys);
                 }
             }
-        }
-
-        // Downsample to the points where the boundary crosses a pixel column centre.
-        let mut starts: Vec<u32> = Vec::new();
-        for j in 1..u.len() {
-            if u[j] == u[j - 1] {
-                continue;
-            }
-            let xd = (if u[j] < u[j - 1] { u[j] } else { u[j] - 1 }) as f64;
-            let xd = (xd + 0.5) / SCALE - 0.5;
-            if xd.floor() != xd || xd < 0.0 || xd > (w - 1) as f64 {
-                continue;
-            }
-            let yd = (if v[j] < v[j - 1] { v[j] } else { v[j - 1] }) as f64;
-            let mut yd = (yd + 0.5) / SCALE - 0.5;
-            if yd < 0.0 {
-                yd = 0.0;
-            } else if yd > h as f64 {
-                yd = h as f64;
-            }
-            let yd = yd.ceil();
-            starts.push((xd as i64 * h + yd as i64) as u32);
         }
         starts.push((h * w) as u32);
         starts.sort_unstable();
@@ -478,5 +470,18 @@ mod tests {
         // Foreground from the bottom of column 0 into the top of column 1.
         let rle = Rle::from_counts(vec![3, 2, 3], 4, 2).unwrap();
         assert_eq!(rle.bbox(), [0.0, 0.0, 2.0, 4.0]);
+    }
+
+    #[test]
+    fn rasterize_at_another_resolution_keeps_shape_and_place() {
+        let square = Segmentation::Polygons(vec![vec![10.0, 10.0, 30.0, 10.0, 30.0, 20.0, 10.0, 20.0]]);
+        let double = square.rasterize(40, 30, 80, 60).unwrap();
+        assert_eq!(Rle::encode(&double).bbox(), [20.0, 20.0, 40.0, 20.0]);
+        assert_eq!(double.area(), 800);
+        // The same mask as RLE, resized by nearest neighbour, lands on the same pixels.
+        let rle = Segmentation::Rle(square.to_rle(30, 40).unwrap().to_json(true));
+        assert_eq!(rle.rasterize(40, 30, 80, 60).unwrap(), double);
+        let half = rle.rasterize(40, 30, 20, 15).unwrap();
+        assert_eq!(Rle::encode(&half).bbox(), [5.0, 5.0, 10.0, 5.0]);
     }
 }
