@@ -177,4 +177,3 @@ fn validate_writes_splits_with_identical_categories_and_preserved_ids() {
     assert_eq!(annotation_ids.len(), original.annotations.len());
     assert!(out.join("annotations.repaired.json").is_file());
 }
-

@@ -91,20 +91,8 @@ impl Split {
 /// Splits the images. Each class that occurs in the data has at least one image in `train`.
 pub fn split(dataset: &CocoDataset, options: &SplitOptions) -> Split {
     let n = dataset.images.len();
-    let class_index = dataset.class_index();
-    let labels: Vec<Vec<usize>> = dataset
-        .annotations_by_image()
-        .into_iter()
-        .map(|annotations| {
-            let mut classes: Vec<usize> = annotations
-                .iter()
-                .filter_map(|&a| class_index.get(&dataset.annotations[a].category_id).copied())
-                .collect();
-            classes.sort_unstable();
-            classes.dedup();
-            classes
-        })
-        .collect();
+    let num_classes = dataset.class_ids().len();
+    let labels = classes_per_image(dataset);
     let ratios: Vec<f64> = options.spec.parts.iter().map(|(_, r)| *r).collect();
     let capacity = largest_remainder(&ratios, n);
 
@@ -113,7 +101,7 @@ pub fn split(dataset: &CocoDataset, options: &SplitOptions) -> Split {
     rng.shuffle(&mut order);
 
     let assignment = if options.stratify {
-        iterative_stratification(&order, &labels, class_index.len(), &ratios, capacity, &mut rng)
+        iterative_stratification(&order, &labels, num_classes, &ratios, capacity, &mut rng)
     } else {
         let mut assignment = vec![0; n];
         let mut position = 0;
@@ -126,7 +114,7 @@ pub fn split(dataset: &CocoDataset, options: &SplitOptions) -> Split {
         assignment
     };
     let train = options.spec.parts.iter().position(|(name, _)| name == "train").unwrap_or(0);
-    let assignment = ensure_every_class_in_train(assignment, &labels, class_index.len(), train, &order);
+    let assignment = ensure_every_class_in_train(assignment, &labels, num_classes, train, &order);
 
     let parts = options
         .spec
@@ -332,25 +320,35 @@ pub fn summarize(dataset: &CocoDataset, split: &Split) -> Vec<PartSummary> {
 
 /// Number of images per class index in each part (what stratification balances).
 pub fn images_per_class(dataset: &CocoDataset, split: &Split) -> HashMap<String, Vec<usize>> {
-    let class_index = dataset.class_index();
-    let by_image = dataset.annotations_by_image();
+    let labels = classes_per_image(dataset);
+    let num_classes = dataset.class_ids().len();
     split
         .parts
         .iter()
         .map(|(name, images)| {
-            let mut counts = vec![0; class_index.len()];
-            for &image in images {
-                let mut classes: Vec<usize> = by_image[image]
-                    .iter()
-                    .filter_map(|&a| class_index.get(&dataset.annotations[a].category_id).copied())
-                    .collect();
-                classes.sort_unstable();
-                classes.dedup();
-                for c in classes {
-                    counts[c] += 1;
-                }
+            let mut counts = vec![0; num_classes];
+            for &class in images.iter().flat_map(|&image| &labels[image]) {
+                counts[class] += 1;
             }
             (name.clone(), counts)
+        })
+        .collect()
+}
+
+/// For each image (by position), the sorted distinct class indexes of its annotations.
+fn classes_per_image(dataset: &CocoDataset) -> Vec<Vec<usize>> {
+    let class_index = dataset.class_index();
+    dataset
+        .annotations_by_image()
+        .into_iter()
+        .map(|annotations| {
+            let mut classes: Vec<usize> = annotations
+                .iter()
+                .filter_map(|&a| class_index.get(&dataset.annotations[a].category_id).copied())
+                .collect();
+            classes.sort_unstable();
+            classes.dedup();
+            classes
         })
         .collect()
 }
