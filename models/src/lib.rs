@@ -1,0 +1,7 @@
+//! kiln's models: Burn modules whose parameter names map onto the official checkpoints.
+
+pub mod weights;
+pub mod yolo;
+
+pub use weights::{MismatchReport, WeightsError, parameter_count};
+pub use yolo::{Scale, Task, YoloConfig, YoloV8};

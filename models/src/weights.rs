@@ -1,0 +1,167 @@
+//! Loading official checkpoints into kiln's modules through burn-store, shared by every model:
+//! key remapping from the official names, float32 on load, and a refusal, with the full list of
+//! missing, unexpected and mis-shaped keys, for any checkpoint that does not fit exactly.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::store::{ApplyError, ModuleSnapshot, PytorchStore, SafetensorsStore};
+use burn::tensor::{DType, Tensor};
+
+/// Keys of the checkpoint that no module parameter stands for by design (BatchNorm's counter).
+const IGNORED_SUFFIXES: &[&str] = &["num_batches_tracked"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{path}: cannot read the checkpoint: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{path}: {report}")]
+    Mismatch { path: PathBuf, report: MismatchReport },
+}
+
+/// What did not fit, key by key.
+#[derive(Debug, Default)]
+pub struct MismatchReport {
+    pub expected_model: String,
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+    pub mis_shaped: Vec<String>,
+}
+
+impl fmt::Display for MismatchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "this checkpoint does not fit {} (wrong scale, task or class count?): {} missing, {} unexpected, {} mis-shaped keys",
+            self.expected_model,
+            self.missing.len(),
+            self.unexpected.len(),
+            self.mis_shaped.len()
+        )?;
+        for (title, keys) in
+            [("missing", &self.missing), ("unexpected", &self.unexpected), ("mis-shaped", &self.mis_shaped)]
+        {
+            if !keys.is_empty() {
+                let shown: Vec<&str> = keys.iter().take(12).map(String::as_str).collect();
+                let more = if keys.len() > shown.len() {
+                    format!(" (+{} more)", keys.len() - shown.len())
+                } else {
+                    String::new()
+                };
+                writeln!(f, "  {title}: {}{more}", shown.join(", "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Loads `path` (`.pt`/`.pth` state dict, or `.safetensors`) into `model`. `prefixes` lists
+/// (official key prefix, module path prefix) pairs, e.g. `("model.22.", "head.")`; the load is all
+/// or nothing: any missing, unexpected or mis-shaped key is an error (named as in the checkpoint)
+/// and `model` is not returned.
+pub fn load_checkpoint<M: Module>(
+    model: M,
+    path: &Path,
+    prefixes: &[(String, String)],
+    expected_model: &str,
+) -> Result<M, WeightsError> {
+    let mut model = model;
+    let remap: Vec<(String, String)> =
+        prefixes.iter().map(|(official, ours)| (format!("^{}", regex_escape(official)), ours.clone())).collect();
+    let official_name = |key: &str| -> String {
+        prefixes
+            .iter()
+            .find_map(|(official, ours)| key.strip_prefix(ours.as_str()).map(|rest| format!("{official}{rest}")))
+            .unwrap_or_else(|| key.to_string())
+    };
+    let read_error = |message: String| WeightsError::Read { path: path.to_path_buf(), message };
+    if !path.is_file() {
+        return Err(read_error("no such file".into()));
+    }
+    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+    let result = if is_safetensors {
+        let mut store = SafetensorsStore::from_file(path)
+            .with_from_adapter(burn::store::PyTorchToBurnAdapter)
+            .allow_partial(true)
+            .validate(false);
+        for (from, to) in &remap {
+            store = store.with_key_remapping(from, to.clone());
+        }
+        model.load_from(&mut store).map_err(|e| read_error(e.to_string()))?
+    } else {
+        let mut store = PytorchStore::from_file(path).allow_partial(true).validate(false).map_indices_contiguous(false);
+        for (from, to) in &remap {
+            store = store.with_key_remapping(from, to.clone());
+        }
+        model.load_from(&mut store).map_err(|e| read_error(e.to_string()))?
+    };
+
+    let mut report = MismatchReport { expected_model: expected_model.to_string(), ..Default::default() };
+    report.missing = result.missing.iter().map(|(key, _)| official_name(key)).collect();
+    report.unexpected = result
+        .unused
+        .iter()
+        .filter(|key| !IGNORED_SUFFIXES.iter().any(|s| key.ends_with(s)))
+        .map(|key| official_name(key))
+        .collect();
+    for error in &result.errors {
+        match error {
+            ApplyError::ShapeMismatch { path, expected, found } => report.mis_shaped.push(format!(
+                "{} (model {:?}, file {:?})",
+                official_name(path),
+                expected.as_slice(),
+                found.as_slice()
+            )),
+            other => report.mis_shaped.push(format!("{other:?}")),
+        }
+    }
+    if !(report.missing.is_empty() && report.unexpected.is_empty() && report.mis_shaped.is_empty()) {
+        return Err(WeightsError::Mismatch { path: path.to_path_buf(), report });
+    }
+    Ok(model.map(&mut ToFloat32))
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars().flat_map(|c| if c.is_ascii_alphanumeric() || c == '_' { vec![c] } else { vec!['\\', c] }).collect()
+}
+
+/// Checkpoints are often stored in half precision; kiln computes in float32.
+struct ToFloat32;
+
+impl ModuleMapper for ToFloat32 {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        if tensor.dtype() == DType::F32 {
+            Param::from_mapped_value(id, tensor, mapper)
+        } else {
+            Param::from_mapped_value(id, tensor.cast(DType::F32), mapper)
+        }
+    }
+}
+
+/// Learnable parameters as PyTorch counts them (`sum(p.numel() for p in model.parameters())`):
+/// Burn's `num_params` also counts BatchNorm's running statistics, which PyTorch keeps as buffers.
+pub fn parameter_count<M: Module>(model: &M) -> usize {
+    struct Counter {
+        path: Vec<String>,
+        count: usize,
+    }
+    impl burn::module::ModuleVisitor for Counter {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let buffer = self.path.last().is_some_and(|n| n == "running_mean" || n == "running_var");
+            if !buffer {
+                self.count += param.lazy_shape().num_elements();
+            }
+        }
+    }
+    let mut counter = Counter { path: Vec::new(), count: 0 };
+    model.visit(&mut counter);
+    counter.count
+}

@@ -1,0 +1,274 @@
+//! YOLOv8 (Ultralytics, `ultralytics/cfg/models/v8/yolov8.yaml` and `yolov8-seg.yaml`): the
+//! CSPDarknet backbone with C2f blocks, SPPF, the PAN-FPN neck and the anchor-free decoupled head,
+//! at the official scales n/s/m/l/x, for any number of classes. FastSAM is the YOLOv8-seg
+//! architecture with one class (FastSAM-s = s scale, FastSAM-x = x scale).
+
+pub mod c2f;
+pub mod conv;
+pub mod head;
+pub mod sppf;
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::module::Module;
+use burn::nn::interpolate::{Interpolate2d, Interpolate2dConfig, InterpolateMode};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use c2f::C2f;
+use conv::Conv;
+use head::{Head, HeadOutput};
+use sppf::Sppf;
+
+/// `scales` of the official yaml: depth multiple, width multiple, max channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scale {
+    N,
+    S,
+    M,
+    L,
+    X,
+}
+
+impl Scale {
+    pub fn multiples(self) -> (f64, f64, usize) {
+        match self {
+            Scale::N => (0.33, 0.25, 1024),
+            Scale::S => (0.33, 0.50, 1024),
+            Scale::M => (0.67, 0.75, 768),
+            Scale::L => (1.00, 1.00, 512),
+            Scale::X => (1.00, 1.25, 512),
+        }
+    }
+
+    fn letter(self) -> char {
+        match self {
+            Scale::N => 'n',
+            Scale::S => 's',
+            Scale::M => 'm',
+            Scale::L => 'l',
+            Scale::X => 'x',
+        }
+    }
+}
+
+/// Which head the model carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Task {
+    Detect,
+    Segment,
+}
+
+/// A YOLOv8-family model: `yolov8n`, `yolov8s-seg`, `fastsam-s`, ...
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct YoloConfig {
+    pub scale: Scale,
+    pub task: Task,
+    pub num_classes: usize,
+    /// Mask coefficients per anchor (`nm`).
+    pub num_masks: usize,
+    /// Prototype channels (`npr`).
+    pub num_prototypes: usize,
+    /// FastSAM's name and single class.
+    pub fastsam: bool,
+}
+
+impl YoloConfig {
+    pub fn yolov8(scale: Scale, task: Task, num_classes: usize) -> Self {
+        Self { scale, task, num_classes, num_masks: 32, num_prototypes: 256, fastsam: false }
+    }
+
+    pub fn fastsam(scale: Scale) -> Self {
+        Self { fastsam: true, ..Self::yolov8(scale, Task::Segment, 1) }
+    }
+
+    pub fn with_num_classes(mut self, num_classes: usize) -> Self {
+        self.num_classes = num_classes;
+        self
+    }
+
+    /// Ultralytics' `make_divisible(min(c, max_channels) * width, 8)`.
+    pub fn channels(&self, c: usize) -> usize {
+        let (_, width, max_channels) = self.scale.multiples();
+        ((c.min(max_channels) as f64 * width) / 8.0).ceil() as usize * 8
+    }
+
+    /// Ultralytics' `max(round(n * depth), 1)`.
+    pub fn depth(&self, n: usize) -> usize {
+        let (depth, _, _) = self.scale.multiples();
+        if n > 1 { ((n as f64 * depth).round() as usize).max(1) } else { n }
+    }
+
+    pub fn init(&self, device: &Device) -> YoloV8 {
+        YoloV8::new(self, device)
+    }
+}
+
+impl fmt::Display for YoloConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.fastsam {
+            return write!(f, "fastsam-{}", self.scale.letter());
+        }
+        let suffix = if self.task == Task::Segment { "-seg" } else { "" };
+        write!(f, "yolov8{}{suffix}", self.scale.letter())
+    }
+}
+
+impl FromStr for YoloConfig {
+    type Err = String;
+
+    /// `yolov8{n,s,m,l,x}[-seg]` (80 classes, as the official checkpoints) or `fastsam-{s,x}`.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        let lower = name.trim().to_lowercase();
+        let scale_of = |c: Option<char>| match c {
+            Some('n') => Some(Scale::N),
+            Some('s') => Some(Scale::S),
+            Some('m') => Some(Scale::M),
+            Some('l') => Some(Scale::L),
+            Some('x') => Some(Scale::X),
+            _ => None,
+        };
+        let unknown = || format!("unknown model '{name}': expected yolov8n|s|m|l|x, yolov8n-seg|..., fastsam-s|x");
+        if let Some(rest) = lower.strip_prefix("fastsam-") {
+            return match rest {
+                "s" => Ok(Self::fastsam(Scale::S)),
+                "x" => Ok(Self::fastsam(Scale::X)),
+                _ => Err(unknown()),
+            };
+        }
+        let rest = lower.strip_prefix("yolov8").ok_or_else(unknown)?;
+        let (scale, task) = match rest.strip_suffix("-seg") {
+            Some(s) => (s, Task::Segment),
+            None => (rest, Task::Detect),
+        };
+        let mut chars = scale.chars();
+        let scale = scale_of(chars.next()).filter(|_| chars.next().is_none()).ok_or_else(unknown)?;
+        Ok(Self::yolov8(scale, task, 80))
+    }
+}
+
+/// The model. Field order and names follow the yaml's layer list; [`LAYER_NAMES`] maps each
+/// official `model.<i>` index to its field.
+#[derive(Module, Debug)]
+pub struct YoloV8 {
+    pub stem: Conv,
+    pub down_p2: Conv,
+    pub c2f_p2: C2f,
+    pub down_p3: Conv,
+    pub c2f_p3: C2f,
+    pub down_p4: Conv,
+    pub c2f_p4: C2f,
+    pub down_p5: Conv,
+    pub c2f_p5: C2f,
+    pub sppf: Sppf,
+    pub top_down_p4: C2f,
+    pub top_down_p3: C2f,
+    pub bottom_up_down_p3: Conv,
+    pub bottom_up_p4: C2f,
+    pub bottom_up_down_p4: Conv,
+    pub bottom_up_p5: C2f,
+    pub head: Head,
+    pub upsample: Interpolate2d,
+}
+
+/// `model.<i>` of the official state dict → field of [`YoloV8`] (layers 10, 11, 13, 14, 17 and 20
+/// are the parameter-free upsample and concat).
+pub const LAYER_NAMES: [(usize, &str); 17] = [
+    (0, "stem"),
+    (1, "down_p2"),
+    (2, "c2f_p2"),
+    (3, "down_p3"),
+    (4, "c2f_p3"),
+    (5, "down_p4"),
+    (6, "c2f_p4"),
+    (7, "down_p5"),
+    (8, "c2f_p5"),
+    (9, "sppf"),
+    (12, "top_down_p4"),
+    (15, "top_down_p3"),
+    (16, "bottom_up_down_p3"),
+    (18, "bottom_up_p4"),
+    (19, "bottom_up_down_p4"),
+    (21, "bottom_up_p5"),
+    (22, "head"),
+];
+
+impl YoloV8 {
+    pub fn new(config: &YoloConfig, device: &Device) -> Self {
+        let ch = |c| config.channels(c);
+        let n = |d| config.depth(d);
+        let (c64, c128, c256, c512, c1024) = (ch(64), ch(128), ch(256), ch(512), ch(1024));
+        let head = match config.task {
+            Task::Detect => Head::detect(config.num_classes, [c256, c512, c1024], device),
+            Task::Segment => Head::segment(
+                config.num_classes,
+                config.num_masks,
+                ch(config.num_prototypes),
+                [c256, c512, c1024],
+                device,
+            ),
+        };
+        Self {
+            stem: Conv::new(3, c64, 3, 2, 1, device),
+            down_p2: Conv::new(c64, c128, 3, 2, 1, device),
+            c2f_p2: C2f::new(c128, c128, n(3), true, device),
+            down_p3: Conv::new(c128, c256, 3, 2, 1, device),
+            c2f_p3: C2f::new(c256, c256, n(6), true, device),
+            down_p4: Conv::new(c256, c512, 3, 2, 1, device),
+            c2f_p4: C2f::new(c512, c512, n(6), true, device),
+            down_p5: Conv::new(c512, c1024, 3, 2, 1, device),
+            c2f_p5: C2f::new(c1024, c1024, n(3), true, device),
+            sppf: Sppf::new(c1024, c1024, 5, device),
+            top_down_p4: C2f::new(c1024 + c512, c512, n(3), false, device),
+            top_down_p3: C2f::new(c512 + c256, c256, n(3), false, device),
+            bottom_up_down_p3: Conv::new(c256, c256, 3, 2, 1, device),
+            bottom_up_p4: C2f::new(c256 + c512, c512, n(3), false, device),
+            bottom_up_down_p4: Conv::new(c512, c512, 3, 2, 1, device),
+            bottom_up_p5: C2f::new(c512 + c1024, c1024, n(3), false, device),
+            head,
+            upsample: Interpolate2dConfig::new()
+                .with_scale_factor(Some([2.0, 2.0]))
+                .with_mode(InterpolateMode::Nearest)
+                .init(),
+        }
+    }
+
+    /// `[B, 3, H, W]` RGB in 0..1 (H, W multiples of 32) → raw head outputs.
+    pub fn forward(&self, images: Tensor<4>) -> HeadOutput {
+        let x = self.down_p2.forward(self.stem.forward(images));
+        let x = self.c2f_p2.forward(x);
+        let p3 = self.c2f_p3.forward(self.down_p3.forward(x));
+        let p4 = self.c2f_p4.forward(self.down_p4.forward(p3.clone()));
+        let p5 = self.sppf.forward(self.c2f_p5.forward(self.down_p5.forward(p4.clone())));
+
+        let up = Tensor::cat(vec![self.upsample.forward(p5.clone()), p4], 1);
+        let td4 = self.top_down_p4.forward(up);
+        let up = Tensor::cat(vec![self.upsample.forward(td4.clone()), p3], 1);
+        let out3 = self.top_down_p3.forward(up);
+        let down = Tensor::cat(vec![self.bottom_up_down_p3.forward(out3.clone()), td4], 1);
+        let out4 = self.bottom_up_p4.forward(down);
+        let down = Tensor::cat(vec![self.bottom_up_down_p4.forward(out4.clone()), p5], 1);
+        let out5 = self.bottom_up_p5.forward(down);
+        self.head.forward([out3, out4, out5])
+    }
+}
+
+impl YoloV8 {
+    /// The official state dict's key prefixes (`model.<i>.`) → this module's fields.
+    pub fn key_prefixes() -> Vec<(String, String)> {
+        LAYER_NAMES.iter().map(|(i, name)| (format!("model.{i}."), format!("{name}."))).collect()
+    }
+
+    /// Builds `config` and loads an Ultralytics state dict (`.pt`/`.pth` or `.safetensors`, keys
+    /// `model.<i>.…`). A checkpoint of another scale, task or class count is refused with the keys
+    /// that do not fit. Ultralytics' own `yolov8n.pt` pickles the whole model object; extract
+    /// its state dict once with `kiln`'s documented one-liner (see the README).
+    pub fn load(
+        config: &YoloConfig,
+        path: &std::path::Path,
+        device: &Device,
+    ) -> Result<Self, crate::weights::WeightsError> {
+        crate::weights::load_checkpoint(config.init(device), path, &Self::key_prefixes(), &config.to_string())
+    }
+}
