@@ -7,6 +7,7 @@ pub mod coco;
 pub mod error;
 pub mod inspect;
 pub mod io;
+pub mod letterbox;
 pub mod mask;
 pub mod pipeline;
 pub mod repair;
@@ -17,10 +18,11 @@ pub mod validate;
 pub mod yolo;
 
 #[cfg(feature = "batch")]
-pub use batch::{CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, InstanceLabel, Letterbox};
+pub use batch::{CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, InstanceLabel};
 pub use coco::{CocoAnnotation, CocoCategory, CocoDataset, CocoImage, RleCounts, RleJson, Segmentation};
 pub use error::{DataError, Result};
 pub use inspect::{DatasetSummary, Recommendation, inspect};
+pub use letterbox::Letterbox;
 pub use mask::{BinaryMask, Rle};
 pub use pipeline::{LoadedDataset, ValidateOptions, ValidateReport, load_dataset, run_validate};
 pub use repair::{RepairSummary, repair};

@@ -412,6 +412,51 @@ impl Segmentation {
     }
 }
 
+impl Segmentation {
+    /// Rasterises the mask after the map `x' = x * sx + ox`, `y' = y * sy + oy` onto an
+    /// `out_width x out_height` grid. Polygons are transformed, then rasterised (sharp at any
+    /// scale); RLE masks are decoded and sampled by nearest neighbour at the output pixel centres.
+    pub fn rasterize_affine(
+        &self,
+        image_width: u32,
+        image_height: u32,
+        [sx, sy, ox, oy]: [f64; 4],
+        out_width: u32,
+        out_height: u32,
+    ) -> Result<BinaryMask> {
+        match self {
+            Segmentation::Polygons(polygons) => {
+                let mapped: Vec<Vec<f64>> = polygons
+                    .iter()
+                    .map(|p| p.chunks_exact(2).flat_map(|xy| [xy[0] * sx + ox, xy[1] * sy + oy]).collect())
+                    .collect();
+                Ok(Rle::from_polygons(&mapped, out_height, out_width).decode())
+            }
+            Segmentation::Rle(_) => {
+                let source = self.to_rle(image_height, image_width)?.decode();
+                let mut out = BinaryMask::zeros(out_width, out_height);
+                let source_index = |out_coordinate: u32, scale: f64, offset: f64, size: u32| -> Option<u32> {
+                    let s = ((out_coordinate as f64 + 0.5 - offset) / scale).floor();
+                    (s >= 0.0 && s < size as f64).then_some(s as u32)
+                };
+                let columns: Vec<Option<u32>> = (0..out_width).map(|x| source_index(x, sx, ox, image_width)).collect();
+                for y in 0..out_height {
+                    let Some(src_y) = source_index(y, sy, oy, image_height) else {
+                        continue;
+                    };
+                    for (x, src_x) in columns.iter().enumerate() {
+                        if let Some(src_x) = *src_x {
+                            out.data[(y * out_width) as usize + x] =
+                                source.data[(src_y * image_width + src_x) as usize];
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

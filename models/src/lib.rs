@@ -4,4 +4,5 @@ pub mod weights;
 pub mod yolo;
 
 pub use weights::{MismatchReport, WeightsError, parameter_count};
+pub use yolo::predict::{Detection, PredictOptions};
 pub use yolo::{Scale, Task, YoloConfig, YoloV8};

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use kiln_models::{Scale, Task, WeightsError, YoloConfig, YoloV8};
+use kiln_models::{Detection, PredictOptions, Scale, Task, WeightsError, YoloConfig, YoloV8};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -113,4 +113,103 @@ fn model_names_parse_and_print() {
     assert_eq!("fastsam-s".parse::<YoloConfig>().unwrap().num_classes, 1);
     assert!("yolov9n".parse::<YoloConfig>().is_err());
     assert!("yolov8q".parse::<YoloConfig>().is_err());
+}
+
+fn letterbox_of(entry: &Value, input_shape: &[usize]) -> kiln_data::Letterbox {
+    let original: Vec<u32> =
+        entry["original_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    kiln_data::Letterbox::new(original[1], original[0], input_shape[3] as u32, input_shape[2] as u32)
+}
+
+fn options_of(entry: &Value) -> PredictOptions {
+    PredictOptions {
+        conf: entry["conf"].as_f64().unwrap() as f32,
+        iou: entry["iou"].as_f64().unwrap() as f32,
+        max_det: entry["max_det"].as_u64().unwrap() as usize,
+        ..Default::default()
+    }
+}
+
+/// Detections against Ultralytics': the same set (this random-weight model scores some boxes
+/// identically, and the order of equal scores is arbitrary in both), each matched by class, score
+/// within 1e-4 and box within `box_tolerance` px; masks with IoU > 0.99.
+fn assert_detections(name: &str, got: &[Detection], entry: &Value, box_tolerance: f32) {
+    let expected = entry["detections"].as_array().unwrap();
+    assert!(expected.len() >= 2, "{name}: the fixture has detections to compare");
+    assert_eq!(got.len(), expected.len(), "{name}: number of detections");
+    let original: Vec<u32> =
+        entry["original_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let masks = entry.get("masks").map(|m| m.as_array().unwrap().clone());
+    let mut used = vec![false; got.len()];
+    for (i, e) in expected.iter().enumerate() {
+        let e: Vec<f32> = e.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let found = got.iter().enumerate().position(|(j, d)| {
+            !used[j]
+                && d.class_id == e[5] as usize
+                && (d.score - e[4]).abs() < 1e-4
+                && (0..4).all(|k| (d.bbox[k] - e[k]).abs() <= box_tolerance)
+        });
+        let j = found.unwrap_or_else(|| {
+            let summary: Vec<_> = got.iter().map(|d| (d.bbox, d.score, d.class_id)).collect();
+            panic!("{name}: no detection matches Ultralytics' #{i} {e:?}; got {summary:?}")
+        });
+        used[j] = true;
+        if let Some(masks) = &masks {
+            let reference =
+                kiln_data::Rle::from_compressed(masks[i].as_str().unwrap(), original[0], original[1]).unwrap().decode();
+            let mask = got[j].mask.as_ref().expect("segmentation masks");
+            let iou = mask.iou(&reference);
+            assert!(iou > 0.99, "{name} #{i}: mask IoU {iou} (areas {} vs {})", mask.area(), reference.area());
+        }
+    }
+}
+
+fn check_postprocess(name: &str) {
+    let reference = reference();
+    let entry = &reference["models"][name];
+    let input_shape: Vec<usize> =
+        reference["input_shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let letterbox = letterbox_of(entry, &input_shape);
+    let options = options_of(entry);
+    let device = Device::flex();
+    let config: YoloConfig = name.parse().unwrap();
+    let model = YoloV8::load(&config, &fixtures().join(entry["checkpoint"].as_str().unwrap()), &device).unwrap();
+
+    // 1. Decoding on the device equals Ultralytics' eval output.
+    let (input, shape) = read_tensor(&reference["input"]);
+    let input: Tensor<4> = Tensor::from_data(TensorData::new(input, [shape[0], shape[1], shape[2], shape[3]]), &device);
+    let output = model.forward(input);
+    let decoded = model.head.decode(&output, input_shape[2]);
+    let (expected, decoded_shape) = read_tensor(&entry["decoded"]);
+    assert_eq!(decoded.dims().to_vec(), decoded_shape);
+    let got = decoded.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1e-4 * scale, "{name} decoded: max abs difference {worst} vs max {scale}");
+
+    // 2. NMS, masks and the way back to the original image, on Ultralytics' own decoded values:
+    //    exact up to float rounding.
+    let anchors = decoded_shape[2];
+    let candidates = kiln_models::yolo::predict::non_max_suppression(&expected, config.num_classes, anchors, &options);
+    let prototypes = (config.task == Task::Segment).then(|| read_tensor(&entry["outputs"]["prototypes"]));
+    let detections = kiln_models::yolo::predict::finish(
+        candidates,
+        prototypes.as_ref().map(|(p, s)| (p.as_slice(), (s[2], s[3]))),
+        &letterbox,
+    );
+    assert_detections(name, &detections, entry, 1e-3);
+
+    // 3. End to end through kiln's own forward pass: boxes within 1e-2 px.
+    let end_to_end = model.postprocess(&output, &[letterbox], &options).remove(0);
+    assert_detections(&format!("{name} end-to-end"), &end_to_end, entry, 1e-2);
+}
+
+#[test]
+fn yolov8n_detections_match_ultralytics() {
+    check_postprocess("yolov8n");
+}
+
+#[test]
+fn yolov8n_seg_detections_and_masks_match_ultralytics() {
+    check_postprocess("yolov8n-seg");
 }

@@ -7,8 +7,9 @@ statistics and affine parameters (else the outputs prove little), rounds all wei
 
 Writes into tests/fixtures/yolov8/:
   <name>.pt              the state dict (official `model.<i>...` keys, float16)
-  <name>.<tensor>.bin    float32 little-endian: the input and the raw head outputs
-  reference.json         shapes, file names, and parameter counts of every scale at nc=80
+  <name>.<tensor>.bin    float32 little-endian: the input, the raw head outputs, the decoded output
+  reference.json         shapes, file names, parameter counts of every scale at nc=80, and the
+                         final detections (original-image boxes, scores, classes; masks as RLE)
 
     python3 -m venv ~/.venvs/kiln && ~/.venvs/kiln/bin/pip install torch==2.9.0 ultralytics
     YOLO_OFFLINE=1 ~/.venvs/kiln/bin/python tests/reference/yolov8_reference.py
@@ -20,9 +21,18 @@ import os
 import numpy as np
 import torch
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+from pycocotools import mask as mask_utils
+from ultralytics.utils import nms, ops
 
 OUT = "tests/fixtures/yolov8"
 INPUT_SHAPE = (1, 3, 96, 128)  # non-square, multiples of 32
+# The input is a real photo (random features of a random input are nearly constant in space, so
+# scores would tie): coco8-seg's 000000000025.jpg, 426x640, letterboxed to 96x128 (5 rows of padding
+# on top, 6 below) by Ultralytics' own LetterBox.
+IMAGE = "../shared/data/coco8-seg/images/train/000000000025.jpg"
+ORIGINAL_SHAPE = (426, 640)
+IOU = 0.7
+MAX_DET = 300
 
 
 def randomise_batchnorm(model, generator):
@@ -33,6 +43,21 @@ def randomise_batchnorm(model, generator):
             module.bias.data = torch.randn(n, generator=generator) * 0.1
             module.running_mean.data = torch.randn(n, generator=generator) * 0.1
             module.running_var.data = torch.rand(n, generator=generator) + 0.5
+
+
+def randomise_head_biases(model, generator):
+    """Ultralytics initialises the class biases for 640 px images of 80 rare classes (scores ~1e-4)
+    and the box biases to 2.0; spread them so the random model scores and places boxes diversely."""
+    head = model.model[-1]
+    for branches, gain, spread, shift in (
+        (head.cv2, 0.1, 2.0, 0.0),
+        (head.cv3, 0.3, 1.5, -1.0),
+        (getattr(head, "cv4", []), 1.0, 1.0, 0.0),
+    ):
+        for branch in branches:
+            branch[-1].weight.data *= gain
+            bias = branch[-1].bias
+            bias.data = torch.randn(bias.shape, generator=generator) * spread + shift
 
 
 def save_tensor(name, tensor):
@@ -61,6 +86,37 @@ def raw_outputs(model, x):
     return outputs
 
 
+def postprocess(model, x, segment):
+    """Ultralytics' predictor path: decode, NMS, masks (process_mask at input size, then
+    scale_masks to the original image), boxes scaled to the original image."""
+    with torch.no_grad():
+        out = model(x)
+    y, proto = (out[0][0], out[0][1]) if segment else (out[0], None)
+    # This random-weight model scores many anchors almost alike, and NMS's order among equal
+    # scores is the sort's business, not a fact to compare. The confidence threshold is set just
+    # above the first score within 1e-6 of the next one (at most the 40 best), so every candidate
+    # has a score of its own.
+    nc = 80
+    best = y[0, 4 : 4 + nc].amax(0).sort(descending=True).values
+    cut = 40
+    for k in range(1, 41):
+        if best[k - 1] - best[k] < 1e-6:
+            cut = k - 1
+            break
+    conf = float((best[cut - 1] + best[cut]) / 2)
+    kept = nms.non_max_suppression(y, conf, IOU, max_det=MAX_DET, nc=nc)[0]
+    result = {"decoded": y, "conf": conf, "boxes_input": kept[:, :4].clone()}
+    boxes = ops.scale_boxes(x.shape[2:], kept[:, :4].clone(), ORIGINAL_SHAPE)
+    result["detections"] = torch.cat([boxes, kept[:, 4:6]], 1)
+    if segment:
+        masks = ops.process_mask(proto[0], kept[:, 6:], kept[:, :4], x.shape[2:], upsample=True)
+        masks = ops.scale_masks(masks[None].float(), ORIGINAL_SHAPE)[0] > 0.5
+        result["masks"] = [
+            mask_utils.encode(np.asfortranarray(m.numpy().astype(np.uint8)))["counts"].decode("ascii") for m in masks
+        ]
+    return result
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     reference = {
@@ -77,21 +133,38 @@ def main():
             reference["parameters"][f"yolov8{scale}{suffix}"] = sum(p.numel() for p in model.parameters())
 
     generator = torch.Generator().manual_seed(20261122)
-    x = torch.rand(INPUT_SHAPE, generator=generator)
+    import cv2
+    from ultralytics.data.augment import LetterBox
+
+    bgr = cv2.imread(IMAGE)
+    assert bgr.shape[:2] == ORIGINAL_SHAPE
+    boxed = LetterBox(INPUT_SHAPE[2:], auto=False, stride=32)(image=bgr)
+    x = torch.from_numpy(boxed[..., ::-1].copy()).permute(2, 0, 1)[None].float() / 255.0
+    assert tuple(x.shape) == INPUT_SHAPE
     reference["input"] = save_tensor("input", x)
     for name, cls in (("yolov8n", DetectionModel), ("yolov8n-seg", SegmentationModel)):
         torch.manual_seed(0)
         model = cls(f"{name}.yaml", nc=80, verbose=False)
         randomise_batchnorm(model, generator)
+        randomise_head_biases(model, generator)
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
         torch.save(state, f"{OUT}/{name}.pt")
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         model.eval()
         outputs = raw_outputs(model, x)
+        post = postprocess(model, x, name.endswith("-seg"))
         reference["models"][name] = {
             "checkpoint": f"{name}.pt",
             "outputs": {key: save_tensor(f"{name}.{key}", value) for key, value in outputs.items()},
+            "decoded": save_tensor(f"{name}.decoded", post["decoded"]),
+            "conf": post["conf"],
+            "iou": IOU,
+            "max_det": MAX_DET,
+            "original_shape": list(ORIGINAL_SHAPE),
+            "detections": post["detections"].tolist(),
         }
+        if "masks" in post:  # compressed COCO RLE at the original size
+            reference["models"][name]["masks"] = post["masks"]
     with open(f"{OUT}/reference.json", "w") as f:
         json.dump(reference, f, indent=1)
     print(json.dumps(reference["parameters"], indent=1))

@@ -6,6 +6,7 @@
 pub mod c2f;
 pub mod conv;
 pub mod head;
+pub mod predict;
 pub mod sppf;
 
 use std::fmt;

@@ -1,0 +1,318 @@
+//! YOLOv8 inference after the network, as Ultralytics' predictor does it
+//! (ultralytics/nn/modules/head.py `Detect._inference`, utils/nms.py `non_max_suppression`,
+//! utils/ops.py `process_mask`, `scale_boxes`, `scale_masks`): DFL expectation and distance → box
+//! decoding on the device, then confidence filter, class-aware NMS, mask assembly (coefficients ×
+//! prototypes, crop to the box) and the way back to original-image coordinates on the host.
+
+use burn::tensor::activation::sigmoid;
+use burn::tensor::{Device, Tensor, TensorData};
+use image::RgbImage;
+use kiln_data::{BinaryMask, Letterbox};
+
+use super::YoloV8;
+use super::head::{Head, HeadOutput, REG_MAX};
+
+/// Ultralytics' offset separating classes in class-aware NMS (`max_wh`).
+const CLASS_OFFSET: f32 = 7680.0;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PredictOptions {
+    /// Minimum class score.
+    pub conf: f32,
+    /// IoU above which NMS suppresses a lower-scored box of the same class.
+    pub iou: f32,
+    pub max_det: usize,
+    /// Candidates kept for NMS, highest scores first.
+    pub max_nms: usize,
+}
+
+impl Default for PredictOptions {
+    /// Ultralytics' `predict` defaults.
+    fn default() -> Self {
+        Self { conf: 0.25, iou: 0.7, max_det: 300, max_nms: 30_000 }
+    }
+}
+
+/// A detection after NMS in input (letterboxed) pixels, with its mask coefficients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// `x1, y1, x2, y2`.
+    pub bbox: [f32; 4],
+    pub score: f32,
+    pub class_id: usize,
+    pub coefficients: Vec<f32>,
+}
+
+/// A detection in original-image pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    /// `x1, y1, x2, y2`, clipped to the image.
+    pub bbox: [f32; 4],
+    pub score: f32,
+    pub class_id: usize,
+    /// The instance mask at the original image size (segmentation models).
+    pub mask: Option<BinaryMask>,
+}
+
+impl Head {
+    /// `[B, 4 + nc (+ nm), A]`: boxes `cx, cy, w, h` in input pixels, class probabilities and mask
+    /// coefficients, anchors ordered level by level, row-major (Ultralytics' eval output).
+    pub fn decode(&self, output: &HeadOutput, input_height: usize) -> Tensor<3> {
+        let device = output.levels[0].device();
+        let [b, _, _, _] = output.levels[0].dims();
+        let flatten = |levels: &[Tensor<4>]| -> Tensor<3> {
+            Tensor::cat(
+                levels
+                    .iter()
+                    .map(|t| {
+                        let [b, c, h, w] = t.dims();
+                        t.clone().reshape([b, c, h * w])
+                    })
+                    .collect(),
+                2,
+            )
+        };
+        let x = flatten(&output.levels);
+        let anchors_count = x.dims()[2];
+        let distances = self.dfl.forward(x.clone().narrow(1, 0, 4 * REG_MAX));
+        let scores = sigmoid(x.narrow(1, 4 * REG_MAX, self.nc));
+        let (points, strides) = anchor_points(&output.levels, input_height, &device);
+        let lt = distances.clone().narrow(1, 0, 2);
+        let rb = distances.narrow(1, 2, 2);
+        let top_left = points.clone() - lt;
+        let bottom_right = points + rb;
+        let centre = (top_left.clone() + bottom_right.clone()) / 2.0;
+        let size = bottom_right - top_left;
+        let boxes = Tensor::cat(vec![centre, size], 1) * strides;
+        let mut parts = vec![boxes, scores];
+        if let Some(coefficients) = &output.coefficients {
+            parts.push(flatten(coefficients));
+        }
+        let decoded = Tensor::cat(parts, 1);
+        debug_assert_eq!(decoded.dims()[..1], [b]);
+        debug_assert_eq!(decoded.dims()[2], anchors_count);
+        decoded
+    }
+}
+
+/// Anchor centres `[1, 2, A]` in grid units (cell + 0.5) and strides `[1, 1, A]` (Ultralytics'
+/// `make_anchors`).
+fn anchor_points(levels: &[Tensor<4>], input_height: usize, device: &Device) -> (Tensor<3>, Tensor<3>) {
+    let (mut xs, mut ys, mut strides) = (Vec::new(), Vec::new(), Vec::new());
+    for level in levels {
+        let [_, _, h, w] = level.dims();
+        let stride = (input_height / h) as f32;
+        for y in 0..h {
+            for x in 0..w {
+                xs.push(x as f32 + 0.5);
+                ys.push(y as f32 + 0.5);
+                strides.push(stride);
+            }
+        }
+    }
+    let a = xs.len();
+    xs.extend(ys);
+    (
+        Tensor::from_data(TensorData::new(xs, [1, 2, a]), device),
+        Tensor::from_data(TensorData::new(strides, [1, 1, a]), device),
+    )
+}
+
+/// Ultralytics' `non_max_suppression` (best class per box, class-aware) on one image's decoded
+/// predictions, `[4 + nc + nm, A]` row-major.
+pub fn non_max_suppression(decoded: &[f32], nc: usize, anchors: usize, options: &PredictOptions) -> Vec<Candidate> {
+    let channels = decoded.len() / anchors;
+    let at = |c: usize, a: usize| decoded[c * anchors + a];
+    let mut candidates: Vec<Candidate> = (0..anchors)
+        .filter_map(|a| {
+            let (class_id, score) = (0..nc)
+                .map(|c| (c, at(4 + c, a)))
+                .fold((0, f32::NEG_INFINITY), |best, x| if x.1 > best.1 { x } else { best });
+            if score <= options.conf {
+                return None;
+            }
+            let (cx, cy, w, h) = (at(0, a), at(1, a), at(2, a), at(3, a));
+            Some(Candidate {
+                bbox: [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0],
+                score,
+                class_id,
+                coefficients: (4 + nc..channels).map(|c| at(c, a)).collect(),
+            })
+        })
+        .collect();
+    candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
+    candidates.truncate(options.max_nms);
+
+    let shifted = |c: &Candidate| -> [f32; 4] {
+        let offset = c.class_id as f32 * CLASS_OFFSET;
+        c.bbox.map(|v| v + offset)
+    };
+    let mut kept: Vec<Candidate> = Vec::new();
+    let mut suppressed = vec![false; candidates.len()];
+    for i in 0..candidates.len() {
+        if suppressed[i] {
+            continue;
+        }
+        let box_i = shifted(&candidates[i]);
+        for j in i + 1..candidates.len() {
+            if !suppressed[j] && iou(&box_i, &shifted(&candidates[j])) > options.iou {
+                suppressed[j] = true;
+            }
+        }
+        kept.push(candidates[i].clone());
+        if kept.len() == options.max_det {
+            break;
+        }
+    }
+    kept
+}
+
+/// torchvision's box IoU (areas without the +1 of older conventions).
+fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let area = |r: &[f32; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = w * h;
+    inter / (area(a) + area(b) - inter)
+}
+
+/// Bilinear resize of a single-channel float image, PyTorch's `interpolate(mode="bilinear",
+/// align_corners=False)`.
+fn resize_bilinear(src: &[f32], (sh, sw): (usize, usize), (dh, dw): (usize, usize)) -> Vec<f32> {
+    let taps = |out: usize, input: usize| -> Vec<(usize, usize, f32)> {
+        let scale = input as f32 / out as f32;
+        (0..out)
+            .map(|o| {
+                let s = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
+                let i0 = (s as usize).min(input - 1);
+                let i1 = (i0 + 1).min(input - 1);
+                (i0, i1, s - i0 as f32)
+            })
+            .collect()
+    };
+    let (rows, cols) = (taps(dh, sh), taps(dw, sw));
+    let mut out = vec![0f32; dh * dw];
+    for (y, &(y0, y1, fy)) in rows.iter().enumerate() {
+        for (x, &(x0, x1, fx)) in cols.iter().enumerate() {
+            let top = src[y0 * sw + x0] * (1.0 - fx) + src[y0 * sw + x1] * fx;
+            let bottom = src[y1 * sw + x0] * (1.0 - fx) + src[y1 * sw + x1] * fx;
+            out[y * dw + x] = top * (1.0 - fy) + bottom * fy;
+        }
+    }
+    out
+}
+
+/// Ultralytics' `process_mask(..., upsample=True)`: coefficients × prototypes, bilinear to the input
+/// size, positive logits, cropped to the box. `prototypes` is `[nm, mh, mw]` row-major.
+pub fn assemble_mask(
+    candidate: &Candidate,
+    prototypes: &[f32],
+    (mh, mw): (usize, usize),
+    (height, width): (usize, usize),
+) -> BinaryMask {
+    let plane = mh * mw;
+    let mut logits = vec![0f32; plane];
+    for (k, &coefficient) in candidate.coefficients.iter().enumerate() {
+        for (value, &p) in logits.iter_mut().zip(&prototypes[k * plane..(k + 1) * plane]) {
+            *value += coefficient * p;
+        }
+    }
+    let upsampled = resize_bilinear(&logits, (mh, mw), (height, width));
+    let [x1, y1, x2, y2] = candidate.bbox;
+    let mut mask = BinaryMask::zeros(width as u32, height as u32);
+    for y in 0..height {
+        let inside_rows = (y as f32) >= y1 && (y as f32) < y2;
+        for x in 0..width {
+            let inside = inside_rows && (x as f32) >= x1 && (x as f32) < x2;
+            mask.data[y * width + x] = (inside && upsampled[y * width + x] > 0.0) as u8;
+        }
+    }
+    mask
+}
+
+/// Ultralytics' `scale_masks` + `> 0.5`: the letterbox padding cropped, bilinear to the original size.
+pub fn mask_to_original(mask: &BinaryMask, letterbox: &Letterbox) -> BinaryMask {
+    let (top, left) = (letterbox.pad_top as usize, letterbox.pad_left as usize);
+    let (ch, cw) = (letterbox.content_height() as usize, letterbox.content_width() as usize);
+    let width = mask.width as usize;
+    let content: Vec<f32> = (top..top + ch)
+        .flat_map(|y| (left..left + cw).map(move |x| (y, x)))
+        .map(|(y, x)| mask.data[y * width + x] as f32)
+        .collect();
+    let (oh, ow) = (letterbox.original_height as usize, letterbox.original_width as usize);
+    let resized = resize_bilinear(&content, (ch, cw), (oh, ow));
+    BinaryMask { width: ow as u32, height: oh as u32, data: resized.iter().map(|&v| (v > 0.5) as u8).collect() }
+}
+
+/// Ultralytics' `scale_boxes`: input pixels → original pixels, clipped to the image.
+pub fn box_to_original(bbox: [f32; 4], letterbox: &Letterbox) -> [f32; 4] {
+    let b = letterbox.inverse_box(bbox.map(|v| v as f64));
+    let (w, h) = (letterbox.original_width as f64, letterbox.original_height as f64);
+    [b[0].clamp(0.0, w), b[1].clamp(0.0, h), b[2].clamp(0.0, w), b[3].clamp(0.0, h)].map(|v| v as f32)
+}
+
+/// Candidates of one image → detections in original-image pixels, with masks when `prototypes`
+/// (`[nm, mh, mw]`) are given.
+pub fn finish(
+    candidates: Vec<Candidate>,
+    prototypes: Option<(&[f32], (usize, usize))>,
+    letterbox: &Letterbox,
+) -> Vec<Detection> {
+    let input = (letterbox.height as usize, letterbox.width as usize);
+    candidates
+        .into_iter()
+        .map(|c| {
+            let mask = prototypes.map(|(p, size)| mask_to_original(&assemble_mask(&c, p, size, input), letterbox));
+            Detection { bbox: box_to_original(c.bbox, letterbox), score: c.score, class_id: c.class_id, mask }
+        })
+        .collect()
+}
+
+impl YoloV8 {
+    /// Letterboxes `image` to `image_size` (square), runs the model and returns its detections in
+    /// original-image pixels.
+    pub fn predict(
+        &self,
+        image: &RgbImage,
+        image_size: u32,
+        options: &PredictOptions,
+        device: &Device,
+    ) -> Vec<Detection> {
+        let letterbox = Letterbox::new(image.width(), image.height(), image_size, image_size);
+        let canvas = letterbox.apply_image(image);
+        let s = image_size as usize;
+        let mut pixels = Vec::with_capacity(3 * s * s);
+        for c in 0..3 {
+            pixels.extend(canvas.as_raw().iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
+        }
+        let input: Tensor<4> = Tensor::from_data(TensorData::new(pixels, [1, 3, s, s]), device);
+        let output = self.forward(input);
+        self.postprocess(&output, &[letterbox], options).remove(0)
+    }
+
+    /// Decoded head outputs of a batch → detections per image.
+    pub fn postprocess(
+        &self,
+        output: &HeadOutput,
+        letterboxes: &[Letterbox],
+        options: &PredictOptions,
+    ) -> Vec<Vec<Detection>> {
+        let decoded = self.head.decode(output, letterboxes[0].height as usize);
+        let [b, c, a] = decoded.dims();
+        let values = decoded.into_data().convert::<f32>().try_into_vec::<f32>().expect("float data");
+        let prototypes = output.prototypes.clone().map(|p| {
+            let [_, nm, mh, mw] = p.dims();
+            (p.into_data().convert::<f32>().try_into_vec::<f32>().expect("float data"), nm, mh, mw)
+        });
+        (0..b)
+            .map(|i| {
+                let candidates = non_max_suppression(&values[i * c * a..(i + 1) * c * a], self.head.nc, a, options);
+                let protos = prototypes.as_ref().map(|(p, nm, mh, mw)| {
+                    let plane = nm * mh * mw;
+                    (&p[i * plane..(i + 1) * plane], (*mh, *mw))
+                });
+                finish(candidates, protos, &letterboxes[i])
+            })
+            .collect()
+    }
+}
