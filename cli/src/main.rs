@@ -40,6 +40,12 @@ enum Command {
     /// masks of the visible parts (polygons, or compressed RLE where shapes overlap), varied scale,
     /// rotation, colour and background. Reproducible with --seed.
     Synth(SynthArgs),
+    /// Describe a model: architecture, layers, parameters and GFLOPs at an image size.
+    ///
+    /// Models: yolov8n|s|m|l|x (detect), yolov8n-seg|... (segment), fastsam-s|x. With --weights,
+    /// the checkpoint (an Ultralytics state dict, .pt/.pth or .safetensors) is loaded and checked
+    /// key by key against the model.
+    Info(InfoArgs),
     /// Run the main job on a dataset kiln generates itself: synth, then validate (more steps join
     /// as they land).
     Demo(DemoArgs),
@@ -128,6 +134,22 @@ impl SynthFlags {
 }
 
 #[derive(clap::Args)]
+struct InfoArgs {
+    /// Model name, e.g. yolov8n-seg, yolov8s, fastsam-s.
+    #[arg(long, value_name = "NAME")]
+    model: String,
+    /// Checkpoint to load and check against the model.
+    #[arg(long, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    /// Number of classes [default: 80 for YOLOv8, 1 for FastSAM].
+    #[arg(long)]
+    classes: Option<usize>,
+    /// Square input size the GFLOPs are given for (a multiple of 32).
+    #[arg(long, default_value_t = 640)]
+    imgsz: usize,
+}
+
+#[derive(clap::Args)]
 struct DemoArgs {
     /// Run directory; `runs/demo`, `runs/demo2`, ... is taken when it already exists.
     #[arg(long, value_name = "DIR", default_value = "runs/demo")]
@@ -178,6 +200,58 @@ fn run_synth(output: &Path, flags: &SynthFlags) -> anyhow::Result<PathBuf> {
     Ok(generated.annotations)
 }
 
+fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
+    use kiln_models::{Task, YoloConfig, YoloV8};
+    let mut config: YoloConfig = args.model.parse().map_err(anyhow::Error::msg)?;
+    if let Some(classes) = args.classes {
+        anyhow::ensure!(classes > 0, "--classes must be at least 1");
+        config = config.with_num_classes(classes);
+    }
+    anyhow::ensure!(args.imgsz >= 32 && args.imgsz % 32 == 0, "--imgsz must be a positive multiple of 32");
+    let device = cpu_device();
+    let model = match &args.weights {
+        Some(path) => YoloV8::load(&config, path, &device)?,
+        None => config.init(&device),
+    };
+    let cost = model.cost(args.imgsz, args.imgsz);
+    let (depth, width, max_channels) = config.scale.multiples();
+    let task = match config.task {
+        Task::Detect => "detect (boxes)".to_string(),
+        Task::Segment => format!("segment (boxes + masks: {} coefficients per anchor)", config.num_masks),
+    };
+    println!("{config}: YOLOv8 architecture, {task}");
+    println!("  scale        depth x{depth}, width x{width}, max {max_channels} channels");
+    println!("  classes      {}", config.num_classes);
+    println!("  layers       23 (official yaml), {} convolutions", cost.convolutions);
+    println!("  parameters   {}", group_thousands(kiln_models::parameter_count(&model)));
+    println!("  GFLOPs       {:.1} at {}x{}", cost.flops / 1e9, args.imgsz, args.imgsz);
+    match &args.weights {
+        Some(path) => println!("  weights      {} (every key loaded)", path.display()),
+        None => println!("  weights      none (random init); pass --weights FILE to load and check a checkpoint"),
+    }
+    Ok(())
+}
+
+/// The CPU backend when built in, for work that needs no accelerator.
+fn cpu_device() -> burn::tensor::Device {
+    #[cfg(feature = "flex")]
+    return burn::tensor::Device::flex();
+    #[cfg(not(feature = "flex"))]
+    return burn::tensor::Device::default();
+}
+
+fn group_thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// `base`, or the first of `base2`, `base3`, ... that does not exist yet.
 fn fresh_run_dir(base: &Path) -> PathBuf {
     if !base.exists() {
@@ -210,6 +284,7 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Validate(args) => run_validate(args),
         Command::Synth(args) => run_synth(&args.output, &args.options).map(|_| true),
+        Command::Info(args) => run_info(args).map(|_| true),
         Command::Demo(args) => run_demo(args),
     };
     match outcome {

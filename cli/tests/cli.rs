@@ -141,3 +141,22 @@ fn help_explains_every_command() {
         assert!(stdout.contains(flag), "{flag} in {stdout}");
     }
 }
+
+#[test]
+fn info_describes_a_model_and_checks_weights() {
+    let output = kiln(&["info", "--model", "yolov8n-seg"], Path::new("."));
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(stdout.contains("parameters   3,409,968"), "{stdout}");
+    assert!(stdout.contains("GFLOPs       12.0 at 640x640"), "{stdout}");
+    let weights = kiln_tests::repo_root().join("tests/fixtures/yolov8/yolov8n.pt");
+    let output = kiln(&["info", "--model", "yolov8n", "--weights", weights.to_str().unwrap()], Path::new("."));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("every key loaded"));
+    let output = kiln(&["info", "--model", "yolov8s", "--weights", weights.to_str().unwrap()], Path::new("."));
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("does not fit yolov8s") && stderr.contains("mis-shaped"), "{stderr}");
+    let output = kiln(&["info", "--model", "yolov9t"], Path::new("."));
+    assert!(!output.status.success() && text(&output.stderr).contains("unknown model 'yolov9t'"));
+}

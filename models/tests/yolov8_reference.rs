@@ -213,3 +213,15 @@ fn yolov8n_detections_match_ultralytics() {
 fn yolov8n_seg_detections_and_masks_match_ultralytics() {
     check_postprocess("yolov8n-seg");
 }
+
+#[test]
+fn gflops_match_ultralytics_within_one_percent() {
+    let reference = reference();
+    for (name, gflops) in reference["gflops_640"].as_object().unwrap() {
+        let config: YoloConfig = name.parse().unwrap();
+        let cost = config.init(&Device::flex()).cost(640, 640);
+        let (ours, theirs) = (cost.flops / 1e9, gflops.as_f64().unwrap());
+        // Ultralytics counts the fused model's bias additions too; the convolutions are the rest.
+        assert!((ours - theirs).abs() <= 0.01 * theirs, "{name}: {ours:.3} GFLOPs vs Ultralytics {theirs:.3}");
+    }
+}

@@ -8,7 +8,8 @@ statistics and affine parameters (else the outputs prove little), rounds all wei
 Writes into tests/fixtures/yolov8/:
   <name>.pt              the state dict (official `model.<i>...` keys, float16)
   <name>.<tensor>.bin    float32 little-endian: the input, the raw head outputs, the decoded output
-  reference.json         shapes, file names, parameter counts of every scale at nc=80, and the
+  reference.json         shapes, file names, parameter counts of every scale at nc=80, GFLOPs at
+                         640 (n and s, fused as Ultralytics reports them), and the
                          final detections (original-image boxes, scores, classes; masks as RLE)
 
     python3 -m venv ~/.venvs/kiln && ~/.venvs/kiln/bin/pip install torch==2.9.0 ultralytics
@@ -23,6 +24,7 @@ import torch
 from ultralytics.nn.tasks import DetectionModel, SegmentationModel
 from pycocotools import mask as mask_utils
 from ultralytics.utils import nms, ops
+from ultralytics.utils.torch_utils import get_flops
 
 OUT = "tests/fixtures/yolov8"
 INPUT_SHAPE = (1, 3, 96, 128)  # non-square, multiples of 32
@@ -131,6 +133,9 @@ def main():
         for suffix, cls in (("", DetectionModel), ("-seg", SegmentationModel)):
             model = cls(f"yolov8{scale}{suffix}.yaml", nc=80, verbose=False)
             reference["parameters"][f"yolov8{scale}{suffix}"] = sum(p.numel() for p in model.parameters())
+            if scale in "ns":
+                model.eval().fuse(verbose=False)  # as Ultralytics reports it: BatchNorm folded
+                reference.setdefault("gflops_640", {})[f"yolov8{scale}{suffix}"] = get_flops(model, 640)
 
     generator = torch.Generator().manual_seed(20261122)
     import cv2

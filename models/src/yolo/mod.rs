@@ -5,6 +5,7 @@
 
 pub mod c2f;
 pub mod conv;
+pub mod flops;
 pub mod head;
 pub mod predict;
 pub mod sppf;
