@@ -69,11 +69,17 @@ pub fn load_checkpoint<M: Module>(
     let mut model = model;
     let remap: Vec<(String, String)> =
         prefixes.iter().map(|(official, ours)| (format!("^{}", regex_escape(official)), ours.clone())).collect();
+    // Burn's BatchNorm calls PyTorch's `weight`/`bias` `gamma`/`beta`.
     let official_name = |key: &str| -> String {
-        prefixes
+        let key = prefixes
             .iter()
             .find_map(|(official, ours)| key.strip_prefix(ours.as_str()).map(|rest| format!("{official}{rest}")))
-            .unwrap_or_else(|| key.to_string())
+            .unwrap_or_else(|| key.to_string());
+        match (key.strip_suffix(".gamma"), key.strip_suffix(".beta")) {
+            (Some(stem), _) => format!("{stem}.weight"),
+            (_, Some(stem)) => format!("{stem}.bias"),
+            _ => key,
+        }
     };
     let read_error = |message: String| WeightsError::Read { path: path.to_path_buf(), message };
     if !path.is_file() {

@@ -6,7 +6,8 @@ statistics and affine parameters (else the outputs prove little), rounds all wei
 (so the committed checkpoints stay small) and runs the float32 model on a fixed input.
 
 Writes into tests/fixtures/yolov8/:
-  <name>.pt              the state dict (official `model.<i>...` keys, float16)
+  <name>.pt              float16 weights: yolov8n as Ultralytics ships checkpoints (the pickled
+                         model object under "model"), yolov8n-seg as a plain state dict
   <name>.<tensor>.bin    float32 little-endian: the input, the raw head outputs, the decoded output
   reference.json         shapes, file names, parameter counts of every scale at nc=80, GFLOPs at
                          640 (n and s, fused as Ultralytics reports them), and the
@@ -15,6 +16,7 @@ Writes into tests/fixtures/yolov8/:
     python3 -m venv ~/.venvs/kiln && ~/.venvs/kiln/bin/pip install torch==2.9.0 ultralytics
     YOLO_OFFLINE=1 ~/.venvs/kiln/bin/python tests/reference/yolov8_reference.py
 """
+import copy
 import importlib.metadata
 import json
 import os
@@ -153,7 +155,11 @@ def main():
         randomise_batchnorm(model, generator)
         randomise_head_biases(model, generator)
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-        torch.save(state, f"{OUT}/{name}.pt")
+        if name == "yolov8n":
+            # As Ultralytics ships its checkpoints (yolov8n.pt): the whole model object, half precision.
+            torch.save({"epoch": -1, "model": copy.deepcopy(model).half(), "ema": None}, f"{OUT}/{name}.pt")
+        else:  # a plain state dict
+            torch.save(state, f"{OUT}/{name}.pt")
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         model.eval()
         outputs = raw_outputs(model, x)

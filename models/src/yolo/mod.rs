@@ -257,15 +257,18 @@ impl YoloV8 {
 }
 
 impl YoloV8 {
-    /// The official state dict's key prefixes (`model.<i>.`) → this module's fields.
+    /// The official key prefixes → this module's fields: `model.<i>.` of a state dict, and
+    /// `model.model.<i>.` of an Ultralytics checkpoint, which pickles the whole model under `model`.
     pub fn key_prefixes() -> Vec<(String, String)> {
-        LAYER_NAMES.iter().map(|(i, name)| (format!("model.{i}."), format!("{name}."))).collect()
+        let state_dict = LAYER_NAMES.iter().map(|(i, name)| (format!("model.{i}."), format!("{name}.")));
+        let checkpoint = LAYER_NAMES.iter().map(|(i, name)| (format!("model.model.{i}."), format!("{name}.")));
+        state_dict.chain(checkpoint).collect()
     }
 
-    /// Builds `config` and loads an Ultralytics state dict (`.pt`/`.pth` or `.safetensors`, keys
-    /// `model.<i>.…`). A checkpoint of another scale, task or class count is refused with the keys
-    /// that do not fit. Ultralytics' own `yolov8n.pt` pickles the whole model object; extract
-    /// its state dict once with `kiln`'s documented one-liner (see the README).
+    /// Builds `config` and loads official weights: an Ultralytics checkpoint as shipped
+    /// (`yolov8n-seg.pt`, `FastSAM-s.pt`: the pickled model, read directly), or a state dict
+    /// (`.pt`/`.pth` or `.safetensors`, keys `model.<i>.…`). A checkpoint of another scale, task or
+    /// class count is refused with the keys that do not fit.
     pub fn load(
         config: &YoloConfig,
         path: &std::path::Path,
