@@ -225,3 +225,32 @@ fn gflops_match_ultralytics_within_one_percent() {
         assert!((ours - theirs).abs() <= 0.01 * theirs, "{name}: {ours:.3} GFLOPs vs Ultralytics {theirs:.3}");
     }
 }
+
+#[test]
+fn safetensors_with_official_keys_load_like_the_pytorch_file() {
+    use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+    let device = Device::flex();
+    let config: YoloConfig = "yolov8n-seg".parse().unwrap();
+    let model = YoloV8::load(&config, &fixtures().join("yolov8n-seg.pt"), &device).unwrap();
+    // Write the weights as Ultralytics' state dict would be in safetensors: `model.<i>.` keys,
+    // PyTorch's BatchNorm names.
+    let path = std::env::temp_dir().join(format!("kiln-yolov8n-seg-{}.safetensors", std::process::id()));
+    let mut store = SafetensorsStore::from_file(&path).with_to_adapter(BurnToPyTorchAdapter);
+    for (official, ours) in YoloV8::key_prefixes().iter().take(kiln_models::yolo::LAYER_NAMES.len()) {
+        store = store.with_key_remapping(format!("^{}", ours.replace('.', r"\.")), official.clone());
+    }
+    model.save_into(&mut store).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    for key in ["model.0.bn.weight", "model.22.cv2.0.0.conv.weight", "model.22.proto.upsample.weight"] {
+        assert!(header.get(key).is_some(), "the file holds the official key {key}");
+    }
+    let reloaded = YoloV8::load(&config, &path, &device).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::remove_file(&path).unwrap();
+    let x: Tensor<4> = Tensor::from_data(TensorData::new(vec![0.5f32; 3 * 64 * 64], [1, 3, 64, 64]), &device);
+    let (a, b) = (model.forward(x.clone()), reloaded.forward(x));
+    for (p, q) in a.levels.into_iter().zip(b.levels) {
+        assert_eq!(p.into_data().try_to_vec::<f32>().unwrap(), q.into_data().try_to_vec::<f32>().unwrap());
+    }
+}

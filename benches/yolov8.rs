@@ -1,0 +1,77 @@
+//! YOLOv8n-seg at 640x640, batch 1: the network's forward pass on flex (and wgpu when built with
+//! the `wgpu` feature), and decode + NMS + masks. Target: ONNX Runtime's latency on the same
+//! machine (`benches/yolov8_baseline.py`; numbers in the README).
+//!
+//! `cargo bench -p kiln-benches --features models --bench yolov8` (add `wgpu` for the GPU path).
+
+use std::hint::black_box;
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use criterion::{Criterion, criterion_group, criterion_main};
+use kiln_data::Letterbox;
+use kiln_models::{PredictOptions, YoloConfig, YoloV8};
+
+fn model(device: &Device) -> YoloV8 {
+    // The reference fixture's weights: random, but with the official key layout and real statistics.
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/yolov8/yolov8n-seg.pt");
+    let config: YoloConfig = "yolov8n-seg".parse().unwrap();
+    YoloV8::load(&config, &weights, device).expect("fixture weights")
+}
+
+fn photo() -> image::RgbImage {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/coco8-seg/images/train/000000000025.jpg");
+    image::open(&path).unwrap_or_else(|e| panic!("{}: {e} (the bench needs ../shared)", path.display())).into_rgb8()
+}
+
+fn input(device: &Device) -> (Tensor<4>, Letterbox) {
+    let image = photo();
+    let letterbox = Letterbox::new(image.width(), image.height(), 640, 640);
+    let canvas = letterbox.apply_image(&image);
+    let mut pixels = Vec::with_capacity(3 * 640 * 640);
+    for c in 0..3 {
+        pixels.extend(canvas.as_raw().iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
+    }
+    (Tensor::from_data(TensorData::new(pixels, [1, 3, 640, 640]), device), letterbox)
+}
+
+fn forward(c: &mut Criterion, name: &str, device: Device) {
+    let model = model(&device);
+    let (x, _) = input(&device);
+    let mut group = c.benchmark_group("yolov8n_seg_640");
+    group.sample_size(10);
+    group.bench_function(format!("forward_{name}"), |b| {
+        b.iter(|| {
+            let out = model.forward(black_box(x.clone()));
+            // Wait for the device: read one value of every output back.
+            let _: f32 = out.prototypes.unwrap().sum().into_scalar();
+            for level in out.levels {
+                let _: f32 = level.sum().into_scalar();
+            }
+        })
+    });
+    group.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    forward(c, "flex", Device::flex());
+    #[cfg(feature = "wgpu")]
+    forward(c, "wgpu", Device::wgpu(Default::default()));
+
+    let device = Device::flex();
+    let model = model(&device);
+    let (x, letterbox) = input(&device);
+    let output = model.forward(x);
+    let options = PredictOptions::default();
+    let detections = model.postprocess(&output, &[letterbox], &options);
+    eprintln!("postprocess bench: {} detections at conf {}", detections[0].len(), options.conf);
+    let mut group = c.benchmark_group("yolov8n_seg_640");
+    group.sample_size(10);
+    group.bench_function("decode_nms_masks_flex", |b| {
+        b.iter(|| black_box(model.postprocess(black_box(&output), &[letterbox], &options)))
+    });
+    group.finish();
+}
+
+criterion_group!(yolo, benches);
+criterion_main!(yolo);
