@@ -51,17 +51,18 @@ def randomise_batchnorm(model, generator):
 
 def randomise_head_biases(model, generator):
     """Ultralytics initialises the class biases for 640 px images of 80 rare classes (scores ~1e-4)
-    and the box biases to 2.0; spread them so the random model scores and places boxes diversely."""
+    and the box biases to 2.0; spread them so the random model scores and places boxes diversely.
+    The features of a random network barely vary across the image, so the class convolution gets
+    large weights (std 0.5): otherwise the class biases alone rank the anchors and many tie."""
     head = model.model[-1]
-    for branches, gain, spread, shift in (
-        (head.cv2, 0.1, 2.0, 0.0),
-        (head.cv3, 0.3, 1.5, -1.0),
-        (getattr(head, "cv4", []), 1.0, 1.0, 0.0),
-    ):
-        for branch in branches:
-            branch[-1].weight.data *= gain
-            bias = branch[-1].bias
-            bias.data = torch.randn(bias.shape, generator=generator) * spread + shift
+    for branch in head.cv2:
+        branch[-1].weight.data *= 0.1
+        branch[-1].bias.data = torch.randn(branch[-1].bias.shape, generator=generator) * 2.0
+    for branch in head.cv3:
+        branch[-1].weight.data = torch.randn(branch[-1].weight.shape, generator=generator) * 0.5
+        branch[-1].bias.data = torch.randn(branch[-1].bias.shape, generator=generator) * 0.5 - 4.0
+    for branch in getattr(head, "cv4", []):
+        branch[-1].bias.data = torch.randn(branch[-1].bias.shape, generator=generator)
 
 
 def save_tensor(name, tensor):
