@@ -1,0 +1,4 @@
+//! kiln's training engine: the YOLOv8 losses, COCO evaluation, augmentation and the burn-train
+//! Learner that trains a student from a COCO dataset.
+
+pub mod loss;

@@ -1,0 +1,359 @@
+//! The YOLOv8 training loss (Ultralytics `utils/loss.py::v8DetectionLoss` and
+//! `v8SegmentationLoss` with instance masks): task-aligned assignment, then
+//! - box: `1 - CIoU` of the decoded box, weighted by the anchor's soft target;
+//! - dfl: Distribution Focal Loss of the box-side distributions, same weights;
+//! - cls: binary cross-entropy of every class logit against the soft targets;
+//! - seg: per positive anchor, BCE of `coefficients · prototypes` against its object's mask,
+//!   cropped to the object's box and normalised by the box area;
+//!
+//! each normalised by the sum of the soft targets (seg: by the number of positive anchors), scaled
+//! by its gain (box 7.5, cls 0.5, dfl 1.5, seg = box), summed and multiplied by the batch size.
+
+pub mod assigner;
+pub mod bbox;
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln_data::batch::DetectionBatch;
+use kiln_models::yolo::head::{HeadOutput, REG_MAX};
+use serde::{Deserialize, Serialize};
+
+pub use assigner::{AssignerConfig, Assignment, GroundTruth, assign};
+use bbox::{ciou_tensor, distribution_focal_loss};
+
+/// The strides of YOLOv8's three detection levels.
+pub const STRIDES: [usize; 3] = [8, 16, 32];
+
+/// Gains and assigner settings (Ultralytics' defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossConfig {
+    pub box_gain: f32,
+    pub cls_gain: f32,
+    pub dfl_gain: f32,
+    pub topk: usize,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self { box_gain: 7.5, cls_gain: 0.5, dfl_gain: 1.5, topk: 10, alpha: 0.5, beta: 6.0 }
+    }
+}
+
+impl LossConfig {
+    pub fn assigner(&self) -> AssignerConfig {
+        AssignerConfig { topk: self.topk, alpha: self.alpha, beta: self.beta, min_side: STRIDES[1] as f32 }
+    }
+}
+
+/// Ground truths of a batch, padded per image (the layout of [`DetectionBatch`]).
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// `[B, M, 4]` `x1, y1, x2, y2` in input pixels.
+    pub boxes: Tensor<3>,
+    /// `[B, M]` class indexes.
+    pub classes: Tensor<2, Int>,
+    /// `[B, M]` 1 for a real instance, 0 for padding.
+    pub valid: Tensor<2>,
+    /// `[B, M, H/4, W/4]` instance masks at the prototypes' resolution.
+    pub masks: Option<Tensor<4>>,
+}
+
+impl From<&DetectionBatch> for Targets {
+    fn from(batch: &DetectionBatch) -> Self {
+        Self {
+            boxes: batch.boxes.clone(),
+            classes: batch.classes.clone(),
+            valid: batch.valid.clone(),
+            masks: batch.masks.clone(),
+        }
+    }
+}
+
+/// Loss parts before their gains, as Ultralytics logs them after the gains (`box_loss`, ...).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossParts {
+    pub box_loss: f32,
+    pub cls_loss: f32,
+    pub dfl_loss: f32,
+    /// Zero for detection models.
+    pub seg_loss: f32,
+}
+
+impl LossParts {
+    pub fn sum(&self) -> f32 {
+        self.box_loss + self.cls_loss + self.dfl_loss + self.seg_loss
+    }
+}
+
+/// The loss to back-propagate (a one-element tensor) and its parts (with gains, per image).
+#[derive(Debug, Clone)]
+pub struct LossOutput {
+    pub total: Tensor<1>,
+    pub parts: LossParts,
+    pub foreground: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum LossError {
+    #[error(
+        "the target masks are {target:?} pixels but the prototypes are {prototypes:?}: masks must be made at a quarter of the input size"
+    )]
+    MaskSize { target: [usize; 2], prototypes: [usize; 2] },
+    #[error("the model predicts masks but the batch has none (or the other way round)")]
+    MasksMissing,
+}
+
+/// Anchor centres (grid units) and their strides, level by level, row-major: `make_anchors`.
+pub fn anchors(levels: &[[usize; 2]]) -> (Vec<[f32; 2]>, Vec<f32>) {
+    let mut points = Vec::new();
+    let mut strides = Vec::new();
+    for (&[h, w], &stride) in levels.iter().zip(&STRIDES) {
+        for y in 0..h {
+            for x in 0..w {
+                points.push([x as f32 + 0.5, y as f32 + 0.5]);
+                strides.push(stride as f32);
+            }
+        }
+    }
+    (points, strides)
+}
+
+/// `[B, C, H, W]` per level → `[B, A, C]`, anchors in `make_anchors` order.
+pub fn flatten_levels(levels: &[Tensor<4>]) -> Tensor<3> {
+    let flat: Vec<Tensor<3>> = levels
+        .iter()
+        .map(|level| {
+            let [b, c, h, w] = level.dims();
+            level.clone().reshape([b, c, h * w])
+        })
+        .collect();
+    Tensor::cat(flat, 2).swap_dims(1, 2)
+}
+
+/// `max(x, 0) - x t + log(1 + e^-|x|)`: BCE with logits, element-wise.
+fn bce_with_logits<const D: usize>(logits: Tensor<D>, targets: Tensor<D>) -> Tensor<D> {
+    logits.clone().clamp_min(0.0) - logits.clone() * targets + logits.abs().neg().exp().log1p()
+}
+
+fn host_f32<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
+}
+
+fn tensor_from<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// The task-aligned assignment of a whole batch, from the head's raw output (no gradient).
+pub struct BatchAssignment {
+    pub assignments: Vec<Assignment>,
+    /// `[B][M]` ground-truth boxes (input pixels) and classes.
+    pub boxes: Vec<Vec<[f32; 4]>>,
+    pub classes: Vec<Vec<usize>>,
+    pub anchors: Vec<[f32; 2]>,
+    pub strides: Vec<f32>,
+}
+
+/// The YOLOv8 loss of one batch.
+pub fn yolo_loss(config: &LossConfig, output: &HeadOutput, targets: &Targets) -> Result<LossOutput, LossError> {
+    let device = output.levels[0].device();
+    let [batch_size, channels, h0, w0] = output.levels[0].dims();
+    let nc = channels - 4 * REG_MAX;
+    let input_size = [h0 * STRIDES[0], w0 * STRIDES[0]];
+    let predictions = flatten_levels(&output.levels); // [B, A, 64 + nc]
+    let num_anchors = predictions.dims()[1];
+    let pred_dist = predictions.clone().slice([0..batch_size, 0..num_anchors, 0..4 * REG_MAX]);
+    let pred_scores = predictions.slice([0..batch_size, 0..num_anchors, 4 * REG_MAX..channels]);
+
+    let level_sizes: Vec<[usize; 2]> = output.levels.iter().map(|l| [l.dims()[2], l.dims()[3]]).collect();
+    let (anchor_points, anchor_strides) = anchors(&level_sizes);
+    let pred_boxes = decode_boxes(pred_dist.clone(), &anchor_points, &device); // grid units
+
+    let assignment =
+        assign_batch(config, pred_scores.clone(), pred_boxes.clone(), targets, anchor_points, anchor_strides);
+    let mut target_scores = Vec::with_capacity(batch_size * num_anchors * nc);
+    for a in &assignment.assignments {
+        target_scores.extend_from_slice(&a.target_scores);
+    }
+    let target_scores_sum = target_scores.iter().sum::<f32>().max(1.0);
+    let target_scores = tensor_from(target_scores, [batch_size, num_anchors, nc], &device);
+    let cls = bce_with_logits(pred_scores, target_scores).sum() / target_scores_sum;
+
+    // Positive anchors, flattened over the batch, with their fixed targets in grid units.
+    let mut positive = Vec::new();
+    let mut weights = Vec::new();
+    let mut target_boxes = Vec::new();
+    let mut target_distances = Vec::new();
+    for (b, a) in assignment.assignments.iter().enumerate() {
+        for j in (0..num_anchors).filter(|&j| a.foreground[j]) {
+            let stride = assignment.strides[j];
+            let gt = assignment.boxes[b][a.target_index[j]].map(|v| v / stride);
+            let [ax, ay] = assignment.anchors[j];
+            let limit = REG_MAX as f32 - 1.0 - 0.01;
+            positive.push((b * num_anchors + j) as i64);
+            weights.push(a.target_scores[j * nc..(j + 1) * nc].iter().sum::<f32>());
+            target_boxes.extend_from_slice(&gt);
+            target_distances.push([ax - gt[0], ay - gt[1], gt[2] - ax, gt[3] - ay].map(|d| d.clamp(0.0, limit)));
+        }
+    }
+    let n = positive.len();
+    let zero = || Tensor::<1>::zeros([1], &device);
+    let (box_loss, dfl) = if n == 0 {
+        (zero(), zero())
+    } else {
+        let index = Tensor::<1, Int>::from_data(TensorData::new(positive.clone(), [n]), &device);
+        let weight = tensor_from(weights, [n], &device);
+        let predicted = pred_boxes.reshape([batch_size * num_anchors, 4]).select(0, index.clone());
+        let iou = ciou_tensor(predicted, tensor_from(target_boxes, [n, 4], &device));
+        let box_loss = ((iou.neg() + 1.0) * weight.clone()).sum() / target_scores_sum;
+        let logits = pred_dist.reshape([batch_size * num_anchors, 4, REG_MAX]).select(0, index);
+        let dfl = (distribution_focal_loss(logits, &target_distances) * weight).sum() / target_scores_sum;
+        (box_loss, dfl)
+    };
+
+    let seg = match (&output.coefficients, &output.prototypes, &targets.masks) {
+        (Some(coefficients), Some(prototypes), Some(masks)) => {
+            Some(mask_loss(coefficients, prototypes.clone(), masks.clone(), &assignment, input_size, n)?)
+        }
+        (None, None, _) => None,
+        _ => return Err(LossError::MasksMissing),
+    };
+
+    let mut total = box_loss.clone() * config.box_gain + cls.clone() * config.cls_gain + dfl.clone() * config.dfl_gain;
+    if let Some(seg) = &seg {
+        total = total + seg.clone() * config.box_gain;
+    }
+    let scalar = |t: Tensor<1>, gain: f32| t.into_scalar::<f32>() * gain;
+    let parts = LossParts {
+        box_loss: scalar(box_loss, config.box_gain),
+        cls_loss: scalar(cls, config.cls_gain),
+        dfl_loss: scalar(dfl, config.dfl_gain),
+        seg_loss: seg.map_or(0.0, |s| scalar(s, config.box_gain)),
+    };
+    Ok(LossOutput { total: total * batch_size as f32, parts, foreground: n })
+}
+
+/// DFL expectation per side, then distances → `x1, y1, x2, y2` around the anchors (grid units).
+pub fn decode_boxes(pred_dist: Tensor<3>, anchors: &[[f32; 2]], device: &Device) -> Tensor<3> {
+    let [b, a, _] = pred_dist.dims();
+    let bins = tensor_from((0..REG_MAX).map(|i| i as f32).collect(), [REG_MAX, 1], device);
+    let distances = softmax(pred_dist.reshape([b * a * 4, REG_MAX]), 1).matmul(bins).reshape([b, a, 4]);
+    let anchor = tensor_from(anchors.iter().flatten().copied().collect(), [1, a, 2], device);
+    let left_top = distances.clone().slice([0..b, 0..a, 0..2]);
+    let right_bottom = distances.slice([0..b, 0..a, 2..4]);
+    Tensor::cat(vec![anchor.clone() - left_top, anchor + right_bottom], 2)
+}
+
+/// Runs the assigner on every image (detached predictions, input pixels).
+pub fn assign_batch(
+    config: &LossConfig,
+    pred_scores: Tensor<3>,
+    pred_boxes_grid: Tensor<3>,
+    targets: &Targets,
+    anchors_grid: Vec<[f32; 2]>,
+    strides: Vec<f32>,
+) -> BatchAssignment {
+    let [batch_size, num_anchors, nc] = pred_scores.dims();
+    let scores = host_f32(burn::tensor::activation::sigmoid(pred_scores.detach()));
+    let boxes = host_f32(pred_boxes_grid.detach());
+    let [_, m, _] = targets.boxes.dims();
+    let gt_boxes = host_f32(targets.boxes.clone());
+    let gt_classes: Vec<i64> =
+        targets.classes.clone().into_data().convert::<i64>().try_into_vec::<i64>().expect("int data");
+    let gt_valid = host_f32(targets.valid.clone());
+    let anchors_px: Vec<[f32; 2]> = anchors_grid.iter().zip(&strides).map(|(p, s)| [p[0] * s, p[1] * s]).collect();
+    let config_assigner = config.assigner();
+    let mut result = BatchAssignment {
+        assignments: Vec::with_capacity(batch_size),
+        boxes: Vec::with_capacity(batch_size),
+        classes: Vec::with_capacity(batch_size),
+        anchors: anchors_grid,
+        strides,
+    };
+    for b in 0..batch_size {
+        let image_boxes: Vec<[f32; 4]> =
+            (0..m).map(|i| std::array::from_fn(|k| gt_boxes[(b * m + i) * 4 + k])).collect();
+        let classes: Vec<usize> = (0..m).map(|i| gt_classes[b * m + i].max(0) as usize).collect();
+        let valid: Vec<bool> = (0..m).map(|i| gt_valid[b * m + i] > 0.5).collect();
+        let predicted: Vec<[f32; 4]> = (0..num_anchors)
+            .map(|j| {
+                let s = result.strides[j];
+                std::array::from_fn(|k| boxes[(b * num_anchors + j) * 4 + k] * s)
+            })
+            .collect();
+        let truth = GroundTruth { classes: &classes, boxes: &image_boxes, valid: &valid };
+        let image_scores = &scores[b * num_anchors * nc..(b + 1) * num_anchors * nc];
+        result.assignments.push(assign(&config_assigner, image_scores, nc, &predicted, &anchors_px, &truth));
+        result.boxes.push(image_boxes);
+        result.classes.push(classes);
+    }
+    result
+}
+
+/// Mask loss summed over positive anchors, divided by their number (Ultralytics'
+/// `calculate_segmentation_loss` with `overlap_mask=False`).
+fn mask_loss(
+    coefficients: &[Tensor<4>],
+    prototypes: Tensor<4>,
+    masks: Tensor<4>,
+    assignment: &BatchAssignment,
+    input_size: [usize; 2],
+    positives: usize,
+) -> Result<Tensor<1>, LossError> {
+    let device = prototypes.device();
+    let [_, nm, mh, mw] = prototypes.dims();
+    let [_, m, th, tw] = masks.dims();
+    if [th, tw] != [mh, mw] {
+        return Err(LossError::MaskSize { target: [th, tw], prototypes: [mh, mw] });
+    }
+    let coefficients = flatten_levels(coefficients); // [B, A, nm]
+    let num_anchors = coefficients.dims()[1];
+    let mut total = Tensor::<1>::zeros([1], &device);
+    for (b, a) in assignment.assignments.iter().enumerate() {
+        let anchors: Vec<usize> = (0..num_anchors).filter(|&j| a.foreground[j]).collect();
+        if anchors.is_empty() {
+            continue;
+        }
+        let n = anchors.len();
+        let anchor_index = Tensor::<1, Int>::from_data(
+            TensorData::new(anchors.iter().map(|&j| j as i64).collect::<Vec<_>>(), [n]),
+            &device,
+        );
+        let object_index = Tensor::<1, Int>::from_data(
+            TensorData::new(anchors.iter().map(|&j| a.target_index[j] as i64).collect::<Vec<_>>(), [n]),
+            &device,
+        );
+        let image_coefficients =
+            coefficients.clone().slice([b..b + 1, 0..num_anchors, 0..nm]).reshape([num_anchors, nm]);
+        let image_prototypes = prototypes.clone().slice([b..b + 1, 0..nm, 0..mh, 0..mw]).reshape([nm, mh * mw]);
+        let logits = image_coefficients.select(0, anchor_index).matmul(image_prototypes);
+        let truth = masks.clone().slice([b..b + 1, 0..m, 0..mh, 0..mw]).reshape([m, mh * mw]).select(0, object_index);
+        // Inside the object's box (prototype pixels), divided by the pixel count and the box's
+        // area as a fraction of the image: the mean over the crop, favouring small objects.
+        let mut weight = vec![0f32; n * mh * mw];
+        for (i, &j) in anchors.iter().enumerate() {
+            let [x1, y1, x2, y2] = assignment.boxes[b][a.target_index[j]];
+            let (nx1, nx2) = (x1 / input_size[1] as f32, x2 / input_size[1] as f32);
+            let (ny1, ny2) = (y1 / input_size[0] as f32, y2 / input_size[0] as f32);
+            let area = (nx2 - nx1) * (ny2 - ny1);
+            let (cx1, cx2, cy1, cy2) = (nx1 * mw as f32, nx2 * mw as f32, ny1 * mh as f32, ny2 * mh as f32);
+            let value = 1.0 / ((mh * mw) as f32 * area);
+            for r in 0..mh {
+                let rf = r as f32;
+                if rf < cy1 || rf >= cy2 {
+                    continue;
+                }
+                for c in 0..mw {
+                    let cf = c as f32;
+                    if cf >= cx1 && cf < cx2 {
+                        weight[(i * mh + r) * mw + c] = value;
+                    }
+                }
+            }
+        }
+        let weight = tensor_from(weight, [n, mh * mw], &device);
+        total = total + (bce_with_logits(logits, truth) * weight).sum();
+    }
+    Ok(total / positives.max(1) as f32)
+}
