@@ -287,6 +287,29 @@ impl Rle {
         Self::from_intervals(merged.into_iter(), self.height, self.width)
     }
 
+    /// Pixels set in both masks (`rleArea(rleMerge(intersect = 1))`, as `rleIou` counts them).
+    pub fn intersection_area(&self, other: &Rle) -> u64 {
+        let (mut a, mut b) = (self.intervals().peekable(), other.intervals().peekable());
+        let mut total = 0;
+        while let (Some(&(s1, e1)), Some(&(s2, e2))) = (a.peek(), b.peek()) {
+            total += e1.min(e2).saturating_sub(s1.max(s2));
+            if e1 <= e2 {
+                a.next();
+            } else {
+                b.next();
+            }
+        }
+        total
+    }
+
+    /// pycocotools' `rleIou`: intersection over union, or over this mask's own area when the other
+    /// is a crowd region; 0 when both are empty.
+    pub fn iou(&self, other: &Rle, other_is_crowd: bool) -> f64 {
+        let inter = self.intersection_area(other) as f64;
+        let union = if other_is_crowd { self.area() as f64 } else { (self.area() + other.area()) as f64 - inter };
+        if union > 0.0 { inter / union } else { 0.0 }
+    }
+
     pub fn decode(&self) -> BinaryMask {
         let (h, w) = (self.height as usize, self.width as usize);
         let mut data = vec![0u8; h * w];

@@ -1,4 +1,5 @@
 //! kiln's training engine: the YOLOv8 losses, COCO evaluation, augmentation and the burn-train
 //! Learner that trains a student from a COCO dataset.
 
+pub mod eval;
 pub mod loss;
