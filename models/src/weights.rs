@@ -18,6 +18,8 @@ pub enum WeightsError {
     Read { path: PathBuf, message: String },
     #[error("{path}: {report}")]
     Mismatch { path: PathBuf, report: MismatchReport },
+    #[error("{path}: cannot write the weights: {message}")]
+    Write { path: PathBuf, message: String },
 }
 
 /// What did not fit, key by key.
@@ -170,4 +172,56 @@ pub fn parameter_count<M: Module>(model: &M) -> usize {
     let mut counter = Counter { path: Vec::new(), count: 0 };
     model.visit(&mut counter);
     counter.count
+}
+
+/// Saves `model` as safetensors under the official key names (the inverse of `prefixes`, PyTorch's
+/// BatchNorm names), with `metadata` in the header. The file appears whole or not at all: it is
+/// written beside its destination and renamed into place.
+pub fn save_safetensors<M: Module>(
+    model: &M,
+    path: &Path,
+    prefixes: &[(String, String)],
+    metadata: &[(String, String)],
+) -> Result<(), WeightsError> {
+    let write_error = |message: String| WeightsError::Write { path: path.to_path_buf(), message };
+    let file_name = path.file_name().ok_or_else(|| write_error("not a file path".into()))?;
+    let staging = path.with_file_name(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+    let mut store = SafetensorsStore::from_file(&staging).with_to_adapter(burn::store::BurnToPyTorchAdapter);
+    for (official, ours) in prefixes {
+        store = store.with_key_remapping(format!("^{}", regex_escape(ours)), official.clone());
+    }
+    for (key, value) in metadata {
+        store = store.metadata(key.clone(), value.clone());
+    }
+    let result = model.save_into(&mut store).map_err(|e| write_error(e.to_string()));
+    drop(store);
+    match result.and_then(|_| std::fs::rename(&staging, path).map_err(|e| write_error(e.to_string()))) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&staging);
+            Err(e)
+        }
+    }
+}
+
+/// The `__metadata__` of a safetensors file's header (empty when it has none).
+pub fn read_safetensors_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>, WeightsError> {
+    use std::io::Read;
+    let read_error = |message: String| WeightsError::Read { path: path.to_path_buf(), message };
+    let mut file = std::fs::File::open(path).map_err(|e| read_error(e.to_string()))?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length).map_err(|_| read_error("too short for a safetensors file".into()))?;
+    let length = u64::from_le_bytes(length);
+    if length > 100 << 20 {
+        return Err(read_error("not a safetensors file (implausible header length)".into()));
+    }
+    let mut header = vec![0u8; length as usize];
+    file.read_exact(&mut header).map_err(|_| read_error("truncated safetensors header".into()))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| read_error(format!("safetensors header is not JSON: {e}")))?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect())
+        .unwrap_or_default())
 }

@@ -1,5 +1,9 @@
 //! kiln's training engine: the YOLOv8 losses, COCO evaluation, augmentation and the burn-train
 //! Learner that trains a student from a COCO dataset.
 
+pub mod augment;
+pub mod data;
 pub mod eval;
 pub mod loss;
+pub mod run;
+pub mod student;

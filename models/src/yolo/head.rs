@@ -12,6 +12,9 @@ use super::conv::Conv;
 /// Distribution Focal Loss bins per box side.
 pub const REG_MAX: usize = 16;
 
+/// Strides of the three detection levels (P3, P4, P5).
+pub const STRIDES: [usize; 3] = [8, 16, 32];
+
 pub type Branch = (Conv, Conv, Conv2d);
 
 fn branch(c_in: usize, hidden: usize, c_out: usize, device: &Device) -> Branch {
@@ -20,6 +23,19 @@ fn branch(c_in: usize, hidden: usize, c_out: usize, device: &Device) -> Branch {
         Conv::new(hidden, hidden, 3, 1, 1, device),
         Conv2dConfig::new([hidden, c_out], [1, 1]).init(device),
     )
+}
+
+/// A branch whose last convolution starts with every bias at `bias` (Ultralytics' `bias_init`).
+fn branch_with_bias(c_in: usize, hidden: usize, c_out: usize, bias: f32, device: &Device) -> Branch {
+    let mut b = branch(c_in, hidden, c_out, device);
+    b.2.bias = Some(burn::module::Param::from_tensor(Tensor::full([c_out], bias, device)));
+    b
+}
+
+/// `Detect.bias_init`: box logits at 2.0; class logits at the prior of 5 objects per 640-px
+/// image spread over `nc` classes and the level's anchors (training from scratch starts calm).
+fn class_prior(nc: usize, stride: usize) -> f32 {
+    (5.0 / nc as f64 / (640.0 / stride as f64).powi(2)).ln() as f32
 }
 
 fn run(branch: &Branch, x: Tensor<4>) -> Tensor<4> {
@@ -82,8 +98,12 @@ impl Head {
         let c2 = 16.max(ch[0] / 4).max(REG_MAX * 4);
         let c3 = ch[0].max(nc.min(100));
         Self {
-            cv2: ch.iter().map(|&c| branch(c, c2, 4 * REG_MAX, device)).collect(),
-            cv3: ch.iter().map(|&c| branch(c, c3, nc, device)).collect(),
+            cv2: ch.iter().map(|&c| branch_with_bias(c, c2, 4 * REG_MAX, 2.0, device)).collect(),
+            cv3: ch
+                .iter()
+                .zip(STRIDES)
+                .map(|(&c, stride)| branch_with_bias(c, c3, nc, class_prior(nc, stride), device))
+                .collect(),
             dfl: Dfl::new(device),
             cv4: Vec::new(),
             proto: None,

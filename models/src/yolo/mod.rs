@@ -269,6 +269,17 @@ impl YoloV8 {
     /// (`yolov8n-seg.pt`, `FastSAM-s.pt`: the pickled model, read directly), or a state dict
     /// (`.pt`/`.pth` or `.safetensors`, keys `model.<i>.…`). A checkpoint of another scale, task or
     /// class count is refused with the keys that do not fit.
+    /// Saves the weights as safetensors with Ultralytics' state-dict keys (`model.<i>.…`), so the
+    /// file loads back here and into Ultralytics alike; `metadata` goes into the header.
+    pub fn save(
+        &self,
+        path: &std::path::Path,
+        metadata: &[(String, String)],
+    ) -> Result<(), crate::weights::WeightsError> {
+        let prefixes: Vec<(String, String)> = Self::key_prefixes().into_iter().take(LAYER_NAMES.len()).collect();
+        crate::weights::save_safetensors(self, path, &prefixes, metadata)
+    }
+
     pub fn load(
         config: &YoloConfig,
         path: &std::path::Path,

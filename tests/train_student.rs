@@ -1,0 +1,104 @@
+//! Student training end to end on small generated datasets: the run's files, learning, and
+//! resumption after an interruption.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use indicatif::ProgressBar;
+use kiln_data::{SplitOptions, SynthLabels, SynthOptions, split, synthesize};
+use kiln_tests::Scratch;
+use kiln_training::run::{StudentConfig, TrainOptions, Verbosity, load_student_data, train_student};
+
+/// A synth dataset split into train.json / val.json; returns their paths.
+fn dataset(dir: &Path, images: usize, size: u32) -> (PathBuf, PathBuf) {
+    let options = SynthOptions { images, classes: 3, size, labels: SynthLabels::Both, seed: 5, max_objects: 3 };
+    let out = synthesize(&options, &dir.join("synth"), &ProgressBar::hidden()).unwrap();
+    let parts = split(&out.dataset, &SplitOptions::default());
+    let (train, val) = (dir.join("synth/train.json"), dir.join("synth/val.json"));
+    out.dataset.subset(parts.part("train").unwrap()).save(&train).unwrap();
+    out.dataset.subset(parts.part("val").unwrap()).save(&val).unwrap();
+    (train, val)
+}
+
+fn config(classes: Vec<String>, ids: Vec<u64>, epochs: usize) -> StudentConfig {
+    StudentConfig {
+        model: "yolov8n-seg".into(),
+        epochs,
+        batch_size: 4,
+        imgsz: 64,
+        close_mosaic: 1,
+        classes,
+        category_ids: ids,
+        ..StudentConfig::default()
+    }
+}
+
+fn run(
+    train: &Path,
+    val: &Path,
+    output: &Path,
+    epochs: usize,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> kiln_training::run::TrainSummary {
+    let (data, _) = load_student_data(train, val, None).unwrap();
+    let config = config(data.train.class_names(), data.train.class_ids(), epochs);
+    let options = TrainOptions {
+        config,
+        output: output.to_path_buf(),
+        device: Device::flex(),
+        resume,
+        verbosity: Verbosity::Quiet,
+        stop_after_epochs: stop_after,
+    };
+    train_student(options, data).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_run_writes_its_files_and_resumes_to_the_same_weights() {
+    let scratch = Scratch::new("train-resume");
+    let (train, val) = dataset(scratch.path(), 16, 64);
+    let whole = scratch.path().join("whole");
+    let summary = run(&train, &val, &whole, 3, false, None);
+    assert_eq!(summary.history.len(), 3);
+    for file in ["student_config.yaml", "results.csv", "weights/last.safetensors", "weights/best.safetensors"] {
+        assert!(whole.join(file).is_file(), "{file} is written");
+    }
+    let csv = std::fs::read_to_string(whole.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(summary.history.iter().all(|r| r.train.sum().is_finite() && r.train.sum() > 0.0));
+
+    let parted = scratch.path().join("parted");
+    let first = run(&train, &val, &parted, 3, false, Some(1));
+    assert_eq!(first.history.len(), 1);
+    let second = run(&train, &val, &parted, 3, true, None);
+    assert_eq!(second.history.len(), 3, "the resumed run carries the first epoch's record");
+    let a = tensors(&whole.join("weights/last.safetensors"));
+    let b = tensors(&parted.join("weights/last.safetensors"));
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() > 300, "every parameter and BatchNorm statistic is saved");
+    for (key, value) in &a {
+        assert!(
+            b.get(key) == Some(value),
+            "{key}: an interrupted and resumed run ends with the uninterrupted run's weights"
+        );
+    }
+}
+
+/// The tensors of a safetensors file by name (raw little-endian bytes).
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let o = v["data_offsets"].as_array().unwrap();
+            let (s, e) = (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize);
+            (k.clone(), bytes[8 + n + s..8 + n + e].to_vec())
+        })
+        .collect()
+}

@@ -1,0 +1,374 @@
+//! Training augmentation for detection and segmentation, after Ultralytics' `data/augment.py`
+//! defaults for YOLOv8: `Mosaic` (4 images around a random centre), `RandomPerspective` reduced to
+//! what its defaults use (scale ±0.5, translate ±0.1; no rotation, shear or perspective, so every
+//! map is axis-aligned and boxes stay exact), `RandomHSV` (0.015, 0.7, 0.4) and `RandomFlip`
+//! (horizontal, 0.5), then the same box filter (`box_candidates`). Boxes and masks go through the
+//! very map the pixels do. Every draw comes from a seeded generator, so a sample is a pure function
+//! of (seed, epoch, index).
+
+use image::RgbImage;
+use kiln_data::batch::{DetectionItem, InstanceLabel};
+use kiln_data::mask::BinaryMask;
+use kiln_data::rng::SeededRng;
+use serde::{Deserialize, Serialize};
+
+/// Ultralytics' grey for padding.
+const PAD: u8 = 114;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AugmentConfig {
+    /// Probability of a 4-image mosaic.
+    pub mosaic: f64,
+    /// Random scale gain: the image is scaled by `1 ± scale`.
+    pub scale: f64,
+    /// Random translation as a fraction of the input size.
+    pub translate: f64,
+    pub hsv_h: f64,
+    pub hsv_s: f64,
+    pub hsv_v: f64,
+    /// Probability of a horizontal flip.
+    pub fliplr: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self { mosaic: 1.0, scale: 0.5, translate: 0.1, hsv_h: 0.015, hsv_s: 0.7, hsv_v: 0.4, fliplr: 0.5 }
+    }
+}
+
+impl AugmentConfig {
+    /// No augmentation at all (plain letterbox), as for validation.
+    pub fn none() -> Self {
+        Self { mosaic: 0.0, scale: 0.0, translate: 0.0, hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, fliplr: 0.0 }
+    }
+}
+
+/// One augmented training sample at the network's input size.
+#[derive(Debug, Clone)]
+pub struct TrainSample {
+    pub image: RgbImage,
+    /// Class index and `x1, y1, x2, y2` in input pixels.
+    pub boxes: Vec<(usize, [f32; 4])>,
+    /// Per box, its mask at `1 / mask_downsample` of the input (when masks are asked for).
+    pub masks: Vec<BinaryMask>,
+}
+
+/// `x' = x * s + ox`, `y' = y * s + oy` (one scale: aspect ratios are kept, as Ultralytics does),
+/// with `s < 0` in x meaning a horizontal flip.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    sx: f64,
+    sy: f64,
+    ox: f64,
+    oy: f64,
+    /// The part of the output this image may paint: `x1, y1, x2, y2`.
+    visible: [f64; 4],
+}
+
+impl Placement {
+    fn map_box(&self, [x1, y1, x2, y2]: [f64; 4]) -> [f64; 4] {
+        let (a, b) = (x1 * self.sx + self.ox, x2 * self.sx + self.ox);
+        let (c, d) = (y1 * self.sy + self.oy, y2 * self.sy + self.oy);
+        [a.min(b), c.min(d), a.max(b), c.max(d)]
+    }
+
+    fn then(&self, scale: f64, ox: f64, oy: f64) -> Placement {
+        let v = self.visible;
+        Placement {
+            sx: self.sx * scale,
+            sy: self.sy * scale,
+            ox: self.ox * scale + ox,
+            oy: self.oy * scale + oy,
+            visible: [v[0] * scale + ox, v[1] * scale + oy, v[2] * scale + ox, v[3] * scale + oy],
+        }
+    }
+
+    fn flipped(&self, width: f64) -> Placement {
+        let v = self.visible;
+        Placement { sx: -self.sx, ox: width - self.ox, visible: [width - v[2], v[1], width - v[0], v[3]], ..*self }
+    }
+}
+
+/// Builds the sample for `items` (1 image, or 4 for a mosaic: the first is the indexed one).
+pub fn augment(
+    items: &[DetectionItem],
+    config: &AugmentConfig,
+    size: u32,
+    mask_downsample: Option<u32>,
+    rng: &mut SeededRng,
+) -> kiln_data::Result<TrainSample> {
+    let s = size as f64;
+    let mut placements: Vec<Placement> = Vec::with_capacity(items.len());
+    let (canvas, border) = if items.len() == 4 {
+        // Mosaic: each image scaled so its long side is `size`, tiled around a centre drawn in
+        // the middle half of a 2s x 2s canvas; `RandomPerspective` then crops the central s x s.
+        let xc = rng.uniform(s * 0.5, s * 1.5).floor();
+        let yc = rng.uniform(s * 0.5, s * 1.5).floor();
+        for (i, item) in items.iter().enumerate() {
+            let (w0, h0) = (item.image.width() as f64, item.image.height() as f64);
+            let r = s / w0.max(h0);
+            let (w, h) = ((w0 * r).round(), (h0 * r).round());
+            let (x1, y1) = match i {
+                0 => (xc - w, yc - h),
+                1 => (xc, yc - h),
+                2 => (xc - w, yc),
+                _ => (xc, yc),
+            };
+            let visible = [x1.max(0.0), y1.max(0.0), (x1 + w).min(2.0 * s), (y1 + h).min(2.0 * s)];
+            placements.push(Placement { sx: w / w0, sy: h / h0, ox: x1, oy: y1, visible });
+        }
+        (2.0 * s, -s / 2.0)
+    } else {
+        let item = &items[0];
+        let (w0, h0) = (item.image.width() as f64, item.image.height() as f64);
+        let r = (s / w0).min(s / h0);
+        let (w, h) = ((w0 * r).round().max(1.0), (h0 * r).round().max(1.0));
+        let (x1, y1) = (((s - w) / 2.0 - 0.1).round().max(0.0), ((s - h) / 2.0 - 0.1).round().max(0.0));
+        placements.push(Placement { sx: w / w0, sy: h / h0, ox: x1, oy: y1, visible: [x1, y1, x1 + w, y1 + h] });
+        (s, 0.0)
+    };
+    // RandomPerspective: centre the canvas, scale about the centre, translate, onto s x s. With
+    // border = -s/2 (mosaic), the 2s canvas is cropped to s.
+    let out = canvas + 2.0 * border;
+    let scale = rng.uniform(1.0 - config.scale, 1.0 + config.scale);
+    let tx = rng.uniform(0.5 - config.translate, 0.5 + config.translate) * out;
+    let ty = rng.uniform(0.5 - config.translate, 0.5 + config.translate) * out;
+    let flip = rng.chance(config.fliplr);
+    let hsv = [
+        rng.uniform(-1.0, 1.0) * config.hsv_h + 1.0,
+        rng.uniform(-1.0, 1.0) * config.hsv_s + 1.0,
+        rng.uniform(-1.0, 1.0) * config.hsv_v + 1.0,
+    ];
+    let half = canvas / 2.0;
+    let placements: Vec<Placement> = placements
+        .iter()
+        .map(|p| {
+            let p = p.then(scale, tx - half * scale, ty - half * scale);
+            if flip { p.flipped(s) } else { p }
+        })
+        .collect();
+
+    let mut image = RgbImage::from_pixel(size, size, image::Rgb([PAD; 3]));
+    for (item, placement) in items.iter().zip(&placements) {
+        paint(&mut image, &item.image, placement);
+    }
+    if hsv != [1.0; 3] {
+        adjust_hsv(&mut image, hsv);
+    }
+
+    let mut sample = TrainSample { image, boxes: Vec::new(), masks: Vec::new() };
+    for (item, placement) in items.iter().zip(&placements) {
+        for instance in &item.instances {
+            if let Some((bbox, mask)) = place_instance(instance, item, placement, size, mask_downsample)? {
+                sample.boxes.push((instance.class, bbox));
+                if let Some(mask) = mask {
+                    sample.masks.push(mask);
+                }
+            }
+        }
+    }
+    Ok(sample)
+}
+
+/// The instance's box (and mask) in the output, or `None` when too little of it survives
+/// (Ultralytics' `box_candidates`: sides > 2 px, > 10 % of its scaled area, aspect < 100).
+fn place_instance(
+    instance: &InstanceLabel,
+    item: &DetectionItem,
+    placement: &Placement,
+    size: u32,
+    mask_downsample: Option<u32>,
+) -> kiln_data::Result<Option<([f32; 4], Option<BinaryMask>)>> {
+    let s = size as f64;
+    let mapped = placement.map_box(instance.bbox);
+    let v = placement.visible;
+    let clip = [
+        mapped[0].max(v[0]).clamp(0.0, s),
+        mapped[1].max(v[1]).clamp(0.0, s),
+        mapped[2].min(v[2]).clamp(0.0, s),
+        mapped[3].min(v[3]).clamp(0.0, s),
+    ];
+    let (w0, h0) = (mapped[2] - mapped[0], mapped[3] - mapped[1]);
+    let (w, h) = (clip[2] - clip[0], clip[3] - clip[1]);
+    let aspect = (w / (h + 1e-16)).max(h / (w + 1e-16));
+    if w <= 2.0 || h <= 2.0 || w * h / (w0 * h0 + 1e-16) <= 0.1 || aspect >= 100.0 {
+        return Ok(None);
+    }
+    let mask = match (mask_downsample, &instance.segmentation) {
+        (Some(d), Some(segmentation)) => {
+            let d = d.max(1) as f64;
+            let out = size.div_ceil(d as u32);
+            let map = [placement.sx / d, placement.sy / d, placement.ox / d, placement.oy / d];
+            let mut mask = segmentation.rasterize_affine(item.image.width(), item.image.height(), map, out, out)?;
+            // What lies outside this image's visible part belongs to a neighbour in the mosaic.
+            let (vx1, vy1, vx2, vy2) = (v[0] / d, v[1] / d, v[2] / d, v[3] / d);
+            for y in 0..out {
+                for x in 0..out {
+                    let (cx, cy) = (x as f64 + 0.5, y as f64 + 0.5);
+                    if cx < vx1 || cx > vx2 || cy < vy1 || cy > vy2 {
+                        mask.data[(y * out + x) as usize] = 0;
+                    }
+                }
+            }
+            Some(mask)
+        }
+        (Some(d), None) => Some(BinaryMask::zeros(size.div_ceil(d.max(1)), size.div_ceil(d.max(1)))),
+        (None, _) => None,
+    };
+    Ok(Some((clip.map(|c| c as f32), mask)))
+}
+
+/// Bilinear sampling of `source` through the inverse of `placement`, within its visible part.
+fn paint(out: &mut RgbImage, source: &RgbImage, placement: &Placement) {
+    let (ow, oh) = (out.width() as f64, out.height() as f64);
+    let v = placement.visible;
+    let (x_start, x_end) = (v[0].max(0.0).round() as u32, v[2].min(ow).round() as u32);
+    let (y_start, y_end) = (v[1].max(0.0).round() as u32, v[3].min(oh).round() as u32);
+    if x_start >= x_end || y_start >= y_end {
+        return;
+    }
+    let (sw, sh) = (source.width() as usize, source.height() as usize);
+    let src = source.as_raw();
+    let sample = |coordinate: f64, size: usize| -> (usize, usize, f32) {
+        let c = coordinate.clamp(0.0, (size - 1) as f64);
+        let low = c.floor() as usize;
+        (low, (low + 1).min(size - 1), (c - low as f64) as f32)
+    };
+    let columns: Vec<(usize, usize, f32)> =
+        (x_start..x_end).map(|x| sample((x as f64 + 0.5 - placement.ox) / placement.sx - 0.5, sw)).collect();
+    let width = out.width() as usize;
+    let buffer: &mut [u8] = out;
+    for y in y_start..y_end {
+        let (y0, y1, fy) = sample((y as f64 + 0.5 - placement.oy) / placement.sy - 0.5, sh);
+        for (i, &(x0, x1, fx)) in columns.iter().enumerate() {
+            let o = (y as usize * width + x_start as usize + i) * 3;
+            for c in 0..3 {
+                let at = |yy: usize, xx: usize| src[(yy * sw + xx) * 3 + c] as f32;
+                let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
+                let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
+                buffer[o + c] = (top * (1.0 - fy) + bottom * fy).round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+}
+
+/// Ultralytics' `RandomHSV`: gains on OpenCV's 8-bit HSV (hue 0..180) through look-up tables.
+fn adjust_hsv(image: &mut RgbImage, [gh, gs, gv]: [f64; 3]) {
+    let hue: Vec<f32> = (0..180).map(|x| ((x as f64 * gh) as i64).rem_euclid(180) as f32).collect();
+    let sat: Vec<f32> = (0..256).map(|x| (x as f64 * gs).clamp(0.0, 255.0) as u8 as f32).collect();
+    let val: Vec<f32> = (0..256).map(|x| (x as f64 * gv).clamp(0.0, 255.0) as u8 as f32).collect();
+    for pixel in image.pixels_mut() {
+        let [r, g, b] = pixel.0.map(|c| c as f32);
+        let max = r.max(g).max(b);
+        let min = r.min(g).min(b);
+        let delta = max - min;
+        let v = max;
+        let s = if max > 0.0 { (255.0 * delta / max).round() } else { 0.0 };
+        let h = if delta == 0.0 {
+            0.0
+        } else if max == r {
+            60.0 * (g - b) / delta
+        } else if max == g {
+            120.0 + 60.0 * (b - r) / delta
+        } else {
+            240.0 + 60.0 * (r - g) / delta
+        };
+        let h = ((if h < 0.0 { h + 360.0 } else { h }) / 2.0).round() as usize % 180;
+        let (h, s, v) = (hue[h] * 2.0, sat[s as usize] / 255.0, val[v as usize]);
+        // HSV → RGB.
+        let c = v * s;
+        let x = c * (1.0 - ((h / 60.0) % 2.0 - 1.0).abs());
+        let m = v - c;
+        let (r, g, b) = match (h / 60.0) as u32 {
+            0 => (c, x, 0.0),
+            1 => (x, c, 0.0),
+            2 => (0.0, c, x),
+            3 => (0.0, x, c),
+            4 => (x, 0.0, c),
+            _ => (c, 0.0, x),
+        };
+        pixel.0 = [r + m, g + m, b + m].map(|c| c.round().clamp(0.0, 255.0) as u8);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_data::coco::Segmentation;
+
+    fn item(width: u32, height: u32, boxes: &[[f64; 4]]) -> DetectionItem {
+        let mut image = RgbImage::from_pixel(width, height, image::Rgb([10, 200, 30]));
+        for (i, b) in boxes.iter().enumerate() {
+            for y in b[1] as u32..b[3] as u32 {
+                for x in b[0] as u32..b[2] as u32 {
+                    image.put_pixel(x, y, image::Rgb([250, 20 * i as u8, 5]));
+                }
+            }
+        }
+        DetectionItem {
+            image_id: 1,
+            image,
+            instances: boxes
+                .iter()
+                .enumerate()
+                .map(|(i, b)| InstanceLabel {
+                    class: i,
+                    bbox: *b,
+                    segmentation: Some(Segmentation::Polygons(vec![vec![
+                        b[0], b[1], b[2], b[1], b[2], b[3], b[0], b[3],
+                    ]])),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn without_augmentation_it_is_a_letterbox() {
+        let it = item(200, 100, &[[20.0, 10.0, 120.0, 60.0]]);
+        let mut rng = SeededRng::new(1);
+        let sample = augment(&[it], &AugmentConfig::none(), 64, Some(4), &mut rng).unwrap();
+        // 200x100 → 64x32, centred: 16 rows of padding on top.
+        let (class, b) = sample.boxes[0];
+        assert_eq!(class, 0);
+        let expected = [20.0 * 0.32, 10.0 * 0.32 + 16.0, 120.0 * 0.32, 60.0 * 0.32 + 16.0];
+        for (g, e) in b.iter().zip(expected) {
+            assert!((*g as f64 - e).abs() < 1e-4, "{b:?} vs {expected:?}");
+        }
+        assert_eq!(sample.image.get_pixel(0, 0).0, [PAD; 3]);
+        assert_eq!(sample.masks[0].area() as f64, (32.0 * 16.0 / 16.0f64).round());
+    }
+
+    #[test]
+    fn boxes_masks_and_pixels_move_together() {
+        let items: Vec<DetectionItem> =
+            (0..4).map(|k| item(160 + 20 * k, 120, &[[30.0, 20.0, 90.0, 100.0], [100.0, 40.0, 150.0, 80.0]])).collect();
+        for seed in 0..20 {
+            let mut rng = SeededRng::new(seed);
+            let sample = augment(
+                &items,
+                &AugmentConfig { hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, ..Default::default() },
+                128,
+                Some(4),
+                &mut rng,
+            )
+            .unwrap();
+            assert_eq!(sample.boxes.len(), sample.masks.len());
+            for ((_, b), mask) in sample.boxes.iter().zip(&sample.masks) {
+                // The box's centre pixel shows the object's red, and the mask covers it.
+                let (cx, cy) = (((b[0] + b[2]) / 2.0) as u32, ((b[1] + b[3]) / 2.0) as u32);
+                assert!(sample.image.get_pixel(cx.min(127), cy.min(127)).0[0] > 200, "seed {seed}: box {b:?}");
+                assert!(mask.get((cx / 4).min(31), (cy / 4).min(31)), "seed {seed}: mask at {b:?}");
+                assert!(b.iter().all(|&v| (0.0..=128.0).contains(&v)));
+            }
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_sample() {
+        let items: Vec<DetectionItem> = (0..4).map(|_| item(100, 80, &[[10.0, 10.0, 60.0, 50.0]])).collect();
+        let a = augment(&items, &AugmentConfig::default(), 64, Some(4), &mut SeededRng::new(3)).unwrap();
+        let b = augment(&items, &AugmentConfig::default(), 64, Some(4), &mut SeededRng::new(3)).unwrap();
+        assert_eq!(a.image, b.image);
+        assert_eq!(a.boxes, b.boxes);
+    }
+}

@@ -1,0 +1,168 @@
+//! Datasets the Learner's data loaders read: augmented training samples whose order and
+//! augmentation are a pure function of (seed, epoch, position), so a resumed run sees exactly the
+//! batches an uninterrupted one would; and plain letterboxed validation samples.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::{Dataset, DatasetError};
+use burn::tensor::{Device, Tensor, TensorData};
+use kiln_data::Letterbox;
+use kiln_data::batch::{CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem};
+use kiln_data::rng::SeededRng;
+
+use crate::augment::{AugmentConfig, TrainSample, augment};
+
+/// The current epoch (1-based), shared by the trainer and the training dataset.
+#[derive(Debug, Clone, Default)]
+pub struct EpochCounter(Arc<AtomicUsize>);
+
+impl EpochCounter {
+    pub fn set(&self, epoch: usize) {
+        self.0.store(epoch, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Training samples: position `i` of epoch `e` is image `order_e[i]`, augmented (with a mosaic
+/// of three more images drawn at random) by a generator seeded from (seed, e, i). Mosaic is off
+/// for the last `close_mosaic` epochs, as in Ultralytics.
+pub struct TrainDataset {
+    source: Arc<CocoDetectionDataset>,
+    pub augment: AugmentConfig,
+    pub image_size: u32,
+    pub mask_downsample: Option<u32>,
+    pub seed: u64,
+    pub epochs: usize,
+    pub close_mosaic: usize,
+    epoch: EpochCounter,
+    order: Mutex<(usize, Vec<usize>)>,
+}
+
+impl TrainDataset {
+    pub fn new(
+        source: Arc<CocoDetectionDataset>,
+        augment: AugmentConfig,
+        image_size: u32,
+        mask_downsample: Option<u32>,
+        seed: u64,
+        epochs: usize,
+        close_mosaic: usize,
+        epoch: EpochCounter,
+    ) -> Self {
+        Self {
+            source,
+            augment,
+            image_size,
+            mask_downsample,
+            seed,
+            epochs,
+            close_mosaic,
+            epoch,
+            order: Mutex::new((usize::MAX, Vec::new())),
+        }
+    }
+
+    fn image_at(&self, epoch: usize, position: usize) -> usize {
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        if order.0 != epoch {
+            let mut images: Vec<usize> = (0..self.source.len()).collect();
+            SeededRng::new(self.seed).fork(epoch as u64).shuffle(&mut images);
+            *order = (epoch, images);
+        }
+        order.1[position]
+    }
+
+    pub fn sample(&self, epoch: usize, position: usize) -> kiln_data::Result<TrainSample> {
+        let n = self.source.len();
+        let image = self.image_at(epoch, position);
+        let mut rng = SeededRng::new(self.seed).fork(((epoch as u64) << 32) | position as u64 | (1 << 63));
+        let mosaic_on = epoch + self.close_mosaic <= self.epochs;
+        let mut indexes = vec![image];
+        if mosaic_on && rng.chance(self.augment.mosaic) {
+            indexes.extend((0..3).map(|_| rng.below(n)));
+        }
+        let items: Vec<DetectionItem> = indexes.iter().map(|&i| self.source.load(i)).collect::<Result<_, _>>()?;
+        augment(&items, &self.augment, self.image_size, self.mask_downsample, &mut rng)
+    }
+}
+
+impl Dataset<TrainSample> for TrainDataset {
+    fn get(&self, index: usize) -> Result<TrainSample, DatasetError> {
+        self.sample(self.epoch.get().max(1), index).map_err(DatasetError::new)
+    }
+
+    fn len(&self) -> usize {
+        self.source.len()
+    }
+}
+
+/// Augmented samples → a [`DetectionBatch`] (boxes padded per image, masks at the prototypes'
+/// resolution).
+#[derive(Debug, Clone)]
+pub struct TrainBatcher {
+    pub image_size: u32,
+    pub mask_downsample: Option<u32>,
+}
+
+impl Batcher<TrainSample, DetectionBatch> for TrainBatcher {
+    fn batch(&self, items: Vec<TrainSample>, device: &Device) -> DetectionBatch {
+        let b = items.len();
+        let s = self.image_size as usize;
+        let m = items.iter().map(|i| i.boxes.len()).max().unwrap_or(0).max(1);
+        let mut pixels = Vec::with_capacity(b * 3 * s * s);
+        let mut boxes = vec![0f32; b * m * 4];
+        let mut classes = vec![0i64; b * m];
+        let mut valid = vec![0f32; b * m];
+        let ms = self.mask_downsample.map(|d| self.image_size.div_ceil(d.max(1)) as usize);
+        let mut masks = vec![0f32; ms.map_or(0, |ms| b * m * ms * ms)];
+        for (bi, item) in items.iter().enumerate() {
+            for c in 0..3 {
+                pixels.extend(item.image.as_raw().iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
+            }
+            for (mi, (class, bbox)) in item.boxes.iter().enumerate() {
+                let slot = bi * m + mi;
+                boxes[slot * 4..slot * 4 + 4].copy_from_slice(bbox);
+                classes[slot] = *class as i64;
+                valid[slot] = 1.0;
+                if let (Some(ms), Some(mask)) = (ms, item.masks.get(mi)) {
+                    for (dst, &v) in masks[slot * ms * ms..(slot + 1) * ms * ms].iter_mut().zip(&mask.data) {
+                        *dst = v as f32;
+                    }
+                }
+            }
+        }
+        let size = self.image_size;
+        DetectionBatch {
+            images: Tensor::from_data(TensorData::new(pixels, [b, 3, s, s]), device),
+            boxes: Tensor::from_data(TensorData::new(boxes, [b, m, 4]), device),
+            classes: Tensor::from_data(TensorData::new(classes, [b, m]), device),
+            valid: Tensor::from_data(TensorData::new(valid, [b, m]), device),
+            masks: ms.map(|ms| Tensor::from_data(TensorData::new(masks, [b, m, ms, ms]), device)),
+            letterboxes: vec![Letterbox::new(size, size, size, size); b],
+            image_ids: vec![0; b],
+        }
+    }
+}
+
+/// Validation images, letterboxed without augmentation.
+pub struct ValDataset(pub Arc<CocoDetectionDataset>);
+
+impl Dataset<DetectionItem> for ValDataset {
+    fn get(&self, index: usize) -> Result<DetectionItem, DatasetError> {
+        self.0.load(index).map_err(DatasetError::new)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// The validation batcher: [`DetectionBatcher`] at the training size.
+pub fn val_batcher(image_size: u32, masks: bool) -> DetectionBatcher {
+    DetectionBatcher { image_size, mask_downsample: masks.then_some(4) }
+}
