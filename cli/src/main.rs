@@ -46,9 +46,108 @@ enum Command {
     /// the checkpoint (an Ultralytics state dict, .pt/.pth or .safetensors) is loaded and checked
     /// key by key against the model.
     Info(InfoArgs),
+    /// Train the student (YOLOv8-seg, YOLOv8 or FastSAM, chosen by the data) on a training split,
+    /// validating on a validation split every epoch.
+    ///
+    /// Settings come from kiln's defaults (configs/student.yaml), then the data (student, class
+    /// names), then these flags; the run saves them as student_config.yaml, with metadata.json,
+    /// results.csv (losses and metrics per epoch), weights/best.safetensors (best mask mAP50-95, or
+    /// box mAP50-95 without masks) and weights/last.safetensors, both holding the weights' moving
+    /// average under Ultralytics' key names. An interrupted run continues with --resume.
+    TrainStudent(TrainStudentArgs),
+    /// Evaluate a trained student on a COCO dataset: COCO box (and mask) AP, per class.
+    Eval(EvalArgs),
+    /// Run a trained student on a directory of images: COCO-results JSON, and pictures with the
+    /// boxes, masks and class names drawn (--visualize).
+    Infer(InferArgs),
     /// Run the main job on a dataset kiln generates itself: synth, then validate (more steps join
     /// as they land).
     Demo(DemoArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum DeviceArg {
+    /// The CPU (Burn's flex backend).
+    Cpu,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12; lavapipe on a CPU-only box).
+    Wgpu,
+    /// NVIDIA GPUs through CUDA (needs a kiln built with the `cuda` feature).
+    Cuda,
+}
+
+#[derive(clap::Args)]
+struct TrainStudentArgs {
+    /// Training split: COCO JSON (e.g. splits/train.json from `kiln validate`) or a YOLO dataset.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Validation split, with the same categories.
+    #[arg(long, value_name = "FILE")]
+    val: PathBuf,
+    /// Directory that the images' `file_name`s are relative to [default: as `kiln validate`].
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// yolov8n-seg|s|m|l|x-seg, yolov8n|s|m|l|x, fastsam-s|x [default: from the data: boxes and
+    /// masks -> yolov8n-seg, boxes -> yolov8n, masks of one class without boxes -> fastsam-s].
+    #[arg(long)]
+    model: Option<String>,
+    /// Starting weights: an Ultralytics checkpoint (.pt) or kiln .safetensors [default: from scratch].
+    #[arg(long, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    /// Epochs [default: 100, configs/student.yaml].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per batch [default: 16].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Square input size, a multiple of 32 [default: 640].
+    #[arg(long)]
+    imgsz: Option<u32>,
+    /// auto, sgd or adamw [default: auto, like Ultralytics].
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// Initial learning rate of SGD [default: 0.01].
+    #[arg(long)]
+    lr0: Option<f64>,
+    /// Stop after this many epochs without improvement; 0 never stops early [default: 100].
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Turn mosaic off for the last N epochs [default: 10].
+    #[arg(long)]
+    close_mosaic: Option<usize>,
+    /// Seed of the weights' initialisation, the batch order and the augmentation.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Run directory [default: runs/student, runs/student2, ...].
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A run directory (uses weights/best.safetensors) or a student .safetensors file.
+    #[arg(long, value_name = "DIR|FILE")]
+    model: PathBuf,
+    /// COCO dataset to evaluate on (e.g. splits/val.json or splits/test.json).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Directory that the images' `file_name`s are relative to [default: as `kiln validate`].
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Input size [default: the size the model was trained at].
+    #[arg(long)]
+    imgsz: Option<u32>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Also print the metrics as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -278,6 +377,141 @@ fn run_demo(args: &DemoArgs) -> anyhow::Result<bool> {
     run_validate(&validate)
 }
 
+#[derive(clap::Args)]
+struct InferArgs {
+    /// A run directory (uses weights/best.safetensors) or a student .safetensors file.
+    #[arg(long, value_name = "DIR|FILE")]
+    model: PathBuf,
+    /// Directory of images (jpg, png, bmp, tiff, webp).
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// Where predictions.json (and pictures/) go; existing ones are never replaced.
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    /// Minimum score of a detection.
+    #[arg(long, default_value_t = 0.25)]
+    conf: f32,
+    /// IoU above which non-maximum suppression drops the lower-scored box of a class.
+    #[arg(long, default_value_t = 0.7)]
+    iou: f32,
+    /// Input size [default: the size the model was trained at].
+    #[arg(long)]
+    imgsz: Option<u32>,
+    /// Also write one picture per image with the predictions drawn, into OUTPUT/pictures.
+    #[arg(long)]
+    visualize: bool,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+}
+
+fn run_infer(args: &InferArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.conf) && (0.0..=1.0).contains(&args.iou),
+        "--conf and --iou are in 0..1"
+    );
+    let device = device(args.device)?;
+    let student = kiln_training::commands::load_student(&args.model, &device)?;
+    let options = kiln_models::yolo::predict::PredictOptions { conf: args.conf, iou: args.iou, ..Default::default() };
+    let summary = kiln_training::commands::run_infer(
+        &student,
+        &args.images,
+        &args.output,
+        &options,
+        args.imgsz,
+        args.visualize,
+        &device,
+        &progress_bar("images"),
+    )?;
+    println!(
+        "kiln infer: {} ({}) on {} images: {} detections -> {}",
+        student.config,
+        student.weights.display(),
+        summary.images,
+        summary.detections,
+        summary.predictions.display()
+    );
+    if let Some(dir) = summary.pictures {
+        println!("pictures -> {}", dir.display());
+    }
+    Ok(())
+}
+
+fn device(arg: DeviceArg) -> anyhow::Result<burn::tensor::Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(cpu_device()),
+        #[cfg(feature = "wgpu")]
+        DeviceArg::Wgpu => Ok(burn::tensor::Device::wgpu(Default::default())),
+        #[cfg(not(feature = "wgpu"))]
+        DeviceArg::Wgpu => anyhow::bail!("this kiln was built without wgpu: rebuild with `--features wgpu`"),
+        DeviceArg::Cuda => anyhow::bail!(
+            "this kiln was built without CUDA: rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit"
+        ),
+    }
+}
+
+fn run_train_student(args: &TrainStudentArgs) -> anyhow::Result<()> {
+    use kiln_training::commands::{StudentOverrides, TrainStudentRequest, render_train_summary, run_train_student};
+    let output = match (&args.output, args.resume) {
+        (Some(dir), _) => dir.clone(),
+        (None, false) => fresh_run_dir(Path::new("runs/student")),
+        (None, true) => anyhow::bail!("--resume needs --output DIR: the run to continue"),
+    };
+    let optimizer = args.optimizer.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+    let request = TrainStudentRequest {
+        train: args.data.clone(),
+        val: args.val.clone(),
+        images: args.images.clone(),
+        output: output.clone(),
+        resume: args.resume,
+        device_name: format!("{:?}", args.device).to_lowercase(),
+        overrides: StudentOverrides {
+            model: args.model.clone(),
+            weights: args.weights.clone(),
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            imgsz: args.imgsz,
+            optimizer,
+            lr0: args.lr0,
+            patience: args.patience,
+            seed: args.seed,
+            close_mosaic: args.close_mosaic,
+        },
+    };
+    println!("kiln train-student -> {}", output.display());
+    let (config, summary) = run_train_student(&request, device(args.device)?, kiln_training::run::Verbosity::Progress)?;
+    print!("{}", render_train_summary(&config, &summary, &output));
+    Ok(())
+}
+
+fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
+    let device = device(args.device)?;
+    let student = kiln_training::commands::load_student(&args.model, &device)?;
+    let loaded = kiln_data::load_dataset(&args.data, args.images.as_deref())?;
+    let mut data = loaded.dataset;
+    kiln_data::repair(&mut data);
+    let evaluation = kiln_training::commands::evaluate_student(
+        &student,
+        &data,
+        &loaded.images_dir,
+        args.imgsz,
+        args.batch_size,
+        &device,
+        &progress_bar("images"),
+    )?;
+    println!("{} ({}) on {}", student.config, student.weights.display(), args.data.display());
+    print!("{}", evaluation.render(&data));
+    if args.json {
+        let json = serde_json::json!({
+            "box": {"map50": evaluation.boxes.ap50(), "map50_95": evaluation.boxes.ap(), "stats": evaluation.boxes.stats,
+                    "precision": evaluation.boxes.best_f1.precision, "recall": evaluation.boxes.best_f1.recall},
+            "mask": evaluation.masks.as_ref().map(|m| serde_json::json!({"map50": m.ap50(), "map50_95": m.ap(), "stats": m.stats,
+                    "precision": m.best_f1.precision, "recall": m.best_f1.recall})),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = matches!(&cli.command, Command::Validate(a) if a.json);
@@ -285,6 +519,9 @@ fn main() -> ExitCode {
         Command::Validate(args) => run_validate(args),
         Command::Synth(args) => run_synth(&args.output, &args.options).map(|_| true),
         Command::Info(args) => run_info(args).map(|_| true),
+        Command::TrainStudent(args) => run_train_student(args).map(|_| true),
+        Command::Eval(args) => run_eval(args).map(|_| true),
+        Command::Infer(args) => run_infer(args).map(|_| true),
         Command::Demo(args) => run_demo(args),
     };
     match outcome {

@@ -160,3 +160,47 @@ fn info_describes_a_model_and_checks_weights() {
     let output = kiln(&["info", "--model", "yolov9t"], Path::new("."));
     assert!(!output.status.success() && text(&output.stderr).contains("unknown model 'yolov9t'"));
 }
+
+#[test]
+fn train_student_runs_end_to_end_on_coco8_seg_then_eval_reads_the_run() {
+    // Real photos, 80 classes, polygons only (no bbox): the boxes come from the masks.
+    let scratch = Scratch::new("cli-train-coco8");
+    let data = coco8_dir().join("annotations.json");
+    let run = scratch.path().join("run");
+    let args = [
+        "train-student",
+        "--data",
+        data.to_str().unwrap(),
+        "--val",
+        data.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--imgsz",
+        "64",
+        "--batch-size",
+        "4",
+        "--output",
+        run.to_str().unwrap(),
+    ];
+    let output = kiln(&args, scratch.path());
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
+    assert!(stdout.contains("yolov8n-seg trained for 1 epochs"), "{stdout}");
+    let config = std::fs::read_to_string(run.join("student_config.yaml")).unwrap();
+    assert!(config.contains("model: yolov8n-seg") && config.contains("- person"), "{config}");
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("metadata.json")).unwrap()).unwrap();
+    assert_eq!(metadata["train_images"], 8);
+
+    // The same output again is refused: nothing of the first run is replaced.
+    let before = std::fs::read(run.join("weights/best.safetensors")).unwrap();
+    let again = kiln(&args, scratch.path());
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("--resume"), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read(run.join("weights/best.safetensors")).unwrap(), before);
+
+    let eval = kiln(&["eval", "--model", run.to_str().unwrap(), "--data", data.to_str().unwrap()], scratch.path());
+    let stdout = text(&eval.stdout);
+    assert!(eval.status.success(), "{stdout}\n{}", text(&eval.stderr));
+    assert!(stdout.contains("all") && stdout.contains("Mask(P") && stdout.contains("person"), "{stdout}");
+}

@@ -4,6 +4,7 @@
 #[cfg(feature = "batch")]
 pub mod batch;
 pub mod coco;
+pub mod draw;
 pub mod error;
 pub mod inspect;
 pub mod io;

@@ -2,8 +2,10 @@
 //! Learner that trains a student from a COCO dataset.
 
 pub mod augment;
+pub mod commands;
 pub mod data;
 pub mod eval;
 pub mod loss;
+pub mod plots;
 pub mod run;
 pub mod student;

@@ -81,6 +81,9 @@ impl Default for StudentConfig {
 /// kiln's defaults for a student run (`configs/student.yaml`, built in).
 pub const DEFAULT_STUDENT_CONFIG: &str = include_str!("../../configs/student.yaml");
 
+/// Validation images drawn with predictions in `val_predictions.jpg`.
+const SHOWN_IMAGES: usize = 8;
+
 /// What one epoch measured.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct EpochRecord {
@@ -317,6 +320,7 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
         choice,
         masks,
         val_truth: data.val.clone(),
+        val_source: val_source.clone(),
         epoch_counter,
         initial_ema,
         verbosity,
@@ -358,6 +362,7 @@ struct KilnStrategy {
     choice: OptimizerChoice,
     masks: bool,
     val_truth: CocoDataset,
+    val_source: Arc<CocoDetectionDataset>,
     epoch_counter: EpochCounter,
     initial_ema: YoloV8,
     verbosity: Verbosity,
@@ -462,7 +467,7 @@ impl KilnStrategy {
                 break;
             }
             let train = scale(sums, 1.0 / seen.max(1) as f32);
-            let (val, box_eval, mask_eval) = self.validate(&ema.model, val_loader)?;
+            let (val, box_eval, mask_eval, shown) = self.validate(&ema.model, val_loader)?;
             let lr = learner.lr_current().base();
             let record = EpochRecord {
                 epoch,
@@ -491,6 +496,7 @@ impl KilnStrategy {
                 ema.model.save(&best_weights, &metadata)?;
             }
             self.write_results(&state.history)?;
+            self.write_plots(&state.history, &box_eval, mask_eval.as_ref(), &shown)?;
             self.report(&record);
             // Resume state: kiln's files first, burn-train's last, so an epoch counts as complete
             // only once all are on disk (see `complete_checkpoints`).
@@ -575,6 +581,29 @@ impl KilnStrategy {
         );
     }
 
+    fn write_plots(
+        &self,
+        history: &[EpochRecord],
+        boxes: &CocoEvaluation,
+        masks: Option<&CocoEvaluation>,
+        shown: &[Vec<kiln_models::yolo::predict::Detection>],
+    ) -> Result<(), TrainError> {
+        use crate::plots;
+        plots::save(&plots::results_figure(history, self.masks), &self.output.join("results.png"))?;
+        let mask_curve = masks.map(|m| m.pr_curve_50());
+        plots::save(&plots::pr_figure(&boxes.pr_curve_50(), mask_curve.as_deref()), &self.output.join("pr_curve.png"))?;
+        let mut pictures = Vec::new();
+        for (index, detections) in shown.iter().enumerate() {
+            let mut image = self.val_source.load(index)?.image;
+            plots::draw_detections(&mut image, detections, &self.config.classes);
+            pictures.push(image);
+        }
+        if !pictures.is_empty() {
+            plots::save(&plots::grid(&pictures, 4, 320), &self.output.join("val_predictions.jpg"))?;
+        }
+        Ok(())
+    }
+
     fn write_results(&self, history: &[EpochRecord]) -> Result<(), TrainError> {
         let mut csv = String::from(EpochRecord::CSV_HEADER);
         csv.push('\n');
@@ -591,8 +620,12 @@ impl KilnStrategy {
         &self,
         model: &YoloV8,
         loader: &dyn DataLoader<DetectionBatch>,
-    ) -> Result<(LossParts, CocoEvaluation, Option<CocoEvaluation>), TrainError> {
+    ) -> Result<
+        (LossParts, CocoEvaluation, Option<CocoEvaluation>, Vec<Vec<kiln_models::yolo::predict::Detection>>),
+        TrainError,
+    > {
         let options = PredictOptions { conf: 0.001, iou: 0.7, max_det: 100, max_nms: 30_000 };
+        let mut shown = Vec::new();
         let bar = self.bar(loader.num_items() as u64, "validating");
         let mut results = Vec::new();
         let mut sums = LossParts::default();
@@ -609,13 +642,16 @@ impl KilnStrategy {
             let detections = model.postprocess(&output, &batch.letterboxes, &options);
             for (image_id, detections) in batch.image_ids.iter().zip(detections) {
                 results.extend(to_coco_results(*image_id, &detections, &self.config.category_ids));
+                if shown.len() < SHOWN_IMAGES {
+                    shown.push(detections.into_iter().filter(|d| d.score >= 0.25).collect());
+                }
             }
             bar.inc(images as u64);
         }
         bar.finish_and_clear();
         let box_eval = evaluate(&self.val_truth, &results, IouType::Bbox)?;
         let mask_eval = if self.masks { Some(evaluate(&self.val_truth, &results, IouType::Segm)?) } else { None };
-        Ok((scale(sums, 1.0 / seen.max(1) as f32), box_eval, mask_eval))
+        Ok((scale(sums, 1.0 / seen.max(1) as f32), box_eval, mask_eval, shown))
     }
 }
 
@@ -697,9 +733,11 @@ pub fn load_student_data(
     val: &Path,
     images: Option<&Path>,
 ) -> Result<(StudentData, kiln_data::DatasetSummary), TrainError> {
-    let read = |path: &Path| -> Result<(CocoDataset, PathBuf), TrainError> {
+    let read = |path: &Path| -> Result<(CocoDataset, PathBuf, kiln_data::DatasetSummary), TrainError> {
         let loaded = kiln_data::load_dataset(path, images)?;
         let mut dataset = loaded.dataset;
+        // Inspected as given (the student follows what the user labelled), then repaired.
+        let summary = kiln_data::inspect(&dataset);
         kiln_data::repair(&mut dataset);
         if !loaded.images_dir.is_dir() {
             return Err(TrainError::Config(format!(
@@ -708,10 +746,10 @@ pub fn load_student_data(
                 loaded.images_dir.display()
             )));
         }
-        Ok((dataset, loaded.images_dir))
+        Ok((dataset, loaded.images_dir, summary))
     };
-    let (train_set, train_images) = read(train)?;
-    let (val_set, val_images) = read(val)?;
+    let (train_set, train_images, summary) = read(train)?;
+    let (val_set, val_images, _) = read(val)?;
     if train_set.class_ids() != val_set.class_ids() || train_set.class_names() != val_set.class_names() {
         return Err(TrainError::Config(format!(
             "{} and {} have different categories: split one dataset with `kiln validate --split` so both share its classes",
@@ -722,6 +760,5 @@ pub fn load_student_data(
     if train_set.categories.is_empty() {
         return Err(TrainError::Config(format!("{}: the dataset has no categories", train.display())));
     }
-    let summary = kiln_data::inspect(&train_set);
     Ok((StudentData { train: train_set, val: val_set, train_images, val_images }, summary))
 }

@@ -1,0 +1,75 @@
+//! One YOLOv8n-seg training step at 320x320, batch 8, on flex: forward, the full loss (assigner,
+//! box, cls, dfl, masks), backward and the optimiser update, as `kiln train-student` runs it.
+//! Baseline: the same step in PyTorch with Ultralytics' loss on this machine
+//! (`benches/train_step_baseline.py`; numbers in the README).
+//!
+//! `cargo bench -p kiln-benches --features models --bench train_step`
+
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use criterion::{Criterion, criterion_group, criterion_main};
+use kiln_models::YoloConfig;
+use kiln_training::loss::{LossConfig, Targets, yolo_loss};
+use kiln_training::student::{OptimizerChoice, OptimizerKind, build_optimizer};
+
+const BATCH: usize = 8;
+const SIZE: usize = 320;
+
+/// Three objects per image, with elliptical masks at a quarter of the input size.
+fn targets(device: &Device) -> (Tensor<4>, Targets) {
+    let images = Tensor::<4>::random([BATCH, 3, SIZE, SIZE], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
+    let (m, ms) = (3, SIZE / 4);
+    let mut boxes = Vec::new();
+    let mut masks = vec![0f32; BATCH * m * ms * ms];
+    for b in 0..BATCH {
+        for k in 0..m {
+            let (x1, y1) = (20.0 + 80.0 * k as f32 + b as f32, 30.0 + 60.0 * k as f32);
+            let (x2, y2) = (x1 + 70.0, y1 + 90.0);
+            boxes.extend([x1, y1, x2, y2]);
+            let (cx, cy, rx, ry) = ((x1 + x2) / 8.0, (y1 + y2) / 8.0, (x2 - x1) / 8.0, (y2 - y1) / 8.0);
+            for y in 0..ms {
+                for x in 0..ms {
+                    let (dx, dy) = ((x as f32 + 0.5 - cx) / rx, (y as f32 + 0.5 - cy) / ry);
+                    if dx * dx + dy * dy <= 1.0 {
+                        masks[((b * m + k) * ms + y) * ms + x] = 1.0;
+                    }
+                }
+            }
+        }
+    }
+    let classes: Vec<i64> = (0..BATCH * m).map(|i| (i % 3) as i64).collect();
+    let targets = Targets {
+        boxes: Tensor::from_data(TensorData::new(boxes, [BATCH, m, 4]), device),
+        classes: Tensor::<2, Int>::from_data(TensorData::new(classes, [BATCH, m]), device),
+        valid: Tensor::ones([BATCH, m], device),
+        masks: Some(Tensor::from_data(TensorData::new(masks, [BATCH, m, ms, ms]), device)),
+    };
+    (images, targets)
+}
+
+fn benches(c: &mut Criterion) {
+    let device = Device::flex().autodiff();
+    let config: YoloConfig = "yolov8n-seg".parse().unwrap();
+    let mut model = config.with_num_classes(3).init(&device);
+    let choice = OptimizerChoice { kind: OptimizerKind::Sgd, lr0: 0.01, momentum: 0.937 };
+    let mut optimizer = build_optimizer(&choice, 5e-4);
+    let (images, targets) = targets(&device);
+    let loss_config = LossConfig::default();
+    let mut group = c.benchmark_group("yolov8n_seg_train_step");
+    group.sample_size(10);
+    group.bench_function("flex_batch8_320", |b| {
+        b.iter(|| {
+            let output = model.forward(images.clone());
+            let loss = yolo_loss(&loss_config, &output, &targets).unwrap();
+            let grads = GradientsParams::from_grads(loss.total.backward(), &model);
+            model = optimizer.step(0.01.into(), model.clone(), grads);
+            // Wait for the update: read one weight back.
+            let _: f32 = model.valid().stem.conv.weight.val().sum().into_scalar();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(train_step, benches);
+criterion_main!(train_step);

@@ -1,0 +1,441 @@
+//! The library side of `kiln train-student` and `kiln eval`: the config from defaults + data +
+//! overrides, the run directory, `metadata.json`, loading a trained student, evaluating it, and
+//! the tables the CLI prints.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use kiln_data::batch::{CocoDetectionDataset, DetectionBatcher};
+use kiln_data::coco::CocoDataset;
+use kiln_models::yolo::predict::PredictOptions;
+use kiln_models::yolo::{Task, YoloConfig, YoloV8};
+use serde::Serialize;
+
+use crate::eval::{CocoEvaluation, IouType, evaluate};
+use crate::run::{
+    StudentConfig, StudentData, TrainError, TrainOptions, TrainSummary, Verbosity, load_student_data, to_coco_results,
+    train_student,
+};
+use crate::student::OptimizerKind;
+
+/// What the user may override on the command line (everything else: `configs/student.yaml`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StudentOverrides {
+    pub model: Option<String>,
+    pub weights: Option<PathBuf>,
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub imgsz: Option<u32>,
+    pub optimizer: Option<OptimizerKind>,
+    pub lr0: Option<f64>,
+    pub patience: Option<usize>,
+    pub seed: Option<u64>,
+    pub close_mosaic: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainStudentRequest {
+    pub train: PathBuf,
+    pub val: PathBuf,
+    pub images: Option<PathBuf>,
+    pub output: PathBuf,
+    pub resume: bool,
+    pub device_name: String,
+    pub overrides: StudentOverrides,
+}
+
+/// Defaults, then what the data says (student, classes), then the overrides.
+pub fn student_config(
+    data: &StudentData,
+    summary: &kiln_data::DatasetSummary,
+    o: &StudentOverrides,
+) -> Result<StudentConfig, TrainError> {
+    let mut config = StudentConfig::default();
+    config.model = match &o.model {
+        Some(model) => model.clone(),
+        None => summary.recommendation().map(|r| r.student).ok_or_else(|| {
+            TrainError::Config("the training set has neither boxes nor masks: nothing to learn".into())
+        })?,
+    };
+    let parsed: YoloConfig = config.model.parse().map_err(TrainError::Config)?;
+    if parsed.task == Task::Segment && !summary.has_masks {
+        return Err(TrainError::Config(format!(
+            "{} predicts masks but the training set has none: use a detection model such as yolov8n",
+            config.model
+        )));
+    }
+    config.classes = data.train.class_names();
+    config.category_ids = data.train.class_ids();
+    if config.model.starts_with("fastsam") && config.classes.len() != 1 {
+        return Err(TrainError::Config(format!(
+            "FastSAM segments one class, but the data has {}: use yolov8n-seg",
+            config.classes.len()
+        )));
+    }
+    config.weights = o.weights.clone().or(config.weights);
+    config.epochs = o.epochs.unwrap_or(config.epochs);
+    config.batch_size = o.batch_size.unwrap_or(config.batch_size);
+    config.imgsz = o.imgsz.unwrap_or(config.imgsz);
+    config.optimizer = o.optimizer.unwrap_or(config.optimizer);
+    config.lr0 = o.lr0.unwrap_or(config.lr0);
+    config.patience = o.patience.unwrap_or(config.patience);
+    config.seed = o.seed.unwrap_or(config.seed);
+    config.close_mosaic = o.close_mosaic.unwrap_or(config.close_mosaic);
+    if config.epochs == 0 || config.batch_size == 0 {
+        return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
+    }
+    Ok(config)
+}
+
+/// `metadata.json`: what was trained on, how, when, with which versions.
+#[derive(Debug, Serialize)]
+struct Metadata<'a> {
+    kiln_version: &'static str,
+    burn_version: &'static str,
+    started_unix_seconds: u64,
+    request: &'a TrainStudentRequest,
+    train_summary: &'a kiln_data::DatasetSummary,
+    train_images: usize,
+    val_images: usize,
+    config: &'a StudentConfig,
+}
+
+/// Runs `kiln train-student`. A new run needs a new (or empty) output directory; `resume`
+/// continues the run already there with its own saved config.
+pub fn run_train_student(
+    request: &TrainStudentRequest,
+    device: Device,
+    verbosity: Verbosity,
+) -> Result<(StudentConfig, TrainSummary), TrainError> {
+    let (data, summary) = load_student_data(&request.train, &request.val, request.images.as_deref())?;
+    let config_path = request.output.join("student_config.yaml");
+    let config = if request.resume {
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| TrainError::Config(format!("{}: cannot resume: {e}", config_path.display())))?;
+        serde_yaml::from_str(&text)
+            .map_err(|e| TrainError::Config(format!("{}: cannot resume: {e}", config_path.display())))?
+    } else {
+        if request.output.exists() && std::fs::read_dir(&request.output).map(|mut d| d.next().is_some()).unwrap_or(true)
+        {
+            return Err(TrainError::Config(format!(
+                "{} already holds a run; pass --resume to continue it, or choose another --output",
+                request.output.display()
+            )));
+        }
+        student_config(&data, &summary, &request.overrides)?
+    };
+    if config.classes != data.train.class_names() {
+        return Err(TrainError::Config(format!(
+            "the run in {} was trained on classes {:?}, the data has {:?}",
+            request.output.display(),
+            config.classes,
+            data.train.class_names()
+        )));
+    }
+    std::fs::create_dir_all(&request.output)
+        .map_err(|e| TrainError::Io { path: request.output.clone(), message: e.to_string() })?;
+    if !request.resume {
+        let metadata = Metadata {
+            kiln_version: env!("CARGO_PKG_VERSION"),
+            burn_version: "0.22.1",
+            started_unix_seconds: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            request,
+            train_summary: &summary,
+            train_images: data.train.images.len(),
+            val_images: data.val.images.len(),
+            config: &config,
+        };
+        kiln_data::io::write_atomic(
+            &request.output.join("metadata.json"),
+            serde_json::to_string_pretty(&metadata).expect("metadata serialises").as_bytes(),
+        )?;
+    }
+    let options = TrainOptions {
+        config: config.clone(),
+        output: request.output.clone(),
+        device,
+        resume: request.resume,
+        verbosity,
+        stop_after_epochs: None,
+    };
+    let summary = train_student(options, data)?;
+    Ok((config, summary))
+}
+
+/// A trained student and what it needs to run: names, ids, input size.
+pub struct LoadedStudent {
+    pub model: YoloV8,
+    pub config: YoloConfig,
+    pub classes: Vec<String>,
+    pub category_ids: Vec<u64>,
+    pub imgsz: u32,
+    pub weights: PathBuf,
+}
+
+/// Loads `path`: a run directory (its `weights/best.safetensors`) or a kiln `.safetensors` file.
+pub fn load_student(path: &Path, device: &Device) -> Result<LoadedStudent, TrainError> {
+    let weights = if path.is_dir() { path.join("weights/best.safetensors") } else { path.to_path_buf() };
+    if !weights.is_file() {
+        return Err(TrainError::Config(format!(
+            "{}: no such weights file (a run directory holds weights/best.safetensors)",
+            weights.display()
+        )));
+    }
+    let metadata = kiln_models::weights::read_safetensors_metadata(&weights)?;
+    let field = |key: &str| {
+        metadata.get(key).cloned().ok_or_else(|| {
+            TrainError::Config(format!(
+                "{}: not a kiln student (no `{key}` in its metadata); train one with `kiln train-student`",
+                weights.display()
+            ))
+        })
+    };
+    let model_name = field("kiln.model")?;
+    let classes: Vec<String> = serde_json::from_str(&field("kiln.classes")?)
+        .map_err(|e| TrainError::Config(format!("{}: bad class list: {e}", weights.display())))?;
+    let category_ids: Vec<u64> = serde_json::from_str(&field("kiln.category_ids")?)
+        .map_err(|e| TrainError::Config(format!("{}: bad category ids: {e}", weights.display())))?;
+    let imgsz: u32 =
+        field("kiln.imgsz")?.parse().map_err(|e| TrainError::Config(format!("{}: {e}", weights.display())))?;
+    let config: YoloConfig = model_name.parse().map_err(TrainError::Config)?;
+    let config = config.with_num_classes(classes.len());
+    let model = burn::module::Module::valid(&YoloV8::load(&config, &weights, device)?);
+    Ok(LoadedStudent { model, config, classes, category_ids, imgsz, weights })
+}
+
+/// Box (and mask) COCO evaluation of a student on a dataset.
+pub struct Evaluation {
+    pub boxes: CocoEvaluation,
+    pub masks: Option<CocoEvaluation>,
+    pub images: usize,
+    pub class_names: Vec<String>,
+}
+
+pub fn evaluate_student(
+    student: &LoadedStudent,
+    data: &CocoDataset,
+    images_dir: &Path,
+    imgsz: Option<u32>,
+    batch_size: usize,
+    device: &Device,
+    progress: &indicatif::ProgressBar,
+) -> Result<Evaluation, TrainError> {
+    if data.class_names() != student.classes {
+        return Err(TrainError::Config(format!(
+            "the model knows classes {:?} but the data has {:?}",
+            student.classes,
+            data.class_names()
+        )));
+    }
+    let imgsz = imgsz.unwrap_or(student.imgsz);
+    let dataset = CocoDetectionDataset::new(data.clone(), images_dir);
+    let batcher = DetectionBatcher { image_size: imgsz, mask_downsample: None };
+    let options = PredictOptions { conf: 0.001, iou: 0.7, max_det: 100, max_nms: 30_000 };
+    let n = data.images.len();
+    progress.set_length(n as u64);
+    let mut results = Vec::new();
+    for start in (0..n).step_by(batch_size.max(1)) {
+        let items: Vec<_> = (start..(start + batch_size).min(n)).map(|i| dataset.load(i)).collect::<Result<_, _>>()?;
+        let batch = batcher.try_batch(&items, device)?;
+        let output = student.model.forward(batch.images.clone());
+        let detections = student.model.postprocess(&output, &batch.letterboxes, &options);
+        for (image_id, detections) in batch.image_ids.iter().zip(detections) {
+            results.extend(to_coco_results(*image_id, &detections, &student.category_ids));
+        }
+        progress.inc(items.len() as u64);
+    }
+    progress.finish_and_clear();
+    let boxes = evaluate(data, &results, IouType::Bbox)?;
+    let masks =
+        if student.config.task == Task::Segment { Some(evaluate(data, &results, IouType::Segm)?) } else { None };
+    Ok(Evaluation { boxes, masks, images: n, class_names: data.class_names() })
+}
+
+impl Evaluation {
+    /// The metrics table: all classes, then each class (instances from the data).
+    pub fn render(&self, data: &CocoDataset) -> String {
+        let mut instances = vec![0usize; self.class_names.len()];
+        let index = data.class_index();
+        for a in data.annotations.iter().filter(|a| a.iscrowd == 0) {
+            if let Some(&i) = index.get(&a.category_id) {
+                instances[i] += 1;
+            }
+        }
+        let mut out = String::new();
+        let header = if self.masks.is_some() {
+            format!(
+                "{:<16}{:>8}{:>10}  {:>7}{:>7}{:>7} {:>9}  {:>7}{:>7}{:>7} {:>9}\n",
+                "class", "images", "instances", "Box(P", "R", "mAP50", "mAP50-95)", "Mask(P", "R", "mAP50", "mAP50-95)"
+            )
+        } else {
+            format!(
+                "{:<16}{:>8}{:>10}  {:>7}{:>7}{:>7} {:>9}\n",
+                "class", "images", "instances", "Box(P", "R", "mAP50", "mAP50-95)"
+            )
+        };
+        out.push_str(&header);
+        let row =
+            |name: &str, images: String, inst: usize, b: (f64, f64, f64, f64), m: Option<(f64, f64, f64, f64)>| {
+                let mut line =
+                    format!("{:<16}{:>8}{:>10}  {:>7.3}{:>7.3}{:>7.3} {:>9.3}", name, images, inst, b.0, b.1, b.2, b.3);
+                if let Some(m) = m {
+                    line.push_str(&format!("  {:>7.3}{:>7.3}{:>7.3} {:>9.3}", m.0, m.1, m.2, m.3));
+                }
+                line.push('\n');
+                line
+            };
+        let whole = |e: &CocoEvaluation| (e.best_f1.precision, e.best_f1.recall, e.ap50().max(0.0), e.ap().max(0.0));
+        out.push_str(&row(
+            "all",
+            self.images.to_string(),
+            instances.iter().sum(),
+            whole(&self.boxes),
+            self.masks.as_ref().map(whole),
+        ));
+        let box_classes = self.boxes.per_class();
+        let mask_classes = self.masks.as_ref().map(|m| m.per_class());
+        for (k, name) in self.class_names.iter().enumerate() {
+            let id = self.boxes.category_ids.get(k).copied();
+            let find = |list: &Vec<crate::eval::ClassAp>| {
+                list.iter().find(|c| Some(c.category_id) == id).map(|c| (c.ap50, c.ap))
+            };
+            let Some((b50, b)) = find(&box_classes) else { continue };
+            let m = mask_classes.as_ref().and_then(|l| find(l)).map(|(m50, m)| (f64::NAN, f64::NAN, m50, m));
+            out.push_str(
+                &row(name, String::new(), instances[k], (f64::NAN, f64::NAN, b50, b), m).replace("NaN", "  -"),
+            );
+        }
+        out
+    }
+}
+
+/// The closing table of a training run.
+pub fn render_train_summary(config: &StudentConfig, summary: &TrainSummary, output: &Path) -> String {
+    let b = &summary.best;
+    let mut out = format!(
+        "\n{} trained for {} epochs in {:.0} s{}\n",
+        config.model,
+        summary.history.len(),
+        summary.seconds,
+        if summary.stopped_early { " (stopped early: no improvement)" } else { "" }
+    );
+    out.push_str(&format!(
+        "best epoch {}: box mAP50 {:.3} mAP50-95 {:.3} (P {:.3} R {:.3})",
+        summary.best_epoch, b.box_map50, b.box_map, b.box_precision, b.box_recall
+    ));
+    if config.model.contains("seg") || config.model.starts_with("fastsam") {
+        out.push_str(&format!("; mask mAP50 {:.3} mAP50-95 {:.3}", b.mask_map50, b.mask_map));
+    }
+    out.push_str(&format!(
+        "\nweights  {} (best), {} (last)\nresults  {}\n",
+        summary.best_weights.display(),
+        summary.last_weights.display(),
+        output.join("results.csv").display()
+    ));
+    out
+}
+
+/// What `kiln infer` wrote.
+#[derive(Debug)]
+pub struct InferSummary {
+    pub images: usize,
+    pub detections: usize,
+    pub predictions: PathBuf,
+    pub pictures: Option<PathBuf>,
+}
+
+const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
+
+/// Runs a student on every image of `images` (sorted by name): `predictions.json` (COCO results,
+/// `image_id` = position in that order, with an `images` list giving each id's file) and, with
+/// `visualize`, one picture per image with the detections drawn.
+pub fn run_infer(
+    student: &LoadedStudent,
+    images: &Path,
+    output: &Path,
+    options: &PredictOptions,
+    imgsz: Option<u32>,
+    visualize: bool,
+    device: &Device,
+    progress: &indicatif::ProgressBar,
+) -> Result<InferSummary, TrainError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(images)
+        .map_err(|e| TrainError::Io { path: images.to_path_buf(), message: format!("cannot list the images: {e}") })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(TrainError::Config(format!("{}: no images (jpg, png, bmp, tiff, webp) found", images.display())));
+    }
+    let predictions = output.join("predictions.json");
+    let pictures = output.join("pictures");
+    kiln_data::io::refuse_to_overwrite([predictions.as_path()])?;
+    if visualize && pictures.exists() {
+        return Err(TrainError::Config(format!("{} exists; choose another --output", pictures.display())));
+    }
+    std::fs::create_dir_all(output)
+        .map_err(|e| TrainError::Io { path: output.to_path_buf(), message: e.to_string() })?;
+    let staging = output.join(format!(".pictures.{}.tmp", std::process::id()));
+    if visualize {
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| TrainError::Io { path: staging.clone(), message: e.to_string() })?;
+    }
+    let imgsz = imgsz.unwrap_or(student.imgsz);
+    progress.set_length(files.len() as u64);
+    let mut results = Vec::new();
+    let mut listed = Vec::new();
+    let outcome = (|| -> Result<(), TrainError> {
+        for (i, file) in files.iter().enumerate() {
+            let image = image::ImageReader::open(file)
+                .and_then(|r| r.with_guessed_format())
+                .map_err(|e| TrainError::Io { path: file.clone(), message: format!("cannot read the image: {e}") })?
+                .decode()
+                .map_err(|e| TrainError::Io { path: file.clone(), message: format!("cannot decode the image: {e}") })?
+                .to_rgb8();
+            let detections = student.model.predict(&image, imgsz, options, device);
+            let id = i as u64 + 1;
+            results.extend(to_coco_results(id, &detections, &student.category_ids));
+            listed.push(serde_json::json!({
+                "id": id, "file_name": file.file_name().map(|n| n.to_string_lossy().to_string()),
+                "width": image.width(), "height": image.height(),
+            }));
+            if visualize {
+                let mut picture = image;
+                crate::plots::draw_detections(&mut picture, &detections, &student.classes);
+                let name = file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| id.to_string());
+                crate::plots::save(&picture, &staging.join(format!("{name}.jpg")))?;
+            }
+            progress.inc(1);
+        }
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    progress.finish_and_clear();
+    let categories: Vec<serde_json::Value> = student
+        .category_ids
+        .iter()
+        .zip(&student.classes)
+        .map(|(id, name)| serde_json::json!({"id": id, "name": name}))
+        .collect();
+    let document = serde_json::json!({"images": listed, "categories": categories, "annotations": results});
+    kiln_data::io::write_atomic(&predictions, serde_json::to_string(&document).expect("serialises").as_bytes())?;
+    if visualize {
+        std::fs::rename(&staging, &pictures)
+            .map_err(|e| TrainError::Io { path: pictures.clone(), message: e.to_string() })?;
+    }
+    Ok(InferSummary {
+        images: files.len(),
+        detections: results.len(),
+        predictions,
+        pictures: visualize.then_some(pictures),
+    })
+}

@@ -1,0 +1,188 @@
+//! The pictures of a run, as PNG: losses and metrics per epoch (`results.png`), the
+//! precision-recall curves at IoU 0.5 (`pr_curve.png`), and validation images with the model's
+//! predictions drawn (`val_predictions.jpg`).
+
+use std::path::Path;
+
+use image::{Rgb, RgbImage};
+use kiln_data::draw;
+use kiln_models::yolo::predict::Detection;
+
+use crate::run::EpochRecord;
+
+const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
+const INK: Rgb<u8> = Rgb([40, 40, 40]);
+const GRID: Rgb<u8> = Rgb([225, 225, 225]);
+const BLUE: Rgb<u8> = Rgb([31, 119, 180]);
+const ORANGE: Rgb<u8> = Rgb([255, 127, 14]);
+
+/// One small chart: series of (x, y) points in a `width x height` panel with axes and labels.
+pub fn chart(title: &str, series: &[(&str, Rgb<u8>, Vec<(f64, f64)>)], width: u32, height: u32) -> RgbImage {
+    let mut image = RgbImage::from_pixel(width, height, WHITE);
+    let (left, right, top, bottom) = (52.0, 10.0, 22.0, 22.0);
+    let (w, h) = (width as f64 - left - right, height as f64 - top - bottom);
+    draw::text(&mut image, left as i64, 6, title, INK, 1);
+    let points: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).filter(|p| p.1.is_finite()).collect();
+    if points.is_empty() {
+        return image;
+    }
+    let (mut x0, mut x1) = points.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+    let (mut y0, mut y1) = points.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    if x1 <= x0 {
+        x0 -= 0.5;
+        x1 += 0.5;
+    }
+    if y1 <= y0 {
+        y0 -= 0.5;
+        y1 += 0.5;
+    }
+    let margin = (y1 - y0) * 0.05;
+    let (y0, y1) = (y0 - margin, y1 + margin);
+    let px = |x: f64| left + (x - x0) / (x1 - x0) * w;
+    let py = |y: f64| top + (1.0 - (y - y0) / (y1 - y0)) * h;
+    for i in 0..=4 {
+        let y = y0 + (y1 - y0) * i as f64 / 4.0;
+        draw::line(&mut image, (left, py(y)), (left + w, py(y)), GRID, 1);
+        draw::text(&mut image, 2, py(y) as i64 - 4, &format_tick(y), INK, 1);
+    }
+    draw::line(&mut image, (left, top), (left, top + h), INK, 1);
+    draw::line(&mut image, (left, top + h), (left + w, top + h), INK, 1);
+    draw::text(&mut image, left as i64, (top + h) as i64 + 6, &format_tick(x0), INK, 1);
+    let end = format_tick(x1);
+    draw::text(&mut image, (left + w) as i64 - draw::text_width(&end, 1) as i64, (top + h) as i64 + 6, &end, INK, 1);
+    for (s, (name, colour, data)) in series.iter().enumerate() {
+        let data: Vec<&(f64, f64)> = data.iter().filter(|p| p.1.is_finite()).collect();
+        for pair in data.windows(2) {
+            draw::line(&mut image, (px(pair[0].0), py(pair[0].1)), (px(pair[1].0), py(pair[1].1)), *colour, 2);
+        }
+        if data.len() == 1 {
+            draw::fill_rectangle(
+                &mut image,
+                [px(data[0].0) - 2.0, py(data[0].1) - 2.0, px(data[0].0) + 2.0, py(data[0].1) + 2.0],
+                *colour,
+            );
+        }
+        if series.len() > 1 {
+            let x = (width as f64 - right) as i64 - draw::text_width(name, 1) as i64 - 12;
+            let y = top as i64 + 4 + 12 * s as i64;
+            draw::fill_rectangle(&mut image, [x as f64, y as f64 + 2.0, x as f64 + 8.0, y as f64 + 6.0], *colour);
+            draw::text(&mut image, x + 10, y, name, INK, 1);
+        }
+    }
+    image
+}
+
+fn format_tick(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Panels side by side, `columns` per row.
+pub fn tile(panels: &[RgbImage], columns: usize) -> RgbImage {
+    let (w, h) =
+        (panels.iter().map(|p| p.width()).max().unwrap_or(1), panels.iter().map(|p| p.height()).max().unwrap_or(1));
+    let rows = panels.len().div_ceil(columns.max(1));
+    let mut out = RgbImage::from_pixel(w * columns as u32, h * rows.max(1) as u32, WHITE);
+    for (i, panel) in panels.iter().enumerate() {
+        let (x, y) = ((i % columns) as u32 * w, (i / columns) as u32 * h);
+        image::imageops::overlay(&mut out, panel, x as i64, y as i64);
+    }
+    out
+}
+
+/// `results.png`: train and val losses, then box (and mask) precision, recall, mAP50, mAP50-95.
+pub fn results_figure(history: &[EpochRecord], masks: bool) -> RgbImage {
+    let series = |f: &dyn Fn(&EpochRecord) -> f64| history.iter().map(|r| (r.epoch as f64, f(r))).collect::<Vec<_>>();
+    let both = |title: &str, t: &dyn Fn(&EpochRecord) -> f64, v: &dyn Fn(&EpochRecord) -> f64| {
+        chart(title, &[("train", BLUE, series(t)), ("val", ORANGE, series(v))], 320, 200)
+    };
+    let one = |title: &str, f: &dyn Fn(&EpochRecord) -> f64| chart(title, &[("", BLUE, series(f))], 320, 200);
+    let mut panels = vec![
+        both("box loss", &|r| r.train.box_loss as f64, &|r| r.val.box_loss as f64),
+        both("cls loss", &|r| r.train.cls_loss as f64, &|r| r.val.cls_loss as f64),
+        both("dfl loss", &|r| r.train.dfl_loss as f64, &|r| r.val.dfl_loss as f64),
+    ];
+    if masks {
+        panels.push(both("seg loss", &|r| r.train.seg_loss as f64, &|r| r.val.seg_loss as f64));
+    }
+    panels.extend([
+        one("precision (B)", &|r| r.box_precision),
+        one("recall (B)", &|r| r.box_recall),
+        one("mAP50 (B)", &|r| r.box_map50),
+        one("mAP50-95 (B)", &|r| r.box_map),
+    ]);
+    if masks {
+        panels.extend([
+            one("precision (M)", &|r| r.mask_precision),
+            one("recall (M)", &|r| r.mask_recall),
+            one("mAP50 (M)", &|r| r.mask_map50),
+            one("mAP50-95 (M)", &|r| r.mask_map),
+        ]);
+    }
+    tile(&panels, 4)
+}
+
+/// `pr_curve.png`: precision against recall at IoU 0.5, averaged over classes.
+pub fn pr_figure(boxes: &[(f64, f64)], masks: Option<&[(f64, f64)]>) -> RgbImage {
+    let mut series = vec![("box", BLUE, boxes.to_vec())];
+    if let Some(m) = masks {
+        series.push(("mask", ORANGE, m.to_vec()));
+    }
+    chart("precision vs recall, IoU 0.5", &series, 480, 360)
+}
+
+/// An image with detections drawn: masks tinted, boxes outlined, `class score` labels.
+pub fn draw_detections(image: &mut RgbImage, detections: &[Detection], class_names: &[String]) {
+    let scale = if image.width().max(image.height()) >= 800 { 2 } else { 1 };
+    for d in detections {
+        if let Some(mask) = &d.mask {
+            draw::tint_mask(image, mask, draw::class_colour(d.class_id), 0.45);
+        }
+    }
+    let thickness = (image.width().max(image.height()) / 320).max(1);
+    for d in detections {
+        let colour = draw::class_colour(d.class_id);
+        let bbox = d.bbox.map(|v| v as f64);
+        draw::rectangle(image, bbox, colour, thickness);
+        let name = class_names.get(d.class_id).map_or_else(|| d.class_id.to_string(), Clone::clone);
+        draw::label(image, bbox[0], bbox[1], &format!("{name} {:.2}", d.score), colour, scale);
+    }
+}
+
+/// Images side by side at a common height (a grid of `columns`).
+pub fn grid(images: &[RgbImage], columns: usize, cell: u32) -> RgbImage {
+    let cells: Vec<RgbImage> = images
+        .iter()
+        .map(|im| {
+            let scale = cell as f64 / im.width().max(im.height()) as f64;
+            let (w, h) = (
+                ((im.width() as f64 * scale).round() as u32).max(1),
+                ((im.height() as f64 * scale).round() as u32).max(1),
+            );
+            let resized = image::imageops::resize(im, w, h, image::imageops::FilterType::Triangle);
+            let mut canvas = RgbImage::from_pixel(cell, cell, Rgb([114, 114, 114]));
+            image::imageops::overlay(&mut canvas, &resized, ((cell - w) / 2) as i64, ((cell - h) / 2) as i64);
+            canvas
+        })
+        .collect();
+    tile(&cells, columns)
+}
+
+/// Saves atomically (PNG or JPEG by extension).
+pub fn save(image: &RgbImage, path: &Path) -> Result<(), kiln_data::DataError> {
+    let format = if path.extension().is_some_and(|e| e == "jpg" || e == "jpeg") {
+        image::ImageFormat::Jpeg
+    } else {
+        image::ImageFormat::Png
+    };
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, format)
+        .map_err(|e| kiln_data::DataError::invalid(path, format!("cannot encode the image: {e}")))?;
+    kiln_data::io::write_atomic(path, bytes.get_ref())
+}
