@@ -5,7 +5,7 @@
 //!
 //! `cargo bench -p kiln-benches --features models --bench train_step`
 
-use burn::module::AutodiffModule;
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -65,7 +65,7 @@ fn benches(c: &mut Criterion) {
             let grads = GradientsParams::from_grads(loss.total.backward(), &model);
             model = optimizer.step(0.01.into(), model.clone(), grads);
             // Wait for the update: read one weight back.
-            let _: f32 = model.valid().stem.conv.weight.val().sum().into_scalar();
+            let _: f32 = Module::valid(&model).stem.conv.weight.val().sum().into_scalar();
         })
     });
     group.finish();
