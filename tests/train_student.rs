@@ -9,6 +9,10 @@ use kiln_data::{SplitOptions, SynthLabels, SynthOptions, split, synthesize};
 use kiln_tests::Scratch;
 use kiln_training::run::{StudentConfig, TrainOptions, Verbosity, load_student_data, train_student};
 
+/// Burn's random generator is global to the process: trainings that run at the same time (tests
+/// run in parallel threads) would draw each other's numbers, so the tests here train one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A synth dataset split into train.json / val.json; returns their paths.
 fn dataset(dir: &Path, images: usize, size: u32) -> (PathBuf, PathBuf) {
     let options = SynthOptions { images, classes: 3, size, labels: SynthLabels::Both, seed: 5, max_objects: 3 };
@@ -56,6 +60,7 @@ fn run(
 
 #[test]
 fn a_run_writes_its_files_and_resumes_to_the_same_weights() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("train-resume");
     let (train, val) = dataset(scratch.path(), 16, 64);
     let whole = scratch.path().join("whole");
@@ -109,6 +114,7 @@ fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 /// to less than half of its first epoch's.
 #[test]
 fn a_student_learns_a_small_dataset() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("train-learns");
     let options = SynthOptions { images: 8, classes: 3, size: 64, labels: SynthLabels::Both, seed: 11, max_objects: 2 };
     let out = synthesize(&options, &scratch.path().join("synth"), &ProgressBar::hidden()).unwrap();
