@@ -483,7 +483,16 @@ fn run_train_student(args: &TrainStudentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Input sizes must fit the network's strides; checked before any work so nothing panics later.
+fn check_imgsz(imgsz: Option<u32>) -> anyhow::Result<()> {
+    if let Some(size) = imgsz {
+        anyhow::ensure!(size >= 32 && size % 32 == 0, "--imgsz {size} must be a positive multiple of 32");
+    }
+    Ok(())
+}
+
 fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
+    check_imgsz(args.imgsz)?;
     let device = device(args.device)?;
     let student = kiln_training::commands::load_student(&args.model, &device)?;
     let loaded = kiln_data::load_dataset(&args.data, args.images.as_deref())?;
