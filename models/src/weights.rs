@@ -89,8 +89,10 @@ pub fn load_checkpoint<M: Module>(
     }
     let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
     let result = if is_safetensors {
+        // Enum variants are not part of the official names (PytorchStore skips them by default).
         let mut store = SafetensorsStore::from_file(path)
             .with_from_adapter(burn::store::PyTorchToBurnAdapter)
+            .skip_enum_variants(true)
             .allow_partial(true)
             .validate(false);
         for (from, to) in &remap {
@@ -148,6 +150,9 @@ impl ModuleMapper for ToFloat32 {
     }
 }
 
+/// Tensors the official modules keep as buffers, not parameters.
+const BUFFERS: &[&str] = &["running_mean", "running_var", "positional_encoding_gaussian_matrix"];
+
 /// Learnable parameters as PyTorch counts them (`sum(p.numel() for p in model.parameters())`):
 /// Burn's `num_params` also counts BatchNorm's running statistics, which PyTorch keeps as buffers.
 pub fn parameter_count<M: Module>(model: &M) -> usize {
@@ -163,7 +168,7 @@ pub fn parameter_count<M: Module>(model: &M) -> usize {
             self.path.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let buffer = self.path.last().is_some_and(|n| n == "running_mean" || n == "running_var");
+            let buffer = self.path.last().is_some_and(|n| BUFFERS.contains(&n.as_str()));
             if !buffer {
                 self.count += param.lazy_shape().num_elements();
             }
@@ -186,7 +191,9 @@ pub fn save_safetensors<M: Module>(
     let write_error = |message: String| WeightsError::Write { path: path.to_path_buf(), message };
     let file_name = path.file_name().ok_or_else(|| write_error("not a file path".into()))?;
     let staging = path.with_file_name(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
-    let mut store = SafetensorsStore::from_file(&staging).with_to_adapter(burn::store::BurnToPyTorchAdapter);
+    let mut store = SafetensorsStore::from_file(&staging)
+        .with_to_adapter(burn::store::BurnToPyTorchAdapter)
+        .skip_enum_variants(true);
     for (official, ours) in prefixes {
         store = store.with_key_remapping(format!("^{}", regex_escape(ours)), official.clone());
     }
