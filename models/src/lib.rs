@@ -1,5 +1,6 @@
 //! kiln's models: Burn modules whose parameter names map onto the official checkpoints.
 
+pub mod lora;
 pub mod sam;
 pub mod weights;
 pub mod yolo;

@@ -176,24 +176,39 @@ fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
     inter / (area(a) + area(b) - inter)
 }
 
-/// Bilinear resize of a single-channel float image, PyTorch's `interpolate(mode="bilinear",
-/// align_corners=False)`.
-fn resize_bilinear(src: &[f32], (sh, sw): (usize, usize), (dh, dw): (usize, usize)) -> Vec<f32> {
-    let taps = |out: usize, input: usize| -> Vec<(usize, usize, f32)> {
-        let scale = input as f32 / out as f32;
-        (0..out)
-            .map(|o| {
-                let s = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
-                let i0 = (s as usize).min(input - 1);
-                let i1 = (i0 + 1).min(input - 1);
-                (i0, i1, s - i0 as f32)
-            })
-            .collect()
-    };
-    let (rows, cols) = (taps(dh, sh), taps(dw, sw));
+/// Source taps `(i0, i1, weight of i1)` of each output position of a bilinear resize from `input`
+/// to `out` positions, PyTorch's `interpolate(mode="bilinear", align_corners=False)`.
+fn bilinear_taps(out: usize, input: usize) -> Vec<(usize, usize, f32)> {
+    let scale = input as f32 / out as f32;
+    (0..out)
+        .map(|o| {
+            let s = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (s as usize).min(input - 1);
+            let i1 = (i0 + 1).min(input - 1);
+            (i0, i1, s - i0 as f32)
+        })
+        .collect()
+}
+
+/// Bilinear resize of a single-channel float image, computed only at the output rows and columns
+/// `keep` accepts (the others stay 0): masks are cropped to their boxes, so most of a full-size
+/// resize would be thrown away.
+fn resize_bilinear_where(
+    src: &[f32],
+    (sh, sw): (usize, usize),
+    (dh, dw): (usize, usize),
+    keep_row: impl Fn(usize, &(usize, usize, f32)) -> bool,
+    keep_col: impl Fn(usize, &(usize, usize, f32)) -> bool,
+) -> Vec<f32> {
+    let (rows, cols) = (bilinear_taps(dh, sh), bilinear_taps(dw, sw));
+    let cols: Vec<(usize, (usize, usize, f32))> =
+        cols.into_iter().enumerate().filter(|(x, tap)| keep_col(*x, tap)).collect();
     let mut out = vec![0f32; dh * dw];
     for (y, &(y0, y1, fy)) in rows.iter().enumerate() {
-        for (x, &(x0, x1, fx)) in cols.iter().enumerate() {
+        if !keep_row(y, &(y0, y1, fy)) {
+            continue;
+        }
+        for &(x, (x0, x1, fx)) in &cols {
             let top = src[y0 * sw + x0] * (1.0 - fx) + src[y0 * sw + x1] * fx;
             let bottom = src[y1 * sw + x0] * (1.0 - fx) + src[y1 * sw + x1] * fx;
             out[y * dw + x] = top * (1.0 - fy) + bottom * fy;
@@ -217,14 +232,14 @@ pub fn assemble_mask(
             *value += coefficient * p;
         }
     }
-    let upsampled = resize_bilinear(&logits, (mh, mw), (height, width));
     let [x1, y1, x2, y2] = candidate.bbox;
+    let inside_y = |y: usize| (y as f32) >= y1 && (y as f32) < y2;
+    let inside_x = |x: usize| (x as f32) >= x1 && (x as f32) < x2;
+    let upsampled = resize_bilinear_where(&logits, (mh, mw), (height, width), |y, _| inside_y(y), |x, _| inside_x(x));
     let mut mask = BinaryMask::zeros(width as u32, height as u32);
-    for y in 0..height {
-        let inside_rows = (y as f32) >= y1 && (y as f32) < y2;
-        for x in 0..width {
-            let inside = inside_rows && (x as f32) >= x1 && (x as f32) < x2;
-            mask.data[y * width + x] = (inside && upsampled[y * width + x] > 0.0) as u8;
+    for y in (0..height).filter(|&y| inside_y(y)) {
+        for x in (0..width).filter(|&x| inside_x(x)) {
+            mask.data[y * width + x] = (upsampled[y * width + x] > 0.0) as u8;
         }
     }
     mask
@@ -239,8 +254,17 @@ pub fn mask_to_original(mask: &BinaryMask, letterbox: &Letterbox) -> BinaryMask 
         .flat_map(|y| (left..left + cw).map(move |x| (y, x)))
         .map(|(y, x)| mask.data[y * width + x] as f32)
         .collect();
+    // Output pixels whose taps all fall on empty rows or columns are 0 without computing them.
+    let rows_used: Vec<bool> = (0..ch).map(|y| content[y * cw..(y + 1) * cw].iter().any(|&v| v > 0.0)).collect();
+    let cols_used: Vec<bool> = (0..cw).map(|x| (0..ch).any(|y| content[y * cw + x] > 0.0)).collect();
     let (oh, ow) = (letterbox.original_height as usize, letterbox.original_width as usize);
-    let resized = resize_bilinear(&content, (ch, cw), (oh, ow));
+    let resized = resize_bilinear_where(
+        &content,
+        (ch, cw),
+        (oh, ow),
+        |_, &(i0, i1, _)| rows_used[i0] || rows_used[i1],
+        |_, &(i0, i1, _)| cols_used[i0] || cols_used[i1],
+    );
     BinaryMask { width: ow as u32, height: oh as u32, data: resized.iter().map(|&v| (v > 0.5) as u8).collect() }
 }
 

@@ -1,0 +1,272 @@
+//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") through Burn's native
+//! reparameterisation (`Module::apply_lora`), shared by every teacher: adapters on the Linear layers
+//! whose module names match the configured targets (like PEFT's `target_modules`), every other
+//! parameter frozen, adapter-only files (`adapter_model.safetensors` + `adapter_config.json`) that
+//! name the base they belong to, and merging for inference (`materialize`).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{Lora, Module, ModuleVisitor, Param, ParamGroup};
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("LoRA targets {targets:?} match no Linear layer of {model}; its Linear layers include: {examples}")]
+    NoTarget { targets: Vec<String>, model: String, examples: String },
+    #[error("LoRA rank must be at least 1")]
+    Rank,
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error(
+        "{path}: this adapter was trained on {adapter_base} (weights {adapter_hash}), not on the base given ({base} weights {base_hash}); pass the base it names"
+    )]
+    WrongBase { path: PathBuf, adapter_base: String, adapter_hash: String, base: String, base_hash: String },
+}
+
+/// What to adapt and how; saved as `adapter_config.json` (PEFT's field names where they exist).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    #[serde(rename = "r")]
+    pub rank: usize,
+    #[serde(rename = "lora_alpha")]
+    pub alpha: f64,
+    /// Module-name patterns: a Linear layer is adapted when its path ends with one of them
+    /// (`qkv` matches `image_encoder.blocks.3.attn.qkv`; `attn.qkv` is stricter).
+    pub target_modules: Vec<String>,
+}
+
+/// The adapter file's header: the LoRA settings and the base they apply to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: String,
+    #[serde(flatten)]
+    pub lora: LoraConfig,
+    /// The base model's name (`sam/tiny`, `sam/vit_b`, ...).
+    pub base_model_name_or_path: String,
+    /// SHA-256 of the base weights the adapter was trained on (of the file, or "random-init:<seed>").
+    pub base_weights_hash: String,
+    pub kiln_version: String,
+}
+
+/// Parameter counts after LoRA is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraSummary {
+    /// Paths of the adapted weights.
+    pub adapted: Vec<String>,
+    pub trainable: usize,
+    pub total: usize,
+}
+
+impl LoraSummary {
+    pub fn render(&self) -> String {
+        format!(
+            "LoRA on {} layers: {} trainable of {} parameters ({:.2} %)",
+            self.adapted.len(),
+            self.trainable,
+            self.total,
+            100.0 * self.trainable as f64 / self.total.max(1) as f64
+        )
+    }
+}
+
+/// Every float parameter's path and size, adapter factors included (`<weight>.lora.{a,b}`).
+pub fn parameter_paths<M: Module>(model: &M) -> Vec<(String, usize)> {
+    struct Paths {
+        path: Vec<String>,
+        found: Vec<(String, usize)>,
+    }
+    impl ModuleVisitor for Paths {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            // Enum variants are not part of the official names.
+            if !container_type.starts_with("Enum:") {
+                self.path.push(name.to_string());
+            }
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            if !container_type.starts_with("Enum:") {
+                self.path.pop();
+            }
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.found.push((self.path.join("."), param.lazy_shape().num_elements()));
+        }
+    }
+    let mut paths = Paths { path: Vec::new(), found: Vec::new() };
+    model.visit(&mut paths);
+    paths.found
+}
+
+/// Every `Linear` layer's weight as (official path, Burn path; they differ by enum variant names):
+/// the only 2-D weights LoRA adapts here (embeddings and position tables are 2-D too, but are not
+/// projections).
+pub fn linear_weight_paths<M: Module>(model: &M) -> Vec<(String, String)> {
+    struct Linears {
+        path: Vec<(String, String)>,
+        found: Vec<(String, String)>,
+    }
+    impl ModuleVisitor for Linears {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.push((name.to_string(), container_type.to_string()));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+            let n = self.path.len();
+            // `enter_module` names a field together with the type that holds it.
+            if D == 2 && n >= 1 && self.path[n - 1] == ("weight".to_string(), "Struct:Linear".to_string()) {
+                let official: Vec<&str> = self
+                    .path
+                    .iter()
+                    .filter(|(_, kind)| !kind.starts_with("Enum:"))
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                let burn: Vec<&str> = self.path.iter().map(|(name, _)| name.as_str()).collect();
+                self.found.push((official.join("."), burn.join(".")));
+            }
+        }
+    }
+    let mut linears = Linears { path: Vec::new(), found: Vec::new() };
+    model.visit(&mut linears);
+    linears.found
+}
+
+fn is_adapter(path: &str) -> bool {
+    path.contains(".lora.")
+}
+
+/// The (official, Burn) weight paths `targets` select: `<module>.weight` whose module path ends
+/// with a target.
+fn selected(paths: &[(String, String)], targets: &[String]) -> Vec<(String, String)> {
+    paths
+        .iter()
+        .filter(|(official, _)| {
+            let module = official.strip_suffix(".weight").unwrap_or(official);
+            targets.iter().any(|t| module == t || module.ends_with(&format!(".{t}")))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Attaches LoRA adapters to the Linear weights `config` targets and freezes everything else.
+pub fn apply<M: Module>(model: M, config: &LoraConfig, model_name: &str) -> Result<(M, LoraSummary), LoraError> {
+    if config.rank == 0 {
+        return Err(LoraError::Rank);
+    }
+    let linear_weights = linear_weight_paths(&model);
+    let selection = selected(&linear_weights, &config.target_modules);
+    if selection.is_empty() {
+        let mut modules: Vec<String> =
+            linear_weights.iter().filter_map(|(p, _)| p.strip_suffix(".weight")).map(str::to_string).collect();
+        modules.dedup();
+        let examples = modules.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+        return Err(LoraError::NoTarget {
+            targets: config.target_modules.clone(),
+            model: model_name.to_string(),
+            examples,
+        });
+    }
+    let burn_paths: Vec<String> = selection.iter().map(|(_, burn)| burn.clone()).collect();
+    let adapted: Vec<String> = selection.into_iter().map(|(official, _)| official).collect();
+    let model =
+        model.apply_lora(Lora::new(config.rank, config.alpha).set_param_group(ParamGroup::from_paths(burn_paths)));
+    let paths = parameter_paths(&model);
+    let attached = paths.iter().filter(|(p, _)| p.ends_with(".lora.a")).count();
+    assert_eq!(attached, adapted.len(), "LoRA attached to {attached} of the {} selected weights", adapted.len());
+    let trainable = paths.iter().filter(|(p, _)| is_adapter(p)).map(|(_, n)| n).sum();
+    let total = paths.iter().map(|(_, n)| n).sum();
+    Ok((model, LoraSummary { adapted, trainable, total }))
+}
+
+/// Writes `adapter_model.safetensors` (the adapter factors only) and `adapter_config.json` into
+/// `dir`, each atomically.
+pub fn save_adapter<M: Module>(model: &M, dir: &Path, config: &AdapterConfig) -> Result<(), LoraError> {
+    let file_error = |path: &Path, message: String| LoraError::File { path: path.to_path_buf(), message };
+    std::fs::create_dir_all(dir).map_err(|e| file_error(dir, format!("cannot create the directory: {e}")))?;
+    let weights = dir.join(ADAPTER_WEIGHTS);
+    let staging = dir.join(format!(".{ADAPTER_WEIGHTS}.{}.tmp", std::process::id()));
+    let mut store = SafetensorsStore::from_file(&staging)
+        .skip_enum_variants(true)
+        .with_regex(r"\.lora\.")
+        .metadata("kiln.adapter", serde_json::to_string(config).expect("serialisable"));
+    let saved = model.save_into(&mut store).map_err(|e| file_error(&weights, e.to_string()));
+    drop(store);
+    if let Err(e) =
+        saved.and_then(|_| std::fs::rename(&staging, &weights).map_err(|e| file_error(&weights, e.to_string())))
+    {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    let config_path = dir.join(ADAPTER_CONFIG);
+    let staging = dir.join(format!(".{ADAPTER_CONFIG}.{}.tmp", std::process::id()));
+    let text = serde_json::to_string_pretty(config).expect("serialisable");
+    std::fs::write(&staging, text)
+        .and_then(|_| std::fs::rename(&staging, &config_path))
+        .map_err(|e| file_error(&config_path, e.to_string()))
+}
+
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig, LoraError> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read(&path)
+        .map_err(|e| LoraError::File { path: path.clone(), message: format!("cannot read: {e}") })?;
+    serde_json::from_slice(&text).map_err(|e| LoraError::File { path, message: format!("not an adapter config: {e}") })
+}
+
+/// Applies the adapter in `dir` to `base` (the base it was trained on, checked by hash): the
+/// adapted model, ready to train on or to merge.
+pub fn load_adapter<M: Module>(
+    base: M,
+    dir: &Path,
+    base_name: &str,
+    base_hash: &str,
+) -> Result<(M, AdapterConfig), LoraError> {
+    let config = read_adapter_config(dir)?;
+    if config.base_weights_hash != base_hash || config.base_model_name_or_path != base_name {
+        return Err(LoraError::WrongBase {
+            path: dir.join(ADAPTER_CONFIG),
+            adapter_base: config.base_model_name_or_path.clone(),
+            adapter_hash: config.base_weights_hash.clone(),
+            base: base_name.to_string(),
+            base_hash: base_hash.to_string(),
+        });
+    }
+    let (mut model, summary) = apply(base, &config.lora, base_name)?;
+    let path = dir.join(ADAPTER_WEIGHTS);
+    if !path.is_file() {
+        return Err(LoraError::File { path, message: "no such file".into() });
+    }
+    let mut store = SafetensorsStore::from_file(&path).skip_enum_variants(true).allow_partial(true).validate(false);
+    let result =
+        model.load_from(&mut store).map_err(|e| LoraError::File { path: path.clone(), message: e.to_string() })?;
+    let expected = 2 * summary.adapted.len();
+    let missing: Vec<&String> = result.missing.iter().map(|(k, _)| k).filter(|k| is_adapter(k)).collect();
+    if result.applied.len() != expected || !missing.is_empty() || !result.errors.is_empty() {
+        return Err(LoraError::File {
+            path,
+            message: format!(
+                "holds {} of the {expected} adapter tensors its config names (missing: {missing:?}; errors: {:?})",
+                result.applied.len(),
+                result.errors
+            ),
+        });
+    }
+    Ok((model, config))
+}
+
+/// Folds every adapter into its base weight (`W + alpha/r * A B`), for inference or export.
+pub fn merge<M: Module>(model: M) -> M {
+    model.materialize()
+}
+
+/// SHA-256 of a file, hex.
+pub fn file_sha256(path: &Path) -> Result<String, LoraError> {
+    use sha2::Digest;
+    let bytes =
+        std::fs::read(path).map_err(|e| LoraError::File { path: path.to_path_buf(), message: e.to_string() })?;
+    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
+}
