@@ -126,6 +126,10 @@ fn lora_trains_adapters_only_and_the_adapter_file_reproduces_the_model() {
         kiln_version: "test".into(),
     };
     lora::save_adapter(&model, &dir, &config).unwrap();
+    let mut written: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    written.sort();
+    assert_eq!(written, [lora::ADAPTER_CONFIG, lora::ADAPTER_WEIGHTS], "the adapter files and nothing else");
     let adapter_size = std::fs::metadata(dir.join(lora::ADAPTER_WEIGHTS)).unwrap().len();
     let base_size = std::fs::metadata(tiny_checkpoint()).unwrap().len();
     let inference = Device::flex();

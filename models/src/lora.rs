@@ -184,30 +184,32 @@ pub fn apply<M: Module>(model: M, config: &LoraConfig, model_name: &str) -> Resu
 }
 
 /// Writes `adapter_model.safetensors` (the adapter factors only) and `adapter_config.json` into
-/// `dir`, each atomically.
+/// `dir`. Both are written beside their destination first and renamed into place only when both
+/// are complete, so a failure leaves no half-saved adapter.
 pub fn save_adapter<M: Module>(model: &M, dir: &Path, config: &AdapterConfig) -> Result<(), LoraError> {
     let file_error = |path: &Path, message: String| LoraError::File { path: path.to_path_buf(), message };
     std::fs::create_dir_all(dir).map_err(|e| file_error(dir, format!("cannot create the directory: {e}")))?;
-    let weights = dir.join(ADAPTER_WEIGHTS);
-    let staging = dir.join(format!(".{ADAPTER_WEIGHTS}.{}.tmp", std::process::id()));
-    let mut store = SafetensorsStore::from_file(&staging)
-        .skip_enum_variants(true)
-        .with_regex(r"\.lora\.")
-        .metadata("kiln.adapter", serde_json::to_string(config).expect("serialisable"));
-    let saved = model.save_into(&mut store).map_err(|e| file_error(&weights, e.to_string()));
-    drop(store);
-    if let Err(e) =
-        saved.and_then(|_| std::fs::rename(&staging, &weights).map_err(|e| file_error(&weights, e.to_string())))
-    {
-        let _ = std::fs::remove_file(&staging);
-        return Err(e);
+    let staged = |name: &str| dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let (weights_staging, config_staging) = (staged(ADAPTER_WEIGHTS), staged(ADAPTER_CONFIG));
+    let result = (|| {
+        let mut store = SafetensorsStore::from_file(&weights_staging)
+            .skip_enum_variants(true)
+            .with_regex(r"\.lora\.")
+            .metadata("kiln.adapter", serde_json::to_string(config).expect("serialisable"));
+        model.save_into(&mut store).map_err(|e| file_error(&dir.join(ADAPTER_WEIGHTS), e.to_string()))?;
+        drop(store);
+        let text = serde_json::to_string_pretty(config).expect("serialisable");
+        std::fs::write(&config_staging, text).map_err(|e| file_error(&dir.join(ADAPTER_CONFIG), e.to_string()))?;
+        for (staging, name) in [(&weights_staging, ADAPTER_WEIGHTS), (&config_staging, ADAPTER_CONFIG)] {
+            std::fs::rename(staging, dir.join(name)).map_err(|e| file_error(&dir.join(name), e.to_string()))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&weights_staging);
+        let _ = std::fs::remove_file(&config_staging);
     }
-    let config_path = dir.join(ADAPTER_CONFIG);
-    let staging = dir.join(format!(".{ADAPTER_CONFIG}.{}.tmp", std::process::id()));
-    let text = serde_json::to_string_pretty(config).expect("serialisable");
-    std::fs::write(&staging, text)
-        .and_then(|_| std::fs::rename(&staging, &config_path))
-        .map_err(|e| file_error(&config_path, e.to_string()))
+    result
 }
 
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig, LoraError> {

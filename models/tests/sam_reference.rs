@@ -1,7 +1,7 @@
 //! SAM against the official `segment-anything`: a tiny config loaded from a PyTorch state dict, and
 //! vit_b's real widths and windowing cut to 2 blocks (weights recomputed from the formula the
 //! reference script used, written as safetensors and loaded); image embedding, dense positional
-//! encoding, masks and IoU predictions for box, point and point+box+mask prompts, and the
+//! encoding, masks and IoU predictions for box, point, point+box+mask and mask-only prompts, and the
 //! post-processed masks, all within 1e-4 relative. Parameter counts of vit_b/l/h. Fixtures:
 //! tests/reference/sam_reference.py.
 
@@ -183,12 +183,15 @@ fn check_outputs(name: &str, sam: &Sam, entry: &Value, device: &Device) {
     assert_close(&format!("{name} point masks"), prediction.masks, &outputs["point_masks"]);
     assert_close(&format!("{name} point iou"), prediction.iou_predictions, &outputs["point_iou"]);
 
-    let [_, _] = boxes.dims();
     let first_box = boxes.narrow(0, 0, 1);
-    let mask_input = read_tensor(&inputs["mask_input"], device);
-    let prediction = sam.predict(embedding, Some(&points), Some(first_box), Some(mask_input), true);
+    let mask_input: Tensor<4> = read_tensor(&inputs["mask_input"], device);
+    let prediction = sam.predict(embedding.clone(), Some(&points), Some(first_box), Some(mask_input.clone()), true);
     assert_close(&format!("{name} point+box+mask masks"), prediction.masks, &outputs["all_masks"]);
     assert_close(&format!("{name} point+box+mask iou"), prediction.iou_predictions, &outputs["all_iou"]);
+
+    let prediction = sam.predict(embedding, None, None, Some(mask_input), true);
+    assert_close(&format!("{name} mask-only masks"), prediction.masks, &outputs["mask_only_masks"]);
+    assert_close(&format!("{name} mask-only iou"), prediction.iou_predictions, &outputs["mask_only_iou"]);
 }
 
 #[test]

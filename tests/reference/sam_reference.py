@@ -23,7 +23,8 @@ Weights (both models): value = scale * (2u - 1), u = top 24 bits of splitmix64(f
 zero as at official init), 0.1 for biases; norm weights and BatchNorm running variances 1 + 0.5 (2u - 1).
 
 Outputs: image embedding; masks and IoU predictions for a two-box batch (multimask), a point
-prompt (single mask, so the padding point is used), and points + box + a mask input (multimask);
+prompt (single mask, so the padding point is used), points + box + a mask input, and a mask input
+alone (multimask);
 the box masks post-processed to an original size; parameter counts of vit_b/l/h.
 """
 
@@ -163,6 +164,10 @@ def run(name, c, generator):
         sparse, dense = sam.prompt_encoder(points=(point_coords, point_labels), boxes=boxes[:1], masks=mask_input)
         masks, iou = sam.mask_decoder(embedding, dense_pe, sparse, dense, multimask_output=True)
         outputs["all_masks"], outputs["all_iou"] = masks, iou
+
+        sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=mask_input)
+        masks, iou = sam.mask_decoder(embedding, dense_pe, sparse, dense, multimask_output=True)
+        outputs["mask_only_masks"], outputs["mask_only_iou"] = masks, iou
 
     entry["inputs"] = {
         "pixels": save_tensor(name, "pixels", pixels),

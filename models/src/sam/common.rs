@@ -2,7 +2,8 @@
 //! (channel-wise LayerNorm of an NCHW map, eps 1e-6) and `MLPBlock` (`lin1`, activation, `lin2`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{gelu, relu};
 use burn::tensor::{Device, Tensor};
 
@@ -30,6 +31,27 @@ impl LayerNorm2d {
         let normalised = centred / (variance + Self::EPS).sqrt();
         normalised * self.weight.val().reshape([1, channels, 1, 1]) + self.bias.val().reshape([1, channels, 1, 1])
     }
+}
+
+/// The encoders' neck to the prompt width: conv 1x1 (no bias), LayerNorm2d, conv 3x3 (no bias),
+/// LayerNorm2d; keys `neck.{0,1,2,3}`.
+pub type Neck = (Conv2d, LayerNorm2d, Conv2d, LayerNorm2d);
+
+pub fn neck(c_in: usize, out: usize, device: &Device) -> Neck {
+    (
+        Conv2dConfig::new([c_in, out], [1, 1]).with_bias(false).init(device),
+        LayerNorm2d::new(out, device),
+        Conv2dConfig::new([out, out], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .with_bias(false)
+            .init(device),
+        LayerNorm2d::new(out, device),
+    )
+}
+
+pub fn neck_forward(neck: &Neck, x: Tensor<4>) -> Tensor<4> {
+    let (conv1, norm1, conv2, norm2) = neck;
+    norm2.forward(conv2.forward(norm1.forward(conv1.forward(x))))
 }
 
 /// The activation of an MLP: GELU in the image encoder, ReLU in the two-way transformer.

@@ -6,12 +6,12 @@
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::common::{Activation, LayerNorm2d, MlpBlock};
+use super::common::{Activation, MlpBlock, Neck, neck, neck_forward};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageEncoderConfig {
@@ -238,8 +238,7 @@ pub struct ImageEncoderViT {
     pub patch_embed: PatchEmbed,
     pub pos_embed: Param<Tensor<4>>,
     pub blocks: Vec<Block>,
-    /// Conv 1x1 (no bias), LayerNorm2d, conv 3x3 (no bias), LayerNorm2d.
-    pub neck: (Conv2d, LayerNorm2d, Conv2d, LayerNorm2d),
+    pub neck: Neck,
 }
 
 impl ImageEncoderViT {
@@ -252,16 +251,7 @@ impl ImageEncoderViT {
                 Block::new(config, window, device)
             })
             .collect();
-        let out = config.out_chans;
-        let neck = (
-            Conv2dConfig::new([dim, out], [1, 1]).with_bias(false).init(device),
-            LayerNorm2d::new(out, device),
-            Conv2dConfig::new([out, out], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .with_bias(false)
-                .init(device),
-            LayerNorm2d::new(out, device),
-        );
+        let neck = neck(dim, config.out_chans, device);
         Self {
             patch_embed: PatchEmbed { proj },
             pos_embed: Param::from_tensor(Tensor::zeros([1, grid, grid, dim], device)),
@@ -274,8 +264,6 @@ impl ImageEncoderViT {
         let x = self.patch_embed.proj.forward(images).permute([0, 2, 3, 1]);
         let x = x + self.pos_embed.val();
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
-        let x = x.permute([0, 3, 1, 2]);
-        let (conv1, norm1, conv2, norm2) = &self.neck;
-        norm2.forward(conv2.forward(norm1.forward(conv1.forward(x))))
+        neck_forward(&self.neck, x.permute([0, 3, 1, 2]))
     }
 }

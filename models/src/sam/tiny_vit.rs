@@ -13,7 +13,7 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::common::LayerNorm2d;
+use super::common::{Neck, neck, neck_forward};
 use super::image_encoder::{window_partition, window_unpartition};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,7 +296,7 @@ pub struct TinyViT {
     pub layers: (ConvLayer, BasicLayer, BasicLayer, BasicLayer),
     pub norm_head: LayerNorm,
     pub head: Linear,
-    pub neck: (Conv2d, LayerNorm2d, Conv2d, LayerNorm2d),
+    pub neck: Neck,
     #[module(skip)]
     pub config: TinyVitConfig,
 }
@@ -315,7 +315,6 @@ impl TinyViT {
             BasicLayer::new(config, 2, device),
             BasicLayer::new(config, 3, device),
         );
-        let out = config.out_chans;
         Self {
             patch_embed: PatchEmbed {
                 seq: (
@@ -327,15 +326,7 @@ impl TinyViT {
             layers,
             norm_head: LayerNormConfig::new(dims[3]).init(device),
             head: LinearConfig::new(dims[3], config.num_classes).init(device),
-            neck: (
-                Conv2dConfig::new([dims[3], out], [1, 1]).with_bias(false).init(device),
-                LayerNorm2d::new(out, device),
-                Conv2dConfig::new([out, out], [3, 3])
-                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                    .with_bias(false)
-                    .init(device),
-                LayerNorm2d::new(out, device),
-            ),
+            neck: neck(dims[3], config.out_chans, device),
             config: config.clone(),
         }
     }
@@ -357,7 +348,6 @@ impl TinyViT {
         let [b, n, c] = tokens.dims();
         let side = (n as f64).sqrt() as usize;
         let x = tokens.swap_dims(1, 2).reshape([b, c, side, side]);
-        let (conv1, norm1, conv2, norm2) = &self.neck;
-        norm2.forward(conv2.forward(norm1.forward(conv1.forward(x))))
+        neck_forward(&self.neck, x)
     }
 }
