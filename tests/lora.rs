@@ -19,6 +19,7 @@ fn decoder_attention() -> LoraConfig {
     LoraConfig {
         rank: 4,
         alpha: 8.0,
+        dropout: 0.0,
         target_modules: ["q_proj", "k_proj", "v_proj", "out_proj"].map(String::from).to_vec(),
     }
 }
@@ -159,7 +160,7 @@ fn lora_trains_adapters_only_and_the_adapter_file_reproduces_the_model() {
 fn encoder_targets_are_adapted_through_the_encoder_variant() {
     let device = Device::flex();
     let sam = SamConfig::tiny().init(&device);
-    let config = LoraConfig { rank: 2, alpha: 4.0, target_modules: vec!["attn.qkv".into()] };
+    let config = LoraConfig { rank: 2, alpha: 4.0, dropout: 0.0, target_modules: vec!["attn.qkv".into()] };
     let (model, summary) = lora::apply(sam, &config, "sam/tiny").unwrap();
     assert_eq!(summary.adapted, ["image_encoder.blocks.0.attn.qkv.weight", "image_encoder.blocks.1.attn.qkv.weight"]);
     let adapters: Vec<String> =
@@ -171,8 +172,16 @@ fn encoder_targets_are_adapted_through_the_encoder_variant() {
 fn targets_that_match_nothing_are_refused_with_the_layer_names() {
     let device = Device::flex();
     let sam = SamConfig::tiny().init(&device);
-    let config = LoraConfig { rank: 4, alpha: 8.0, target_modules: vec!["query".into()] };
+    let config = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["query".into()] };
     let error = lora::apply(sam, &config, "sam/tiny").map(|_| ()).unwrap_err();
     let message = error.to_string();
     assert!(message.contains("query") && message.contains("attn.qkv"), "{message}");
+}
+
+#[test]
+fn lora_dropout_other_than_zero_is_refused_with_the_reason() {
+    let sam = SamConfig::tiny().init(&Device::flex());
+    let config = LoraConfig { dropout: 0.1, ..decoder_attention() };
+    let message = lora::apply(sam, &config, "sam/tiny").map(|_| ()).unwrap_err().to_string();
+    assert!(message.contains("lora_dropout 0.1") && message.contains("set lora_dropout to 0"), "{message}");
 }

@@ -55,6 +55,25 @@ enum Command {
     /// box mAP50-95 without masks) and weights/last.safetensors, both holding the weights' moving
     /// average under Ultralytics' key names. An interrupted run continues with --resume.
     TrainStudent(TrainStudentArgs),
+    /// Fine-tune the teachers with LoRA, chosen by the data: SAM (box prompt -> mask) when it has masks.
+    ///
+    /// Settings come from kiln's defaults (configs/teacher.yaml), then the data, then these flags;
+    /// they are saved as OUTPUT/teachers/teacher_config.yaml with metadata.json. Every ground-truth
+    /// box, jittered, prompts SAM for its mask; the loss is focal + dice (20:1) plus MSE on the
+    /// predicted IoU; only LoRA adapters train (on the mask decoder's attention by default), so the
+    /// image encoder stays frozen and its embeddings are computed once and cached. Validation mask
+    /// IoU is measured before training and after every epoch; the best adapter is saved as
+    /// OUTPUT/teachers/sam_lora/{adapter_model.safetensors, adapter_config.json}: the pretrained
+    /// base is never modified or copied. An interrupted run continues with --resume.
+    TrainTeacher(TrainTeacherArgs),
+    /// Run the SAM teacher on images with box prompts and draw the masks.
+    ///
+    /// Boxes are COCO JSON (`images` with `file_name`, `annotations` with `bbox` as x, y, w, h): a
+    /// dataset, or the predictions.json of `kiln infer`. Writes OUTPUT/masks.json (COCO results,
+    /// scored by SAM's predicted IoU) and OUTPUT/pictures/ with the masks drawn. With --adapter the
+    /// teacher trained by `kiln train-teacher` is used (its base and settings are read from the
+    /// experiment's teacher_config.yaml).
+    Segment(SegmentArgs),
     /// Evaluate a trained student on a COCO dataset: COCO box (and mask) AP, per class.
     Eval(EvalArgs),
     /// Run a trained student on a directory of images: COCO-results JSON, and pictures with the
@@ -125,6 +144,90 @@ struct TrainStudentArgs {
     /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
     #[arg(long)]
     resume: bool,
+}
+
+#[derive(clap::Args)]
+struct TrainTeacherArgs {
+    /// Training split: COCO JSON (e.g. splits/train.json from `kiln validate`) or a YOLO dataset.
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Validation split, with the same categories.
+    #[arg(long, value_name = "FILE")]
+    val: PathBuf,
+    /// Directory that the images' `file_name`s are relative to [default: as `kiln validate`].
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Experiment directory; the teachers go to its teachers/ [default: experiments/teacher,
+    /// experiments/teacher2, ...].
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// SAM size: vit_b, vit_l, vit_h, mobile (MobileSAM) or tiny (a toy that trains from a random
+    /// initialisation, for tests and the demo) [default: vit_b].
+    #[arg(long, value_name = "NAME")]
+    sam: Option<String>,
+    /// The pretrained SAM checkpoint, as released (sam_vit_b_01ec64.pth, mobile_sam.pt) or kiln
+    /// safetensors; it is read, never written.
+    #[arg(long, value_name = "FILE")]
+    sam_weights: Option<PathBuf>,
+    /// LoRA rank [default: 8].
+    #[arg(long, value_name = "N")]
+    lora_r: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha / r) [default: 16].
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Comma-separated module-name suffixes that get adapters, like PEFT's target_modules
+    /// [default: q_proj,k_proj,v_proj,out_proj: the mask decoder's attention]; `qkv` adapts the
+    /// image encoder too (its embeddings are then computed at every step).
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
+    /// Epochs [default: 10].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per step [default: 4].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Initial AdamW learning rate [default: 0.001].
+    #[arg(long)]
+    lr0: Option<f64>,
+    /// Seed of the batch order, the box jitter, the adapters' initialisation (and of a random base).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Train every parameter instead of LoRA adapters, saving the whole model as
+    /// teachers/sam_full/model.safetensors (e.g. to make a base for a new domain; LoRA is the default).
+    #[arg(long)]
+    full_finetune: bool,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(clap::Args)]
+struct SegmentArgs {
+    /// Directory the box file's `file_name`s are relative to.
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// Box prompts: COCO JSON (a dataset, or `kiln infer`'s predictions.json).
+    #[arg(long, value_name = "FILE")]
+    boxes: PathBuf,
+    /// Where masks.json and pictures/ go; existing ones are never replaced.
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    /// A LoRA adapter directory written by `kiln train-teacher` (EXPERIMENT/teachers/sam_lora).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// SAM size [default: the adapter's, else vit_b].
+    #[arg(long, value_name = "NAME")]
+    sam: Option<String>,
+    /// The SAM checkpoint [default: the adapter's base].
+    #[arg(long, value_name = "FILE")]
+    sam_weights: Option<PathBuf>,
+    /// Do not draw pictures, only write masks.json.
+    #[arg(long)]
+    no_pictures: bool,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
 }
 
 #[derive(clap::Args)]
@@ -483,6 +586,87 @@ fn run_train_student(args: &TrainStudentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_train_teacher(args: &TrainTeacherArgs) -> anyhow::Result<()> {
+    use kiln_training::teacher::{TeacherOverrides, TrainTeacherRequest, render_teacher_summary, run_train_teacher};
+    let output = match (&args.output, args.resume) {
+        (Some(dir), _) => dir.clone(),
+        (None, false) => fresh_run_dir(Path::new("experiments/teacher")),
+        (None, true) => anyhow::bail!("--resume needs --output DIR: the experiment to continue"),
+    };
+    let request = TrainTeacherRequest {
+        train: args.data.clone(),
+        val: args.val.clone(),
+        images: args.images.clone(),
+        output: output.clone(),
+        resume: args.resume,
+        device_name: format!("{:?}", args.device).to_lowercase(),
+        overrides: TeacherOverrides {
+            sam: args.sam.clone(),
+            sam_weights: args.sam_weights.clone(),
+            lora_r: args.lora_r,
+            lora_alpha: args.lora_alpha,
+            lora_targets: args.lora_targets.clone(),
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            lr0: args.lr0,
+            seed: args.seed,
+            full_finetune: args.full_finetune,
+        },
+    };
+    println!("kiln train-teacher -> {}", output.join("teachers").display());
+    let summary = run_train_teacher(&request, device(args.device)?, kiln_training::run::Verbosity::Progress)?;
+    print!("{}", render_teacher_summary(&summary));
+    Ok(())
+}
+
+fn run_segment(args: &SegmentArgs) -> anyhow::Result<()> {
+    use kiln_training::teacher::segment::{SegmentRequest, run_segment};
+    use kiln_training::teacher::{TeacherConfig, sam_config_beside};
+    let mut sam = match &args.adapter {
+        Some(dir) => sam_config_beside(dir).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no teacher_config.yaml beside this adapter (an adapter directory of `kiln train-teacher` is EXPERIMENT/teachers/sam_lora)",
+                dir.display()
+            )
+        })?,
+        None => TeacherConfig::default().sam.expect("configs/teacher.yaml has a sam section"),
+    };
+    if let Some(name) = &args.sam {
+        sam.model = name.clone();
+    }
+    if let Some(weights) = &args.sam_weights {
+        sam.weights = Some(weights.clone());
+    }
+    if sam.weights.is_none() && sam.model != "tiny" {
+        anyhow::bail!(
+            "SAM {} needs --sam-weights (e.g. sam_vit_b_01ec64.pth); only tiny runs from a random initialisation",
+            sam.model
+        );
+    }
+    let device = device(args.device)?;
+    let request = SegmentRequest {
+        images: args.images.clone(),
+        boxes: args.boxes.clone(),
+        output: args.output.clone(),
+        sam,
+        adapter: args.adapter.clone(),
+        pictures: !args.no_pictures,
+    };
+    let summary = run_segment(&request, &device, &progress_bar("images"))?;
+    println!(
+        "kiln segment: SAM {}{} on {} images: {} masks -> {}",
+        request.sam.model,
+        summary.adapter.map(|a| format!(" + LoRA ({a})")).unwrap_or_default(),
+        summary.images,
+        summary.masks,
+        summary.predictions.display()
+    );
+    if let Some(dir) = summary.pictures {
+        println!("pictures -> {}", dir.display());
+    }
+    Ok(())
+}
+
 /// Input sizes must fit the network's strides; checked before any work so nothing panics later.
 fn check_imgsz(imgsz: Option<u32>) -> anyhow::Result<()> {
     if let Some(size) = imgsz {
@@ -529,6 +713,8 @@ fn main() -> ExitCode {
         Command::Synth(args) => run_synth(&args.output, &args.options).map(|_| true),
         Command::Info(args) => run_info(args).map(|_| true),
         Command::TrainStudent(args) => run_train_student(args).map(|_| true),
+        Command::TrainTeacher(args) => run_train_teacher(args).map(|_| true),
+        Command::Segment(args) => run_segment(args).map(|_| true),
         Command::Eval(args) => run_eval(args).map(|_| true),
         Command::Infer(args) => run_infer(args).map(|_| true),
         Command::Demo(args) => run_demo(args),

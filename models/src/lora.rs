@@ -20,6 +20,10 @@ pub enum LoraError {
     NoTarget { targets: Vec<String>, model: String, examples: String },
     #[error("LoRA rank must be at least 1")]
     Rank,
+    #[error(
+        "lora_dropout {0} is not supported: Burn's native LoRA adds its low-rank update to the weight, so there is no separate adapter input to drop; set lora_dropout to 0"
+    )]
+    Dropout(f64),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
     #[error(
@@ -35,6 +39,11 @@ pub struct LoraConfig {
     pub rank: usize,
     #[serde(rename = "lora_alpha")]
     pub alpha: f64,
+    /// PEFT's dropout on the adapter's input. Burn's native LoRA adapts the weight itself
+    /// (`W + alpha/r * A B`), so the adapter path never sees the input on its own: only 0 is
+    /// accepted (the field is kept so PEFT configs read as they are).
+    #[serde(rename = "lora_dropout", default)]
+    pub dropout: f64,
     /// Module-name patterns: a Linear layer is adapted when its path ends with one of them
     /// (`qkv` matches `image_encoder.blocks.3.attn.qkv`; `attn.qkv` is stricter).
     pub target_modules: Vec<String>,
@@ -158,6 +167,9 @@ pub fn apply<M: Module>(model: M, config: &LoraConfig, model_name: &str) -> Resu
     if config.rank == 0 {
         return Err(LoraError::Rank);
     }
+    if config.dropout != 0.0 {
+        return Err(LoraError::Dropout(config.dropout));
+    }
     let linear_weights = linear_weight_paths(&model);
     let selection = selected(&linear_weights, &config.target_modules);
     if selection.is_empty() {
@@ -268,7 +280,10 @@ pub fn merge<M: Module>(model: M) -> M {
 /// SHA-256 of a file, hex.
 pub fn file_sha256(path: &Path) -> Result<String, LoraError> {
     use sha2::Digest;
-    let bytes =
-        std::fs::read(path).map_err(|e| LoraError::File { path: path.to_path_buf(), message: e.to_string() })?;
-    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
+    let error = |e: std::io::Error| LoraError::File { path: path.to_path_buf(), message: e.to_string() };
+    // Streamed: official checkpoints reach 2.5 GB.
+    let mut file = std::fs::File::open(path).map_err(error)?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(error)?;
+    Ok(format!("{:x}", hasher.finalize()))
 }

@@ -115,13 +115,7 @@ pub fn run_train_student(
         serde_yaml::from_str(&text)
             .map_err(|e| TrainError::Config(format!("{}: cannot resume: {e}", config_path.display())))?
     } else {
-        if request.output.exists() && std::fs::read_dir(&request.output).map(|mut d| d.next().is_some()).unwrap_or(true)
-        {
-            return Err(TrainError::Config(format!(
-                "{} already holds a run; pass --resume to continue it, or choose another --output",
-                request.output.display()
-            )));
-        }
+        crate::engine::require_fresh_dir(&request.output)?;
         student_config(&data, &summary, &request.overrides)?
     };
     if config.classes != data.train.class_names() {
@@ -138,10 +132,7 @@ pub fn run_train_student(
         let metadata = Metadata {
             kiln_version: env!("CARGO_PKG_VERSION"),
             burn_version: "0.22.1",
-            started_unix_seconds: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            started_unix_seconds: crate::engine::unix_seconds(),
             request,
             train_summary: &summary,
             train_images: data.train.images.len(),

@@ -4,8 +4,10 @@
 pub mod augment;
 pub mod commands;
 pub mod data;
+pub mod engine;
 pub mod eval;
 pub mod loss;
 pub mod plots;
 pub mod run;
 pub mod student;
+pub mod teacher;

@@ -13,8 +13,8 @@ use crate::run::EpochRecord;
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
 const INK: Rgb<u8> = Rgb([40, 40, 40]);
 const GRID: Rgb<u8> = Rgb([225, 225, 225]);
-const BLUE: Rgb<u8> = Rgb([31, 119, 180]);
-const ORANGE: Rgb<u8> = Rgb([255, 127, 14]);
+pub(crate) const BLUE: Rgb<u8> = Rgb([31, 119, 180]);
+pub(crate) const ORANGE: Rgb<u8> = Rgb([255, 127, 14]);
 
 /// One small chart: series of (x, y) points in a `width x height` panel with axes and labels.
 pub fn chart(title: &str, series: &[(&str, Rgb<u8>, Vec<(f64, f64)>)], width: u32, height: u32) -> RgbImage {

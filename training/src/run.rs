@@ -19,16 +19,11 @@ use burn::data::dataloader::DataLoaderBuilder;
 use burn::tensor::Device;
 use burn::train::EventProcessorTraining;
 use burn::train::checkpoint::KeepLastNCheckpoints;
-use burn::train::logger::{EvaluationProgressLogger, TrainingProgressLogger};
-use burn::train::metric::MetricDefinition;
-use burn::train::renderer::{
-    EvaluationName, MetricState, MetricsRenderer, MetricsRendererEvaluation, MetricsRendererTraining,
-};
 use burn::train::{
     Learner, LearnerEvent, LearningResult, SupervisedLearningStrategy, SupervisedTraining,
     SupervisedTrainingEventProcessor, TrainLoader, TrainingComponents, TrainingStrategy, ValidLoader,
 };
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use kiln_data::batch::{CocoDetectionDataset, DetectionBatch};
 use kiln_data::coco::CocoDataset;
 use kiln_data::mask::Rle;
@@ -209,24 +204,6 @@ pub struct TrainOptions {
     pub stop_after_epochs: Option<usize>,
 }
 
-/// Checkpointed epochs whose every file exists (burn-train's three and kiln's two), newest last.
-fn complete_checkpoints(dir: &Path) -> Vec<usize> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut epochs: Vec<usize> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            name.strip_prefix("state-")?.strip_suffix(".json")?.parse().ok()
-        })
-        .filter(|n| {
-            ["model", "optim", "scheduler"].iter().all(|k| dir.join(format!("{k}-{n}.bpk")).is_file())
-                && dir.join(format!("ema-{n}.safetensors")).is_file()
-        })
-        .collect();
-    epochs.sort_unstable();
-    epochs
-}
-
 /// Trains a student. The run directory must be new (or `resume` set, to continue it).
 pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSummary, TrainError> {
     let TrainOptions { config, output, device, resume, verbosity, stop_after_epochs } = options;
@@ -241,14 +218,7 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
     }
     let checkpoint_dir = output.join("checkpoint");
     let resume_from = if resume {
-        let done = complete_checkpoints(&checkpoint_dir);
-        let Some(&last) = done.last() else {
-            return Err(TrainError::Config(format!(
-                "{}: no complete checkpoint to resume from; start a new run instead",
-                output.display()
-            )));
-        };
-        Some(last)
+        Some(crate::engine::resume_point(&output, &checkpoint_dir, &["ema-{}.safetensors"])?)
     } else {
         None
     };
@@ -333,7 +303,7 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
         .with_default_checkpointers()
         .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
         .with_application_logger(None)
-        .renderer(Box::new(SilentRenderer))
+        .renderer(Box::new(crate::engine::SilentRenderer))
         .num_epochs(config.epochs)
         .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)));
     if let Some(epoch) = resume_from {
@@ -506,10 +476,7 @@ impl KilnStrategy {
             if let Some(checkpointer) = checkpointer.as_mut() {
                 checkpointer.checkpoint(learner, epoch, event_store);
             }
-            for old in 1..epoch.saturating_sub(1) {
-                let _ = std::fs::remove_file(checkpoint_dir.join(format!("ema-{old}.safetensors")));
-                let _ = std::fs::remove_file(checkpoint_dir.join(format!("state-{old}.json")));
-            }
+            crate::engine::prune_checkpoints(&checkpoint_dir, epoch, &["ema-{}.safetensors"]);
             if self.config.patience > 0 && epoch - state.best_epoch >= self.config.patience {
                 stopped_early = true;
                 break;
@@ -543,17 +510,7 @@ impl KilnStrategy {
     }
 
     fn bar(&self, length: u64, prefix: &str) -> ProgressBar {
-        if self.verbosity == Verbosity::Quiet {
-            return ProgressBar::hidden();
-        }
-        let bar = ProgressBar::new(length);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(prefix.to_string());
-        bar
+        crate::engine::epoch_bar(self.verbosity, length, prefix)
     }
 
     fn report(&self, r: &EpochRecord) {
@@ -687,42 +644,6 @@ fn add(a: LossParts, b: LossParts, weight: f32) -> LossParts {
 
 fn scale(a: LossParts, factor: f32) -> LossParts {
     add(LossParts::default(), a, factor)
-}
-
-/// kiln draws its own progress; burn-train's renderer stays silent.
-struct SilentRenderer;
-
-impl MetricsRendererTraining for SilentRenderer {
-    fn update_train(&mut self, _state: MetricState) {}
-    fn update_valid(&mut self, _state: MetricState) {}
-}
-
-impl MetricsRendererEvaluation for SilentRenderer {
-    fn update_test(&mut self, _name: EvaluationName, _state: MetricState) {}
-}
-
-impl TrainingProgressLogger for SilentRenderer {
-    fn start(&mut self, _: usize, _: usize, _: Option<usize>, _: Option<&str>) {}
-    fn update_epoch(&mut self, _epoch: usize) {}
-    fn start_split(&mut self, _split: &str, _total_items: usize) {}
-    fn update_split(&mut self, _items_processed: usize) {}
-    fn end_split(&mut self) {}
-    fn end(&mut self) {}
-    fn log_event_training(&mut self, _event: String) {}
-}
-
-impl EvaluationProgressLogger for SilentRenderer {
-    fn start_global_progress(&mut self, _total_tests: usize) {}
-    fn start_test(&mut self, _name: &str, _total_items: usize) {}
-    fn update_test_progress(&mut self, _items_processed: usize) {}
-    fn end_test(&mut self) {}
-    fn end_global_progress(&mut self) {}
-    fn log_event_evaluation(&mut self, _event: String) {}
-}
-
-impl MetricsRenderer for SilentRenderer {
-    fn manual_close(&mut self) {}
-    fn register_metric(&mut self, _definition: MetricDefinition) {}
 }
 
 /// The training and validation sets as a student run uses them: read (COCO JSON or a YOLO

@@ -91,7 +91,7 @@ impl InferenceStep for Student {
 
 /// Scales all gradients together so their global L2 norm is at most `max_norm`
 /// (`torch.nn.utils.clip_grad_norm_`; burn's own clipping works per tensor).
-fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f32) {
+pub(crate) fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f32) {
     struct SquaredNorm<'a> {
         grads: &'a GradientsParams,
         total: f64,

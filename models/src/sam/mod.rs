@@ -240,20 +240,11 @@ impl Sam {
     /// bottom-right to S x S.
     pub fn preprocess(&self, image: &image::RgbImage, device: &Device) -> SamInput {
         let size = self.image_size();
-        let original_size = (image.height() as usize, image.width() as usize);
-        let (h, w) = resized_shape(original_size, size);
-        let resized = image::imageops::resize(image, w as u32, h as u32, image::imageops::FilterType::Triangle);
-        let mut pixels = vec![0f32; 3 * size * size];
-        for (x, y, pixel) in resized.enumerate_pixels() {
-            for c in 0..3 {
-                pixels[c * size * size + y as usize * size + x as usize] =
-                    (pixel[c] as f32 - PIXEL_MEAN[c]) / PIXEL_STD[c];
-            }
-        }
+        let (pixels, input_size) = prepare_pixels(image, size);
         SamInput {
             pixels: Tensor::from_data(TensorData::new(pixels, [1, 3, size, size]), device),
-            input_size: (h, w),
-            original_size,
+            input_size,
+            original_size: (image.height() as usize, image.width() as usize),
         }
     }
 
@@ -278,6 +269,21 @@ impl Sam {
         let [b, m, _, _] = full.dims();
         resize(full.slice([0..b, 0..m, 0..input_size.0, 0..input_size.1]), original_size)
     }
+}
+
+/// [`Sam::preprocess`] without a model or device: the `3 x size x size` normalised, padded pixels
+/// (channel-major) and the `(h, w)` of the resized content.
+pub fn prepare_pixels(image: &image::RgbImage, size: usize) -> (Vec<f32>, (usize, usize)) {
+    let original_size = (image.height() as usize, image.width() as usize);
+    let (h, w) = resized_shape(original_size, size);
+    let resized = image::imageops::resize(image, w as u32, h as u32, image::imageops::FilterType::Triangle);
+    let mut pixels = vec![0f32; 3 * size * size];
+    for (x, y, pixel) in resized.enumerate_pixels() {
+        for c in 0..3 {
+            pixels[c * size * size + y as usize * size + x as usize] = (pixel[c] as f32 - PIXEL_MEAN[c]) / PIXEL_STD[c];
+        }
+    }
+    (pixels, (h, w))
 }
 
 /// `ResizeLongestSide.get_preprocess_shape`: `(h, w)` scaled so the long side is `long_side`.

@@ -1,0 +1,117 @@
+//! What every kiln training run shares, student or teacher: progress bars drawn by kiln (burn-train's
+//! own renderer kept silent), the rule that an epoch's checkpoint counts only when all its files are
+//! on disk, run directories that are never overwritten, and `metadata.json`.
+
+use std::path::Path;
+
+use burn::train::logger::{EvaluationProgressLogger, TrainingProgressLogger};
+use burn::train::metric::MetricDefinition;
+use burn::train::renderer::{
+    EvaluationName, MetricState, MetricsRenderer, MetricsRendererEvaluation, MetricsRendererTraining,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::run::{TrainError, Verbosity};
+
+/// A bar for one epoch's batches (hidden when quiet).
+pub fn epoch_bar(verbosity: Verbosity, length: u64, prefix: &str) -> ProgressBar {
+    if verbosity == Verbosity::Quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(length);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+/// Checkpointed epochs whose every file exists (burn-train's model, optimiser and scheduler
+/// records, kiln's `state-N.json`, and `extra` files named with `{}` for the epoch), newest last.
+pub fn complete_checkpoints(dir: &Path, extra: &[&str]) -> Vec<usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut epochs: Vec<usize> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("state-")?.strip_suffix(".json")?.parse().ok()
+        })
+        .filter(|n: &usize| {
+            ["model", "optim", "scheduler"].iter().all(|k| dir.join(format!("{k}-{n}.bpk")).is_file())
+                && extra.iter().all(|pattern| dir.join(pattern.replace("{}", &n.to_string())).is_file())
+        })
+        .collect();
+    epochs.sort_unstable();
+    epochs
+}
+
+/// The newest complete checkpoint of a run to resume, or an error saying there is none.
+pub fn resume_point(run: &Path, checkpoint_dir: &Path, extra: &[&str]) -> Result<usize, TrainError> {
+    complete_checkpoints(checkpoint_dir, extra).last().copied().ok_or_else(|| {
+        TrainError::Config(format!("{}: no complete checkpoint to resume from; start a new run instead", run.display()))
+    })
+}
+
+/// A new run needs a directory that does not exist or is empty: nothing the user has is replaced.
+pub fn require_fresh_dir(dir: &Path) -> Result<(), TrainError> {
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(TrainError::Config(format!(
+            "{} already holds a run; pass --resume to continue it, or choose another --output",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch, for `metadata.json`.
+pub fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Removes the kiln files of checkpoints older than the two burn-train keeps.
+pub fn prune_checkpoints(dir: &Path, epoch: usize, patterns: &[&str]) {
+    for old in 1..epoch.saturating_sub(1) {
+        let _ = std::fs::remove_file(dir.join(format!("state-{old}.json")));
+        for pattern in patterns {
+            let _ = std::fs::remove_file(dir.join(pattern.replace("{}", &old.to_string())));
+        }
+    }
+}
+
+/// kiln draws its own progress; burn-train's renderer stays silent.
+pub struct SilentRenderer;
+
+impl MetricsRendererTraining for SilentRenderer {
+    fn update_train(&mut self, _state: MetricState) {}
+    fn update_valid(&mut self, _state: MetricState) {}
+}
+
+impl MetricsRendererEvaluation for SilentRenderer {
+    fn update_test(&mut self, _name: EvaluationName, _state: MetricState) {}
+}
+
+impl TrainingProgressLogger for SilentRenderer {
+    fn start(&mut self, _: usize, _: usize, _: Option<usize>, _: Option<&str>) {}
+    fn update_epoch(&mut self, _epoch: usize) {}
+    fn start_split(&mut self, _split: &str, _total_items: usize) {}
+    fn update_split(&mut self, _items_processed: usize) {}
+    fn end_split(&mut self) {}
+    fn end(&mut self) {}
+    fn log_event_training(&mut self, _event: String) {}
+}
+
+impl EvaluationProgressLogger for SilentRenderer {
+    fn start_global_progress(&mut self, _total_tests: usize) {}
+    fn start_test(&mut self, _name: &str, _total_items: usize) {}
+    fn update_test_progress(&mut self, _items_processed: usize) {}
+    fn end_test(&mut self) {}
+    fn end_global_progress(&mut self) {}
+    fn log_event_evaluation(&mut self, _event: String) {}
+}
+
+impl MetricsRenderer for SilentRenderer {
+    fn manual_close(&mut self) {}
+    fn register_metric(&mut self, _definition: MetricDefinition) {}
+}
