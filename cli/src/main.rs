@@ -192,6 +192,10 @@ struct TrainTeacherArgs {
     /// Seed of the batch order, the box jitter, the adapters' initialisation (and of a random base).
     #[arg(long)]
     seed: Option<u64>,
+    /// Weight of the focal loss against dice's 1 [default: 20, SAM's ratio]. On small data a
+    /// lower weight (e.g. 1) keeps the focal term from shrinking the masks.
+    #[arg(long)]
+    focal_weight: Option<f64>,
     /// Train every parameter instead of LoRA adapters, saving the whole model as
     /// teachers/sam_full/model.safetensors (e.g. to make a base for a new domain; LoRA is the default).
     #[arg(long)]
@@ -610,6 +614,7 @@ fn run_train_teacher(args: &TrainTeacherArgs) -> anyhow::Result<()> {
             batch_size: args.batch_size,
             lr0: args.lr0,
             seed: args.seed,
+            focal_weight: args.focal_weight,
             full_finetune: args.full_finetune,
         },
     };

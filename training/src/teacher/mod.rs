@@ -53,6 +53,7 @@ pub struct TeacherOverrides {
     pub batch_size: Option<usize>,
     pub lr0: Option<f64>,
     pub seed: Option<u64>,
+    pub focal_weight: Option<f64>,
     pub full_finetune: bool,
 }
 
@@ -110,6 +111,7 @@ pub fn teacher_config(
     sam.lr0 = o.lr0.unwrap_or(sam.lr0);
     sam.seed = o.seed.unwrap_or(sam.seed);
     sam.full_finetune |= o.full_finetune;
+    sam.loss.focal_weight = o.focal_weight.unwrap_or(sam.loss.focal_weight);
     if sam.epochs == 0 || sam.batch_size == 0 || sam.lora.rank == 0 {
         return Err(TrainError::Config("--epochs, --batch-size and --lora-r must be at least 1".into()));
     }
