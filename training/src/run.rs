@@ -160,11 +160,11 @@ pub struct TrainSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{0}")]
+    #[error(transparent)]
     Data(#[from] kiln_data::DataError),
-    #[error("{0}")]
+    #[error(transparent)]
     Weights(#[from] kiln_models::weights::WeightsError),
-    #[error("{0}")]
+    #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },

@@ -204,6 +204,9 @@ pub fn run_train_teacher_for(
     {
         // A new run that failed before its first complete epoch leaves nothing behind.
         let _ = std::fs::remove_dir_all(&teachers);
+        if !output_existed {
+            let _ = std::fs::remove_dir(&request.output);
+        }
     }
     Ok(TeacherSummary { config: config.clone(), sam: trained?, teachers_dir: teachers })
 }
