@@ -175,6 +175,7 @@ pub fn run_train_teacher_for(
             data.train.class_names()
         )));
     }
+    let output_existed = request.output.exists();
     std::fs::create_dir_all(&teachers)
         .map_err(|e| TrainError::Io { path: teachers.clone(), message: e.to_string() })?;
     if !request.resume {
