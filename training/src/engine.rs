@@ -115,3 +115,38 @@ impl MetricsRenderer for SilentRenderer {
     fn manual_close(&mut self) {}
     fn register_metric(&mut self, _definition: MetricDefinition) {}
 }
+
+/// Where a custom training strategy leaves its result for the code that launched it.
+pub type Outcome<T> = std::sync::Arc<std::sync::Mutex<Option<Result<T, TrainError>>>>;
+
+/// Runs a kiln epoch loop (`strategy`, which stores its result in `outcome`) inside burn-train's
+/// `SupervisedTraining`: its checkpointers (the last two epochs kept), kiln's own silent renderer,
+/// and resumption from `resume_from`.
+#[allow(clippy::too_many_arguments)]
+pub fn launch<M: burn::train::LearnerModel + 'static, T>(
+    run_dir: &Path,
+    train_loader: std::sync::Arc<dyn burn::data::dataloader::DataLoader<<M as burn::train::TrainStep>::Input>>,
+    val_loader: std::sync::Arc<dyn burn::data::dataloader::DataLoader<<M as burn::train::InferenceStep>::Input>>,
+    epochs: usize,
+    resume_from: Option<usize>,
+    strategy: burn::train::CustomLearningStrategy<M>,
+    outcome: Outcome<T>,
+    learner: burn::train::Learner<M>,
+) -> Result<T, TrainError> {
+    let mut training = burn::train::SupervisedTraining::new(run_dir, train_loader, val_loader)
+        .with_default_checkpointers()
+        .with_checkpointing_strategy(burn::train::checkpoint::KeepLastNCheckpoints::new(2))
+        .with_application_logger(None)
+        .renderer(Box::new(SilentRenderer))
+        .num_epochs(epochs)
+        .with_training_strategy(burn::train::TrainingStrategy::Custom(strategy));
+    if let Some(epoch) = resume_from {
+        training = training.checkpoint(epoch);
+    }
+    let result = training.launch(learner);
+    if let Some(error) = result.error {
+        return Err(TrainError::Training(error.to_string()));
+    }
+    let outcome = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
+    outcome.unwrap_or_else(|| Err(TrainError::Training("the training loop ended without a result".into())))
+}

@@ -18,10 +18,9 @@ use burn::data::dataloader::DataLoader;
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::tensor::Device;
 use burn::train::EventProcessorTraining;
-use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::{
-    Learner, LearnerEvent, LearningResult, SupervisedLearningStrategy, SupervisedTraining,
-    SupervisedTrainingEventProcessor, TrainLoader, TrainingComponents, TrainingStrategy, ValidLoader,
+    Learner, LearnerEvent, SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainLoader,
+    TrainingComponents, ValidLoader,
 };
 use indicatif::ProgressBar;
 use kiln_data::batch::{CocoDetectionDataset, DetectionBatch};
@@ -299,30 +298,19 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
         iterations_per_epoch,
     };
     let outcome = strategy.outcome.clone();
-    let mut training = SupervisedTraining::new(&output, train_loader, val_loader)
-        .with_default_checkpointers()
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
-        .with_application_logger(None)
-        .renderer(Box::new(crate::engine::SilentRenderer))
-        .num_epochs(config.epochs)
-        .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)));
-    if let Some(epoch) = resume_from {
-        training = training.checkpoint(epoch);
-    }
     let start = Instant::now();
-    let result: LearningResult<Student> = training.launch(Learner::new(student, optimizer, schedule));
-    if let Some(error) = result.error {
-        return Err(TrainError::Training(error.to_string()));
-    }
-    let outcome = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
-    match outcome {
-        Some(Ok(mut summary)) => {
-            summary.seconds = start.elapsed().as_secs_f64();
-            Ok(summary)
-        }
-        Some(Err(e)) => Err(e),
-        None => Err(TrainError::Training("the training loop ended without a result".into())),
-    }
+    let mut summary = crate::engine::launch(
+        &output,
+        train_loader,
+        val_loader,
+        config.epochs,
+        resume_from,
+        Arc::new(strategy),
+        outcome,
+        Learner::new(student, optimizer, schedule),
+    )?;
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
 }
 
 struct KilnStrategy {
@@ -337,7 +325,7 @@ struct KilnStrategy {
     initial_ema: YoloV8,
     verbosity: Verbosity,
     last_epoch: usize,
-    outcome: Arc<std::sync::Mutex<Option<Result<TrainSummary, TrainError>>>>,
+    outcome: crate::engine::Outcome<TrainSummary>,
     iterations_per_epoch: usize,
 }
 

@@ -18,12 +18,10 @@ use burn::data::dataset::{Dataset, DatasetError};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::{Adaptor, LossInput};
 use burn::train::{
-    EventProcessorTraining, InferenceStep, ItemLazy, Learner, LearnerEvent, LearningResult, SupervisedLearningStrategy,
-    SupervisedTraining, SupervisedTrainingEventProcessor, TrainLoader, TrainOutput, TrainStep, TrainingComponents,
-    TrainingStrategy, ValidLoader,
+    EventProcessorTraining, InferenceStep, ItemLazy, Learner, LearnerEvent, SupervisedLearningStrategy,
+    SupervisedTrainingEventProcessor, TrainLoader, TrainOutput, TrainStep, TrainingComponents, ValidLoader,
 };
 use kiln_data::batch::CocoDetectionDataset;
 use kiln_data::coco::Segmentation;
@@ -710,28 +708,18 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         outcome: Arc::new(Mutex::new(None)),
     };
     let outcome = strategy.outcome.clone();
-    let mut training = SupervisedTraining::new(&run_dir, train_loader, val_loader)
-        .with_default_checkpointers()
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
-        .with_application_logger(None)
-        .renderer(Box::new(crate::engine::SilentRenderer))
-        .num_epochs(config.epochs)
-        .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)));
-    if let Some(epoch) = resume_from {
-        training = training.checkpoint(epoch);
-    }
     let start = Instant::now();
-    let result: LearningResult<SamTeacher> = training.launch(Learner::new(teacher, optimizer, schedule));
-    if let Some(error) = result.error {
-        return Err(TrainError::Training(error.to_string()));
-    }
-    let outcome = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let state = match outcome {
-        Some(Ok(state)) => state,
-        Some(Err(e)) => return Err(e),
-        None => return Err(TrainError::Training("the training loop ended without a result".into())),
-    };
-    let (state, stopped_early) = state;
+    let learner = Learner::new(teacher, optimizer, schedule);
+    let (state, stopped_early) = crate::engine::launch(
+        &run_dir,
+        train_loader,
+        val_loader,
+        config.epochs,
+        resume_from,
+        Arc::new(strategy),
+        outcome,
+        learner,
+    )?;
     let saved = if config.full_finetune { FULL_WEIGHTS } else { lora::ADAPTER_WEIGHTS };
     let adapter_bytes = std::fs::metadata(adapter_dir.join(saved)).map(|m| m.len()).unwrap_or(0);
     Ok(SamTrainSummary {
@@ -749,7 +737,7 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
     })
 }
 
-type Outcome = Arc<Mutex<Option<Result<(SamRunState, bool), TrainError>>>>;
+type Outcome = crate::engine::Outcome<(SamRunState, bool)>;
 
 struct SamStrategy {
     device: Device,
