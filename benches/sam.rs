@@ -9,7 +9,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
 use kiln_models::lora::{self, LoraConfig};
@@ -125,7 +124,6 @@ fn benches(c: &mut Criterion) {
         b.iter(|| model = Some(train_step(model.take().unwrap(), &mut optimizer, &autodiff)))
     });
     group.finish();
-    let _ = Module::num_params(&tiny);
 }
 
 criterion_group!(sam, benches);

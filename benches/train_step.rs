@@ -63,7 +63,11 @@ fn benches(c: &mut Criterion) {
             let output = model.forward(images.clone());
             let loss = yolo_loss(&loss_config, &output, &targets).unwrap();
             let grads = GradientsParams::from_grads(loss.total.backward(), &model);
-            model = optimizer.step(0.01.into(), model.clone(), grads);
+            model = optimizer.step(
+                burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(0.01),
+                model.clone(),
+                grads,
+            );
             // Wait for the update: read one weight back.
             let _: f32 = Module::valid(&model).stem.conv.weight.val().sum().into_scalar();
         })

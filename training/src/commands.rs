@@ -87,19 +87,6 @@ pub fn student_config(
     Ok(config)
 }
 
-/// `metadata.json`: what was trained on, how, when, with which versions.
-#[derive(Debug, Serialize)]
-struct Metadata<'a> {
-    kiln_version: &'static str,
-    burn_version: &'static str,
-    started_unix_seconds: u64,
-    request: &'a TrainStudentRequest,
-    train_summary: &'a kiln_data::DatasetSummary,
-    train_images: usize,
-    val_images: usize,
-    config: &'a StudentConfig,
-}
-
 /// Runs `kiln train-student`. A new run needs a new (or empty) output directory; `resume`
 /// continues the run already there with its own saved config.
 pub fn run_train_student(
@@ -129,20 +116,7 @@ pub fn run_train_student(
     std::fs::create_dir_all(&request.output)
         .map_err(|e| TrainError::Io { path: request.output.clone(), message: e.to_string() })?;
     if !request.resume {
-        let metadata = Metadata {
-            kiln_version: env!("CARGO_PKG_VERSION"),
-            burn_version: "0.22.1",
-            started_unix_seconds: crate::engine::unix_seconds(),
-            request,
-            train_summary: &summary,
-            train_images: data.train.images.len(),
-            val_images: data.val.images.len(),
-            config: &config,
-        };
-        kiln_data::io::write_atomic(
-            &request.output.join("metadata.json"),
-            serde_json::to_string_pretty(&metadata).expect("metadata serialises").as_bytes(),
-        )?;
+        crate::engine::write_metadata(&request.output.join("metadata.json"), request, &data, &summary, &config)?;
     }
     let options = TrainOptions {
         config: config.clone(),

@@ -119,18 +119,6 @@ pub fn teacher_config(
     Ok(config)
 }
 
-#[derive(Debug, Serialize)]
-struct Metadata<'a> {
-    kiln_version: &'static str,
-    burn_version: &'static str,
-    started_unix_seconds: u64,
-    request: &'a TrainTeacherRequest,
-    train_summary: &'a kiln_data::DatasetSummary,
-    train_images: usize,
-    val_images: usize,
-    config: &'a TeacherConfig,
-}
-
 /// What `kiln train-teacher` trained.
 #[derive(Debug)]
 pub struct TeacherSummary {
@@ -183,20 +171,7 @@ pub fn run_train_teacher_for(
             &config_path,
             serde_yaml::to_string(&config).map_err(|e| TrainError::Config(e.to_string()))?.as_bytes(),
         )?;
-        let metadata = Metadata {
-            kiln_version: env!("CARGO_PKG_VERSION"),
-            burn_version: "0.22.1",
-            started_unix_seconds: crate::engine::unix_seconds(),
-            request,
-            train_summary: &summary,
-            train_images: data.train.images.len(),
-            val_images: data.val.images.len(),
-            config: &config,
-        };
-        kiln_data::io::write_atomic(
-            &teachers.join("metadata.json"),
-            serde_json::to_string_pretty(&metadata).expect("metadata serialises").as_bytes(),
-        )?;
+        crate::engine::write_metadata(&teachers.join("metadata.json"), request, &data, &summary, &config)?;
     }
     let trained = train_teachers(&config, &teachers, &data, device, request.resume, verbosity, stop_after_epochs);
     if trained.is_err()

@@ -452,12 +452,20 @@ impl ItemLazy for SamStepOutput {
 impl SamTeacher {
     /// The loss summed over every mask of the batch, with its parts and the number of masks.
     pub fn loss(&self, batch: &SamBatch) -> (Tensor<1>, MaskLossParts, usize) {
+        let (total, parts, count, _) = self.loss_and_logits(batch);
+        (total, parts, count)
+    }
+
+    /// [`Self::loss`] and each image's low-resolution mask logits `[N, 1, S/4, S/4]`.
+    pub fn loss_and_logits(&self, batch: &SamBatch) -> (Tensor<1>, MaskLossParts, usize, Vec<Tensor<4>>) {
         let mut total: Option<Tensor<1>> = None;
         let mut parts = MaskLossParts::default();
         let mut count = 0;
+        let mut logits = Vec::with_capacity(batch.images.len());
         for image in &batch.images {
             let embedding = if image.embedded { image.input.clone() } else { self.sam.embed(image.input.clone()) };
             let prediction = self.sam.predict_boxes(embedding, image.boxes.clone(), false);
+            logits.push(prediction.masks.clone());
             let [n, _, h, w] = prediction.masks.dims();
             let out = mask_loss(
                 &self.loss,
@@ -472,7 +480,7 @@ impl SamTeacher {
             parts = parts.add(out.parts, 1.0);
             count += n;
         }
-        (total.expect("a batch has at least one image"), parts, count)
+        (total.expect("a batch has at least one image"), parts, count, logits)
     }
 }
 
@@ -931,12 +939,12 @@ impl SamStrategy {
         let mut iterator = loader.iter();
         while let Some(batch) = iterator.next() {
             let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
-            let (_, parts, count) = teacher.loss(&batch);
+            let (_, parts, count, logits) = teacher.loss_and_logits(&batch);
             sums = sums.add(parts, 1.0);
             masks += count;
-            for image in &batch.images {
+            for (image, logits) in batch.images.iter().zip(logits) {
                 let sample = &self.val_samples[image.sample];
-                let predicted = predict_masks(&teacher.sam, image, sample)?;
+                let predicted = masks_at_original_size(&teacher.sam, logits, sample.input_size, sample.original_size)?;
                 let (h, w) = sample.original_size;
                 for (mask, segmentation) in predicted.iter().zip(&sample.segmentations) {
                     let truth = segmentation
@@ -976,13 +984,6 @@ impl SamStrategy {
         }
         Ok(())
     }
-}
-
-/// The thresholded masks of one image's prompts at its original size.
-pub fn predict_masks(sam: &Sam, image: &SamBatchImage, sample: &SamSample) -> Result<Vec<BinaryMask>, TrainError> {
-    let embedding = if image.embedded { image.input.clone() } else { sam.embed(image.input.clone()) };
-    let prediction = sam.predict_boxes(embedding, image.boxes.clone(), false);
-    masks_at_original_size(sam, prediction.masks, sample.input_size, sample.original_size)
 }
 
 /// Low-resolution logits `[N, 1, S/4, S/4]` → binary masks of the original image.
