@@ -50,3 +50,101 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A Python that imports `onnxruntime` and `numpy`, for the tests that run kiln's ONNX files in
+/// ONNX Runtime: `KILN_PYTHON` if set, else a virtual environment kiln keeps under
+/// `$HOME/.cache/kiln/onnxruntime-venv`, created on first use (`python3 -m venv`, then
+/// `pip install onnxruntime numpy` from PyPI). Fails loudly, saying what to install, when neither works.
+pub fn onnxruntime_python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let found = PYTHON.get_or_init(|| {
+        let imports = |python: &Path| {
+            std::process::Command::new(python)
+                .args(["-c", "import onnxruntime, numpy"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if let Some(python) = std::env::var_os("KILN_PYTHON").map(PathBuf::from) {
+            return if imports(&python) {
+                Ok(python)
+            } else {
+                Err(format!("KILN_PYTHON={} cannot import onnxruntime and numpy", python.display()))
+            };
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let venv = home.join(".cache/kiln/onnxruntime-venv");
+        let python = venv.join("bin/python");
+        if imports(&python) {
+            return Ok(python);
+        }
+        let run = |program: &Path, args: &[&str]| -> Result<(), String> {
+            let output = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!("{} {args:?} failed: {}", program.display(), String::from_utf8_lossy(&output.stderr)))
+            }
+        };
+        run(Path::new("python3"), &["-m", "venv", &venv.to_string_lossy()])?;
+        run(&python, &["-m", "pip", "install", "--quiet", "onnxruntime", "numpy"])?;
+        if imports(&python) { Ok(python) } else { Err("onnxruntime still not importable after install".into()) }
+    });
+    match found {
+        Ok(python) => python.clone(),
+        Err(why) => panic!(
+            "this test runs ONNX Runtime through Python and found none: {why}. Install it \
+             (`python3 -m venv DIR && DIR/bin/pip install onnxruntime numpy`) and set KILN_PYTHON=DIR/bin/python"
+        ),
+    }
+}
+
+/// Outputs of one ONNX Runtime session run, by output name: shape and values.
+pub struct OnnxRun {
+    pub outputs: Vec<(String, Vec<usize>, Vec<f32>)>,
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub input_names: Vec<String>,
+}
+
+/// Runs `model` in ONNX Runtime (CPU) on one float32 input (`shape`, row-major values) with the
+/// kept script `tests/reference/onnx_runtime_run.py`.
+pub fn run_onnxruntime(model: &Path, shape: &[usize], input: &[f32], scratch: &Path) -> OnnxRun {
+    let input_file = scratch.join("ort_input.bin");
+    let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&input_file, bytes).expect("write input");
+    let out_dir = scratch.join("ort_out");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let shape_arg = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+    let output = std::process::Command::new(onnxruntime_python())
+        .arg(repo_root().join("tests/reference/onnx_runtime_run.py"))
+        .args([model, &input_file, &out_dir])
+        .arg(shape_arg)
+        .output()
+        .expect("run python");
+    assert!(output.status.success(), "onnxruntime failed: {}", String::from_utf8_lossy(&output.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("outputs.json")).expect("outputs.json")).unwrap();
+    let outputs = summary["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let name = o["name"].as_str().unwrap().to_string();
+            let shape: Vec<usize> =
+                o["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let raw = std::fs::read(out_dir.join(o["file"].as_str().unwrap())).unwrap();
+            let values = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            (name, shape, values)
+        })
+        .collect();
+    let metadata = summary["metadata"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+        .collect();
+    let input_names = summary["inputs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    OnnxRun { outputs, metadata, input_names }
+}

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod deploy;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_data::{SplitOptions, SplitSpec, SynthLabels, SynthOptions, ValidateOptions};
@@ -79,6 +81,16 @@ enum Command {
     /// Run a trained student on a directory of images: COCO-results JSON, and pictures with the
     /// boxes, masks and class names drawn (--visualize).
     Infer(InferArgs),
+    /// Export a trained student for deployment: ONNX (ONNX Runtime, TensorRT) or a TensorRT engine.
+    ///
+    /// The ONNX file takes `images` [B, 3, H, W] (RGB, 0..1, letterboxed) and gives `output0`
+    /// [B, 4 + classes (+ 32), anchors]: boxes (cx, cy, w, h in input pixels), class probabilities
+    /// and mask coefficients, and for segmentation models `output1` [B, 32, H/4, W/4], the mask
+    /// prototypes: Ultralytics' layout, so its post-processing applies. BatchNorm is folded into the
+    /// convolutions; class names, stride, size and task are in the model's metadata. With
+    /// --format tensorrt the engine is built by `trtexec` when it is on PATH; otherwise the ONNX is
+    /// written and the trtexec command printed.
+    Export(deploy::ExportArgs),
     /// Run the main job on a dataset kiln generates itself: synth, then validate (more steps join
     /// as they land).
     Demo(DemoArgs),
@@ -439,7 +451,7 @@ fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
 }
 
 /// The CPU backend when built in, for work that needs no accelerator.
-fn cpu_device() -> burn::tensor::Device {
+pub(crate) fn cpu_device() -> burn::tensor::Device {
     #[cfg(feature = "flex")]
     return burn::tensor::Device::flex();
     #[cfg(not(feature = "flex"))]
@@ -722,6 +734,7 @@ fn main() -> ExitCode {
         Command::Segment(args) => run_segment(args).map(|_| true),
         Command::Eval(args) => run_eval(args).map(|_| true),
         Command::Infer(args) => run_infer(args).map(|_| true),
+        Command::Export(args) => deploy::run_export(args).map(|_| true),
         Command::Demo(args) => run_demo(args),
     };
     match outcome {

@@ -1,10 +1,13 @@
 //! kiln's models: Burn modules whose parameter names map onto the official checkpoints.
 
+pub mod detector;
 pub mod lora;
+pub mod lowering;
 pub mod sam;
 pub mod weights;
 pub mod yolo;
 
+pub use detector::{Detector, StudentInfo};
 pub use weights::{MismatchReport, WeightsError, parameter_count};
 pub use yolo::predict::{Detection, PredictOptions};
 pub use yolo::{Scale, Task, YoloConfig, YoloV8};

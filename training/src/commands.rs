@@ -142,32 +142,9 @@ pub struct LoadedStudent {
 
 /// Loads `path`: a run directory (its `weights/best.safetensors`) or a kiln `.safetensors` file.
 pub fn load_student(path: &Path, device: &Device) -> Result<LoadedStudent, TrainError> {
-    let weights = if path.is_dir() { path.join("weights/best.safetensors") } else { path.to_path_buf() };
-    if !weights.is_file() {
-        return Err(TrainError::Config(format!(
-            "{}: no such weights file (a run directory holds weights/best.safetensors)",
-            weights.display()
-        )));
-    }
-    let metadata = kiln_models::weights::read_safetensors_metadata(&weights)?;
-    let field = |key: &str| {
-        metadata.get(key).cloned().ok_or_else(|| {
-            TrainError::Config(format!(
-                "{}: not a kiln student (no `{key}` in its metadata); train one with `kiln train-student`",
-                weights.display()
-            ))
-        })
-    };
-    let model_name = field("kiln.model")?;
-    let classes: Vec<String> = serde_json::from_str(&field("kiln.classes")?)
-        .map_err(|e| TrainError::Config(format!("{}: bad class list: {e}", weights.display())))?;
-    let category_ids: Vec<u64> = serde_json::from_str(&field("kiln.category_ids")?)
-        .map_err(|e| TrainError::Config(format!("{}: bad category ids: {e}", weights.display())))?;
-    let imgsz: u32 =
-        field("kiln.imgsz")?.parse().map_err(|e| TrainError::Config(format!("{}: {e}", weights.display())))?;
-    let config: YoloConfig = model_name.parse().map_err(TrainError::Config)?;
-    let config = config.with_num_classes(classes.len());
-    let model = burn::module::Module::valid(&YoloV8::load(&config, &weights, device)?);
+    let info = kiln_models::StudentInfo::read(path)?;
+    let model = info.load_model(device)?;
+    let kiln_models::StudentInfo { config, classes, category_ids, imgsz, weights } = info;
     Ok(LoadedStudent { model, config, classes, category_ids, imgsz, weights })
 }
 

@@ -8,6 +8,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfi
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::conv::Conv;
+use crate::lowering::StridedUpsample;
 
 /// Distribution Focal Loss bins per box side.
 pub const REG_MAX: usize = 16;
@@ -58,11 +59,17 @@ impl Dfl {
         Self { conv }
     }
 
-    /// `[B, 4 * 16, A]` logits → `[B, 4, A]` distances (in stride units).
+    /// `[B, 4 * 16, A]` logits → `[B, 4, A]` distances (in stride units): the softmax over each
+    /// side's bins weighted by the conv's bin values, computed along the bin axis in place (no
+    /// transpose), with only operations ONNX exporters know.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, _, a] = x.dims();
-        let probabilities = burn::tensor::activation::softmax(x.reshape([b, 4, REG_MAX, a]).swap_dims(1, 2), 1);
-        self.conv.forward(probabilities).reshape([b, 4, a])
+        let logits = x.reshape([b, 4, REG_MAX, a]);
+        let (max, _) = logits.clone().max_dim_with_indices(2);
+        let weights = (logits - max).exp();
+        let bins = self.conv.weight.val().reshape([1, 1, REG_MAX, 1]);
+        let expectation = (weights.clone() * bins).sum_dim(2) / weights.sum_dim(2);
+        expectation.reshape([b, 4, a])
     }
 }
 
@@ -141,6 +148,9 @@ pub struct Proto {
     pub upsample: ConvTranspose2d,
     pub cv2: Conv,
     pub cv3: Conv,
+    /// `upsample` in exportable form, set only on a copy made for export
+    /// ([`crate::yolo::YoloV8::lowered_for_export`]); never saved or loaded.
+    pub upsample_lowered: Option<StridedUpsample>,
 }
 
 impl Proto {
@@ -150,10 +160,16 @@ impl Proto {
             upsample: ConvTranspose2dConfig::new([hidden, hidden], [2, 2]).with_stride([2, 2]).init(device),
             cv2: Conv::new(hidden, hidden, 3, 1, 1, device),
             cv3: Conv::new(hidden, masks, 1, 1, 1, device),
+            upsample_lowered: None,
         }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.cv3.forward(self.cv2.forward(self.upsample.forward(self.cv1.forward(x))))
+        let x = self.cv1.forward(x);
+        let x = match &self.upsample_lowered {
+            Some(lowered) => lowered.forward(x),
+            None => self.upsample.forward(x),
+        };
+        self.cv3.forward(self.cv2.forward(x))
     }
 }

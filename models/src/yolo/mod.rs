@@ -257,6 +257,16 @@ impl YoloV8 {
 }
 
 impl YoloV8 {
+    /// A copy whose layers that ONNX exporters lack are replaced by equivalent exportable forms
+    /// (see [`crate::lowering`]); the same function, for export only.
+    pub fn lowered_for_export(&self) -> Self {
+        let mut model = self.clone();
+        if let Some(proto) = model.head.proto.as_mut() {
+            proto.upsample_lowered = crate::lowering::StridedUpsample::from_conv_transpose(&proto.upsample);
+        }
+        model
+    }
+
     /// The official key prefixes → this module's fields: `model.<i>.` of a state dict, and
     /// `model.model.<i>.` of an Ultralytics checkpoint, which pickles the whole model under `model`.
     pub fn key_prefixes() -> Vec<(String, String)> {

@@ -1,0 +1,149 @@
+//! The embeddable entry point: a trained kiln student (`kiln train-student` writes it) loaded from
+//! its `.safetensors` file, whose header carries the architecture, class names, category ids and
+//! input size, and run on an image: the detections come back in original-image pixels with their
+//! class names and masks. No CLI, no training code: an edge app depends on `kiln-models` only and
+//! picks its backend with a Cargo feature (`flex` for the CPU, `wgpu` for any GPU).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::Device;
+use image::RgbImage;
+use kiln_data::BinaryMask;
+
+use crate::weights::{WeightsError, read_safetensors_metadata};
+use crate::yolo::predict::PredictOptions;
+use crate::yolo::{YoloConfig, YoloV8};
+
+/// What a student file says about itself (the `kiln.*` keys of its safetensors header).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StudentInfo {
+    /// Architecture with the dataset's class count (`yolov8n-seg`, `fastsam-s`, ...).
+    pub config: YoloConfig,
+    /// Class names in class-id order, from the dataset it was trained on.
+    pub classes: Vec<String>,
+    /// The dataset's COCO category id of each class.
+    pub category_ids: Vec<u64>,
+    /// The square input size it was trained at.
+    pub imgsz: u32,
+    /// The weights file.
+    pub weights: PathBuf,
+}
+
+impl StudentInfo {
+    /// Reads `path`: a run directory (its `weights/best.safetensors`) or a kiln `.safetensors` file.
+    pub fn read(path: &Path) -> Result<Self, WeightsError> {
+        let weights = if path.is_dir() { path.join("weights/best.safetensors") } else { path.to_path_buf() };
+        let not_a_student = |message: String| WeightsError::Read { path: weights.clone(), message };
+        if !weights.is_file() {
+            return Err(not_a_student("no such weights file (a run directory holds weights/best.safetensors)".into()));
+        }
+        let metadata = read_safetensors_metadata(&weights)?;
+        let field = |key: &str| {
+            metadata.get(key).cloned().ok_or_else(|| {
+                not_a_student(format!(
+                    "not a kiln student (no `{key}` in its metadata); train one with `kiln train-student`"
+                ))
+            })
+        };
+        let classes: Vec<String> = serde_json::from_str(&field("kiln.classes")?)
+            .map_err(|e| not_a_student(format!("bad class list in its metadata: {e}")))?;
+        let category_ids: Vec<u64> = serde_json::from_str(&field("kiln.category_ids")?)
+            .map_err(|e| not_a_student(format!("bad category ids in its metadata: {e}")))?;
+        let imgsz: u32 =
+            field("kiln.imgsz")?.parse().map_err(|e| not_a_student(format!("bad input size in its metadata: {e}")))?;
+        let config: YoloConfig = field("kiln.model")?.parse().map_err(not_a_student)?;
+        if classes.len() != category_ids.len() || classes.is_empty() {
+            return Err(not_a_student(format!(
+                "its metadata lists {} class names but {} category ids",
+                classes.len(),
+                category_ids.len()
+            )));
+        }
+        Ok(Self { config: config.with_num_classes(classes.len()), classes, category_ids, imgsz, weights })
+    }
+
+    /// Builds the model on `device` and loads the weights (all keys, exact shapes).
+    pub fn load_model(&self, device: &Device) -> Result<YoloV8, WeightsError> {
+        Ok(YoloV8::load(&self.config, &self.weights, device)?.valid())
+    }
+}
+
+/// One object found in an image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    /// `x1, y1, x2, y2` in original-image pixels, clipped to the image.
+    pub bbox: [f32; 4],
+    pub score: f32,
+    /// Index into [`Detector::classes`].
+    pub class_id: usize,
+    pub class_name: String,
+    /// The dataset's COCO category id of the class.
+    pub category_id: u64,
+    /// The instance mask at the original image size (segmentation students).
+    pub mask: Option<BinaryMask>,
+}
+
+/// A trained student ready to run: `Detector::load(path, &device)?.predict(&image)`.
+#[derive(Debug)]
+pub struct Detector {
+    model: YoloV8,
+    info: StudentInfo,
+    device: Device,
+    /// Score and NMS thresholds (Ultralytics' predict defaults).
+    pub options: PredictOptions,
+    /// Square input size; the size the model was trained at unless changed (a multiple of 32).
+    pub imgsz: u32,
+}
+
+impl Detector {
+    /// Loads a student (a run directory or its `.safetensors` file) onto `device`.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, WeightsError> {
+        let info = StudentInfo::read(path.as_ref())?;
+        let model = info.load_model(device)?;
+        Ok(Self { model, imgsz: info.imgsz, info, device: device.clone(), options: PredictOptions::default() })
+    }
+
+    pub fn with_options(mut self, options: PredictOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Runs at another square size (rounded up to a multiple of 32, the network's largest stride).
+    pub fn with_imgsz(mut self, imgsz: u32) -> Self {
+        self.imgsz = imgsz.div_ceil(32).max(1) * 32;
+        self
+    }
+
+    pub fn info(&self) -> &StudentInfo {
+        &self.info
+    }
+
+    pub fn classes(&self) -> &[String] {
+        &self.info.classes
+    }
+
+    pub fn model(&self) -> &YoloV8 {
+        &self.model
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The detections of one image, best first.
+    pub fn predict(&self, image: &RgbImage) -> Vec<Detection> {
+        self.model
+            .predict(image, self.imgsz, &self.options, &self.device)
+            .into_iter()
+            .map(|d| Detection {
+                bbox: d.bbox,
+                score: d.score,
+                class_id: d.class_id,
+                class_name: self.info.classes[d.class_id].clone(),
+                category_id: self.info.category_ids[d.class_id],
+                mask: d.mask,
+            })
+            .collect()
+    }
+}
