@@ -58,13 +58,14 @@ pub fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
             );
             let engine = args.output.clone().unwrap_or_else(|| default_output(&info, "engine"));
             anyhow::ensure!(!engine.exists(), "{}: exists; kiln never replaces a file", engine.display());
-            (engine.with_extension("onnx"), Some((engine, precision)))
+            // Its own ONNX beside the engine, so an earlier `--format onnx` export is left alone.
+            (engine.with_extension("trt.onnx"), Some((engine, precision)))
         }
     };
     let summary = export_onnx(&info, &options, &onnx_path, &device)?;
     let shapes: Vec<String> = summary.outputs.iter().map(|(name, dims)| format!("{name} {dims:?}")).collect();
     println!(
-        "kiln export: {} ({}) -> {}\n  {:.1} MB, {} nodes, {} BatchNorms folded into convolutions\n  images [{}, 3, {2}, {2}] -> {}",
+        "kiln export: {} ({}) -> {}\n  {:.1} MB, {} nodes, {} BatchNorms folded into convolutions\n  images [{}, 3, {}, {}] -> {}",
         info.config,
         info.weights.display(),
         summary.path.display(),
@@ -72,6 +73,8 @@ pub fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
         summary.nodes,
         summary.batch_norms_folded,
         options.batch,
+        options.imgsz,
+        options.imgsz,
         shapes.join(", "),
     );
     if let Some((engine, precision)) = engine {

@@ -1,0 +1,87 @@
+//! Deployment on a trained student (`tests/fixtures/students`): the `Detector` API, and `kiln
+//! infer` on wgpu (Mesa's lavapipe in CI) giving flex's detections: same classes, boxes within
+//! 1e-2 px, scores within 1e-3.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use indicatif::ProgressBar;
+use kiln_data::{SynthLabels, SynthOptions, synthesize};
+use kiln_models::{Detector, PredictOptions};
+use kiln_tests::{Scratch, fixture};
+
+fn student() -> PathBuf {
+    fixture("students/synth160_yolov8n_seg.safetensors")
+}
+
+/// Images of the student's domain (a synth seed it was not trained on).
+fn images(dir: &Path) -> PathBuf {
+    let options = SynthOptions { images: 10, classes: 3, size: 160, labels: SynthLabels::Both, seed: 11, max_objects: 2 };
+    synthesize(&options, dir, &ProgressBar::hidden()).unwrap().images_dir
+}
+
+#[test]
+fn detector_finds_the_shapes_with_their_names() {
+    let scratch = Scratch::new("detector");
+    let dir = images(scratch.path());
+    let detector = Detector::load(student(), &Device::flex()).unwrap();
+    assert_eq!(detector.classes(), ["circle", "square", "triangle"]);
+    assert_eq!(detector.imgsz, 160);
+    let mut found = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let image = image::open(entry.unwrap().path()).unwrap().to_rgb8();
+        for d in detector.predict(&image) {
+            assert_eq!(d.class_name, detector.classes()[d.class_id]);
+            assert_eq!(d.category_id, d.class_id as u64 + 1);
+            let mask = d.mask.expect("a segmentation student gives masks");
+            assert_eq!((mask.width, mask.height), (image.width(), image.height()));
+            assert!(d.bbox[0] < d.bbox[2] && d.bbox[1] < d.bbox[3] && d.bbox[2] <= image.width() as f32);
+            found += 1;
+        }
+    }
+    // 10 images with 1-2 shapes each; a trained student finds most of them.
+    assert!(found >= 8, "only {found} detections");
+}
+
+#[test]
+fn detector_refuses_a_file_that_is_not_a_student() {
+    let scratch = Scratch::new("detector-bad");
+    let not_student = scratch.path().join("weights.safetensors");
+    std::fs::write(&not_student, b"not a safetensors file").unwrap();
+    let error = Detector::load(&not_student, &Device::flex()).unwrap_err().to_string();
+    assert!(error.contains("weights.safetensors"), "{error}");
+    let error = Detector::load(scratch.path().join("missing"), &Device::flex()).unwrap_err().to_string();
+    assert!(error.contains("no such weights file"), "{error}");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn infer_on_wgpu_equals_flex() {
+    use kiln_training::commands::{load_student, run_infer};
+    let scratch = Scratch::new("infer-wgpu");
+    let dir = images(&scratch.path().join("data"));
+    let options = PredictOptions { conf: 0.25, ..Default::default() };
+    let run = |device: Device, name: &str| {
+        let student = load_student(&student(), &device).unwrap();
+        let output = scratch.path().join(name);
+        let summary =
+            run_infer(&student, &dir, &output, &options, None, false, &device, &ProgressBar::hidden()).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(summary.predictions).unwrap()).unwrap();
+        json["annotations"].as_array().unwrap().clone()
+    };
+    let flex = run(Device::flex(), "flex");
+    let wgpu = run(Device::wgpu(Default::default()), "wgpu");
+    assert!(flex.len() >= 8, "only {} detections on flex", flex.len());
+    assert_eq!(flex.len(), wgpu.len(), "detection counts differ");
+    for (a, b) in flex.iter().zip(&wgpu) {
+        assert_eq!(a["image_id"], b["image_id"]);
+        assert_eq!(a["category_id"], b["category_id"]);
+        let boxes = |v: &serde_json::Value| -> Vec<f64> {
+            v["bbox"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+        };
+        for (p, q) in boxes(a).iter().zip(boxes(b)) {
+            assert!((p - q).abs() <= 1e-2, "boxes differ: {a} vs {b}");
+        }
+        assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() <= 1e-3, "{a} vs {b}");
+    }
+}
