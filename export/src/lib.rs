@@ -8,7 +8,10 @@
 //! ([`kiln_models::lowering`]), and general graph passes ([`graph`]) finish the file.
 
 pub mod graph;
+pub mod int8;
+pub mod interpreter;
 pub mod onnx;
+pub mod quantize;
 pub mod tensorrt;
 
 use std::path::PathBuf;

@@ -1,7 +1,8 @@
 """Runs an ONNX model in ONNX Runtime (CPU) on one input for kiln's export tests.
 
 usage: onnx_runtime_run.py MODEL INPUT.bin OUT_DIR SHAPE
-INPUT.bin holds float32 little-endian values of SHAPE (comma-separated). The input is cast to the
+INPUT.bin holds float32 little-endian values of SHAPE (comma-separated); a batch larger than the
+model's fixed one runs a batch at a time. The input is cast to the
 model's input type (float16 for --half exports). Writes OUT_DIR/<output>.bin (float32) per output
 and OUT_DIR/outputs.json (names, shapes, input names, custom metadata).
 """
@@ -20,7 +21,13 @@ session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"
 inputs = session.get_inputs()
 dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
 x = np.fromfile(input_file, dtype="<f4").reshape(shape).astype(dtype)
-results = session.run(None, {inputs[0].name: x})
+batch = inputs[0].shape[0]
+if isinstance(batch, int) and x.shape[0] > batch:
+    # More images than the model's fixed batch: run them a batch at a time.
+    parts = [session.run(None, {inputs[0].name: x[i:i + batch]}) for i in range(0, x.shape[0], batch)]
+    results = [np.concatenate(outs, axis=0) for outs in zip(*parts)]
+else:
+    results = session.run(None, {inputs[0].name: x})
 os.makedirs(out_dir, exist_ok=True)
 summary = {
     "inputs": [i.name for i in inputs],

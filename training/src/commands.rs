@@ -175,7 +175,7 @@ pub fn evaluate_student(
     let imgsz = imgsz.unwrap_or(student.imgsz);
     let dataset = CocoDetectionDataset::new(data.clone(), images_dir);
     let batcher = DetectionBatcher { image_size: imgsz, mask_downsample: None };
-    let options = PredictOptions { conf: 0.001, iou: 0.7, max_det: 100, max_nms: 30_000 };
+    let options = EVAL_PREDICT_OPTIONS;
     let n = data.images.len();
     progress.set_length(n as u64);
     let mut results = Vec::new();
@@ -194,6 +194,41 @@ pub fn evaluate_student(
     let masks =
         if student.config.task == Task::Segment { Some(evaluate(data, &results, IouType::Segm)?) } else { None };
     Ok(Evaluation { boxes, masks, images: n, class_names: data.class_names() })
+}
+
+/// The evaluation settings `kiln eval` uses (Ultralytics' validation: every detection above 0.001).
+pub const EVAL_PREDICT_OPTIONS: PredictOptions =
+    PredictOptions { conf: 0.001, iou: 0.7, max_det: 100, max_nms: 30_000 };
+
+/// COCO box (and, with `masks`, mask) evaluation of any predictor on a dataset, one image at a
+/// time: how an exported or quantised model is scored the same way as the student it came from.
+/// `predict` gets each image at its original size and returns detections in its pixels.
+pub fn evaluate_predictor(
+    data: &CocoDataset,
+    images_dir: &Path,
+    category_ids: &[u64],
+    masks: bool,
+    progress: &indicatif::ProgressBar,
+    mut predict: impl FnMut(&image::RgbImage) -> Result<Vec<kiln_models::yolo::predict::Detection>, String>,
+) -> Result<Evaluation, TrainError> {
+    progress.set_length(data.images.len() as u64);
+    let mut results = Vec::new();
+    for image in &data.images {
+        let path = images_dir.join(&image.file_name);
+        let pixels = image::ImageReader::open(&path)
+            .and_then(|r| r.with_guessed_format())
+            .map_err(|e| TrainError::Io { path: path.clone(), message: format!("cannot read the image: {e}") })?
+            .decode()
+            .map_err(|e| TrainError::Io { path: path.clone(), message: format!("cannot decode the image: {e}") })?
+            .to_rgb8();
+        let detections = predict(&pixels).map_err(TrainError::Config)?;
+        results.extend(to_coco_results(image.id, &detections, category_ids));
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    let boxes = evaluate(data, &results, IouType::Bbox)?;
+    let masks = if masks { Some(evaluate(data, &results, IouType::Segm)?) } else { None };
+    Ok(Evaluation { boxes, masks, images: data.images.len(), class_names: data.class_names() })
 }
 
 impl Evaluation {
