@@ -376,7 +376,7 @@ struct DemoArgs {
     options: SynthFlags,
 }
 
-fn progress_bar(message: &str) -> ProgressBar {
+pub(crate) fn progress_bar(message: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{msg:>12} [{bar:32}] {pos}/{len} {per_sec} eta {eta}")

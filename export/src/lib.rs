@@ -16,7 +16,7 @@ pub mod tensorrt;
 
 use std::path::PathBuf;
 
-pub use onnx::{ExportOptions, ExportSummary, export_onnx, onnx_bytes};
+pub use onnx::{ExportOptions, ExportSummary, export_onnx, onnx_bytes, save_model};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {

@@ -131,25 +131,22 @@ fn independent_copy(model: &YoloV8, config: &YoloConfig, device: &Device) -> Res
     Ok(copy)
 }
 
-/// Exports the student `info` describes (weights loaded on `device`) to `path`, written whole or
-/// not at all; an existing file is never replaced.
-pub fn export_onnx(
-    info: &StudentInfo,
-    options: &ExportOptions,
-    path: &Path,
-    device: &Device,
-) -> Result<ExportSummary, ExportError> {
+fn refuse_existing(path: &Path) -> Result<(), ExportError> {
     if path.exists() {
         return Err(ExportError::Io {
             path: path.to_path_buf(),
             message: "exists; kiln never replaces a file: choose another --output or remove it".into(),
         });
     }
-    let model = info.load_model(device)?;
-    let (onnx, folded) = onnx_bytes(&model, info, options, device)?;
-    let bytes = onnx.write_to_bytes().map_err(|e| ExportError::Graph(format!("cannot serialise: {e}")))?;
+    Ok(())
+}
+
+/// Writes `model` to `path` (whole or not at all; an existing file is never replaced).
+pub fn save_model(model: &ModelProto, path: &Path, batch_norms_folded: usize) -> Result<ExportSummary, ExportError> {
+    refuse_existing(path)?;
+    let bytes = model.write_to_bytes().map_err(|e| ExportError::Graph(format!("cannot serialise: {e}")))?;
     write_new(path, &bytes)?;
-    let graph = onnx.graph.as_ref().expect("checked above");
+    let graph = model.graph.as_ref().ok_or_else(|| ExportError::Graph("no graph".into()))?;
     let outputs = graph
         .output
         .iter()
@@ -167,9 +164,22 @@ pub fn export_onnx(
         path: path.to_path_buf(),
         bytes: bytes.len() as u64,
         nodes: graph.node.len(),
-        batch_norms_folded: folded,
+        batch_norms_folded,
         outputs,
     })
+}
+
+/// Exports the student `info` describes (weights loaded on `device`) to `path`.
+pub fn export_onnx(
+    info: &StudentInfo,
+    options: &ExportOptions,
+    path: &Path,
+    device: &Device,
+) -> Result<ExportSummary, ExportError> {
+    refuse_existing(path)?;
+    let model = info.load_model(device)?;
+    let (onnx, folded) = onnx_bytes(&model, info, options, device)?;
+    save_model(&onnx, path, folded)
 }
 
 /// Writes a new file atomically: beside it first, then renamed into place.
