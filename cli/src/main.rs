@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod bench;
 mod deploy;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -91,13 +92,19 @@ enum Command {
     /// --format tensorrt the engine is built by `trtexec` when it is on PATH; otherwise the ONNX is
     /// written and the trtexec command printed.
     Export(deploy::ExportArgs),
+    /// Measure inference speed: latency median and p90, throughput, peak memory, model size.
+    ///
+    /// A student runs on Burn (--device cpu or wgpu): network and box decoding, outputs read back
+    /// to the host. An .onnx file (from `kiln export`) runs on ONNX Runtime's CPU provider through
+    /// an installed Python onnxruntime (`pip install onnxruntime`; KILN_PYTHON picks the python).
+    Bench(bench::BenchArgs),
     /// Run the main job on a dataset kiln generates itself: synth, then validate (more steps join
     /// as they land).
     Demo(DemoArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
-enum DeviceArg {
+pub(crate) enum DeviceArg {
     /// The CPU (Burn's flex backend).
     Cpu,
     /// Any GPU through wgpu (Vulkan, Metal, DX12; lavapipe on a CPU-only box).
@@ -555,7 +562,7 @@ fn run_infer(args: &InferArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn device(arg: DeviceArg) -> anyhow::Result<burn::tensor::Device> {
+pub(crate) fn device(arg: DeviceArg) -> anyhow::Result<burn::tensor::Device> {
     match arg {
         DeviceArg::Cpu => Ok(cpu_device()),
         #[cfg(feature = "wgpu")]
@@ -735,6 +742,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => run_eval(args).map(|_| true),
         Command::Infer(args) => run_infer(args).map(|_| true),
         Command::Export(args) => deploy::run_export(args).map(|_| true),
+        Command::Bench(args) => bench::run_bench(args).map(|_| true),
         Command::Demo(args) => run_demo(args),
     };
     match outcome {
