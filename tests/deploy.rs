@@ -86,3 +86,32 @@ fn infer_on_wgpu_equals_flex() {
         assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() <= 1e-3, "{a} vs {b}");
     }
 }
+
+/// TensorRT through `trtexec`: the arguments for each precision, and a build that runs the tool,
+/// keeps its log and leaves no engine behind when the tool fails (a stand-in `trtexec` script here;
+/// this machine has no TensorRT).
+#[test]
+fn tensorrt_engine_is_built_by_trtexec_or_reported_as_a_failure() {
+    use kiln_export::tensorrt::{Precision, build_engine, command_line, trtexec_arguments};
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = Scratch::new("trtexec");
+    let (onnx, engine) = (scratch.path().join("my model.onnx"), scratch.path().join("best.engine"));
+    let arguments = trtexec_arguments(&onnx, &engine, Precision::Int8);
+    assert_eq!(arguments[2..], ["--int8", "--fp16"]);
+    assert!(trtexec_arguments(&onnx, &engine, Precision::Fp16).ends_with(&["--fp16".to_string()]));
+    assert!(command_line(&arguments).starts_with(&format!("trtexec '--onnx={}'", onnx.display())));
+
+    let fake = scratch.path().join("trtexec");
+    let script = "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in --saveEngine=*) echo engine > \"${a#--saveEngine=}\";; esac; done\necho built\n";
+    std::fs::write(&fake, script).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    build_engine(&fake, &arguments, &engine).unwrap();
+    assert!(engine.is_file());
+    assert!(std::fs::read_to_string(engine.with_extension("engine.log")).unwrap().contains("built"));
+
+    std::fs::write(&fake, "#!/bin/sh\necho 'Error: unsupported layer' >&2\nexit 1\n").unwrap();
+    let failed = scratch.path().join("failed.engine");
+    let error = build_engine(&fake, &trtexec_arguments(&onnx, &failed, Precision::Fp16), &failed).unwrap_err();
+    assert!(error.to_string().contains("unsupported layer"), "{error}");
+    assert!(!failed.exists());
+}

@@ -1,4 +1,4 @@
-//! ONNX export of the students against ONNX Runtime: yolov8n (detect) and yolov8n-seg with
+//! ONNX export of the students against ONNX Runtime: yolov8n (detect), yolov8n-seg and FastSAM-s with
 //! non-trivial BatchNorm statistics (two training-mode passes), exported by kiln and run by ONNX
 //! Runtime (Python, see `support::onnxruntime_python`), must give Burn's outputs within 1e-4
 //! relative (per element, `|a - b| ≤ 1e-4 · max(|b|, 1)`: boxes are in pixels, scores near 0);
@@ -110,6 +110,11 @@ fn yolov8n_detect_onnx_matches_onnxruntime() {
 #[test]
 fn yolov8n_seg_onnx_matches_onnxruntime() {
     check("yolov8n-seg", 5);
+}
+
+#[test]
+fn fastsam_s_onnx_matches_onnxruntime() {
+    check("fastsam-s", 1);
 }
 
 /// INT8: the trained student's export, calibrated on 32 synthetic images (percentile 99.99),

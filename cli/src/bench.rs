@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Untimed runs first (kernel compilation on wgpu, caches).
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Burn's INT8 weight quantisation for a student (convolution weights as 8-bit integers).
+    #[arg(long)]
+    pub int8: bool,
     /// Threads for ONNX Runtime [default: its own choice].
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -80,7 +83,10 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
 fn bench_student(args: &BenchArgs) -> anyhow::Result<Measured> {
     let device = crate::device(args.device)?;
     let info = StudentInfo::read(&args.model)?;
-    let model = info.load_model(&device)?;
+    let mut model = info.load_model(&device)?;
+    if args.int8 {
+        model = kiln_models::detector::quantize_weights_int8(model);
+    }
     let size = args.imgsz.unwrap_or(info.imgsz);
     anyhow::ensure!(size >= 32 && size % 32 == 0, "--imgsz {size} must be a positive multiple of 32");
     let s = size as usize;
@@ -116,11 +122,13 @@ fn bench_student(args: &BenchArgs) -> anyhow::Result<Measured> {
         DeviceArg::Cuda => "Burn CUDA",
     };
     Ok(Measured {
-        engine: format!("{backend}, {}", info.config),
+        engine: format!("{backend}, {}{}", info.config, if args.int8 { ", INT8 weights" } else { "" }),
         input: format!("[{}, 3, {s}, {s}] float32", args.batch),
         times,
         batch: args.batch,
-        peak_memory: peak_rss_kb().map(|kb| format!("{:.0} MB", kb as f64 / 1024.0)).unwrap_or_else(|| "unknown".into()),
+        peak_memory: peak_rss_kb()
+            .map(|kb| format!("{:.0} MB", kb as f64 / 1024.0))
+            .unwrap_or_else(|| "unknown".into()),
         model_bytes: file_size(&info.weights),
     })
 }
@@ -143,8 +151,8 @@ fn onnxruntime_python() -> anyhow::Result<PathBuf> {
 fn bench_onnxruntime(args: &BenchArgs) -> anyhow::Result<Measured> {
     anyhow::ensure!(args.model.is_file(), "{}: no such file", args.model.display());
     anyhow::ensure!(
-        args.imgsz.is_none() && args.batch == 1 && matches!(args.device, DeviceArg::Cpu),
-        "an ONNX file's input size and batch are fixed in it, and it runs on ONNX Runtime's CPU provider: drop --imgsz, --batch and --device"
+        args.imgsz.is_none() && args.batch == 1 && matches!(args.device, DeviceArg::Cpu) && !args.int8,
+        "an ONNX file's input size and batch are fixed in it, and it runs on ONNX Runtime's CPU provider: drop --imgsz, --batch, --device and --int8 (export with --int8 instead)"
     );
     let python = onnxruntime_python()?;
     let output = std::process::Command::new(python)

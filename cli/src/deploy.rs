@@ -189,6 +189,17 @@ fn int8(
         device,
         &crate::progress_bar("FP32 val"),
     )?;
+    let mut burn_int8 = load_student(&info.weights, device)?;
+    burn_int8.model = kiln_models::detector::quantize_weights_int8(burn_int8.model);
+    let burn_eval = evaluate_student(
+        &burn_int8,
+        &data,
+        &loaded.images_dir,
+        Some(imgsz),
+        8,
+        device,
+        &crate::progress_bar("Burn INT8"),
+    )?;
     let detector = OnnxDetector::new(&quantised, info.classes.len(), imgsz, device)?;
     let quantised_eval = evaluate_predictor(
         &data,
@@ -200,23 +211,26 @@ fn int8(
     )?;
     let row = |name: &str, e: &kiln_training::commands::Evaluation| match &e.masks {
         Some(m) => format!(
-            "  {name:<6} box mAP50 {:.4}  mAP50-95 {:.4}   mask mAP50 {:.4}  mAP50-95 {:.4}",
+            "  {name:<48} box mAP50 {:.4}  mAP50-95 {:.4}   mask mAP50 {:.4}  mAP50-95 {:.4}",
             e.boxes.ap50(),
             e.boxes.ap(),
             m.ap50(),
             m.ap()
         ),
-        None => format!("  {name:<6} box mAP50 {:.4}  mAP50-95 {:.4}", e.boxes.ap50(), e.boxes.ap()),
+        None => format!("  {name:<48} box mAP50 {:.4}  mAP50-95 {:.4}", e.boxes.ap50(), e.boxes.ap()),
     };
     println!(
-        "accuracy on {} ({} images):\n{}\n{}",
+        "accuracy on {} ({} images):\n{}\n{}\n{}",
         val.display(),
         data.images.len(),
-        row("FP32", &reference),
-        row("INT8", &quantised_eval)
+        row("FP32 (Burn)", &reference),
+        row("INT8 Q/DQ ONNX (this export)", &quantised_eval),
+        row("INT8 weights in Burn (eval, infer, bench --int8)", &burn_eval)
     );
-    let mut change =
-        format!("  change: box mAP50 {:+.2} points", 100.0 * (quantised_eval.boxes.ap50() - reference.boxes.ap50()));
+    let mut change = format!(
+        "  change of the Q/DQ model: box mAP50 {:+.2} points",
+        100.0 * (quantised_eval.boxes.ap50() - reference.boxes.ap50())
+    );
     if let (Some(q), Some(r)) = (&quantised_eval.masks, &reference.masks) {
         change += &format!(", mask mAP50 {:+.2} points", 100.0 * (q.ap50() - r.ap50()));
     }

@@ -271,6 +271,9 @@ struct EvalArgs {
     batch_size: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+    /// Run with Burn's INT8 weight quantisation (convolution weights as 8-bit integers, per tensor).
+    #[arg(long)]
+    int8: bool,
     /// Also print the metrics as JSON.
     #[arg(long)]
     json: bool,
@@ -528,6 +531,9 @@ struct InferArgs {
     visualize: bool,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+    /// Run with Burn's INT8 weight quantisation (convolution weights as 8-bit integers, per tensor).
+    #[arg(long)]
+    int8: bool,
 }
 
 fn run_infer(args: &InferArgs) -> anyhow::Result<()> {
@@ -536,7 +542,7 @@ fn run_infer(args: &InferArgs) -> anyhow::Result<()> {
         "--conf and --iou are in 0..1"
     );
     let device = device(args.device)?;
-    let student = kiln_training::commands::load_student(&args.model, &device)?;
+    let student = load_student(&args.model, args.int8, &device)?;
     let options = kiln_models::yolo::predict::PredictOptions { conf: args.conf, iou: args.iou, ..Default::default() };
     let summary = kiln_training::commands::run_infer(
         &student,
@@ -560,6 +566,19 @@ fn run_infer(args: &InferArgs) -> anyhow::Result<()> {
         println!("pictures -> {}", dir.display());
     }
     Ok(())
+}
+
+/// A student, with Burn's INT8 weight quantisation when asked.
+fn load_student(
+    path: &Path,
+    int8: bool,
+    device: &burn::tensor::Device,
+) -> anyhow::Result<kiln_training::commands::LoadedStudent> {
+    let mut student = kiln_training::commands::load_student(path, device)?;
+    if int8 {
+        student.model = kiln_models::detector::quantize_weights_int8(student.model);
+    }
+    Ok(student)
 }
 
 pub(crate) fn device(arg: DeviceArg) -> anyhow::Result<burn::tensor::Device> {
@@ -702,7 +721,7 @@ fn check_imgsz(imgsz: Option<u32>) -> anyhow::Result<()> {
 fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     check_imgsz(args.imgsz)?;
     let device = device(args.device)?;
-    let student = kiln_training::commands::load_student(&args.model, &device)?;
+    let student = load_student(&args.model, args.int8, &device)?;
     let loaded = kiln_data::load_dataset(&args.data, args.images.as_deref())?;
     let mut data = loaded.dataset;
     kiln_data::repair(&mut data);

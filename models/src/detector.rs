@@ -104,6 +104,12 @@ impl Detector {
         Ok(Self { model, imgsz: info.imgsz, info, device: device.clone(), options: PredictOptions::default() })
     }
 
+    /// Burn's INT8 weight quantisation, for native inference: see [`quantize_weights_int8`].
+    pub fn quantized_int8(mut self) -> Self {
+        self.model = quantize_weights_int8(self.model);
+        self
+    }
+
     pub fn with_options(mut self, options: PredictOptions) -> Self {
         self.options = options;
         self
@@ -146,4 +152,20 @@ impl Detector {
             })
             .collect()
     }
+}
+
+/// Burn's post-training weight quantisation of a student: every convolution's weights stored as
+/// symmetric 8-bit integers with one scale per tensor (a quarter of their float32 memory), and
+/// dequantised for compute by the backend. The DFL's fixed bin values (0..15, used as exact
+/// numbers) and BatchNorm stay float.
+pub fn quantize_weights_int8(model: YoloV8) -> YoloV8 {
+    use burn::module::{ParamGroup, Quantizer};
+    use burn::tensor::quantization::{Calibration, QuantScheme, QuantValue};
+    let dfl = model.head.dfl.clone();
+    let scheme = QuantScheme::default().with_value(QuantValue::Q8S);
+    let mut quantizer = Quantizer::new(Calibration::MinMax, scheme);
+    quantizer.set_param_group(ParamGroup::from_regex(r"\.weight$").expect("a valid pattern"));
+    let mut quantized = model.quantize_weights(&mut quantizer);
+    quantized.head.dfl = dfl;
+    quantized
 }

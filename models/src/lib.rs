@@ -7,7 +7,7 @@ pub mod sam;
 pub mod weights;
 pub mod yolo;
 
-pub use detector::{Detector, StudentInfo};
+pub use detector::{Detection, Detector, StudentInfo};
 pub use weights::{MismatchReport, WeightsError, parameter_count};
-pub use yolo::predict::{Detection, PredictOptions};
+pub use yolo::predict::PredictOptions;
 pub use yolo::{Scale, Task, YoloConfig, YoloV8};

@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use kiln_models::{Detection, PredictOptions, Scale, Task, WeightsError, YoloConfig, YoloV8};
+use kiln_models::yolo::predict::Detection;
+use kiln_models::{PredictOptions, Scale, Task, WeightsError, YoloConfig, YoloV8};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
