@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 use kiln_export::int8::{OnnxDetector, calibration_inputs, quantize_model};
-use kiln_export::quantize::Calibration;
+use kiln_export::quantize::{ActivationType, Calibration};
 use kiln_export::tensorrt::{self, Precision};
 use kiln_export::{ExportOptions, onnx_bytes, save_model};
 use kiln_models::StudentInfo;
@@ -51,6 +51,10 @@ pub struct ExportArgs {
     /// Calibration method: minmax, or percentile[:P] (P of the absolute values, default 99.99).
     #[arg(long, default_value = "percentile:99.99")]
     pub calibration_method: String,
+    /// INT8 activations: int8 (signed, zero point 0: TensorRT) or uint8 (zero point 128: ONNX
+    /// Runtime's CPU provider, which fuses only these into integer convolutions).
+    #[arg(long, default_value = "int8")]
+    pub int8_activations: String,
     /// How many calibration images (spread over the file).
     #[arg(long, default_value_t = 64)]
     pub calibration_images: usize,
@@ -149,18 +153,24 @@ fn int8(
     fp32_size: u64,
 ) -> anyhow::Result<onnx_ir::ModelProto> {
     let method: Calibration = args.calibration_method.parse().map_err(anyhow::Error::msg)?;
+    let activations: ActivationType = args.int8_activations.parse().map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        !(activations == ActivationType::Uint8 && args.format == Format::Tensorrt),
+        "TensorRT needs int8 activations (zero point 0): drop --int8-activations uint8"
+    );
     let calibration = args.calibration.as_deref().expect("clap requires it with --int8");
     let loaded = kiln_data::load_dataset(calibration, args.images.as_deref())?;
     let inputs = calibration_inputs(&loaded.dataset, &loaded.images_dir, imgsz, args.calibration_images)?;
     let bar = crate::progress_bar("calibrating");
     let passes = if matches!(method, Calibration::Percentile(_)) { 2 } else { 1 };
     bar.set_length((inputs.len() * passes) as u64);
-    let (quantised, summary) = quantize_model(fp32, &inputs, method, device, || bar.inc(1))?;
+    let (quantised, summary) = quantize_model(fp32, &inputs, method, activations, device, || bar.inc(1))?;
     bar.finish_and_clear();
     let int8_size = onnx_ir::Message::compute_size(&quantised);
     println!(
-        "INT8: {} convolutions quantised (weights per channel, {} activations per tensor), calibrated with {} on {} images of {}",
+        "INT8: {} convolutions quantised (weights per channel, {} {:?} activations per tensor), calibrated with {} on {} images of {}",
         summary.convolutions,
+        summary.activations_quantised,
         summary.activations,
         summary.calibration,
         summary.images,

@@ -224,3 +224,46 @@ pub fn convert_to_float16(graph: &mut GraphProto) -> Result<(), ExportError> {
     }
     Ok(())
 }
+
+/// `Resize` with an `axes` attribute and sizes for those axes only → full-rank sizes and no
+/// `axes` (`shapes`: the static shapes of the tensors, by name). Same operation; some runtime
+/// optimisers (ONNX Runtime's layout transforms around Q/DQ) only handle the full-rank form.
+pub fn resize_full_rank(graph: &mut GraphProto, shapes: &HashMap<String, Vec<usize>>) -> Result<(), ExportError> {
+    let mut initializers: HashMap<String, usize> =
+        graph.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let mut added = Vec::new();
+    for node in graph.node.iter_mut().filter(|n| n.op_type == "Resize") {
+        let Some(axes) = ints(node, "axes") else { continue };
+        let (Some(input), Some(sizes_name)) = (shapes.get(&node.input[0]), node.input.get(3).cloned()) else {
+            continue;
+        };
+        let Some(&index) = initializers.get(&sizes_name) else { continue };
+        let sizes = &graph.initializer[index];
+        let values: Vec<i64> =
+            sizes.raw_data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+        if values.len() != axes.len() {
+            return Err(ExportError::Graph(format!("{}: sizes and axes disagree", node.name)));
+        }
+        let mut full: Vec<i64> = input.iter().map(|&d| d as i64).collect();
+        for (&axis, &size) in axes.iter().zip(&values) {
+            full[axis as usize] = size;
+        }
+        let name = format!("{sizes_name}_full_rank");
+        let mut tensor = TensorProto::new();
+        tensor.name = name.clone();
+        tensor.data_type = 7;
+        tensor.dims = vec![full.len() as i64];
+        tensor.raw_data = full.iter().flat_map(|v| v.to_le_bytes()).collect();
+        initializers.insert(name.clone(), usize::MAX);
+        added.push(tensor);
+        node.input[3] = name;
+        node.attribute.retain(|a| a.name != "axes");
+    }
+    graph.initializer.extend(added);
+    remove_dead(graph);
+    Ok(())
+}
+
+fn ints(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    node.attribute.iter().find(|a| a.name == name).map(|a| a.ints.clone())
+}

@@ -13,7 +13,7 @@ use onnx_ir::ModelProto;
 
 use crate::ExportError;
 use crate::interpreter::{Interpreter, Value};
-use crate::quantize::{Calibration, calibrate, insert_qdq};
+use crate::quantize::{ActivationType, Calibration, calibrate, insert_qdq};
 
 /// Letterboxed `[1, 3, size, size]` RGB 0..1 input of an image, as the student sees it.
 pub fn letterboxed_input(image: &RgbImage, size: u32) -> (Value, Letterbox) {
@@ -61,8 +61,9 @@ pub fn calibration_inputs(
 #[derive(Debug, Clone)]
 pub struct Int8Summary {
     pub calibration: Calibration,
+    pub activations: ActivationType,
     pub images: usize,
-    pub activations: usize,
+    pub activations_quantised: usize,
     pub convolutions: usize,
 }
 
@@ -71,16 +72,28 @@ pub fn quantize_model(
     fp32: &ModelProto,
     inputs: &[Value],
     calibration: Calibration,
+    activations: ActivationType,
     device: &Device,
     progress: impl FnMut(),
 ) -> Result<(ModelProto, Int8Summary), ExportError> {
     let graph = fp32.graph.as_ref().ok_or_else(|| ExportError::Graph("no graph".into()))?;
     let interpreter = Interpreter::new(graph, device)?;
     let amax = calibrate(&interpreter, graph, inputs, calibration, progress)?;
+    let mut shapes = std::collections::HashMap::new();
+    interpreter.run(inputs[0].clone(), |name, value| {
+        shapes.insert(name.to_string(), value.shape.clone());
+    })?;
     let mut quantised = fp32.clone();
-    let convolutions = insert_qdq(quantised.graph.as_mut().expect("checked"), &amax)?;
-    crate::graph::set_metadata(&mut quantised, "kiln.int8", &format!("{calibration}, {} images", inputs.len()));
-    let summary = Int8Summary { calibration, images: inputs.len(), activations: amax.len(), convolutions };
+    let graph = quantised.graph.as_mut().expect("checked");
+    crate::graph::resize_full_rank(graph, &shapes)?;
+    let convolutions = insert_qdq(graph, &amax, activations)?;
+    crate::graph::set_metadata(
+        &mut quantised,
+        "kiln.int8",
+        &format!("{calibration}, {} images, {activations:?} activations", inputs.len()),
+    );
+    let summary =
+        Int8Summary { calibration, activations, images: inputs.len(), activations_quantised: amax.len(), convolutions };
     Ok((quantised, summary))
 }
 

@@ -52,6 +52,8 @@ fn decode_initializer(tensor: &TensorProto) -> Result<Value, ExportError> {
         6 if !raw.is_empty() => raw.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
         6 => tensor.int32_data.iter().map(|&v| v as f32).collect(),
         3 if !raw.is_empty() => raw.iter().map(|&b| b as i8 as f32).collect(),
+        2 if !raw.is_empty() => raw.iter().map(|&b| b as f32).collect(),
+        2 => tensor.int32_data.iter().map(|&v| v as f32).collect(),
         3 => tensor.int32_data.iter().map(|&v| v as f32).collect(),
         other => {
             return Err(ExportError::Graph(format!("initializer {}: data type {other} is not supported", tensor.name)));
@@ -130,6 +132,8 @@ fn per_axis(x: &Value, parameter: &Value, axis: usize) -> impl Fn(usize) -> f32 
 pub struct Interpreter {
     graph: GraphProto,
     initializers: HashMap<String, Value>,
+    /// Initializers stored as uint8 (their quantised range is 0..255, not -128..127).
+    unsigned: std::collections::HashSet<String>,
     device: Device,
 }
 
@@ -140,7 +144,8 @@ impl Interpreter {
             .iter()
             .map(|t| Ok::<_, ExportError>((t.name.clone(), decode_initializer(t)?)))
             .collect::<Result<_, _>>()?;
-        Ok(Self { graph: graph.clone(), initializers, device: device.clone() })
+        let unsigned = graph.initializer.iter().filter(|t| t.data_type == 2).map(|t| t.name.clone()).collect();
+        Ok(Self { graph: graph.clone(), initializers, unsigned, device: device.clone() })
     }
 
     /// Runs the graph on its single input; `observe` sees every float tensor computed (and the
@@ -256,11 +261,13 @@ impl Interpreter {
                 let zero = get(2).ok().cloned().unwrap_or(Value::new(vec![], vec![0.0]));
                 let axis = int(node, "axis", 1) as usize;
                 let (s, z) = (per_axis(x, scale, axis), per_axis(x, &zero, axis));
+                let unsigned = node.input.get(2).is_some_and(|n| self.unsigned.contains(n));
+                let (low, high) = if unsigned { (0.0, 255.0) } else { (-128.0, 127.0) };
                 let data = x
                     .data
                     .iter()
                     .enumerate()
-                    .map(|(i, v)| ((v / s(i)).round_ties_even() + z(i)).clamp(-128.0, 127.0))
+                    .map(|(i, v)| ((v / s(i)).round_ties_even() + z(i)).clamp(low, high))
                     .collect();
                 Ok(vec![Value::new(x.shape.clone(), data)])
             }

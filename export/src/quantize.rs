@@ -49,6 +49,27 @@ impl std::fmt::Display for Calibration {
     }
 }
 
+/// How activations are stored between layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationType {
+    /// Signed, zero point 0: what TensorRT's explicit quantisation requires (the default).
+    Int8,
+    /// Unsigned with zero point 128 (the same symmetric range): what ONNX Runtime's CPU provider
+    /// fuses into integer convolutions.
+    Uint8,
+}
+
+impl std::str::FromStr for ActivationType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "int8" => Ok(Self::Int8),
+            "uint8" => Ok(Self::Uint8),
+            _ => Err(format!("unknown activation type '{s}': int8 (TensorRT) or uint8 (ONNX Runtime CPU)")),
+        }
+    }
+}
+
 /// The activations to quantise: the inputs and outputs of every convolution.
 pub fn quantised_activations(graph: &GraphProto) -> Vec<String> {
     let mut seen = HashSet::new();
@@ -141,12 +162,21 @@ fn node(name: &str, op: &str, inputs: &[&str], output: &str, axis: Option<i64>) 
     n
 }
 
+const UINT8: i32 = 2;
 const INT8: i32 = 3;
 const INT32: i32 = 6;
 
 /// Inserts Q/DQ pairs for every activation in `amax` and quantises the weights and biases of the
 /// convolutions whose input is quantised.
-pub fn insert_qdq(graph: &mut GraphProto, amax: &HashMap<String, f32>) -> Result<usize, ExportError> {
+pub fn insert_qdq(
+    graph: &mut GraphProto,
+    amax: &HashMap<String, f32>,
+    activations: ActivationType,
+) -> Result<usize, ExportError> {
+    let (zero_type, zero_value) = match activations {
+        ActivationType::Int8 => (INT8, 0u8),
+        ActivationType::Uint8 => (UINT8, 128u8),
+    };
     let scale_of = |name: &str| amax.get(name).map(|&a| (a / 127.0).max(1e-8));
     let initializers: HashMap<String, TensorProto> =
         graph.initializer.iter().map(|t| (t.name.clone(), t.clone())).collect();
@@ -159,7 +189,7 @@ pub fn insert_qdq(graph: &mut GraphProto, amax: &HashMap<String, f32>) -> Result
             format!("{tensor}_dequantized"),
         );
         new_initializers.push(float_initializer(&s, &[], &[scale]));
-        new_initializers.push(scalar_initializer(&z, INT8, vec![0], &[]));
+        new_initializers.push(scalar_initializer(&z, zero_type, vec![zero_value], &[]));
         [
             node(&format!("{tensor}_QuantizeLinear"), "QuantizeLinear", &[tensor, &s, &z], &q, None),
             node(&format!("{tensor}_DequantizeLinear"), "DequantizeLinear", &[&q, &s, &z], &dq, None),
