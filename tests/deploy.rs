@@ -115,3 +115,22 @@ fn tensorrt_engine_is_built_by_trtexec_or_reported_as_a_failure() {
     assert!(error.to_string().contains("unsupported layer"), "{error}");
     assert!(!failed.exists());
 }
+
+/// Burn's INT8 weights find the shapes on the CPU; on wgpu (where Burn 0.22's packed int8 weights
+/// gave no detections at all) kiln refuses them with a message pointing to the INT8 export.
+#[test]
+fn int8_weights_run_on_flex_and_are_refused_on_wgpu() {
+    let scratch = Scratch::new("int8-weights");
+    let dir = images(scratch.path());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let pictures: Vec<_> = files.iter().take(4).map(|f| image::open(f).unwrap().to_rgb8()).collect();
+    let detector = Detector::load(student(), &Device::flex()).unwrap().quantized_int8().unwrap();
+    let found: usize = pictures.iter().map(|p| detector.predict(p).len()).sum();
+    assert!(found >= 3, "only {found} detections in 4 images with INT8 weights");
+    #[cfg(feature = "wgpu")]
+    {
+        let error = Detector::load(student(), &Device::wgpu(Default::default())).unwrap().quantized_int8().unwrap_err();
+        assert!(error.contains("kiln export --int8"), "{error}");
+    }
+}

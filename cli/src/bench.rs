@@ -85,7 +85,7 @@ fn bench_student(args: &BenchArgs) -> anyhow::Result<Measured> {
     let info = StudentInfo::read(&args.model)?;
     let mut model = info.load_model(&device)?;
     if args.int8 {
-        model = kiln_models::detector::quantize_weights_int8(model);
+        model = kiln_models::detector::quantize_weights_int8(model, &device).map_err(anyhow::Error::msg)?;
     }
     let size = args.imgsz.unwrap_or(info.imgsz);
     anyhow::ensure!(size >= 32 && size % 32 == 0, "--imgsz {size} must be a positive multiple of 32");

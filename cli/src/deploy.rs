@@ -200,7 +200,8 @@ fn int8(
         &crate::progress_bar("FP32 val"),
     )?;
     let mut burn_int8 = load_student(&info.weights, device)?;
-    burn_int8.model = kiln_models::detector::quantize_weights_int8(burn_int8.model);
+    burn_int8.model =
+        kiln_models::detector::quantize_weights_int8(burn_int8.model, device).map_err(anyhow::Error::msg)?;
     let burn_eval = evaluate_student(
         &burn_int8,
         &data,

@@ -576,7 +576,8 @@ fn load_student(
 ) -> anyhow::Result<kiln_training::commands::LoadedStudent> {
     let mut student = kiln_training::commands::load_student(path, device)?;
     if int8 {
-        student.model = kiln_models::detector::quantize_weights_int8(student.model);
+        student.model =
+            kiln_models::detector::quantize_weights_int8(student.model, device).map_err(anyhow::Error::msg)?;
     }
     Ok(student)
 }

@@ -105,9 +105,9 @@ impl Detector {
     }
 
     /// Burn's INT8 weight quantisation, for native inference: see [`quantize_weights_int8`].
-    pub fn quantized_int8(mut self) -> Self {
-        self.model = quantize_weights_int8(self.model);
-        self
+    pub fn quantized_int8(mut self) -> Result<Self, String> {
+        self.model = quantize_weights_int8(self.model, &self.device)?;
+        Ok(self)
     }
 
     pub fn with_options(mut self, options: PredictOptions) -> Self {
@@ -157,15 +157,48 @@ impl Detector {
 /// Burn's post-training weight quantisation of a student: every convolution's weights stored as
 /// symmetric 8-bit integers with one scale per tensor (a quarter of their float32 memory), and
 /// dequantised for compute by the backend. The DFL's fixed bin values (0..15, used as exact
-/// numbers) and BatchNorm stay float.
-pub fn quantize_weights_int8(model: YoloV8) -> YoloV8 {
-    use burn::module::{ParamGroup, Quantizer};
-    use burn::tensor::quantization::{Calibration, QuantScheme, QuantValue};
+/// numbers) and BatchNorm stay float. CPU (flex) only: on wgpu, Burn 0.22 has no native int8
+/// storage there and its packed int8 weights give wrong detections (checked in the tests), so
+/// other devices get an error that points to the INT8 ONNX export instead.
+pub fn quantize_weights_int8(model: YoloV8, device: &Device) -> Result<YoloV8, String> {
+    #[cfg(feature = "flex")]
+    let supported = *device == Device::flex();
+    #[cfg(not(feature = "flex"))]
+    let supported = false;
+    if !supported {
+        return Err(format!(
+            "Burn's INT8 weights run on the CPU backend only (not {device:?}); for INT8 on a GPU export a \
+             calibrated model: `kiln export --int8 --calibration FILE` (ONNX Runtime, TensorRT)"
+        ));
+    }
     let dfl = model.head.dfl.clone();
-    let scheme = QuantScheme::default().with_value(QuantValue::Q8S);
-    let mut quantizer = Quantizer::new(Calibration::MinMax, scheme);
-    quantizer.set_param_group(ParamGroup::from_regex(r"\.weight$").expect("a valid pattern"));
-    let mut quantized = model.quantize_weights(&mut quantizer);
+    let mut quantized = model.map(&mut ConvWeightsInt8);
     quantized.head.dfl = dfl;
-    quantized
+    Ok(quantized)
+}
+
+/// Quantises 4-D (convolution) weights, packing four values per u32 word along an axis whose size
+/// is a multiple of 4 (every backend reads that layout; GPU backends may lack native int8).
+struct ConvWeightsInt8;
+
+impl burn::module::ModuleMapper for ConvWeightsInt8 {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+        use burn::tensor::quantization::{
+            Calibration, QuantScheme, QuantStore, QuantValue, compute_q_params, compute_range,
+        };
+        if D != 4 {
+            return param;
+        }
+        let dims = param.val().dims();
+        let Some(axis) = (0..D).find(|&i| dims[D - 1 - i] % 4 == 0) else { return param };
+        param.map(|tensor| {
+            let scheme = QuantScheme::default().with_value(QuantValue::Q8S).with_store(QuantStore::PackedU32(axis));
+            let range = compute_range(&scheme, &tensor, &Calibration::MinMax);
+            let qparams = compute_q_params(&scheme, range);
+            tensor.quantize(&scheme, qparams)
+        })
+    }
 }
