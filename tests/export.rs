@@ -97,7 +97,7 @@ fn check(name: &str, classes: usize) {
     assert_eq!(run.metadata["names"], format!("{{{names}}}"));
     assert_eq!(run.metadata["imgsz"], format!("[{SIZE}, {SIZE}]"));
     assert_eq!(run.metadata["stride"], "32");
-    let task = if nc > 0 && info.config.task == kiln_models::Task::Segment { "segment" } else { "detect" };
+    let task = if info.config.task == kiln_models::Task::Segment { "segment" } else { "detect" };
     assert_eq!(run.metadata["task"], task);
     assert_eq!(run.metadata["kiln.category_ids"], serde_json::to_string(&info.category_ids).unwrap());
 }

@@ -8,7 +8,7 @@ use kiln_export::quantize::{ActivationType, Calibration};
 use kiln_export::tensorrt::{self, Precision};
 use kiln_export::{ExportOptions, onnx_bytes, save_model};
 use kiln_models::StudentInfo;
-use kiln_training::commands::{EVAL_PREDICT_OPTIONS, evaluate_predictor, evaluate_student, load_student};
+use kiln_training::commands::{EVAL_PREDICT_OPTIONS, LoadedStudent, evaluate_predictor, evaluate_student};
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -107,7 +107,7 @@ pub fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
     let (fp32, folded) = onnx_bytes(&model, &info, &options, &device)?;
     let fp32_size = onnx_ir::Message::compute_size(&fp32);
     let summary = if args.int8 {
-        let quantised = int8(args, &info, &fp32, options.imgsz, &device, fp32_size)?;
+        let quantised = int8(args, &info, &model, &fp32, options.imgsz, &device, fp32_size)?;
         save_model(&quantised, &onnx_path, folded)?
     } else {
         save_model(&fp32, &onnx_path, folded)?
@@ -131,7 +131,11 @@ pub fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
         match tensorrt::find_trtexec() {
             Some(trtexec) => {
                 println!("building the TensorRT engine with {} ...", trtexec.display());
-                tensorrt::build_engine(&trtexec, &arguments, &engine)?;
+                if let Err(error) = tensorrt::build_engine(&trtexec, &arguments, &engine) {
+                    // The ONNX was written for this engine only: leave nothing behind.
+                    let _ = std::fs::remove_file(&summary.path);
+                    return Err(error.into());
+                }
                 println!("engine -> {}", engine.display());
             }
             None => println!(
@@ -147,6 +151,7 @@ pub fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
 fn int8(
     args: &ExportArgs,
     info: &StudentInfo,
+    model: &kiln_models::YoloV8,
     fp32: &onnx_ir::ModelProto,
     imgsz: u32,
     device: &burn::tensor::Device,
@@ -188,10 +193,18 @@ fn int8(
     let loaded = kiln_data::load_dataset(&val, args.images.as_deref())?;
     let mut data = loaded.dataset;
     kiln_data::repair(&mut data);
-    let student = load_student(&info.weights, device)?;
+    // The student already loaded for the export, scored as `kiln eval` scores it.
+    let student = |model: kiln_models::YoloV8| LoadedStudent {
+        model,
+        config: info.config.clone(),
+        classes: info.classes.clone(),
+        category_ids: info.category_ids.clone(),
+        imgsz: info.imgsz,
+        weights: info.weights.clone(),
+    };
     let masks = info.config.task == kiln_models::Task::Segment;
     let reference = evaluate_student(
-        &student,
+        &student(model.clone()),
         &data,
         &loaded.images_dir,
         Some(imgsz),
@@ -199,9 +212,8 @@ fn int8(
         device,
         &crate::progress_bar("FP32 val"),
     )?;
-    let mut burn_int8 = load_student(&info.weights, device)?;
-    burn_int8.model =
-        kiln_models::detector::quantize_weights_int8(burn_int8.model, device).map_err(anyhow::Error::msg)?;
+    let burn_int8 =
+        student(kiln_models::detector::quantize_weights_int8(model.clone(), device).map_err(anyhow::Error::msg)?);
     let burn_eval = evaluate_student(
         &burn_int8,
         &data,

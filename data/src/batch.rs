@@ -72,13 +72,7 @@ impl CocoDetectionDataset {
             )
         })?;
         let path = self.images_dir.join(&info.file_name);
-        let image = image::ImageReader::open(&path)
-            .map_err(|e| DataError::io(&path, "cannot open the image", e))?
-            .with_guessed_format()
-            .map_err(|e| DataError::io(&path, "cannot read the image", e))?
-            .decode()
-            .map_err(|e| DataError::Image { path: path.clone(), message: e.to_string() })?
-            .into_rgb8();
+        let image = crate::io::read_rgb_image(&path)?;
         if image.dimensions() != (info.width, info.height) {
             return Err(DataError::Image {
                 path,

@@ -6,8 +6,10 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {what}: {source}")]
-    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+    // Not `source`: the message already holds the cause, and a source would be printed twice
+    // by error reporters that walk the chain.
+    #[error("{path}: {what}: {cause}")]
+    Io { path: PathBuf, what: &'static str, cause: std::io::Error },
 
     #[error("{path}: not valid COCO JSON: {message}")]
     Json { path: PathBuf, message: String },
@@ -33,7 +35,7 @@ pub enum DataError {
 
 impl DataError {
     pub fn io(path: &Path, what: &'static str, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), what, source }
+        Self::Io { path: path.to_path_buf(), what, cause: source }
     }
 
     pub fn invalid(path: &Path, message: impl Into<String>) -> Self {

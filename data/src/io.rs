@@ -59,3 +59,15 @@ mod tests {
         fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// Reads and decodes an image file (format from its content) as RGB; the error names the file and
+/// whether it could not be read or not be decoded.
+pub fn read_rgb_image(path: &Path) -> Result<image::RgbImage> {
+    Ok(image::ImageReader::open(path)
+        .map_err(|e| DataError::io(path, "cannot open the image", e))?
+        .with_guessed_format()
+        .map_err(|e| DataError::io(path, "cannot read the image", e))?
+        .decode()
+        .map_err(|e| DataError::Image { path: path.to_path_buf(), message: e.to_string() })?
+        .into_rgb8())
+}

@@ -101,3 +101,13 @@ impl Letterbox {
         segmentation.rasterize_affine(self.original_width, self.original_height, [sx, sy, ox, oy], out_w, out_h)
     }
 }
+
+/// An RGB image as the networks take it: planar (R, then G, then B), row-major, values 0..1.
+pub fn planar_pixels(image: &RgbImage) -> Vec<f32> {
+    let raw = image.as_raw();
+    let mut pixels = Vec::with_capacity(raw.len());
+    for c in 0..3 {
+        pixels.extend(raw.iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
+    }
+    pixels
+}

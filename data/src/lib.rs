@@ -23,7 +23,7 @@ pub use batch::{CocoDetectionDataset, DetectionBatch, DetectionBatcher, Detectio
 pub use coco::{CocoAnnotation, CocoCategory, CocoDataset, CocoImage, RleCounts, RleJson, Segmentation};
 pub use error::{DataError, Result};
 pub use inspect::{DatasetSummary, Recommendation, inspect};
-pub use letterbox::Letterbox;
+pub use letterbox::{Letterbox, planar_pixels};
 pub use mask::{BinaryMask, Rle};
 pub use pipeline::{LoadedDataset, ValidateOptions, ValidateReport, load_dataset, run_validate};
 pub use repair::{RepairSummary, repair};

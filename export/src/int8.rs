@@ -18,23 +18,8 @@ use crate::quantize::{ActivationType, Calibration, calibrate, insert_qdq};
 /// Letterboxed `[1, 3, size, size]` RGB 0..1 input of an image, as the student sees it.
 pub fn letterboxed_input(image: &RgbImage, size: u32) -> (Value, Letterbox) {
     let letterbox = Letterbox::new(image.width(), image.height(), size, size);
-    let canvas = letterbox.apply_image(image);
-    let s = size as usize;
-    let mut pixels = Vec::with_capacity(3 * s * s);
-    for c in 0..3 {
-        pixels.extend(canvas.as_raw().iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
-    }
-    (Value::new(vec![1, 3, s, s], pixels), letterbox)
-}
-
-pub fn read_image(path: &Path) -> Result<RgbImage, ExportError> {
-    let io = |message: String| ExportError::Io { path: path.to_path_buf(), message };
-    Ok(image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| io(format!("cannot read the image: {e}")))?
-        .decode()
-        .map_err(|e| io(format!("cannot decode the image: {e}")))?
-        .to_rgb8())
+    let pixels = kiln_data::planar_pixels(&letterbox.apply_image(image));
+    (Value::new(vec![1, 3, size as usize, size as usize], pixels), letterbox)
 }
 
 /// Up to `limit` images of `data` (spread evenly over the file), letterboxed to `size`.
@@ -52,7 +37,7 @@ pub fn calibration_inputs(
     (0..count)
         .map(|i| {
             let image = &data.images[i * n / count];
-            Ok(letterboxed_input(&read_image(&images_dir.join(&image.file_name))?, size).0)
+            Ok(letterboxed_input(&kiln_data::io::read_rgb_image(&images_dir.join(&image.file_name))?, size).0)
         })
         .collect()
 }

@@ -16,12 +16,14 @@ pub mod tensorrt;
 
 use std::path::PathBuf;
 
-pub use onnx::{ExportOptions, ExportSummary, export_onnx, onnx_bytes, save_model};
+pub use onnx::{ExportOptions, ExportSummary, onnx_bytes, save_model};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error(transparent)]
     Weights(#[from] kiln_models::WeightsError),
+    #[error(transparent)]
+    Data(#[from] kiln_data::DataError),
     #[error("the ONNX exporter cannot lower this model: {0}")]
     Exporter(String),
     #[error("ONNX graph: {0}")]

@@ -169,19 +169,6 @@ pub fn save_model(model: &ModelProto, path: &Path, batch_norms_folded: usize) ->
     })
 }
 
-/// Exports the student `info` describes (weights loaded on `device`) to `path`.
-pub fn export_onnx(
-    info: &StudentInfo,
-    options: &ExportOptions,
-    path: &Path,
-    device: &Device,
-) -> Result<ExportSummary, ExportError> {
-    refuse_existing(path)?;
-    let model = info.load_model(device)?;
-    let (onnx, folded) = onnx_bytes(&model, info, options, device)?;
-    save_model(&onnx, path, folded)
-}
-
 /// Writes a new file atomically: beside it first, then renamed into place.
 pub(crate) fn write_new(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
     let io = |message: String| ExportError::Io { path: path.to_path_buf(), message };

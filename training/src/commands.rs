@@ -215,12 +215,7 @@ pub fn evaluate_predictor(
     let mut results = Vec::new();
     for image in &data.images {
         let path = images_dir.join(&image.file_name);
-        let pixels = image::ImageReader::open(&path)
-            .and_then(|r| r.with_guessed_format())
-            .map_err(|e| TrainError::Io { path: path.clone(), message: format!("cannot read the image: {e}") })?
-            .decode()
-            .map_err(|e| TrainError::Io { path: path.clone(), message: format!("cannot decode the image: {e}") })?
-            .to_rgb8();
+        let pixels = kiln_data::io::read_rgb_image(&path)?;
         let detections = predict(&pixels).map_err(TrainError::Config)?;
         results.extend(to_coco_results(image.id, &detections, category_ids));
         progress.inc(1);
@@ -356,6 +351,7 @@ pub fn run_infer(
     if visualize && pictures.exists() {
         return Err(TrainError::Config(format!("{} exists; choose another --output", pictures.display())));
     }
+    let created_output = !output.exists();
     std::fs::create_dir_all(output)
         .map_err(|e| TrainError::Io { path: output.to_path_buf(), message: e.to_string() })?;
     let staging = output.join(format!(".pictures.{}.tmp", std::process::id()));
@@ -369,12 +365,7 @@ pub fn run_infer(
     let mut listed = Vec::new();
     let outcome = (|| -> Result<(), TrainError> {
         for (i, file) in files.iter().enumerate() {
-            let image = image::ImageReader::open(file)
-                .and_then(|r| r.with_guessed_format())
-                .map_err(|e| TrainError::Io { path: file.clone(), message: format!("cannot read the image: {e}") })?
-                .decode()
-                .map_err(|e| TrainError::Io { path: file.clone(), message: format!("cannot decode the image: {e}") })?
-                .to_rgb8();
+            let image = kiln_data::io::read_rgb_image(file)?;
             let detections = student.model.predict(&image, imgsz, options, device);
             let id = i as u64 + 1;
             results.extend(to_coco_results(id, &detections, &student.category_ids));
@@ -394,6 +385,10 @@ pub fn run_infer(
     })();
     if let Err(e) = outcome {
         let _ = std::fs::remove_dir_all(&staging);
+        if created_output {
+            // Only if still empty: nothing but this run could have put anything there.
+            let _ = std::fs::remove_dir(output);
+        }
         return Err(e);
     }
     progress.finish_and_clear();

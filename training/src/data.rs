@@ -121,9 +121,7 @@ impl Batcher<TrainSample, DetectionBatch> for TrainBatcher {
         let ms = self.mask_downsample.map(|d| self.image_size.div_ceil(d.max(1)) as usize);
         let mut masks = vec![0f32; ms.map_or(0, |ms| b * m * ms * ms)];
         for (bi, item) in items.iter().enumerate() {
-            for c in 0..3 {
-                pixels.extend(item.image.as_raw().iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
-            }
+            pixels.extend(kiln_data::planar_pixels(&item.image));
             for (mi, (class, bbox)) in item.boxes.iter().enumerate() {
                 let slot = bi * m + mi;
                 boxes[slot * 4..slot * 4 + 4].copy_from_slice(bbox);

@@ -305,10 +305,7 @@ impl YoloV8 {
         let letterbox = Letterbox::new(image.width(), image.height(), image_size, image_size);
         let canvas = letterbox.apply_image(image);
         let s = image_size as usize;
-        let mut pixels = Vec::with_capacity(3 * s * s);
-        for c in 0..3 {
-            pixels.extend(canvas.as_raw().iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
-        }
+        let pixels = kiln_data::planar_pixels(&canvas);
         let input: Tensor<4> = Tensor::from_data(TensorData::new(pixels, [1, 3, s, s]), device);
         let output = self.forward(input);
         self.postprocess(&output, &[letterbox], options).remove(0)

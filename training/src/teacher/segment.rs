@@ -112,7 +112,7 @@ pub fn run_segment(
     let outcome = (|| -> Result<(), TrainError> {
         for (info, boxes) in prompts.images.iter().zip(&boxes_of) {
             let path = request.images.join(&info.file_name);
-            let image = read_image(&path)?;
+            let image = kiln_data::io::read_rgb_image(&path)?;
             if !boxes.is_empty() {
                 let input = sam.preprocess(&image, device);
                 let embedding = sam.embed(input.pixels.clone());
@@ -171,13 +171,4 @@ pub fn run_segment(
         pictures: request.pictures.then_some(pictures),
         adapter: adapter.map(|a| format!("r {} on {}", a.lora.rank, a.lora.target_modules.join(", "))),
     })
-}
-
-fn read_image(path: &Path) -> Result<image::RgbImage, TrainError> {
-    Ok(image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| TrainError::Io { path: path.to_path_buf(), message: format!("cannot read the image: {e}") })?
-        .decode()
-        .map_err(|e| TrainError::Io { path: path.to_path_buf(), message: format!("cannot decode the image: {e}") })?
-        .to_rgb8())
 }
