@@ -58,17 +58,30 @@ enum Command {
     /// box mAP50-95 without masks) and weights/last.safetensors, both holding the weights' moving
     /// average under Ultralytics' key names. An interrupted run continues with --resume.
     TrainStudent(TrainStudentArgs),
-    /// Fine-tune the teachers with LoRA, chosen by the data: SAM (box prompt -> mask) when it has masks.
+    /// Fine-tune the teachers with LoRA, chosen by the data: GroundingDINO (text prompt -> boxes)
+    /// when it has boxes, SAM (box prompt -> mask) when it has masks; a mask also gives a box.
     ///
     /// Settings come from kiln's defaults (configs/teacher.yaml), then the data, then these flags;
-    /// they are saved as OUTPUT/teachers/teacher_config.yaml with metadata.json. Every ground-truth
-    /// box, jittered, prompts SAM for its mask; the loss is focal + dice (20:1) plus MSE on the
+    /// they are saved as OUTPUT/teachers/teacher_config.yaml with metadata.json. GroundingDINO is
+    /// prompted with every class name of the dataset ("name1 . name2 . ...") and learns from
+    /// Hungarian-matched boxes (focal loss on the class names' tokens, L1 + GIoU on the boxes, on
+    /// every decoder layer and the encoder proposals); validation box mAP is measured before
+    /// training and after every epoch, the best adapter saved as
+    /// OUTPUT/teachers/grounding_dino_lora/. Every ground-truth box, jittered, prompts SAM for its mask; the loss is focal + dice (20:1) plus MSE on the
     /// predicted IoU; only LoRA adapters train (on the mask decoder's attention by default), so the
     /// image encoder stays frozen and its embeddings are computed once and cached. Validation mask
     /// IoU is measured before training and after every epoch; the best adapter is saved as
     /// OUTPUT/teachers/sam_lora/{adapter_model.safetensors, adapter_config.json}: the pretrained
     /// base is never modified or copied. An interrupted run continues with --resume.
     TrainTeacher(TrainTeacherArgs),
+    /// Run the GroundingDINO teacher on images with a text prompt and draw the boxes.
+    ///
+    /// The prompt lists class names separated by "." ("cat . dog ."). Writes OUTPUT/detections.json
+    /// (COCO results with the phrase as category, plus its categories) and OUTPUT/pictures/ with the
+    /// boxes drawn. With --adapter the teacher trained by `kiln train-teacher` is used (its base and
+    /// settings are read from the experiment's teacher_config.yaml), and the prompt defaults to the
+    /// classes it was trained on.
+    Detect(DetectArgs),
     /// Run the SAM teacher on images with box prompts and draw the masks.
     ///
     /// Boxes are COCO JSON (`images` with `file_name`, `annotations` with `bbox` as x, y, w, h): a
@@ -224,6 +237,67 @@ struct TrainTeacherArgs {
     /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
     #[arg(long)]
     resume: bool,
+    /// Train only this teacher of those the data calls for: sam or grounding_dino.
+    #[arg(long, value_name = "NAME")]
+    teacher: Option<String>,
+    /// GroundingDINO model: swint_ogc, swint_minilm (all-MiniLM-L6-v2 as text encoder), or the toys
+    /// tiny_minilm / tiny that train from a random initialisation [default: swint_ogc].
+    #[arg(long, value_name = "NAME")]
+    gdino: Option<String>,
+    /// The pretrained GroundingDINO checkpoint, as released (groundingdino_swint_ogc.pth) or kiln
+    /// safetensors; it is read, never written.
+    #[arg(long, value_name = "FILE")]
+    gdino_weights: Option<PathBuf>,
+    /// A Hugging Face BERT model.safetensors as GroundingDINO's text encoder (all-MiniLM-L6-v2's
+    /// for the *_minilm models).
+    #[arg(long, value_name = "FILE")]
+    text_encoder: Option<PathBuf>,
+    /// A WordPiece tokenizer.json [default: the built-in bert-base-uncased tokenizer].
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Comma-separated module-name suffixes of GroundingDINO that get adapters [default: the
+    /// deformable attention, fusion and FFN projections, feat_map and the box heads].
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    gdino_lora_targets: Option<Vec<String>>,
+    /// GroundingDINO's input short side in pixels [default: 800, the official size].
+    #[arg(long, value_name = "PX")]
+    imgsz: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct DetectArgs {
+    /// A directory of images.
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// Class names separated by "." ("cat . dog .") [default: the adapter's classes].
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Where detections.json and pictures/ go; existing ones are never replaced.
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    /// A LoRA adapter directory written by `kiln train-teacher` (EXPERIMENT/teachers/grounding_dino_lora).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// GroundingDINO model [default: the adapter's, else swint_ogc].
+    #[arg(long, value_name = "NAME")]
+    gdino: Option<String>,
+    /// The GroundingDINO checkpoint (groundingdino_swint_ogc.pth) [default: the adapter's base].
+    #[arg(long, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    /// A Hugging Face BERT model.safetensors replacing the checkpoint's text encoder [default: the adapter's].
+    #[arg(long, value_name = "FILE")]
+    text_encoder: Option<PathBuf>,
+    /// Keep boxes whose best token probability exceeds this [default: 0.35].
+    #[arg(long)]
+    box_threshold: Option<f32>,
+    /// Name a box by a class only if that class's best token exceeds this [default: 0.25].
+    #[arg(long)]
+    text_threshold: Option<f32>,
+    /// Input short side in pixels [default: the adapter's, else 800].
+    #[arg(long, value_name = "PX")]
+    imgsz: Option<usize>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
 }
 
 #[derive(clap::Args)]
@@ -644,6 +718,13 @@ fn run_train_teacher(args: &TrainTeacherArgs) -> anyhow::Result<()> {
         resume: args.resume,
         device_name: format!("{:?}", args.device).to_lowercase(),
         overrides: TeacherOverrides {
+            only: args.teacher.clone(),
+            gdino: args.gdino.clone(),
+            gdino_weights: args.gdino_weights.clone(),
+            text_encoder: args.text_encoder.clone(),
+            tokenizer: args.tokenizer.clone(),
+            gdino_lora_targets: args.gdino_lora_targets.clone(),
+            image_size: args.imgsz,
             sam: args.sam.clone(),
             sam_weights: args.sam_weights.clone(),
             lora_r: args.lora_r,
@@ -660,6 +741,75 @@ fn run_train_teacher(args: &TrainTeacherArgs) -> anyhow::Result<()> {
     println!("kiln train-teacher -> {}", output.join("teachers").display());
     let summary = run_train_teacher(&request, device(args.device)?, kiln_training::run::Verbosity::Progress)?;
     print!("{}", render_teacher_summary(&summary));
+    Ok(())
+}
+
+fn run_detect(args: &DetectArgs) -> anyhow::Result<()> {
+    use kiln_training::teacher::detect::{DetectRequest, run_detect};
+    use kiln_training::teacher::{TeacherConfig, grounding_dino_config_beside};
+    let mut config = match &args.adapter {
+        Some(dir) => grounding_dino_config_beside(dir).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no teacher_config.yaml beside this adapter (an adapter directory of `kiln train-teacher` is EXPERIMENT/teachers/grounding_dino_lora)",
+                dir.display()
+            )
+        })?,
+        None => TeacherConfig::default().grounding_dino.expect("configs/teacher.yaml has a grounding_dino section"),
+    };
+    if let Some(name) = &args.gdino {
+        config.model = name.clone();
+    }
+    if let Some(weights) = &args.weights {
+        config.weights = Some(weights.clone());
+    }
+    if let Some(text_encoder) = &args.text_encoder {
+        config.text_encoder = Some(text_encoder.clone());
+    }
+    config.box_threshold = args.box_threshold.unwrap_or(config.box_threshold);
+    config.text_threshold = args.text_threshold.unwrap_or(config.text_threshold);
+    if let Some(size) = args.imgsz {
+        anyhow::ensure!(size >= 32, "--imgsz {size} is too small (at least 32)");
+        config.image_size = size;
+        config.max_size = config.max_size.max(size);
+    }
+    if config.weights.is_none() && !config.model.starts_with("tiny") {
+        anyhow::bail!(
+            "GroundingDINO {} needs --weights (groundingdino_swint_ogc.pth); only the tiny toys run from a random initialisation",
+            config.model
+        );
+    }
+    let prompt = match (&args.prompt, &args.adapter) {
+        (Some(prompt), _) => prompt.clone(),
+        (None, Some(dir)) => {
+            let classes = kiln_training::teacher::classes_beside(dir).unwrap_or_default();
+            anyhow::ensure!(
+                !classes.is_empty(),
+                "{}: no classes in its teacher_config.yaml: pass --prompt",
+                dir.display()
+            );
+            classes.join(" . ")
+        }
+        (None, None) => anyhow::bail!("--prompt is needed: the class names to find, e.g. \"cat . dog .\""),
+    };
+    let device = device(args.device)?;
+    let request = DetectRequest {
+        images: args.images.clone(),
+        prompt,
+        output: args.output.clone(),
+        config,
+        adapter: args.adapter.clone(),
+    };
+    let summary = run_detect(&request, &device, &progress_bar("images"))?;
+    println!(
+        "kiln detect: GroundingDINO {}{} on {} images, prompt {:?}: {} boxes -> {}",
+        request.config.model,
+        summary.adapter.map(|a| format!(" + LoRA ({a})")).unwrap_or_default(),
+        summary.images,
+        summary.caption,
+        summary.boxes,
+        summary.detections.display()
+    );
+    println!("pictures -> {}", summary.pictures.display());
     Ok(())
 }
 
@@ -758,6 +908,7 @@ fn main() -> ExitCode {
         Command::Info(args) => run_info(args).map(|_| true),
         Command::TrainStudent(args) => run_train_student(args).map(|_| true),
         Command::TrainTeacher(args) => run_train_teacher(args).map(|_| true),
+        Command::Detect(args) => run_detect(args).map(|_| true),
         Command::Segment(args) => run_segment(args).map(|_| true),
         Command::Eval(args) => run_eval(args).map(|_| true),
         Command::Infer(args) => run_infer(args).map(|_| true),

@@ -1,6 +1,7 @@
 //! kiln's models: Burn modules whose parameter names map onto the official checkpoints.
 
 pub mod detector;
+pub mod grounding_dino;
 pub mod lora;
 pub mod lowering;
 pub mod sam;

@@ -58,6 +58,75 @@ impl fmt::Display for MismatchReport {
     }
 }
 
+/// How a checkpoint's keys relate to kiln's parameter paths beyond identical names.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointLayout {
+    /// (official fragment, kiln fragment) pairs, applied in order; a fragment written with a leading
+    /// `^` is a prefix (`("^module.", "")`, `("^backbone.0.", "backbone.")`), any other is replaced
+    /// wherever it occurs (`(".attention.self.", ".attention.self_attn.")`).
+    pub renames: Vec<(String, String)>,
+    /// The state dict sits under this top-level key of a `.pth` (`{"model": …}`).
+    pub top_level_key: Option<String>,
+    /// Regexes over the renamed keys of checkpoint entries that kiln deliberately does not load
+    /// (recomputed buffers, shared copies of one module, leftovers of training).
+    pub ignored: Vec<String>,
+    /// Module paths that may be absent from the file because another file provides them.
+    pub provided_elsewhere: Vec<String>,
+}
+
+impl CheckpointLayout {
+    /// Official prefix → module prefix pairs, e.g. `("model.22.", "head.")`.
+    pub fn prefixes(prefixes: &[(String, String)]) -> Self {
+        Self { renames: prefixes.iter().map(|(o, k)| (format!("^{o}"), k.clone())).collect(), ..Default::default() }
+    }
+
+    /// A module path as the checkpoint names it (the renames undone; Burn's norms call
+    /// `weight`/`bias` `gamma`/`beta`).
+    pub fn official_name(&self, key: &str) -> String {
+        let mut key = key.to_string();
+        for (_, _, ours, official) in self.rules().iter().rev() {
+            if ours == "^" {
+                key = format!("{official}{key}");
+            } else if let Ok(re) = regex::Regex::new(ours) {
+                key = re.replace_all(&key, regex::NoExpand(official)).into_owned();
+            }
+        }
+        match (key.strip_suffix(".gamma"), key.strip_suffix(".beta")) {
+            (Some(stem), _) => format!("{stem}.weight"),
+            (_, Some(stem)) => format!("{stem}.bias"),
+            _ => key,
+        }
+    }
+
+    /// Every parameter of `model` as `(official key, PyTorch shape)`.
+    pub fn official_inventory<M: Module>(&self, model: &M) -> Vec<(String, Vec<usize>)> {
+        model
+            .collect(None, Some(Box::new(burn::store::BurnToPyTorchAdapter)), true)
+            .into_iter()
+            .map(|t| (self.official_name(&t.name), t.shape.iter().map(|&d| d as usize).collect()))
+            .collect()
+    }
+
+    fn rules(&self) -> Vec<(String, String, String, String)> {
+        // (official regex, kiln replacement, kiln regex, official replacement)
+        self.renames
+            .iter()
+            .map(|(official, ours)| {
+                let (anchor, official) = match official.strip_prefix('^') {
+                    Some(rest) => ("^", rest),
+                    None => ("", official.as_str()),
+                };
+                (
+                    format!("{anchor}{}", regex_escape(official)),
+                    ours.clone(),
+                    format!("{anchor}{}", regex_escape(ours)),
+                    official.to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
 /// Loads `path` (`.pt`/`.pth` state dict, or `.safetensors`) into `model`. `prefixes` lists
 /// (official key prefix, module path prefix) pairs, e.g. `("model.22.", "head.")`; the load is all
 /// or nothing: any missing, unexpected or mis-shaped key is an error (named as in the checkpoint)
@@ -68,21 +137,24 @@ pub fn load_checkpoint<M: Module>(
     prefixes: &[(String, String)],
     expected_model: &str,
 ) -> Result<M, WeightsError> {
+    load_checkpoint_with(model, path, &CheckpointLayout::prefixes(prefixes), expected_model)
+}
+
+/// [`load_checkpoint`] for a checkpoint described by a [`CheckpointLayout`].
+pub fn load_checkpoint_with<M: Module>(
+    model: M,
+    path: &Path,
+    layout: &CheckpointLayout,
+    expected_model: &str,
+) -> Result<M, WeightsError> {
     let mut model = model;
-    let remap: Vec<(String, String)> =
-        prefixes.iter().map(|(official, ours)| (format!("^{}", regex_escape(official)), ours.clone())).collect();
-    // Burn's BatchNorm calls PyTorch's `weight`/`bias` `gamma`/`beta`.
-    let official_name = |key: &str| -> String {
-        let key = prefixes
-            .iter()
-            .find_map(|(official, ours)| key.strip_prefix(ours.as_str()).map(|rest| format!("{official}{rest}")))
-            .unwrap_or_else(|| key.to_string());
-        match (key.strip_suffix(".gamma"), key.strip_suffix(".beta")) {
-            (Some(stem), _) => format!("{stem}.weight"),
-            (_, Some(stem)) => format!("{stem}.bias"),
-            _ => key,
-        }
-    };
+    let rules = layout.rules();
+    let ignored: Vec<regex::Regex> = layout
+        .ignored
+        .iter()
+        .map(|r| regex::Regex::new(r).expect("kiln's ignore patterns are valid regexes"))
+        .collect();
+    let official_name = |key: &str| layout.official_name(key);
     let read_error = |message: String| WeightsError::Read { path: path.to_path_buf(), message };
     if !path.is_file() {
         return Err(read_error("no such file".into()));
@@ -95,24 +167,33 @@ pub fn load_checkpoint<M: Module>(
             .skip_enum_variants(true)
             .allow_partial(true)
             .validate(false);
-        for (from, to) in &remap {
+        for (from, to, _, _) in &rules {
             store = store.with_key_remapping(from, to.clone());
         }
         model.load_from(&mut store).map_err(|e| read_error(e.to_string()))?
     } else {
         let mut store = PytorchStore::from_file(path).allow_partial(true).validate(false).map_indices_contiguous(false);
-        for (from, to) in &remap {
+        if let Some(key) = &layout.top_level_key {
+            store = store.with_top_level_key(key.clone());
+        }
+        for (from, to, _, _) in &rules {
             store = store.with_key_remapping(from, to.clone());
         }
         model.load_from(&mut store).map_err(|e| read_error(e.to_string()))?
     };
 
     let mut report = MismatchReport { expected_model: expected_model.to_string(), ..Default::default() };
-    report.missing = result.missing.iter().map(|(key, _)| official_name(key)).collect();
+    report.missing = result
+        .missing
+        .iter()
+        .filter(|(key, _)| !layout.provided_elsewhere.iter().any(|p| key.starts_with(p.as_str())))
+        .map(|(key, _)| official_name(key))
+        .collect();
     report.unexpected = result
         .unused
         .iter()
         .filter(|key| !IGNORED_SUFFIXES.iter().any(|s| key.ends_with(s)))
+        .filter(|key| !ignored.iter().any(|re| re.is_match(key)))
         .map(|key| official_name(key))
         .collect();
     for error in &result.errors {
@@ -188,14 +269,27 @@ pub fn save_safetensors<M: Module>(
     prefixes: &[(String, String)],
     metadata: &[(String, String)],
 ) -> Result<(), WeightsError> {
+    save_safetensors_with(model, path, &CheckpointLayout::prefixes(prefixes), metadata)
+}
+
+/// [`save_safetensors`] for a checkpoint described by a [`CheckpointLayout`] (prefixes that only
+/// strip, like `module.`, are not written back).
+pub fn save_safetensors_with<M: Module>(
+    model: &M,
+    path: &Path,
+    layout: &CheckpointLayout,
+    metadata: &[(String, String)],
+) -> Result<(), WeightsError> {
     let write_error = |message: String| WeightsError::Write { path: path.to_path_buf(), message };
     let file_name = path.file_name().ok_or_else(|| write_error("not a file path".into()))?;
     let staging = path.with_file_name(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
     let mut store = SafetensorsStore::from_file(&staging)
         .with_to_adapter(burn::store::BurnToPyTorchAdapter)
         .skip_enum_variants(true);
-    for (official, ours) in prefixes {
-        store = store.with_key_remapping(format!("^{}", regex_escape(ours)), official.clone());
+    for (_, ours, ours_regex, official) in layout.rules() {
+        if !ours.is_empty() {
+            store = store.with_key_remapping(ours_regex, official);
+        }
     }
     for (key, value) in metadata {
         store = store.metadata(key.clone(), value.clone());

@@ -321,6 +321,22 @@ pub struct InferSummary {
 
 const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
 
+/// The images (jpg, png, bmp, tiff, webp) directly inside `images`, sorted by name.
+pub fn list_images(images: &Path) -> Result<Vec<PathBuf>, TrainError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(images)
+        .map_err(|e| TrainError::Io { path: images.to_path_buf(), message: format!("cannot list the images: {e}") })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(TrainError::Config(format!("{}: no images (jpg, png, bmp, tiff, webp) found", images.display())));
+    }
+    Ok(files)
+}
+
 /// Runs a student on every image of `images` (sorted by name): `predictions.json` (COCO results,
 /// `image_id` = position in that order, with an `images` list giving each id's file) and, with
 /// `visualize`, one picture per image with the detections drawn.
@@ -334,17 +350,7 @@ pub fn run_infer(
     device: &Device,
     progress: &indicatif::ProgressBar,
 ) -> Result<InferSummary, TrainError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(images)
-        .map_err(|e| TrainError::Io { path: images.to_path_buf(), message: format!("cannot list the images: {e}") })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(TrainError::Config(format!("{}: no images (jpg, png, bmp, tiff, webp) found", images.display())));
-    }
+    let files = list_images(images)?;
     let predictions = output.join("predictions.json");
     let pictures = output.join("pictures");
     kiln_data::io::refuse_to_overwrite([predictions.as_path()])?;

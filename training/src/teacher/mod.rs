@@ -1,13 +1,18 @@
 //! The library side of `kiln train-teacher` and `kiln segment`: which teachers the data calls for
-//! (SAM when it has masks), their config from defaults + data + overrides, and an experiment's
+//! (GroundingDINO when it has boxes, SAM when it has masks), their config from defaults + data + overrides, and an experiment's
 //! `teachers/` directory:
 //!
 //! ```text
 //! teachers/teacher_config.yaml  teachers/metadata.json
 //! teachers/sam_lora/{adapter_model.safetensors, adapter_config.json}   (best val mask IoU)
 //! teachers/sam_train/{results.csv, results.png, val_masks.jpg, embeddings/, checkpoint/}
+//! teachers/grounding_dino_lora/{adapter_model.safetensors, adapter_config.json} (best val box mAP)
+//! teachers/grounding_dino_train/{results.csv, results.png, val_boxes.jpg, checkpoint/}
 //! ```
 
+pub mod detect;
+pub mod grounding_dino;
+pub mod grounding_loss;
 pub mod mask_loss;
 pub mod sam;
 pub mod segment;
@@ -20,12 +25,18 @@ use kiln_data::batch::CocoDetectionDataset;
 use serde::{Deserialize, Serialize};
 
 use crate::run::{TrainError, Verbosity, load_student_data};
+use grounding_dino::{
+    GroundingData, GroundingDinoTeacherConfig, GroundingRunOptions, GroundingTrainSummary, train_grounding_dino,
+};
 use sam::{SamData, SamRunOptions, SamTeacherConfig, SamTrainSummary, train_sam};
 
 /// Every teacher's settings; saved as `teachers/teacher_config.yaml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TeacherConfig {
-    /// SAM's settings; none when the data has no masks.
+    /// GroundingDINO's settings; none when the data has no boxes (or another teacher was chosen).
+    #[serde(default)]
+    pub grounding_dino: Option<GroundingDinoTeacherConfig>,
+    /// SAM's settings; none when the data has no masks (or another teacher was chosen).
     pub sam: Option<SamTeacherConfig>,
     /// Class names, in class-index order, from the dataset.
     pub classes: Vec<String>,
@@ -44,6 +55,14 @@ impl Default for TeacherConfig {
 /// What the user may override on the command line.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TeacherOverrides {
+    /// Train only this teacher (`sam` or `grounding_dino`) of those the data calls for.
+    pub only: Option<String>,
+    pub gdino: Option<String>,
+    pub gdino_weights: Option<PathBuf>,
+    pub text_encoder: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub gdino_lora_targets: Option<Vec<String>>,
+    pub image_size: Option<usize>,
     pub sam: Option<String>,
     pub sam_weights: Option<PathBuf>,
     pub lora_r: Option<usize>,
@@ -77,16 +96,33 @@ pub fn teacher_config(
     o: &TeacherOverrides,
 ) -> Result<TeacherConfig, TrainError> {
     let mut config = TeacherConfig { classes, category_ids, ..TeacherConfig::default() };
-    if !summary.has_masks {
-        return Err(TrainError::Config(if summary.has_boxes {
-            "the training set has boxes but no masks: its teacher is GroundingDINO, which kiln does not train yet; \
-             SAM needs masks"
-                .into()
-        } else {
-            "the training set has neither boxes nor masks: nothing to learn".into()
-        }));
+    if !summary.has_boxes && !summary.has_masks {
+        return Err(TrainError::Config("the training set has neither boxes nor masks: nothing to learn".into()));
     }
-    let mut sam = config.sam.take().expect("configs/teacher.yaml has a sam section");
+    let wanted = |name: &str| o.only.as_deref().is_none_or(|only| only == name);
+    if let Some(only) = &o.only {
+        let called = match only.as_str() {
+            "sam" => summary.has_masks,
+            "grounding_dino" => summary.has_boxes,
+            other => {
+                return Err(TrainError::Config(format!("unknown teacher {other:?}: use sam or grounding_dino")));
+            }
+        };
+        if !called {
+            return Err(TrainError::Config(format!(
+                "the data does not call for {only}: SAM needs masks, GroundingDINO boxes (a mask also gives a box)"
+            )));
+        }
+    }
+    let gdino = config.grounding_dino.take().expect("configs/teacher.yaml has a grounding_dino section");
+    config.grounding_dino =
+        if summary.has_boxes && wanted("grounding_dino") { Some(gdino_overrides(gdino, o)?) } else { None };
+    let sam = config.sam.take().expect("configs/teacher.yaml has a sam section");
+    config.sam = if summary.has_masks && wanted("sam") { Some(sam_overrides(sam, o)?) } else { None };
+    Ok(config)
+}
+
+fn sam_overrides(mut sam: SamTeacherConfig, o: &TeacherOverrides) -> Result<SamTeacherConfig, TrainError> {
     sam.model = o.sam.clone().unwrap_or(sam.model);
     sam::sam_config(&sam.model)?;
     sam.weights = o.sam_weights.clone().or(sam.weights);
@@ -115,14 +151,66 @@ pub fn teacher_config(
     if sam.epochs == 0 || sam.batch_size == 0 || sam.lora.rank == 0 {
         return Err(TrainError::Config("--epochs, --batch-size and --lora-r must be at least 1".into()));
     }
-    config.sam = Some(sam);
-    Ok(config)
+    Ok(sam)
+}
+
+fn gdino_overrides(
+    mut g: GroundingDinoTeacherConfig,
+    o: &TeacherOverrides,
+) -> Result<GroundingDinoTeacherConfig, TrainError> {
+    g.model = o.gdino.clone().unwrap_or(g.model);
+    grounding_dino::gdino_config(&g.model)?;
+    g.weights = o.gdino_weights.clone().or(g.weights);
+    g.text_encoder = o.text_encoder.clone().or(g.text_encoder);
+    g.tokenizer = o.tokenizer.clone().or(g.tokenizer);
+    for (path, what) in
+        [(&g.weights, "GroundingDINO checkpoint"), (&g.text_encoder, "text encoder"), (&g.tokenizer, "tokenizer")]
+    {
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(TrainError::Config(format!("{}: no such {what}", path.display())));
+            }
+        }
+    }
+    if g.weights.is_none() && !g.model.starts_with("tiny") {
+        return Err(TrainError::Config(format!(
+            "GroundingDINO {} needs its pretrained weights: pass --gdino-weights (groundingdino_swint_ogc.pth from \
+             the official release); only --gdino tiny / tiny_minilm train from a random initialisation, for tests and \
+             the demo",
+            g.model
+        )));
+    }
+    if g.model.ends_with("minilm") && g.text_encoder.is_none() && g.weights.is_none() {
+        return Err(TrainError::Config(format!(
+            "GroundingDINO {} has an all-MiniLM-L6-v2 text encoder: pass --text-encoder (its model.safetensors)",
+            g.model
+        )));
+    }
+    g.lora.rank = o.lora_r.unwrap_or(g.lora.rank);
+    g.lora.alpha = o.lora_alpha.unwrap_or(g.lora.alpha);
+    if let Some(targets) = &o.gdino_lora_targets {
+        g.lora.target_modules = targets.clone();
+    }
+    g.epochs = o.epochs.unwrap_or(g.epochs);
+    g.batch_size = o.batch_size.unwrap_or(g.batch_size);
+    g.lr0 = o.lr0.unwrap_or(g.lr0);
+    g.seed = o.seed.unwrap_or(g.seed);
+    g.image_size = o.image_size.unwrap_or(g.image_size);
+    g.max_size = g.max_size.max(g.image_size);
+    g.full_finetune |= o.full_finetune;
+    if g.epochs == 0 || g.batch_size == 0 || g.lora.rank == 0 || g.image_size < 32 {
+        return Err(TrainError::Config(
+            "--epochs, --batch-size and --lora-r must be at least 1, --imgsz at least 32".into(),
+        ));
+    }
+    Ok(g)
 }
 
 /// What `kiln train-teacher` trained.
 #[derive(Debug)]
 pub struct TeacherSummary {
     pub config: TeacherConfig,
+    pub grounding_dino: Option<GroundingTrainSummary>,
     pub sam: Option<SamTrainSummary>,
     pub teachers_dir: PathBuf,
 }
@@ -174,17 +262,18 @@ pub fn run_train_teacher_for(
         crate::engine::write_metadata(&teachers.join("metadata.json"), request, &data, &summary, &config)?;
     }
     let trained = train_teachers(&config, &teachers, &data, device, request.resume, verbosity, stop_after_epochs);
-    if trained.is_err()
-        && !request.resume
-        && crate::engine::complete_checkpoints(&teachers.join("sam_train/checkpoint"), &[]).is_empty()
-    {
+    let any_checkpoint = ["sam_train", "grounding_dino_train"]
+        .iter()
+        .any(|run| !crate::engine::complete_checkpoints(&teachers.join(run).join("checkpoint"), &[]).is_empty());
+    if trained.is_err() && !request.resume && !any_checkpoint {
         // A new run that failed before its first complete epoch leaves nothing behind.
         let _ = std::fs::remove_dir_all(&teachers);
         if !output_existed {
             let _ = std::fs::remove_dir(&request.output);
         }
     }
-    Ok(TeacherSummary { config: config.clone(), sam: trained?, teachers_dir: teachers })
+    let (grounding_dino, sam) = trained?;
+    Ok(TeacherSummary { config: config.clone(), grounding_dino, sam, teachers_dir: teachers })
 }
 
 fn train_teachers(
@@ -195,8 +284,29 @@ fn train_teachers(
     resume: bool,
     verbosity: Verbosity,
     stop_after_epochs: Option<usize>,
-) -> Result<Option<SamTrainSummary>, TrainError> {
-    Ok(match &config.sam {
+) -> Result<(Option<GroundingTrainSummary>, Option<SamTrainSummary>), TrainError> {
+    let grounding = match &config.grounding_dino {
+        Some(g) => {
+            let options = GroundingRunOptions {
+                config: g.clone(),
+                run_dir: teachers.join("grounding_dino_train"),
+                adapter_dir: teachers.join(if g.full_finetune { "grounding_dino_full" } else { "grounding_dino_lora" }),
+                device: device.clone(),
+                resume,
+                verbosity,
+                stop_after_epochs,
+            };
+            let data = GroundingData {
+                train: Arc::new(CocoDetectionDataset::new(data.train.clone(), &data.train_images)),
+                val: Arc::new(CocoDetectionDataset::new(data.val.clone(), &data.val_images)),
+                classes: config.classes.clone(),
+                category_ids: config.category_ids.clone(),
+            };
+            Some(train_grounding_dino(options, data)?)
+        }
+        None => None,
+    };
+    let sam = match &config.sam {
         Some(sam_config) => {
             let options = SamRunOptions {
                 config: sam_config.clone(),
@@ -215,12 +325,46 @@ fn train_teachers(
             Some(train_sam(options, sam_data)?)
         }
         None => None,
-    })
+    };
+    Ok((grounding, sam))
 }
 
 /// The closing summary of `kiln train-teacher`.
 pub fn render_teacher_summary(summary: &TeacherSummary) -> String {
     let mut out = String::new();
+    if let (Some(config), Some(g)) = (&summary.config.grounding_dino, &summary.grounding_dino) {
+        let epochs = g.history.iter().filter(|r| r.epoch > 0).count();
+        let how = if config.full_finetune {
+            "fully fine-tuned".to_string()
+        } else {
+            format!("+ LoRA (r {}, alpha {}) trained", config.lora.rank, config.lora.alpha)
+        };
+        out.push_str(&format!(
+            "\nGroundingDINO {} {how} for {epochs} epochs in {:.0} s{}\n",
+            config.model,
+            g.seconds,
+            if g.stopped_early { " (stopped early: no improvement)" } else { "" }
+        ));
+        if !config.full_finetune {
+            out.push_str(&format!("{}\n", g.lora.render()));
+        }
+        out.push_str(&format!(
+            "val box mAP50: {:.4} at the start -> {:.4} at epoch {} ({:+.4}); mAP50-95 {:.4}\n",
+            g.start_map50,
+            g.best_map50,
+            g.best_epoch,
+            g.best_map50 - g.start_map50,
+            g.best_map
+        ));
+        out.push_str(&format!(
+            "{}  {} ({} bytes, {:.2} % of the base's {} bytes)\n",
+            if config.full_finetune { "model  " } else { "adapter" },
+            g.adapter_dir.display(),
+            g.adapter_bytes,
+            100.0 * g.adapter_bytes as f64 / g.base_bytes.max(1) as f64,
+            g.base_bytes
+        ));
+    }
     if let (Some(config), Some(sam)) = (&summary.config.sam, &summary.sam) {
         let epochs = sam.history.iter().filter(|r| r.epoch > 0).count();
         let how = if config.full_finetune {
@@ -264,4 +408,19 @@ pub fn sam_config_beside(adapter_dir: &Path) -> Option<SamTeacherConfig> {
     let path = adapter_dir.parent()?.join("teacher_config.yaml");
     let text = std::fs::read_to_string(path).ok()?;
     serde_yaml::from_str::<TeacherConfig>(&text).ok()?.sam
+}
+
+/// The GroundingDINO settings of an experiment's teachers (`teachers/teacher_config.yaml` beside an
+/// adapter directory `teachers/grounding_dino_lora`).
+pub fn grounding_dino_config_beside(adapter_dir: &Path) -> Option<GroundingDinoTeacherConfig> {
+    let path = adapter_dir.parent()?.join("teacher_config.yaml");
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_yaml::from_str::<TeacherConfig>(&text).ok()?.grounding_dino
+}
+
+/// The class names of an experiment's teachers (its `teacher_config.yaml` beside `adapter_dir`).
+pub fn classes_beside(adapter_dir: &Path) -> Option<Vec<String>> {
+    let path = adapter_dir.parent()?.join("teacher_config.yaml");
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(serde_yaml::from_str::<TeacherConfig>(&text).ok()?.classes)
 }

@@ -1,0 +1,73 @@
+//! From token logits to named boxes (the official `util/inference.py` `predict`, phrases taken from
+//! the caption's class names): a query is kept when its best token probability exceeds the box
+//! threshold; it is named by the phrase whose tokens score highest, if that phrase's best token
+//! exceeds the text threshold; its box goes to original image pixels (cx cy w h → x1 y1 x2 y2).
+//! There is no NMS, as in the official code.
+
+use burn::tensor::Tensor;
+use burn::tensor::activation::sigmoid;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PostprocessOptions {
+    pub box_threshold: f32,
+    pub text_threshold: f32,
+}
+
+impl Default for PostprocessOptions {
+    /// The official README's 0.35 / 0.25.
+    fn default() -> Self {
+        Self { box_threshold: 0.35, text_threshold: 0.25 }
+    }
+}
+
+/// A box found for a phrase of the caption.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroundedBox {
+    /// x1, y1, x2, y2 in original image pixels.
+    pub bbox: [f32; 4],
+    pub score: f32,
+    /// Index of the phrase (class name) in the caption.
+    pub phrase: usize,
+}
+
+/// Boxes of one image from its `logits [Q, T]` and `boxes [Q, 4]`; `phrase_tokens` lists each
+/// phrase's token positions; `size` is the original `(height, width)`. Best score first.
+pub fn grounded_boxes(
+    logits: Tensor<2>,
+    boxes: Tensor<2>,
+    phrase_tokens: &[Vec<usize>],
+    size: (usize, usize),
+    options: &PostprocessOptions,
+) -> Vec<GroundedBox> {
+    let [queries, tokens] = logits.dims();
+    let probabilities = sigmoid(logits).into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let boxes = boxes.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let (h, w) = (size.0 as f32, size.1 as f32);
+    let mut found = Vec::new();
+    for q in 0..queries {
+        let row = &probabilities[q * tokens..(q + 1) * tokens];
+        let best = row.iter().copied().filter(|p| p.is_finite()).fold(0f32, f32::max);
+        if best <= options.box_threshold {
+            continue;
+        }
+        let phrase_score =
+            |tokens_of: &Vec<usize>| tokens_of.iter().filter(|&&t| t < tokens).map(|&t| row[t]).fold(0f32, f32::max);
+        let Some((phrase, score)) =
+            phrase_tokens.iter().enumerate().map(|(i, t)| (i, phrase_score(t))).max_by(|a, b| a.1.total_cmp(&b.1))
+        else {
+            continue;
+        };
+        if score <= options.text_threshold {
+            continue;
+        }
+        let b = &boxes[q * 4..q * 4 + 4];
+        let (cx, cy, bw, bh) = (b[0] * w, b[1] * h, b[2] * w, b[3] * h);
+        found.push(GroundedBox {
+            bbox: [cx - bw / 2.0, cy - bh / 2.0, cx + bw / 2.0, cy + bh / 2.0],
+            score: best,
+            phrase,
+        });
+    }
+    found.sort_by(|a, b| b.score.total_cmp(&a.score));
+    found
+}

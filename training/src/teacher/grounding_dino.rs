@@ -1,0 +1,949 @@
+//! Fine-tuning GroundingDINO on a COCO dataset with boxes (the official training code is not
+//! released; the recipe follows Open-GroundingDino and mmdetection): the caption is every class name
+//! of the dataset ("name1 . name2 . … ."), each ground-truth box is positive on its class's tokens,
+//! Hungarian matching and the set loss of [`super::grounding_loss`] on every decoder layer and the
+//! encoder proposals, AdamW with a lower rate for the backbone and BERT, global-norm clipping, a
+//! horizontal flip. LoRA adapts the Linear layers named in the config (the base stays frozen and
+//! untouched); `full_finetune` trains everything instead.
+//!
+//! A run directory (`teachers/grounding_dino_train/`) holds `results.csv`, `results.png`,
+//! `val_boxes.jpg` and `checkpoint/`; the best adapter by validation box mAP50-95 goes to
+//! `teachers/grounding_dino_lora/{adapter_model.safetensors, adapter_config.json}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataset::{Dataset, DatasetError};
+use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::module::{Module, ParamGroup};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+use burn::train::metric::{Adaptor, LossInput};
+use burn::train::{
+    EventProcessorTraining, InferenceStep, ItemLazy, Learner, LearnerEvent, SupervisedLearningStrategy,
+    SupervisedTrainingEventProcessor, TrainLoader, TrainOutput, TrainStep, TrainingComponents, ValidLoader,
+};
+use kiln_data::batch::CocoDetectionDataset;
+use kiln_data::rng::SeededRng;
+use kiln_models::grounding_dino::postprocess::{GroundedBox, PostprocessOptions, grounded_boxes};
+use kiln_models::grounding_dino::{
+    Caption, CaptionTokenizer, Encoded, GroundingDino, GroundingDinoConfig, ImageBatch, TextBatch, prepare_pixels,
+};
+use kiln_models::lora::{self, AdapterConfig, LoraConfig, LoraSummary};
+use serde::{Deserialize, Serialize};
+
+use crate::data::EpochCounter;
+use crate::eval::{CocoResult, IouType, evaluate};
+use crate::run::{TrainError, Verbosity};
+use crate::student::{OptimizerChoice, OptimizerKind, YoloLrSchedule, build_optimizer, clip_global_norm};
+use crate::teacher::grounding_loss::{GroundingLossConfig, GroundingLossParts, GroundingTarget, head_loss};
+
+/// The GroundingDINO teacher's settings (the `grounding_dino:` section of `teacher_config.yaml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroundingDinoTeacherConfig {
+    /// `swint_ogc`, `swint_minilm`, `tiny_minilm` or `tiny`.
+    pub model: String,
+    /// The pretrained model (`groundingdino_swint_ogc.pth` or a kiln safetensors); none: a random
+    /// initialisation from `seed` (only meaningful for tests and the demo).
+    pub weights: Option<PathBuf>,
+    /// A Hugging Face BERT (`model.safetensors`) to use as the text encoder instead of the one in
+    /// `weights`, e.g. all-MiniLM-L6-v2 for the `*_minilm` models.
+    pub text_encoder: Option<PathBuf>,
+    /// The WordPiece `tokenizer.json`; none: kiln's built-in bert-base-uncased vocabulary.
+    pub tokenizer: Option<PathBuf>,
+    /// Short side of the network input (800 in the official recipe) and the long side's limit.
+    pub image_size: usize,
+    pub max_size: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr0: f64,
+    /// The rate of the backbone and BERT relative to `lr0` (the official recipe's 1e-5 vs 1e-4).
+    pub backbone_lr_scale: f64,
+    pub lrf: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    pub max_grad_norm: f32,
+    pub patience: usize,
+    pub seed: u64,
+    /// Probability of a horizontal flip.
+    pub hflip: f64,
+    pub box_threshold: f32,
+    pub text_threshold: f32,
+    pub loss: GroundingLossConfig,
+    pub lora: LoraConfig,
+    #[serde(default)]
+    pub full_finetune: bool,
+}
+
+impl GroundingDinoTeacherConfig {
+    pub fn postprocess(&self) -> PostprocessOptions {
+        PostprocessOptions { box_threshold: self.box_threshold, text_threshold: self.text_threshold }
+    }
+}
+
+pub fn gdino_config(name: &str) -> Result<GroundingDinoConfig, TrainError> {
+    GroundingDinoConfig::from_name(name).ok_or_else(|| {
+        TrainError::Config(format!("unknown GroundingDINO {name:?}: use swint_ogc, swint_minilm, tiny_minilm or tiny"))
+    })
+}
+
+/// The base model's name in adapter files (`grounding_dino/swint_ogc`, ...).
+pub fn base_name(config: &GroundingDinoTeacherConfig) -> String {
+    format!("grounding_dino/{}", config.model)
+}
+
+/// The adapter's record of its base: the weight files' SHA-256 (and the text encoder's), or the
+/// seed of a random init.
+pub fn base_hash(config: &GroundingDinoTeacherConfig) -> Result<String, TrainError> {
+    let hash = |p: &Path| lora::file_sha256(p).map_err(|e| TrainError::Config(e.to_string()));
+    let main = match &config.weights {
+        Some(path) => hash(path)?,
+        None => format!("random-init:{}", config.seed),
+    };
+    Ok(match &config.text_encoder {
+        Some(path) => format!("{main}+{}", hash(path)?),
+        None => main,
+    })
+}
+
+/// The base for the (non-autodiff) `device`, on the autodiff device when `trainable`.
+pub fn load_base(
+    config: &GroundingDinoTeacherConfig,
+    device: &Device,
+    trainable: bool,
+) -> Result<GroundingDino, TrainError> {
+    let model_config = gdino_config(&config.model)?;
+    let autodiff = device.clone().autodiff();
+    let target = if trainable { &autodiff } else { device };
+    let model = match &config.weights {
+        Some(path) => GroundingDino::load(&model_config, path, config.text_encoder.as_deref(), target)?,
+        None => {
+            autodiff.seed(config.seed);
+            let model = model_config.init(&autodiff);
+            let model = match &config.text_encoder {
+                Some(path) => GroundingDino {
+                    bert: kiln_models::grounding_dino::BertModel::load(&model_config.bert, path, &autodiff)?,
+                    ..model
+                },
+                None => model,
+            };
+            if trainable { model } else { model.valid() }
+        }
+    };
+    Ok(model)
+}
+
+/// The tokenizer of `config`: its file, or the built-in bert-base-uncased one.
+pub fn load_tokenizer(config: &GroundingDinoTeacherConfig) -> Result<CaptionTokenizer, TrainError> {
+    let result = match &config.tokenizer {
+        Some(path) => CaptionTokenizer::from_file(path),
+        None => CaptionTokenizer::bert_base_uncased(),
+    };
+    result.map_err(|e| TrainError::Config(e.to_string()))
+}
+
+/// The caption of a dataset's classes, tokenised, with each class's tokens.
+#[derive(Debug, Clone)]
+pub struct ClassCaption {
+    pub caption: Caption,
+    pub encoded: Encoded,
+    pub class_tokens: Vec<Vec<usize>>,
+}
+
+impl ClassCaption {
+    pub fn new(tokenizer: &CaptionTokenizer, classes: &[String], max_text_len: usize) -> Result<Self, TrainError> {
+        let caption = Caption::from_names(classes).map_err(|e| TrainError::Config(e.to_string()))?;
+        if caption.phrases.len() != classes.len() {
+            return Err(TrainError::Config("every class needs a non-empty name: GroundingDINO reads the names".into()));
+        }
+        let encoded = tokenizer.encode(&caption.text).map_err(|e| TrainError::Config(e.to_string()))?;
+        if encoded.ids.len() > max_text_len {
+            return Err(TrainError::Config(format!(
+                "the caption of the {} class names is {} tokens, more than GroundingDINO's {max_text_len}: \
+                 shorten the names or train on fewer classes",
+                classes.len(),
+                encoded.ids.len()
+            )));
+        }
+        let class_tokens = tokenizer.phrase_tokens(&caption, &encoded);
+        if let Some(i) = class_tokens.iter().position(Vec::is_empty) {
+            return Err(TrainError::Config(format!("class {:?} has no tokens in the caption", classes[i])));
+        }
+        Ok(Self { caption, encoded, class_tokens })
+    }
+}
+
+/// One image as the teacher sees it.
+#[derive(Debug, Clone)]
+pub struct GroundingItem {
+    pub index: usize,
+    pub image_id: u64,
+    pub pixels: Vec<f32>,
+    /// `(h, w)` of the network input.
+    pub size: (usize, usize),
+    pub original_size: (usize, usize),
+    /// Normalised cx cy w h.
+    pub boxes: Vec<[f32; 4]>,
+    pub classes: Vec<usize>,
+}
+
+/// Images of a split, resized (and flipped at random when training).
+pub struct GroundingDataset {
+    pub source: Arc<CocoDetectionDataset>,
+    pub image_size: usize,
+    pub max_size: usize,
+    pub hflip: Option<(f64, u64, EpochCounter)>,
+}
+
+impl Dataset<GroundingItem> for GroundingDataset {
+    fn get(&self, index: usize) -> Result<GroundingItem, DatasetError> {
+        let index = match &self.hflip {
+            // A new order every epoch, reproducible from (seed, epoch), so a resumed run sees the same.
+            Some((_, seed, epoch)) => {
+                let mut order: Vec<usize> = (0..self.source.len()).collect();
+                SeededRng::new(*seed).fork(epoch.get() as u64).shuffle(&mut order);
+                order[index]
+            }
+            None => index,
+        };
+        self.load(index).map_err(DatasetError::new)
+    }
+
+    fn len(&self) -> usize {
+        self.source.len()
+    }
+}
+
+impl GroundingDataset {
+    pub fn load(&self, index: usize) -> Result<GroundingItem, TrainError> {
+        let item = self.source.load(index)?;
+        let (w, h) = (item.image.width() as f32, item.image.height() as f32);
+        let flip = match &self.hflip {
+            Some((p, seed, epoch)) => {
+                SeededRng::new(*seed).fork((epoch.get() as u64) << 32 | index as u64).fork(1).chance(*p)
+            }
+            None => false,
+        };
+        let image = if flip { image::imageops::flip_horizontal(&item.image) } else { item.image };
+        let (pixels, size) = prepare_pixels(&image, self.image_size, self.max_size);
+        let boxes = item
+            .instances
+            .iter()
+            .map(|i| {
+                let [x1, y1, x2, y2] = i.bbox.map(|v| v as f32);
+                let (x1, x2) = if flip { (w - x2, w - x1) } else { (x1, x2) };
+                [(x1 + x2) / 2.0 / w, (y1 + y2) / 2.0 / h, (x2 - x1) / w, (y2 - y1) / h]
+            })
+            .collect();
+        Ok(GroundingItem {
+            index,
+            image_id: item.image_id,
+            pixels,
+            size,
+            original_size: (h as usize, w as usize),
+            boxes,
+            classes: item.instances.iter().map(|i| i.class).collect(),
+        })
+    }
+}
+
+/// A batch: the images, the caption repeated, and the targets.
+#[derive(Clone, Debug)]
+pub struct GroundingBatch {
+    pub images: Arc<ImageBatch>,
+    pub text: Arc<TextBatch>,
+    pub targets: Vec<GroundingTarget>,
+    pub items: Vec<(usize, u64, (usize, usize))>,
+}
+
+#[derive(Clone)]
+pub struct GroundingBatcher {
+    pub caption: Arc<ClassCaption>,
+    pub special_ids: Vec<u32>,
+    pub max_text_len: usize,
+}
+
+impl Batcher<GroundingItem, GroundingBatch> for GroundingBatcher {
+    fn batch(&self, items: Vec<GroundingItem>, device: &Device) -> GroundingBatch {
+        let planar: Vec<(Vec<f32>, (usize, usize))> = items.iter().map(|i| (i.pixels.clone(), i.size)).collect();
+        let encoded: Vec<&Encoded> = items.iter().map(|_| &self.caption.encoded).collect();
+        GroundingBatch {
+            images: Arc::new(ImageBatch::from_planar(&planar, device)),
+            text: Arc::new(TextBatch::new(&encoded, &self.special_ids, self.max_text_len, device)),
+            targets: items
+                .iter()
+                .map(|i| GroundingTarget {
+                    boxes: i.boxes.clone(),
+                    tokens: i.classes.iter().map(|&c| self.caption.class_tokens[c].clone()).collect(),
+                })
+                .collect(),
+            items: items.iter().map(|i| (i.index, i.image_id, i.original_size)).collect(),
+        }
+    }
+}
+
+/// GroundingDINO as burn-train sees it.
+#[derive(Module, Debug)]
+pub struct GroundingDinoTeacher {
+    pub model: GroundingDino,
+    #[module(skip)]
+    pub loss: GroundingLossConfig,
+    #[module(skip)]
+    pub max_grad_norm: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct GroundingStepOutput {
+    pub loss: Tensor<1>,
+    pub parts: GroundingLossParts,
+}
+
+impl Adaptor<LossInput> for GroundingStepOutput {
+    fn adapt(&self) -> LossInput {
+        LossInput::new(self.loss.clone())
+    }
+}
+
+impl ItemLazy for GroundingStepOutput {
+    fn sync(self) -> Result<Self, burn::tensor::ExecutionError> {
+        Ok(Self { loss: self.loss.without_autodiff(), ..self })
+    }
+}
+
+impl GroundingDinoTeacher {
+    /// The set loss over every decoder layer plus the encoder proposals (weighted), its parts
+    /// (of the last layer, for reporting), and the forward pass's output.
+    pub fn loss(
+        &self,
+        batch: &GroundingBatch,
+    ) -> (Tensor<1>, GroundingLossParts, kiln_models::grounding_dino::GroundingDinoOutput) {
+        let out = self.model.forward(&batch.images, &batch.text);
+        let mask = batch.text.token_mask.clone();
+        let mut total: Option<Tensor<1>> = None;
+        let mut last = GroundingLossParts::default();
+        for layer in &out.layers {
+            let (loss, parts) =
+                head_loss(&self.loss, layer.logits.clone(), layer.boxes.clone(), mask.clone(), &batch.targets);
+            total = Some(total.map_or(loss.clone(), |t| t + loss));
+            last = parts;
+        }
+        let (encoder_loss, _) =
+            head_loss(&self.loss, out.encoder.logits.clone(), out.encoder.boxes.clone(), mask, &batch.targets);
+        let total = total.expect("at least one decoder layer") + encoder_loss * self.loss.encoder_weight;
+        (total, last, out)
+    }
+}
+
+impl TrainStep for GroundingDinoTeacher {
+    type Input = GroundingBatch;
+    type Output = GroundingStepOutput;
+
+    fn step(&self, batch: GroundingBatch) -> TrainOutput<GroundingStepOutput> {
+        let (loss, parts, _) = self.loss(&batch);
+        let grads = loss.backward();
+        TrainOutput::new(self, grads, GroundingStepOutput { loss: loss.detach(), parts })
+    }
+
+    fn optimize(
+        self,
+        optim: &mut burn::optim::ModuleOptimizer,
+        lr: burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate,
+        mut grads: GradientsParams,
+    ) -> Self {
+        clip_global_norm(&self, &mut grads, self.max_grad_norm);
+        optim.step(lr, self, grads)
+    }
+}
+
+impl InferenceStep for GroundingDinoTeacher {
+    type Input = GroundingBatch;
+    type Output = GroundingStepOutput;
+
+    fn step(&self, batch: GroundingBatch) -> GroundingStepOutput {
+        let (loss, parts, _) = self.loss(&batch);
+        GroundingStepOutput { loss, parts }
+    }
+}
+
+/// One epoch's figures (epoch 0: the starting point).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroundingEpochRecord {
+    pub epoch: usize,
+    pub train_loss: f32,
+    pub train: GroundingLossParts,
+    pub val_loss: f32,
+    pub val_map50: f64,
+    pub val_map: f64,
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+impl GroundingEpochRecord {
+    pub const CSV_HEADER: &'static str =
+        "epoch,train/loss,train/class,train/l1,train/giou,val/loss,val/box_mAP50,val/box_mAP50-95,lr,seconds";
+
+    pub fn csv_row(&self) -> String {
+        format!(
+            "{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.7},{:.1}",
+            self.epoch,
+            self.train_loss,
+            self.train.class,
+            self.train.bbox,
+            self.train.giou,
+            self.val_loss,
+            self.val_map50,
+            self.val_map,
+            self.lr,
+            self.seconds
+        )
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct GroundingRunState {
+    epoch: usize,
+    best_map: f64,
+    best_epoch: usize,
+    history: Vec<GroundingEpochRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GroundingTrainSummary {
+    pub history: Vec<GroundingEpochRecord>,
+    pub start_map50: f64,
+    pub best_map50: f64,
+    pub best_map: f64,
+    pub best_epoch: usize,
+    pub lora: LoraSummary,
+    pub adapter_dir: PathBuf,
+    pub adapter_bytes: u64,
+    pub base_bytes: u64,
+    pub stopped_early: bool,
+    pub seconds: f64,
+}
+
+pub struct GroundingRunOptions {
+    pub config: GroundingDinoTeacherConfig,
+    pub run_dir: PathBuf,
+    pub adapter_dir: PathBuf,
+    pub device: Device,
+    pub resume: bool,
+    pub verbosity: Verbosity,
+    pub stop_after_epochs: Option<usize>,
+}
+
+pub struct GroundingData {
+    pub train: Arc<CocoDetectionDataset>,
+    pub val: Arc<CocoDetectionDataset>,
+    pub classes: Vec<String>,
+    pub category_ids: Vec<u64>,
+}
+
+pub const FULL_WEIGHTS: &str = "model.safetensors";
+const CHECKPOINT_FILES: [&str; 0] = [];
+const SHOWN_IMAGES: usize = 8;
+
+/// Fine-tunes GroundingDINO (LoRA or fully) on `data`.
+pub fn train_grounding_dino(
+    options: GroundingRunOptions,
+    data: GroundingData,
+) -> Result<GroundingTrainSummary, TrainError> {
+    let GroundingRunOptions { config, run_dir, adapter_dir, device, resume, verbosity, stop_after_epochs } = options;
+    if config.epochs == 0 || config.batch_size == 0 {
+        return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
+    }
+    if data.train.len() == 0 || data.val.len() == 0 {
+        return Err(TrainError::Config("the training and validation sets both need images".into()));
+    }
+    let checkpoint_dir = run_dir.join("checkpoint");
+    let resume_from =
+        if resume { Some(crate::engine::resume_point(&run_dir, &checkpoint_dir, &CHECKPOINT_FILES)?) } else { None };
+    std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::Io { path: run_dir.clone(), message: e.to_string() })?;
+    let model_config = gdino_config(&config.model)?;
+    let tokenizer = load_tokenizer(&config)?;
+    let caption = Arc::new(ClassCaption::new(&tokenizer, &data.classes, model_config.max_text_len)?);
+
+    let autodiff = device.clone().autodiff();
+    let base = load_base(&config, &device, true)?;
+    let base_hash = base_hash(&config)?;
+    let base_bytes = match &config.weights {
+        Some(path) => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+        None => 4 * kiln_models::parameter_count(&base) as u64,
+    };
+    let status = |message: &str| {
+        if verbosity == Verbosity::Progress {
+            eprintln!("{message}");
+        }
+    };
+    let (model, lora_summary) = if config.full_finetune {
+        let total = kiln_models::parameter_count(&base);
+        (base, LoraSummary { adapted: Vec::new(), trainable: total, total })
+    } else {
+        autodiff.seed(config.seed.wrapping_add(1));
+        let (model, summary) =
+            lora::apply(base, &config.lora, &base_name(&config)).map_err(|e| TrainError::Config(e.to_string()))?;
+        status(&format!("GroundingDINO {}: {}", config.model, summary.render()));
+        (model, summary)
+    };
+
+    let epoch_counter = EpochCounter::default();
+    let train_dataset = GroundingDataset {
+        source: data.train.clone(),
+        image_size: config.image_size,
+        max_size: config.max_size,
+        hflip: Some((config.hflip, config.seed, epoch_counter.clone())),
+    };
+    let val_dataset = GroundingDataset {
+        source: data.val.clone(),
+        image_size: config.image_size,
+        max_size: config.max_size,
+        hflip: None,
+    };
+    let batcher = GroundingBatcher {
+        caption: caption.clone(),
+        special_ids: tokenizer.special_ids.clone(),
+        max_text_len: model_config.max_text_len,
+    };
+    let iterations_per_epoch = train_dataset.len().div_ceil(config.batch_size);
+    let train_loader = DataLoaderBuilder::new(batcher.clone())
+        .batch_size(config.batch_size)
+        .num_workers(0)
+        .set_device(autodiff.clone())
+        .build(train_dataset);
+    let val_loader = DataLoaderBuilder::new(batcher)
+        .batch_size(config.batch_size)
+        .num_workers(0)
+        .set_device(device.clone())
+        .build(val_dataset);
+
+    let teacher = GroundingDinoTeacher { model, loss: config.loss, max_grad_norm: config.max_grad_norm };
+    let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
+    let optimizer = build_optimizer(&choice, config.weight_decay);
+    let warmup = (config.warmup_epochs * iterations_per_epoch as f64).round() as usize;
+    let schedule = |scale: f64| YoloLrSchedule {
+        lr0: config.lr0 * scale,
+        lrf: config.lrf,
+        epochs: config.epochs,
+        iterations_per_epoch,
+        warmup_iterations: warmup.min(iterations_per_epoch * config.epochs / 2).max(1),
+        step: 0,
+    };
+    let backbone = ParamGroup::from_regex(r"^(backbone|bert)\.").expect("valid regex");
+    let scheduler = ModuleLrScheduler::new(schedule(1.0)).with_group(backbone, schedule(config.backbone_lr_scale));
+    let last_epoch = stop_after_epochs.map_or(config.epochs, |n| (resume_from.unwrap_or(0) + n).min(config.epochs));
+    let adapter_config = AdapterConfig {
+        peft_type: "LORA".into(),
+        lora: config.lora.clone(),
+        base_model_name_or_path: base_name(&config),
+        base_weights_hash: base_hash,
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let strategy = GroundingStrategy {
+        device: autodiff.clone(),
+        run_dir: run_dir.clone(),
+        adapter_dir: adapter_dir.clone(),
+        adapter_config,
+        config: config.clone(),
+        caption,
+        classes: data.classes.clone(),
+        category_ids: data.category_ids.clone(),
+        val_source: data.val.clone(),
+        epoch_counter,
+        verbosity,
+        last_epoch,
+        iterations_per_epoch,
+        outcome: Arc::new(Mutex::new(None)),
+    };
+    let outcome = strategy.outcome.clone();
+    let start = Instant::now();
+    let learner = Learner::new(teacher, optimizer, scheduler);
+    let (state, stopped_early) = crate::engine::launch(
+        &run_dir,
+        train_loader,
+        val_loader,
+        config.epochs,
+        resume_from,
+        Arc::new(strategy),
+        outcome,
+        learner,
+    )?;
+    let saved = if config.full_finetune { FULL_WEIGHTS } else { lora::ADAPTER_WEIGHTS };
+    let adapter_bytes = std::fs::metadata(adapter_dir.join(saved)).map(|m| m.len()).unwrap_or(0);
+    let best = state.history.iter().find(|r| r.epoch == state.best_epoch).copied().unwrap_or_default();
+    Ok(GroundingTrainSummary {
+        start_map50: state.history.first().map_or(0.0, |r| r.val_map50),
+        best_map50: best.val_map50,
+        best_map: state.best_map,
+        best_epoch: state.best_epoch,
+        history: state.history,
+        lora: lora_summary,
+        adapter_dir,
+        adapter_bytes,
+        base_bytes,
+        stopped_early,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+type Outcome = crate::engine::Outcome<(GroundingRunState, bool)>;
+
+struct GroundingStrategy {
+    device: Device,
+    run_dir: PathBuf,
+    adapter_dir: PathBuf,
+    adapter_config: AdapterConfig,
+    config: GroundingDinoTeacherConfig,
+    caption: Arc<ClassCaption>,
+    classes: Vec<String>,
+    category_ids: Vec<u64>,
+    val_source: Arc<CocoDetectionDataset>,
+    epoch_counter: EpochCounter,
+    verbosity: Verbosity,
+    last_epoch: usize,
+    iterations_per_epoch: usize,
+    outcome: Outcome,
+}
+
+impl SupervisedLearningStrategy<GroundingDinoTeacher> for GroundingStrategy {
+    fn fit(
+        &self,
+        components: TrainingComponents<GroundingDinoTeacher>,
+        mut learner: Learner<GroundingDinoTeacher>,
+        train_loader: TrainLoader<GroundingDinoTeacher>,
+        val_loader: ValidLoader<GroundingDinoTeacher>,
+        starting_epoch: usize,
+    ) -> (GroundingDinoTeacher, SupervisedTrainingEventProcessor<GroundingDinoTeacher>) {
+        let train_loader = train_loader.to_device(&self.device);
+        let val_loader = val_loader.to_device(&self.device.clone().inner());
+        learner.fork(&self.device);
+        let mut processor = components.event_processor;
+        let mut checkpointer = components.checkpointer;
+        let result = self.epochs(
+            &mut learner,
+            &*train_loader,
+            &*val_loader,
+            starting_epoch,
+            &mut checkpointer,
+            &components.interrupter,
+            &components.event_store,
+        );
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        let _ = processor.process_train(LearnerEvent::EndEpoch(starting_epoch));
+        (learner.model(), processor)
+    }
+}
+
+impl GroundingStrategy {
+    #[allow(clippy::too_many_arguments)]
+    fn epochs(
+        &self,
+        learner: &mut Learner<GroundingDinoTeacher>,
+        train_loader: &dyn DataLoader<GroundingBatch>,
+        val_loader: &dyn DataLoader<GroundingBatch>,
+        starting_epoch: usize,
+        checkpointer: &mut Option<burn::train::LearningCheckpointer<GroundingDinoTeacher>>,
+        interrupter: &burn::train::Interrupter,
+        event_store: &burn::train::metric::store::EventStoreClient,
+    ) -> Result<(GroundingRunState, bool), TrainError> {
+        let checkpoint_dir = self.run_dir.join("checkpoint");
+        let mut state: GroundingRunState = if starting_epoch > 1 {
+            let path = checkpoint_dir.join(format!("state-{}.json", starting_epoch - 1));
+            let bytes =
+                std::fs::read(&path).map_err(|e| TrainError::Io { path: path.clone(), message: e.to_string() })?;
+            serde_json::from_slice(&bytes).map_err(|e| TrainError::Io { path, message: e.to_string() })?
+        } else {
+            GroundingRunState::default()
+        };
+        if state.history.is_empty() {
+            let started = Instant::now();
+            let (val_loss, map50, map, shown) = self.validate(&learner.model().valid(), val_loader)?;
+            let record = GroundingEpochRecord {
+                epoch: 0,
+                val_loss,
+                val_map50: map50,
+                val_map: map,
+                seconds: started.elapsed().as_secs_f64(),
+                ..Default::default()
+            };
+            self.report(&record);
+            state.history.push(record);
+            state.best_map = map;
+            self.save_best(&learner.model().model)?;
+            self.write_outputs(&state.history, &shown)?;
+        }
+        let mut stopped_early = false;
+        for epoch in starting_epoch..=self.last_epoch {
+            let started = Instant::now();
+            self.epoch_counter.set(epoch);
+            let bar = crate::engine::epoch_bar(
+                self.verbosity,
+                self.iterations_per_epoch as u64,
+                &format!("epoch {epoch}/{}", self.config.epochs),
+            );
+            let (mut loss_sum, mut parts_sum, mut steps) = (0f32, GroundingLossParts::default(), 0usize);
+            let mut iterator = train_loader.iter();
+            while let Some(batch) = iterator.next() {
+                let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
+                let output = learner.train_step(batch);
+                learner.lr_step();
+                learner.optimizer_step(output.grads);
+                loss_sum += output.item.loss.into_scalar::<f32>();
+                parts_sum = add_parts(parts_sum, output.item.parts);
+                steps += 1;
+                bar.set_message(format!("loss {:.4}", loss_sum / steps as f32));
+                bar.inc(1);
+                if interrupter.should_stop() {
+                    break;
+                }
+            }
+            bar.finish_and_clear();
+            if interrupter.should_stop() {
+                break;
+            }
+            let model = learner.model();
+            let (val_loss, map50, map, shown) = self.validate(&model.valid(), val_loader)?;
+            let n = steps.max(1) as f32;
+            let record = GroundingEpochRecord {
+                epoch,
+                train_loss: loss_sum / n,
+                train: GroundingLossParts {
+                    class: parts_sum.class / n,
+                    bbox: parts_sum.bbox / n,
+                    giou: parts_sum.giou / n,
+                },
+                val_loss,
+                val_map50: map50,
+                val_map: map,
+                lr: learner.lr_current().base(),
+                seconds: started.elapsed().as_secs_f64(),
+            };
+            self.report(&record);
+            state.history.push(record);
+            state.epoch = epoch;
+            if map > state.best_map {
+                state.best_map = map;
+                state.best_epoch = epoch;
+                self.save_best(&model.model)?;
+            }
+            self.write_outputs(&state.history, &shown)?;
+            let state_path = checkpoint_dir.join(format!("state-{epoch}.json"));
+            kiln_data::io::write_atomic(&state_path, &serde_json::to_vec(&state).expect("state serialises"))?;
+            if let Some(checkpointer) = checkpointer.as_mut() {
+                checkpointer.checkpoint(learner, epoch, event_store);
+            }
+            crate::engine::prune_checkpoints(&checkpoint_dir, epoch, &CHECKPOINT_FILES);
+            if self.config.patience > 0 && epoch - state.best_epoch >= self.config.patience {
+                stopped_early = true;
+                break;
+            }
+        }
+        Ok((state, stopped_early))
+    }
+
+    fn save_best(&self, model: &GroundingDino) -> Result<(), TrainError> {
+        if self.config.full_finetune {
+            let metadata = vec![
+                ("kiln.model".to_string(), base_name(&self.config)),
+                ("kiln.base_weights_hash".to_string(), self.adapter_config.base_weights_hash.clone()),
+            ];
+            std::fs::create_dir_all(&self.adapter_dir)
+                .map_err(|e| TrainError::Io { path: self.adapter_dir.clone(), message: e.to_string() })?;
+            Ok(model.valid().save(&self.adapter_dir.join(FULL_WEIGHTS), &metadata)?)
+        } else {
+            lora::save_adapter(model, &self.adapter_dir, &self.adapter_config)
+                .map_err(|e| TrainError::Config(e.to_string()))
+        }
+    }
+
+    fn report(&self, r: &GroundingEpochRecord) {
+        if self.verbosity == Verbosity::Quiet {
+            return;
+        }
+        let what =
+            if r.epoch == 0 { "start".to_string() } else { format!("epoch {:>3}/{}", r.epoch, self.config.epochs) };
+        eprintln!(
+            "{what}  train loss {:.4} (cls {:.4} L1 {:.4} GIoU {:.4})  val loss {:.4}  val box mAP50 {:.4} mAP50-95 {:.4}  ({:.0}s)",
+            r.train_loss, r.train.class, r.train.bbox, r.train.giou, r.val_loss, r.val_map50, r.val_map, r.seconds
+        );
+    }
+
+    /// Validation loss (per batch), box mAP50 and mAP50-95 (COCO protocol) of the post-processed
+    /// detections, and the detections of the first images, to draw.
+    fn validate(
+        &self,
+        teacher: &GroundingDinoTeacher,
+        loader: &dyn DataLoader<GroundingBatch>,
+    ) -> Result<(f32, f64, f64, Vec<(usize, Vec<GroundedBox>)>), TrainError> {
+        let bar = crate::engine::epoch_bar(self.verbosity, loader.num_items() as u64, "validating");
+        let (mut loss_sum, mut batches) = (0f32, 0usize);
+        let mut results = Vec::new();
+        let mut shown = Vec::new();
+        let mut iterator = loader.iter();
+        // Scored like any detector: every query above a low threshold, as COCO mAP expects.
+        let options = PostprocessOptions { box_threshold: 0.001, text_threshold: 0.0 };
+        while let Some(batch) = iterator.next() {
+            let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
+            let (loss, _, out) = teacher.loss(&batch);
+            loss_sum += loss.into_scalar::<f32>();
+            batches += 1;
+            let prediction = out.prediction();
+            for (b, &(index, image_id, size)) in batch.items.iter().enumerate() {
+                let logits = image_row(&prediction.logits, b);
+                let boxes = image_row(&prediction.boxes, b);
+                let mut found = grounded_boxes(logits, boxes, &self.caption.class_tokens, size, &options);
+                found.truncate(100);
+                for d in &found {
+                    results.push(CocoResult {
+                        image_id,
+                        category_id: self.category_ids[d.phrase],
+                        bbox: [
+                            d.bbox[0] as f64,
+                            d.bbox[1] as f64,
+                            (d.bbox[2] - d.bbox[0]) as f64,
+                            (d.bbox[3] - d.bbox[1]) as f64,
+                        ],
+                        score: d.score as f64,
+                        segmentation: None,
+                    });
+                }
+                if shown.len() < SHOWN_IMAGES {
+                    let post = self.config.postprocess();
+                    shown.push((index, found.into_iter().filter(|d| d.score > post.box_threshold).collect()));
+                }
+            }
+            bar.inc(batch.items.len() as u64);
+        }
+        bar.finish_and_clear();
+        let evaluation = evaluate(self.val_source.coco(), &results, IouType::Bbox)
+            .map_err(|e| TrainError::Training(e.to_string()))?;
+        Ok((loss_sum / batches.max(1) as f32, evaluation.ap50().max(0.0), evaluation.ap().max(0.0), shown))
+    }
+
+    fn write_outputs(
+        &self,
+        history: &[GroundingEpochRecord],
+        shown: &[(usize, Vec<GroundedBox>)],
+    ) -> Result<(), TrainError> {
+        let mut csv = String::from(GroundingEpochRecord::CSV_HEADER);
+        csv.push('\n');
+        for record in history {
+            csv.push_str(&record.csv_row());
+            csv.push('\n');
+        }
+        kiln_data::io::write_atomic(&self.run_dir.join("results.csv"), csv.as_bytes())?;
+        crate::plots::save(&results_figure(history), &self.run_dir.join("results.png"))?;
+        let mut pictures = Vec::new();
+        for (index, found) in shown {
+            let mut image = self.val_source.load(*index)?.image;
+            draw_grounded(&mut image, found, &self.classes);
+            pictures.push(image);
+        }
+        if !pictures.is_empty() {
+            crate::plots::save(&crate::plots::grid(&pictures, 4, 320), &self.run_dir.join("val_boxes.jpg"))?;
+        }
+        Ok(())
+    }
+}
+
+fn add_parts(a: GroundingLossParts, b: GroundingLossParts) -> GroundingLossParts {
+    GroundingLossParts { class: a.class + b.class, bbox: a.bbox + b.bbox, giou: a.giou + b.giou }
+}
+
+/// Row `b` of a `[B, Q, X]` output as `[Q, X]`.
+pub fn image_row(x: &Tensor<3>, b: usize) -> Tensor<2> {
+    let [_, q, k] = x.dims();
+    x.clone().narrow(0, b, 1).reshape([q, k])
+}
+
+/// Boxes with their class names and scores.
+pub fn draw_grounded(image: &mut image::RgbImage, found: &[GroundedBox], names: &[String]) {
+    use kiln_data::draw;
+    let thickness = (image.width().max(image.height()) / 320).max(1);
+    let scale = if image.width().max(image.height()) >= 800 { 2 } else { 1 };
+    for d in found.iter().rev() {
+        let colour = draw::class_colour(d.phrase);
+        let bbox = d.bbox.map(|v| v as f64);
+        draw::rectangle(image, bbox, colour, thickness);
+        let name = names.get(d.phrase).map_or("?", String::as_str);
+        draw::label(image, bbox[0], bbox[1], &format!("{name} {:.2}", d.score), colour, scale);
+    }
+}
+
+fn results_figure(history: &[GroundingEpochRecord]) -> image::RgbImage {
+    use crate::plots::{BLUE, ORANGE, chart, tile};
+    let series = |f: &dyn Fn(&GroundingEpochRecord) -> f64, skip_start: bool| {
+        history.iter().filter(|r| !skip_start || r.epoch > 0).map(|r| (r.epoch as f64, f(r))).collect::<Vec<_>>()
+    };
+    tile(
+        &[
+            chart(
+                "loss",
+                &[
+                    ("train", BLUE, series(&|r| r.train_loss as f64, true)),
+                    ("val", ORANGE, series(&|r| r.val_loss as f64, false)),
+                ],
+                320,
+                200,
+            ),
+            chart(
+                "train class / L1 / GIoU",
+                &[
+                    ("class", BLUE, series(&|r| r.train.class as f64, true)),
+                    ("L1", ORANGE, series(&|r| r.train.bbox as f64, true)),
+                ],
+                320,
+                200,
+            ),
+            chart("val box mAP50", &[("", BLUE, series(&|r| r.val_map50, false))], 320, 200),
+            chart("val box mAP50-95", &[("", BLUE, series(&|r| r.val_map, false))], 320, 200),
+        ],
+        4,
+    )
+}
+
+/// The base plus an adapter directory (merged), or a fully fine-tuned model, for inference.
+pub fn load_adapted(
+    config: &GroundingDinoTeacherConfig,
+    adapter: Option<&Path>,
+    device: &Device,
+) -> Result<(GroundingDino, Option<AdapterConfig>), TrainError> {
+    let base = load_base(config, device, false)?;
+    match adapter {
+        None => Ok((base, None)),
+        Some(dir) => {
+            let hash = base_hash(config)?;
+            let (model, adapter_config) = lora::load_adapter(base, dir, &base_name(config), &hash)
+                .map_err(|e| TrainError::Config(e.to_string()))?;
+            Ok((lora::merge(model), Some(adapter_config)))
+        }
+    }
+}
+
+/// Detections of one image by a (merged) model: the caption's phrases as class names.
+pub fn detect_image(
+    model: &GroundingDino,
+    tokenizer: &CaptionTokenizer,
+    caption: &Caption,
+    image: &image::RgbImage,
+    config: &GroundingDinoTeacherConfig,
+    device: &Device,
+) -> Result<Vec<GroundedBox>, TrainError> {
+    let encoded = tokenizer.encode(&caption.text).map_err(|e| TrainError::Config(e.to_string()))?;
+    let phrase_tokens = tokenizer.phrase_tokens(caption, &encoded);
+    let (pixels, size) = prepare_pixels(image, config.image_size, config.max_size);
+    let images = ImageBatch::from_planar(&[(pixels, size)], device);
+    let text = TextBatch::new(&[&encoded], &tokenizer.special_ids, model.max_text_len, device);
+    let out = model.forward(&images, &text);
+    let prediction = out.prediction();
+    let original = (image.height() as usize, image.width() as usize);
+    Ok(grounded_boxes(
+        image_row(&prediction.logits, 0),
+        image_row(&prediction.boxes, 0),
+        &phrase_tokens,
+        original,
+        &config.postprocess(),
+    ))
+}
