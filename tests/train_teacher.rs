@@ -61,6 +61,8 @@ fn request(train: &Path, val: &Path, output: &Path, overrides: TeacherOverrides)
 
 fn tiny(epochs: usize, weights: Option<PathBuf>) -> TeacherOverrides {
     TeacherOverrides {
+        // Mask data calls for GroundingDINO too (tests/train_grounding_dino.rs trains that one).
+        only: Some("sam".into()),
         sam: Some("tiny".into()),
         sam_weights: weights,
         lora_r: Some(2),
@@ -244,6 +246,7 @@ fn resumed_teacher_run_equals_an_uninterrupted_one() {
 
 #[test]
 fn data_sam_cannot_learn_from_is_refused_and_leaves_nothing_behind() {
+    // Boxes only: the data calls for GroundingDINO, not SAM.
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("teacher-errors");
     let (train_json, val_json) = dataset(&scratch.0, 12, 2, 1, SynthLabels::Boxes);
@@ -252,7 +255,7 @@ fn data_sam_cannot_learn_from_is_refused_and_leaves_nothing_behind() {
         run_train_teacher(&request(&train_json, &val_json, &output, tiny(1, None)), Device::flex(), Verbosity::Quiet)
             .unwrap_err()
             .to_string();
-    assert!(error.contains("no masks") && error.contains("GroundingDINO"), "{error}");
+    assert!(error.contains("does not call for sam") && error.contains("SAM needs masks"), "{error}");
     assert!(!output.join("teachers").exists());
 
     let (train_json, val_json) = dataset(&scratch.0.join("masks"), 12, 2, 1, SynthLabels::Both);

@@ -269,16 +269,17 @@ pub fn save_safetensors<M: Module>(
     prefixes: &[(String, String)],
     metadata: &[(String, String)],
 ) -> Result<(), WeightsError> {
-    save_safetensors_with(model, path, &CheckpointLayout::prefixes(prefixes), metadata)
+    save_safetensors_with(model, path, &CheckpointLayout::prefixes(prefixes), metadata, None)
 }
 
 /// [`save_safetensors`] for a checkpoint described by a [`CheckpointLayout`] (prefixes that only
-/// strip, like `module.`, are not written back).
+/// strip, like `module.`, are not written back); `keep` selects the module paths written.
 pub fn save_safetensors_with<M: Module>(
     model: &M,
     path: &Path,
     layout: &CheckpointLayout,
     metadata: &[(String, String)],
+    keep: Option<fn(&str, &str) -> bool>,
 ) -> Result<(), WeightsError> {
     let write_error = |message: String| WeightsError::Write { path: path.to_path_buf(), message };
     let file_name = path.file_name().ok_or_else(|| write_error("not a file path".into()))?;
@@ -286,6 +287,9 @@ pub fn save_safetensors_with<M: Module>(
     let mut store = SafetensorsStore::from_file(&staging)
         .with_to_adapter(burn::store::BurnToPyTorchAdapter)
         .skip_enum_variants(true);
+    if let Some(keep) = keep {
+        store = store.with_predicate(keep);
+    }
     for (_, ours, ours_regex, official) in layout.rules() {
         if !ours.is_empty() {
             store = store.with_key_remapping(ours_regex, official);

@@ -22,7 +22,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{GroupNorm, GroupNormConfig, Linear, PaddingConfig2d};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -64,7 +64,9 @@ pub struct GroundingDinoConfig {
 
 impl GroundingDinoConfig {
     /// `GroundingDINO_SwinT_OGC.py`: Swin-T, bert-base-uncased, 256 wide, 8 heads, 6 + 6 layers,
-    /// 900 queries, FFN 2048, 4 levels, 4 points.
+    /// 900 queries, FFN 2048, 4 levels, 4 points. A new model is initialised as the official
+    /// constructor does where it matters for training (deformable attention, box heads, `feat_map`,
+    /// input projections); pretrained weights replace all of it.
     pub fn swint_ogc() -> Self {
         Self {
             name: "swint_ogc".into(),
@@ -186,22 +188,29 @@ impl GroundingDino {
         let backbone_outputs = 3;
         let input_proj = (0..levels)
             .map(|level| {
-                let conv = if level < backbone_outputs {
-                    Conv2dConfig::new([config.swin.channels(level + 1), d], [1, 1]).init(device)
+                let xavier = burn::nn::Initializer::XavierUniform { gain: 1.0 };
+                let mut conv = if level < backbone_outputs {
+                    Conv2dConfig::new([config.swin.channels(level + 1), d], [1, 1])
+                        .with_initializer(xavier)
+                        .init(device)
                 } else {
                     let c_in = if level == backbone_outputs { config.swin.channels(3) } else { d };
                     Conv2dConfig::new([c_in, d], [3, 3])
                         .with_stride([2, 2])
                         .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                        .with_initializer(xavier)
                         .init(device)
                 };
+                conv.bias = Some(burn::module::Param::from_tensor(Tensor::zeros([d], device)));
                 (conv, GroupNormConfig::new(32, d).init(device))
             })
             .collect();
+        let mut bbox_embed = Mlp::new(d, d, 4, 3, device);
+        zero_last_layer(&mut bbox_embed, device);
         Self {
             backbone: config.swin.init(device),
             bert: config.bert.init(device),
-            feat_map: LinearConfig::new(config.bert.hidden_size, d).init(device),
+            feat_map: ms_deform_attn::xavier_linear(config.bert.hidden_size, d, device),
             input_proj,
             transformer: Transformer::new(
                 d,
@@ -215,7 +224,7 @@ impl GroundingDino {
                 config.num_queries,
                 device,
             ),
-            bbox_embed: Mlp::new(d, d, 4, 3, device),
+            bbox_embed,
             pe_temperature: config.pe_temperature,
             max_text_len: config.max_text_len,
         }
@@ -274,9 +283,17 @@ impl GroundingDino {
         }
     }
 
-    /// Saves the weights as safetensors under the official key names (without `module.`).
-    pub fn save(&self, path: &Path, metadata: &[(String, String)]) -> Result<(), WeightsError> {
-        crate::weights::save_safetensors_with(self, path, &Self::checkpoint_layout(), metadata)
+    /// Saves the weights as safetensors under the official key names (without `module.`); without
+    /// `with_text_encoder`, BERT is left out (for a model whose text encoder is its own file).
+    pub fn save(
+        &self,
+        path: &Path,
+        metadata: &[(String, String)],
+        with_text_encoder: bool,
+    ) -> Result<(), WeightsError> {
+        let keep: Option<fn(&str, &str) -> bool> =
+            (!with_text_encoder).then_some(|path: &str, _: &str| !path.starts_with("bert."));
+        crate::weights::save_safetensors_with(self, path, &Self::checkpoint_layout(), metadata, keep)
     }
 
     pub fn hidden_dim(&self) -> usize {
@@ -360,6 +377,15 @@ impl GroundingDino {
             encoded_text,
             text_mask: text.token_mask.clone(),
         }
+    }
+}
+
+/// The official box heads start at zero (`constant_(layers[-1], 0)`): boxes start as the proposals.
+pub(crate) fn zero_last_layer(mlp: &mut Mlp, device: &Device) {
+    if let Some(last) = mlp.layers.last_mut() {
+        let [i, o] = last.weight.dims();
+        last.weight = burn::module::Param::from_tensor(Tensor::zeros([i, o], device));
+        last.bias = Some(burn::module::Param::from_tensor(Tensor::zeros([o], device)));
     }
 }
 

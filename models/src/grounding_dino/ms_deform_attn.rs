@@ -5,7 +5,7 @@
 //! weighted by a softmax over all levels' and points' weights jointly. Keys `sampling_offsets`,
 //! `attention_weights`, `value_proj`, `output_proj`.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::ops::{GridSampleOptions, GridSamplePaddingMode, InterpolateMode};
@@ -33,12 +33,33 @@ pub enum Reference {
 }
 
 impl MsDeformAttn {
+    /// Initialised as the official `init_weights`: zero offset weights with biases pointing each
+    /// head in its own direction (point `p` at distance `p + 1`), uniform attention (zero weights
+    /// and biases), Xavier projections with zero biases.
     pub fn new(dim: usize, num_heads: usize, num_levels: usize, num_points: usize, device: &Device) -> Self {
+        let mut grid = Vec::with_capacity(num_heads * num_levels * num_points * 2);
+        for m in 0..num_heads {
+            let theta = m as f64 * 2.0 * std::f64::consts::PI / num_heads as f64;
+            let (x, y) = (theta.cos(), theta.sin());
+            let scale = x.abs().max(y.abs());
+            for _ in 0..num_levels {
+                for p in 0..num_points {
+                    grid.extend([(x / scale * (p + 1) as f64) as f32, (y / scale * (p + 1) as f64) as f32]);
+                }
+            }
+        }
+        let offsets = grid.len();
+        let zeros = |i: usize, o: usize| Linear {
+            weight: Param::from_tensor(Tensor::zeros([i, o], device)),
+            bias: Some(Param::from_tensor(Tensor::zeros([o], device))),
+        };
+        let mut sampling_offsets = zeros(dim, offsets);
+        sampling_offsets.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(grid, [offsets]), device)));
         Self {
-            sampling_offsets: LinearConfig::new(dim, num_heads * num_levels * num_points * 2).init(device),
-            attention_weights: LinearConfig::new(dim, num_heads * num_levels * num_points).init(device),
-            value_proj: LinearConfig::new(dim, dim).init(device),
-            output_proj: LinearConfig::new(dim, dim).init(device),
+            sampling_offsets,
+            attention_weights: zeros(dim, num_heads * num_levels * num_points),
+            value_proj: xavier_linear(dim, dim, device),
+            output_proj: xavier_linear(dim, dim, device),
             num_heads,
             num_levels,
             num_points,
@@ -99,4 +120,14 @@ impl MsDeformAttn {
         let out = (sampled * weights).sum_dim(3).reshape([b, m * dh, nq]).swap_dims(1, 2);
         self.output_proj.forward(out)
     }
+}
+
+/// A Linear layer with Xavier-uniform weights and zero bias (the official `xavier_uniform_` +
+/// `constant_(bias, 0)`).
+pub fn xavier_linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    let mut linear = LinearConfig::new(d_in, d_out)
+        .with_initializer(burn::nn::Initializer::XavierUniform { gain: 1.0 })
+        .init(device);
+    linear.bias = Some(Param::from_tensor(Tensor::zeros([d_out], device)));
+    linear
 }

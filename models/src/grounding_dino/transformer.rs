@@ -147,12 +147,14 @@ impl Transformer {
         queries: usize,
         device: &Device,
     ) -> Self {
+        let mut enc_out_bbox_embed = Mlp::new(dim, dim, 4, 3, device);
+        super::zero_last_layer(&mut enc_out_bbox_embed, device);
         Self {
             level_embed: Param::from_tensor(Tensor::random([levels, dim], Distribution::Normal(0.0, 1.0), device)),
             tgt_embed: EmbeddingConfig::new(queries, dim).init(device),
             enc_output: LinearConfig::new(dim, dim).init(device),
             enc_output_norm: LayerNormConfig::new(dim).init(device),
-            enc_out_bbox_embed: Mlp::new(dim, dim, 4, 3, device),
+            enc_out_bbox_embed,
             encoder: TransformerEncoder::new(enc_layers, dim, heads, ffn, levels, enc_points, device),
             decoder: TransformerDecoder::new(dec_layers, dim, heads, ffn, levels, dec_points, device),
         }

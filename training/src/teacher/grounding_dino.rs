@@ -76,6 +76,13 @@ pub struct GroundingDinoTeacherConfig {
     pub lora: LoraConfig,
     #[serde(default)]
     pub full_finetune: bool,
+    /// Keep BERT frozen in a full fine-tuning too (Open-GroundingDino's `freeze_keywords=['bert']`).
+    #[serde(default = "yes")]
+    pub freeze_text_encoder: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl GroundingDinoTeacherConfig {
@@ -480,7 +487,13 @@ pub fn train_grounding_dino(
     };
     let (model, lora_summary) = if config.full_finetune {
         let total = kiln_models::parameter_count(&base);
-        (base, LoraSummary { adapted: Vec::new(), trainable: total, total })
+        let text = kiln_models::parameter_count(&base.bert);
+        if config.freeze_text_encoder {
+            let bert = ParamGroup::from_regex(r"^bert\.").expect("valid regex");
+            (base.freeze_group(bert), LoraSummary { adapted: Vec::new(), trainable: total - text, total })
+        } else {
+            (base, LoraSummary { adapted: Vec::new(), trainable: total, total })
+        }
     } else {
         autodiff.seed(config.seed.wrapping_add(1));
         let (model, summary) =
@@ -723,7 +736,9 @@ impl GroundingStrategy {
             self.report(&record);
             state.history.push(record);
             state.epoch = epoch;
-            if map > state.best_map {
+            // The best so far went through JSON on resume, whose float parsing may differ in the last
+            // bit: a gain that small is no gain.
+            if map > state.best_map + 1e-12 {
                 state.best_map = map;
                 state.best_epoch = epoch;
                 self.save_best(&model.model)?;
@@ -751,7 +766,9 @@ impl GroundingStrategy {
             ];
             std::fs::create_dir_all(&self.adapter_dir)
                 .map_err(|e| TrainError::Io { path: self.adapter_dir.clone(), message: e.to_string() })?;
-            Ok(model.valid().save(&self.adapter_dir.join(FULL_WEIGHTS), &metadata)?)
+            // A text encoder of its own file stays there (frozen, it is that file's weights).
+            let with_text_encoder = self.config.text_encoder.is_none() || !self.config.freeze_text_encoder;
+            Ok(model.valid().save(&self.adapter_dir.join(FULL_WEIGHTS), &metadata, with_text_encoder)?)
         } else {
             lora::save_adapter(model, &self.adapter_dir, &self.adapter_config)
                 .map_err(|e| TrainError::Config(e.to_string()))

@@ -63,6 +63,7 @@ pub struct TeacherOverrides {
     pub tokenizer: Option<PathBuf>,
     pub gdino_lora_targets: Option<Vec<String>>,
     pub image_size: Option<usize>,
+    pub backbone_lr_scale: Option<f64>,
     pub sam: Option<String>,
     pub sam_weights: Option<PathBuf>,
     pub lora_r: Option<usize>,
@@ -133,7 +134,8 @@ fn sam_overrides(mut sam: SamTeacherConfig, o: &TeacherOverrides) -> Result<SamT
     } else if sam.model != "tiny" {
         return Err(TrainError::Config(format!(
             "SAM {} needs its pretrained weights: pass --sam-weights (e.g. sam_vit_b_01ec64.pth or mobile_sam.pt \
-             from the official releases); only --sam tiny trains from a random initialisation, for tests and the demo",
+             from the official releases) or train only GroundingDINO with --teacher grounding_dino; only --sam tiny trains \
+             from a random initialisation, for tests and the demo",
             sam.model
         )));
     }
@@ -175,8 +177,8 @@ fn gdino_overrides(
     if g.weights.is_none() && !g.model.starts_with("tiny") {
         return Err(TrainError::Config(format!(
             "GroundingDINO {} needs its pretrained weights: pass --gdino-weights (groundingdino_swint_ogc.pth from \
-             the official release); only --gdino tiny / tiny_minilm train from a random initialisation, for tests and \
-             the demo",
+             the official release) or train only SAM with --teacher sam; only --gdino tiny / tiny_minilm train from a \
+             random initialisation, for tests and the demo",
             g.model
         )));
     }
@@ -196,6 +198,7 @@ fn gdino_overrides(
     g.lr0 = o.lr0.unwrap_or(g.lr0);
     g.seed = o.seed.unwrap_or(g.seed);
     g.image_size = o.image_size.unwrap_or(g.image_size);
+    g.backbone_lr_scale = o.backbone_lr_scale.unwrap_or(g.backbone_lr_scale);
     g.max_size = g.max_size.max(g.image_size);
     g.full_finetune |= o.full_finetune;
     if g.epochs == 0 || g.batch_size == 0 || g.lora.rank == 0 || g.image_size < 32 {

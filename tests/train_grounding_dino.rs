@@ -1,0 +1,219 @@
+//! The GroundingDINO teacher's fine-tuning end to end on small generated box datasets: which
+//! teachers the data calls for, a LoRA run's files (adapter only, the base file untouched, the
+//! adapter small), resumption to the same adapter, `kiln detect` with the adapter, and clear errors.
+//! The tiny config with a tiny random BERT needs no shared data; the LoRA-gain experiment on a
+//! pretrained base is in README "Fine-tuning the GroundingDINO teacher".
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use indicatif::ProgressBar;
+use kiln_data::{SplitOptions, SynthLabels, SynthOptions, split, synthesize};
+use kiln_models::grounding_dino::GroundingDinoConfig;
+use kiln_tests::Scratch;
+use kiln_training::run::Verbosity;
+use kiln_training::teacher::detect::{DetectRequest, run_detect};
+use kiln_training::teacher::{
+    TeacherConfig, TeacherOverrides, TrainTeacherRequest, run_train_teacher, run_train_teacher_for,
+};
+
+/// Burn's random generator is global to the process: trainings run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn dataset(dir: &Path, images: usize, labels: SynthLabels) -> (PathBuf, PathBuf) {
+    let options = SynthOptions { images, classes: 3, size: 128, labels, seed: 3, max_objects: 3 };
+    let out = synthesize(&options, &dir.join("synth"), &ProgressBar::hidden()).unwrap();
+    let parts = split(&out.dataset, &SplitOptions::default());
+    let (train, val) = (dir.join("synth/train.json"), dir.join("synth/val.json"));
+    out.dataset.subset(parts.part("train").unwrap()).save(&train).unwrap();
+    out.dataset.subset(parts.part("val").unwrap()).save(&val).unwrap();
+    (train, val)
+}
+
+fn request(train: &Path, val: &Path, output: &Path, overrides: TeacherOverrides) -> TrainTeacherRequest {
+    TrainTeacherRequest {
+        train: train.to_path_buf(),
+        val: val.to_path_buf(),
+        images: Some(train.parent().unwrap().join("images")),
+        output: output.to_path_buf(),
+        resume: false,
+        device_name: "cpu".into(),
+        overrides,
+    }
+}
+
+fn tiny(epochs: usize, weights: Option<PathBuf>) -> TeacherOverrides {
+    TeacherOverrides {
+        only: Some("grounding_dino".into()),
+        gdino: Some("tiny".into()),
+        gdino_weights: weights,
+        lora_r: Some(4),
+        epochs: Some(epochs),
+        batch_size: Some(4),
+        image_size: Some(128),
+        lr0: Some(0.001),
+        ..Default::default()
+    }
+}
+
+/// A random tiny base written as a weight file, so that "the base stays untouched" means something.
+fn base_file(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny_base.safetensors");
+    let device = Device::flex();
+    device.seed(11);
+    GroundingDinoConfig::tiny().init(&device).save(&path, &[], true).unwrap();
+    path
+}
+
+/// A safetensors file's tensors by name (raw bytes).
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let o = v["data_offsets"].as_array().unwrap();
+            let (a, b) = (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize);
+            (k.clone(), data[a..b].to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn lora_run_writes_only_the_adapter_resumes_exactly_and_detect_uses_it() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("gdino-train");
+    let (train_json, val_json) = dataset(&scratch.0, 40, SynthLabels::Boxes);
+    let base = base_file(&scratch.0);
+    let base_bytes = std::fs::read(&base).unwrap();
+
+    let whole = request(&train_json, &val_json, &scratch.0.join("whole"), tiny(2, Some(base.clone())));
+    let summary = run_train_teacher(&whole, Device::flex(), Verbosity::Quiet).unwrap();
+    assert!(summary.sam.is_none());
+    let g = summary.grounding_dino.expect("boxes call for GroundingDINO");
+    assert_eq!(g.history.len(), 3, "start + 2 epochs");
+    let first = &g.history[1];
+    let last = &g.history[2];
+    assert!(last.train_loss < first.train_loss, "the loss falls: {:?}", g.history);
+    assert!(g.lora.trainable * 20 < g.lora.total, "LoRA trains a small share: {}", g.lora.render());
+    assert_eq!(std::fs::read(&base).unwrap(), base_bytes, "the base file is untouched");
+    let adapter = scratch.0.join("whole/teachers/grounding_dino_lora");
+    let mut files: Vec<String> =
+        std::fs::read_dir(&adapter).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    files.sort();
+    assert_eq!(files, ["adapter_config.json", "adapter_model.safetensors"]);
+    assert!(g.adapter_bytes * 10 < g.base_bytes, "adapter {} bytes vs base {}", g.adapter_bytes, g.base_bytes);
+    for file in ["results.csv", "results.png", "val_boxes.jpg"] {
+        assert!(scratch.0.join("whole/teachers/grounding_dino_train").join(file).is_file(), "{file}");
+    }
+    let config: TeacherConfig =
+        serde_yaml::from_str(&std::fs::read_to_string(scratch.0.join("whole/teachers/teacher_config.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(config.classes, ["circle", "square", "triangle"]);
+
+    // Interrupted after one epoch and resumed: the same history and the same adapter bytes.
+    let parts = request(&train_json, &val_json, &scratch.0.join("parts"), tiny(2, Some(base.clone())));
+    let one = run_train_teacher_for(&parts, Device::flex(), Verbosity::Quiet, Some(1)).unwrap();
+    assert_eq!(one.grounding_dino.unwrap().history.len(), 2);
+    let resumed =
+        run_train_teacher(&TrainTeacherRequest { resume: true, ..parts.clone() }, Device::flex(), Verbosity::Quiet)
+            .unwrap()
+            .grounding_dino
+            .unwrap();
+    for (a, b) in g.history.iter().zip(&resumed.history) {
+        assert!((a.train_loss - b.train_loss).abs() <= 1e-6 * a.train_loss.abs(), "{a:?} vs {b:?}");
+        assert!((a.val_map - b.val_map).abs() < 1e-9, "{a:?} vs {b:?}");
+    }
+    // The same tensors (the header's key order is not fixed).
+    let weights = |dir: &Path| tensors(&dir.join("teachers/grounding_dino_lora/adapter_model.safetensors"));
+    assert!(weights(&scratch.0.join("whole")) == weights(&scratch.0.join("parts")), "the resumed adapter differs");
+    assert_eq!(g.best_epoch, resumed.best_epoch);
+
+    // `kiln detect` with the adapter: the prompt defaults to nothing here, so name the classes.
+    let images = train_json.parent().unwrap().join("images");
+    let detect = DetectRequest {
+        images: images.clone(),
+        prompt: "circle . square . triangle .".into(),
+        output: scratch.0.join("detect"),
+        config: config.grounding_dino.clone().unwrap(),
+        adapter: Some(adapter.clone()),
+    };
+    let found = run_detect(&detect, &Device::flex(), &ProgressBar::hidden()).unwrap();
+    assert_eq!(found.images, 40);
+    assert!(found.adapter.is_some());
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&found.detections).unwrap()).unwrap();
+    assert_eq!(json["categories"].as_array().unwrap().len(), 3);
+    assert_eq!(json["images"].as_array().unwrap().len(), 40);
+    assert_eq!(std::fs::read_dir(&found.pictures).unwrap().count(), 40);
+    // Never over an existing result.
+    let error = run_detect(&detect, &Device::flex(), &ProgressBar::hidden()).unwrap_err().to_string();
+    assert!(error.contains("detections.json"), "{error}");
+    // An adapter on another base is refused.
+    let other = DetectRequest {
+        output: scratch.0.join("detect-other"),
+        config: kiln_training::teacher::grounding_dino::GroundingDinoTeacherConfig {
+            weights: None,
+            ..detect.config.clone()
+        },
+        ..detect
+    };
+    let error = run_detect(&other, &Device::flex(), &ProgressBar::hidden()).unwrap_err().to_string();
+    assert!(error.contains("base"), "{error}");
+    assert!(!scratch.0.join("detect-other").exists());
+}
+
+#[test]
+fn the_data_decides_the_teachers_and_bad_settings_are_refused() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("gdino-errors");
+    let (train_json, val_json) = dataset(&scratch.0, 12, SynthLabels::Masks);
+    let output = scratch.0.join("out");
+    // Masks give boxes: GroundingDINO is called for too, and the official model needs its weights.
+    let error = run_train_teacher(
+        &request(
+            &train_json,
+            &val_json,
+            &output,
+            TeacherOverrides { gdino: Some("swint_ogc".into()), ..tiny(1, None) },
+        ),
+        Device::flex(),
+        Verbosity::Quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("--gdino-weights"), "{error}");
+    let error = run_train_teacher(
+        &request(&train_json, &val_json, &output, TeacherOverrides { gdino: Some("huge".into()), ..tiny(1, None) }),
+        Device::flex(),
+        Verbosity::Quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("unknown GroundingDINO"), "{error}");
+    let error = run_train_teacher(
+        &request(&train_json, &val_json, &output, tiny(1, Some(scratch.0.join("missing.pth")))),
+        Device::flex(),
+        Verbosity::Quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("missing.pth"), "{error}");
+    // A checkpoint of another model: a key report naming the file.
+    let wrong = scratch.0.join("wrong.safetensors");
+    let device = Device::flex();
+    kiln_models::sam::SamConfig::tiny().init(&device).save(&wrong, &[]).unwrap();
+    let error = run_train_teacher(
+        &request(&train_json, &val_json, &output, tiny(1, Some(wrong.clone()))),
+        Device::flex(),
+        Verbosity::Quiet,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("wrong.safetensors") && error.contains("missing"), "{error}");
+    assert!(!output.join("teachers").exists(), "a failed run leaves nothing behind");
+}
