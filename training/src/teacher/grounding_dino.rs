@@ -906,7 +906,7 @@ fn results_figure(history: &[GroundingEpochRecord]) -> image::RgbImage {
                 200,
             ),
             chart(
-                "train class / L1 / GIoU",
+                "train class / L1",
                 &[
                     ("class", BLUE, series(&|r| r.train.class as f64, true)),
                     ("L1", ORANGE, series(&|r| r.train.bbox as f64, true)),
