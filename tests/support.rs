@@ -148,3 +148,32 @@ pub fn run_onnxruntime(model: &Path, shape: &[usize], input: &[f32], scratch: &P
     let input_names = summary["inputs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     OnnxRun { outputs, metadata, input_names }
 }
+
+/// A `kiln synth` dataset in `dir/synth`, split as `kiln validate` does into `train.json` and
+/// `val.json` (images in `dir/synth/images`).
+pub fn synth_split(dir: &Path, options: &kiln_data::SynthOptions) -> (PathBuf, PathBuf) {
+    let out = kiln_data::synthesize(options, &dir.join("synth"), &indicatif::ProgressBar::hidden()).unwrap();
+    let parts = kiln_data::split(&out.dataset, &kiln_data::SplitOptions::default());
+    let (train, val) = (dir.join("synth/train.json"), dir.join("synth/val.json"));
+    out.dataset.subset(parts.part("train").unwrap()).save(&train).unwrap();
+    out.dataset.subset(parts.part("val").unwrap()).save(&val).unwrap();
+    (train, val)
+}
+
+/// A `kiln train-teacher` request on the CPU for a split written by [`synth_split`].
+pub fn teacher_request(
+    train: &Path,
+    val: &Path,
+    output: &Path,
+    overrides: kiln_training::teacher::TeacherOverrides,
+) -> kiln_training::teacher::TrainTeacherRequest {
+    kiln_training::teacher::TrainTeacherRequest {
+        train: train.to_path_buf(),
+        val: val.to_path_buf(),
+        images: Some(train.parent().unwrap().join("images")),
+        output: output.to_path_buf(),
+        resume: false,
+        device_name: "cpu".into(),
+        overrides,
+    }
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::ProgressBar;
-use kiln_data::{SplitOptions, SynthLabels, SynthOptions, split, synthesize};
+use kiln_data::{SynthLabels, SynthOptions};
 use kiln_tests::Scratch;
 use kiln_training::run::Verbosity;
 use kiln_training::teacher::mask_loss::{MaskLossConfig, mask_loss};
@@ -38,25 +38,11 @@ fn dataset_with(
     labels: SynthLabels,
     max_objects: usize,
 ) -> (PathBuf, PathBuf) {
-    let options = SynthOptions { images, classes, size: 256, labels, seed, max_objects };
-    let out = synthesize(&options, &dir.join("synth"), &ProgressBar::hidden()).unwrap();
-    let parts = split(&out.dataset, &SplitOptions::default());
-    let (train, val) = (dir.join("synth/train.json"), dir.join("synth/val.json"));
-    out.dataset.subset(parts.part("train").unwrap()).save(&train).unwrap();
-    out.dataset.subset(parts.part("val").unwrap()).save(&val).unwrap();
-    (train, val)
+    kiln_tests::synth_split(dir, &SynthOptions { images, classes, size: 256, labels, seed, max_objects })
 }
 
 fn request(train: &Path, val: &Path, output: &Path, overrides: TeacherOverrides) -> TrainTeacherRequest {
-    TrainTeacherRequest {
-        train: train.to_path_buf(),
-        val: val.to_path_buf(),
-        images: Some(train.parent().unwrap().join("images")),
-        output: output.to_path_buf(),
-        resume: false,
-        device_name: "cpu".into(),
-        overrides,
-    }
+    kiln_tests::teacher_request(train, val, output, overrides)
 }
 
 fn tiny(epochs: usize, weights: Option<PathBuf>) -> TeacherOverrides {
