@@ -127,6 +127,9 @@ fn a_student_learns_a_small_dataset() {
         optimizer: kiln_training::student::OptimizerKind::Adamw,
         lr0: 0.004,
         warmup_epochs: 1.0,
+        // One optimiser step per batch (4 per epoch): with Ultralytics' nominal batch of 64
+        // these 8 images would make a single step per epoch.
+        nbs: 2,
         augment: kiln_training::augment::AugmentConfig::none(),
         classes: data.train.class_names(),
         category_ids: data.train.class_ids(),

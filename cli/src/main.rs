@@ -168,6 +168,10 @@ struct TrainStudentArgs {
     /// Seed of the weights' initialisation, the batch order and the augmentation.
     #[arg(long)]
     seed: Option<u64>,
+    /// Any other setting of student_config.yaml, as KEY=VALUE with dotted keys (repeatable), e.g.
+    /// --set augment.mosaic=0 --set nbs=16 --set loss.box_gain=7.5.
+    #[arg(long, value_name = "KEY=VALUE")]
+    set: Vec<String>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     /// Run directory [default: runs/student, runs/student2, ...].
@@ -699,6 +703,7 @@ fn run_train_student(args: &TrainStudentArgs) -> anyhow::Result<()> {
             patience: args.patience,
             seed: args.seed,
             close_mosaic: args.close_mosaic,
+            set: args.set.clone(),
         },
     };
     println!("kiln train-student -> {}", output.display());

@@ -8,6 +8,7 @@
 
 use image::RgbImage;
 use kiln_data::batch::{DetectionItem, InstanceLabel};
+use kiln_data::coco::Segmentation;
 use kiln_data::mask::BinaryMask;
 use kiln_data::rng::SeededRng;
 use serde::{Deserialize, Serialize};
@@ -182,12 +183,38 @@ fn place_instance(
     let s = size as f64;
     let mapped = placement.map_box(instance.bbox);
     let v = placement.visible;
-    let clip = [
-        mapped[0].max(v[0]).clamp(0.0, s),
-        mapped[1].max(v[1]).clamp(0.0, s),
-        mapped[2].min(v[2]).clamp(0.0, s),
-        mapped[3].min(v[3]).clamp(0.0, s),
-    ];
+    let window = [v[0].clamp(0.0, s), v[1].clamp(0.0, s), v[2].clamp(0.0, s), v[3].clamp(0.0, s)];
+    // The box of what stays visible: with a mask, the box of the mask's visible part (as
+    // Ultralytics derives boxes from the transformed segments), not the clipped full box, which
+    // would frame background where a mosaic seam or the crop cuts a shape.
+    let visible_box = match &instance.segmentation {
+        Some(Segmentation::Polygons(polygons)) => {
+            let map = |x: f64, y: f64| (x * placement.sx + placement.ox, y * placement.sy + placement.oy);
+            clipped_polygons_box(polygons, map, window)
+        }
+        Some(rle @ Segmentation::Rle(_)) => {
+            let map = [placement.sx, placement.sy, placement.ox, placement.oy];
+            let full = rle.rasterize_affine(item.image.width(), item.image.height(), map, size, size)?;
+            mask_box(&full, window)
+        }
+        None => Some([
+            mapped[0].max(window[0]),
+            mapped[1].max(window[1]),
+            mapped[2].min(window[2]),
+            mapped[3].min(window[3]),
+        ]),
+    };
+    // (Clamped again: the clipping's intersections may overshoot the window by a rounding error.)
+    let Some(clip) = visible_box.map(|b| {
+        [
+            b[0].clamp(window[0], window[2]),
+            b[1].clamp(window[1], window[3]),
+            b[2].clamp(window[0], window[2]),
+            b[3].clamp(window[1], window[3]),
+        ]
+    }) else {
+        return Ok(None);
+    };
     let (w0, h0) = (mapped[2] - mapped[0], mapped[3] - mapped[1]);
     let (w, h) = (clip[2] - clip[0], clip[3] - clip[1]);
     let aspect = (w / (h + 1e-16)).max(h / (w + 1e-16));
@@ -216,6 +243,68 @@ fn place_instance(
         (None, _) => None,
     };
     Ok(Some((clip.map(|c| c as f32), mask)))
+}
+
+/// The box of `polygons` (mapped by `map`) clipped to the rectangle `window` (Sutherland-Hodgman:
+/// exact for any polygon against a convex window); `None` when nothing is inside.
+fn clipped_polygons_box(
+    polygons: &[Vec<f64>],
+    map: impl Fn(f64, f64) -> (f64, f64),
+    window: [f64; 4],
+) -> Option<[f64; 4]> {
+    let mut bounds: Option<[f64; 4]> = None;
+    for polygon in polygons {
+        let mut points: Vec<(f64, f64)> = polygon.chunks_exact(2).map(|p| map(p[0], p[1])).collect();
+        // Each edge of the window keeps the half-plane `inside`, cutting edges that cross it.
+        let edges: [(usize, f64, bool); 4] =
+            [(0, window[0], true), (0, window[2], false), (1, window[1], true), (1, window[3], false)];
+        for (axis, limit, keep_above) in edges {
+            let inside = |p: &(f64, f64)| {
+                let c = if axis == 0 { p.0 } else { p.1 };
+                if keep_above { c >= limit } else { c <= limit }
+            };
+            let mut clipped = Vec::with_capacity(points.len() + 4);
+            for i in 0..points.len() {
+                let (a, b) = (points[i], points[(i + 1) % points.len()]);
+                let (a_in, b_in) = (inside(&a), inside(&b));
+                if a_in {
+                    clipped.push(a);
+                }
+                if a_in != b_in {
+                    let (ca, cb) = if axis == 0 { (a.0, b.0) } else { (a.1, b.1) };
+                    let t = (limit - ca) / (cb - ca);
+                    clipped.push((a.0 + t * (b.0 - a.0), a.1 + t * (b.1 - a.1)));
+                }
+            }
+            points = clipped;
+            if points.is_empty() {
+                break;
+            }
+        }
+        for (x, y) in points {
+            let b = bounds.get_or_insert([x, y, x, y]);
+            *b = [b[0].min(x), b[1].min(y), b[2].max(x), b[3].max(y)];
+        }
+    }
+    bounds
+}
+
+/// The box of the mask's pixels inside `window` (pixel edges); `None` when there are none.
+fn mask_box(mask: &BinaryMask, window: [f64; 4]) -> Option<[f64; 4]> {
+    let mut bounds: Option<[u32; 4]> = None;
+    let (x0, y0) = (window[0].floor().max(0.0) as u32, window[1].floor().max(0.0) as u32);
+    let (x1, y1) = ((window[2].ceil() as u32).min(mask.width), (window[3].ceil() as u32).min(mask.height));
+    for y in y0..y1 {
+        for x in x0..x1 {
+            let (cx, cy) = (x as f64 + 0.5, y as f64 + 0.5);
+            if cx < window[0] || cx > window[2] || cy < window[1] || cy > window[3] || !mask.get(x, y) {
+                continue;
+            }
+            let b = bounds.get_or_insert([x, y, x, y]);
+            *b = [b[0].min(x), b[1].min(y), b[2].max(x), b[3].max(y)];
+        }
+    }
+    bounds.map(|[a, b, c, d]| [a as f64, b as f64, (c + 1) as f64, (d + 1) as f64])
 }
 
 /// Bilinear sampling of `source` through the inverse of `placement`, within its visible part.
@@ -294,7 +383,6 @@ fn adjust_hsv(image: &mut RgbImage, [gh, gs, gv]: [f64; 3]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_data::coco::Segmentation;
 
     fn item(width: u32, height: u32, boxes: &[[f64; 4]]) -> DetectionItem {
         let mut image = RgbImage::from_pixel(width, height, image::Rgb([10, 200, 30]));
@@ -361,6 +449,21 @@ mod tests {
                 assert!(b.iter().all(|&v| (0.0..=128.0).contains(&v)));
             }
         }
+    }
+
+    #[test]
+    fn a_cut_shape_gets_the_box_of_its_visible_part() {
+        // A right triangle cut by the window's left edge at x = 5: what is left spans x 5..10 and
+        // y 0..5, not the clipped full box 5..10 x 0..10.
+        let triangle = vec![vec![0.0, 0.0, 10.0, 0.0, 0.0, 10.0]];
+        let b = clipped_polygons_box(&triangle, |x, y| (x, y), [5.0, 0.0, 20.0, 20.0]).unwrap();
+        assert_eq!(b, [5.0, 0.0, 10.0, 5.0]);
+        assert!(clipped_polygons_box(&triangle, |x, y| (x + 30.0, y), [0.0, 0.0, 20.0, 20.0]).is_none());
+        let mut mask = BinaryMask::zeros(20, 20);
+        for (x, y) in [(2, 3), (7, 9), (15, 15)] {
+            mask.data[y * 20 + x] = 1;
+        }
+        assert_eq!(mask_box(&mask, [0.0, 0.0, 10.0, 10.0]), Some([2.0, 3.0, 8.0, 10.0]));
     }
 
     #[test]

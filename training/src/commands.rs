@@ -31,6 +31,41 @@ pub struct StudentOverrides {
     pub patience: Option<usize>,
     pub seed: Option<u64>,
     pub close_mosaic: Option<usize>,
+    /// Any other setting of `student_config.yaml` as `key=value` (nested keys with dots, e.g.
+    /// `augment.mosaic=0`), applied last.
+    pub set: Vec<String>,
+}
+
+/// Applies `key=value` settings (the key a dotted path into the config's YAML, the value YAML) to
+/// `config`; an unknown key or a value of the wrong type is an error naming it.
+pub fn apply_settings<T: Serialize + serde::de::DeserializeOwned>(config: T, settings: &[String]) -> Result<T, String> {
+    if settings.is_empty() {
+        return Ok(config);
+    }
+    let mut tree = serde_yaml::to_value(&config).map_err(|e| e.to_string())?;
+    for setting in settings {
+        let (key, value) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("--set {setting:?}: expected KEY=VALUE, e.g. augment.mosaic=0"))?;
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(value).map_err(|e| format!("--set {setting:?}: the value is not YAML: {e}"))?;
+        let mut node = &mut tree;
+        for part in key.trim().split('.') {
+            let known =
+                node.as_mapping().map(|m| m.keys().filter_map(|k| k.as_str().map(str::to_owned)).collect::<Vec<_>>());
+            node = match node.get_mut(part) {
+                Some(child) => child,
+                None => {
+                    return Err(format!(
+                        "--set {setting:?}: no setting {key:?}{}",
+                        known.map_or(String::new(), |k| format!(" (known here: {})", k.join(", ")))
+                    ));
+                }
+            };
+        }
+        *node = value;
+    }
+    serde_yaml::from_value(tree).map_err(|e| format!("--set {}: {e}", settings.join(" ")))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -81,6 +116,7 @@ pub fn student_config(
     config.patience = o.patience.unwrap_or(config.patience);
     config.seed = o.seed.unwrap_or(config.seed);
     config.close_mosaic = o.close_mosaic.unwrap_or(config.close_mosaic);
+    let config = apply_settings(config, &o.set).map_err(TrainError::Config)?;
     if config.epochs == 0 || config.batch_size == 0 {
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
     }
@@ -416,4 +452,22 @@ pub fn run_infer(
         predictions,
         pictures: visualize.then_some(pictures),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_reach_nested_keys_and_refuse_unknown_ones() {
+        let config = StudentConfig::default();
+        let set = |s: &[&str]| apply_settings(config.clone(), &s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let changed = set(&["augment.mosaic=0", "nbs=16", "loss.box_gain=5"]).unwrap();
+        assert_eq!((changed.augment.mosaic, changed.nbs, changed.loss.box_gain), (0.0, 16, 5.0));
+        assert_eq!(changed.epochs, config.epochs);
+        let unknown = set(&["augment.mosiac=0"]).unwrap_err();
+        assert!(unknown.contains("augment.mosiac") && unknown.contains("mosaic"), "{unknown}");
+        assert!(set(&["nbs=many"]).unwrap_err().contains("nbs"));
+        assert!(set(&["nbs"]).unwrap_err().contains("KEY=VALUE"));
+    }
 }

@@ -16,6 +16,8 @@ use std::time::Instant;
 
 use burn::data::dataloader::DataLoader;
 use burn::data::dataloader::DataLoaderBuilder;
+use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::optim::GradientsAccumulator;
 use burn::tensor::Device;
 use burn::train::EventProcessorTraining;
 use burn::train::{
@@ -35,7 +37,7 @@ use crate::data::{EpochCounter, TrainBatcher, TrainDataset, ValDataset, val_batc
 use crate::eval::{CocoEvaluation, CocoResult, IouType, evaluate};
 use crate::loss::{LossConfig, LossParts};
 use crate::student::{
-    ModelEma, OptimizerChoice, OptimizerKind, Student, YoloLrSchedule, build_optimizer, choose_optimizer,
+    ModelEma, OptimizerChoice, OptimizerKind, Student, YoloLrSchedule, bias_group, build_optimizer, choose_optimizer,
 };
 
 /// Everything a student run is made of; saved as `student_config.yaml`.
@@ -53,6 +55,14 @@ pub struct StudentConfig {
     pub momentum: f64,
     pub weight_decay: f64,
     pub warmup_epochs: f64,
+    /// Learning rate the biases start the warm-up from (Ultralytics' `warmup_bias_lr`).
+    #[serde(default = "default_warmup_bias_lr")]
+    pub warmup_bias_lr: f64,
+    /// Nominal batch size (Ultralytics' `nbs`): the gradients of `round(nbs / batch_size)` batches
+    /// are summed into one optimiser step (ramped up from 1 during the warm-up), and weight decay
+    /// is scaled by `batch_size * accumulate / nbs`.
+    #[serde(default = "default_nbs")]
+    pub nbs: usize,
     pub close_mosaic: usize,
     /// Epochs without improvement before stopping; 0: never.
     pub patience: usize,
@@ -70,6 +80,14 @@ impl Default for StudentConfig {
     fn default() -> Self {
         serde_yaml::from_str(DEFAULT_STUDENT_CONFIG).expect("configs/student.yaml parses")
     }
+}
+
+fn default_warmup_bias_lr() -> f64 {
+    0.1
+}
+
+fn default_nbs() -> usize {
+    64
 }
 
 /// kiln's defaults for a student run (`configs/student.yaml`, built in).
@@ -263,23 +281,31 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
     };
     let initial_ema = burn::module::Module::valid(&yolo);
     let student = Student { yolo, loss: config.loss, max_grad_norm: config.max_grad_norm };
+    let accumulation = Accumulation::new(config.nbs, config.batch_size);
+    let samples = data.train.images.len();
     let choice = choose_optimizer(
         config.optimizer,
         config.lr0,
         config.momentum,
-        iterations_per_epoch * config.epochs,
+        samples.div_ceil(config.batch_size.max(accumulation.nbs)) * config.epochs,
         config.classes.len(),
     );
-    let optimizer = build_optimizer(&choice, config.weight_decay);
-    let warmup = ((config.warmup_epochs * iterations_per_epoch as f64).round() as usize).max(100);
-    let schedule = YoloLrSchedule {
+    let optimizer = build_optimizer(&choice, config.weight_decay * accumulation.weight_decay_scale());
+    // Ultralytics 8.4: the warm-up leaves at least the last epoch at the scheduled rate.
+    let warmup_epochs = config.warmup_epochs.min(config.epochs.saturating_sub(1) as f64).max(0.0);
+    let warmup = ((warmup_epochs * iterations_per_epoch as f64).round() as usize).max(1);
+    let schedule = |warmup_start: f64| YoloLrSchedule {
         lr0: choice.lr0,
         lrf: config.lrf,
         epochs: config.epochs,
         iterations_per_epoch,
-        warmup_iterations: warmup.min(iterations_per_epoch * config.epochs / 2).max(1),
+        warmup_iterations: warmup,
+        warmup_start,
         step: 0,
     };
+    // `auto` starts the biases' warm-up at 0 too, as Ultralytics does.
+    let bias_start = if config.optimizer == OptimizerKind::Auto { 0.0 } else { config.warmup_bias_lr };
+    let scheduler = ModuleLrScheduler::new(schedule(0.0)).with_group(bias_group(), schedule(bias_start));
     let last_epoch = stop_after_epochs.map_or(config.epochs, |n| (resume_from.unwrap_or(0) + n).min(config.epochs));
 
     let strategy = KilnStrategy {
@@ -296,6 +322,8 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
         last_epoch,
         outcome: Arc::new(std::sync::Mutex::new(None)),
         iterations_per_epoch,
+        accumulation,
+        warmup_iterations: warmup,
     };
     let outcome = strategy.outcome.clone();
     let start = Instant::now();
@@ -307,7 +335,7 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
         resume_from,
         Arc::new(strategy),
         outcome,
-        Learner::new(student, optimizer, schedule),
+        Learner::new(student, optimizer, scheduler),
     )?;
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
@@ -327,6 +355,40 @@ struct KilnStrategy {
     last_epoch: usize,
     outcome: crate::engine::Outcome<TrainSummary>,
     iterations_per_epoch: usize,
+    accumulation: Accumulation,
+    warmup_iterations: usize,
+}
+
+/// Ultralytics' gradient accumulation to a nominal batch size: `round(nbs / batch)` batches per
+/// optimiser step, ramped up linearly from 1 over the warm-up (rounding half to even, as Python).
+#[derive(Debug, Clone, Copy)]
+pub struct Accumulation {
+    pub nbs: usize,
+    pub batch_size: usize,
+    /// Batches per optimiser step after the warm-up.
+    pub batches: usize,
+}
+
+impl Accumulation {
+    pub fn new(nbs: usize, batch_size: usize) -> Self {
+        let nbs = nbs.max(1);
+        let batch_size = batch_size.max(1);
+        Self { nbs, batch_size, batches: ((nbs as f64 / batch_size as f64).round_ties_even() as usize).max(1) }
+    }
+
+    /// Weight decay is given for a batch of `nbs` images (`weight_decay * batch * accumulate / nbs`).
+    pub fn weight_decay_scale(&self) -> f64 {
+        (self.batch_size * self.batches) as f64 / self.nbs as f64
+    }
+
+    /// Batches per step at global batch `iteration` (0-based) of a `warmup`-batch warm-up.
+    pub fn at(&self, iteration: usize, warmup: usize) -> usize {
+        if iteration > warmup {
+            return self.batches;
+        }
+        let t = iteration as f64 / warmup.max(1) as f64;
+        ((1.0 + t * (self.batches as f64 - 1.0)).round_ties_even() as usize).max(1)
+    }
 }
 
 impl SupervisedLearningStrategy<Student> for KilnStrategy {
@@ -398,13 +460,27 @@ impl KilnStrategy {
             let mut sums = LossParts::default();
             let mut seen = 0usize;
             let mut iterator = train_loader.iter();
+            // Gradients are summed over `accumulation.at(..)` batches per optimiser step (as
+            // Ultralytics' `last_opt_step`), and flushed at the end of each epoch so that every
+            // epoch is self-contained and a resumed run repeats the uninterrupted one exactly.
+            let mut accumulator = GradientsAccumulator::<Student>::new();
+            let first = (epoch - 1) * batches;
+            let mut last_step: Option<usize> = None;
+            let mut position = 0usize;
             while let Some(batch) = iterator.next() {
                 let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
                 let images = batch.images.dims()[0];
+                let iteration = first + position;
+                position += 1;
                 let output = learner.train_step(batch);
                 learner.lr_step();
-                learner.optimizer_step(output.grads);
-                ema.update(&learner.model().yolo);
+                accumulator.accumulate(&learner.model(), output.grads);
+                let since = iteration + 1 - last_step.map_or(first, |s| s + 1);
+                if since >= self.accumulation.at(iteration, self.warmup_iterations) || position == batches {
+                    learner.optimizer_step(accumulator.grads());
+                    ema.update(&learner.model().yolo);
+                    last_step = Some(iteration);
+                }
                 let parts = output.item.parts;
                 sums = add(sums, parts, images as f32);
                 seen += images;
@@ -670,4 +746,22 @@ pub fn load_student_data(
         return Err(TrainError::Config(format!("{}: the dataset has no categories", train.display())));
     }
     Ok((StudentData { train: train_set, val: val_set, train_images, val_images }, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Accumulation;
+
+    #[test]
+    fn accumulation_follows_ultralytics() {
+        let a = Accumulation::new(64, 8);
+        assert_eq!(a.batches, 8);
+        assert_eq!(a.weight_decay_scale(), 1.0);
+        // Ramped from 1 over the warm-up, rounding half to even as numpy does (4.5 -> 4).
+        assert_eq!([a.at(0, 96), a.at(48, 96), a.at(96, 96), a.at(500, 96)], [1, 4, 8, 8]);
+        let b = Accumulation::new(64, 24);
+        assert_eq!(b.batches, 3);
+        assert_eq!(b.weight_decay_scale(), 72.0 / 64.0);
+        assert_eq!(Accumulation::new(64, 128).batches, 1);
+    }
 }

@@ -215,6 +215,12 @@ pub fn choose_optimizer(kind: OptimizerKind, lr0: f64, momentum: f64, iterations
     }
 }
 
+/// Biases, BatchNorm's shift included: Ultralytics' parameter group 0, which warms up from
+/// `warmup_bias_lr` instead of 0.
+pub fn bias_group() -> ParamGroup {
+    ParamGroup::from_any_regexes(vec![r"\.bias$", r"\.beta$"]).expect("valid regexes")
+}
+
 /// The optimiser with weight decay on weights only: BatchNorm's scale and shift and every bias
 /// are not decayed (Ultralytics' three parameter groups).
 pub fn build_optimizer(choice: &OptimizerChoice, weight_decay: f64) -> ModuleOptimizer {
@@ -245,8 +251,9 @@ pub fn build_optimizer(choice: &OptimizerChoice, weight_decay: f64) -> ModuleOpt
     }
 }
 
-/// Ultralytics' schedule per optimiser step: `lr0 * lf(epoch)` with
-/// `lf = (1 - e / epochs) * (1 - lrf) + lrf`, ramped up linearly from 0 over the warm-up steps.
+/// Ultralytics' schedule per batch: `lr0 * lf(epoch)` with `lf = (1 - e / epochs) * (1 - lrf) + lrf`,
+/// reached linearly over the warm-up batches from `warmup_start` (0 for weights; Ultralytics'
+/// `warmup_bias_lr`, 0.1, for biases).
 #[derive(Debug, Clone)]
 pub struct YoloLrSchedule {
     pub lr0: f64,
@@ -254,6 +261,7 @@ pub struct YoloLrSchedule {
     pub epochs: usize,
     pub iterations_per_epoch: usize,
     pub warmup_iterations: usize,
+    pub warmup_start: f64,
     pub step: usize,
 }
 
@@ -262,7 +270,12 @@ impl YoloLrSchedule {
         let epoch = step / self.iterations_per_epoch.max(1);
         let lf = (1.0 - epoch as f64 / self.epochs as f64) * (1.0 - self.lrf) + self.lrf;
         let target = self.lr0 * lf;
-        if step < self.warmup_iterations { target * (step + 1) as f64 / self.warmup_iterations as f64 } else { target }
+        if step < self.warmup_iterations {
+            let t = (step + 1) as f64 / self.warmup_iterations as f64;
+            self.warmup_start + (target - self.warmup_start) * t
+        } else {
+            target
+        }
     }
 }
 

@@ -542,6 +542,7 @@ pub fn train_grounding_dino(
         epochs: config.epochs,
         iterations_per_epoch,
         warmup_iterations: warmup.min(iterations_per_epoch * config.epochs / 2).max(1),
+        warmup_start: 0.0,
         step: 0,
     };
     let backbone = ParamGroup::from_regex(r"^(backbone|bert)\.").expect("valid regex");

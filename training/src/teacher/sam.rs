@@ -690,6 +690,7 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         epochs: config.epochs,
         iterations_per_epoch,
         warmup_iterations: warmup.min(iterations_per_epoch * config.epochs / 2).max(1),
+        warmup_start: 0.0,
         step: 0,
     };
     let last_epoch = stop_after_epochs.map_or(config.epochs, |n| (resume_from.unwrap_or(0) + n).min(config.epochs));
