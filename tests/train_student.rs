@@ -66,7 +66,13 @@ fn a_run_writes_its_files_and_resumes_to_the_same_weights() {
     let whole = scratch.path().join("whole");
     let summary = run(&train, &val, &whole, 3, false, None);
     assert_eq!(summary.history.len(), 3);
-    for file in ["student_config.yaml", "results.csv", "weights/last.safetensors", "weights/best.safetensors"] {
+    for file in [
+        "student_config.yaml",
+        "results.csv",
+        "train_batches.jpg",
+        "weights/last.safetensors",
+        "weights/best.safetensors",
+    ] {
         assert!(whole.join(file).is_file(), "{file} is written");
     }
     let csv = std::fs::read_to_string(whole.join("results.csv")).unwrap();

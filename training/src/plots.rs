@@ -1,11 +1,13 @@
 //! The pictures of a run, as PNG: losses and metrics per epoch (`results.png`), the
 //! precision-recall curves at IoU 0.5 (`pr_curve.png`), and validation images with the model's
-//! predictions drawn (`val_predictions.jpg`).
+//! predictions drawn (`val_predictions.jpg`), and the first training samples with their labels
+//! (`train_batches.jpg`).
 
 use std::path::Path;
 
 use image::{Rgb, RgbImage};
 use kiln_data::draw;
+use kiln_data::mask::BinaryMask;
 use kiln_models::yolo::predict::Detection;
 
 use crate::run::EpochRecord;
@@ -151,6 +153,30 @@ pub fn draw_detections(image: &mut RgbImage, detections: &[Detection], class_nam
         draw::rectangle(image, bbox, colour, thickness);
         let name = class_names.get(d.class_id).map_or_else(|| d.class_id.to_string(), Clone::clone);
         draw::label(image, bbox[0], bbox[1], &format!("{name} {:.2}", d.score), colour, scale);
+    }
+}
+
+/// A training sample as the network sees it, with its labels drawn: masks (at `1 / mask_downsample`
+/// of the image) tinted, boxes outlined with their class names (Ultralytics' `train_batch*.jpg`).
+pub fn draw_labels(image: &mut RgbImage, boxes: &[(usize, [f32; 4])], masks: &[BinaryMask], class_names: &[String]) {
+    for ((class, _), mask) in boxes.iter().zip(masks) {
+        let (w, h) = (image.width(), image.height());
+        let (sx, sy) = (mask.width as f64 / w as f64, mask.height as f64 / h as f64);
+        let mut full = BinaryMask::zeros(w, h);
+        for y in 0..h {
+            for x in 0..w {
+                let (mx, my) = ((x as f64 * sx) as u32, (y as f64 * sy) as u32);
+                full.data[(y * w + x) as usize] = mask.get(mx.min(mask.width - 1), my.min(mask.height - 1)) as u8;
+            }
+        }
+        draw::tint_mask(image, &full, draw::class_colour(*class), 0.45);
+    }
+    for (class, bbox) in boxes {
+        let colour = draw::class_colour(*class);
+        let bbox = bbox.map(|v| v as f64);
+        draw::rectangle(image, bbox, colour, 1);
+        let name = class_names.get(*class).map_or_else(|| class.to_string(), Clone::clone);
+        draw::label(image, bbox[0], bbox[1], &name, colour, 1);
     }
 }
 

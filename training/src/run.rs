@@ -259,6 +259,9 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
         config.close_mosaic,
         epoch_counter.clone(),
     );
+    if resume_from.is_none() {
+        write_training_samples(&train_dataset, &config.classes, &output.join("train_batches.jpg"))?;
+    }
     let iterations_per_epoch = data.train.images.len().div_ceil(config.batch_size);
     // The data loaders run on the training thread: batches then come in a fixed order, which makes
     // a resumed run equal to an uninterrupted one.
@@ -674,6 +677,25 @@ impl KilnStrategy {
         let mask_eval = if self.masks { Some(evaluate(&self.val_truth, &results, IouType::Segm)?) } else { None };
         Ok((scale(sums, 1.0 / seen.max(1) as f32), box_eval, mask_eval, shown))
     }
+}
+
+/// Training samples shown with their labels.
+const SHOWN_SAMPLES: usize = 16;
+
+/// `train_batches.jpg`: the first epoch's first augmented samples with their boxes, classes and
+/// masks, to check the labels and the augmentation at a glance.
+fn write_training_samples(dataset: &TrainDataset, classes: &[String], path: &Path) -> Result<(), TrainError> {
+    let mut pictures = Vec::new();
+    for position in 0..SHOWN_SAMPLES.min(burn::data::dataset::Dataset::len(dataset)) {
+        let sample = dataset.sample(1, position)?;
+        let mut image = sample.image;
+        crate::plots::draw_labels(&mut image, &sample.boxes, &sample.masks, classes);
+        pictures.push(image);
+    }
+    if !pictures.is_empty() {
+        crate::plots::save(&crate::plots::grid(&pictures, 4, 320), path)?;
+    }
+    Ok(())
 }
 
 /// Detections of one image as COCO results (boxes `x, y, w, h`; masks as compressed RLE).
