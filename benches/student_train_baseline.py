@@ -96,10 +96,14 @@ def main():
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ultralytics import YOLO
 
+    import yaml  # an Ultralytics dependency
+
     extra = {}
     for setting in args.set:
         key, value = setting.split("=", 1)
-        extra[key] = type(model_defaults()[key])(value) if key in model_defaults() else value
+        if key not in model_defaults():
+            raise SystemExit(f"--set {setting}: Ultralytics has no setting {key!r}")
+        extra[key] = yaml.safe_load(value)  # typed as Ultralytics' own YAML would be (0, 0.5, false, ...)
     model = YOLO("yolov8n-seg.yaml")
     model.train(
         **extra,

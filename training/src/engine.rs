@@ -108,6 +108,21 @@ pub fn unix_seconds() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// kiln's resume state after `epoch` (history, best so far, ...): `checkpoint/state-N.json`.
+pub fn read_run_state<T: serde::de::DeserializeOwned>(checkpoint_dir: &Path, epoch: usize) -> Result<T, TrainError> {
+    let path = checkpoint_dir.join(format!("state-{epoch}.json"));
+    let io = |message: String| TrainError::Io { path: path.clone(), message };
+    let bytes = std::fs::read(&path).map_err(|e| io(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| io(e.to_string()))
+}
+
+/// Writes kiln's resume state after `epoch`, atomically.
+pub fn write_run_state<T: serde::Serialize>(checkpoint_dir: &Path, epoch: usize, state: &T) -> Result<(), TrainError> {
+    let path = checkpoint_dir.join(format!("state-{epoch}.json"));
+    kiln_data::io::write_atomic(&path, &serde_json::to_vec(state).expect("state serialises"))?;
+    Ok(())
+}
+
 /// Removes the kiln files of checkpoints older than the two burn-train keeps.
 pub fn prune_checkpoints(dir: &Path, epoch: usize, patterns: &[&str]) {
     for old in 1..epoch.saturating_sub(1) {

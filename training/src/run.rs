@@ -444,9 +444,7 @@ impl KilnStrategy {
                 &checkpoint_dir.join(format!("ema-{previous}.safetensors")),
                 &self.device.clone().inner(),
             )?;
-            let path = checkpoint_dir.join(format!("state-{previous}.json"));
-            let state: RunState = serde_json::from_slice(&std::fs::read(&path).map_err(|e| io_error(&path, e))?)
-                .map_err(|e| io_error(&path, e))?;
+            let state: RunState = crate::engine::read_run_state(&checkpoint_dir, previous)?;
             (ModelEma::new(burn::module::Module::valid(&ema_model), state.ema_updates), state)
         } else {
             (ModelEma::new(self.initial_ema.clone(), 0), RunState::default())
@@ -467,22 +465,20 @@ impl KilnStrategy {
             // Ultralytics' `last_opt_step`), and flushed at the end of each epoch so that every
             // epoch is self-contained and a resumed run repeats the uninterrupted one exactly.
             let mut accumulator = GradientsAccumulator::<Student>::new();
-            let first = (epoch - 1) * batches;
-            let mut last_step: Option<usize> = None;
-            let mut position = 0usize;
+            let (mut position, mut pending) = (0usize, 0usize);
             while let Some(batch) = iterator.next() {
                 let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
                 let images = batch.images.dims()[0];
-                let iteration = first + position;
+                let iteration = (epoch - 1) * batches + position;
                 position += 1;
                 let output = learner.train_step(batch);
                 learner.lr_step();
                 accumulator.accumulate(&learner.model(), output.grads);
-                let since = iteration + 1 - last_step.map_or(first, |s| s + 1);
-                if since >= self.accumulation.at(iteration, self.warmup_iterations) || position == batches {
+                pending += 1;
+                if pending >= self.accumulation.at(iteration, self.warmup_iterations) || position == batches {
                     learner.optimizer_step(accumulator.grads());
                     ema.update(&learner.model().yolo);
-                    last_step = Some(iteration);
+                    pending = 0;
                 }
                 let parts = output.item.parts;
                 sums = add(sums, parts, images as f32);
@@ -538,8 +534,7 @@ impl KilnStrategy {
             // Resume state: kiln's files first, burn-train's last, so an epoch counts as complete
             // only once all are on disk (see `complete_checkpoints`).
             ema.model.save(&checkpoint_dir.join(format!("ema-{epoch}.safetensors")), &metadata)?;
-            let state_path = checkpoint_dir.join(format!("state-{epoch}.json"));
-            kiln_data::io::write_atomic(&state_path, &serde_json::to_vec(&state).expect("state serialises"))?;
+            crate::engine::write_run_state(&checkpoint_dir, epoch, &state)?;
             if let Some(checkpointer) = checkpointer.as_mut() {
                 checkpointer.checkpoint(learner, epoch, event_store);
             }

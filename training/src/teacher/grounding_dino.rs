@@ -664,10 +664,7 @@ impl GroundingStrategy {
     ) -> Result<(GroundingRunState, bool), TrainError> {
         let checkpoint_dir = self.run_dir.join("checkpoint");
         let mut state: GroundingRunState = if starting_epoch > 1 {
-            let path = checkpoint_dir.join(format!("state-{}.json", starting_epoch - 1));
-            let bytes =
-                std::fs::read(&path).map_err(|e| TrainError::Io { path: path.clone(), message: e.to_string() })?;
-            serde_json::from_slice(&bytes).map_err(|e| TrainError::Io { path, message: e.to_string() })?
+            crate::engine::read_run_state(&checkpoint_dir, starting_epoch - 1)?
         } else {
             GroundingRunState::default()
         };
@@ -745,8 +742,7 @@ impl GroundingStrategy {
                 self.save_best(&model.model)?;
             }
             self.write_outputs(&state.history, &shown)?;
-            let state_path = checkpoint_dir.join(format!("state-{epoch}.json"));
-            kiln_data::io::write_atomic(&state_path, &serde_json::to_vec(&state).expect("state serialises"))?;
+            crate::engine::write_run_state(&checkpoint_dir, epoch, &state)?;
             if let Some(checkpointer) = checkpointer.as_mut() {
                 checkpointer.checkpoint(learner, epoch, event_store);
             }
