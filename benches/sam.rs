@@ -59,7 +59,8 @@ fn train_step(model: Sam, optimizer: &mut burn::optim::ModuleOptimizer, device: 
         prediction.masks.reshape([PROMPTS, 64, 64]),
         prediction.iou_predictions.reshape([PROMPTS]),
         targets,
-    );
+    )
+    .expect("the CPU reads the loss back");
     let grads = burn::optim::GradientsParams::from_grads(out.total.backward(), &model);
     optimizer.step(burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(1e-4), model, grads)
 }

@@ -56,14 +56,17 @@ fn forward(c: &mut Criterion, name: &str, device: Device) {
 fn benches(c: &mut Criterion) {
     forward(c, "flex", Device::flex());
     #[cfg(feature = "wgpu")]
-    forward(c, "wgpu", Device::wgpu(Default::default()));
+    match kiln_models::device::wgpu() {
+        Ok(device) => forward(c, "wgpu", device),
+        Err(error) => eprintln!("wgpu skipped: {error}"),
+    }
 
     let device = Device::flex();
     let model = model(&device);
     let (x, letterbox) = input(&device);
     let output = model.forward(x);
     let options = PredictOptions::default();
-    let detections = model.postprocess(&output, &[letterbox], &options);
+    let detections = model.postprocess(&output, &[letterbox], &options).expect("the CPU reads back");
     eprintln!("postprocess bench: {} detections at conf {}", detections[0].len(), options.conf);
     let mut group = c.benchmark_group("yolov8n_seg_640");
     group.sample_size(10);

@@ -116,7 +116,7 @@ fn downsampled_masks_keep_their_place() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_batch_equals_flex_batch() {
-    let wgpu = Device::wgpu(Default::default());
+    let wgpu = kiln_models::device::wgpu().unwrap();
     let (a, _, _s1) = batch_on(&Device::flex(), 4);
     let (b, _, _s2) = batch_on(&wgpu, 4);
     assert_eq!(a.images.to_data().try_to_vec::<f32>().unwrap(), b.images.to_data().try_to_vec::<f32>().unwrap());

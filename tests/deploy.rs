@@ -1,6 +1,7 @@
-//! Deployment on a trained student (`tests/fixtures/students`): the `Detector` API, and `kiln
-//! infer` on wgpu (Mesa's lavapipe in CI) giving flex's detections: same classes, boxes within
-//! 1e-2 px, scores within 1e-3.
+//! Deployment on a trained student (`tests/fixtures/students`, stored in half precision): the
+//! `Detector` API, and `kiln infer` on wgpu (Mesa's lavapipe in CI, and once more on OpenGL alone,
+//! which has no shader f16) giving flex's detections: same classes, boxes within 1e-2 px, scores
+//! within 1e-3. Device failures (no driver, a computation the GPU cannot run) are errors.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use burn::tensor::Device;
 use indicatif::ProgressBar;
 use kiln_data::{SynthLabels, SynthOptions, synthesize};
 use kiln_models::{Detector, PredictOptions};
-use kiln_tests::{Scratch, fixture};
+use kiln_tests::{Scratch, fixture, in_child_test, no_gpu_driver_environment, run_test_in_child};
 
 fn student() -> PathBuf {
     fixture("students/synth160_yolov8n_seg.safetensors")
@@ -31,7 +32,7 @@ fn detector_finds_the_shapes_with_their_names() {
     let mut found = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let image = image::open(entry.unwrap().path()).unwrap().to_rgb8();
-        for d in detector.predict(&image) {
+        for d in detector.predict(&image).unwrap() {
             assert_eq!(d.class_name, detector.classes()[d.class_id]);
             assert_eq!(d.category_id, d.class_id as u64 + 1);
             let mask = d.mask.expect("a segmentation student gives masks");
@@ -71,7 +72,7 @@ fn infer_on_wgpu_equals_flex() {
         json["annotations"].as_array().unwrap().clone()
     };
     let flex = run(Device::flex(), "flex");
-    let wgpu = run(Device::wgpu(Default::default()), "wgpu");
+    let wgpu = run(kiln_models::device::wgpu().unwrap(), "wgpu");
     assert!(flex.len() >= 8, "only {} detections on flex", flex.len());
     assert_eq!(flex.len(), wgpu.len(), "detection counts differ");
     for (a, b) in flex.iter().zip(&wgpu) {
@@ -126,11 +127,95 @@ fn int8_weights_run_on_flex_and_are_refused_on_wgpu() {
     files.sort();
     let pictures: Vec<_> = files.iter().take(4).map(|f| image::open(f).unwrap().to_rgb8()).collect();
     let detector = Detector::load(student(), &Device::flex()).unwrap().quantized_int8().unwrap();
-    let found: usize = pictures.iter().map(|p| detector.predict(p).len()).sum();
+    let found: usize = pictures.iter().map(|p| detector.predict(p).unwrap().len()).sum();
     assert!(found >= 3, "only {found} detections in 4 images with INT8 weights");
     #[cfg(feature = "wgpu")]
     {
-        let error = Detector::load(student(), &Device::wgpu(Default::default())).unwrap().quantized_int8().unwrap_err();
+        let error =
+            Detector::load(student(), &kiln_models::device::wgpu().unwrap()).unwrap().quantized_int8().unwrap_err();
         assert!(error.contains("kiln export --int8"), "{error}");
     }
+}
+
+/// A machine without any GPU driver: the embedding API says what to install, no panic.
+#[cfg(feature = "wgpu")]
+#[test]
+fn without_a_gpu_driver_the_detector_is_an_error_that_says_what_to_install() {
+    use kiln_models::{Backend, DetectorError};
+    if in_child_test() {
+        let error = Detector::open(student(), Backend::Wgpu).unwrap_err();
+        assert!(matches!(error, DetectorError::Device(_)), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains("no GPU adapter found"), "{message}");
+        assert!(message.contains("mesa-vulkan-drivers") && message.contains("--device cpu"), "{message}");
+        // The CPU still works in the same process.
+        let detector = Detector::open(student(), Backend::Cpu).unwrap();
+        assert_eq!(detector.classes().len(), 3);
+        return;
+    }
+    let child = run_test_in_child(
+        "without_a_gpu_driver_the_detector_is_an_error_that_says_what_to_install",
+        &no_gpu_driver_environment(),
+    );
+    let output = format!("{}{}", String::from_utf8_lossy(&child.stdout), String::from_utf8_lossy(&child.stderr));
+    assert!(child.status.success() && output.contains("1 passed"), "{output}");
+}
+
+/// A computation the GPU cannot run fails at the read-back, as Burn reports device errors:
+/// half precision on an adapter without shader f16 (OpenGL; CI runs this test there) is an
+/// error naming the device and the missing feature; where the adapter has shader f16 (lavapipe,
+/// most GPUs) the same computation is right.
+#[cfg(feature = "wgpu")]
+#[test]
+fn half_precision_without_shader_f16_is_an_error_not_a_panic() {
+    use burn::tensor::{DType, Tensor};
+    use kiln_models::device::{read_floats, wgpu, wgpu_adapter};
+    if !in_child_test() {
+        // A device that failed may stay failed: the test runs in a process of its own.
+        let child = run_test_in_child("half_precision_without_shader_f16_is_an_error_not_a_panic", &[]);
+        let output = format!("{}{}", String::from_utf8_lossy(&child.stdout), String::from_utf8_lossy(&child.stderr));
+        assert!(child.status.success() && output.contains("1 passed"), "{output}");
+        return;
+    }
+    let device = wgpu().unwrap();
+    let adapter = wgpu_adapter().unwrap();
+    eprintln!("adapter: {adapter}");
+    let half = Tensor::<1>::from_floats([0.5, 1.5, -2.0], &device).cast(DType::F16) * 2.0;
+    let result = read_floats(half);
+    if adapter.shader_f16 {
+        assert_eq!(result.unwrap(), [1.0, 3.0, -4.0]);
+    } else {
+        let message = result.unwrap_err().to_string();
+        eprintln!("error: {message}");
+        assert!(message.contains("wgpu device") && message.contains("no shader f16"), "{message}");
+        assert!(message.contains("--device cpu"), "{message}");
+    }
+    let scratch = Scratch::new("half-precision-child");
+    let dir = images(scratch.path());
+    let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    let image = image::open(file).unwrap().to_rgb8();
+    // The failure does not poison the device: the student (its half-precision weights made
+    // float32 on the host) still runs on it.
+    let found = Detector::load(student(), &device).unwrap().predict(&image).unwrap();
+    assert!(!found.is_empty() && found.iter().all(|d| d.score >= 0.25));
+}
+
+/// The student fixture is stored in half precision; loaded, every float parameter is float32
+/// (converted on the host), so no device needs shader f16 to load it.
+#[test]
+fn half_precision_files_load_as_float32() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::{DType, Tensor};
+    let header = kiln_tests::safetensors_dtypes(&student());
+    assert!(header.iter().any(|d| d == "F16"), "the fixture is stored in half precision: {header:?}");
+    struct Dtypes(Vec<DType>);
+    impl ModuleVisitor for Dtypes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().dtype());
+        }
+    }
+    let detector = Detector::load(student(), &Device::flex()).unwrap();
+    let mut dtypes = Dtypes(Vec::new());
+    detector.model().visit(&mut dtypes);
+    assert!(dtypes.0.len() > 100 && dtypes.0.iter().all(|d| *d == DType::F32), "{:?}", dtypes.0);
 }

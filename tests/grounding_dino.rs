@@ -311,7 +311,8 @@ fn set_loss_matches_its_formula() {
         Tensor::from_data(TensorData::new(boxes.clone(), [1, 3, 4]), &device),
         mask,
         std::slice::from_ref(&target),
-    );
+    )
+    .unwrap();
     // Query 0 fits ground truth 0 and query 1 ground truth 1 on every term: the matching is (0, 1).
     let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
     let focal = |x: f32, t: f32| {

@@ -177,3 +177,42 @@ pub fn teacher_request(
         overrides,
     }
 }
+
+/// Environment variables under which a process finds no GPU driver at all: the Vulkan loader
+/// is pointed at a driver list that does not exist, and so is glvnd's EGL (OpenGL's route on
+/// Linux). For tests of what a machine without drivers gets: an error, never a panic.
+pub fn no_gpu_driver_environment() -> Vec<(&'static str, &'static str)> {
+    let nowhere = "/nonexistent/kiln-test-no-driver.json";
+    vec![("VK_ICD_FILENAMES", nowhere), ("VK_DRIVER_FILES", nowhere), ("__EGL_VENDOR_LIBRARY_FILENAMES", nowhere)]
+}
+
+/// Runs the test `name` of the current test binary again in a child process with `env`, for
+/// tests of a process-wide state (the GPU driver seen, a device left failed). The child sees
+/// `KILN_TEST_CHILD` set; the parent gets whether it passed, with its output.
+pub fn run_test_in_child(name: &str, env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env("KILN_TEST_CHILD", "1")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the test binary again")
+}
+
+/// Whether this process is the child of [`run_test_in_child`].
+pub fn in_child_test() -> bool {
+    std::env::var_os("KILN_TEST_CHILD").is_some()
+}
+
+/// The `dtype` of every tensor in a safetensors file's header.
+pub fn safetensors_dtypes(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + length]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(key, _)| *key != "__metadata__")
+        .map(|(_, tensor)| tensor["dtype"].as_str().unwrap().to_string())
+        .collect()
+}

@@ -77,7 +77,8 @@ fn focal_and_dice_follow_their_formulas() {
         Tensor::from_data(TensorData::new(logits.to_vec(), [2, 1, 3]), &device),
         Tensor::from_data(TensorData::new(vec![0.4f32, 0.9], [2]), &device),
         Tensor::from_data(TensorData::new(targets.to_vec(), [2, 1, 3]), &device),
-    );
+    )
+    .unwrap();
     // torchvision.ops.sigmoid_focal_loss and SAM's dice, written out per element.
     let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
     let (mut focal, mut dice, mut iou) = (0.0, 0.0, 0.0);

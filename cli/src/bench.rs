@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use burn::tensor::{Tensor, TensorData};
 use kiln_models::StudentInfo;
+use kiln_models::device::read_floats;
 
 use crate::DeviceArg;
 
@@ -94,35 +95,36 @@ fn bench_student(args: &BenchArgs) -> anyhow::Result<Measured> {
     let input: Tensor<4> = Tensor::from_data(TensorData::new(pixels, [args.batch, 3, s, s]), &device);
     // One call = the network and box decoding, with every output read back to the host (as an
     // application gets it), so asynchronous backends are timed to completion.
-    let call = || {
+    let call = || -> Result<(), kiln_models::DeviceError> {
         let output = model.forward(input.clone());
         let decoded = model.head.decode(&output, s);
-        let _ = decoded.into_data();
+        read_floats(decoded)?;
         if let Some(prototypes) = output.prototypes {
-            let _ = prototypes.into_data();
+            read_floats(prototypes)?;
         }
+        Ok(())
     };
     for _ in 0..args.warmup {
-        call();
+        call()?;
     }
     let bar = crate::progress_bar("runs");
     bar.set_length(args.runs as u64);
     let times = (0..args.runs)
         .map(|_| {
             let start = Instant::now();
-            call();
+            call()?;
             bar.inc(1);
-            start.elapsed().as_secs_f64()
+            Ok(start.elapsed().as_secs_f64())
         })
-        .collect();
+        .collect::<Result<_, kiln_models::DeviceError>>()?;
     bar.finish_and_clear();
-    let backend = match args.device {
-        DeviceArg::Cpu => "Burn flex (CPU)",
-        DeviceArg::Wgpu => "Burn wgpu",
-        DeviceArg::Cuda => "Burn CUDA",
-    };
     Ok(Measured {
-        engine: format!("{backend}, {}{}", info.config, if args.int8 { ", INT8 weights" } else { "" }),
+        engine: format!(
+            "Burn on the {}, {}{}",
+            kiln_models::device::describe(&device),
+            info.config,
+            if args.int8 { ", INT8 weights" } else { "" }
+        ),
         input: format!("[{}, 3, {s}, {s}] float32", args.batch),
         times,
         batch: args.batch,

@@ -73,7 +73,7 @@ fn megabytes(bytes: u64) -> String {
 }
 
 pub fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
-    let device = crate::cpu_device();
+    let device = kiln_models::device::cpu();
     let info = StudentInfo::read(&args.model)?;
     let options = ExportOptions { imgsz: args.imgsz.unwrap_or(info.imgsz), batch: args.batch, half: args.half };
     anyhow::ensure!(

@@ -120,7 +120,8 @@ enum Command {
 pub(crate) enum DeviceArg {
     /// The CPU (Burn's flex backend).
     Cpu,
-    /// Any GPU through wgpu (Vulkan, Metal, DX12; lavapipe on a CPU-only box).
+    /// Any GPU through wgpu (Vulkan, Metal, DX12, or OpenGL where none of those has a driver;
+    /// Mesa's lavapipe or llvmpipe on a CPU-only box).
     Wgpu,
     /// NVIDIA GPUs through CUDA (needs a kiln built with the `cuda` feature).
     Cuda,
@@ -518,7 +519,7 @@ fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
         config = config.with_num_classes(classes);
     }
     anyhow::ensure!(args.imgsz >= 32 && args.imgsz % 32 == 0, "--imgsz must be a positive multiple of 32");
-    let device = cpu_device();
+    let device = kiln_models::device::cpu();
     let model = match &args.weights {
         Some(path) => YoloV8::load(&config, path, &device)?,
         None => config.init(&device),
@@ -540,14 +541,6 @@ fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
         None => println!("  weights      none (random init); pass --weights FILE to load and check a checkpoint"),
     }
     Ok(())
-}
-
-/// The CPU backend when built in, for work that needs no accelerator.
-pub(crate) fn cpu_device() -> burn::tensor::Device {
-    #[cfg(feature = "flex")]
-    return burn::tensor::Device::flex();
-    #[cfg(not(feature = "flex"))]
-    return burn::tensor::Device::default();
 }
 
 fn group_thousands(n: usize) -> String {
@@ -664,17 +657,22 @@ fn load_student(
     Ok(student)
 }
 
+/// Opens the device and checks that it runs a convolution; a GPU says which adapter and graphics
+/// API it got (on stderr, so that machine-readable output stays clean).
 pub(crate) fn device(arg: DeviceArg) -> anyhow::Result<burn::tensor::Device> {
-    match arg {
-        DeviceArg::Cpu => Ok(cpu_device()),
-        #[cfg(feature = "wgpu")]
-        DeviceArg::Wgpu => Ok(burn::tensor::Device::wgpu(Default::default())),
-        #[cfg(not(feature = "wgpu"))]
-        DeviceArg::Wgpu => anyhow::bail!("this kiln was built without wgpu: rebuild with `--features wgpu`"),
+    let backend = match arg {
+        DeviceArg::Cpu => kiln_models::Backend::Cpu,
+        DeviceArg::Wgpu => kiln_models::Backend::Wgpu,
         DeviceArg::Cuda => anyhow::bail!(
             "this kiln was built without CUDA: rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit"
         ),
+    };
+    let device = backend.open()?;
+    kiln_models::device::check(&device)?;
+    if backend != kiln_models::Backend::Cpu {
+        eprintln!("device: {}", kiln_models::device::describe(&device));
     }
+    Ok(device)
 }
 
 fn run_train_student(args: &TrainStudentArgs) -> anyhow::Result<()> {
@@ -685,13 +683,14 @@ fn run_train_student(args: &TrainStudentArgs) -> anyhow::Result<()> {
         (None, true) => anyhow::bail!("--resume needs --output DIR: the run to continue"),
     };
     let optimizer = args.optimizer.as_deref().map(str::parse).transpose().map_err(anyhow::Error::msg)?;
+    let device = device(args.device)?;
     let request = TrainStudentRequest {
         train: args.data.clone(),
         val: args.val.clone(),
         images: args.images.clone(),
         output: output.clone(),
         resume: args.resume,
-        device_name: format!("{:?}", args.device).to_lowercase(),
+        device_name: kiln_models::device::describe(&device),
         overrides: StudentOverrides {
             model: args.model.clone(),
             weights: args.weights.clone(),
@@ -707,7 +706,7 @@ fn run_train_student(args: &TrainStudentArgs) -> anyhow::Result<()> {
         },
     };
     println!("kiln train-student -> {}", output.display());
-    let (config, summary) = run_train_student(&request, device(args.device)?, kiln_training::run::Verbosity::Progress)?;
+    let (config, summary) = run_train_student(&request, device, kiln_training::run::Verbosity::Progress)?;
     print!("{}", render_train_summary(&config, &summary, &output));
     Ok(())
 }
@@ -719,13 +718,14 @@ fn run_train_teacher(args: &TrainTeacherArgs) -> anyhow::Result<()> {
         (None, false) => fresh_run_dir(Path::new("experiments/teacher")),
         (None, true) => anyhow::bail!("--resume needs --output DIR: the experiment to continue"),
     };
+    let device = device(args.device)?;
     let request = TrainTeacherRequest {
         train: args.data.clone(),
         val: args.val.clone(),
         images: args.images.clone(),
         output: output.clone(),
         resume: args.resume,
-        device_name: format!("{:?}", args.device).to_lowercase(),
+        device_name: kiln_models::device::describe(&device),
         overrides: TeacherOverrides {
             only: args.teacher.clone(),
             gdino: args.gdino.clone(),
@@ -749,7 +749,7 @@ fn run_train_teacher(args: &TrainTeacherArgs) -> anyhow::Result<()> {
         },
     };
     println!("kiln train-teacher -> {}", output.join("teachers").display());
-    let summary = run_train_teacher(&request, device(args.device)?, kiln_training::run::Verbosity::Progress)?;
+    let summary = run_train_teacher(&request, device, kiln_training::run::Verbosity::Progress)?;
     print!("{}", render_teacher_summary(&summary));
     Ok(())
 }

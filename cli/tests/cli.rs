@@ -204,3 +204,87 @@ fn train_student_runs_end_to_end_on_coco8_seg_then_eval_reads_the_run() {
     assert!(eval.status.success(), "{stdout}\n{}", text(&eval.stderr));
     assert!(stdout.contains("all") && stdout.contains("Mask(P") && stdout.contains("person"), "{stdout}");
 }
+
+/// Synth images of the fixture student's domain (a seed it was not trained on).
+fn student_images(dir: &Path) -> std::path::PathBuf {
+    let options = kiln_data::SynthOptions {
+        images: 6,
+        classes: 3,
+        size: 160,
+        labels: kiln_data::SynthLabels::Both,
+        seed: 11,
+        max_objects: 2,
+    };
+    kiln_data::synthesize(&options, dir, &indicatif::ProgressBar::hidden()).unwrap().images_dir
+}
+
+/// `kiln infer --device wgpu` on the half-precision student finds what `--device cpu` finds, on
+/// whichever adapter the machine has (lavapipe's Vulkan in CI, OpenGL alone on a machine without
+/// Vulkan: CI runs this test on both), and says which adapter and graphics API it got.
+#[cfg(feature = "wgpu")]
+#[test]
+fn infer_on_wgpu_finds_what_the_cpu_finds_and_names_the_adapter() {
+    let scratch = Scratch::new("cli-infer-wgpu");
+    let images = student_images(&scratch.path().join("data"));
+    let model = kiln_tests::fixture("students/synth160_yolov8n_seg.safetensors");
+    let infer = |device: &str| {
+        let output = scratch.path().join(device);
+        let run = kiln(
+            &[
+                "infer",
+                "--model",
+                model.to_str().unwrap(),
+                "--images",
+                images.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+                "--device",
+                device,
+            ],
+            scratch.path(),
+        );
+        assert!(run.status.success(), "{}\n{}", text(&run.stdout), text(&run.stderr));
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(output.join("predictions.json")).unwrap()).unwrap();
+        (json["annotations"].as_array().unwrap().clone(), text(&run.stderr))
+    };
+    let (cpu, _) = infer("cpu");
+    let (gpu, stderr) = infer("wgpu");
+    let reported = stderr.lines().find(|l| l.starts_with("device: wgpu device (")).unwrap_or_default();
+    assert!(
+        ["Vulkan", "Metal", "DX12", "GL"].iter().any(|api| reported.contains(&format!(" via {api}"))),
+        "no adapter report in:\n{stderr}"
+    );
+    assert!(cpu.len() >= 5, "only {} detections on the CPU", cpu.len());
+    assert_eq!(cpu.len(), gpu.len(), "detection counts differ");
+    for (a, b) in cpu.iter().zip(&gpu) {
+        assert_eq!((&a["image_id"], &a["category_id"]), (&b["image_id"], &b["category_id"]));
+        for k in 0..4 {
+            assert!((a["bbox"][k].as_f64().unwrap() - b["bbox"][k].as_f64().unwrap()).abs() <= 1e-2, "{a} vs {b}");
+        }
+        assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() <= 1e-3, "{a} vs {b}");
+    }
+}
+
+/// On a machine without any GPU driver, `--device wgpu` is a one-line error with what to do,
+/// exit status 1 (not a panic's 101), and no output directory.
+#[cfg(feature = "wgpu")]
+#[test]
+fn infer_on_wgpu_without_a_driver_exits_cleanly_with_advice() {
+    let scratch = Scratch::new("cli-infer-no-driver");
+    let images = student_images(&scratch.path().join("data"));
+    let model = kiln_tests::fixture("students/synth160_yolov8n_seg.safetensors");
+    let output = scratch.path().join("out");
+    let run = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["infer", "--model", model.to_str().unwrap(), "--images", images.to_str().unwrap()])
+        .args(["--output", output.to_str().unwrap(), "--device", "wgpu"])
+        .envs(kiln_tests::no_gpu_driver_environment())
+        .current_dir(scratch.path())
+        .output()
+        .unwrap();
+    let stderr = text(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("error: no GPU adapter found") && stderr.contains("--device cpu"), "{stderr}");
+    assert!(!output.exists(), "nothing is written when the device cannot be opened");
+}

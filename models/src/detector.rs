@@ -2,7 +2,9 @@
 //! its `.safetensors` file, whose header carries the architecture, class names, category ids and
 //! input size, and run on an image: the detections come back in original-image pixels with their
 //! class names and masks. No CLI, no training code: an edge app depends on `kiln-models` only and
-//! picks its backend with a Cargo feature (`flex` for the CPU, `wgpu` for any GPU).
+//! picks its backend with a Cargo feature (`flex` for the CPU, `wgpu` for any GPU) and opens the
+//! device with [`crate::device`] (`Backend::Wgpu.open()?`), which turns a missing driver into an
+//! error. Half-precision files load everywhere: weights become float32 on the host.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +13,7 @@ use burn::tensor::Device;
 use image::RgbImage;
 use kiln_data::BinaryMask;
 
+use crate::device::{Backend, DeviceError};
 use crate::weights::{WeightsError, read_safetensors_metadata};
 use crate::yolo::predict::PredictOptions;
 use crate::yolo::{YoloConfig, YoloV8};
@@ -84,7 +87,7 @@ pub struct Detection {
     pub mask: Option<BinaryMask>,
 }
 
-/// A trained student ready to run: `Detector::load(path, &device)?.predict(&image)`.
+/// A trained student ready to run: `Detector::load(path, &device)?.predict(&image)?`.
 #[derive(Debug)]
 pub struct Detector {
     model: YoloV8,
@@ -96,7 +99,25 @@ pub struct Detector {
     pub imgsz: u32,
 }
 
+/// Why a student could not be opened: its file, or the device.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
 impl Detector {
+    /// Opens `backend`'s device, checks that it runs (a missing driver or a GPU that cannot run
+    /// the model is an error that says what to do), and loads the student onto it:
+    /// `Detector::open("best.safetensors", Backend::Wgpu)?`.
+    pub fn open(path: impl AsRef<Path>, backend: Backend) -> Result<Self, DetectorError> {
+        let device = backend.open()?;
+        crate::device::check(&device)?;
+        Ok(Self::load(path, &device)?)
+    }
+
     /// Loads a student (a run directory or its `.safetensors` file) onto `device`.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, WeightsError> {
         let info = StudentInfo::read(path.as_ref())?;
@@ -137,10 +158,12 @@ impl Detector {
         &self.device
     }
 
-    /// The detections of one image, best first.
-    pub fn predict(&self, image: &RgbImage) -> Vec<Detection> {
-        self.model
-            .predict(image, self.imgsz, &self.options, &self.device)
+    /// The detections of one image, best first, or the device's failure (a GPU that cannot run
+    /// the model, a lost device).
+    pub fn predict(&self, image: &RgbImage) -> Result<Vec<Detection>, DeviceError> {
+        Ok(self
+            .model
+            .predict(image, self.imgsz, &self.options, &self.device)?
             .into_iter()
             .map(|d| Detection {
                 bbox: d.bbox,
@@ -150,7 +173,7 @@ impl Detector {
                 category_id: self.info.category_ids[d.class_id],
                 mask: d.mask,
             })
-            .collect()
+            .collect())
     }
 }
 

@@ -1,6 +1,7 @@
 //! kiln's models: Burn modules whose parameter names map onto the official checkpoints.
 
 pub mod detector;
+pub mod device;
 pub mod grounding_dino;
 pub mod lora;
 pub mod lowering;
@@ -8,7 +9,8 @@ pub mod sam;
 pub mod weights;
 pub mod yolo;
 
-pub use detector::{Detection, Detector, StudentInfo};
+pub use detector::{Detection, Detector, DetectorError, StudentInfo};
+pub use device::{Backend, DeviceError};
 pub use weights::{MismatchReport, WeightsError, parameter_count};
 pub use yolo::predict::PredictOptions;
 pub use yolo::{Scale, Task, YoloConfig, YoloV8};

@@ -254,7 +254,12 @@ pub fn load_adapter<M: Module>(
     if !path.is_file() {
         return Err(LoraError::File { path, message: "no such file".into() });
     }
-    let mut store = SafetensorsStore::from_file(&path).skip_enum_variants(true).allow_partial(true).validate(false);
+    // Half-precision factors become float32 on the host (devices without shader f16 load them too).
+    let mut store = SafetensorsStore::from_file(&path)
+        .with_from_adapter(crate::weights::HostFloat32)
+        .skip_enum_variants(true)
+        .allow_partial(true)
+        .validate(false);
     let result =
         model.load_from(&mut store).map_err(|e| LoraError::File { path: path.clone(), message: e.to_string() })?;
     let expected = 2 * summary.adapted.len();

@@ -201,7 +201,7 @@ fn check_postprocess(name: &str) {
     assert_detections(name, &detections, entry, 1e-3);
 
     // 3. End to end through kiln's own forward pass: boxes within 1e-2 px.
-    let end_to_end = model.postprocess(&output, &[letterbox], &options).remove(0);
+    let end_to_end = model.postprocess(&output, &[letterbox], &options).unwrap().remove(0);
     assert_detections(&format!("{name} end-to-end"), &end_to_end, entry, 1e-2);
 }
 

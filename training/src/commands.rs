@@ -75,6 +75,8 @@ pub struct TrainStudentRequest {
     pub images: Option<PathBuf>,
     pub output: PathBuf,
     pub resume: bool,
+    /// The device in words (`kiln_models::device::describe`: the GPU adapter and its graphics
+    /// API), recorded in `metadata.json`.
     pub device_name: String,
     pub overrides: StudentOverrides,
 }
@@ -130,6 +132,8 @@ pub fn run_train_student(
     device: Device,
     verbosity: Verbosity,
 ) -> Result<(StudentConfig, TrainSummary), TrainError> {
+    // A device that cannot run a convolution fails here, before any file is written.
+    kiln_models::device::check(&device)?;
     let (data, summary) = load_student_data(&request.train, &request.val, request.images.as_deref())?;
     let config_path = request.output.join("student_config.yaml");
     let config = if request.resume {
@@ -219,7 +223,7 @@ pub fn evaluate_student(
         let items: Vec<_> = (start..(start + batch_size).min(n)).map(|i| dataset.load(i)).collect::<Result<_, _>>()?;
         let batch = batcher.try_batch(&items, device)?;
         let output = student.model.forward(batch.images.clone());
-        let detections = student.model.postprocess(&output, &batch.letterboxes, &options);
+        let detections = student.model.postprocess(&output, &batch.letterboxes, &options)?;
         for (image_id, detections) in batch.image_ids.iter().zip(detections) {
             results.extend(to_coco_results(*image_id, &detections, &student.category_ids));
         }
@@ -408,7 +412,7 @@ pub fn run_infer(
     let outcome = (|| -> Result<(), TrainError> {
         for (i, file) in files.iter().enumerate() {
             let image = kiln_data::io::read_rgb_image(file)?;
-            let detections = student.model.predict(&image, imgsz, options, device);
+            let detections = student.model.predict(&image, imgsz, options, device)?;
             let id = i as u64 + 1;
             results.extend(to_coco_results(id, &detections, &student.category_ids));
             listed.push(serde_json::json!({

@@ -183,6 +183,10 @@ pub enum TrainError {
     Weights(#[from] kiln_models::weights::WeightsError),
     #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),
+    #[error(transparent)]
+    Device(#[from] kiln_models::DeviceError),
+    #[error(transparent)]
+    Loss(#[from] crate::loss::LossError),
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error("{0}")]
@@ -472,6 +476,9 @@ impl KilnStrategy {
                 let iteration = (epoch - 1) * batches + position;
                 position += 1;
                 let output = learner.train_step(batch);
+                if let Some(failure) = output.item.failure {
+                    return Err(failure.into());
+                }
                 learner.lr_step();
                 accumulator.accumulate(&learner.model(), output.grads);
                 pending += 1;
@@ -654,11 +661,10 @@ impl KilnStrategy {
             let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
             let images = batch.images.dims()[0];
             let output = model.forward(batch.images.clone());
-            let loss = crate::loss::yolo_loss(&self.config.loss, &output, &crate::loss::Targets::from(&batch))
-                .map_err(|e| TrainError::Training(e.to_string()))?;
+            let loss = crate::loss::yolo_loss(&self.config.loss, &output, &crate::loss::Targets::from(&batch))?;
             sums = add(sums, loss.parts, images as f32);
             seen += images;
-            let detections = model.postprocess(&output, &batch.letterboxes, &options);
+            let detections = model.postprocess(&output, &batch.letterboxes, &options)?;
             for (image_id, detections) in batch.image_ids.iter().zip(detections) {
                 results.extend(to_coco_results(*image_id, &detections, &self.config.category_ids));
                 if shown.len() < SHOWN_IMAGES {

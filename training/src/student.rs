@@ -15,7 +15,7 @@ use kiln_data::batch::DetectionBatch;
 use kiln_models::yolo::YoloV8;
 use serde::{Deserialize, Serialize};
 
-use crate::loss::{LossConfig, LossParts, Targets, yolo_loss};
+use crate::loss::{LossConfig, LossError, LossParts, Targets, yolo_loss};
 
 #[derive(Module, Debug)]
 pub struct Student {
@@ -33,6 +33,9 @@ pub struct StepOutput {
     pub loss: Tensor<1>,
     pub parts: LossParts,
     pub images: usize,
+    /// The step's failure (a device that failed at a read-back): burn-train's steps cannot
+    /// return errors, so it travels here and the epoch loop stops on it.
+    pub failure: Option<LossError>,
 }
 
 impl Adaptor<LossInput> for StepOutput {
@@ -48,11 +51,17 @@ impl ItemLazy for StepOutput {
 }
 
 impl Student {
-    /// Forward and loss of a batch; errors (mask size) are programming errors of the batcher.
-    pub fn loss(&self, batch: &DetectionBatch) -> crate::loss::LossOutput {
+    /// Forward and loss of a batch, or the device's failure.
+    pub fn loss(&self, batch: &DetectionBatch) -> Result<crate::loss::LossOutput, LossError> {
         let output = self.yolo.forward(batch.images.clone());
-        yolo_loss(&self.loss, &output, &Targets::from(batch)).unwrap_or_else(|e| panic!("{e}"))
+        yolo_loss(&self.loss, &output, &Targets::from(batch))
     }
+}
+
+fn failed_step(batch: &DetectionBatch, error: LossError) -> StepOutput {
+    let images = batch.images.dims()[0];
+    let loss = Tensor::zeros([1], &batch.images.device().without_autodiff());
+    StepOutput { loss, parts: LossParts::default(), images, failure: Some(error) }
 }
 
 impl TrainStep for Student {
@@ -61,10 +70,13 @@ impl TrainStep for Student {
 
     fn step(&self, batch: DetectionBatch) -> TrainOutput<StepOutput> {
         let images = batch.images.dims()[0];
-        let out = self.loss(&batch);
+        let out = match self.loss(&batch) {
+            Ok(out) => out,
+            Err(error) => return TrainOutput { grads: GradientsParams::new(), item: failed_step(&batch, error) },
+        };
         let grads = out.total.backward();
         let loss = out.total.detach() / images as f32;
-        TrainOutput::new(self, grads, StepOutput { loss, parts: out.parts, images })
+        TrainOutput::new(self, grads, StepOutput { loss, parts: out.parts, images, failure: None })
     }
 
     fn optimize(
@@ -84,42 +96,49 @@ impl InferenceStep for Student {
 
     fn step(&self, batch: DetectionBatch) -> StepOutput {
         let images = batch.images.dims()[0];
-        let out = self.loss(&batch);
-        StepOutput { loss: out.total / images as f32, parts: out.parts, images }
+        match self.loss(&batch) {
+            Ok(out) => StepOutput { loss: out.total / images as f32, parts: out.parts, images, failure: None },
+            Err(error) => failed_step(&batch, error),
+        }
     }
 }
 
 /// Scales all gradients together so their global L2 norm is at most `max_norm`
-/// (`torch.nn.utils.clip_grad_norm_`; burn's own clipping works per tensor).
+/// (`torch.nn.utils.clip_grad_norm_`: every gradient times `min(1, max_norm / (norm + 1e-6))`;
+/// burn's own clipping works per tensor). Computed on the device, so nothing is read back.
 pub(crate) fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f32) {
     struct SquaredNorm<'a> {
         grads: &'a GradientsParams,
-        total: f64,
+        total: Option<Tensor<1>>,
     }
     impl ModuleVisitor for SquaredNorm<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                self.total += g.square().sum().into_scalar::<f32>() as f64;
+                let squares = g.square().sum();
+                self.total = Some(match self.total.take() {
+                    Some(total) => total + squares,
+                    None => squares,
+                });
             }
         }
     }
     struct Scale<'a> {
         grads: &'a mut GradientsParams,
-        factor: f32,
+        factor: Tensor<1>,
     }
     impl ModuleVisitor for Scale<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.remove::<D>(param.id) {
-                self.grads.register(param.id, g * self.factor);
+                let factor = self.factor.clone().reshape([1; D]);
+                self.grads.register(param.id, g * factor);
             }
         }
     }
-    let mut norm = SquaredNorm { grads, total: 0.0 };
+    let mut norm = SquaredNorm { grads, total: None };
     model.visit(&mut norm);
-    let norm = norm.total.sqrt() as f32;
-    if norm > max_norm {
-        model.visit(&mut Scale { grads, factor: max_norm / (norm + 1e-6) });
-    }
+    let Some(total) = norm.total else { return };
+    let factor = (total.sqrt() + 1e-6).recip().mul_scalar(max_norm).clamp_max(1.0);
+    model.visit(&mut Scale { grads, factor });
 }
 
 /// Ultralytics' `ModelEMA`: `ema = d * ema + (1 - d) * model` after every optimiser step, with

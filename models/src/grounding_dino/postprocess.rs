@@ -7,6 +7,8 @@
 use burn::tensor::Tensor;
 use burn::tensor::activation::sigmoid;
 
+use crate::device::{DeviceError, read_floats};
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PostprocessOptions {
     pub box_threshold: f32,
@@ -38,10 +40,10 @@ pub fn grounded_boxes(
     phrase_tokens: &[Vec<usize>],
     size: (usize, usize),
     options: &PostprocessOptions,
-) -> Vec<GroundedBox> {
+) -> Result<Vec<GroundedBox>, DeviceError> {
     let [queries, tokens] = logits.dims();
-    let probabilities = sigmoid(logits).into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
-    let boxes = boxes.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let probabilities = read_floats(sigmoid(logits))?;
+    let boxes = read_floats(boxes)?;
     let (h, w) = (size.0 as f32, size.1 as f32);
     let mut found = Vec::new();
     for q in 0..queries {
@@ -69,5 +71,5 @@ pub fn grounded_boxes(
         });
     }
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
-    found
+    Ok(found)
 }

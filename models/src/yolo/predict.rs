@@ -11,6 +11,7 @@ use kiln_data::{BinaryMask, Letterbox};
 
 use super::YoloV8;
 use super::head::{Head, HeadOutput, REG_MAX};
+use crate::device::{DeviceError, read_floats};
 
 /// Ultralytics' offset separating classes in class-aware NMS (`max_wh`).
 const CLASS_OFFSET: f32 = 7680.0;
@@ -294,38 +295,42 @@ pub fn finish(
 
 impl YoloV8 {
     /// Letterboxes `image` to `image_size` (square), runs the model and returns its detections in
-    /// original-image pixels.
+    /// original-image pixels, or the device's failure.
     pub fn predict(
         &self,
         image: &RgbImage,
         image_size: u32,
         options: &PredictOptions,
         device: &Device,
-    ) -> Vec<Detection> {
+    ) -> Result<Vec<Detection>, DeviceError> {
         let letterbox = Letterbox::new(image.width(), image.height(), image_size, image_size);
         let canvas = letterbox.apply_image(image);
         let s = image_size as usize;
         let pixels = kiln_data::planar_pixels(&canvas);
         let input: Tensor<4> = Tensor::from_data(TensorData::new(pixels, [1, 3, s, s]), device);
         let output = self.forward(input);
-        self.postprocess(&output, &[letterbox], options).remove(0)
+        Ok(self.postprocess(&output, &[letterbox], options)?.remove(0))
     }
 
-    /// Decoded head outputs of a batch → detections per image.
+    /// Decoded head outputs of a batch → detections per image (or the device's failure, which
+    /// shows when the outputs are read back).
     pub fn postprocess(
         &self,
         output: &HeadOutput,
         letterboxes: &[Letterbox],
         options: &PredictOptions,
-    ) -> Vec<Vec<Detection>> {
+    ) -> Result<Vec<Vec<Detection>>, DeviceError> {
         let decoded = self.head.decode(output, letterboxes[0].height as usize);
         let [b, c, a] = decoded.dims();
-        let values = decoded.into_data().convert::<f32>().try_into_vec::<f32>().expect("float data");
-        let prototypes = output.prototypes.clone().map(|p| {
-            let [_, nm, mh, mw] = p.dims();
-            (p.into_data().convert::<f32>().try_into_vec::<f32>().expect("float data"), nm, mh, mw)
-        });
-        (0..b)
+        let values = read_floats(decoded)?;
+        let prototypes = match output.prototypes.clone() {
+            Some(p) => {
+                let [_, nm, mh, mw] = p.dims();
+                Some((read_floats(p)?, nm, mh, mw))
+            }
+            None => None,
+        };
+        Ok((0..b)
             .map(|i| {
                 let candidates = non_max_suppression(&values[i * c * a..(i + 1) * c * a], self.head.nc, a, options);
                 let protos = prototypes.as_ref().map(|(p, nm, mh, mw)| {
@@ -334,6 +339,6 @@ impl YoloV8 {
                 });
                 finish(candidates, protos, &letterboxes[i])
             })
-            .collect()
+            .collect())
     }
 }

@@ -95,7 +95,7 @@ pub struct LossOutput {
     pub foreground: usize,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum LossError {
     #[error(
         "the target masks are {target:?} pixels but the prototypes are {prototypes:?}: masks must be made at a quarter of the input size"
@@ -103,6 +103,8 @@ pub enum LossError {
     MaskSize { target: [usize; 2], prototypes: [usize; 2] },
     #[error("the model predicts masks but the batch has none (or the other way round)")]
     MasksMissing,
+    #[error(transparent)]
+    Device(#[from] kiln_models::DeviceError),
 }
 
 /// Anchor centres (grid units) and their strides, level by level, row-major: `make_anchors`.
@@ -137,8 +139,8 @@ fn bce_with_logits<const D: usize>(logits: Tensor<D>, targets: Tensor<D>) -> Ten
     logits.clone().clamp_min(0.0) - logits.clone() * targets + logits.abs().neg().exp().log1p()
 }
 
-fn host_f32<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
-    tensor.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
+fn host_f32<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, LossError> {
+    Ok(kiln_models::device::read_floats(tensor)?)
 }
 
 fn tensor_from<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
@@ -171,7 +173,7 @@ pub fn yolo_loss(config: &LossConfig, output: &HeadOutput, targets: &Targets) ->
     let pred_boxes = decode_boxes(pred_dist.clone(), &anchor_points, &device); // grid units
 
     let assignment =
-        assign_batch(config, pred_scores.clone(), pred_boxes.clone(), targets, anchor_points, anchor_strides);
+        assign_batch(config, pred_scores.clone(), pred_boxes.clone(), targets, anchor_points, anchor_strides)?;
     let mut target_scores = Vec::with_capacity(batch_size * num_anchors * nc);
     for a in &assignment.assignments {
         target_scores.extend_from_slice(&a.target_scores);
@@ -224,12 +226,15 @@ pub fn yolo_loss(config: &LossConfig, output: &HeadOutput, targets: &Targets) ->
     if let Some(seg) = &seg {
         total = total + seg.clone() * config.box_gain;
     }
-    let scalar = |t: Tensor<1>, gain: f32| t.into_scalar::<f32>() * gain;
+    let scalar = |t: Tensor<1>, gain: f32| -> Result<f32, LossError> { Ok(host_f32(t)?[0] * gain) };
     let parts = LossParts {
-        box_loss: scalar(box_loss, config.box_gain),
-        cls_loss: scalar(cls, config.cls_gain),
-        dfl_loss: scalar(dfl, config.dfl_gain),
-        seg_loss: seg.map_or(0.0, |s| scalar(s, config.box_gain)),
+        box_loss: scalar(box_loss, config.box_gain)?,
+        cls_loss: scalar(cls, config.cls_gain)?,
+        dfl_loss: scalar(dfl, config.dfl_gain)?,
+        seg_loss: match seg {
+            Some(s) => scalar(s, config.box_gain)?,
+            None => 0.0,
+        },
     };
     Ok(LossOutput { total: total * batch_size as f32, parts, foreground: n })
 }
@@ -253,15 +258,14 @@ pub fn assign_batch(
     targets: &Targets,
     anchors_grid: Vec<[f32; 2]>,
     strides: Vec<f32>,
-) -> BatchAssignment {
+) -> Result<BatchAssignment, LossError> {
     let [batch_size, num_anchors, nc] = pred_scores.dims();
-    let scores = host_f32(burn::tensor::activation::sigmoid(pred_scores.detach()));
-    let boxes = host_f32(pred_boxes_grid.detach());
+    let scores = host_f32(burn::tensor::activation::sigmoid(pred_scores.detach()))?;
+    let boxes = host_f32(pred_boxes_grid.detach())?;
     let [_, m, _] = targets.boxes.dims();
-    let gt_boxes = host_f32(targets.boxes.clone());
-    let gt_classes: Vec<i64> =
-        targets.classes.clone().into_data().convert::<i64>().try_into_vec::<i64>().expect("int data");
-    let gt_valid = host_f32(targets.valid.clone());
+    let gt_boxes = host_f32(targets.boxes.clone())?;
+    let gt_classes: Vec<i64> = kiln_models::device::read_ints(targets.classes.clone())?;
+    let gt_valid = host_f32(targets.valid.clone())?;
     let anchors_px: Vec<[f32; 2]> = anchors_grid.iter().zip(&strides).map(|(p, s)| [p[0] * s, p[1] * s]).collect();
     let config_assigner = config.assigner();
     let mut result = BatchAssignment {
@@ -288,7 +292,7 @@ pub fn assign_batch(
         result.boxes.push(image_boxes);
         result.classes.push(classes);
     }
-    result
+    Ok(result)
 }
 
 /// Mask loss summed over positive anchors, divided by their number (Ultralytics'

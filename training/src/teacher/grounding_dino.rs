@@ -28,6 +28,7 @@ use burn::train::{
 };
 use kiln_data::batch::CocoDetectionDataset;
 use kiln_data::rng::SeededRng;
+use kiln_models::device::DeviceError;
 use kiln_models::grounding_dino::postprocess::{GroundedBox, PostprocessOptions, grounded_boxes};
 use kiln_models::grounding_dino::{
     Caption, CaptionTokenizer, Encoded, GroundingDino, GroundingDinoConfig, ImageBatch, TextBatch, prepare_pixels,
@@ -306,6 +307,16 @@ pub struct GroundingDinoTeacher {
 pub struct GroundingStepOutput {
     pub loss: Tensor<1>,
     pub parts: GroundingLossParts,
+    /// The device's failure: burn-train's steps cannot return errors, so it travels here and
+    /// the epoch loop stops on it.
+    pub failure: Option<DeviceError>,
+}
+
+impl GroundingStepOutput {
+    fn failed(batch: &GroundingBatch, error: DeviceError) -> Self {
+        let device = batch.images.pixels.device().without_autodiff();
+        Self { loss: Tensor::zeros([1], &device), parts: GroundingLossParts::default(), failure: Some(error) }
+    }
 }
 
 impl Adaptor<LossInput> for GroundingStepOutput {
@@ -326,21 +337,21 @@ impl GroundingDinoTeacher {
     pub fn loss(
         &self,
         batch: &GroundingBatch,
-    ) -> (Tensor<1>, GroundingLossParts, kiln_models::grounding_dino::GroundingDinoOutput) {
+    ) -> Result<(Tensor<1>, GroundingLossParts, kiln_models::grounding_dino::GroundingDinoOutput), DeviceError> {
         let out = self.model.forward(&batch.images, &batch.text);
         let mask = batch.text.token_mask.clone();
         let mut total: Option<Tensor<1>> = None;
         let mut last = GroundingLossParts::default();
         for layer in &out.layers {
             let (loss, parts) =
-                head_loss(&self.loss, layer.logits.clone(), layer.boxes.clone(), mask.clone(), &batch.targets);
+                head_loss(&self.loss, layer.logits.clone(), layer.boxes.clone(), mask.clone(), &batch.targets)?;
             total = Some(total.map_or(loss.clone(), |t| t + loss));
             last = parts;
         }
         let (encoder_loss, _) =
-            head_loss(&self.loss, out.encoder.logits.clone(), out.encoder.boxes.clone(), mask, &batch.targets);
+            head_loss(&self.loss, out.encoder.logits.clone(), out.encoder.boxes.clone(), mask, &batch.targets)?;
         let total = total.expect("at least one decoder layer") + encoder_loss * self.loss.encoder_weight;
-        (total, last, out)
+        Ok((total, last, out))
     }
 }
 
@@ -349,9 +360,14 @@ impl TrainStep for GroundingDinoTeacher {
     type Output = GroundingStepOutput;
 
     fn step(&self, batch: GroundingBatch) -> TrainOutput<GroundingStepOutput> {
-        let (loss, parts, _) = self.loss(&batch);
+        let (loss, parts, _) = match self.loss(&batch) {
+            Ok(loss) => loss,
+            Err(error) => {
+                return TrainOutput { grads: GradientsParams::new(), item: GroundingStepOutput::failed(&batch, error) };
+            }
+        };
         let grads = loss.backward();
-        TrainOutput::new(self, grads, GroundingStepOutput { loss: loss.detach(), parts })
+        TrainOutput::new(self, grads, GroundingStepOutput { loss: loss.detach(), parts, failure: None })
     }
 
     fn optimize(
@@ -370,8 +386,10 @@ impl InferenceStep for GroundingDinoTeacher {
     type Output = GroundingStepOutput;
 
     fn step(&self, batch: GroundingBatch) -> GroundingStepOutput {
-        let (loss, parts, _) = self.loss(&batch);
-        GroundingStepOutput { loss, parts }
+        match self.loss(&batch) {
+            Ok((loss, parts, _)) => GroundingStepOutput { loss, parts, failure: None },
+            Err(error) => GroundingStepOutput::failed(&batch, error),
+        }
     }
 }
 
@@ -699,9 +717,12 @@ impl GroundingStrategy {
             while let Some(batch) = iterator.next() {
                 let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
                 let output = learner.train_step(batch);
+                if let Some(failure) = output.item.failure {
+                    return Err(failure.into());
+                }
                 learner.lr_step();
                 learner.optimizer_step(output.grads);
-                loss_sum += output.item.loss.into_scalar::<f32>();
+                loss_sum += kiln_models::device::read_floats(output.item.loss)?[0];
                 parts_sum = add_parts(parts_sum, output.item.parts);
                 steps += 1;
                 bar.set_message(format!("loss {:.4}", loss_sum / steps as f32));
@@ -800,14 +821,14 @@ impl GroundingStrategy {
         let options = PostprocessOptions { box_threshold: 0.001, text_threshold: 0.0 };
         while let Some(batch) = iterator.next() {
             let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
-            let (loss, _, out) = teacher.loss(&batch);
-            loss_sum += loss.into_scalar::<f32>();
+            let (loss, _, out) = teacher.loss(&batch)?;
+            loss_sum += kiln_models::device::read_floats(loss)?[0];
             batches += 1;
             let prediction = out.prediction();
             for (b, &(index, image_id, size)) in batch.items.iter().enumerate() {
                 let logits = image_row(&prediction.logits, b);
                 let boxes = image_row(&prediction.boxes, b);
-                let mut found = grounded_boxes(logits, boxes, &self.caption.class_tokens, size, &options);
+                let mut found = grounded_boxes(logits, boxes, &self.caption.class_tokens, size, &options)?;
                 found.truncate(100);
                 for d in &found {
                     results.push(CocoResult {
@@ -959,5 +980,5 @@ pub fn detect_image(
         &phrase_tokens,
         original,
         &config.postprocess(),
-    ))
+    )?)
 }

@@ -7,6 +7,7 @@
 //! and to the encoder's selected proposals.
 
 use burn::tensor::{Bool, Int, Tensor, TensorData};
+use kiln_models::device::{DeviceError, read_floats, read_ints};
 use serde::{Deserialize, Serialize};
 
 use super::mask_loss::sigmoid_focal;
@@ -186,27 +187,14 @@ pub fn head_loss(
     boxes: Tensor<3>,
     token_mask: Tensor<2, Bool>,
     targets: &[GroundingTarget],
-) -> (Tensor<1>, GroundingLossParts) {
+) -> Result<(Tensor<1>, GroundingLossParts), DeviceError> {
     let [b, q, t] = logits.dims();
     let device = logits.device();
     let real = token_mask.unsqueeze_dim::<3>(1).expand([b, q, t]);
     let logits = logits.mask_fill(real.clone().bool_not(), 0.0);
-    let probabilities = burn::tensor::activation::sigmoid(logits.clone().detach())
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap_or_default();
-    let box_values = boxes.clone().detach().into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
-    let lengths: Vec<usize> = real
-        .clone()
-        .narrow(1, 0, 1)
-        .reshape([b, t])
-        .int()
-        .sum_dim(1)
-        .into_data()
-        .convert::<i64>()
-        .try_to_vec::<i64>()
-        .unwrap_or_default()
+    let probabilities = read_floats(burn::tensor::activation::sigmoid(logits.clone().detach()))?;
+    let box_values = read_floats(boxes.clone().detach())?;
+    let lengths: Vec<usize> = read_ints(real.clone().narrow(1, 0, 1).reshape([b, t]).int().sum_dim(1))?
         .into_iter()
         .map(|n| n as usize)
         .collect();
@@ -252,9 +240,9 @@ pub fn head_loss(
         let g = (giou_tensor(predicted, truth).neg() + 1.0).sum() * (config.giou_weight / num_boxes);
         (l1, g)
     };
-    let scalar = |x: &Tensor<1>| x.clone().detach().into_scalar::<f32>();
-    let parts = GroundingLossParts { class: scalar(&class), bbox: scalar(&bbox), giou: scalar(&g_iou) };
-    (class + bbox + g_iou, parts)
+    let scalar = |x: &Tensor<1>| -> Result<f32, DeviceError> { Ok(read_floats(x.clone().detach())?[0]) };
+    let parts = GroundingLossParts { class: scalar(&class)?, bbox: scalar(&bbox)?, giou: scalar(&g_iou)? };
+    Ok((class + bbox + g_iou, parts))
 }
 
 /// GIoU of matched `[M, 4]` cx cy w h boxes (differentiable in `predicted`); `[M]`.

@@ -4,6 +4,7 @@
 //! of the predicted mask with the ground truth.
 
 use burn::tensor::Tensor;
+use kiln_models::device::{DeviceError, read_floats};
 use serde::{Deserialize, Serialize};
 
 /// Weights and focal-loss shape; saved in `teacher_config.yaml`.
@@ -61,7 +62,7 @@ pub fn mask_loss(
     logits: Tensor<3>,
     predicted_iou: Tensor<1>,
     targets: Tensor<3>,
-) -> MaskLossOutput {
+) -> Result<MaskLossOutput, DeviceError> {
     let [n, h, w] = logits.dims();
     let logits = logits.reshape([n, h * w]);
     let targets = targets.reshape([n, h * w]);
@@ -77,12 +78,12 @@ pub fn mask_loss(
     let iou = iou.sum();
     let total =
         focal.clone() * config.focal_weight + dice.clone() * config.dice_weight + iou.clone() * config.iou_weight;
-    let scalar = |t: &Tensor<1>| t.clone().detach().into_scalar::<f32>();
-    MaskLossOutput {
-        parts: MaskLossParts { focal: scalar(&focal), dice: scalar(&dice), iou: scalar(&iou) },
-        ious: actual_iou.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default(),
+    let scalar = |t: &Tensor<1>| -> Result<f32, DeviceError> { Ok(read_floats(t.clone().detach())?[0]) };
+    Ok(MaskLossOutput {
+        parts: MaskLossParts { focal: scalar(&focal)?, dice: scalar(&dice)?, iou: scalar(&iou)? },
+        ious: read_floats(actual_iou)?,
         total,
-    }
+    })
 }
 
 /// `torchvision.ops.sigmoid_focal_loss(reduction="none")`: binary cross-entropy scaled by

@@ -85,6 +85,7 @@ pub struct TrainTeacherRequest {
     /// The experiment directory (`experiments/NAME`); the teachers go to its `teachers/`.
     pub output: PathBuf,
     pub resume: bool,
+    /// The device in words (`kiln_models::device::describe`), recorded in `metadata.json`.
     pub device_name: String,
     pub overrides: TeacherOverrides,
 }
@@ -234,6 +235,8 @@ pub fn run_train_teacher_for(
     verbosity: Verbosity,
     stop_after_epochs: Option<usize>,
 ) -> Result<TeacherSummary, TrainError> {
+    // A device that cannot run a convolution fails here, before any file is written.
+    kiln_models::device::check(&device)?;
     let (data, summary) = load_student_data(&request.train, &request.val, request.images.as_deref())?;
     let teachers = request.output.join("teachers");
     let config_path = teachers.join("teacher_config.yaml");

@@ -27,6 +27,7 @@ use kiln_data::batch::CocoDetectionDataset;
 use kiln_data::coco::Segmentation;
 use kiln_data::mask::BinaryMask;
 use kiln_data::rng::SeededRng;
+use kiln_models::device::{DeviceError, read_floats};
 use kiln_models::lora::{self, AdapterConfig, LoraConfig, LoraSummary};
 use kiln_models::sam::{MASK_THRESHOLD, Sam, SamConfig, prepare_pixels, resize_box, resized_shape};
 use serde::{Deserialize, Serialize};
@@ -220,11 +221,7 @@ impl EmbeddingCache {
                 let image = source.load(sample.image_index)?.image;
                 let (pixels, _) = prepare_pixels(&image, size);
                 let embedding = sam.embed(Tensor::from_data(TensorData::new(pixels, [1, 3, size, size]), device));
-                let values = embedding
-                    .into_data()
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .map_err(|e| TrainError::Training(format!("{e:?}")))?;
+                let values = read_floats(embedding)?;
                 let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
                 kiln_data::io::write_atomic(&self.path(split, sample.image_id), &bytes)?;
             }
@@ -435,6 +432,16 @@ pub struct SamStepOutput {
     pub loss: Tensor<1>,
     pub parts: MaskLossParts,
     pub masks: usize,
+    /// The device's failure: burn-train's steps cannot return errors, so it travels here and
+    /// the epoch loop stops on it.
+    pub failure: Option<DeviceError>,
+}
+
+impl SamStepOutput {
+    fn failed(batch: &SamBatch, error: DeviceError) -> Self {
+        let device = batch.images.first().map(|i| i.input.device().without_autodiff()).unwrap_or_default();
+        Self { loss: Tensor::zeros([1], &device), parts: MaskLossParts::default(), masks: 0, failure: Some(error) }
+    }
 }
 
 impl Adaptor<LossInput> for SamStepOutput {
@@ -451,13 +458,16 @@ impl ItemLazy for SamStepOutput {
 
 impl SamTeacher {
     /// The loss summed over every mask of the batch, with its parts and the number of masks.
-    pub fn loss(&self, batch: &SamBatch) -> (Tensor<1>, MaskLossParts, usize) {
-        let (total, parts, count, _) = self.loss_and_logits(batch);
-        (total, parts, count)
+    pub fn loss(&self, batch: &SamBatch) -> Result<(Tensor<1>, MaskLossParts, usize), DeviceError> {
+        let (total, parts, count, _) = self.loss_and_logits(batch)?;
+        Ok((total, parts, count))
     }
 
     /// [`Self::loss`] and each image's low-resolution mask logits `[N, 1, S/4, S/4]`.
-    pub fn loss_and_logits(&self, batch: &SamBatch) -> (Tensor<1>, MaskLossParts, usize, Vec<Tensor<4>>) {
+    pub fn loss_and_logits(
+        &self,
+        batch: &SamBatch,
+    ) -> Result<(Tensor<1>, MaskLossParts, usize, Vec<Tensor<4>>), DeviceError> {
         let mut total: Option<Tensor<1>> = None;
         let mut parts = MaskLossParts::default();
         let mut count = 0;
@@ -472,7 +482,7 @@ impl SamTeacher {
                 prediction.masks.reshape([n, h, w]),
                 prediction.iou_predictions.reshape([n]),
                 image.targets.clone(),
-            );
+            )?;
             total = Some(match total {
                 Some(t) => t + out.total,
                 None => out.total,
@@ -480,7 +490,7 @@ impl SamTeacher {
             parts = parts.add(out.parts, 1.0);
             count += n;
         }
-        (total.expect("a batch has at least one image"), parts, count, logits)
+        Ok((total.expect("a batch has at least one image"), parts, count, logits))
     }
 }
 
@@ -489,10 +499,15 @@ impl TrainStep for SamTeacher {
     type Output = SamStepOutput;
 
     fn step(&self, batch: SamBatch) -> TrainOutput<SamStepOutput> {
-        let (total, parts, masks) = self.loss(&batch);
+        let (total, parts, masks) = match self.loss(&batch) {
+            Ok(loss) => loss,
+            Err(error) => {
+                return TrainOutput { grads: GradientsParams::new(), item: SamStepOutput::failed(&batch, error) };
+            }
+        };
         let loss = total / masks.max(1) as f32;
         let grads = loss.backward();
-        TrainOutput::new(self, grads, SamStepOutput { loss: loss.detach(), parts, masks })
+        TrainOutput::new(self, grads, SamStepOutput { loss: loss.detach(), parts, masks, failure: None })
     }
 
     fn optimize(
@@ -511,8 +526,12 @@ impl InferenceStep for SamTeacher {
     type Output = SamStepOutput;
 
     fn step(&self, batch: SamBatch) -> SamStepOutput {
-        let (total, parts, masks) = self.loss(&batch);
-        SamStepOutput { loss: total / masks.max(1) as f32, parts, masks }
+        match self.loss(&batch) {
+            Ok((total, parts, masks)) => {
+                SamStepOutput { loss: total / masks.max(1) as f32, parts, masks, failure: None }
+            }
+            Err(error) => SamStepOutput::failed(&batch, error),
+        }
     }
 }
 
@@ -843,6 +862,9 @@ impl SamStrategy {
             while let Some(batch) = iterator.next() {
                 let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
                 let output = learner.train_step(batch);
+                if let Some(failure) = output.item.failure {
+                    return Err(failure.into());
+                }
                 learner.lr_step();
                 learner.optimizer_step(output.grads);
                 sums = sums.add(output.item.parts, 1.0);
@@ -936,7 +958,7 @@ impl SamStrategy {
         let mut iterator = loader.iter();
         while let Some(batch) = iterator.next() {
             let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
-            let (_, parts, count, logits) = teacher.loss_and_logits(&batch);
+            let (_, parts, count, logits) = teacher.loss_and_logits(&batch)?;
             sums = sums.add(parts, 1.0);
             masks += count;
             for (image, logits) in batch.images.iter().zip(logits) {
@@ -993,8 +1015,7 @@ pub fn masks_at_original_size(
     let n = logits.dims()[0];
     let (h, w) = original_size;
     let full = sam.postprocess_masks(logits, input_size, original_size);
-    let values =
-        full.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| TrainError::Training(format!("{e:?}")))?;
+    let values = read_floats(full)?;
     Ok((0..n)
         .map(|i| BinaryMask {
             width: w as u32,

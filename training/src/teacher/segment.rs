@@ -126,8 +126,7 @@ pub fn run_segment(
                     .collect();
                 let prompt = Tensor::from_data(TensorData::new(resized, [boxes.len(), 4]), device);
                 let prediction = sam.predict_boxes(embedding, prompt, false);
-                let scores =
-                    prediction.iou_predictions.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+                let scores = kiln_models::device::read_floats(prediction.iou_predictions)?;
                 let masks = masks_at_original_size(&sam, prediction.masks, input.input_size, input.original_size)?;
                 for ((b, mask), score) in boxes.iter().zip(&masks).zip(&scores) {
                     results.push(serde_json::json!({

@@ -1,0 +1,293 @@
+//! The devices kiln runs on, opened so that a missing driver or a failing device is an error with
+//! advice, never a panic: the CPU (Burn's flex backend) and any GPU through wgpu (Vulkan, Metal,
+//! DX12, or OpenGL where nothing else is there; Mesa's lavapipe and llvmpipe run both on a CPU).
+//!
+//! Burn reports most device failures lazily, at the next read-back (`try_into_data`), so every
+//! read-back in kiln's libraries goes through [`read_floats`] / [`read_ints`], which name the
+//! device and its adapter in the error.
+
+use std::fmt;
+
+use burn::tensor::kind::Basic;
+use burn::tensor::{Device, Tensor, TensorData};
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// The CPU, through Burn's flex backend.
+    #[default]
+    Cpu,
+    /// Any GPU through wgpu: Vulkan, Metal, DX12, or OpenGL as a fallback.
+    Wgpu,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+        }
+    }
+
+    /// Opens the device of this backend (for wgpu: once per process, see [`wgpu`]).
+    pub fn open(self) -> Result<Device, DeviceError> {
+        match self {
+            Backend::Cpu => Ok(cpu()),
+            Backend::Wgpu => wgpu(),
+        }
+    }
+}
+
+/// A device that could not be opened or failed while running.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "no GPU adapter found for wgpu ({reason}): install a Vulkan, Metal, DX12 or OpenGL driver (on Linux \
+         without a GPU, Mesa's lavapipe: `apt-get install mesa-vulkan-drivers`), or use --device cpu"
+    )]
+    NoAdapter { reason: String },
+    #[error("this build of kiln has no {backend} backend: rebuild with `--features {backend}`, or use --device cpu")]
+    NotBuilt { backend: &'static str },
+    #[error("the {device} failed{hint}: {reason}{advice}")]
+    Execution { device: String, hint: String, reason: String, advice: String },
+}
+
+/// What wgpu says about the adapter it opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuAdapter {
+    /// The adapter's name (`NVIDIA GeForce RTX 4090`, `llvmpipe (LLVM 15.0.6, 256 bits)`).
+    pub name: String,
+    /// The graphics API: `Vulkan`, `Metal`, `DX12`, `GL`, `WebGPU`.
+    pub api: String,
+    /// The driver and its version, as the driver reports them.
+    pub driver: String,
+    /// A CPU running the API in software (Mesa's lavapipe for Vulkan, llvmpipe for GL, WARP).
+    pub software: bool,
+    /// Whether shaders may compute in half precision (`shader-f16`).
+    pub shader_f16: bool,
+}
+
+impl GpuAdapter {
+    /// `Vulkan (Mesa lavapipe)`, `GL (Mesa llvmpipe)`, `Metal`: the API with the software driver named.
+    pub fn api_and_driver(&self) -> String {
+        let lower = format!("{} {}", self.name, self.driver).to_lowercase();
+        let software = if lower.contains("lavapipe") || (self.software && self.api == "Vulkan") {
+            " (Mesa lavapipe, on the CPU)"
+        } else if lower.contains("llvmpipe") || lower.contains("softpipe") {
+            " (Mesa llvmpipe, on the CPU)"
+        } else if self.software {
+            " (software, on the CPU)"
+        } else {
+            ""
+        };
+        format!("{}{software}", self.api)
+    }
+}
+
+impl fmt::Display for GpuAdapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} via {}", self.name, self.api_and_driver())?;
+        if !self.shader_f16 {
+            write!(f, ", no shader f16")?;
+        }
+        Ok(())
+    }
+}
+
+/// The CPU device (flex), or Burn's default device in a build without flex.
+pub fn cpu() -> Device {
+    #[cfg(feature = "flex")]
+    return Device::flex();
+    #[cfg(not(feature = "flex"))]
+    return Device::default();
+}
+
+/// The wgpu device on the machine's preferred adapter (a high-performance GPU first; the graphics
+/// API is wgpu's choice: Vulkan, Metal or DX12, OpenGL where none of those has a driver). Opened
+/// once per process and shared; an error says what to install.
+pub fn wgpu() -> Result<Device, DeviceError> {
+    #[cfg(feature = "wgpu")]
+    {
+        opened_wgpu().clone().map(|(device, _)| device)
+    }
+    #[cfg(not(feature = "wgpu"))]
+    Err(DeviceError::NotBuilt { backend: "wgpu" })
+}
+
+/// The adapter behind [`wgpu`]'s device (`None` when it was not opened, or failed to open).
+pub fn wgpu_adapter() -> Option<GpuAdapter> {
+    #[cfg(feature = "wgpu")]
+    {
+        opened_wgpu().as_ref().ok().map(|(_, adapter)| adapter.clone())
+    }
+    #[cfg(not(feature = "wgpu"))]
+    None
+}
+
+#[cfg(feature = "wgpu")]
+fn opened_wgpu() -> &'static Result<(Device, GpuAdapter), DeviceError> {
+    static OPENED: std::sync::OnceLock<Result<(Device, GpuAdapter), DeviceError>> = std::sync::OnceLock::new();
+    OPENED.get_or_init(open_wgpu)
+}
+
+#[cfg(feature = "wgpu")]
+fn open_wgpu() -> Result<(Device, GpuAdapter), DeviceError> {
+    use burn::tensor::wgpu::{WgpuInitError, wgpu};
+    // Adapter discovery calls into the system's driver loaders, which may panic on a broken
+    // install (a dangling ICD file, a driver that fails to initialise); that is the machine's
+    // "no adapter", not kiln's bug.
+    let opened = std::panic::catch_unwind(|| Device::wgpu_options().init_with_setup());
+    let (device, setup) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(WgpuInitError::AdapterUnavailable { message, .. })) => {
+            return Err(DeviceError::NoAdapter { reason: message });
+        }
+        Ok(Err(error)) => return Err(DeviceError::NoAdapter { reason: error.to_string() }),
+        Err(panic) => return Err(DeviceError::NoAdapter { reason: panic_message(panic) }),
+    };
+    let info = setup.adapter.get_info();
+    let driver = [info.driver.as_str(), info.driver_info.as_str()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let adapter = GpuAdapter {
+        name: info.name.clone(),
+        api: match info.backend {
+            wgpu::Backend::Vulkan => "Vulkan",
+            wgpu::Backend::Metal => "Metal",
+            wgpu::Backend::Dx12 => "DX12",
+            wgpu::Backend::Gl => "GL",
+            wgpu::Backend::BrowserWebGpu => "WebGPU",
+            _ => "unknown API",
+        }
+        .to_string(),
+        driver,
+        software: info.device_type == wgpu::DeviceType::Cpu,
+        shader_f16: setup.adapter.features().contains(wgpu::Features::SHADER_F16),
+    };
+    Ok((device, adapter))
+}
+
+#[cfg(feature = "wgpu")]
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "the driver loader failed".into())
+}
+
+/// The device in words, for progress output and errors: `CPU (flex)`, `wgpu device (llvmpipe
+/// (LLVM 15.0.6, 256 bits) via GL (Mesa llvmpipe, on the CPU), no shader f16)`.
+pub fn describe(device: &Device) -> String {
+    if *device == cpu() {
+        return "CPU (flex)".into();
+    }
+    #[cfg(feature = "wgpu")]
+    if let Ok((opened, adapter)) = opened_wgpu()
+        && device == opened
+    {
+        return format!("wgpu device ({adapter})");
+    }
+    format!("device {device:?}")
+}
+
+/// Reads a tensor back to the host: its values as `f32`, or the device's failure as an error.
+pub fn read_floats<const D: usize, K: Basic>(tensor: Tensor<D, K>) -> Result<Vec<f32>, DeviceError> {
+    let device = tensor.device();
+    let data = read(tensor, &device)?;
+    data.convert::<f32>().try_into_vec::<f32>().map_err(|e| execution_error(&device, format!("{e:?}")))
+}
+
+/// Reads a tensor back to the host: its values as `i64`, or the device's failure as an error.
+pub fn read_ints<const D: usize, K: Basic>(tensor: Tensor<D, K>) -> Result<Vec<i64>, DeviceError> {
+    let device = tensor.device();
+    let data = read(tensor, &device)?;
+    data.convert::<i64>().try_into_vec::<i64>().map_err(|e| execution_error(&device, format!("{e:?}")))
+}
+
+fn read<const D: usize, K: Basic>(tensor: Tensor<D, K>, device: &Device) -> Result<TensorData, DeviceError> {
+    tensor.try_into_data().map_err(|e| execution_error(device, e.to_string()))
+}
+
+/// Runs a small convolution with a cast and reads it back: a device that cannot run kiln's models
+/// fails here, at the start of a command, rather than in its middle.
+pub fn check(device: &Device) -> Result<(), DeviceError> {
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    let device = device.clone().without_autodiff();
+    let x: Tensor<4> =
+        Tensor::from_data(TensorData::new((0..48).map(|v| v as f32 / 48.0).collect(), [1, 3, 4, 4]), &device);
+    let weight: Tensor<4> = Tensor::ones([2, 3, 3, 3], &device);
+    let y = conv2d(x, weight, None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1));
+    let values = read_floats(burn::tensor::activation::sigmoid(y).sum())?;
+    if values.len() == 1 && values[0].is_finite() {
+        Ok(())
+    } else {
+        Err(execution_error(&device, format!("a test convolution read back {values:?}")))
+    }
+}
+
+fn execution_error(device: &Device, reason: String) -> DeviceError {
+    let reason = reason
+        .trim_start_matches("An error happened during execution")
+        .trim()
+        .trim_start_matches("Caused by:")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let half = reason.contains("f16") || reason.contains("F16");
+    let hint = match wgpu_adapter() {
+        Some(adapter) if half && !adapter.shader_f16 => {
+            " (it has no shader f16 and was asked to compute in half precision)".to_string()
+        }
+        _ => String::new(),
+    };
+    let advice = if *device == cpu() { String::new() } else { "; run on the CPU with --device cpu".into() };
+    DeviceError::Execution { device: describe(device), hint, reason, advice }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapters_are_described_with_their_api_and_software_driver() {
+        let lavapipe = GpuAdapter {
+            name: "llvmpipe (LLVM 15.0.6, 256 bits)".into(),
+            api: "Vulkan".into(),
+            driver: "llvmpipe Mesa 22.3.6".into(),
+            software: true,
+            shader_f16: true,
+        };
+        assert_eq!(lavapipe.to_string(), "llvmpipe (LLVM 15.0.6, 256 bits) via Vulkan (Mesa lavapipe, on the CPU)");
+        let gl = GpuAdapter { api: "GL".into(), driver: String::new(), shader_f16: false, ..lavapipe.clone() };
+        assert_eq!(
+            gl.to_string(),
+            "llvmpipe (LLVM 15.0.6, 256 bits) via GL (Mesa llvmpipe, on the CPU), no shader f16"
+        );
+        let gpu = GpuAdapter {
+            name: "NVIDIA H200".into(),
+            api: "Vulkan".into(),
+            driver: "NVIDIA 580".into(),
+            software: false,
+            shader_f16: true,
+        };
+        assert_eq!(gpu.to_string(), "NVIDIA H200 via Vulkan");
+    }
+
+    #[test]
+    fn the_cpu_runs_the_device_check() {
+        assert_eq!(describe(&cpu()), "CPU (flex)");
+        check(&cpu()).unwrap();
+        check(&cpu().autodiff()).unwrap();
+    }
+
+    #[test]
+    fn execution_errors_name_the_device_and_drop_burn_boilerplate() {
+        let error = execution_error(&cpu(), "An error happened during execution\nCaused by:\n  out of memory".into());
+        assert_eq!(error.to_string(), "the CPU (flex) failed: out of memory");
+    }
+}
