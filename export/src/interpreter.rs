@@ -32,9 +32,9 @@ impl Value {
         Tensor::from_data(TensorData::new(self.data.clone(), [s[0], s[1], s[2], s[3]]), device)
     }
 
-    fn from_burn4(t: Tensor<4>) -> Self {
+    fn from_burn4(t: Tensor<4>) -> Result<Self, ExportError> {
         let shape = t.dims().to_vec();
-        Self::new(shape, t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float tensor"))
+        Ok(Self::new(shape, kiln_models::device::read_floats(t)?))
     }
 }
 
@@ -314,7 +314,7 @@ impl Interpreter {
             None => None,
         };
         let out = conv2d(x.to_burn4(&self.device), w.to_burn4(&self.device), bias, options);
-        Ok(vec![Value::from_burn4(out)])
+        Ok(vec![Value::from_burn4(out)?])
     }
 
     fn max_pool(&self, node: &NodeProto, x: &Value) -> Result<Vec<Value>, ExportError> {
@@ -330,7 +330,7 @@ impl Interpreter {
             .with_padding([pads[0] as usize, pads[1] as usize])
             .with_dilation(pair("dilations", 1));
         let out = max_pool2d(x.to_burn4(&self.device), options);
-        Ok(vec![Value::from_burn4(out)])
+        Ok(vec![Value::from_burn4(out)?])
     }
 }
 

@@ -24,6 +24,8 @@ pub enum ExportError {
     Weights(#[from] kiln_models::WeightsError),
     #[error(transparent)]
     Data(#[from] kiln_data::DataError),
+    #[error(transparent)]
+    Device(#[from] kiln_models::DeviceError),
     #[error("the ONNX exporter cannot lower this model: {0}")]
     Exporter(String),
     #[error("ONNX graph: {0}")]
