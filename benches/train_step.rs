@@ -11,7 +11,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
 use kiln_models::YoloConfig;
 use kiln_training::loss::{LossConfig, Targets, yolo_loss};
-use kiln_training::student::{OptimizerChoice, OptimizerKind, build_optimizer};
+use kiln_training::optim::{OptimizerChoice, OptimizerKind, build_optimizer};
 
 const BATCH: usize = 8;
 const SIZE: usize = 320;

@@ -147,7 +147,7 @@ fn int8_in_onnxruntime(activations: kiln_export::quantize::ActivationType) {
     let student = load_student(&weights, &device).unwrap();
     let info = StudentInfo::read(&weights).unwrap();
     let options = ExportOptions { imgsz: 160, batch: 1, half: false };
-    let (fp32, _) = onnx_bytes(&student.model, &info, &options, &device).unwrap();
+    let (fp32, _) = onnx_bytes(student.model(), &info, &options, &device).unwrap();
     let inputs = calibration_inputs(&calibration.dataset, &calibration.images_dir, 160, 32).unwrap();
     let (int8, summary) =
         quantize_model(&fp32, &inputs, Calibration::Percentile(99.99), activations, &device, || {}).unwrap();

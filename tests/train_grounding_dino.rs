@@ -11,7 +11,7 @@ use indicatif::ProgressBar;
 use kiln_data::{SynthLabels, SynthOptions};
 use kiln_models::grounding_dino::GroundingDinoConfig;
 use kiln_tests::Scratch;
-use kiln_training::run::Verbosity;
+use kiln_training::Verbosity;
 use kiln_training::teacher::detect::{DetectRequest, run_detect};
 use kiln_training::teacher::{
     TeacherConfig, TeacherOverrides, TrainTeacherRequest, run_train_teacher, run_train_teacher_for,

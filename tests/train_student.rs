@@ -7,7 +7,9 @@ use burn::tensor::Device;
 use indicatif::ProgressBar;
 use kiln_data::{SplitOptions, SynthLabels, SynthOptions, split, synthesize};
 use kiln_tests::Scratch;
-use kiln_training::run::{StudentConfig, TrainOptions, Verbosity, load_student_data, train_student};
+use kiln_training::Verbosity;
+use kiln_training::run::{StudentConfig, TrainOptions, train_student};
+use kiln_training::split::load_student_data;
 
 /// Burn's random generator is global to the process: trainings that run at the same time (tests
 /// run in parallel threads) would draw each other's numbers, so the tests here train one at a time.
@@ -130,7 +132,7 @@ fn a_student_learns_a_small_dataset() {
         epochs: EPOCHS,
         batch_size: 2,
         imgsz: 64,
-        optimizer: kiln_training::student::OptimizerKind::Adamw,
+        optimizer: kiln_training::optim::OptimizerKind::Adamw,
         lr0: 0.004,
         warmup_epochs: 1.0,
         // One optimiser step per batch (4 per epoch): with Ultralytics' nominal batch of 64

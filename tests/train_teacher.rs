@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::ProgressBar;
 use kiln_data::{SynthLabels, SynthOptions};
 use kiln_tests::Scratch;
-use kiln_training::run::Verbosity;
+use kiln_training::Verbosity;
 use kiln_training::teacher::mask_loss::{MaskLossConfig, mask_loss};
 use kiln_training::teacher::sam::load_adapted;
 use kiln_training::teacher::segment::{SegmentRequest, run_segment};

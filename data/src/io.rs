@@ -43,6 +43,130 @@ pub fn refuse_to_overwrite<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Res
     if existing.is_empty() { Ok(()) } else { Err(DataError::WouldOverwrite(existing)) }
 }
 
+/// File extensions read as images.
+pub const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
+
+/// The images (jpg, png, bmp, tiff, webp) directly inside `dir`, sorted by name: the order every
+/// command numbers them in (image id = position + 1, as COCO ids start at 1).
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| DataError::io(dir, "cannot list the images", e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(DataError::invalid(dir, "no images (jpg, png, bmp, tiff, webp) found"));
+    }
+    Ok(files)
+}
+
+/// A picture's file stem for an image file: the file's own, or the image id.
+pub fn picture_stem(file: &Path, id: u64) -> String {
+    file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| id.to_string())
+}
+
+/// The outputs of a command that writes one JSON document and, optionally, a `pictures/`
+/// directory into an output directory: nothing existing is replaced (checked at the start), the
+/// pictures are written into a hidden staging directory that becomes `pictures/` only when
+/// [`finish`](Self::finish) writes the document, and a run that fails or is dropped before that
+/// leaves nothing behind (the output directory too, if it created it and it is empty).
+pub struct StagedOutput {
+    output: PathBuf,
+    document: PathBuf,
+    pictures: Option<(PathBuf, PathBuf)>,
+    created_output: bool,
+    finished: bool,
+}
+
+impl StagedOutput {
+    /// Claims `output/document_name` (and `output/pictures` when `pictures`): an error if either exists.
+    pub fn begin(output: &Path, document_name: &str, pictures: bool) -> Result<Self> {
+        let document = output.join(document_name);
+        let final_pictures = output.join("pictures");
+        refuse_to_overwrite([document.as_path()])?;
+        if pictures {
+            refuse_to_overwrite([final_pictures.as_path()])?;
+        }
+        let created_output = !output.exists();
+        fs::create_dir_all(output).map_err(|e| DataError::io(output, "cannot create the directory", e))?;
+        let mut staged =
+            Self { output: output.to_path_buf(), document, pictures: None, created_output, finished: false };
+        if pictures {
+            let staging = output.join(format!(".pictures.{}.tmp", std::process::id()));
+            fs::create_dir_all(&staging).map_err(|e| DataError::io(&staging, "cannot create the directory", e))?;
+            staged.pictures = Some((staging, final_pictures));
+        }
+        Ok(staged)
+    }
+
+    /// Where the picture of `stem` goes while the run lasts (none when no pictures were asked for).
+    pub fn picture(&self, stem: &str) -> Option<PathBuf> {
+        self.pictures.as_ref().map(|(staging, _)| staging.join(format!("{stem}.jpg")))
+    }
+
+    /// Writes the document, then moves the pictures into place: the paths of both.
+    pub fn finish<T: serde::Serialize>(mut self, document: &T) -> Result<(PathBuf, Option<PathBuf>)> {
+        let bytes = serde_json::to_vec(document)
+            .map_err(|e| DataError::invalid(&self.document, format!("cannot serialise JSON: {e}")))?;
+        write_atomic(&self.document, &bytes)?;
+        if let Some((staging, pictures)) = &self.pictures {
+            fs::rename(staging, pictures)
+                .map_err(|e| DataError::io(pictures, "cannot move the pictures into place", e))?;
+        }
+        self.finished = true;
+        Ok((self.document.clone(), self.pictures.as_ref().map(|(_, pictures)| pictures.clone())))
+    }
+}
+
+impl Drop for StagedOutput {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some((staging, _)) = &self.pictures {
+            let _ = fs::remove_dir_all(staging);
+        }
+        if self.created_output {
+            // Only if still empty: nothing but this run could have put anything there.
+            let _ = fs::remove_dir(&self.output);
+        }
+    }
+}
+
+/// A COCO results document as kiln's commands write it (`predictions.json`, `detections.json`,
+/// `masks.json`): the images with their ids, the categories, and one annotation per result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResultsDocument<A: serde::Serialize> {
+    pub images: Vec<ResultImage>,
+    pub categories: Vec<ResultCategory>,
+    pub annotations: Vec<A>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResultImage {
+    pub id: u64,
+    pub file_name: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResultCategory {
+    pub id: u64,
+    pub name: String,
+}
+
+impl ResultImage {
+    /// The entry of the image at `position` of a [`list_images`] listing, read as `image`.
+    pub fn listed(position: usize, file: &Path, image: &image::RgbImage) -> Self {
+        let file_name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Self { id: position as u64 + 1, file_name, width: image.width(), height: image.height() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,4 +194,31 @@ pub fn read_rgb_image(path: &Path) -> Result<image::RgbImage> {
         .decode()
         .map_err(|e| DataError::Image { path: path.to_path_buf(), message: e.to_string() })?
         .into_rgb8())
+}
+
+#[cfg(test)]
+mod staged_tests {
+    use super::*;
+
+    #[test]
+    fn staged_output_appears_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("kiln-staged-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let output = dir.join("out");
+        // Dropped before finishing: nothing left, not even the directory it created.
+        let staged = StagedOutput::begin(&output, "result.json", true).unwrap();
+        fs::write(staged.picture("a").unwrap(), b"x").unwrap();
+        drop(staged);
+        assert!(!output.exists());
+        // Finished: the document and the pictures, and a second run refuses to replace them.
+        let staged = StagedOutput::begin(&output, "result.json", true).unwrap();
+        fs::write(staged.picture("a").unwrap(), b"x").unwrap();
+        let (document, pictures) = staged.finish(&serde_json::json!({"ok": true})).unwrap();
+        assert_eq!(fs::read_to_string(document).unwrap(), r#"{"ok":true}"#);
+        assert!(pictures.unwrap().join("a.jpg").is_file());
+        assert_eq!(fs::read_dir(&output).unwrap().count(), 2, "no staging directory left");
+        assert!(matches!(StagedOutput::begin(&output, "result.json", false), Err(DataError::WouldOverwrite(_))));
+        assert!(matches!(StagedOutput::begin(&output, "other.json", true), Err(DataError::WouldOverwrite(_))));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

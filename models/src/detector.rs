@@ -125,6 +125,11 @@ impl Detector {
         Ok(Self { model, imgsz: info.imgsz, info, device: device.clone(), options: PredictOptions::default() })
     }
 
+    /// A student already in memory (quantised, about to be exported) with its file's description.
+    pub fn from_model(model: YoloV8, info: StudentInfo, device: &Device) -> Self {
+        Self { model, imgsz: info.imgsz, info, device: device.clone(), options: PredictOptions::default() }
+    }
+
     /// Burn's INT8 weight quantisation, for native inference: see [`quantize_weights_int8`].
     pub fn quantized_int8(mut self) -> Result<Self, String> {
         self.model = quantize_weights_int8(self.model, &self.device)?;

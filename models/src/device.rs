@@ -282,7 +282,6 @@ mod tests {
     fn the_cpu_runs_the_device_check() {
         assert_eq!(describe(&cpu()), "CPU (flex)");
         check(&cpu()).unwrap();
-        check(&cpu().autodiff()).unwrap();
     }
 
     #[test]

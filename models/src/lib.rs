@@ -5,6 +5,7 @@ pub mod device;
 pub mod grounding_dino;
 pub mod lora;
 pub mod lowering;
+pub mod nn;
 pub mod sam;
 pub mod weights;
 pub mod yolo;

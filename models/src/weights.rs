@@ -77,6 +77,14 @@ pub struct CheckpointLayout {
     pub ignored: Vec<String>,
     /// Module paths that may be absent from the file because another file provides them.
     pub provided_elsewhere: Vec<String>,
+    /// Names of tensors the official module keeps as buffers, not parameters, beyond BatchNorm's
+    /// running statistics (SAM's `positional_encoding_gaussian_matrix`): not counted as parameters.
+    pub buffers: Vec<String>,
+}
+
+/// A model whose parameters map onto an official checkpoint by its [`CheckpointLayout`].
+pub trait OfficialCheckpoint {
+    fn checkpoint_layout() -> CheckpointLayout;
 }
 
 impl CheckpointLayout {
@@ -273,15 +281,17 @@ fn to_float32(data: TensorData) -> TensorData {
     data.convert_dtype(DType::F32)
 }
 
-/// Tensors the official modules keep as buffers, not parameters.
-const BUFFERS: &[&str] = &["running_mean", "running_var", "positional_encoding_gaussian_matrix"];
+/// BatchNorm's running statistics: buffers in every PyTorch model that has BatchNorm.
+const BATCH_NORM_BUFFERS: &[&str] = &["running_mean", "running_var"];
 
 /// Learnable parameters as PyTorch counts them (`sum(p.numel() for p in model.parameters())`):
-/// Burn's `num_params` also counts BatchNorm's running statistics, which PyTorch keeps as buffers.
-pub fn parameter_count<M: Module>(model: &M) -> usize {
+/// Burn's `num_params` also counts the tensors PyTorch keeps as buffers (BatchNorm's running
+/// statistics, and those the model's layout names).
+pub fn parameter_count<M: Module + OfficialCheckpoint>(model: &M) -> usize {
     struct Counter {
         path: Vec<String>,
         count: usize,
+        buffers: Vec<String>,
     }
     impl burn::module::ModuleVisitor for Counter {
         fn enter_module(&mut self, name: &str, _container_type: &str) {
@@ -291,13 +301,16 @@ pub fn parameter_count<M: Module>(model: &M) -> usize {
             self.path.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let buffer = self.path.last().is_some_and(|n| BUFFERS.contains(&n.as_str()));
+            let buffer = self
+                .path
+                .last()
+                .is_some_and(|n| BATCH_NORM_BUFFERS.contains(&n.as_str()) || self.buffers.iter().any(|b| b == n));
             if !buffer {
                 self.count += param.lazy_shape().num_elements();
             }
         }
     }
-    let mut counter = Counter { path: Vec::new(), count: 0 };
+    let mut counter = Counter { path: Vec::new(), count: 0, buffers: M::checkpoint_layout().buffers };
     model.visit(&mut counter);
     counter.count
 }

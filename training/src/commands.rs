@@ -1,22 +1,24 @@
-//! The library side of `kiln train-student` and `kiln eval`: the config from defaults + data +
-//! overrides, the run directory, `metadata.json`, loading a trained student, evaluating it, and
-//! the tables the CLI prints.
+//! The library side of `kiln train-student`, `kiln eval` and `kiln infer`: the config from
+//! defaults + data + overrides, the run directory, `metadata.json`, loading a trained student (as
+//! the embeddable `Detector`), evaluating it, running it on images, and the tables the CLI prints.
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use kiln_data::batch::{CocoDetectionDataset, DetectionBatcher};
 use kiln_data::coco::CocoDataset;
+use kiln_data::io::{ResultCategory, ResultImage, ResultsDocument, StagedOutput};
+use kiln_models::Detector;
 use kiln_models::yolo::predict::PredictOptions;
-use kiln_models::yolo::{Task, YoloConfig, YoloV8};
+use kiln_models::yolo::{Task, YoloConfig};
 use serde::Serialize;
 
+use crate::engine::Verbosity;
+use crate::error::TrainError;
 use crate::eval::{CocoEvaluation, IouType, evaluate};
-use crate::run::{
-    StudentConfig, StudentData, TrainError, TrainOptions, TrainSummary, Verbosity, load_student_data, to_coco_results,
-    train_student,
-};
-use crate::student::OptimizerKind;
+use crate::optim::OptimizerKind;
+use crate::run::{StudentConfig, TrainOptions, TrainSummary, to_coco_results, train_student};
+use crate::split::{StudentData, load_student_data};
 
 /// What the user may override on the command line (everything else: `configs/student.yaml`).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -170,22 +172,10 @@ pub fn run_train_student(
     Ok((config, summary))
 }
 
-/// A trained student and what it needs to run: names, ids, input size.
-pub struct LoadedStudent {
-    pub model: YoloV8,
-    pub config: YoloConfig,
-    pub classes: Vec<String>,
-    pub category_ids: Vec<u64>,
-    pub imgsz: u32,
-    pub weights: PathBuf,
-}
-
-/// Loads `path`: a run directory (its `weights/best.safetensors`) or a kiln `.safetensors` file.
-pub fn load_student(path: &Path, device: &Device) -> Result<LoadedStudent, TrainError> {
-    let info = kiln_models::StudentInfo::read(path)?;
-    let model = info.load_model(device)?;
-    let kiln_models::StudentInfo { config, classes, category_ids, imgsz, weights } = info;
-    Ok(LoadedStudent { model, config, classes, category_ids, imgsz, weights })
+/// Loads `path` (a run directory, its `weights/best.safetensors`, or a kiln `.safetensors` file)
+/// as the embeddable [`Detector`]: the one loaded-student type of eval, infer, export and bench.
+pub fn load_student(path: &Path, device: &Device) -> Result<Detector, TrainError> {
+    Ok(Detector::load(path, device)?)
 }
 
 /// Box (and mask) COCO evaluation of a student on a dataset.
@@ -197,7 +187,7 @@ pub struct Evaluation {
 }
 
 pub fn evaluate_student(
-    student: &LoadedStudent,
+    student: &Detector,
     data: &CocoDataset,
     images_dir: &Path,
     imgsz: Option<u32>,
@@ -205,14 +195,15 @@ pub fn evaluate_student(
     device: &Device,
     progress: &indicatif::ProgressBar,
 ) -> Result<Evaluation, TrainError> {
-    if data.class_names() != student.classes {
+    let info = student.info();
+    if data.class_names() != info.classes {
         return Err(TrainError::Config(format!(
             "the model knows classes {:?} but the data has {:?}",
-            student.classes,
+            info.classes,
             data.class_names()
         )));
     }
-    let imgsz = imgsz.unwrap_or(student.imgsz);
+    let imgsz = imgsz.unwrap_or(info.imgsz);
     let dataset = CocoDetectionDataset::new(data.clone(), images_dir);
     let batcher = DetectionBatcher { image_size: imgsz, mask_downsample: None };
     let options = EVAL_PREDICT_OPTIONS;
@@ -222,17 +213,16 @@ pub fn evaluate_student(
     for start in (0..n).step_by(batch_size.max(1)) {
         let items: Vec<_> = (start..(start + batch_size).min(n)).map(|i| dataset.load(i)).collect::<Result<_, _>>()?;
         let batch = batcher.try_batch(&items, device)?;
-        let output = student.model.forward(batch.images.clone());
-        let detections = student.model.postprocess(&output, &batch.letterboxes, &options)?;
+        let output = student.model().forward(batch.images.clone());
+        let detections = student.model().postprocess(&output, &batch.letterboxes, &options)?;
         for (image_id, detections) in batch.image_ids.iter().zip(detections) {
-            results.extend(to_coco_results(*image_id, &detections, &student.category_ids));
+            results.extend(to_coco_results(*image_id, &detections, &info.category_ids));
         }
         progress.inc(items.len() as u64);
     }
     progress.finish_and_clear();
     let boxes = evaluate(data, &results, IouType::Bbox)?;
-    let masks =
-        if student.config.task == Task::Segment { Some(evaluate(data, &results, IouType::Segm)?) } else { None };
+    let masks = if info.config.task == Task::Segment { Some(evaluate(data, &results, IouType::Segm)?) } else { None };
     Ok(Evaluation { boxes, masks, images: n, class_names: data.class_names() })
 }
 
@@ -359,29 +349,13 @@ pub struct InferSummary {
     pub pictures: Option<PathBuf>,
 }
 
-const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp"];
-
-/// The images (jpg, png, bmp, tiff, webp) directly inside `images`, sorted by name.
-pub fn list_images(images: &Path) -> Result<Vec<PathBuf>, TrainError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(images)
-        .map_err(|e| TrainError::Io { path: images.to_path_buf(), message: format!("cannot list the images: {e}") })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(TrainError::Config(format!("{}: no images (jpg, png, bmp, tiff, webp) found", images.display())));
-    }
-    Ok(files)
-}
-
 /// Runs a student on every image of `images` (sorted by name): `predictions.json` (COCO results,
-/// `image_id` = position in that order, with an `images` list giving each id's file) and, with
-/// `visualize`, one picture per image with the detections drawn.
+/// `image_id` = position in that order + 1, with an `images` list giving each id's file) and,
+/// with `visualize`, one picture per image with the detections drawn. Nothing existing is
+/// replaced, and a failure leaves nothing behind.
+#[allow(clippy::too_many_arguments)]
 pub fn run_infer(
-    student: &LoadedStudent,
+    student: &Detector,
     images: &Path,
     output: &Path,
     options: &PredictOptions,
@@ -390,72 +364,37 @@ pub fn run_infer(
     device: &Device,
     progress: &indicatif::ProgressBar,
 ) -> Result<InferSummary, TrainError> {
-    let files = list_images(images)?;
-    let predictions = output.join("predictions.json");
-    let pictures = output.join("pictures");
-    kiln_data::io::refuse_to_overwrite([predictions.as_path()])?;
-    if visualize && pictures.exists() {
-        return Err(TrainError::Config(format!("{} exists; choose another --output", pictures.display())));
-    }
-    let created_output = !output.exists();
-    std::fs::create_dir_all(output)
-        .map_err(|e| TrainError::Io { path: output.to_path_buf(), message: e.to_string() })?;
-    let staging = output.join(format!(".pictures.{}.tmp", std::process::id()));
-    if visualize {
-        std::fs::create_dir_all(&staging)
-            .map_err(|e| TrainError::Io { path: staging.clone(), message: e.to_string() })?;
-    }
-    let imgsz = imgsz.unwrap_or(student.imgsz);
+    let files = kiln_data::io::list_images(images)?;
+    let staged = StagedOutput::begin(output, "predictions.json", visualize)?;
+    let info = student.info();
+    let imgsz = imgsz.unwrap_or(info.imgsz);
     progress.set_length(files.len() as u64);
     let mut results = Vec::new();
     let mut listed = Vec::new();
-    let outcome = (|| -> Result<(), TrainError> {
-        for (i, file) in files.iter().enumerate() {
-            let image = kiln_data::io::read_rgb_image(file)?;
-            let detections = student.model.predict(&image, imgsz, options, device)?;
-            let id = i as u64 + 1;
-            results.extend(to_coco_results(id, &detections, &student.category_ids));
-            listed.push(serde_json::json!({
-                "id": id, "file_name": file.file_name().map(|n| n.to_string_lossy().to_string()),
-                "width": image.width(), "height": image.height(),
-            }));
-            if visualize {
-                let mut picture = image;
-                crate::plots::draw_detections(&mut picture, &detections, &student.classes);
-                let name = file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| id.to_string());
-                crate::plots::save(&picture, &staging.join(format!("{name}.jpg")))?;
-            }
-            progress.inc(1);
+    for (position, file) in files.iter().enumerate() {
+        let image = kiln_data::io::read_rgb_image(file)?;
+        let detections = student.model().predict(&image, imgsz, options, device)?;
+        let entry = ResultImage::listed(position, file, &image);
+        results.extend(to_coco_results(entry.id, &detections, &info.category_ids));
+        if let Some(picture_path) = staged.picture(&kiln_data::io::picture_stem(file, entry.id)) {
+            let mut picture = image;
+            crate::plots::draw_detections(&mut picture, &detections, &info.classes);
+            crate::plots::save(&picture, &picture_path)?;
         }
-        Ok(())
-    })();
-    if let Err(e) = outcome {
-        let _ = std::fs::remove_dir_all(&staging);
-        if created_output {
-            // Only if still empty: nothing but this run could have put anything there.
-            let _ = std::fs::remove_dir(output);
-        }
-        return Err(e);
+        listed.push(entry);
+        progress.inc(1);
     }
     progress.finish_and_clear();
-    let categories: Vec<serde_json::Value> = student
+    let categories = info
         .category_ids
         .iter()
-        .zip(&student.classes)
-        .map(|(id, name)| serde_json::json!({"id": id, "name": name}))
+        .zip(&info.classes)
+        .map(|(&id, name)| ResultCategory { id, name: name.clone() })
         .collect();
-    let document = serde_json::json!({"images": listed, "categories": categories, "annotations": results});
-    kiln_data::io::write_atomic(&predictions, serde_json::to_string(&document).expect("serialises").as_bytes())?;
-    if visualize {
-        std::fs::rename(&staging, &pictures)
-            .map_err(|e| TrainError::Io { path: pictures.clone(), message: e.to_string() })?;
-    }
-    Ok(InferSummary {
-        images: files.len(),
-        detections: results.len(),
-        predictions,
-        pictures: visualize.then_some(pictures),
-    })
+    let detections = results.len();
+    let (predictions, pictures) =
+        staged.finish(&ResultsDocument { images: listed, categories, annotations: results })?;
+    Ok(InferSummary { images: files.len(), detections, predictions, pictures })
 }
 
 #[cfg(test)]

@@ -10,8 +10,6 @@ use kiln_data::draw;
 use kiln_data::mask::BinaryMask;
 use kiln_models::yolo::predict::Detection;
 
-use crate::run::EpochRecord;
-
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
 const INK: Rgb<u8> = Rgb([40, 40, 40]);
 const GRID: Rgb<u8> = Rgb([225, 225, 225]);
@@ -95,38 +93,6 @@ pub fn tile(panels: &[RgbImage], columns: usize) -> RgbImage {
         image::imageops::overlay(&mut out, panel, x as i64, y as i64);
     }
     out
-}
-
-/// `results.png`: train and val losses, then box (and mask) precision, recall, mAP50, mAP50-95.
-pub fn results_figure(history: &[EpochRecord], masks: bool) -> RgbImage {
-    let series = |f: &dyn Fn(&EpochRecord) -> f64| history.iter().map(|r| (r.epoch as f64, f(r))).collect::<Vec<_>>();
-    let both = |title: &str, t: &dyn Fn(&EpochRecord) -> f64, v: &dyn Fn(&EpochRecord) -> f64| {
-        chart(title, &[("train", BLUE, series(t)), ("val", ORANGE, series(v))], 320, 200)
-    };
-    let one = |title: &str, f: &dyn Fn(&EpochRecord) -> f64| chart(title, &[("", BLUE, series(f))], 320, 200);
-    let mut panels = vec![
-        both("box loss", &|r| r.train.box_loss as f64, &|r| r.val.box_loss as f64),
-        both("cls loss", &|r| r.train.cls_loss as f64, &|r| r.val.cls_loss as f64),
-        both("dfl loss", &|r| r.train.dfl_loss as f64, &|r| r.val.dfl_loss as f64),
-    ];
-    if masks {
-        panels.push(both("seg loss", &|r| r.train.seg_loss as f64, &|r| r.val.seg_loss as f64));
-    }
-    panels.extend([
-        one("precision (B)", &|r| r.box_precision),
-        one("recall (B)", &|r| r.box_recall),
-        one("mAP50 (B)", &|r| r.box_map50),
-        one("mAP50-95 (B)", &|r| r.box_map),
-    ]);
-    if masks {
-        panels.extend([
-            one("precision (M)", &|r| r.mask_precision),
-            one("recall (M)", &|r| r.mask_recall),
-            one("mAP50 (M)", &|r| r.mask_map50),
-            one("mAP50-95 (M)", &|r| r.mask_map),
-        ]);
-    }
-    tile(&panels, 4)
 }
 
 /// `pr_curve.png`: precision against recall at IoU 0.5, averaged over classes.

@@ -1,10 +1,10 @@
-//! A student training run: burn-train's `SupervisedTraining` + `Learner` with kiln's own epoch
-//! loop (a custom training strategy) so that each epoch can keep the weight EMA, evaluate it with
-//! the COCO protocol, write `results.csv`, `weights/{last,best}.safetensors` and a resumable
-//! checkpoint, and stop early. Layout of a run directory:
+//! A student training run: a task on kiln's training engine (`crate::engine`) that keeps an EMA
+//! of the weights, accumulates gradients to Ultralytics' nominal batch, evaluates the EMA with the
+//! COCO protocol each epoch, and saves it. Layout of a run directory:
 //!
 //! ```text
-//! student_config.yaml  metadata.json  results.csv
+//! student_config.yaml  metadata.json  results.csv  results.png  pr_curve.png
+//! train_batches.jpg  val_predictions.jpg
 //! weights/last.safetensors  weights/best.safetensors   (EMA weights, official key names)
 //! checkpoint/{model,optim,scheduler}-N.bpk             (burn-train: resume state)
 //! checkpoint/ema-N.safetensors  checkpoint/state-N.json (kiln: EMA and best-so-far)
@@ -12,33 +12,31 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
-use burn::data::dataloader::DataLoader;
-use burn::data::dataloader::DataLoaderBuilder;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
-use burn::optim::GradientsAccumulator;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
-use burn::train::EventProcessorTraining;
-use burn::train::{
-    Learner, LearnerEvent, SupervisedLearningStrategy, SupervisedTrainingEventProcessor, TrainLoader,
-    TrainingComponents, ValidLoader,
-};
-use indicatif::ProgressBar;
+use burn::train::Learner;
 use kiln_data::batch::{CocoDetectionDataset, DetectionBatch};
 use kiln_data::coco::CocoDataset;
 use kiln_data::mask::Rle;
-use kiln_models::yolo::predict::PredictOptions;
+use kiln_models::yolo::predict::{Detection, PredictOptions};
 use kiln_models::yolo::{Task, YoloConfig, YoloV8};
 use serde::{Deserialize, Serialize};
 
 use crate::augment::AugmentConfig;
 use crate::data::{EpochCounter, TrainBatcher, TrainDataset, ValDataset, val_batcher};
+use crate::engine::{FitSettings, TrainTask, Validation, Verbosity};
+use crate::error::{AtPath, TrainError};
 use crate::eval::{CocoEvaluation, CocoResult, IouType, evaluate};
 use crate::loss::{LossConfig, LossParts};
-use crate::student::{
-    ModelEma, OptimizerChoice, OptimizerKind, Student, YoloLrSchedule, bias_group, build_optimizer, choose_optimizer,
+use crate::optim::{
+    OptimizerChoice, OptimizerKind, WarmupLinearSchedule, bias_group, build_optimizer, choose_optimizer,
 };
+use crate::plots;
+use crate::split::StudentData;
+use crate::student::{ModelEma, Student, StudentStep};
 
 /// Everything a student run is made of; saved as `student_config.yaml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,18 +112,14 @@ pub struct EpochRecord {
     pub seconds: f64,
 }
 
-impl EpochRecord {
-    /// What "best" means: mask mAP50-95 when the model makes masks, else box mAP50-95.
-    pub fn fitness(&self, masks: bool) -> f64 {
-        if masks { self.mask_map } else { self.box_map }
-    }
-
-    pub const CSV_HEADER: &'static str = "epoch,train/box_loss,train/seg_loss,train/cls_loss,train/dfl_loss,\
+/// `results.csv` in Ultralytics' column names.
+impl crate::engine::EpochRecord for EpochRecord {
+    const CSV_HEADER: &'static str = "epoch,train/box_loss,train/seg_loss,train/cls_loss,train/dfl_loss,\
 metrics/precision(B),metrics/recall(B),metrics/mAP50(B),metrics/mAP50-95(B),\
 metrics/precision(M),metrics/recall(M),metrics/mAP50(M),metrics/mAP50-95(M),\
 val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds";
 
-    pub fn csv_row(&self) -> String {
+    fn csv_row(&self) -> String {
         let t = &self.train;
         let v = &self.val;
         format!(
@@ -153,16 +147,6 @@ val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds";
     }
 }
 
-/// What kiln keeps beside burn-train's checkpoint to resume exactly.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct RunState {
-    epoch: usize,
-    ema_updates: usize,
-    best_fitness: f64,
-    best_epoch: usize,
-    history: Vec<EpochRecord>,
-}
-
 /// The outcome of a run.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
@@ -173,45 +157,6 @@ pub struct TrainSummary {
     pub best_weights: PathBuf,
     pub stopped_early: bool,
     pub seconds: f64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error(transparent)]
-    Data(#[from] kiln_data::DataError),
-    #[error(transparent)]
-    Weights(#[from] kiln_models::weights::WeightsError),
-    #[error(transparent)]
-    Eval(#[from] crate::eval::EvalError),
-    #[error(transparent)]
-    Device(#[from] kiln_models::DeviceError),
-    #[error(transparent)]
-    Loss(#[from] crate::loss::LossError),
-    #[error("{path}: {message}")]
-    Io { path: PathBuf, message: String },
-    #[error("{0}")]
-    Config(String),
-    #[error("training failed: {0}")]
-    Training(String),
-}
-
-fn io_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::Io { path: path.to_path_buf(), message: e.to_string() }
-}
-
-/// Datasets and where the images are.
-pub struct StudentData {
-    pub train: CocoDataset,
-    pub val: CocoDataset,
-    pub train_images: PathBuf,
-    pub val_images: PathBuf,
-}
-
-/// How the run reports progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verbosity {
-    Quiet,
-    Progress,
 }
 
 pub struct TrainOptions {
@@ -243,7 +188,7 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
     } else {
         None
     };
-    std::fs::create_dir_all(output.join("weights")).map_err(|e| io_error(&output, e))?;
+    std::fs::create_dir_all(output.join("weights")).at(&output)?;
     kiln_data::io::write_atomic(
         &output.join("student_config.yaml"),
         serde_yaml::to_string(&config).map_err(|e| TrainError::Config(e.to_string()))?.as_bytes(),
@@ -301,7 +246,7 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
     // Ultralytics 8.4: the warm-up leaves at least the last epoch at the scheduled rate.
     let warmup_epochs = config.warmup_epochs.min(config.epochs.saturating_sub(1) as f64).max(0.0);
     let warmup = ((warmup_epochs * iterations_per_epoch as f64).round() as usize).max(1);
-    let schedule = |warmup_start: f64| YoloLrSchedule {
+    let schedule = |warmup_start: f64| WarmupLinearSchedule {
         lr0: choice.lr0,
         lrf: config.lrf,
         epochs: config.epochs,
@@ -313,11 +258,18 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
     // `auto` starts the biases' warm-up at 0 too, as Ultralytics does.
     let bias_start = if config.optimizer == OptimizerKind::Auto { 0.0 } else { config.warmup_bias_lr };
     let scheduler = ModuleLrScheduler::new(schedule(0.0)).with_group(bias_group(), schedule(bias_start));
-    let last_epoch = stop_after_epochs.map_or(config.epochs, |n| (resume_from.unwrap_or(0) + n).min(config.epochs));
 
-    let strategy = KilnStrategy {
-        device: autodiff.clone(),
-        output: output.clone(),
+    let task = StudentTask {
+        settings: FitSettings::new(
+            output.clone(),
+            autodiff.clone(),
+            config.epochs,
+            config.patience,
+            iterations_per_epoch,
+            verbosity,
+            resume_from,
+            stop_after_epochs,
+        ),
         config: config.clone(),
         choice,
         masks,
@@ -325,32 +277,32 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
         val_source: val_source.clone(),
         epoch_counter,
         initial_ema,
-        verbosity,
-        last_epoch,
-        outcome: Arc::new(std::sync::Mutex::new(None)),
-        iterations_per_epoch,
         accumulation,
         warmup_iterations: warmup,
     };
-    let outcome = strategy.outcome.clone();
-    let start = Instant::now();
-    let mut summary = crate::engine::launch(
-        &output,
+    let outcome = crate::engine::launch(
+        task,
+        Learner::new(student, optimizer, scheduler),
         train_loader,
         val_loader,
-        config.epochs,
         resume_from,
-        Arc::new(strategy),
-        outcome,
-        Learner::new(student, optimizer, scheduler),
     )?;
-    summary.seconds = start.elapsed().as_secs_f64();
-    Ok(summary)
+    let state = outcome.state;
+    let best = state.history.iter().find(|r| r.epoch == state.best_epoch).copied().unwrap_or_default();
+    Ok(TrainSummary {
+        history: state.history,
+        best_epoch: state.best_epoch,
+        best,
+        last_weights: output.join("weights/last.safetensors"),
+        best_weights: output.join("weights/best.safetensors"),
+        stopped_early: outcome.stopped_early,
+        seconds: outcome.seconds,
+    })
 }
 
-struct KilnStrategy {
-    device: Device,
-    output: PathBuf,
+/// The student run on the engine: the EMA of the weights is what is validated and saved.
+struct StudentTask {
+    settings: FitSettings,
     config: StudentConfig,
     choice: OptimizerChoice,
     masks: bool,
@@ -358,12 +310,285 @@ struct KilnStrategy {
     val_source: Arc<CocoDetectionDataset>,
     epoch_counter: EpochCounter,
     initial_ema: YoloV8,
-    verbosity: Verbosity,
-    last_epoch: usize,
-    outcome: crate::engine::Outcome<TrainSummary>,
-    iterations_per_epoch: usize,
     accumulation: Accumulation,
     warmup_iterations: usize,
+}
+
+/// What the student changes while it trains.
+struct StudentLive {
+    ema: ModelEma,
+    /// Gradients summed over the batches of one optimiser step.
+    accumulator: GradientsAccumulator<Student>,
+    pending: usize,
+    sums: LossParts,
+    seen: usize,
+}
+
+/// What a resumed student run needs back beyond its EMA file.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct StudentState {
+    ema_updates: usize,
+}
+
+/// The validation of an epoch: losses and the COCO evaluations.
+struct StudentFigures {
+    val: LossParts,
+    boxes: CocoEvaluation,
+    masks: Option<CocoEvaluation>,
+}
+
+/// What the student's figures draw: the PR curves and the first validation images' detections.
+struct StudentShown {
+    box_curve: Vec<(f64, f64)>,
+    mask_curve: Option<Vec<(f64, f64)>>,
+    detections: Vec<Vec<Detection>>,
+}
+
+impl TrainTask for StudentTask {
+    type Model = Student;
+    type Parts = LossParts;
+    type Record = EpochRecord;
+    type State = StudentState;
+    type Live = StudentLive;
+    type Figures = StudentFigures;
+    type Shown = StudentShown;
+    const CHECKPOINT_FILES: &'static [&'static str] = &["ema-{}.safetensors"];
+
+    fn settings(&self) -> &FitSettings {
+        &self.settings
+    }
+
+    fn start(&self, starting_epoch: usize, state: &StudentState) -> Result<StudentLive, TrainError> {
+        let ema = if starting_epoch > 1 {
+            let checkpoint = self.settings.run_dir.join(format!("checkpoint/ema-{}.safetensors", starting_epoch - 1));
+            let ema_model = YoloV8::load(&self.yolo_config(), &checkpoint, &self.settings.device.clone().inner())?;
+            ModelEma::new(burn::module::Module::valid(&ema_model), state.ema_updates)
+        } else {
+            ModelEma::new(self.initial_ema.clone(), 0)
+        };
+        Ok(StudentLive {
+            ema,
+            accumulator: GradientsAccumulator::new(),
+            pending: 0,
+            sums: LossParts::default(),
+            seen: 0,
+        })
+    }
+
+    fn start_epoch(&self, live: &mut StudentLive, epoch: usize) {
+        self.epoch_counter.set(epoch);
+        live.sums = LossParts::default();
+        live.seen = 0;
+        // Flushed at each epoch's end, so that every epoch is self-contained and a resumed run
+        // repeats the uninterrupted one exactly.
+        live.accumulator = GradientsAccumulator::new();
+        live.pending = 0;
+    }
+
+    /// Gradients are summed over `accumulation.at(..)` batches per optimiser step (as
+    /// Ultralytics' `last_opt_step`), and the EMA follows every optimiser step.
+    fn optimizer_step(
+        &self,
+        live: &mut StudentLive,
+        learner: &mut Learner<Student>,
+        grads: GradientsParams,
+        iteration: usize,
+        last_of_epoch: bool,
+    ) {
+        live.accumulator.accumulate(&learner.model(), grads);
+        live.pending += 1;
+        if live.pending >= self.accumulation.at(iteration, self.warmup_iterations) || last_of_epoch {
+            learner.optimizer_step(live.accumulator.grads());
+            live.ema.update(&learner.model().yolo);
+            live.pending = 0;
+        }
+    }
+
+    fn accumulate(&self, live: &mut StudentLive, item: StudentStep) -> Result<String, TrainError> {
+        live.sums = add(live.sums, item.parts, item.count as f32);
+        live.seen += item.count;
+        let mean = scale(live.sums, 1.0 / live.seen.max(1) as f32);
+        let seg = if self.masks { format!(" seg {:.3}", mean.seg_loss) } else { String::new() };
+        Ok(format!("box {:.3} cls {:.3} dfl {:.3}{seg}", mean.box_loss, mean.cls_loss, mean.dfl_loss))
+    }
+
+    fn validate(
+        &self,
+        live: &StudentLive,
+        _learner: &Learner<Student>,
+        loader: &dyn DataLoader<DetectionBatch>,
+    ) -> Result<Validation<StudentFigures, StudentShown>, TrainError> {
+        let (val, boxes, masks, detections) = self.validate_model(&live.ema.model, loader)?;
+        // What "best" means: mask mAP50-95 when the model makes masks, else box mAP50-95.
+        let fitness = match &masks {
+            Some(masks) if self.masks => masks.ap().max(0.0),
+            _ => boxes.ap().max(0.0),
+        };
+        let shown = StudentShown {
+            box_curve: boxes.pr_curve_50(),
+            mask_curve: masks.as_ref().map(|m| m.pr_curve_50()),
+            detections,
+        };
+        Ok(Validation { figures: StudentFigures { val, boxes, masks }, fitness, shown })
+    }
+
+    fn record(&self, live: &StudentLive, epoch: usize, figures: StudentFigures, lr: f64, seconds: f64) -> EpochRecord {
+        let (boxes, masks) = (&figures.boxes, figures.masks.as_ref());
+        EpochRecord {
+            epoch,
+            train: scale(live.sums, 1.0 / live.seen.max(1) as f32),
+            val: figures.val,
+            box_precision: boxes.best_f1.precision,
+            box_recall: boxes.best_f1.recall,
+            box_map50: boxes.ap50().max(0.0),
+            box_map: boxes.ap().max(0.0),
+            mask_precision: masks.map_or(0.0, |e| e.best_f1.precision),
+            mask_recall: masks.map_or(0.0, |e| e.best_f1.recall),
+            mask_map50: masks.map_or(0.0, |e| e.ap50().max(0.0)),
+            mask_map: masks.map_or(0.0, |e| e.ap().max(0.0)),
+            lr,
+            seconds,
+        }
+    }
+
+    fn save_weights(&self, live: &StudentLive, _learner: &Learner<Student>, best: bool) -> Result<(), TrainError> {
+        let metadata = self.weights_metadata();
+        live.ema.model.save(&self.settings.run_dir.join("weights/last.safetensors"), &metadata)?;
+        if best {
+            live.ema.model.save(&self.settings.run_dir.join("weights/best.safetensors"), &metadata)?;
+        }
+        Ok(())
+    }
+
+    fn write_figures(&self, history: &[EpochRecord], shown: &StudentShown) -> Result<(), TrainError> {
+        let run_dir = &self.settings.run_dir;
+        plots::save(&results_figure(history, self.masks), &run_dir.join("results.png"))?;
+        plots::save(&plots::pr_figure(&shown.box_curve, shown.mask_curve.as_deref()), &run_dir.join("pr_curve.png"))?;
+        let mut pictures = Vec::new();
+        for (index, detections) in shown.detections.iter().enumerate() {
+            let mut image = self.val_source.load(index)?.image;
+            plots::draw_detections(&mut image, detections, &self.config.classes);
+            pictures.push(image);
+        }
+        if !pictures.is_empty() {
+            plots::save(&plots::grid(&pictures, 4, 320), &run_dir.join("val_predictions.jpg"))?;
+        }
+        Ok(())
+    }
+
+    fn report(&self, r: &EpochRecord) -> String {
+        let masks = if self.masks {
+            format!(
+                "  mask P {:.3} R {:.3} mAP50 {:.3} mAP50-95 {:.3}",
+                r.mask_precision, r.mask_recall, r.mask_map50, r.mask_map
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "epoch {:>3}/{}  loss {:.3}  box P {:.3} R {:.3} mAP50 {:.3} mAP50-95 {:.3}{masks}  ({:.0}s)",
+            r.epoch,
+            self.config.epochs,
+            r.train.sum(),
+            r.box_precision,
+            r.box_recall,
+            r.box_map50,
+            r.box_map,
+            r.seconds
+        )
+    }
+
+    fn checkpoint(&self, live: &StudentLive, epoch: usize) -> Result<StudentState, TrainError> {
+        let path = self.settings.run_dir.join(format!("checkpoint/ema-{epoch}.safetensors"));
+        live.ema.model.save(&path, &self.weights_metadata())?;
+        Ok(StudentState { ema_updates: live.ema.updates })
+    }
+}
+
+impl StudentTask {
+    fn yolo_config(&self) -> YoloConfig {
+        let config: YoloConfig = self.config.model.parse().expect("checked before training");
+        config.with_num_classes(self.config.classes.len())
+    }
+
+    fn weights_metadata(&self) -> Vec<(String, String)> {
+        vec![
+            ("kiln.model".into(), self.config.model.clone()),
+            ("kiln.classes".into(), serde_json::to_string(&self.config.classes).expect("names serialise")),
+            ("kiln.category_ids".into(), serde_json::to_string(&self.config.category_ids).expect("ids serialise")),
+            ("kiln.imgsz".into(), self.config.imgsz.to_string()),
+            ("kiln.optimizer".into(), format!("{:?}", self.choice.kind).to_lowercase()),
+        ]
+    }
+
+    /// Validation loss and COCO metrics of `model` (the EMA) on the validation set, with the
+    /// detections of the first images (score 0.25 and up) to draw.
+    fn validate_model(
+        &self,
+        model: &YoloV8,
+        loader: &dyn DataLoader<DetectionBatch>,
+    ) -> Result<(LossParts, CocoEvaluation, Option<CocoEvaluation>, Vec<Vec<Detection>>), TrainError> {
+        let options = PredictOptions { conf: 0.001, iou: 0.7, max_det: 100, max_nms: 30_000 };
+        let mut shown = Vec::new();
+        let bar = crate::engine::epoch_bar(self.settings.verbosity, loader.num_items() as u64, "validating");
+        let mut results = Vec::new();
+        let mut sums = LossParts::default();
+        let mut seen = 0usize;
+        let mut iterator = loader.iter();
+        while let Some(batch) = iterator.next() {
+            let batch = batch?;
+            let images = batch.images.dims()[0];
+            let output = model.forward(batch.images.clone());
+            let loss = crate::loss::yolo_loss(&self.config.loss, &output, &crate::loss::Targets::from(&batch))?;
+            sums = add(sums, loss.parts, images as f32);
+            seen += images;
+            let detections = model.postprocess(&output, &batch.letterboxes, &options)?;
+            for (image_id, detections) in batch.image_ids.iter().zip(detections) {
+                results.extend(to_coco_results(*image_id, &detections, &self.config.category_ids));
+                if shown.len() < SHOWN_IMAGES {
+                    shown.push(detections.into_iter().filter(|d| d.score >= 0.25).collect());
+                }
+            }
+            bar.inc(images as u64);
+        }
+        bar.finish_and_clear();
+        let box_eval = evaluate(&self.val_truth, &results, IouType::Bbox)?;
+        let mask_eval = if self.masks { Some(evaluate(&self.val_truth, &results, IouType::Segm)?) } else { None };
+        Ok((scale(sums, 1.0 / seen.max(1) as f32), box_eval, mask_eval, shown))
+    }
+}
+
+/// `results.png`: train and val losses, then box (and mask) precision, recall, mAP50, mAP50-95.
+pub fn results_figure(history: &[EpochRecord], masks: bool) -> image::RgbImage {
+    use crate::plots::{BLUE, ORANGE, chart, tile};
+    let series = |f: &dyn Fn(&EpochRecord) -> f64| history.iter().map(|r| (r.epoch as f64, f(r))).collect::<Vec<_>>();
+    let both = |title: &str, t: &dyn Fn(&EpochRecord) -> f64, v: &dyn Fn(&EpochRecord) -> f64| {
+        chart(title, &[("train", BLUE, series(t)), ("val", ORANGE, series(v))], 320, 200)
+    };
+    let one = |title: &str, f: &dyn Fn(&EpochRecord) -> f64| chart(title, &[("", BLUE, series(f))], 320, 200);
+    let mut panels = vec![
+        both("box loss", &|r| r.train.box_loss as f64, &|r| r.val.box_loss as f64),
+        both("cls loss", &|r| r.train.cls_loss as f64, &|r| r.val.cls_loss as f64),
+        both("dfl loss", &|r| r.train.dfl_loss as f64, &|r| r.val.dfl_loss as f64),
+    ];
+    if masks {
+        panels.push(both("seg loss", &|r| r.train.seg_loss as f64, &|r| r.val.seg_loss as f64));
+    }
+    panels.extend([
+        one("precision (B)", &|r| r.box_precision),
+        one("recall (B)", &|r| r.box_recall),
+        one("mAP50 (B)", &|r| r.box_map50),
+        one("mAP50-95 (B)", &|r| r.box_map),
+    ]);
+    if masks {
+        panels.extend([
+            one("precision (M)", &|r| r.mask_precision),
+            one("recall (M)", &|r| r.mask_recall),
+            one("mAP50 (M)", &|r| r.mask_map50),
+            one("mAP50-95 (M)", &|r| r.mask_map),
+        ]);
+    }
+    tile(&panels, 4)
 }
 
 /// Ultralytics' gradient accumulation to a nominal batch size: `round(nbs / batch)` batches per
@@ -395,288 +620,6 @@ impl Accumulation {
         }
         let t = iteration as f64 / warmup.max(1) as f64;
         ((1.0 + t * (self.batches as f64 - 1.0)).round_ties_even() as usize).max(1)
-    }
-}
-
-impl SupervisedLearningStrategy<Student> for KilnStrategy {
-    fn fit(
-        &self,
-        components: TrainingComponents<Student>,
-        mut learner: Learner<Student>,
-        train_loader: TrainLoader<Student>,
-        val_loader: ValidLoader<Student>,
-        starting_epoch: usize,
-    ) -> (Student, SupervisedTrainingEventProcessor<Student>) {
-        let train_loader = train_loader.to_device(&self.device);
-        let val_loader = val_loader.to_device(&self.device.clone().inner());
-        learner.fork(&self.device);
-        let mut processor = components.event_processor;
-        let mut checkpointer = components.checkpointer;
-        let (interrupter, event_store) = (components.interrupter, components.event_store);
-        let result = self.epochs(
-            &mut learner,
-            &*train_loader,
-            &*val_loader,
-            starting_epoch,
-            &mut checkpointer,
-            &interrupter,
-            &event_store,
-        );
-        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
-        let _ = processor.process_train(LearnerEvent::EndEpoch(starting_epoch));
-        (learner.model(), processor)
-    }
-}
-
-impl KilnStrategy {
-    fn epochs(
-        &self,
-        learner: &mut Learner<Student>,
-        train_loader: &dyn DataLoader<DetectionBatch>,
-        val_loader: &dyn DataLoader<DetectionBatch>,
-        starting_epoch: usize,
-        checkpointer: &mut Option<burn::train::LearningCheckpointer<Student>>,
-        interrupter: &burn::train::Interrupter,
-        event_store: &burn::train::metric::store::EventStoreClient,
-    ) -> Result<TrainSummary, TrainError> {
-        let checkpoint_dir = self.output.join("checkpoint");
-        let (mut ema, mut state) = if starting_epoch > 1 {
-            let previous = starting_epoch - 1;
-            let yolo_config = self.initial_ema_config();
-            let ema_model = YoloV8::load(
-                &yolo_config,
-                &checkpoint_dir.join(format!("ema-{previous}.safetensors")),
-                &self.device.clone().inner(),
-            )?;
-            let state: RunState = crate::engine::read_run_state(&checkpoint_dir, previous)?;
-            (ModelEma::new(burn::module::Module::valid(&ema_model), state.ema_updates), state)
-        } else {
-            (ModelEma::new(self.initial_ema.clone(), 0), RunState::default())
-        };
-        let metadata = self.weights_metadata();
-        let last_weights = self.output.join("weights/last.safetensors");
-        let best_weights = self.output.join("weights/best.safetensors");
-        let mut stopped_early = false;
-        let batches = self.iterations_per_epoch;
-        for epoch in starting_epoch..=self.last_epoch {
-            let started = Instant::now();
-            self.epoch_counter.set(epoch);
-            let bar = self.bar(batches as u64, &format!("epoch {epoch}/{}", self.config.epochs));
-            let mut sums = LossParts::default();
-            let mut seen = 0usize;
-            let mut iterator = train_loader.iter();
-            // Gradients are summed over `accumulation.at(..)` batches per optimiser step (as
-            // Ultralytics' `last_opt_step`), and flushed at the end of each epoch so that every
-            // epoch is self-contained and a resumed run repeats the uninterrupted one exactly.
-            let mut accumulator = GradientsAccumulator::<Student>::new();
-            let (mut position, mut pending) = (0usize, 0usize);
-            while let Some(batch) = iterator.next() {
-                let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
-                let images = batch.images.dims()[0];
-                let iteration = (epoch - 1) * batches + position;
-                position += 1;
-                let output = learner.train_step(batch);
-                if let Some(failure) = output.item.failure {
-                    return Err(failure.into());
-                }
-                learner.lr_step();
-                accumulator.accumulate(&learner.model(), output.grads);
-                pending += 1;
-                if pending >= self.accumulation.at(iteration, self.warmup_iterations) || position == batches {
-                    learner.optimizer_step(accumulator.grads());
-                    ema.update(&learner.model().yolo);
-                    pending = 0;
-                }
-                let parts = output.item.parts;
-                sums = add(sums, parts, images as f32);
-                seen += images;
-                bar.set_message(format!(
-                    "box {:.3} cls {:.3} dfl {:.3}{}",
-                    sums.box_loss / seen as f32,
-                    sums.cls_loss / seen as f32,
-                    sums.dfl_loss / seen as f32,
-                    if self.masks { format!(" seg {:.3}", sums.seg_loss / seen as f32) } else { String::new() }
-                ));
-                bar.inc(1);
-                if interrupter.should_stop() {
-                    break;
-                }
-            }
-            bar.finish_and_clear();
-            if interrupter.should_stop() {
-                break;
-            }
-            let train = scale(sums, 1.0 / seen.max(1) as f32);
-            let (val, box_eval, mask_eval, shown) = self.validate(&ema.model, val_loader)?;
-            let lr = learner.lr_current().base();
-            let record = EpochRecord {
-                epoch,
-                train,
-                val,
-                box_precision: box_eval.best_f1.precision,
-                box_recall: box_eval.best_f1.recall,
-                box_map50: box_eval.ap50().max(0.0),
-                box_map: box_eval.ap().max(0.0),
-                mask_precision: mask_eval.as_ref().map_or(0.0, |e| e.best_f1.precision),
-                mask_recall: mask_eval.as_ref().map_or(0.0, |e| e.best_f1.recall),
-                mask_map50: mask_eval.as_ref().map_or(0.0, |e| e.ap50().max(0.0)),
-                mask_map: mask_eval.as_ref().map_or(0.0, |e| e.ap().max(0.0)),
-                lr,
-                seconds: started.elapsed().as_secs_f64(),
-            };
-            state.history.push(record);
-            state.epoch = epoch;
-            state.ema_updates = ema.updates;
-            let fitness = record.fitness(self.masks);
-            let improved = state.best_epoch == 0 || fitness > state.best_fitness;
-            ema.model.save(&last_weights, &metadata)?;
-            if improved {
-                state.best_fitness = fitness;
-                state.best_epoch = epoch;
-                ema.model.save(&best_weights, &metadata)?;
-            }
-            self.write_results(&state.history)?;
-            self.write_plots(&state.history, &box_eval, mask_eval.as_ref(), &shown)?;
-            self.report(&record);
-            // Resume state: kiln's files first, burn-train's last, so an epoch counts as complete
-            // only once all are on disk (see `complete_checkpoints`).
-            ema.model.save(&checkpoint_dir.join(format!("ema-{epoch}.safetensors")), &metadata)?;
-            crate::engine::write_run_state(&checkpoint_dir, epoch, &state)?;
-            if let Some(checkpointer) = checkpointer.as_mut() {
-                checkpointer.checkpoint(learner, epoch, event_store);
-            }
-            crate::engine::prune_checkpoints(&checkpoint_dir, epoch, &["ema-{}.safetensors"]);
-            if self.config.patience > 0 && epoch - state.best_epoch >= self.config.patience {
-                stopped_early = true;
-                break;
-            }
-        }
-        let best = state.history.iter().find(|r| r.epoch == state.best_epoch).copied().unwrap_or_default();
-        Ok(TrainSummary {
-            history: state.history,
-            best_epoch: state.best_epoch,
-            best,
-            last_weights,
-            best_weights,
-            stopped_early,
-            seconds: 0.0,
-        })
-    }
-
-    fn initial_ema_config(&self) -> YoloConfig {
-        let config: YoloConfig = self.config.model.parse().expect("checked before training");
-        config.with_num_classes(self.config.classes.len())
-    }
-
-    fn weights_metadata(&self) -> Vec<(String, String)> {
-        vec![
-            ("kiln.model".into(), self.config.model.clone()),
-            ("kiln.classes".into(), serde_json::to_string(&self.config.classes).expect("names serialise")),
-            ("kiln.category_ids".into(), serde_json::to_string(&self.config.category_ids).expect("ids serialise")),
-            ("kiln.imgsz".into(), self.config.imgsz.to_string()),
-            ("kiln.optimizer".into(), format!("{:?}", self.choice.kind).to_lowercase()),
-        ]
-    }
-
-    fn bar(&self, length: u64, prefix: &str) -> ProgressBar {
-        crate::engine::epoch_bar(self.verbosity, length, prefix)
-    }
-
-    fn report(&self, r: &EpochRecord) {
-        if self.verbosity == Verbosity::Quiet {
-            return;
-        }
-        let masks = if self.masks {
-            format!(
-                "  mask P {:.3} R {:.3} mAP50 {:.3} mAP50-95 {:.3}",
-                r.mask_precision, r.mask_recall, r.mask_map50, r.mask_map
-            )
-        } else {
-            String::new()
-        };
-        eprintln!(
-            "epoch {:>3}/{}  loss {:.3}  box P {:.3} R {:.3} mAP50 {:.3} mAP50-95 {:.3}{masks}  ({:.0}s)",
-            r.epoch,
-            self.config.epochs,
-            r.train.sum(),
-            r.box_precision,
-            r.box_recall,
-            r.box_map50,
-            r.box_map,
-            r.seconds
-        );
-    }
-
-    fn write_plots(
-        &self,
-        history: &[EpochRecord],
-        boxes: &CocoEvaluation,
-        masks: Option<&CocoEvaluation>,
-        shown: &[Vec<kiln_models::yolo::predict::Detection>],
-    ) -> Result<(), TrainError> {
-        use crate::plots;
-        plots::save(&plots::results_figure(history, self.masks), &self.output.join("results.png"))?;
-        let mask_curve = masks.map(|m| m.pr_curve_50());
-        plots::save(&plots::pr_figure(&boxes.pr_curve_50(), mask_curve.as_deref()), &self.output.join("pr_curve.png"))?;
-        let mut pictures = Vec::new();
-        for (index, detections) in shown.iter().enumerate() {
-            let mut image = self.val_source.load(index)?.image;
-            plots::draw_detections(&mut image, detections, &self.config.classes);
-            pictures.push(image);
-        }
-        if !pictures.is_empty() {
-            plots::save(&plots::grid(&pictures, 4, 320), &self.output.join("val_predictions.jpg"))?;
-        }
-        Ok(())
-    }
-
-    fn write_results(&self, history: &[EpochRecord]) -> Result<(), TrainError> {
-        let mut csv = String::from(EpochRecord::CSV_HEADER);
-        csv.push('\n');
-        for record in history {
-            csv.push_str(&record.csv_row());
-            csv.push('\n');
-        }
-        kiln_data::io::write_atomic(&self.output.join("results.csv"), csv.as_bytes())?;
-        Ok(())
-    }
-
-    /// Validation loss and COCO metrics of `model` (the EMA) on the validation set.
-    fn validate(
-        &self,
-        model: &YoloV8,
-        loader: &dyn DataLoader<DetectionBatch>,
-    ) -> Result<
-        (LossParts, CocoEvaluation, Option<CocoEvaluation>, Vec<Vec<kiln_models::yolo::predict::Detection>>),
-        TrainError,
-    > {
-        let options = PredictOptions { conf: 0.001, iou: 0.7, max_det: 100, max_nms: 30_000 };
-        let mut shown = Vec::new();
-        let bar = self.bar(loader.num_items() as u64, "validating");
-        let mut results = Vec::new();
-        let mut sums = LossParts::default();
-        let mut seen = 0usize;
-        let mut iterator = loader.iter();
-        while let Some(batch) = iterator.next() {
-            let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
-            let images = batch.images.dims()[0];
-            let output = model.forward(batch.images.clone());
-            let loss = crate::loss::yolo_loss(&self.config.loss, &output, &crate::loss::Targets::from(&batch))?;
-            sums = add(sums, loss.parts, images as f32);
-            seen += images;
-            let detections = model.postprocess(&output, &batch.letterboxes, &options)?;
-            for (image_id, detections) in batch.image_ids.iter().zip(detections) {
-                results.extend(to_coco_results(*image_id, &detections, &self.config.category_ids));
-                if shown.len() < SHOWN_IMAGES {
-                    shown.push(detections.into_iter().filter(|d| d.score >= 0.25).collect());
-                }
-            }
-            bar.inc(images as u64);
-        }
-        bar.finish_and_clear();
-        let box_eval = evaluate(&self.val_truth, &results, IouType::Bbox)?;
-        let mask_eval = if self.masks { Some(evaluate(&self.val_truth, &results, IouType::Segm)?) } else { None };
-        Ok((scale(sums, 1.0 / seen.max(1) as f32), box_eval, mask_eval, shown))
     }
 }
 
@@ -731,44 +674,6 @@ fn add(a: LossParts, b: LossParts, weight: f32) -> LossParts {
 
 fn scale(a: LossParts, factor: f32) -> LossParts {
     add(LossParts::default(), a, factor)
-}
-
-/// The training and validation sets as a student run uses them: read (COCO JSON or a YOLO
-/// dataset), repaired in memory (boxes and areas derived from masks), checked to share one class
-/// list; plus the summary that picks the student.
-pub fn load_student_data(
-    train: &Path,
-    val: &Path,
-    images: Option<&Path>,
-) -> Result<(StudentData, kiln_data::DatasetSummary), TrainError> {
-    let read = |path: &Path| -> Result<(CocoDataset, PathBuf, kiln_data::DatasetSummary), TrainError> {
-        let loaded = kiln_data::load_dataset(path, images)?;
-        let mut dataset = loaded.dataset;
-        // Inspected as given (the student follows what the user labelled), then repaired.
-        let summary = kiln_data::inspect(&dataset);
-        kiln_data::repair(&mut dataset);
-        if !loaded.images_dir.is_dir() {
-            return Err(TrainError::Config(format!(
-                "{}: image directory {} not found; pass --images DIR (the directory `file_name`s are relative to)",
-                path.display(),
-                loaded.images_dir.display()
-            )));
-        }
-        Ok((dataset, loaded.images_dir, summary))
-    };
-    let (train_set, train_images, summary) = read(train)?;
-    let (val_set, val_images, _) = read(val)?;
-    if train_set.class_ids() != val_set.class_ids() || train_set.class_names() != val_set.class_names() {
-        return Err(TrainError::Config(format!(
-            "{} and {} have different categories: split one dataset with `kiln validate --split` so both share its classes",
-            train.display(),
-            val.display()
-        )));
-    }
-    if train_set.categories.is_empty() {
-        return Err(TrainError::Config(format!("{}: the dataset has no categories", train.display())));
-    }
-    Ok((StudentData { train: train_set, val: val_set, train_images, val_images }, summary))
 }
 
 #[cfg(test)]

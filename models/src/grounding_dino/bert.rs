@@ -189,10 +189,8 @@ impl BertModel {
     /// Loads a Hugging Face `BertModel` checkpoint (`model.safetensors` or `pytorch_model.bin`,
     /// keys with or without a `bert.` prefix) into `config`'s architecture, all or nothing.
     pub fn load(config: &BertConfig, path: &Path, device: &Device) -> Result<Self, WeightsError> {
-        let mut layout = CheckpointLayout::default();
-        layout.renames.push(("^bert.".into(), String::new()));
-        layout.renames.extend(bert_renames());
-        layout.ignored.push(r"^embeddings\.position_ids$".into());
+        use crate::weights::OfficialCheckpoint;
+        let layout = Self::checkpoint_layout();
         crate::weights::load_checkpoint_with(config.init(device), path, &layout, "a BERT of this configuration")
     }
 
@@ -256,5 +254,16 @@ impl BertLayer {
         let x = out.layer_norm.forward(out.dense.forward(context) + x);
         let inner = gelu(self.intermediate.dense.forward(x.clone()));
         self.output.layer_norm.forward(self.output.dense.forward(inner) + x)
+    }
+}
+
+/// Hugging Face's `BertModel` keys, with or without a `bert.` prefix.
+impl crate::weights::OfficialCheckpoint for BertModel {
+    fn checkpoint_layout() -> CheckpointLayout {
+        let mut layout = CheckpointLayout::default();
+        layout.renames.push(("^bert.".into(), String::new()));
+        layout.renames.extend(bert_renames());
+        layout.ignored.push(r"^embeddings\.position_ids$".into());
+        layout
     }
 }

@@ -14,7 +14,7 @@ use super::attention::{MultiheadAttention, mask_to_bias};
 use super::encoder::ImageTokens;
 use super::ms_deform_attn::{MsDeformAttn, Reference};
 use super::position_encoding::box_sine_embedding;
-use crate::sam::common::Mlp;
+use crate::nn::Mlp;
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer {

@@ -32,7 +32,7 @@ pub use postprocess::{GroundedBox, PostprocessOptions};
 pub use swin::{SwinConfig, SwinTransformer};
 pub use text::{Caption, CaptionTokenizer, Encoded, TextBatch, TextError};
 
-use crate::sam::common::Mlp;
+use crate::nn::Mlp;
 use crate::weights::{CheckpointLayout, WeightsError};
 use encoder::TextTokens;
 use position_encoding::{image_position_embedding, text_position_embedding};
@@ -248,6 +248,7 @@ impl GroundingDino {
                 r"^bert\.embeddings\.position_ids$".into(),
             ],
             provided_elsewhere: Vec::new(),
+            buffers: Vec::new(),
         };
         layout.renames.extend(bert::bert_renames());
         layout
@@ -467,5 +468,11 @@ impl ImageBatch {
             pixels: Tensor::from_data(TensorData::new(data, [images.len(), 3, height, width]), device),
             sizes: images.iter().map(|(_, size)| *size).collect(),
         }
+    }
+}
+
+impl crate::weights::OfficialCheckpoint for GroundingDino {
+    fn checkpoint_layout() -> CheckpointLayout {
+        GroundingDino::checkpoint_layout()
     }
 }

@@ -12,7 +12,7 @@ use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
 use super::decoder::{DecoderOutput, TransformerDecoder};
 use super::encoder::{ImageTokens, TextTokens, TransformerEncoder};
 use super::ms_deform_attn::Reference;
-use crate::sam::common::Mlp;
+use crate::nn::Mlp;
 
 /// The logit GroundingDINO gives a padded or out-of-range proposal (+inf there; any value whose
 /// sigmoid is exactly 1 in f32 behaves the same, and a finite one keeps gradients finite).

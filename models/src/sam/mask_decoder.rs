@@ -11,8 +11,8 @@ use burn::nn::{Embedding, EmbeddingConfig, Gelu};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::common::{LayerNorm2d, Mlp};
 use super::transformer::TwoWayTransformer;
+use crate::nn::{LayerNorm2d, Mlp};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskDecoderConfig {

@@ -200,7 +200,9 @@ impl Sam {
     /// Loads an official `sam_vit_*.pth` (or a kiln safetensors) into `config`'s architecture; a
     /// checkpoint of another size is refused with the keys that do not fit.
     pub fn load(config: &SamConfig, path: &Path, device: &Device) -> Result<Self, WeightsError> {
-        crate::weights::load_checkpoint(config.init(device), path, &[], &format!("SAM {}", config.name))
+        use crate::weights::OfficialCheckpoint;
+        let layout = Self::checkpoint_layout();
+        crate::weights::load_checkpoint_with(config.init(device), path, &layout, &format!("SAM {}", config.name))
     }
 
     /// Saves the weights as safetensors under the official key names.
@@ -298,4 +300,15 @@ pub fn resize_box(bbox: [f32; 4], original_size: (usize, usize), long_side: usiz
     let (nh, nw) = resized_shape(original_size, long_side);
     let (sx, sy) = (nw as f32 / w as f32, nh as f32 / h as f32);
     [bbox[0] * sx, bbox[1] * sy, bbox[2] * sx, bbox[3] * sy]
+}
+
+/// SAM's checkpoints carry the official keys as they are; the prompt encoder's random Fourier
+/// matrix is a buffer there.
+impl crate::weights::OfficialCheckpoint for Sam {
+    fn checkpoint_layout() -> crate::weights::CheckpointLayout {
+        crate::weights::CheckpointLayout {
+            buffers: vec!["positional_encoding_gaussian_matrix".into()],
+            ..Default::default()
+        }
+    }
 }

@@ -12,7 +12,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, Gelu};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::common::LayerNorm2d;
+use crate::nn::LayerNorm2d;
 
 /// `PositionEmbeddingRandom`: `[sin, cos](2π (2c - 1) G)` for coordinates `c` in [0, 1].
 #[derive(Module, Debug)]

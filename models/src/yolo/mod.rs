@@ -298,3 +298,9 @@ impl YoloV8 {
         crate::weights::load_checkpoint(config.init(device), path, &Self::key_prefixes(), &config.to_string())
     }
 }
+
+impl crate::weights::OfficialCheckpoint for YoloV8 {
+    fn checkpoint_layout() -> crate::weights::CheckpointLayout {
+        crate::weights::CheckpointLayout::prefixes(&Self::key_prefixes())
+    }
+}

@@ -11,8 +11,7 @@
 //! `teachers/grounding_dino_lora/{adapter_model.safetensors, adapter_config.json}`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
@@ -21,11 +20,7 @@ use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::module::{Module, ParamGroup};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
-use burn::train::metric::{Adaptor, LossInput};
-use burn::train::{
-    EventProcessorTraining, InferenceStep, ItemLazy, Learner, LearnerEvent, SupervisedLearningStrategy,
-    SupervisedTrainingEventProcessor, TrainLoader, TrainOutput, TrainStep, TrainingComponents, ValidLoader,
-};
+use burn::train::{InferenceStep, Learner, TrainOutput, TrainStep};
 use kiln_data::batch::CocoDetectionDataset;
 use kiln_data::rng::SeededRng;
 use kiln_models::device::DeviceError;
@@ -37,9 +32,10 @@ use kiln_models::lora::{self, AdapterConfig, LoraConfig, LoraSummary};
 use serde::{Deserialize, Serialize};
 
 use crate::data::EpochCounter;
+use crate::engine::{FitSettings, NoTaskState, StepOutput, TrainTask, Validation, Verbosity};
+use crate::error::{AtPath, TrainError};
 use crate::eval::{CocoResult, IouType, evaluate};
-use crate::run::{TrainError, Verbosity};
-use crate::student::{OptimizerChoice, OptimizerKind, YoloLrSchedule, build_optimizer, clip_global_norm};
+use crate::optim::{OptimizerChoice, OptimizerKind, WarmupLinearSchedule, build_optimizer, clip_global_norm};
 use crate::teacher::grounding_loss::{GroundingLossConfig, GroundingLossParts, GroundingTarget, head_loss};
 
 /// The GroundingDINO teacher's settings (the `grounding_dino:` section of `teacher_config.yaml`).
@@ -303,33 +299,8 @@ pub struct GroundingDinoTeacher {
     pub max_grad_norm: f32,
 }
 
-#[derive(Debug, Clone)]
-pub struct GroundingStepOutput {
-    pub loss: Tensor<1>,
-    pub parts: GroundingLossParts,
-    /// The device's failure: burn-train's steps cannot return errors, so it travels here and
-    /// the epoch loop stops on it.
-    pub failure: Option<DeviceError>,
-}
-
-impl GroundingStepOutput {
-    fn failed(batch: &GroundingBatch, error: DeviceError) -> Self {
-        let device = batch.images.pixels.device().without_autodiff();
-        Self { loss: Tensor::zeros([1], &device), parts: GroundingLossParts::default(), failure: Some(error) }
-    }
-}
-
-impl Adaptor<LossInput> for GroundingStepOutput {
-    fn adapt(&self) -> LossInput {
-        LossInput::new(self.loss.clone())
-    }
-}
-
-impl ItemLazy for GroundingStepOutput {
-    fn sync(self) -> Result<Self, burn::tensor::ExecutionError> {
-        Ok(Self { loss: self.loss.without_autodiff(), ..self })
-    }
-}
+/// One step's loss (per batch) and its parts.
+pub type GroundingStepOutput = StepOutput<GroundingLossParts>;
 
 impl GroundingDinoTeacher {
     /// The set loss over every decoder layer plus the encoder proposals (weighted), its parts
@@ -363,11 +334,12 @@ impl TrainStep for GroundingDinoTeacher {
         let (loss, parts, _) = match self.loss(&batch) {
             Ok(loss) => loss,
             Err(error) => {
-                return TrainOutput { grads: GradientsParams::new(), item: GroundingStepOutput::failed(&batch, error) };
+                let item = StepOutput::failed(error, &batch.images.pixels.device());
+                return TrainOutput { grads: GradientsParams::new(), item };
             }
         };
         let grads = loss.backward();
-        TrainOutput::new(self, grads, GroundingStepOutput { loss: loss.detach(), parts, failure: None })
+        TrainOutput::new(self, grads, StepOutput::new(loss.detach(), parts, batch.items.len()))
     }
 
     fn optimize(
@@ -387,8 +359,8 @@ impl InferenceStep for GroundingDinoTeacher {
 
     fn step(&self, batch: GroundingBatch) -> GroundingStepOutput {
         match self.loss(&batch) {
-            Ok((loss, parts, _)) => GroundingStepOutput { loss, parts, failure: None },
-            Err(error) => GroundingStepOutput::failed(&batch, error),
+            Ok((loss, parts, _)) => StepOutput::new(loss, parts, batch.items.len()),
+            Err(error) => StepOutput::failed(error, &batch.images.pixels.device()),
         }
     }
 }
@@ -406,11 +378,11 @@ pub struct GroundingEpochRecord {
     pub seconds: f64,
 }
 
-impl GroundingEpochRecord {
-    pub const CSV_HEADER: &'static str =
+impl crate::engine::EpochRecord for GroundingEpochRecord {
+    const CSV_HEADER: &'static str =
         "epoch,train/loss,train/class,train/l1,train/giou,val/loss,val/box_mAP50,val/box_mAP50-95,lr,seconds";
 
-    pub fn csv_row(&self) -> String {
+    fn csv_row(&self) -> String {
         format!(
             "{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.7},{:.1}",
             self.epoch,
@@ -425,14 +397,6 @@ impl GroundingEpochRecord {
             self.seconds
         )
     }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct GroundingRunState {
-    epoch: usize,
-    best_map: f64,
-    best_epoch: usize,
-    history: Vec<GroundingEpochRecord>,
 }
 
 #[derive(Debug, Clone)]
@@ -468,7 +432,6 @@ pub struct GroundingData {
 }
 
 pub const FULL_WEIGHTS: &str = "model.safetensors";
-const CHECKPOINT_FILES: [&str; 0] = [];
 const SHOWN_IMAGES: usize = 8;
 
 /// Fine-tunes GroundingDINO (LoRA or fully) on `data`.
@@ -484,8 +447,11 @@ pub fn train_grounding_dino(
         return Err(TrainError::Config("the training and validation sets both need images".into()));
     }
     let checkpoint_dir = run_dir.join("checkpoint");
-    let resume_from =
-        if resume { Some(crate::engine::resume_point(&run_dir, &checkpoint_dir, &CHECKPOINT_FILES)?) } else { None };
+    let resume_from = if resume {
+        Some(crate::engine::resume_point(&run_dir, &checkpoint_dir, GroundingTask::CHECKPOINT_FILES)?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::Io { path: run_dir.clone(), message: e.to_string() })?;
     let model_config = gdino_config(&config.model)?;
     let tokenizer = load_tokenizer(&config)?;
@@ -554,7 +520,7 @@ pub fn train_grounding_dino(
     let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
     let optimizer = build_optimizer(&choice, config.weight_decay);
     let warmup = (config.warmup_epochs * iterations_per_epoch as f64).round() as usize;
-    let schedule = |scale: f64| YoloLrSchedule {
+    let schedule = |scale: f64| WarmupLinearSchedule {
         lr0: config.lr0 * scale,
         lrf: config.lrf,
         epochs: config.epochs,
@@ -565,7 +531,6 @@ pub fn train_grounding_dino(
     };
     let backbone = ParamGroup::from_regex(r"^(backbone|bert)\.").expect("valid regex");
     let scheduler = ModuleLrScheduler::new(schedule(1.0)).with_group(backbone, schedule(config.backbone_lr_scale));
-    let last_epoch = stop_after_epochs.map_or(config.epochs, |n| (resume_from.unwrap_or(0) + n).min(config.epochs));
     let adapter_config = AdapterConfig {
         peft_type: "LORA".into(),
         lora: config.lora.clone(),
@@ -573,9 +538,17 @@ pub fn train_grounding_dino(
         base_weights_hash: base_hash,
         kiln_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let strategy = GroundingStrategy {
-        device: autodiff.clone(),
-        run_dir: run_dir.clone(),
+    let task = GroundingTask {
+        settings: FitSettings::new(
+            run_dir.clone(),
+            autodiff.clone(),
+            config.epochs,
+            config.patience,
+            iterations_per_epoch,
+            verbosity,
+            resume_from,
+            stop_after_epochs,
+        ),
         adapter_dir: adapter_dir.clone(),
         adapter_config,
         config: config.clone(),
@@ -584,47 +557,32 @@ pub fn train_grounding_dino(
         category_ids: data.category_ids.clone(),
         val_source: data.val.clone(),
         epoch_counter,
-        verbosity,
-        last_epoch,
-        iterations_per_epoch,
-        outcome: Arc::new(Mutex::new(None)),
     };
-    let outcome = strategy.outcome.clone();
-    let start = Instant::now();
     let learner = Learner::new(teacher, optimizer, scheduler);
-    let (state, stopped_early) = crate::engine::launch(
-        &run_dir,
-        train_loader,
-        val_loader,
-        config.epochs,
-        resume_from,
-        Arc::new(strategy),
-        outcome,
-        learner,
-    )?;
+    let outcome = crate::engine::launch(task, learner, train_loader, val_loader, resume_from)?;
+    let state = outcome.state;
     let saved = if config.full_finetune { FULL_WEIGHTS } else { lora::ADAPTER_WEIGHTS };
     let adapter_bytes = std::fs::metadata(adapter_dir.join(saved)).map(|m| m.len()).unwrap_or(0);
     let best = state.history.iter().find(|r| r.epoch == state.best_epoch).copied().unwrap_or_default();
     Ok(GroundingTrainSummary {
         start_map50: state.history.first().map_or(0.0, |r| r.val_map50),
         best_map50: best.val_map50,
-        best_map: state.best_map,
+        best_map: state.best_fitness,
         best_epoch: state.best_epoch,
         history: state.history,
         lora: lora_summary,
         adapter_dir,
         adapter_bytes,
         base_bytes,
-        stopped_early,
-        seconds: start.elapsed().as_secs_f64(),
+        stopped_early: outcome.stopped_early,
+        seconds: outcome.seconds,
     })
 }
 
-type Outcome = crate::engine::Outcome<(GroundingRunState, bool)>;
-
-struct GroundingStrategy {
-    device: Device,
-    run_dir: PathBuf,
+/// GroundingDINO's fine-tuning on the engine: validated before any step (the base is the first
+/// best), the best adapter (by validation box mAP50-95) saved.
+struct GroundingTask {
+    settings: FitSettings,
     adapter_dir: PathBuf,
     adapter_config: AdapterConfig,
     config: GroundingDinoTeacherConfig,
@@ -633,186 +591,152 @@ struct GroundingStrategy {
     category_ids: Vec<u64>,
     val_source: Arc<CocoDetectionDataset>,
     epoch_counter: EpochCounter,
-    verbosity: Verbosity,
-    last_epoch: usize,
-    iterations_per_epoch: usize,
-    outcome: Outcome,
 }
 
-impl SupervisedLearningStrategy<GroundingDinoTeacher> for GroundingStrategy {
-    fn fit(
+/// The epoch's running sums, per step.
+#[derive(Default)]
+struct GroundingLive {
+    loss: f32,
+    parts: GroundingLossParts,
+    steps: usize,
+}
+
+/// Validation loss (per batch), box mAP50 and mAP50-95.
+struct GroundingFigures {
+    loss: f32,
+    map50: f64,
+    map: f64,
+}
+
+/// Detections of the first validation images, to draw: (image index, boxes).
+type ShownBoxes = Vec<(usize, Vec<GroundedBox>)>;
+
+impl TrainTask for GroundingTask {
+    type Model = GroundingDinoTeacher;
+    type Parts = GroundingLossParts;
+    type Record = GroundingEpochRecord;
+    type State = NoTaskState;
+    type Live = GroundingLive;
+    type Figures = GroundingFigures;
+    type Shown = ShownBoxes;
+    const BASELINE: bool = true;
+
+    fn settings(&self) -> &FitSettings {
+        &self.settings
+    }
+
+    fn start(&self, _starting_epoch: usize, _state: &NoTaskState) -> Result<GroundingLive, TrainError> {
+        Ok(GroundingLive::default())
+    }
+
+    fn start_epoch(&self, live: &mut GroundingLive, epoch: usize) {
+        self.epoch_counter.set(epoch);
+        *live = GroundingLive::default();
+    }
+
+    fn accumulate(&self, live: &mut GroundingLive, item: GroundingStepOutput) -> Result<String, TrainError> {
+        live.loss += kiln_models::device::read_floats(item.loss)?[0];
+        live.parts = add_parts(live.parts, item.parts);
+        live.steps += 1;
+        Ok(format!("loss {:.4}", live.loss / live.steps as f32))
+    }
+
+    fn validate(
         &self,
-        components: TrainingComponents<GroundingDinoTeacher>,
-        mut learner: Learner<GroundingDinoTeacher>,
-        train_loader: TrainLoader<GroundingDinoTeacher>,
-        val_loader: ValidLoader<GroundingDinoTeacher>,
-        starting_epoch: usize,
-    ) -> (GroundingDinoTeacher, SupervisedTrainingEventProcessor<GroundingDinoTeacher>) {
-        let train_loader = train_loader.to_device(&self.device);
-        let val_loader = val_loader.to_device(&self.device.clone().inner());
-        learner.fork(&self.device);
-        let mut processor = components.event_processor;
-        let mut checkpointer = components.checkpointer;
-        let result = self.epochs(
-            &mut learner,
-            &*train_loader,
-            &*val_loader,
-            starting_epoch,
-            &mut checkpointer,
-            &components.interrupter,
-            &components.event_store,
-        );
-        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
-        let _ = processor.process_train(LearnerEvent::EndEpoch(starting_epoch));
-        (learner.model(), processor)
+        _live: &GroundingLive,
+        learner: &Learner<GroundingDinoTeacher>,
+        loader: &dyn DataLoader<GroundingBatch>,
+    ) -> Result<Validation<GroundingFigures, ShownBoxes>, TrainError> {
+        let (loss, map50, map, shown) = self.validate_model(&learner.model().valid(), loader)?;
+        Ok(Validation { figures: GroundingFigures { loss, map50, map }, fitness: map, shown })
+    }
+
+    fn record(
+        &self,
+        live: &GroundingLive,
+        epoch: usize,
+        figures: GroundingFigures,
+        lr: f64,
+        seconds: f64,
+    ) -> GroundingEpochRecord {
+        let n = live.steps.max(1) as f32;
+        GroundingEpochRecord {
+            epoch,
+            train_loss: live.loss / n,
+            train: GroundingLossParts {
+                class: live.parts.class / n,
+                bbox: live.parts.bbox / n,
+                giou: live.parts.giou / n,
+            },
+            val_loss: figures.loss,
+            val_map50: figures.map50,
+            val_map: figures.map,
+            lr,
+            seconds,
+        }
+    }
+
+    fn save_weights(
+        &self,
+        _live: &GroundingLive,
+        learner: &Learner<GroundingDinoTeacher>,
+        best: bool,
+    ) -> Result<(), TrainError> {
+        if best { self.save_best(&learner.model().model) } else { Ok(()) }
+    }
+
+    fn write_figures(&self, history: &[GroundingEpochRecord], shown: &ShownBoxes) -> Result<(), TrainError> {
+        crate::plots::save(&results_figure(history), &self.settings.run_dir.join("results.png"))?;
+        let mut pictures = Vec::new();
+        for (index, found) in shown {
+            let mut image = self.val_source.load(*index)?.image;
+            draw_grounded(&mut image, found, &self.classes);
+            pictures.push(image);
+        }
+        if !pictures.is_empty() {
+            crate::plots::save(&crate::plots::grid(&pictures, 4, 320), &self.settings.run_dir.join("val_boxes.jpg"))?;
+        }
+        Ok(())
+    }
+
+    fn report(&self, r: &GroundingEpochRecord) -> String {
+        let what =
+            if r.epoch == 0 { "start".to_string() } else { format!("epoch {:>3}/{}", r.epoch, self.config.epochs) };
+        format!(
+            "{what}  train loss {:.4} (cls {:.4} L1 {:.4} GIoU {:.4})  val loss {:.4}  val box mAP50 {:.4} mAP50-95 {:.4}  ({:.0}s)",
+            r.train_loss, r.train.class, r.train.bbox, r.train.giou, r.val_loss, r.val_map50, r.val_map, r.seconds
+        )
+    }
+
+    fn checkpoint(&self, _live: &GroundingLive, _epoch: usize) -> Result<NoTaskState, TrainError> {
+        Ok(NoTaskState {})
     }
 }
 
-impl GroundingStrategy {
-    #[allow(clippy::too_many_arguments)]
-    fn epochs(
-        &self,
-        learner: &mut Learner<GroundingDinoTeacher>,
-        train_loader: &dyn DataLoader<GroundingBatch>,
-        val_loader: &dyn DataLoader<GroundingBatch>,
-        starting_epoch: usize,
-        checkpointer: &mut Option<burn::train::LearningCheckpointer<GroundingDinoTeacher>>,
-        interrupter: &burn::train::Interrupter,
-        event_store: &burn::train::metric::store::EventStoreClient,
-    ) -> Result<(GroundingRunState, bool), TrainError> {
-        let checkpoint_dir = self.run_dir.join("checkpoint");
-        let mut state: GroundingRunState = if starting_epoch > 1 {
-            crate::engine::read_run_state(&checkpoint_dir, starting_epoch - 1)?
-        } else {
-            GroundingRunState::default()
-        };
-        if state.history.is_empty() {
-            let started = Instant::now();
-            let (val_loss, map50, map, shown) = self.validate(&learner.model().valid(), val_loader)?;
-            let record = GroundingEpochRecord {
-                epoch: 0,
-                val_loss,
-                val_map50: map50,
-                val_map: map,
-                seconds: started.elapsed().as_secs_f64(),
-                ..Default::default()
-            };
-            self.report(&record);
-            state.history.push(record);
-            state.best_map = map;
-            self.save_best(&learner.model().model)?;
-            self.write_outputs(&state.history, &shown)?;
-        }
-        let mut stopped_early = false;
-        for epoch in starting_epoch..=self.last_epoch {
-            let started = Instant::now();
-            self.epoch_counter.set(epoch);
-            let bar = crate::engine::epoch_bar(
-                self.verbosity,
-                self.iterations_per_epoch as u64,
-                &format!("epoch {epoch}/{}", self.config.epochs),
-            );
-            let (mut loss_sum, mut parts_sum, mut steps) = (0f32, GroundingLossParts::default(), 0usize);
-            let mut iterator = train_loader.iter();
-            while let Some(batch) = iterator.next() {
-                let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
-                let output = learner.train_step(batch);
-                if let Some(failure) = output.item.failure {
-                    return Err(failure.into());
-                }
-                learner.lr_step();
-                learner.optimizer_step(output.grads);
-                loss_sum += kiln_models::device::read_floats(output.item.loss)?[0];
-                parts_sum = add_parts(parts_sum, output.item.parts);
-                steps += 1;
-                bar.set_message(format!("loss {:.4}", loss_sum / steps as f32));
-                bar.inc(1);
-                if interrupter.should_stop() {
-                    break;
-                }
-            }
-            bar.finish_and_clear();
-            if interrupter.should_stop() {
-                break;
-            }
-            let model = learner.model();
-            let (val_loss, map50, map, shown) = self.validate(&model.valid(), val_loader)?;
-            let n = steps.max(1) as f32;
-            let record = GroundingEpochRecord {
-                epoch,
-                train_loss: loss_sum / n,
-                train: GroundingLossParts {
-                    class: parts_sum.class / n,
-                    bbox: parts_sum.bbox / n,
-                    giou: parts_sum.giou / n,
-                },
-                val_loss,
-                val_map50: map50,
-                val_map: map,
-                lr: learner.lr_current().base(),
-                seconds: started.elapsed().as_secs_f64(),
-            };
-            self.report(&record);
-            state.history.push(record);
-            state.epoch = epoch;
-            // The best so far went through JSON on resume, whose float parsing may differ in the last
-            // bit: a gain that small is no gain.
-            if map > state.best_map + 1e-12 {
-                state.best_map = map;
-                state.best_epoch = epoch;
-                self.save_best(&model.model)?;
-            }
-            self.write_outputs(&state.history, &shown)?;
-            crate::engine::write_run_state(&checkpoint_dir, epoch, &state)?;
-            if let Some(checkpointer) = checkpointer.as_mut() {
-                checkpointer.checkpoint(learner, epoch, event_store);
-            }
-            crate::engine::prune_checkpoints(&checkpoint_dir, epoch, &CHECKPOINT_FILES);
-            if self.config.patience > 0 && epoch - state.best_epoch >= self.config.patience {
-                stopped_early = true;
-                break;
-            }
-        }
-        Ok((state, stopped_early))
-    }
-
+impl GroundingTask {
     fn save_best(&self, model: &GroundingDino) -> Result<(), TrainError> {
         if self.config.full_finetune {
             let metadata = vec![
                 ("kiln.model".to_string(), base_name(&self.config)),
                 ("kiln.base_weights_hash".to_string(), self.adapter_config.base_weights_hash.clone()),
             ];
-            std::fs::create_dir_all(&self.adapter_dir)
-                .map_err(|e| TrainError::Io { path: self.adapter_dir.clone(), message: e.to_string() })?;
+            std::fs::create_dir_all(&self.adapter_dir).at(&self.adapter_dir)?;
             // A text encoder of its own file stays there (frozen, it is that file's weights).
             let with_text_encoder = self.config.text_encoder.is_none() || !self.config.freeze_text_encoder;
             Ok(model.valid().save(&self.adapter_dir.join(FULL_WEIGHTS), &metadata, with_text_encoder)?)
         } else {
-            lora::save_adapter(model, &self.adapter_dir, &self.adapter_config)
-                .map_err(|e| TrainError::Config(e.to_string()))
+            Ok(lora::save_adapter(model, &self.adapter_dir, &self.adapter_config)?)
         }
-    }
-
-    fn report(&self, r: &GroundingEpochRecord) {
-        if self.verbosity == Verbosity::Quiet {
-            return;
-        }
-        let what =
-            if r.epoch == 0 { "start".to_string() } else { format!("epoch {:>3}/{}", r.epoch, self.config.epochs) };
-        eprintln!(
-            "{what}  train loss {:.4} (cls {:.4} L1 {:.4} GIoU {:.4})  val loss {:.4}  val box mAP50 {:.4} mAP50-95 {:.4}  ({:.0}s)",
-            r.train_loss, r.train.class, r.train.bbox, r.train.giou, r.val_loss, r.val_map50, r.val_map, r.seconds
-        );
     }
 
     /// Validation loss (per batch), box mAP50 and mAP50-95 (COCO protocol) of the post-processed
     /// detections, and the detections of the first images, to draw.
-    fn validate(
+    fn validate_model(
         &self,
         teacher: &GroundingDinoTeacher,
         loader: &dyn DataLoader<GroundingBatch>,
-    ) -> Result<(f32, f64, f64, Vec<(usize, Vec<GroundedBox>)>), TrainError> {
-        let bar = crate::engine::epoch_bar(self.verbosity, loader.num_items() as u64, "validating");
+    ) -> Result<(f32, f64, f64, ShownBoxes), TrainError> {
+        let bar = crate::engine::epoch_bar(self.settings.verbosity, loader.num_items() as u64, "validating");
         let (mut loss_sum, mut batches) = (0f32, 0usize);
         let mut results = Vec::new();
         let mut shown = Vec::new();
@@ -820,7 +744,7 @@ impl GroundingStrategy {
         // Scored like any detector: every query above a low threshold, as COCO mAP expects.
         let options = PostprocessOptions { box_threshold: 0.001, text_threshold: 0.0 };
         while let Some(batch) = iterator.next() {
-            let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
+            let batch = batch?;
             let (loss, _, out) = teacher.loss(&batch)?;
             loss_sum += kiln_models::device::read_floats(loss)?[0];
             batches += 1;
@@ -852,34 +776,8 @@ impl GroundingStrategy {
             bar.inc(batch.items.len() as u64);
         }
         bar.finish_and_clear();
-        let evaluation = evaluate(self.val_source.coco(), &results, IouType::Bbox)
-            .map_err(|e| TrainError::Training(e.to_string()))?;
+        let evaluation = evaluate(self.val_source.coco(), &results, IouType::Bbox)?;
         Ok((loss_sum / batches.max(1) as f32, evaluation.ap50().max(0.0), evaluation.ap().max(0.0), shown))
-    }
-
-    fn write_outputs(
-        &self,
-        history: &[GroundingEpochRecord],
-        shown: &[(usize, Vec<GroundedBox>)],
-    ) -> Result<(), TrainError> {
-        let mut csv = String::from(GroundingEpochRecord::CSV_HEADER);
-        csv.push('\n');
-        for record in history {
-            csv.push_str(&record.csv_row());
-            csv.push('\n');
-        }
-        kiln_data::io::write_atomic(&self.run_dir.join("results.csv"), csv.as_bytes())?;
-        crate::plots::save(&results_figure(history), &self.run_dir.join("results.png"))?;
-        let mut pictures = Vec::new();
-        for (index, found) in shown {
-            let mut image = self.val_source.load(*index)?.image;
-            draw_grounded(&mut image, found, &self.classes);
-            pictures.push(image);
-        }
-        if !pictures.is_empty() {
-            crate::plots::save(&crate::plots::grid(&pictures, 4, 320), &self.run_dir.join("val_boxes.jpg"))?;
-        }
-        Ok(())
     }
 }
 

@@ -24,7 +24,9 @@ use burn::tensor::Device;
 use kiln_data::batch::CocoDetectionDataset;
 use serde::{Deserialize, Serialize};
 
-use crate::run::{TrainError, Verbosity, load_student_data};
+use crate::engine::Verbosity;
+use crate::error::TrainError;
+use crate::split::load_student_data;
 use grounding_dino::{
     GroundingData, GroundingDinoTeacherConfig, GroundingRunOptions, GroundingTrainSummary, train_grounding_dino,
 };
@@ -285,7 +287,7 @@ pub fn run_train_teacher_for(
 fn train_teachers(
     config: &TeacherConfig,
     teachers: &Path,
-    data: &crate::run::StudentData,
+    data: &crate::split::StudentData,
     device: Device,
     resume: bool,
     verbosity: Verbosity,

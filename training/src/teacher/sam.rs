@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
@@ -18,11 +17,7 @@ use burn::data::dataset::{Dataset, DatasetError};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use burn::train::metric::{Adaptor, LossInput};
-use burn::train::{
-    EventProcessorTraining, InferenceStep, ItemLazy, Learner, LearnerEvent, SupervisedLearningStrategy,
-    SupervisedTrainingEventProcessor, TrainLoader, TrainOutput, TrainStep, TrainingComponents, ValidLoader,
-};
+use burn::train::{InferenceStep, Learner, TrainOutput, TrainStep};
 use kiln_data::batch::CocoDetectionDataset;
 use kiln_data::coco::Segmentation;
 use kiln_data::mask::BinaryMask;
@@ -33,8 +28,9 @@ use kiln_models::sam::{MASK_THRESHOLD, Sam, SamConfig, prepare_pixels, resize_bo
 use serde::{Deserialize, Serialize};
 
 use crate::data::EpochCounter;
-use crate::run::{TrainError, Verbosity};
-use crate::student::{OptimizerChoice, OptimizerKind, YoloLrSchedule, build_optimizer, clip_global_norm};
+use crate::engine::{FitSettings, NoTaskState, StepOutput, TrainTask, Validation, Verbosity};
+use crate::error::{AtPath, TrainError};
+use crate::optim::{OptimizerChoice, OptimizerKind, WarmupLinearSchedule, build_optimizer, clip_global_norm};
 use crate::teacher::mask_loss::{MaskLossConfig, MaskLossParts, mask_loss};
 
 /// The SAM teacher's settings (the `sam:` section of `teacher_config.yaml`).
@@ -377,6 +373,13 @@ pub struct SamBatch {
     pub images: Vec<SamBatchImage>,
 }
 
+impl SamBatch {
+    /// The device the batch lives on.
+    pub fn device(&self) -> Device {
+        self.images.first().map(|i| i.input.device()).unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SamBatcher {
     pub image_size: usize,
@@ -426,35 +429,8 @@ pub struct SamTeacher {
     pub max_grad_norm: f32,
 }
 
-/// One step's loss (mean per mask) and its parts (sums over masks).
-#[derive(Debug, Clone)]
-pub struct SamStepOutput {
-    pub loss: Tensor<1>,
-    pub parts: MaskLossParts,
-    pub masks: usize,
-    /// The device's failure: burn-train's steps cannot return errors, so it travels here and
-    /// the epoch loop stops on it.
-    pub failure: Option<DeviceError>,
-}
-
-impl SamStepOutput {
-    fn failed(batch: &SamBatch, error: DeviceError) -> Self {
-        let device = batch.images.first().map(|i| i.input.device().without_autodiff()).unwrap_or_default();
-        Self { loss: Tensor::zeros([1], &device), parts: MaskLossParts::default(), masks: 0, failure: Some(error) }
-    }
-}
-
-impl Adaptor<LossInput> for SamStepOutput {
-    fn adapt(&self) -> LossInput {
-        LossInput::new(self.loss.clone())
-    }
-}
-
-impl ItemLazy for SamStepOutput {
-    fn sync(self) -> Result<Self, burn::tensor::ExecutionError> {
-        Ok(Self { loss: self.loss.without_autodiff(), ..self })
-    }
-}
+/// One step's loss (mean per mask) and its parts (sums over the step's masks).
+pub type SamStepOutput = StepOutput<MaskLossParts>;
 
 impl SamTeacher {
     /// The loss summed over every mask of the batch, with its parts and the number of masks.
@@ -502,12 +478,12 @@ impl TrainStep for SamTeacher {
         let (total, parts, masks) = match self.loss(&batch) {
             Ok(loss) => loss,
             Err(error) => {
-                return TrainOutput { grads: GradientsParams::new(), item: SamStepOutput::failed(&batch, error) };
+                return TrainOutput { grads: GradientsParams::new(), item: StepOutput::failed(error, &batch.device()) };
             }
         };
         let loss = total / masks.max(1) as f32;
         let grads = loss.backward();
-        TrainOutput::new(self, grads, SamStepOutput { loss: loss.detach(), parts, masks, failure: None })
+        TrainOutput::new(self, grads, StepOutput::new(loss.detach(), parts, masks))
     }
 
     fn optimize(
@@ -527,10 +503,8 @@ impl InferenceStep for SamTeacher {
 
     fn step(&self, batch: SamBatch) -> SamStepOutput {
         match self.loss(&batch) {
-            Ok((total, parts, masks)) => {
-                SamStepOutput { loss: total / masks.max(1) as f32, parts, masks, failure: None }
-            }
-            Err(error) => SamStepOutput::failed(&batch, error),
+            Ok((total, parts, masks)) => StepOutput::new(total / masks.max(1) as f32, parts, masks),
+            Err(error) => StepOutput::failed(error, &batch.device()),
         }
     }
 }
@@ -548,25 +522,17 @@ pub struct SamEpochRecord {
     pub seconds: f64,
 }
 
-impl SamEpochRecord {
-    pub const CSV_HEADER: &'static str =
+impl crate::engine::EpochRecord for SamEpochRecord {
+    const CSV_HEADER: &'static str =
         "epoch,train/focal,train/dice,train/iou_mse,val/focal,val/dice,val/iou_mse,val/mask_iou,lr,seconds";
 
-    pub fn csv_row(&self) -> String {
+    fn csv_row(&self) -> String {
         let (t, v) = (&self.train, &self.val);
         format!(
             "{},{:.6},{:.5},{:.5},{:.6},{:.5},{:.5},{:.5},{:.6},{:.1}",
             self.epoch, t.focal, t.dice, t.iou, v.focal, v.dice, v.iou, self.val_mask_iou, self.lr, self.seconds
         )
     }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct SamRunState {
-    epoch: usize,
-    best_iou: f64,
-    best_epoch: usize,
-    history: Vec<SamEpochRecord>,
 }
 
 /// How a SAM run ended.
@@ -607,7 +573,6 @@ pub struct SamData {
 /// The whole model of a full fine-tuning, in its output directory.
 pub const FULL_WEIGHTS: &str = "model.safetensors";
 
-const CHECKPOINT_FILES: [&str; 0] = [];
 const SHOWN_IMAGES: usize = 8;
 
 /// Fine-tunes SAM with LoRA on `data`.
@@ -617,8 +582,11 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
     }
     let checkpoint_dir = run_dir.join("checkpoint");
-    let resume_from =
-        if resume { Some(crate::engine::resume_point(&run_dir, &checkpoint_dir, &CHECKPOINT_FILES)?) } else { None };
+    let resume_from = if resume {
+        Some(crate::engine::resume_point(&run_dir, &checkpoint_dir, SamTask::CHECKPOINT_FILES)?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::Io { path: run_dir.clone(), message: e.to_string() })?;
 
     let autodiff = device.clone().autodiff();
@@ -703,7 +671,7 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
     let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
     let optimizer = build_optimizer(&choice, config.weight_decay);
     let warmup = (config.warmup_epochs * iterations_per_epoch as f64).round() as usize;
-    let schedule = YoloLrSchedule {
+    let schedule = WarmupLinearSchedule {
         lr0: config.lr0,
         lrf: config.lrf,
         epochs: config.epochs,
@@ -712,7 +680,6 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         warmup_start: 0.0,
         step: 0,
     };
-    let last_epoch = stop_after_epochs.map_or(config.epochs, |n| (resume_from.unwrap_or(0) + n).min(config.epochs));
     let adapter_config = AdapterConfig {
         peft_type: "LORA".into(),
         lora: config.lora.clone(),
@@ -720,9 +687,17 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         base_weights_hash: base_hash,
         kiln_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let strategy = SamStrategy {
-        device: autodiff.clone(),
-        run_dir: run_dir.clone(),
+    let task = SamTask {
+        settings: FitSettings::new(
+            run_dir.clone(),
+            autodiff.clone(),
+            config.epochs,
+            config.patience,
+            iterations_per_epoch,
+            verbosity,
+            resume_from,
+            stop_after_epochs,
+        ),
         adapter_dir: adapter_dir.clone(),
         adapter_config,
         config: config.clone(),
@@ -730,29 +705,15 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         val_samples: val_samples.clone(),
         val_source: data.val.clone(),
         epoch_counter,
-        verbosity,
-        last_epoch,
-        iterations_per_epoch,
-        outcome: Arc::new(Mutex::new(None)),
     };
-    let outcome = strategy.outcome.clone();
-    let start = Instant::now();
     let learner = Learner::new(teacher, optimizer, schedule);
-    let (state, stopped_early) = crate::engine::launch(
-        &run_dir,
-        train_loader,
-        val_loader,
-        config.epochs,
-        resume_from,
-        Arc::new(strategy),
-        outcome,
-        learner,
-    )?;
+    let outcome = crate::engine::launch(task, learner, train_loader, val_loader, resume_from)?;
+    let state = outcome.state;
     let saved = if config.full_finetune { FULL_WEIGHTS } else { lora::ADAPTER_WEIGHTS };
     let adapter_bytes = std::fs::metadata(adapter_dir.join(saved)).map(|m| m.len()).unwrap_or(0);
     Ok(SamTrainSummary {
         start_iou: state.history.first().map_or(0.0, |r| r.val_mask_iou),
-        best_iou: state.best_iou,
+        best_iou: state.best_fitness,
         best_epoch: state.best_epoch,
         history: state.history,
         lora: lora_summary,
@@ -760,16 +721,15 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         adapter_bytes,
         base_bytes,
         cached_embeddings: cache.is_some(),
-        stopped_early,
-        seconds: start.elapsed().as_secs_f64(),
+        stopped_early: outcome.stopped_early,
+        seconds: outcome.seconds,
     })
 }
 
-type Outcome = crate::engine::Outcome<(SamRunState, bool)>;
-
-struct SamStrategy {
-    device: Device,
-    run_dir: PathBuf,
+/// SAM's fine-tuning on the engine: validated before any step (the base is the first best), the
+/// best adapter (by mean mask IoU on the validation set) saved.
+struct SamTask {
+    settings: FitSettings,
     adapter_dir: PathBuf,
     adapter_config: AdapterConfig,
     config: SamTeacherConfig,
@@ -777,145 +737,111 @@ struct SamStrategy {
     val_samples: Arc<Vec<SamSample>>,
     val_source: Arc<CocoDetectionDataset>,
     epoch_counter: EpochCounter,
-    verbosity: Verbosity,
-    last_epoch: usize,
-    iterations_per_epoch: usize,
-    outcome: Outcome,
 }
 
-impl SupervisedLearningStrategy<SamTeacher> for SamStrategy {
-    fn fit(
+/// The epoch's running sums: loss parts over masks.
+#[derive(Default)]
+struct SamLive {
+    sums: MaskLossParts,
+    masks: usize,
+}
+
+/// Validation masks of the first images, to draw: (sample index, masks).
+type ShownMasks = Vec<(usize, Vec<BinaryMask>)>;
+
+impl TrainTask for SamTask {
+    type Model = SamTeacher;
+    type Parts = MaskLossParts;
+    type Record = SamEpochRecord;
+    type State = NoTaskState;
+    type Live = SamLive;
+    /// Validation loss parts (per-mask means) and the mean mask IoU.
+    type Figures = (MaskLossParts, f64);
+    type Shown = ShownMasks;
+    const BASELINE: bool = true;
+
+    fn settings(&self) -> &FitSettings {
+        &self.settings
+    }
+
+    fn start(&self, _starting_epoch: usize, _state: &NoTaskState) -> Result<SamLive, TrainError> {
+        Ok(SamLive::default())
+    }
+
+    fn start_epoch(&self, live: &mut SamLive, epoch: usize) {
+        self.epoch_counter.set(epoch);
+        *live = SamLive::default();
+    }
+
+    fn accumulate(&self, live: &mut SamLive, item: SamStepOutput) -> Result<String, TrainError> {
+        live.sums = live.sums.add(item.parts, 1.0);
+        live.masks += item.count;
+        let n = live.masks as f32;
+        Ok(format!("focal {:.4} dice {:.3} iou {:.3}", live.sums.focal / n, live.sums.dice / n, live.sums.iou / n))
+    }
+
+    fn validate(
         &self,
-        components: TrainingComponents<SamTeacher>,
-        mut learner: Learner<SamTeacher>,
-        train_loader: TrainLoader<SamTeacher>,
-        val_loader: ValidLoader<SamTeacher>,
-        starting_epoch: usize,
-    ) -> (SamTeacher, SupervisedTrainingEventProcessor<SamTeacher>) {
-        let train_loader = train_loader.to_device(&self.device);
-        let val_loader = val_loader.to_device(&self.device.clone().inner());
-        learner.fork(&self.device);
-        let mut processor = components.event_processor;
-        let mut checkpointer = components.checkpointer;
-        let result = self.epochs(
-            &mut learner,
-            &*train_loader,
-            &*val_loader,
-            starting_epoch,
-            &mut checkpointer,
-            &components.interrupter,
-            &components.event_store,
-        );
-        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
-        let _ = processor.process_train(LearnerEvent::EndEpoch(starting_epoch));
-        (learner.model(), processor)
+        _live: &SamLive,
+        learner: &Learner<SamTeacher>,
+        loader: &dyn DataLoader<SamBatch>,
+    ) -> Result<Validation<(MaskLossParts, f64), ShownMasks>, TrainError> {
+        let (val, iou, shown) = self.validate_model(&learner.model().valid(), loader)?;
+        Ok(Validation { figures: (val, iou), fitness: iou, shown })
+    }
+
+    fn record(
+        &self,
+        live: &SamLive,
+        epoch: usize,
+        figures: (MaskLossParts, f64),
+        lr: f64,
+        seconds: f64,
+    ) -> SamEpochRecord {
+        SamEpochRecord {
+            epoch,
+            train: MaskLossParts::default().add(live.sums, 1.0 / live.masks.max(1) as f32),
+            val: figures.0,
+            val_mask_iou: figures.1,
+            lr,
+            seconds,
+        }
+    }
+
+    fn save_weights(&self, _live: &SamLive, learner: &Learner<SamTeacher>, best: bool) -> Result<(), TrainError> {
+        if best { self.save_best(&learner.model().sam) } else { Ok(()) }
+    }
+
+    fn write_figures(&self, history: &[SamEpochRecord], shown: &ShownMasks) -> Result<(), TrainError> {
+        crate::plots::save(&results_figure(history), &self.settings.run_dir.join("results.png"))?;
+        let mut pictures = Vec::new();
+        for (sample, masks) in shown {
+            let sample = &self.val_samples[*sample];
+            let mut image = self.val_source.load(sample.image_index)?.image;
+            draw_masks(&mut image, masks, &sample.original_boxes, &sample.classes, &self.classes);
+            pictures.push(image);
+        }
+        if !pictures.is_empty() {
+            crate::plots::save(&crate::plots::grid(&pictures, 4, 320), &self.settings.run_dir.join("val_masks.jpg"))?;
+        }
+        Ok(())
+    }
+
+    fn report(&self, r: &SamEpochRecord) -> String {
+        let what =
+            if r.epoch == 0 { "start".to_string() } else { format!("epoch {:>3}/{}", r.epoch, self.config.epochs) };
+        format!(
+            "{what}  train focal {:.4} dice {:.3} iou-mse {:.3}  val focal {:.4} dice {:.3}  val mask IoU {:.4}  ({:.0}s)",
+            r.train.focal, r.train.dice, r.train.iou, r.val.focal, r.val.dice, r.val_mask_iou, r.seconds
+        )
+    }
+
+    fn checkpoint(&self, _live: &SamLive, _epoch: usize) -> Result<NoTaskState, TrainError> {
+        Ok(NoTaskState {})
     }
 }
 
-impl SamStrategy {
-    #[allow(clippy::too_many_arguments)]
-    fn epochs(
-        &self,
-        learner: &mut Learner<SamTeacher>,
-        train_loader: &dyn DataLoader<SamBatch>,
-        val_loader: &dyn DataLoader<SamBatch>,
-        starting_epoch: usize,
-        checkpointer: &mut Option<burn::train::LearningCheckpointer<SamTeacher>>,
-        interrupter: &burn::train::Interrupter,
-        event_store: &burn::train::metric::store::EventStoreClient,
-    ) -> Result<(SamRunState, bool), TrainError> {
-        let checkpoint_dir = self.run_dir.join("checkpoint");
-        let mut state: SamRunState = if starting_epoch > 1 {
-            crate::engine::read_run_state(&checkpoint_dir, starting_epoch - 1)?
-        } else {
-            SamRunState::default()
-        };
-        if state.history.is_empty() {
-            // The starting point: the base (adapters start at zero) before any step.
-            let started = Instant::now();
-            let (val, iou, shown) = self.validate(&learner.model().valid(), val_loader)?;
-            let record = SamEpochRecord {
-                epoch: 0,
-                val,
-                val_mask_iou: iou,
-                seconds: started.elapsed().as_secs_f64(),
-                ..Default::default()
-            };
-            self.report(&record);
-            state.history.push(record);
-            state.best_iou = iou;
-            self.save_best(&learner.model().sam)?;
-            self.write_outputs(&state.history, &shown)?;
-        }
-        let mut stopped_early = false;
-        for epoch in starting_epoch..=self.last_epoch {
-            let started = Instant::now();
-            self.epoch_counter.set(epoch);
-            let bar = crate::engine::epoch_bar(
-                self.verbosity,
-                self.iterations_per_epoch as u64,
-                &format!("epoch {epoch}/{}", self.config.epochs),
-            );
-            let mut sums = MaskLossParts::default();
-            let mut seen = 0usize;
-            let mut iterator = train_loader.iter();
-            while let Some(batch) = iterator.next() {
-                let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
-                let output = learner.train_step(batch);
-                if let Some(failure) = output.item.failure {
-                    return Err(failure.into());
-                }
-                learner.lr_step();
-                learner.optimizer_step(output.grads);
-                sums = sums.add(output.item.parts, 1.0);
-                seen += output.item.masks;
-                bar.set_message(format!(
-                    "focal {:.4} dice {:.3} iou {:.3}",
-                    sums.focal / seen as f32,
-                    sums.dice / seen as f32,
-                    sums.iou / seen as f32
-                ));
-                bar.inc(1);
-                if interrupter.should_stop() {
-                    break;
-                }
-            }
-            bar.finish_and_clear();
-            if interrupter.should_stop() {
-                break;
-            }
-            let model = learner.model();
-            let (val, iou, shown) = self.validate(&model.valid(), val_loader)?;
-            let record = SamEpochRecord {
-                epoch,
-                train: MaskLossParts::default().add(sums, 1.0 / seen.max(1) as f32),
-                val,
-                val_mask_iou: iou,
-                lr: learner.lr_current().base(),
-                seconds: started.elapsed().as_secs_f64(),
-            };
-            self.report(&record);
-            state.history.push(record);
-            state.epoch = epoch;
-            if iou > state.best_iou {
-                state.best_iou = iou;
-                state.best_epoch = epoch;
-                self.save_best(&model.sam)?;
-            }
-            self.write_outputs(&state.history, &shown)?;
-            crate::engine::write_run_state(&checkpoint_dir, epoch, &state)?;
-            if let Some(checkpointer) = checkpointer.as_mut() {
-                checkpointer.checkpoint(learner, epoch, event_store);
-            }
-            crate::engine::prune_checkpoints(&checkpoint_dir, epoch, &CHECKPOINT_FILES);
-            if self.config.patience > 0 && epoch - state.best_epoch >= self.config.patience {
-                stopped_early = true;
-                break;
-            }
-        }
-        Ok((state, stopped_early))
-    }
-
+impl SamTask {
     /// The adapter alone, or (full fine-tuning) the whole model under the official key names.
     fn save_best(&self, sam: &Sam) -> Result<(), TrainError> {
         if self.config.full_finetune {
@@ -923,41 +849,27 @@ impl SamStrategy {
                 ("kiln.model".to_string(), base_name(&self.config)),
                 ("kiln.base_weights_hash".to_string(), self.adapter_config.base_weights_hash.clone()),
             ];
-            std::fs::create_dir_all(&self.adapter_dir)
-                .map_err(|e| TrainError::Io { path: self.adapter_dir.clone(), message: e.to_string() })?;
+            std::fs::create_dir_all(&self.adapter_dir).at(&self.adapter_dir)?;
             Ok(sam.valid().save(&self.adapter_dir.join(FULL_WEIGHTS), &metadata)?)
         } else {
-            lora::save_adapter(sam, &self.adapter_dir, &self.adapter_config)
-                .map_err(|e| TrainError::Config(e.to_string()))
+            Ok(lora::save_adapter(sam, &self.adapter_dir, &self.adapter_config)?)
         }
-    }
-
-    fn report(&self, r: &SamEpochRecord) {
-        if self.verbosity == Verbosity::Quiet {
-            return;
-        }
-        let what =
-            if r.epoch == 0 { "start".to_string() } else { format!("epoch {:>3}/{}", r.epoch, self.config.epochs) };
-        eprintln!(
-            "{what}  train focal {:.4} dice {:.3} iou-mse {:.3}  val focal {:.4} dice {:.3}  val mask IoU {:.4}  ({:.0}s)",
-            r.train.focal, r.train.dice, r.train.iou, r.val.focal, r.val.dice, r.val_mask_iou, r.seconds
-        );
     }
 
     /// Validation loss (per-mask means) and the mean IoU of every validation mask at the original
     /// image size, prompted by the exact ground-truth boxes; plus the masks of the first images, to draw.
-    fn validate(
+    fn validate_model(
         &self,
         teacher: &SamTeacher,
         loader: &dyn DataLoader<SamBatch>,
-    ) -> Result<(MaskLossParts, f64, Vec<(usize, Vec<BinaryMask>)>), TrainError> {
-        let bar = crate::engine::epoch_bar(self.verbosity, loader.num_items() as u64, "validating");
+    ) -> Result<(MaskLossParts, f64, ShownMasks), TrainError> {
+        let bar = crate::engine::epoch_bar(self.settings.verbosity, loader.num_items() as u64, "validating");
         let mut sums = MaskLossParts::default();
         let (mut masks, mut iou_sum) = (0usize, 0f64);
         let mut shown = Vec::new();
         let mut iterator = loader.iter();
         while let Some(batch) = iterator.next() {
-            let batch = batch.map_err(|e| TrainError::Training(e.to_string()))?;
+            let batch = batch?;
             let (_, parts, count, logits) = teacher.loss_and_logits(&batch)?;
             sums = sums.add(parts, 1.0);
             masks += count;
@@ -980,28 +892,6 @@ impl SamStrategy {
         bar.finish_and_clear();
         let n = masks.max(1) as f32;
         Ok((MaskLossParts::default().add(sums, 1.0 / n), iou_sum / masks.max(1) as f64, shown))
-    }
-
-    fn write_outputs(&self, history: &[SamEpochRecord], shown: &[(usize, Vec<BinaryMask>)]) -> Result<(), TrainError> {
-        let mut csv = String::from(SamEpochRecord::CSV_HEADER);
-        csv.push('\n');
-        for record in history {
-            csv.push_str(&record.csv_row());
-            csv.push('\n');
-        }
-        kiln_data::io::write_atomic(&self.run_dir.join("results.csv"), csv.as_bytes())?;
-        crate::plots::save(&results_figure(history), &self.run_dir.join("results.png"))?;
-        let mut pictures = Vec::new();
-        for (sample, masks) in shown {
-            let sample = &self.val_samples[*sample];
-            let mut image = self.val_source.load(sample.image_index)?.image;
-            draw_masks(&mut image, masks, &sample.original_boxes, &sample.classes, &self.classes);
-            pictures.push(image);
-        }
-        if !pictures.is_empty() {
-            crate::plots::save(&crate::plots::grid(&pictures, 4, 320), &self.run_dir.join("val_masks.jpg"))?;
-        }
-        Ok(())
     }
 }
 

@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
+use kiln_data::io::StagedOutput;
 use kiln_data::mask::Rle;
 use serde::Deserialize;
 
 use super::sam::{SamTeacherConfig, draw_masks, masks_at_original_size};
-use crate::run::TrainError;
+use super::{TeacherConfig, sam_config_beside};
+use crate::TrainError;
 
 /// Box prompts read from COCO JSON.
 #[derive(Debug, Deserialize)]
@@ -50,6 +52,55 @@ pub struct SegmentRequest {
     pub sam: SamTeacherConfig,
     pub adapter: Option<PathBuf>,
     pub pictures: bool,
+}
+
+/// What the user may override on the command line; everything else comes from the adapter's
+/// experiment (its `teacher_config.yaml`) or, without an adapter, kiln's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct SegmentOverrides {
+    pub sam: Option<String>,
+    pub sam_weights: Option<PathBuf>,
+}
+
+impl SegmentRequest {
+    /// The request `kiln segment` runs, with the settings of [`segment_config`]; checked here,
+    /// before any model is loaded, so a bad setting costs nothing.
+    pub fn resolve(
+        images: PathBuf,
+        boxes: PathBuf,
+        output: PathBuf,
+        adapter: Option<PathBuf>,
+        pictures: bool,
+        overrides: &SegmentOverrides,
+    ) -> Result<Self, TrainError> {
+        let sam = segment_config(adapter.as_deref(), overrides)?;
+        Ok(Self { images, boxes, output, sam, adapter, pictures })
+    }
+}
+
+/// SAM's settings for `kiln segment`: those the adapter was trained with (read from
+/// `teacher_config.yaml` beside it, so an adapter runs on the base it was trained on) or kiln's
+/// defaults, then the overrides, as [`super::teacher_config`] does for training.
+pub fn segment_config(adapter: Option<&Path>, o: &SegmentOverrides) -> Result<SamTeacherConfig, TrainError> {
+    let mut sam = match adapter {
+        Some(dir) => sam_config_beside(dir).ok_or_else(|| {
+            TrainError::Config(format!(
+                "{}: no teacher_config.yaml beside this adapter (an adapter directory of `kiln train-teacher` is \
+                 EXPERIMENT/teachers/sam_lora)",
+                dir.display()
+            ))
+        })?,
+        None => TeacherConfig::default().sam.expect("configs/teacher.yaml has a sam section"),
+    };
+    sam.model = o.sam.clone().unwrap_or(sam.model);
+    sam.weights = o.sam_weights.clone().or(sam.weights);
+    if sam.weights.is_none() && sam.model != "tiny" {
+        return Err(TrainError::Config(format!(
+            "SAM {} needs --sam-weights (e.g. sam_vit_b_01ec64.pth); only tiny runs from a random initialisation",
+            sam.model
+        )));
+    }
+    Ok(sam)
 }
 
 #[derive(Debug)]
@@ -93,81 +144,57 @@ pub fn run_segment(
     let names: Vec<String> = prompts.categories.iter().map(|c| c.name.clone()).collect();
     let class_of = |id: Option<u64>| id.and_then(|id| category_ids.iter().position(|&c| c == id)).unwrap_or(0);
 
-    let predictions = request.output.join("masks.json");
-    let pictures = request.output.join("pictures");
-    kiln_data::io::refuse_to_overwrite([predictions.as_path()])?;
-    if request.pictures && pictures.exists() {
-        return Err(TrainError::Config(format!("{} exists; choose another --output", pictures.display())));
-    }
+    let staged = StagedOutput::begin(&request.output, "masks.json", request.pictures)?;
     let (sam, adapter) = super::sam::load_adapted(&request.sam, request.adapter.as_deref(), device)?;
-    std::fs::create_dir_all(&request.output)
-        .map_err(|e| TrainError::Io { path: request.output.clone(), message: e.to_string() })?;
-    let staging = request.output.join(format!(".pictures.{}.tmp", std::process::id()));
-    if request.pictures {
-        std::fs::create_dir_all(&staging)
-            .map_err(|e| TrainError::Io { path: staging.clone(), message: e.to_string() })?;
-    }
     progress.set_length(prompts.images.len() as u64);
     let mut results = Vec::new();
-    let outcome = (|| -> Result<(), TrainError> {
-        for (info, boxes) in prompts.images.iter().zip(&boxes_of) {
-            let path = request.images.join(&info.file_name);
-            let image = kiln_data::io::read_rgb_image(&path)?;
-            if !boxes.is_empty() {
-                let input = sam.preprocess(&image, device);
-                let embedding = sam.embed(input.pixels.clone());
-                let corners: Vec<[f32; 4]> = boxes
-                    .iter()
-                    .map(|b| [b.bbox[0], b.bbox[1], b.bbox[0] + b.bbox[2], b.bbox[1] + b.bbox[3]].map(|v| v as f32))
-                    .collect();
-                let resized: Vec<f32> = corners
-                    .iter()
-                    .flat_map(|&c| kiln_models::sam::resize_box(c, input.original_size, sam.image_size()))
-                    .collect();
-                let prompt = Tensor::from_data(TensorData::new(resized, [boxes.len(), 4]), device);
-                let prediction = sam.predict_boxes(embedding, prompt, false);
-                let scores = kiln_models::device::read_floats(prediction.iou_predictions)?;
-                let masks = masks_at_original_size(&sam, prediction.masks, input.input_size, input.original_size)?;
-                for ((b, mask), score) in boxes.iter().zip(&masks).zip(&scores) {
-                    results.push(serde_json::json!({
-                        "image_id": info.id,
-                        "category_id": b.category_id.unwrap_or(1),
-                        "bbox": b.bbox,
-                        "score": score,
-                        "segmentation": Rle::encode(mask).to_json(true),
-                    }));
-                }
-                if request.pictures {
-                    let mut picture = image;
-                    let classes: Vec<usize> = boxes.iter().map(|b| class_of(b.category_id)).collect();
-                    draw_masks(&mut picture, &masks, &corners, &classes, &names);
-                    let stem = Path::new(&info.file_name)
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().to_string())
-                        .unwrap_or_else(|| info.id.to_string());
-                    crate::plots::save(&picture, &staging.join(format!("{stem}.jpg")))?;
-                }
+    for (info, boxes) in prompts.images.iter().zip(&boxes_of) {
+        let path = request.images.join(&info.file_name);
+        let image = kiln_data::io::read_rgb_image(&path)?;
+        if !boxes.is_empty() {
+            let input = sam.preprocess(&image, device);
+            let embedding = sam.embed(input.pixels.clone());
+            let corners: Vec<[f32; 4]> = boxes
+                .iter()
+                .map(|b| [b.bbox[0], b.bbox[1], b.bbox[0] + b.bbox[2], b.bbox[1] + b.bbox[3]].map(|v| v as f32))
+                .collect();
+            let resized: Vec<f32> = corners
+                .iter()
+                .flat_map(|&c| kiln_models::sam::resize_box(c, input.original_size, sam.image_size()))
+                .collect();
+            let prompt = Tensor::from_data(TensorData::new(resized, [boxes.len(), 4]), device);
+            let prediction = sam.predict_boxes(embedding, prompt, false);
+            let scores = kiln_models::device::read_floats(prediction.iou_predictions)?;
+            let masks = masks_at_original_size(&sam, prediction.masks, input.input_size, input.original_size)?;
+            for ((b, mask), score) in boxes.iter().zip(&masks).zip(&scores) {
+                results.push(serde_json::json!({
+                    "image_id": info.id,
+                    "category_id": b.category_id.unwrap_or(1),
+                    "bbox": b.bbox,
+                    "score": score,
+                    "segmentation": Rle::encode(mask).to_json(true),
+                }));
             }
-            progress.inc(1);
+            if let Some(picture_path) =
+                staged.picture(&kiln_data::io::picture_stem(Path::new(&info.file_name), info.id))
+            {
+                let mut picture = image;
+                let classes: Vec<usize> = boxes.iter().map(|b| class_of(b.category_id)).collect();
+                draw_masks(&mut picture, &masks, &corners, &classes, &names);
+                crate::plots::save(&picture, &picture_path)?;
+            }
         }
-        Ok(())
-    })();
-    if let Err(e) = outcome {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e);
+        progress.inc(1);
     }
     progress.finish_and_clear();
     let masks = results.len();
-    kiln_data::io::write_atomic(&predictions, serde_json::to_string(&results).expect("serialises").as_bytes())?;
-    if request.pictures {
-        std::fs::rename(&staging, &pictures)
-            .map_err(|e| TrainError::Io { path: pictures.clone(), message: e.to_string() })?;
-    }
+    // COCO's results format: the bare list of results (image ids are the prompt file's).
+    let (predictions, pictures) = staged.finish(&results)?;
     Ok(SegmentSummary {
         images: prompts.images.len(),
         masks,
         predictions,
-        pictures: request.pictures.then_some(pictures),
+        pictures,
         adapter: adapter.map(|a| format!("r {} on {}", a.lora.rank, a.lora.target_modules.join(", "))),
     })
 }

@@ -8,10 +8,10 @@ use burn::tensor::{Tensor, TensorData};
 use kiln_models::StudentInfo;
 use kiln_models::device::read_floats;
 
-use crate::DeviceArg;
+use crate::common::{DeviceArg, open_device, progress_bar};
 
 #[derive(clap::Args)]
-pub struct BenchArgs {
+pub struct Args {
     /// A student (run directory or .safetensors, run by Burn) or an .onnx file (run by ONNX Runtime).
     #[arg(long, value_name = "DIR|FILE")]
     pub model: PathBuf,
@@ -63,7 +63,7 @@ fn file_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
+pub fn run(args: &Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs >= 1 && args.batch >= 1, "--runs and --batch must be at least 1");
     let is_onnx = args.model.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
     let measured = if is_onnx { bench_onnxruntime(args)? } else { bench_student(args)? };
@@ -81,8 +81,8 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_student(args: &BenchArgs) -> anyhow::Result<Measured> {
-    let device = crate::device(args.device)?;
+fn bench_student(args: &Args) -> anyhow::Result<Measured> {
+    let device = open_device(args.device)?;
     let info = StudentInfo::read(&args.model)?;
     let mut model = info.load_model(&device)?;
     if args.int8 {
@@ -107,7 +107,7 @@ fn bench_student(args: &BenchArgs) -> anyhow::Result<Measured> {
     for _ in 0..args.warmup {
         call()?;
     }
-    let bar = crate::progress_bar("runs");
+    let bar = progress_bar("runs");
     bar.set_length(args.runs as u64);
     let times = (0..args.runs)
         .map(|_| {
@@ -150,7 +150,7 @@ fn onnxruntime_python() -> anyhow::Result<PathBuf> {
     Ok(python)
 }
 
-fn bench_onnxruntime(args: &BenchArgs) -> anyhow::Result<Measured> {
+fn bench_onnxruntime(args: &Args) -> anyhow::Result<Measured> {
     anyhow::ensure!(args.model.is_file(), "{}: no such file", args.model.display());
     anyhow::ensure!(
         args.imgsz.is_none() && args.batch == 1 && matches!(args.device, DeviceArg::Cpu) && !args.int8,
@@ -158,7 +158,8 @@ fn bench_onnxruntime(args: &BenchArgs) -> anyhow::Result<Measured> {
     );
     let python = onnxruntime_python()?;
     let output = std::process::Command::new(python)
-        .args(["-c", include_str!("onnxruntime_bench.py")])
+        // The script stays in cli/src beside the command line's sources, one level up from here.
+        .args(["-c", include_str!("../onnxruntime_bench.py")])
         .arg(&args.model)
         .args([args.runs.to_string(), args.warmup.to_string(), args.threads.to_string()])
         .output()?;

@@ -1,4 +1,5 @@
-//! `kiln export` and `kiln bench`: the deployment commands, thin over kiln-export and kiln-models.
+//! `kiln export`: a trained student as ONNX (FP32, FP16 or calibrated INT8 Q/DQ) or a TensorRT
+//! engine, thin over kiln-export.
 
 use std::path::PathBuf;
 
@@ -8,7 +9,9 @@ use kiln_export::quantize::{ActivationType, Calibration};
 use kiln_export::tensorrt::{self, Precision};
 use kiln_export::{ExportOptions, onnx_bytes, save_model};
 use kiln_models::StudentInfo;
-use kiln_training::commands::{EVAL_PREDICT_OPTIONS, LoadedStudent, evaluate_predictor, evaluate_student};
+use kiln_training::commands::{EVAL_PREDICT_OPTIONS, evaluate_predictor, evaluate_student};
+
+use crate::common::progress_bar;
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -18,8 +21,47 @@ pub enum Format {
     Tensorrt,
 }
 
+/// TensorRT's build precisions; clap lists them in `--help` and refuses any other.
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum PrecisionArg {
+    /// Float32 throughout.
+    Fp32,
+    /// Float16 kernels allowed (`trtexec --fp16`).
+    Fp16,
+    /// INT8 where the calibrated Q/DQ model quantises, FP16 elsewhere (needs --int8 and --calibration).
+    Int8,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(arg: PrecisionArg) -> Self {
+        match arg {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Fp16 => Precision::Fp16,
+            PrecisionArg::Int8 => Precision::Int8,
+        }
+    }
+}
+
+/// How INT8 activations are stored; clap lists them in `--help` and refuses any other.
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum ActivationsArg {
+    /// Signed, zero point 0: what TensorRT's explicit quantisation requires.
+    Int8,
+    /// Unsigned, zero point 128: what ONNX Runtime's CPU provider fuses into integer convolutions.
+    Uint8,
+}
+
+impl From<ActivationsArg> for ActivationType {
+    fn from(arg: ActivationsArg) -> Self {
+        match arg {
+            ActivationsArg::Int8 => ActivationType::Int8,
+            ActivationsArg::Uint8 => ActivationType::Uint8,
+        }
+    }
+}
+
 #[derive(clap::Args)]
-pub struct ExportArgs {
+pub struct Args {
     /// A run directory (uses weights/best.safetensors) or a student .safetensors file.
     #[arg(long, value_name = "DIR|FILE")]
     pub model: PathBuf,
@@ -35,8 +77,9 @@ pub struct ExportArgs {
     #[arg(long)]
     pub half: bool,
     /// TensorRT precision: fp32, fp16 or int8 (int8 needs --int8 and --calibration).
-    #[arg(long, default_value = "fp16")]
-    pub precision: String,
+    // Any case, as the library's parser accepted before the values became an enum.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = PrecisionArg::Fp16)]
+    pub precision: PrecisionArg,
     /// Post-training INT8: a Q/DQ ONNX model (ONNX Runtime, TensorRT explicit quantisation),
     /// calibrated on images of --calibration.
     #[arg(long, requires = "calibration")]
@@ -53,8 +96,8 @@ pub struct ExportArgs {
     pub calibration_method: String,
     /// INT8 activations: int8 (signed, zero point 0: TensorRT) or uint8 (zero point 128: ONNX
     /// Runtime's CPU provider, which fuses only these into integer convolutions).
-    #[arg(long, default_value = "int8")]
-    pub int8_activations: String,
+    #[arg(long, value_enum, ignore_case = true, default_value_t = ActivationsArg::Int8)]
+    pub int8_activations: ActivationsArg,
     /// How many calibration images (spread over the file).
     #[arg(long, default_value_t = 64)]
     pub calibration_images: usize,
@@ -72,7 +115,7 @@ fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
-pub fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
+pub fn run(args: &Args) -> anyhow::Result<()> {
     let device = kiln_models::device::cpu();
     let info = StudentInfo::read(&args.model)?;
     let options = ExportOptions { imgsz: args.imgsz.unwrap_or(info.imgsz), batch: args.batch, half: args.half };
@@ -84,7 +127,7 @@ pub fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
     let (onnx_path, engine) = match args.format {
         Format::Onnx => (args.output.clone().unwrap_or_else(|| info.weights.with_extension(suffix)), None),
         Format::Tensorrt => {
-            let precision: Precision = args.precision.parse().map_err(anyhow::Error::msg)?;
+            let precision = Precision::from(args.precision);
             anyhow::ensure!(
                 (precision == Precision::Int8) == args.int8,
                 "--precision int8 goes with --int8 --calibration FILE (TensorRT builds INT8 from the calibrated Q/DQ model)"
@@ -149,7 +192,7 @@ pub fn run_export(args: &ExportArgs) -> anyhow::Result<()> {
 
 /// Calibrates and quantises `fp32`, and compares its mAP with the student's on the val split.
 fn int8(
-    args: &ExportArgs,
+    args: &Args,
     info: &StudentInfo,
     model: &kiln_models::YoloV8,
     fp32: &onnx_ir::ModelProto,
@@ -158,7 +201,7 @@ fn int8(
     fp32_size: u64,
 ) -> anyhow::Result<onnx_ir::ModelProto> {
     let method: Calibration = args.calibration_method.parse().map_err(anyhow::Error::msg)?;
-    let activations: ActivationType = args.int8_activations.parse().map_err(anyhow::Error::msg)?;
+    let activations = ActivationType::from(args.int8_activations);
     anyhow::ensure!(
         !(activations == ActivationType::Uint8 && args.format == Format::Tensorrt),
         "TensorRT needs int8 activations (zero point 0): drop --int8-activations uint8"
@@ -166,7 +209,7 @@ fn int8(
     let calibration = args.calibration.as_deref().expect("clap requires it with --int8");
     let loaded = kiln_data::load_dataset(calibration, args.images.as_deref())?;
     let inputs = calibration_inputs(&loaded.dataset, &loaded.images_dir, imgsz, args.calibration_images)?;
-    let bar = crate::progress_bar("calibrating");
+    let bar = progress_bar("calibrating");
     let passes = if matches!(method, Calibration::Percentile(_)) { 2 } else { 1 };
     bar.set_length((inputs.len() * passes) as u64);
     let (quantised, summary) = quantize_model(fp32, &inputs, method, activations, device, || bar.inc(1))?;
@@ -194,14 +237,7 @@ fn int8(
     let mut data = loaded.dataset;
     kiln_data::repair(&mut data);
     // The student already loaded for the export, scored as `kiln eval` scores it.
-    let student = |model: kiln_models::YoloV8| LoadedStudent {
-        model,
-        config: info.config.clone(),
-        classes: info.classes.clone(),
-        category_ids: info.category_ids.clone(),
-        imgsz: info.imgsz,
-        weights: info.weights.clone(),
-    };
+    let student = |model: kiln_models::YoloV8| kiln_models::Detector::from_model(model, info.clone(), device);
     let masks = info.config.task == kiln_models::Task::Segment;
     let reference = evaluate_student(
         &student(model.clone()),
@@ -210,28 +246,17 @@ fn int8(
         Some(imgsz),
         8,
         device,
-        &crate::progress_bar("FP32 val"),
+        &progress_bar("FP32 val"),
     )?;
     let burn_int8 =
         student(kiln_models::detector::quantize_weights_int8(model.clone(), device).map_err(anyhow::Error::msg)?);
-    let burn_eval = evaluate_student(
-        &burn_int8,
-        &data,
-        &loaded.images_dir,
-        Some(imgsz),
-        8,
-        device,
-        &crate::progress_bar("Burn INT8"),
-    )?;
+    let burn_eval =
+        evaluate_student(&burn_int8, &data, &loaded.images_dir, Some(imgsz), 8, device, &progress_bar("Burn INT8"))?;
     let detector = OnnxDetector::new(&quantised, info.classes.len(), imgsz, device)?;
-    let quantised_eval = evaluate_predictor(
-        &data,
-        &loaded.images_dir,
-        &info.category_ids,
-        masks,
-        &crate::progress_bar("INT8 val"),
-        |image| detector.predict(image, &EVAL_PREDICT_OPTIONS).map_err(|e| e.to_string()),
-    )?;
+    let quantised_eval =
+        evaluate_predictor(&data, &loaded.images_dir, &info.category_ids, masks, &progress_bar("INT8 val"), |image| {
+            detector.predict(image, &EVAL_PREDICT_OPTIONS).map_err(|e| e.to_string())
+        })?;
     let row = |name: &str, e: &kiln_training::commands::Evaluation| match &e.masks {
         Some(m) => format!(
             "  {name:<48} box mAP50 {:.4}  mAP50-95 {:.4}   mask mAP50 {:.4}  mAP50-95 {:.4}",

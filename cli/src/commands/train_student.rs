@@ -1,0 +1,117 @@
+//! `kiln train-student`: train the student on a training split, validating every epoch.
+
+use std::path::PathBuf;
+
+use clap::ValueEnum;
+use kiln_training::commands::{StudentOverrides, TrainStudentRequest, render_train_summary, run_train_student};
+use kiln_training::optim::OptimizerKind;
+
+use crate::common::{DeviceArg, open_device, run_output};
+
+/// The optimisers `--optimizer` offers; clap lists them in `--help` and refuses any other.
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum OptimizerArg {
+    /// Ultralytics' choice: SGD for long runs, AdamW with a rate scaled to the class count for short ones.
+    Auto,
+    /// SGD with Nesterov momentum.
+    Sgd,
+    /// AdamW.
+    Adamw,
+}
+
+impl From<OptimizerArg> for OptimizerKind {
+    fn from(arg: OptimizerArg) -> Self {
+        match arg {
+            OptimizerArg::Auto => OptimizerKind::Auto,
+            OptimizerArg::Sgd => OptimizerKind::Sgd,
+            OptimizerArg::Adamw => OptimizerKind::Adamw,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Training split: COCO JSON (e.g. splits/train.json from `kiln validate`) or a YOLO dataset.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Validation split, with the same categories.
+    #[arg(long, value_name = "FILE")]
+    pub val: PathBuf,
+    /// Directory that the images' `file_name`s are relative to [default: as `kiln validate`].
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// yolov8n-seg|s|m|l|x-seg, yolov8n|s|m|l|x, fastsam-s|x [default: from the data: boxes and
+    /// masks -> yolov8n-seg, boxes -> yolov8n, masks of one class without boxes -> fastsam-s].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Starting weights: an Ultralytics checkpoint (.pt) or kiln .safetensors [default: from scratch].
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Epochs [default: 100, configs/student.yaml].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per batch [default: 16].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Square input size, a multiple of 32 [default: 640].
+    #[arg(long)]
+    pub imgsz: Option<u32>,
+    /// auto, sgd or adamw [default: auto, like Ultralytics].
+    // Any case, as the library's parser accepted before the values became an enum.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub optimizer: Option<OptimizerArg>,
+    /// Initial learning rate of SGD [default: 0.01].
+    #[arg(long)]
+    pub lr0: Option<f64>,
+    /// Stop after this many epochs without improvement; 0 never stops early [default: 100].
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Turn mosaic off for the last N epochs [default: 10].
+    #[arg(long)]
+    pub close_mosaic: Option<usize>,
+    /// Seed of the weights' initialisation, the batch order and the augmentation.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Any other setting of student_config.yaml, as KEY=VALUE with dotted keys (repeatable), e.g.
+    /// --set augment.mosaic=0 --set nbs=16 --set loss.box_gain=7.5.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Run directory [default: runs/student, runs/student2, ...].
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let output = run_output(args.output.as_deref(), args.resume, "runs/student", "run")?;
+    let device = open_device(args.device)?;
+    let request = TrainStudentRequest {
+        train: args.data.clone(),
+        val: args.val.clone(),
+        images: args.images.clone(),
+        output: output.clone(),
+        resume: args.resume,
+        device_name: kiln_models::device::describe(&device),
+        overrides: StudentOverrides {
+            model: args.model.clone(),
+            weights: args.weights.clone(),
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            imgsz: args.imgsz,
+            optimizer: args.optimizer.map(OptimizerKind::from),
+            lr0: args.lr0,
+            patience: args.patience,
+            seed: args.seed,
+            close_mosaic: args.close_mosaic,
+            set: args.set.clone(),
+        },
+    };
+    println!("kiln train-student -> {}", output.display());
+    let (config, summary) = run_train_student(&request, device, kiln_training::Verbosity::Progress)?;
+    print!("{}", render_train_summary(&config, &summary, &output));
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! `kiln train-teacher`: fine-tune the teachers the data calls for (GroundingDINO, SAM) with LoRA.
+
+use std::path::PathBuf;
+
+use clap::ValueEnum;
+use kiln_training::teacher::{TeacherOverrides, TrainTeacherRequest, render_teacher_summary, run_train_teacher};
+
+use crate::common::{DeviceArg, open_device, run_output};
+
+/// The teachers `--teacher` can single out; clap lists them in `--help` and refuses any other.
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum TeacherArg {
+    /// SAM (box prompt -> mask), called for by masks.
+    Sam,
+    /// GroundingDINO (text prompt -> boxes), called for by boxes (a mask also gives a box).
+    #[value(name = "grounding_dino")]
+    GroundingDino,
+}
+
+impl TeacherArg {
+    /// The teacher's name as `TeacherOverrides::only` and `teacher_config.yaml` spell it.
+    pub fn library_name(self) -> &'static str {
+        match self {
+            TeacherArg::Sam => "sam",
+            TeacherArg::GroundingDino => "grounding_dino",
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Training split: COCO JSON (e.g. splits/train.json from `kiln validate`) or a YOLO dataset.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Validation split, with the same categories.
+    #[arg(long, value_name = "FILE")]
+    pub val: PathBuf,
+    /// Directory that the images' `file_name`s are relative to [default: as `kiln validate`].
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// Experiment directory; the teachers go to its teachers/ [default: experiments/teacher,
+    /// experiments/teacher2, ...].
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// SAM size: vit_b, vit_l, vit_h, mobile (MobileSAM) or tiny (a toy that trains from a random
+    /// initialisation, for tests and the demo) [default: vit_b].
+    #[arg(long, value_name = "NAME")]
+    pub sam: Option<String>,
+    /// The pretrained SAM checkpoint, as released (sam_vit_b_01ec64.pth, mobile_sam.pt) or kiln
+    /// safetensors; it is read, never written.
+    #[arg(long, value_name = "FILE")]
+    pub sam_weights: Option<PathBuf>,
+    /// LoRA rank [default: 8].
+    #[arg(long, value_name = "N")]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha / r) [default: 16].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated module-name suffixes that get adapters, like PEFT's target_modules
+    /// [default: q_proj,k_proj,v_proj,out_proj: the mask decoder's attention]; `qkv` adapts the
+    /// image encoder too (its embeddings are then computed at every step).
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
+    /// Epochs [default: 10].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Images per step [default: 4].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Initial AdamW learning rate [default: 0.001].
+    #[arg(long)]
+    pub lr0: Option<f64>,
+    /// Seed of the batch order, the box jitter, the adapters' initialisation (and of a random base).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Weight of the focal loss against dice's 1 [default: 20, SAM's ratio]. On small data a
+    /// lower weight (e.g. 1) keeps the focal term from shrinking the masks.
+    #[arg(long)]
+    pub focal_weight: Option<f64>,
+    /// Train every parameter instead of LoRA adapters, saving the whole model as
+    /// teachers/sam_full/model.safetensors (e.g. to make a base for a new domain; LoRA is the default).
+    #[arg(long)]
+    pub full_finetune: bool,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
+    #[arg(long)]
+    pub resume: bool,
+    /// Train only this teacher of those the data calls for: sam or grounding_dino.
+    #[arg(long, value_name = "NAME", value_enum)]
+    pub teacher: Option<TeacherArg>,
+    /// GroundingDINO model: swint_ogc, swint_minilm (all-MiniLM-L6-v2 as text encoder), or the toys
+    /// tiny_minilm / tiny that train from a random initialisation [default: swint_ogc].
+    #[arg(long, value_name = "NAME")]
+    pub gdino: Option<String>,
+    /// The pretrained GroundingDINO checkpoint, as released (groundingdino_swint_ogc.pth) or kiln
+    /// safetensors; it is read, never written.
+    #[arg(long, value_name = "FILE")]
+    pub gdino_weights: Option<PathBuf>,
+    /// A Hugging Face BERT model.safetensors as GroundingDINO's text encoder (all-MiniLM-L6-v2's
+    /// for the *_minilm models).
+    #[arg(long, value_name = "FILE")]
+    pub text_encoder: Option<PathBuf>,
+    /// A WordPiece tokenizer.json [default: the built-in bert-base-uncased tokenizer].
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Comma-separated module-name suffixes of GroundingDINO that get adapters [default: the
+    /// deformable attention, fusion and FFN projections, feat_map and the box heads].
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub gdino_lora_targets: Option<Vec<String>>,
+    /// GroundingDINO's input short side in pixels [default: 800, the official size].
+    #[arg(long, value_name = "PX")]
+    pub imgsz: Option<usize>,
+    /// GroundingDINO's learning rate of the Swin backbone and BERT relative to --lr0 [default: 0.1,
+    /// the official recipe's 1e-5 vs 1e-4].
+    #[arg(long, value_name = "X")]
+    pub backbone_lr_scale: Option<f64>,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let output = run_output(args.output.as_deref(), args.resume, "experiments/teacher", "experiment")?;
+    let device = open_device(args.device)?;
+    let request = TrainTeacherRequest {
+        train: args.data.clone(),
+        val: args.val.clone(),
+        images: args.images.clone(),
+        output: output.clone(),
+        resume: args.resume,
+        device_name: kiln_models::device::describe(&device),
+        overrides: TeacherOverrides {
+            only: args.teacher.map(|teacher| teacher.library_name().to_string()),
+            gdino: args.gdino.clone(),
+            gdino_weights: args.gdino_weights.clone(),
+            text_encoder: args.text_encoder.clone(),
+            tokenizer: args.tokenizer.clone(),
+            gdino_lora_targets: args.gdino_lora_targets.clone(),
+            image_size: args.imgsz,
+            backbone_lr_scale: args.backbone_lr_scale,
+            sam: args.sam.clone(),
+            sam_weights: args.sam_weights.clone(),
+            lora_r: args.lora_r,
+            lora_alpha: args.lora_alpha,
+            lora_targets: args.lora_targets.clone(),
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            lr0: args.lr0,
+            seed: args.seed,
+            focal_weight: args.focal_weight,
+            full_finetune: args.full_finetune,
+        },
+    };
+    println!("kiln train-teacher -> {}", output.join("teachers").display());
+    let summary = run_train_teacher(&request, device, kiln_training::Verbosity::Progress)?;
+    print!("{}", render_teacher_summary(&summary));
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! `kiln validate`: inspect, repair, validate and split a dataset, and report.
+
+use std::path::PathBuf;
+
+use kiln_data::{SplitOptions, SplitSpec, ValidateOptions};
+
+use crate::common::progress_bar;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// COCO annotation file (JSON), or a YOLO dataset: its data yaml or the directory holding it.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Directory that the images' `file_name`s are relative to [default: `images/` beside the
+    /// annotation file if it exists, else the file's directory].
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// Split by image into named parts with ratios summing to 1.
+    #[arg(long, value_name = "SPEC", default_value = "train:0.7,val:0.15,test:0.15")]
+    pub split: String,
+    /// Keep each class's share close to its share overall in every part (iterative
+    /// stratification); `--stratify false` splits at random.
+    #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub stratify: bool,
+    /// Seed of the split: the same seed and data give the same split.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Where to write the repaired file and the splits [default: `splits/` beside the input].
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Print the report as JSON on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the validation; `Ok(false)` when the data has errors (the report lists them), so the
+/// process exits with status 1 without an error message of its own.
+pub fn run(args: &Args) -> anyhow::Result<bool> {
+    let spec: SplitSpec = args.split.parse()?;
+    let options = ValidateOptions {
+        data: args.data.clone(),
+        images: args.images.clone(),
+        split: SplitOptions { spec, seed: args.seed, stratify: args.stratify },
+        output_dir: args.output_dir.clone(),
+    };
+    let report = kiln_data::run_validate(&options, &progress_bar("images"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(report.ok)
+}

@@ -1,0 +1,83 @@
+//! What several commands share: the `--device` flag and opening it, progress bars, fresh run
+//! directories, the input-size check and loading a trained student.
+
+use std::path::{Path, PathBuf};
+
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// The backends `--device` offers. Only those kiln can open are listed, so `--help` shows what
+/// works and clap refuses anything else before a command starts.
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// The CPU (Burn's flex backend).
+    Cpu,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12, or OpenGL where none of those has a driver;
+    /// Mesa's lavapipe or llvmpipe on a CPU-only box).
+    Wgpu,
+}
+
+impl From<DeviceArg> for kiln_models::Backend {
+    fn from(arg: DeviceArg) -> Self {
+        match arg {
+            DeviceArg::Cpu => kiln_models::Backend::Cpu,
+            DeviceArg::Wgpu => kiln_models::Backend::Wgpu,
+        }
+    }
+}
+
+/// Opens the device and checks that it runs a convolution; a GPU says which adapter and graphics
+/// API it got (on stderr, so that machine-readable output stays clean).
+pub fn open_device(arg: DeviceArg) -> anyhow::Result<burn::tensor::Device> {
+    let backend = kiln_models::Backend::from(arg);
+    let device = backend.open()?;
+    kiln_models::device::check(&device)?;
+    if backend != kiln_models::Backend::Cpu {
+        eprintln!("device: {}", kiln_models::device::describe(&device));
+    }
+    Ok(device)
+}
+
+pub fn progress_bar(message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:32}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}
+
+/// `base`, or the first of `base2`, `base3`, ... that does not exist yet.
+pub fn fresh_run_dir(base: &Path) -> PathBuf {
+    if !base.exists() {
+        return base.to_path_buf();
+    }
+    let name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    (2..).map(|i| base.with_file_name(format!("{name}{i}"))).find(|p| !p.exists()).expect("an unused name")
+}
+
+/// The run directory of a training command: `--output`, or a fresh one under `base` for a new
+/// run; resuming needs to be told which run (`what`: "run", "experiment").
+pub fn run_output(output: Option<&Path>, resume: bool, base: &str, what: &str) -> anyhow::Result<PathBuf> {
+    match (output, resume) {
+        (Some(dir), _) => Ok(dir.to_path_buf()),
+        (None, false) => Ok(fresh_run_dir(Path::new(base))),
+        (None, true) => anyhow::bail!("--resume needs --output DIR: the {what} to continue"),
+    }
+}
+
+/// Input sizes must fit the network's strides; checked before any work so nothing panics later.
+pub fn check_imgsz(imgsz: Option<u32>) -> anyhow::Result<()> {
+    if let Some(size) = imgsz {
+        anyhow::ensure!(size >= 32 && size % 32 == 0, "--imgsz {size} must be a positive multiple of 32");
+    }
+    Ok(())
+}
+
+/// A student, with Burn's INT8 weight quantisation when asked.
+pub fn load_student(path: &Path, int8: bool, device: &burn::tensor::Device) -> anyhow::Result<kiln_models::Detector> {
+    let student = kiln_training::commands::load_student(path, device)?;
+    Ok(if int8 { student.quantized_int8().map_err(anyhow::Error::msg)? } else { student })
+}
