@@ -26,6 +26,65 @@ impl From<DeviceArg> for kiln_models::Backend {
     }
 }
 
+/// The student architectures, each an official preset (its class count follows the data).
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum StudentModelArg {
+    #[value(name = "yolov8n-seg")]
+    Yolov8nSeg,
+    #[value(name = "yolov8s-seg")]
+    Yolov8sSeg,
+    #[value(name = "yolov8m-seg")]
+    Yolov8mSeg,
+    #[value(name = "yolov8l-seg")]
+    Yolov8lSeg,
+    #[value(name = "yolov8x-seg")]
+    Yolov8xSeg,
+    #[value(name = "yolov8n")]
+    Yolov8n,
+    #[value(name = "yolov8s")]
+    Yolov8s,
+    #[value(name = "yolov8m")]
+    Yolov8m,
+    #[value(name = "yolov8l")]
+    Yolov8l,
+    #[value(name = "yolov8x")]
+    Yolov8x,
+    #[value(name = "fastsam-s")]
+    FastsamS,
+    #[value(name = "fastsam-x")]
+    FastsamX,
+}
+
+/// SAM's presets: the official ViT-B/L/H, MobileSAM, and a tiny one for tests and the demo.
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum SamModelArg {
+    #[value(name = "vit_b")]
+    VitB,
+    #[value(name = "vit_l")]
+    VitL,
+    #[value(name = "vit_h")]
+    VitH,
+    Mobile,
+    Tiny,
+}
+
+/// GroundingDINO's presets: the official Swin-T OGC (BERT base), Swin-T with MiniLM, and tiny ones.
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+pub enum GroundingDinoModelArg {
+    #[value(name = "swint_ogc")]
+    SwintOgc,
+    #[value(name = "swint_minilm")]
+    SwintMinilm,
+    #[value(name = "tiny_minilm")]
+    TinyMinilm,
+    Tiny,
+}
+
+/// The name a closed-set value has on the command line, which is the name the libraries take.
+pub fn value_name(value: impl ValueEnum) -> String {
+    value.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+}
+
 /// Opens the device and checks that it runs a convolution; a GPU says which adapter and graphics
 /// API it got (on stderr, so that machine-readable output stays clean).
 pub fn open_device(arg: DeviceArg) -> anyhow::Result<burn::tensor::Device> {

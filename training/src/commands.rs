@@ -14,6 +14,7 @@ use kiln_models::yolo::{Task, YoloConfig};
 use serde::Serialize;
 
 use crate::engine::Verbosity;
+use crate::error::AtPath;
 use crate::error::TrainError;
 use crate::eval::{CocoEvaluation, IouType, evaluate};
 use crate::optim::OptimizerKind;
@@ -155,8 +156,7 @@ pub fn run_train_student(
             data.train.class_names()
         )));
     }
-    std::fs::create_dir_all(&request.output)
-        .map_err(|e| TrainError::Io { path: request.output.clone(), message: e.to_string() })?;
+    std::fs::create_dir_all(&request.output).at(&request.output)?;
     if !request.resume {
         crate::engine::write_metadata(&request.output.join("metadata.json"), request, &data, &summary, &config)?;
     }

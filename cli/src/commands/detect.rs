@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use kiln_training::teacher::detect::{DetectOverrides, DetectRequest, run_detect};
 
-use crate::common::{DeviceArg, open_device, progress_bar};
+use crate::common::{DeviceArg, GroundingDinoModelArg, open_device, progress_bar, value_name};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,8 +21,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// GroundingDINO model [default: the adapter's, else swint_ogc].
-    #[arg(long, value_name = "NAME")]
-    pub gdino: Option<String>,
+    #[arg(long, value_enum)]
+    pub gdino: Option<GroundingDinoModelArg>,
     /// The GroundingDINO checkpoint (groundingdino_swint_ogc.pth) [default: the adapter's base].
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
@@ -44,7 +44,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let overrides = DetectOverrides {
-        gdino: args.gdino.clone(),
+        gdino: args.gdino.map(value_name),
         weights: args.weights.clone(),
         text_encoder: args.text_encoder.clone(),
         box_threshold: args.box_threshold,

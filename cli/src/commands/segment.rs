@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use kiln_training::teacher::segment::{SegmentOverrides, SegmentRequest, run_segment};
 
-use crate::common::{DeviceArg, open_device, progress_bar};
+use crate::common::{DeviceArg, SamModelArg, open_device, progress_bar, value_name};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,8 +21,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// SAM size [default: the adapter's, else vit_b].
-    #[arg(long, value_name = "NAME")]
-    pub sam: Option<String>,
+    #[arg(long, value_enum)]
+    pub sam: Option<SamModelArg>,
     /// The SAM checkpoint [default: the adapter's base].
     #[arg(long, value_name = "FILE")]
     pub sam_weights: Option<PathBuf>,
@@ -34,7 +34,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let overrides = SegmentOverrides { sam: args.sam.clone(), sam_weights: args.sam_weights.clone() };
+    let overrides = SegmentOverrides { sam: args.sam.map(value_name), sam_weights: args.sam_weights.clone() };
     // Resolved before the device opens, so a bad setting is reported without waiting for a GPU.
     let request = SegmentRequest::resolve(
         args.images.clone(),

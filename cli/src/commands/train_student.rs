@@ -6,7 +6,7 @@ use clap::ValueEnum;
 use kiln_training::commands::{StudentOverrides, TrainStudentRequest, render_train_summary, run_train_student};
 use kiln_training::optim::OptimizerKind;
 
-use crate::common::{DeviceArg, open_device, run_output};
+use crate::common::{DeviceArg, StudentModelArg, open_device, run_output, value_name};
 
 /// The optimisers `--optimizer` offers; clap lists them in `--help` and refuses any other.
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -40,10 +40,10 @@ pub struct Args {
     /// Directory that the images' `file_name`s are relative to [default: as `kiln validate`].
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
-    /// yolov8n-seg|s|m|l|x-seg, yolov8n|s|m|l|x, fastsam-s|x [default: from the data: boxes and
-    /// masks -> yolov8n-seg, boxes -> yolov8n, masks of one class without boxes -> fastsam-s].
-    #[arg(long)]
-    pub model: Option<String>,
+    /// The student [default: from the data: boxes and masks -> yolov8n-seg, boxes -> yolov8n,
+    /// masks of one class without boxes -> fastsam-s].
+    #[arg(long, value_enum, ignore_case = true)]
+    pub model: Option<StudentModelArg>,
     /// Starting weights: an Ultralytics checkpoint (.pt) or kiln .safetensors [default: from scratch].
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
@@ -97,7 +97,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         resume: args.resume,
         device_name: kiln_models::device::describe(&device),
         overrides: StudentOverrides {
-            model: args.model.clone(),
+            model: args.model.map(value_name),
             weights: args.weights.clone(),
             epochs: args.epochs,
             batch_size: args.batch_size,

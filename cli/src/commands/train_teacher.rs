@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::ValueEnum;
 use kiln_training::teacher::{TeacherOverrides, TrainTeacherRequest, render_teacher_summary, run_train_teacher};
 
-use crate::common::{DeviceArg, open_device, run_output};
+use crate::common::{DeviceArg, GroundingDinoModelArg, SamModelArg, open_device, run_output, value_name};
 
 /// The teachers `--teacher` can single out; clap lists them in `--help` and refuses any other.
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -44,8 +44,8 @@ pub struct Args {
     pub output: Option<PathBuf>,
     /// SAM size: vit_b, vit_l, vit_h, mobile (MobileSAM) or tiny (a toy that trains from a random
     /// initialisation, for tests and the demo) [default: vit_b].
-    #[arg(long, value_name = "NAME")]
-    pub sam: Option<String>,
+    #[arg(long, value_enum)]
+    pub sam: Option<SamModelArg>,
     /// The pretrained SAM checkpoint, as released (sam_vit_b_01ec64.pth, mobile_sam.pt) or kiln
     /// safetensors; it is read, never written.
     #[arg(long, value_name = "FILE")]
@@ -91,8 +91,8 @@ pub struct Args {
     pub teacher: Option<TeacherArg>,
     /// GroundingDINO model: swint_ogc, swint_minilm (all-MiniLM-L6-v2 as text encoder), or the toys
     /// tiny_minilm / tiny that train from a random initialisation [default: swint_ogc].
-    #[arg(long, value_name = "NAME")]
-    pub gdino: Option<String>,
+    #[arg(long, value_enum)]
+    pub gdino: Option<GroundingDinoModelArg>,
     /// The pretrained GroundingDINO checkpoint, as released (groundingdino_swint_ogc.pth) or kiln
     /// safetensors; it is read, never written.
     #[arg(long, value_name = "FILE")]
@@ -129,14 +129,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         device_name: kiln_models::device::describe(&device),
         overrides: TeacherOverrides {
             only: args.teacher.map(|teacher| teacher.library_name().to_string()),
-            gdino: args.gdino.clone(),
+            gdino: args.gdino.map(value_name),
             gdino_weights: args.gdino_weights.clone(),
             text_encoder: args.text_encoder.clone(),
             tokenizer: args.tokenizer.clone(),
             gdino_lora_targets: args.gdino_lora_targets.clone(),
             image_size: args.imgsz,
             backbone_lr_scale: args.backbone_lr_scale,
-            sam: args.sam.clone(),
+            sam: args.sam.map(value_name),
             sam_weights: args.sam_weights.clone(),
             lora_r: args.lora_r,
             lora_alpha: args.lora_alpha,

@@ -275,10 +275,6 @@ impl YoloV8 {
         state_dict.chain(checkpoint).collect()
     }
 
-    /// Builds `config` and loads official weights: an Ultralytics checkpoint as shipped
-    /// (`yolov8n-seg.pt`, `FastSAM-s.pt`: the pickled model, read directly), or a state dict
-    /// (`.pt`/`.pth` or `.safetensors`, keys `model.<i>.…`). A checkpoint of another scale, task or
-    /// class count is refused with the keys that do not fit.
     /// Saves the weights as safetensors with Ultralytics' state-dict keys (`model.<i>.…`), so the
     /// file loads back here and into Ultralytics alike; `metadata` goes into the header.
     pub fn save(
@@ -290,6 +286,10 @@ impl YoloV8 {
         crate::weights::save_safetensors(self, path, &prefixes, metadata)
     }
 
+    /// Builds `config` and loads official weights: an Ultralytics checkpoint as shipped
+    /// (`yolov8n-seg.pt`, `FastSAM-s.pt`: the pickled model, read directly), or a state dict
+    /// (`.pt`/`.pth` or `.safetensors`, keys `model.<i>.…`). A checkpoint of another scale, task or
+    /// class count is refused with the keys that do not fit.
     pub fn load(
         config: &YoloConfig,
         path: &std::path::Path,

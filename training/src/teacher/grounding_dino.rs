@@ -29,13 +29,15 @@ use kiln_models::grounding_dino::{
     Caption, CaptionTokenizer, Encoded, GroundingDino, GroundingDinoConfig, ImageBatch, TextBatch, prepare_pixels,
 };
 use kiln_models::lora::{self, AdapterConfig, LoraConfig, LoraSummary};
+
+use super::{TeacherOutput, teacher_schedule};
 use serde::{Deserialize, Serialize};
 
 use crate::data::EpochCounter;
 use crate::engine::{FitSettings, NoTaskState, StepOutput, TrainTask, Validation, Verbosity};
 use crate::error::{AtPath, TrainError};
 use crate::eval::{CocoResult, IouType, evaluate};
-use crate::optim::{OptimizerChoice, OptimizerKind, WarmupLinearSchedule, build_optimizer, clip_global_norm};
+use crate::optim::{OptimizerChoice, OptimizerKind, build_optimizer, clip_global_norm};
 use crate::teacher::grounding_loss::{GroundingLossConfig, GroundingLossParts, GroundingTarget, head_loss};
 
 /// The GroundingDINO teacher's settings (the `grounding_dino:` section of `teacher_config.yaml`).
@@ -102,7 +104,7 @@ pub fn base_name(config: &GroundingDinoTeacherConfig) -> String {
 /// The adapter's record of its base: the weight files' SHA-256 (and the text encoder's), or the
 /// seed of a random init.
 pub fn base_hash(config: &GroundingDinoTeacherConfig) -> Result<String, TrainError> {
-    let hash = |p: &Path| lora::file_sha256(p).map_err(|e| TrainError::Config(e.to_string()));
+    let hash = |p: &Path| Ok::<_, TrainError>(lora::file_sha256(p)?);
     let main = match &config.weights {
         Some(path) => hash(path)?,
         None => format!("random-init:{}", config.seed),
@@ -431,7 +433,6 @@ pub struct GroundingData {
     pub category_ids: Vec<u64>,
 }
 
-pub const FULL_WEIGHTS: &str = "model.safetensors";
 const SHOWN_IMAGES: usize = 8;
 
 /// Fine-tunes GroundingDINO (LoRA or fully) on `data`.
@@ -452,7 +453,7 @@ pub fn train_grounding_dino(
     } else {
         None
     };
-    std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::Io { path: run_dir.clone(), message: e.to_string() })?;
+    std::fs::create_dir_all(&run_dir).at(&run_dir)?;
     let model_config = gdino_config(&config.model)?;
     let tokenizer = load_tokenizer(&config)?;
     let caption = Arc::new(ClassCaption::new(&tokenizer, &data.classes, model_config.max_text_len)?);
@@ -480,8 +481,7 @@ pub fn train_grounding_dino(
         }
     } else {
         autodiff.seed(config.seed.wrapping_add(1));
-        let (model, summary) =
-            lora::apply(base, &config.lora, &base_name(&config)).map_err(|e| TrainError::Config(e.to_string()))?;
+        let (model, summary) = lora::apply(base, &config.lora, &base_name(&config))?;
         status(&format!("GroundingDINO {}: {}", config.model, summary.render()));
         (model, summary)
     };
@@ -519,25 +519,13 @@ pub fn train_grounding_dino(
     let teacher = GroundingDinoTeacher { model, loss: config.loss, max_grad_norm: config.max_grad_norm };
     let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
     let optimizer = build_optimizer(&choice, config.weight_decay);
-    let warmup = (config.warmup_epochs * iterations_per_epoch as f64).round() as usize;
-    let schedule = |scale: f64| WarmupLinearSchedule {
-        lr0: config.lr0 * scale,
-        lrf: config.lrf,
-        epochs: config.epochs,
-        iterations_per_epoch,
-        warmup_iterations: warmup.min(iterations_per_epoch * config.epochs / 2).max(1),
-        warmup_start: 0.0,
-        step: 0,
+    let schedule = |scale: f64| {
+        teacher_schedule(config.lr0 * scale, config.lrf, config.epochs, iterations_per_epoch, config.warmup_epochs)
     };
     let backbone = ParamGroup::from_regex(r"^(backbone|bert)\.").expect("valid regex");
     let scheduler = ModuleLrScheduler::new(schedule(1.0)).with_group(backbone, schedule(config.backbone_lr_scale));
-    let adapter_config = AdapterConfig {
-        peft_type: "LORA".into(),
-        lora: config.lora.clone(),
-        base_model_name_or_path: base_name(&config),
-        base_weights_hash: base_hash,
-        kiln_version: env!("CARGO_PKG_VERSION").into(),
-    };
+    let output =
+        TeacherOutput::new(adapter_dir.clone(), &config.lora, base_name(&config), base_hash, config.full_finetune);
     let task = GroundingTask {
         settings: FitSettings::new(
             run_dir.clone(),
@@ -549,8 +537,7 @@ pub fn train_grounding_dino(
             resume_from,
             stop_after_epochs,
         ),
-        adapter_dir: adapter_dir.clone(),
-        adapter_config,
+        output,
         config: config.clone(),
         caption,
         classes: data.classes.clone(),
@@ -561,8 +548,7 @@ pub fn train_grounding_dino(
     let learner = Learner::new(teacher, optimizer, scheduler);
     let outcome = crate::engine::launch(task, learner, train_loader, val_loader, resume_from)?;
     let state = outcome.state;
-    let saved = if config.full_finetune { FULL_WEIGHTS } else { lora::ADAPTER_WEIGHTS };
-    let adapter_bytes = std::fs::metadata(adapter_dir.join(saved)).map(|m| m.len()).unwrap_or(0);
+    let adapter_bytes = TeacherOutput::saved_bytes(&adapter_dir, config.full_finetune);
     let best = state.history.iter().find(|r| r.epoch == state.best_epoch).copied().unwrap_or_default();
     Ok(GroundingTrainSummary {
         start_map50: state.history.first().map_or(0.0, |r| r.val_map50),
@@ -583,8 +569,7 @@ pub fn train_grounding_dino(
 /// best), the best adapter (by validation box mAP50-95) saved.
 struct GroundingTask {
     settings: FitSettings,
-    adapter_dir: PathBuf,
-    adapter_config: AdapterConfig,
+    output: TeacherOutput,
     config: GroundingDinoTeacherConfig,
     caption: Arc<ClassCaption>,
     classes: Vec<String>,
@@ -682,7 +667,13 @@ impl TrainTask for GroundingTask {
         learner: &Learner<GroundingDinoTeacher>,
         best: bool,
     ) -> Result<(), TrainError> {
-        if best { self.save_best(&learner.model().model) } else { Ok(()) }
+        if !best {
+            return Ok(());
+        }
+        let model = learner.model().model;
+        // A text encoder of its own file stays there (frozen, it is that file's weights).
+        let with_text_encoder = self.config.text_encoder.is_none() || !self.config.freeze_text_encoder;
+        self.output.save(&model, |path, metadata| model.valid().save(path, metadata, with_text_encoder))
     }
 
     fn write_figures(&self, history: &[GroundingEpochRecord], shown: &ShownBoxes) -> Result<(), TrainError> {
@@ -714,21 +705,6 @@ impl TrainTask for GroundingTask {
 }
 
 impl GroundingTask {
-    fn save_best(&self, model: &GroundingDino) -> Result<(), TrainError> {
-        if self.config.full_finetune {
-            let metadata = vec![
-                ("kiln.model".to_string(), base_name(&self.config)),
-                ("kiln.base_weights_hash".to_string(), self.adapter_config.base_weights_hash.clone()),
-            ];
-            std::fs::create_dir_all(&self.adapter_dir).at(&self.adapter_dir)?;
-            // A text encoder of its own file stays there (frozen, it is that file's weights).
-            let with_text_encoder = self.config.text_encoder.is_none() || !self.config.freeze_text_encoder;
-            Ok(model.valid().save(&self.adapter_dir.join(FULL_WEIGHTS), &metadata, with_text_encoder)?)
-        } else {
-            Ok(lora::save_adapter(model, &self.adapter_dir, &self.adapter_config)?)
-        }
-    }
-
     /// Validation loss (per batch), box mAP50 and mAP50-95 (COCO protocol) of the post-processed
     /// detections, and the detections of the first images, to draw.
     fn validate_model(
@@ -848,8 +824,7 @@ pub fn load_adapted(
         None => Ok((base, None)),
         Some(dir) => {
             let hash = base_hash(config)?;
-            let (model, adapter_config) = lora::load_adapter(base, dir, &base_name(config), &hash)
-                .map_err(|e| TrainError::Config(e.to_string()))?;
+            let (model, adapter_config) = lora::load_adapter(base, dir, &base_name(config), &hash)?;
             Ok((lora::merge(model), Some(adapter_config)))
         }
     }

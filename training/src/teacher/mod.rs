@@ -25,6 +25,7 @@ use kiln_data::batch::CocoDetectionDataset;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Verbosity;
+use crate::error::AtPath;
 use crate::error::TrainError;
 use crate::split::load_student_data;
 use grounding_dino::{
@@ -260,8 +261,7 @@ pub fn run_train_teacher_for(
         )));
     }
     let output_existed = request.output.exists();
-    std::fs::create_dir_all(&teachers)
-        .map_err(|e| TrainError::Io { path: teachers.clone(), message: e.to_string() })?;
+    std::fs::create_dir_all(&teachers).at(&teachers)?;
     if !request.resume {
         kiln_data::io::write_atomic(
             &config_path,
@@ -431,4 +431,80 @@ pub fn classes_beside(adapter_dir: &Path) -> Option<Vec<String>> {
     let path = adapter_dir.parent()?.join("teacher_config.yaml");
     let text = std::fs::read_to_string(path).ok()?;
     Some(serde_yaml::from_str::<TeacherConfig>(&text).ok()?.classes)
+}
+
+/// Where and how a teacher's fine-tuning saves its best weights: the adapter alone (LoRA), or
+/// (full fine-tuning) the whole model under the official key names, either way with the base it
+/// was trained on.
+pub struct TeacherOutput {
+    pub dir: PathBuf,
+    pub adapter: kiln_models::lora::AdapterConfig,
+    pub full_finetune: bool,
+}
+
+impl TeacherOutput {
+    pub fn new(
+        dir: PathBuf,
+        lora: &kiln_models::lora::LoraConfig,
+        base_name: String,
+        base_hash: String,
+        full_finetune: bool,
+    ) -> Self {
+        let adapter = kiln_models::lora::AdapterConfig {
+            peft_type: "LORA".into(),
+            lora: lora.clone(),
+            base_model_name_or_path: base_name,
+            base_weights_hash: base_hash,
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        Self { dir, adapter, full_finetune }
+    }
+
+    /// Saves `model`: its adapter, or with `save_full(path, metadata)` the whole model.
+    pub fn save<M: burn::module::Module>(
+        &self,
+        model: &M,
+        save_full: impl FnOnce(&Path, &[(String, String)]) -> Result<(), kiln_models::WeightsError>,
+    ) -> Result<(), TrainError> {
+        if self.full_finetune {
+            let metadata = vec![
+                ("kiln.model".to_string(), self.adapter.base_model_name_or_path.clone()),
+                ("kiln.base_weights_hash".to_string(), self.adapter.base_weights_hash.clone()),
+            ];
+            std::fs::create_dir_all(&self.dir).at(&self.dir)?;
+            Ok(save_full(&self.dir.join(FULL_WEIGHTS), &metadata)?)
+        } else {
+            Ok(kiln_models::lora::save_adapter(model, &self.dir, &self.adapter)?)
+        }
+    }
+
+    /// The size of what a run saved in `dir`.
+    pub fn saved_bytes(dir: &Path, full_finetune: bool) -> u64 {
+        let saved = if full_finetune { FULL_WEIGHTS } else { kiln_models::lora::ADAPTER_WEIGHTS };
+        std::fs::metadata(dir.join(saved)).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// The whole model of a full fine-tuning, in its output directory.
+pub const FULL_WEIGHTS: &str = "model.safetensors";
+
+/// The teachers' schedule: warm-up over `warmup_epochs` (at most half the run) from 0, then the
+/// linear decay to `lr0 * lrf`.
+pub fn teacher_schedule(
+    lr0: f64,
+    lrf: f64,
+    epochs: usize,
+    iterations_per_epoch: usize,
+    warmup_epochs: f64,
+) -> crate::optim::WarmupLinearSchedule {
+    let warmup = (warmup_epochs * iterations_per_epoch as f64).round() as usize;
+    crate::optim::WarmupLinearSchedule {
+        lr0,
+        lrf,
+        epochs,
+        iterations_per_epoch,
+        warmup_iterations: warmup.min(iterations_per_epoch * epochs / 2).max(1),
+        warmup_start: 0.0,
+        step: 0,
+    }
 }

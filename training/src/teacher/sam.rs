@@ -24,13 +24,15 @@ use kiln_data::mask::BinaryMask;
 use kiln_data::rng::SeededRng;
 use kiln_models::device::{DeviceError, read_floats};
 use kiln_models::lora::{self, AdapterConfig, LoraConfig, LoraSummary};
+
+use super::{TeacherOutput, teacher_schedule};
 use kiln_models::sam::{MASK_THRESHOLD, Sam, SamConfig, prepare_pixels, resize_box, resized_shape};
 use serde::{Deserialize, Serialize};
 
 use crate::data::EpochCounter;
 use crate::engine::{FitSettings, NoTaskState, StepOutput, TrainTask, Validation, Verbosity};
 use crate::error::{AtPath, TrainError};
-use crate::optim::{OptimizerChoice, OptimizerKind, WarmupLinearSchedule, build_optimizer, clip_global_norm};
+use crate::optim::{OptimizerChoice, OptimizerKind, build_optimizer, clip_global_norm};
 use crate::teacher::mask_loss::{MaskLossConfig, MaskLossParts, mask_loss};
 
 /// The SAM teacher's settings (the `sam:` section of `teacher_config.yaml`).
@@ -75,7 +77,7 @@ pub fn base_name(config: &SamTeacherConfig) -> String {
 /// What the adapter records as its base: the weight file's SHA-256, or the seed of a random init.
 pub fn base_hash(config: &SamTeacherConfig) -> Result<String, TrainError> {
     match &config.weights {
-        Some(path) => lora::file_sha256(path).map_err(|e| TrainError::Config(e.to_string())),
+        Some(path) => Ok(lora::file_sha256(path)?),
         None => Ok(format!("random-init:{}", config.seed)),
     }
 }
@@ -208,8 +210,7 @@ impl EmbeddingCache {
         device: &Device,
         bar: &indicatif::ProgressBar,
     ) -> Result<(), TrainError> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| TrainError::Io { path: self.dir.clone(), message: e.to_string() })?;
+        std::fs::create_dir_all(&self.dir).at(&self.dir)?;
         let size = sam.image_size();
         bar.set_length(samples.len() as u64);
         for sample in samples {
@@ -570,9 +571,6 @@ pub struct SamData {
     pub classes: Vec<String>,
 }
 
-/// The whole model of a full fine-tuning, in its output directory.
-pub const FULL_WEIGHTS: &str = "model.safetensors";
-
 const SHOWN_IMAGES: usize = 8;
 
 /// Fine-tunes SAM with LoRA on `data`.
@@ -587,7 +585,7 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
     } else {
         None
     };
-    std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::Io { path: run_dir.clone(), message: e.to_string() })?;
+    std::fs::create_dir_all(&run_dir).at(&run_dir)?;
 
     let autodiff = device.clone().autodiff();
     let base = load_base(&config, &device, true)?;
@@ -621,8 +619,7 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
     } else {
         // The adapters' initialisation follows the seed, whatever the base.
         autodiff.seed(config.seed.wrapping_add(1));
-        let (model, summary) =
-            lora::apply(base, &config.lora, &base_name(&config)).map_err(|e| TrainError::Config(e.to_string()))?;
+        let (model, summary) = lora::apply(base, &config.lora, &base_name(&config))?;
         status(&format!("SAM {}: {}", config.model, summary.render()));
         (model, summary)
     };
@@ -670,23 +667,9 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
     let teacher = SamTeacher { sam: model, loss: config.loss, max_grad_norm: config.max_grad_norm };
     let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
     let optimizer = build_optimizer(&choice, config.weight_decay);
-    let warmup = (config.warmup_epochs * iterations_per_epoch as f64).round() as usize;
-    let schedule = WarmupLinearSchedule {
-        lr0: config.lr0,
-        lrf: config.lrf,
-        epochs: config.epochs,
-        iterations_per_epoch,
-        warmup_iterations: warmup.min(iterations_per_epoch * config.epochs / 2).max(1),
-        warmup_start: 0.0,
-        step: 0,
-    };
-    let adapter_config = AdapterConfig {
-        peft_type: "LORA".into(),
-        lora: config.lora.clone(),
-        base_model_name_or_path: base_name(&config),
-        base_weights_hash: base_hash,
-        kiln_version: env!("CARGO_PKG_VERSION").into(),
-    };
+    let schedule = teacher_schedule(config.lr0, config.lrf, config.epochs, iterations_per_epoch, config.warmup_epochs);
+    let output =
+        TeacherOutput::new(adapter_dir.clone(), &config.lora, base_name(&config), base_hash, config.full_finetune);
     let task = SamTask {
         settings: FitSettings::new(
             run_dir.clone(),
@@ -698,8 +681,7 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
             resume_from,
             stop_after_epochs,
         ),
-        adapter_dir: adapter_dir.clone(),
-        adapter_config,
+        output,
         config: config.clone(),
         classes: data.classes.clone(),
         val_samples: val_samples.clone(),
@@ -709,8 +691,7 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
     let learner = Learner::new(teacher, optimizer, schedule);
     let outcome = crate::engine::launch(task, learner, train_loader, val_loader, resume_from)?;
     let state = outcome.state;
-    let saved = if config.full_finetune { FULL_WEIGHTS } else { lora::ADAPTER_WEIGHTS };
-    let adapter_bytes = std::fs::metadata(adapter_dir.join(saved)).map(|m| m.len()).unwrap_or(0);
+    let adapter_bytes = TeacherOutput::saved_bytes(&adapter_dir, config.full_finetune);
     Ok(SamTrainSummary {
         start_iou: state.history.first().map_or(0.0, |r| r.val_mask_iou),
         best_iou: state.best_fitness,
@@ -730,8 +711,7 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
 /// best adapter (by mean mask IoU on the validation set) saved.
 struct SamTask {
     settings: FitSettings,
-    adapter_dir: PathBuf,
-    adapter_config: AdapterConfig,
+    output: TeacherOutput,
     config: SamTeacherConfig,
     classes: Vec<String>,
     val_samples: Arc<Vec<SamSample>>,
@@ -809,7 +789,11 @@ impl TrainTask for SamTask {
     }
 
     fn save_weights(&self, _live: &SamLive, learner: &Learner<SamTeacher>, best: bool) -> Result<(), TrainError> {
-        if best { self.save_best(&learner.model().sam) } else { Ok(()) }
+        if !best {
+            return Ok(());
+        }
+        let sam = learner.model().sam;
+        self.output.save(&sam, |path, metadata| sam.valid().save(path, metadata))
     }
 
     fn write_figures(&self, history: &[SamEpochRecord], shown: &ShownMasks) -> Result<(), TrainError> {
@@ -842,20 +826,6 @@ impl TrainTask for SamTask {
 }
 
 impl SamTask {
-    /// The adapter alone, or (full fine-tuning) the whole model under the official key names.
-    fn save_best(&self, sam: &Sam) -> Result<(), TrainError> {
-        if self.config.full_finetune {
-            let metadata = vec![
-                ("kiln.model".to_string(), base_name(&self.config)),
-                ("kiln.base_weights_hash".to_string(), self.adapter_config.base_weights_hash.clone()),
-            ];
-            std::fs::create_dir_all(&self.adapter_dir).at(&self.adapter_dir)?;
-            Ok(sam.valid().save(&self.adapter_dir.join(FULL_WEIGHTS), &metadata)?)
-        } else {
-            Ok(lora::save_adapter(sam, &self.adapter_dir, &self.adapter_config)?)
-        }
-    }
-
     /// Validation loss (per-mask means) and the mean IoU of every validation mask at the original
     /// image size, prompted by the exact ground-truth boxes; plus the masks of the first images, to draw.
     fn validate_model(
@@ -969,8 +939,7 @@ pub fn load_adapted(
         None => Ok((base, None)),
         Some(dir) => {
             let hash = base_hash(config)?;
-            let (model, adapter_config) = lora::load_adapter(base, dir, &base_name(config), &hash)
-                .map_err(|e| TrainError::Config(e.to_string()))?;
+            let (model, adapter_config) = lora::load_adapter(base, dir, &base_name(config), &hash)?;
             Ok((lora::merge(model), Some(adapter_config)))
         }
     }
