@@ -508,3 +508,20 @@ pub fn teacher_schedule(
         step: 0,
     }
 }
+
+/// `base` with the adapter in `dir` merged into it, for inference (the adapter must name this base,
+/// `base_name` with weights `base_hash`), or the base alone without an adapter.
+pub fn merge_adapter<M: burn::module::Module>(
+    base: M,
+    adapter: Option<&Path>,
+    base_name: &str,
+    base_hash: impl FnOnce() -> Result<String, TrainError>,
+) -> Result<(M, Option<kiln_models::lora::AdapterConfig>), TrainError> {
+    match adapter {
+        None => Ok((base, None)),
+        Some(dir) => {
+            let (model, adapter_config) = kiln_models::lora::load_adapter(base, dir, base_name, &base_hash()?)?;
+            Ok((kiln_models::lora::merge(model), Some(adapter_config)))
+        }
+    }
+}

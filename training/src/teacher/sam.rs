@@ -935,12 +935,5 @@ pub fn load_adapted(
     device: &Device,
 ) -> Result<(Sam, Option<AdapterConfig>), TrainError> {
     let base = load_base(config, device, false)?;
-    match adapter {
-        None => Ok((base, None)),
-        Some(dir) => {
-            let hash = base_hash(config)?;
-            let (model, adapter_config) = lora::load_adapter(base, dir, &base_name(config), &hash)?;
-            Ok((lora::merge(model), Some(adapter_config)))
-        }
-    }
+    super::merge_adapter(base, adapter, &base_name(config), || base_hash(config))
 }
