@@ -94,7 +94,7 @@ pub fn detect_config(adapter: Option<&Path>, o: &DetectOverrides) -> Result<Grou
         g.image_size = size;
         g.max_size = g.max_size.max(size);
     }
-    if g.weights.is_none() && !g.model.starts_with("tiny") {
+    if g.lacks_weights() {
         return Err(TrainError::Config(format!(
             "GroundingDINO {} needs --weights (groundingdino_swint_ogc.pth); only the tiny toys run from a random \
              initialisation",

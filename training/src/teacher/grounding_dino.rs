@@ -85,6 +85,12 @@ fn yes() -> bool {
 }
 
 impl GroundingDinoTeacherConfig {
+    /// Whether the model has no weights to start from and is no tiny preset: only the tiny ones
+    /// (tests and the demo) train or run from a random initialisation.
+    pub fn lacks_weights(&self) -> bool {
+        self.weights.is_none() && !self.model.starts_with("tiny")
+    }
+
     pub fn postprocess(&self) -> PostprocessOptions {
         PostprocessOptions { box_threshold: self.box_threshold, text_threshold: self.text_threshold }
     }

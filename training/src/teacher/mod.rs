@@ -131,11 +131,10 @@ fn sam_overrides(mut sam: SamTeacherConfig, o: &TeacherOverrides) -> Result<SamT
     sam.model = o.sam.clone().unwrap_or(sam.model);
     sam::sam_config(&sam.model)?;
     sam.weights = o.sam_weights.clone().or(sam.weights);
-    if let Some(path) = &sam.weights {
-        if !path.is_file() {
-            return Err(TrainError::Config(format!("{}: no such SAM checkpoint", path.display())));
-        }
-    } else if sam.model != "tiny" {
+    if let Some(path) = sam.weights.as_ref().filter(|path| !path.is_file()) {
+        return Err(TrainError::Config(format!("{}: no such SAM checkpoint", path.display())));
+    }
+    if sam.lacks_weights() {
         return Err(TrainError::Config(format!(
             "SAM {} needs its pretrained weights: pass --sam-weights (e.g. sam_vit_b_01ec64.pth or mobile_sam.pt \
              from the official releases) or train only GroundingDINO with --teacher grounding_dino; only --sam tiny trains \
@@ -178,7 +177,7 @@ fn gdino_overrides(
             }
         }
     }
-    if g.weights.is_none() && !g.model.starts_with("tiny") {
+    if g.lacks_weights() {
         return Err(TrainError::Config(format!(
             "GroundingDINO {} needs its pretrained weights: pass --gdino-weights (groundingdino_swint_ogc.pth from \
              the official release) or train only SAM with --teacher sam; only --gdino tiny / tiny_minilm train from a \

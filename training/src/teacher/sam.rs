@@ -69,6 +69,14 @@ pub struct SamTeacherConfig {
     pub full_finetune: bool,
 }
 
+impl SamTeacherConfig {
+    /// Whether the model has no weights to start from and is no tiny preset: only `tiny` (tests
+    /// and the demo) trains or runs from a random initialisation.
+    pub fn lacks_weights(&self) -> bool {
+        self.weights.is_none() && self.model != "tiny"
+    }
+}
+
 /// The base model's name in adapter files (`sam/vit_b`, ...).
 pub fn base_name(config: &SamTeacherConfig) -> String {
     format!("sam/{}", config.model)

@@ -94,7 +94,7 @@ pub fn segment_config(adapter: Option<&Path>, o: &SegmentOverrides) -> Result<Sa
     };
     sam.model = o.sam.clone().unwrap_or(sam.model);
     sam.weights = o.sam_weights.clone().or(sam.weights);
-    if sam.weights.is_none() && sam.model != "tiny" {
+    if sam.lacks_weights() {
         return Err(TrainError::Config(format!(
             "SAM {} needs --sam-weights (e.g. sam_vit_b_01ec64.pth); only tiny runs from a random initialisation",
             sam.model
