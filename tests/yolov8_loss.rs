@@ -74,6 +74,7 @@ fn case(device: &Device) -> Case {
         classes: Tensor::<2, Int>::from_data(TensorData::new(classes, [b, m]), device),
         valid: Tensor::from_data(TensorData::new(valid, [b, m]), device),
         masks: Some(Tensor::from_data(TensorData::new(padded_masks, [b, m, mh, mw]), device)),
+        teacher: None,
     };
     let output = HeadOutput { levels, coefficients: Some(coefficients), prototypes: Some(prototypes) };
     Case { output, targets, reference }

@@ -25,6 +25,49 @@ pub struct InstanceLabel {
     /// `[x1, y1, x2, y2]` in original pixels, clipped to the image.
     pub bbox: [f64; 4],
     pub segmentation: Option<Segmentation>,
+    /// What a teacher says about the instance beyond its box, class and mask (distillation).
+    pub teacher: Option<TeacherSignal>,
+}
+
+/// A teacher's knowledge of one instance that hard labels cannot carry.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TeacherSignal {
+    /// The teacher's probability per class (class-index order). Present when the instance is the
+    /// teacher's own (a teacher label); absent for ground truth that a teacher only segmented.
+    pub class_probs: Option<Vec<f32>>,
+    /// The teacher's mask probabilities over a region of the original image.
+    pub soft_mask: Option<SoftMask>,
+}
+
+/// Mask probabilities on a grid covering `region` (`x1, y1, x2, y2`, original pixels) of an image:
+/// `width x height` cells, row-major, probability x 255.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SoftMask {
+    pub region: [f64; 4],
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+impl SoftMask {
+    /// The probability at original-image point `(x, y)` (bilinear between cell centres); zero
+    /// outside the region.
+    pub fn probability_at(&self, x: f64, y: f64) -> f32 {
+        let [x1, y1, x2, y2] = self.region;
+        if self.width == 0 || self.height == 0 || x < x1 || x >= x2 || y < y1 || y >= y2 {
+            return 0.0;
+        }
+        let gx = ((x - x1) / (x2 - x1) * self.width as f64 - 0.5).clamp(0.0, (self.width - 1) as f64);
+        let gy = ((y - y1) / (y2 - y1) * self.height as f64 - 0.5).clamp(0.0, (self.height - 1) as f64);
+        let (ix, iy) = (gx.floor() as usize, gy.floor() as usize);
+        let (jx, jy) = ((ix + 1).min(self.width as usize - 1), (iy + 1).min(self.height as usize - 1));
+        let (fx, fy) = ((gx - ix as f64) as f32, (gy - iy as f64) as f32);
+        let w = self.width as usize;
+        let at = |x: usize, y: usize| self.data[y * w + x] as f32 / 255.0;
+        let top = at(ix, iy) * (1.0 - fx) + at(jx, iy) * fx;
+        let bottom = at(ix, jy) * (1.0 - fx) + at(jx, jy) * fx;
+        top * (1.0 - fy) + bottom * fy
+    }
 }
 
 /// An image with its instances, read from disk.
@@ -42,6 +85,8 @@ pub struct CocoDetectionDataset {
     images_dir: PathBuf,
     annotations_by_image: Vec<Vec<usize>>,
     class_index: HashMap<u64, usize>,
+    /// Teacher signals by annotation id.
+    signals: HashMap<u64, TeacherSignal>,
 }
 
 impl CocoDetectionDataset {
@@ -53,7 +98,19 @@ impl CocoDetectionDataset {
             images_dir: images_dir.as_ref().to_path_buf(),
             annotations_by_image,
             class_index,
+            signals: HashMap::new(),
         }
+    }
+
+    /// The same dataset with a teacher's signals attached to its annotations (by annotation id).
+    pub fn with_signals(mut self, signals: HashMap<u64, TeacherSignal>) -> Self {
+        self.signals = signals;
+        self
+    }
+
+    /// The directory its images are read from.
+    pub fn images_dir(&self) -> &Path {
+        &self.images_dir
     }
 
     pub fn coco(&self) -> &CocoDataset {
@@ -109,7 +166,12 @@ impl CocoDetectionDataset {
             if clipped[2] - clipped[0] <= 0.0 || clipped[3] - clipped[1] <= 0.0 {
                 continue;
             }
-            instances.push(InstanceLabel { class, bbox: clipped, segmentation: annotation.mask().cloned() });
+            instances.push(InstanceLabel {
+                class,
+                bbox: clipped,
+                segmentation: annotation.mask().cloned(),
+                teacher: self.signals.get(&annotation.id).cloned(),
+            });
         }
         Ok(DetectionItem { image_id: info.id, image, instances })
     }
@@ -146,6 +208,17 @@ pub struct DetectionBatch {
     pub masks: Option<Tensor<4>>,
     pub letterboxes: Vec<Letterbox>,
     pub image_ids: Vec<u64>,
+    /// What teachers say about the instances, when any instance of the batch has a teacher signal.
+    pub teacher: Option<TeacherTargets>,
+}
+
+/// Teacher signals of a batch, per padded instance slot (`b * M + m`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TeacherTargets {
+    /// The teacher's class probabilities, for the teacher's own labels.
+    pub class_probs: Vec<Option<Vec<f32>>>,
+    /// The teacher's mask probabilities at the masks' resolution (`S/d x S/d`, row-major).
+    pub soft_masks: Vec<Option<Vec<f32>>>,
 }
 
 /// Turns [`DetectionItem`]s into a [`DetectionBatch`] at a square input size. `M` is the largest
@@ -203,6 +276,7 @@ impl DetectionBatcher {
                 .map(|ms| Tensor::from_data(TensorData::new(masks, [b, m, ms as usize, ms as usize]), device)),
             letterboxes,
             image_ids: items.iter().map(|i| i.image_id).collect(),
+            teacher: None,
         })
     }
 }

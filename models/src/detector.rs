@@ -83,6 +83,8 @@ pub struct Detection {
     pub class_name: String,
     /// The dataset's COCO category id of the class.
     pub category_id: u64,
+    /// Every class's score (sigmoid) at the anchor the detection came from; `score` is the largest.
+    pub class_scores: Vec<f32>,
     /// The instance mask at the original image size (segmentation students).
     pub mask: Option<BinaryMask>,
 }
@@ -176,6 +178,7 @@ impl Detector {
                 class_id: d.class_id,
                 class_name: self.info.classes[d.class_id].clone(),
                 category_id: self.info.category_ids[d.class_id],
+                class_scores: d.class_scores,
                 mask: d.mask,
             })
             .collect())

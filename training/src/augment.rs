@@ -52,6 +52,17 @@ pub struct TrainSample {
     pub boxes: Vec<(usize, [f32; 4])>,
     /// Per box, its mask at `1 / mask_downsample` of the input (when masks are asked for).
     pub masks: Vec<BinaryMask>,
+    /// Per box, what its teacher says, moved as the pixels are (empty when no instance has a
+    /// teacher signal).
+    pub signals: Vec<Option<PlacedSignal>>,
+}
+
+/// A teacher signal in a training sample: the class probabilities, and the mask probabilities at
+/// the masks' resolution (row-major) when masks are asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacedSignal {
+    pub class_probs: Option<Vec<f32>>,
+    pub soft_mask: Option<Vec<f32>>,
 }
 
 /// `x' = x * s + ox`, `y' = y * s + oy` (one scale: aspect ratios are kept, as Ultralytics does),
@@ -157,7 +168,8 @@ pub fn augment(
         adjust_hsv(&mut image, hsv);
     }
 
-    let mut sample = TrainSample { image, boxes: Vec::new(), masks: Vec::new() };
+    let mut sample = TrainSample { image, boxes: Vec::new(), masks: Vec::new(), signals: Vec::new() };
+    let any_signal = items.iter().any(|item| item.instances.iter().any(|i| i.teacher.is_some()));
     for (item, placement) in items.iter().zip(&placements) {
         for instance in &item.instances {
             if let Some((bbox, mask)) = place_instance(instance, item, placement, size, mask_downsample)? {
@@ -165,10 +177,44 @@ pub fn augment(
                 if let Some(mask) = mask {
                     sample.masks.push(mask);
                 }
+                if any_signal {
+                    sample.signals.push(instance.teacher.as_ref().map(|signal| PlacedSignal {
+                        class_probs: signal.class_probs.clone(),
+                        soft_mask: match (&signal.soft_mask, mask_downsample) {
+                            (Some(soft), Some(d)) => Some(place_soft_mask(soft, placement, size, d)),
+                            _ => None,
+                        },
+                    }));
+                }
             }
         }
     }
     Ok(sample)
+}
+
+/// The teacher's mask probabilities through the placement's map, at `1 / d` of the output:
+/// each cell's centre mapped back to the original image and sampled there; zero outside this
+/// image's visible part (a mosaic neighbour's pixels).
+fn place_soft_mask(soft: &kiln_data::batch::SoftMask, placement: &Placement, size: u32, d: u32) -> Vec<f32> {
+    let d = d.max(1) as f64;
+    let out = size.div_ceil(d as u32) as usize;
+    let v = placement.visible;
+    let mut probabilities = vec![0f32; out * out];
+    for y in 0..out {
+        let cy = (y as f64 + 0.5) * d;
+        if cy < v[1] || cy > v[3] {
+            continue;
+        }
+        let source_y = (cy - placement.oy) / placement.sy;
+        for x in 0..out {
+            let cx = (x as f64 + 0.5) * d;
+            if cx < v[0] || cx > v[2] {
+                continue;
+            }
+            probabilities[y * out + x] = soft.probability_at((cx - placement.ox) / placement.sx, source_y);
+        }
+    }
+    probabilities
 }
 
 /// The instance's box (and mask) in the output, or `None` when too little of it survives
@@ -400,6 +446,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, b)| InstanceLabel {
+                    teacher: None,
                     class: i,
                     bbox: *b,
                     segmentation: Some(Segmentation::Polygons(vec![vec![

@@ -13,12 +13,14 @@ use kiln_models::yolo::predict::PredictOptions;
 use kiln_models::yolo::{Task, YoloConfig};
 use serde::Serialize;
 
+use crate::distill::DistillConfig;
+use crate::distill::prepare::{DISTILLATION_CONFIG, DistillRequest, prepare_distillation};
 use crate::engine::Verbosity;
 use crate::error::AtPath;
 use crate::error::TrainError;
 use crate::eval::{CocoEvaluation, IouType, evaluate};
 use crate::optim::OptimizerKind;
-use crate::run::{StudentConfig, TrainOptions, TrainSummary, to_coco_results, train_student};
+use crate::run::{StudentConfig, TrainOptions, TrainSummary, to_coco_results, train_student_with};
 use crate::split::{StudentData, load_student_data};
 
 /// What the user may override on the command line (everything else: `configs/student.yaml`).
@@ -82,15 +84,20 @@ pub struct TrainStudentRequest {
     /// API), recorded in `metadata.json`.
     pub device_name: String,
     pub overrides: StudentOverrides,
+    /// Teachers to distil (with the unlabelled images they label); none: labels only.
+    pub distill: Option<DistillRequest>,
 }
 
-/// Defaults, then what the data says (student, classes), then the overrides.
+/// Defaults, then what the data says (student, classes), then the overrides. A distilled run
+/// (`distilling`) starts from `configs/distill.yaml` too, so `--set distill.KEY=VALUE` reaches it.
 pub fn student_config(
     data: &StudentData,
     summary: &kiln_data::DatasetSummary,
     o: &StudentOverrides,
+    distilling: bool,
 ) -> Result<StudentConfig, TrainError> {
     let mut config = StudentConfig::default();
+    config.distill = distilling.then(DistillConfig::default);
     config.model = match &o.model {
         Some(model) => model.clone(),
         None => summary.recommendation().map(|r| r.student).ok_or_else(|| {
@@ -146,8 +153,20 @@ pub fn run_train_student(
             .map_err(|e| TrainError::Config(format!("{}: cannot resume: {e}", config_path.display())))?
     } else {
         crate::engine::require_fresh_dir(&request.output)?;
-        student_config(&data, &summary, &request.overrides)?
+        student_config(&data, &summary, &request.overrides, request.distill.is_some())?
     };
+    // A resumed distilled run finds its teachers in its own record unless they are given again.
+    let distill_request = match (&request.distill, request.resume, config.distill.is_some()) {
+        (Some(given), _, _) => Some(given.clone()),
+        (None, true, true) => Some(recorded_distill_request(&request.output)?),
+        _ => None,
+    };
+    if distill_request.is_some() && config.distill.is_none() {
+        return Err(TrainError::Config(format!(
+            "the run in {} was trained without teachers: resume it without --teachers",
+            request.output.display()
+        )));
+    }
     if config.classes != data.train.class_names() {
         return Err(TrainError::Config(format!(
             "the run in {} was trained on classes {:?}, the data has {:?}",
@@ -160,6 +179,20 @@ pub fn run_train_student(
     if !request.resume {
         crate::engine::write_metadata(&request.output.join("metadata.json"), request, &data, &summary, &config)?;
     }
+    let teachers = match (&distill_request, &config.distill) {
+        (Some(distill), Some(settings)) => {
+            let prepared = prepare_distillation(distill, settings, &data, &request.output, &device, verbosity)?;
+            for warning in &prepared.warnings {
+                eprintln!("warning: {warning}");
+            }
+            kiln_data::io::write_atomic(
+                &request.output.join(DISTILLATION_CONFIG),
+                serde_yaml::to_string(&prepared.record).map_err(|e| TrainError::Config(e.to_string()))?.as_bytes(),
+            )?;
+            Some(prepared.data)
+        }
+        _ => None,
+    };
     let options = TrainOptions {
         config: config.clone(),
         output: request.output.clone(),
@@ -168,8 +201,21 @@ pub fn run_train_student(
         verbosity,
         stop_after_epochs: None,
     };
-    let summary = train_student(options, data)?;
+    let summary = train_student_with(options, data, teachers)?;
     Ok((config, summary))
+}
+
+/// The teachers a distilled run recorded in its `distillation_config.yaml`.
+fn recorded_distill_request(run_dir: &Path) -> Result<DistillRequest, TrainError> {
+    let path = run_dir.join(DISTILLATION_CONFIG);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| TrainError::Config(format!("{}: cannot resume the distilled run: {e}", path.display())))?;
+    let record: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|e| TrainError::Config(format!("{}: cannot resume the distilled run: {e}", path.display())))?;
+    let path_of = |key: &str| record.get(key).and_then(|v| v.as_str()).map(PathBuf::from);
+    let teachers = path_of("teachers_dir")
+        .ok_or_else(|| TrainError::Config(format!("{}: no teachers_dir: pass --teachers again", path.display())))?;
+    Ok(DistillRequest { teachers, unlabeled: path_of("unlabeled"), ..Default::default() })
 }
 
 /// Loads `path` (a run directory, its `weights/best.safetensors`, or a kiln `.safetensors` file)

@@ -9,7 +9,7 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::{Dataset, DatasetError};
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_data::Letterbox;
-use kiln_data::batch::{CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem};
+use kiln_data::batch::{CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, TeacherTargets};
 use kiln_data::rng::SeededRng;
 
 use crate::augment::{AugmentConfig, TrainSample, augment};
@@ -32,7 +32,8 @@ impl EpochCounter {
 /// of three more images drawn at random) by a generator seeded from (seed, e, i). Mosaic is off
 /// for the last `close_mosaic` epochs, as in Ultralytics.
 pub struct TrainDataset {
-    source: Arc<CocoDetectionDataset>,
+    /// The labelled images, then (distillation) the teacher-labelled ones, as one list.
+    sources: Vec<Arc<CocoDetectionDataset>>,
     pub augment: AugmentConfig,
     pub image_size: u32,
     pub mask_downsample: Option<u32>,
@@ -45,7 +46,7 @@ pub struct TrainDataset {
 
 impl TrainDataset {
     pub fn new(
-        source: Arc<CocoDetectionDataset>,
+        sources: Vec<Arc<CocoDetectionDataset>>,
         augment: AugmentConfig,
         image_size: u32,
         mask_downsample: Option<u32>,
@@ -55,7 +56,7 @@ impl TrainDataset {
         epoch: EpochCounter,
     ) -> Self {
         Self {
-            source,
+            sources,
             augment,
             image_size,
             mask_downsample,
@@ -70,15 +71,31 @@ impl TrainDataset {
     fn image_at(&self, epoch: usize, position: usize) -> usize {
         let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         if order.0 != epoch {
-            let mut images: Vec<usize> = (0..self.source.len()).collect();
+            let mut images: Vec<usize> = (0..self.images()).collect();
             SeededRng::new(self.seed).fork(epoch as u64).shuffle(&mut images);
             *order = (epoch, images);
         }
         order.1[position]
     }
 
+    fn images(&self) -> usize {
+        self.sources.iter().map(|s| s.len()).sum()
+    }
+
+    /// Image `index` of the sources taken as one list.
+    fn load(&self, mut index: usize) -> kiln_data::Result<DetectionItem> {
+        for source in &self.sources {
+            if index < source.len() {
+                return source.load(index);
+            }
+            index -= source.len();
+        }
+        // Past the end: the first source names the images and reports the range.
+        self.sources[0].load(index + self.sources[0].len())
+    }
+
     pub fn sample(&self, epoch: usize, position: usize) -> kiln_data::Result<TrainSample> {
-        let n = self.source.len();
+        let n = self.images();
         let image = self.image_at(epoch, position);
         let mut rng = SeededRng::new(self.seed).fork(((epoch as u64) << 32) | position as u64 | (1 << 63));
         let mosaic_on = epoch + self.close_mosaic <= self.epochs;
@@ -86,7 +103,7 @@ impl TrainDataset {
         if mosaic_on && rng.chance(self.augment.mosaic) {
             indexes.extend((0..3).map(|_| rng.below(n)));
         }
-        let items: Vec<DetectionItem> = indexes.iter().map(|&i| self.source.load(i)).collect::<Result<_, _>>()?;
+        let items: Vec<DetectionItem> = indexes.iter().map(|&i| self.load(i)).collect::<Result<_, _>>()?;
         augment(&items, &self.augment, self.image_size, self.mask_downsample, &mut rng)
     }
 }
@@ -97,7 +114,7 @@ impl Dataset<TrainSample> for TrainDataset {
     }
 
     fn len(&self) -> usize {
-        self.source.len()
+        self.images()
     }
 }
 
@@ -134,6 +151,18 @@ impl Batcher<TrainSample, DetectionBatch> for TrainBatcher {
                 }
             }
         }
+        let teacher = items.iter().any(|i| !i.signals.is_empty()).then(|| {
+            let mut targets = TeacherTargets { class_probs: vec![None; b * m], soft_masks: vec![None; b * m] };
+            for (bi, item) in items.iter().enumerate() {
+                for (mi, signal) in item.signals.iter().enumerate() {
+                    if let Some(signal) = signal {
+                        targets.class_probs[bi * m + mi] = signal.class_probs.clone();
+                        targets.soft_masks[bi * m + mi] = signal.soft_mask.clone();
+                    }
+                }
+            }
+            targets
+        });
         let size = self.image_size;
         DetectionBatch {
             images: Tensor::from_data(TensorData::new(pixels, [b, 3, s, s]), device),
@@ -143,6 +172,7 @@ impl Batcher<TrainSample, DetectionBatch> for TrainBatcher {
             masks: ms.map(|ms| Tensor::from_data(TensorData::new(masks, [b, m, ms, ms]), device)),
             letterboxes: vec![Letterbox::new(size, size, size, size); b],
             image_ids: vec![0; b],
+            teacher,
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod augment;
 pub mod commands;
 pub mod data;
+pub mod distill;
 pub mod engine;
 pub mod error;
 pub mod eval;
@@ -30,7 +31,7 @@ mod module_graph {
     use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
 
-    const TASKS: &[&str] = &["commands", "run", "teacher", "student"];
+    const TASKS: &[&str] = &["commands", "run", "teacher", "student", "distill"];
     const ENGINE: &str = "engine";
 
     /// Top-level module → the top-level modules its files name as `crate::X`.

@@ -25,12 +25,15 @@ use kiln_models::yolo::predict::{Detection, PredictOptions};
 use kiln_models::yolo::{Task, YoloConfig, YoloV8};
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashMap;
+
 use crate::augment::AugmentConfig;
 use crate::data::{EpochCounter, TrainBatcher, TrainDataset, ValDataset, val_batcher};
+use crate::distill::{DistillConfig, TeacherData};
 use crate::engine::{FitSettings, TrainTask, Validation, Verbosity};
 use crate::error::{AtPath, TrainError};
 use crate::eval::{CocoEvaluation, CocoResult, IouType, evaluate};
-use crate::loss::{LossConfig, LossParts};
+use crate::loss::{DistillLoss, LossConfig, LossParts};
 use crate::optim::{
     OptimizerChoice, OptimizerKind, WarmupLinearSchedule, bias_group, build_optimizer, choose_optimizer,
 };
@@ -72,6 +75,10 @@ pub struct StudentConfig {
     pub classes: Vec<String>,
     /// Category id per class index, from the dataset.
     pub category_ids: Vec<u64>,
+    /// Distillation's weights and teacher-label settings, when the student learns from teachers
+    /// (`configs/distill.yaml`; absent from a supervised run's config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
 }
 
 impl Default for StudentConfig {
@@ -117,13 +124,13 @@ impl crate::engine::EpochRecord for EpochRecord {
     const CSV_HEADER: &'static str = "epoch,train/box_loss,train/seg_loss,train/cls_loss,train/dfl_loss,\
 metrics/precision(B),metrics/recall(B),metrics/mAP50(B),metrics/mAP50-95(B),\
 metrics/precision(M),metrics/recall(M),metrics/mAP50(M),metrics/mAP50-95(M),\
-val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds";
+val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds,train/distill_logit_loss,train/distill_mask_loss";
 
     fn csv_row(&self) -> String {
         let t = &self.train;
         let v = &self.val;
         format!(
-            "{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.6},{:.1}",
+            "{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.6},{:.1},{:.5},{:.5}",
             self.epoch,
             t.box_loss,
             t.seg_loss,
@@ -142,7 +149,9 @@ val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds";
             v.cls_loss,
             v.dfl_loss,
             self.lr,
-            self.seconds
+            self.seconds,
+            t.distill_logit_loss,
+            t.distill_mask_loss
         )
     }
 }
@@ -172,6 +181,15 @@ pub struct TrainOptions {
 
 /// Trains a student. The run directory must be new (or `resume` set, to continue it).
 pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSummary, TrainError> {
+    train_student_with(options, data, None)
+}
+
+/// Trains a student on its labelled data and, with `teachers`, on what the teachers add.
+pub fn train_student_with(
+    options: TrainOptions,
+    data: StudentData,
+    teachers: Option<TeacherData>,
+) -> Result<TrainSummary, TrainError> {
     let TrainOptions { config, output, device, resume, verbosity, stop_after_epochs } = options;
     let yolo_config: YoloConfig = config.model.parse().map_err(|e: String| TrainError::Config(e))?;
     let yolo_config = yolo_config.with_num_classes(config.classes.len());
@@ -194,12 +212,22 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
         serde_yaml::to_string(&config).map_err(|e| TrainError::Config(e.to_string()))?.as_bytes(),
     )?;
 
-    let train_source = Arc::new(CocoDetectionDataset::new(data.train.clone(), &data.train_images));
+    let (labelled_signals, unlabelled) = match teachers {
+        Some(t) => (t.labelled_signals, t.unlabelled),
+        None => (HashMap::new(), None),
+    };
+    let train_source =
+        Arc::new(CocoDetectionDataset::new(data.train.clone(), &data.train_images).with_signals(labelled_signals));
+    let mut train_sources = vec![train_source.clone()];
+    if let Some((dataset, images_dir, signals)) = unlabelled {
+        train_sources.push(Arc::new(CocoDetectionDataset::new(dataset, images_dir).with_signals(signals)));
+    }
+    let train_images: usize = train_sources.iter().map(|s| burn::data::dataset::Dataset::len(s.as_ref())).sum();
     let val_source = Arc::new(CocoDetectionDataset::new(data.val.clone(), &data.val_images));
     let epoch_counter = EpochCounter::default();
     let mask_downsample = masks.then_some(4);
     let train_dataset = TrainDataset::new(
-        train_source.clone(),
+        train_sources,
         config.augment,
         config.imgsz,
         mask_downsample,
@@ -211,7 +239,7 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
     if resume_from.is_none() {
         write_training_samples(&train_dataset, &config.classes, &output.join("train_batches.jpg"))?;
     }
-    let iterations_per_epoch = data.train.images.len().div_ceil(config.batch_size);
+    let iterations_per_epoch = train_images.div_ceil(config.batch_size);
     // The data loaders run on the training thread: batches then come in a fixed order, which makes
     // a resumed run equal to an uninterrupted one.
     let train_loader = DataLoaderBuilder::new(TrainBatcher { image_size: config.imgsz, mask_downsample })
@@ -232,9 +260,15 @@ pub fn train_student(options: TrainOptions, data: StudentData) -> Result<TrainSu
         None => yolo_config.init(&autodiff),
     };
     let initial_ema = burn::module::Module::valid(&yolo);
-    let student = Student { yolo, loss: config.loss, max_grad_norm: config.max_grad_norm };
+    let distill = config.distill.map(|d| DistillLoss {
+        teacher_labels: d.teacher_labels,
+        logit: d.logit,
+        temperature: d.temperature,
+        mask: d.mask,
+    });
+    let student = Student { yolo, loss: config.loss, distill, max_grad_norm: config.max_grad_norm };
     let accumulation = Accumulation::new(config.nbs, config.batch_size);
-    let samples = data.train.images.len();
+    let samples = train_images;
     let choice = choose_optimizer(
         config.optimizer,
         config.lr0,
@@ -409,7 +443,12 @@ impl TrainTask for StudentTask {
         live.seen += item.count;
         let mean = scale(live.sums, 1.0 / live.seen.max(1) as f32);
         let seg = if self.masks { format!(" seg {:.3}", mean.seg_loss) } else { String::new() };
-        Ok(format!("box {:.3} cls {:.3} dfl {:.3}{seg}", mean.box_loss, mean.cls_loss, mean.dfl_loss))
+        let distill = if self.config.distill.is_some() {
+            format!(" kd-logit {:.3} kd-mask {:.3}", mean.distill_logit_loss, mean.distill_mask_loss)
+        } else {
+            String::new()
+        };
+        Ok(format!("box {:.3} cls {:.3} dfl {:.3}{seg}{distill}", mean.box_loss, mean.cls_loss, mean.dfl_loss))
     }
 
     fn validate(
@@ -669,6 +708,8 @@ fn add(a: LossParts, b: LossParts, weight: f32) -> LossParts {
         cls_loss: a.cls_loss + b.cls_loss * weight,
         dfl_loss: a.dfl_loss + b.dfl_loss * weight,
         seg_loss: a.seg_loss + b.seg_loss * weight,
+        distill_logit_loss: a.distill_logit_loss + b.distill_logit_loss * weight,
+        distill_mask_loss: a.distill_mask_loss + b.distill_mask_loss * weight,
     }
 }
 

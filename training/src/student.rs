@@ -10,7 +10,7 @@ use kiln_data::batch::DetectionBatch;
 use kiln_models::yolo::YoloV8;
 
 use crate::engine::StepOutput;
-use crate::loss::{LossConfig, LossError, LossParts, Targets, yolo_loss};
+use crate::loss::{DistillLoss, LossConfig, LossError, LossParts, Targets, yolo_loss_distilled};
 use crate::optim::clip_global_norm;
 
 #[derive(Module, Debug)]
@@ -18,6 +18,9 @@ pub struct Student {
     pub yolo: YoloV8,
     #[module(skip)]
     pub loss: LossConfig,
+    /// Distillation weights, when the student learns from teachers.
+    #[module(skip)]
+    pub distill: Option<DistillLoss>,
     /// Largest global gradient norm (Ultralytics clips at 10).
     #[module(skip)]
     pub max_grad_norm: f32,
@@ -30,7 +33,7 @@ impl Student {
     /// Forward and loss of a batch, or the device's failure.
     pub fn loss(&self, batch: &DetectionBatch) -> Result<crate::loss::LossOutput, LossError> {
         let output = self.yolo.forward(batch.images.clone());
-        yolo_loss(&self.loss, &output, &Targets::from(batch))
+        yolo_loss_distilled(&self.loss, self.distill.as_ref(), &output, &Targets::from(batch))
     }
 }
 

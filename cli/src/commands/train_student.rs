@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 use kiln_training::commands::{StudentOverrides, TrainStudentRequest, render_train_summary, run_train_student};
+use kiln_training::distill::prepare::DistillRequest;
 use kiln_training::optim::OptimizerKind;
 
 use crate::common::{DeviceArg, StudentModelArg, open_device, run_output, value_name};
@@ -84,10 +85,32 @@ pub struct Args {
     /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
     #[arg(long)]
     pub resume: bool,
+    /// Distil teachers into the student: an experiment from `kiln train-teacher` (its `teachers/`
+    /// adapters decide what teaches: GroundingDINO -> boxes and class probabilities, SAM -> masks,
+    /// both -> the Grounded-SAM chain), or a trained kiln student (run directory or weights) as a
+    /// teacher of a smaller one. Loss weights: configs/distill.yaml, --set distill.KEY=VALUE.
+    /// Output then defaults to EXPERIMENT/student.
+    #[arg(long, value_name = "DIR")]
+    pub teachers: Option<PathBuf>,
+    /// Unlabelled images the teachers label (a directory, or a COCO JSON whose image list is used);
+    /// labels are computed once and cached beside the teachers.
+    #[arg(long, value_name = "DIR|FILE", requires = "teachers")]
+    pub unlabeled: Option<PathBuf>,
+    /// GroundingDINO base weights replacing the ones its adapter recorded.
+    #[arg(long, value_name = "FILE", requires = "teachers")]
+    pub gdino_weights: Option<PathBuf>,
+    /// SAM base weights replacing the ones its adapter recorded.
+    #[arg(long, value_name = "FILE", requires = "teachers")]
+    pub sam_weights: Option<PathBuf>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let output = run_output(args.output.as_deref(), args.resume, "runs/student", "run")?;
+    // Taught by an experiment's teachers, the student joins that experiment.
+    let default_output = match &args.teachers {
+        Some(dir) if dir.join("teachers").is_dir() => dir.join("student"),
+        _ => PathBuf::from("runs/student"),
+    };
+    let output = run_output(args.output.as_deref(), args.resume, &default_output.to_string_lossy(), "run")?;
     let device = open_device(args.device)?;
     let request = TrainStudentRequest {
         train: args.data.clone(),
@@ -109,6 +132,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             close_mosaic: args.close_mosaic,
             set: args.set.clone(),
         },
+        distill: args.teachers.as_ref().map(|teachers| DistillRequest {
+            teachers: teachers.clone(),
+            unlabeled: args.unlabeled.clone(),
+            grounding_dino_weights: args.gdino_weights.clone(),
+            sam_weights: args.sam_weights.clone(),
+        }),
     };
     println!("kiln train-student -> {}", output.display());
     let (config, summary) = run_train_student(&request, device, kiln_training::Verbosity::Progress)?;

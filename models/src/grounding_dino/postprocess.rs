@@ -30,6 +30,8 @@ pub struct GroundedBox {
     pub score: f32,
     /// Index of the phrase (class name) in the caption.
     pub phrase: usize,
+    /// Every phrase's score (its tokens' best probability), in phrase order; `phrase` is the best.
+    pub class_scores: Vec<f32>,
 }
 
 /// Boxes of one image from its `logits [Q, T]` and `boxes [Q, 4]`; `phrase_tokens` lists each
@@ -54,9 +56,8 @@ pub fn grounded_boxes(
         }
         let phrase_score =
             |tokens_of: &Vec<usize>| tokens_of.iter().filter(|&&t| t < tokens).map(|&t| row[t]).fold(0f32, f32::max);
-        let Some((phrase, score)) =
-            phrase_tokens.iter().enumerate().map(|(i, t)| (i, phrase_score(t))).max_by(|a, b| a.1.total_cmp(&b.1))
-        else {
+        let class_scores: Vec<f32> = phrase_tokens.iter().map(phrase_score).collect();
+        let Some((phrase, score)) = class_scores.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)) else {
             continue;
         };
         if score <= options.text_threshold {
@@ -68,6 +69,7 @@ pub fn grounded_boxes(
             bbox: [cx - bw / 2.0, cy - bh / 2.0, cx + bw / 2.0, cy + bh / 2.0],
             score: best,
             phrase,
+            class_scores,
         });
     }
     found.sort_by(|a, b| b.score.total_cmp(&a.score));

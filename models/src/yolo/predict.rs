@@ -41,6 +41,8 @@ pub struct Candidate {
     pub bbox: [f32; 4],
     pub score: f32,
     pub class_id: usize,
+    /// Every class's score at the anchor the detection came from (distillation reads them).
+    pub class_scores: Vec<f32>,
     pub coefficients: Vec<f32>,
 }
 
@@ -51,6 +53,8 @@ pub struct Detection {
     pub bbox: [f32; 4],
     pub score: f32,
     pub class_id: usize,
+    /// Every class's sigmoid score at the anchor the detection came from; `score` is the largest.
+    pub class_scores: Vec<f32>,
     /// The instance mask at the original image size (segmentation models).
     pub mask: Option<BinaryMask>,
 }
@@ -137,6 +141,7 @@ pub fn non_max_suppression(decoded: &[f32], nc: usize, anchors: usize, options: 
                 bbox: [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0],
                 score,
                 class_id,
+                class_scores: (0..nc).map(|c| at(4 + c, a)).collect(),
                 coefficients: (4 + nc..channels).map(|c| at(c, a)).collect(),
             })
         })
@@ -288,7 +293,13 @@ pub fn finish(
         .into_iter()
         .map(|c| {
             let mask = prototypes.map(|(p, size)| mask_to_original(&assemble_mask(&c, p, size, input), letterbox));
-            Detection { bbox: box_to_original(c.bbox, letterbox), score: c.score, class_id: c.class_id, mask }
+            Detection {
+                bbox: box_to_original(c.bbox, letterbox),
+                score: c.score,
+                class_id: c.class_id,
+                class_scores: c.class_scores,
+                mask,
+            }
         })
         .collect()
 }

@@ -11,6 +11,7 @@
 
 pub mod assigner;
 pub mod bbox;
+pub mod distill;
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -20,6 +21,8 @@ use serde::{Deserialize, Serialize};
 
 pub use assigner::{AssignerConfig, Assignment, GroundTruth, assign};
 use bbox::{ciou_tensor, distribution_focal_loss};
+pub use distill::DistillLoss;
+use kiln_data::batch::TeacherTargets;
 
 /// The strides of YOLOv8's three detection levels.
 pub const STRIDES: [usize; 3] = [8, 16, 32];
@@ -58,6 +61,8 @@ pub struct Targets {
     pub valid: Tensor<2>,
     /// `[B, M, H/4, W/4]` instance masks at the prototypes' resolution.
     pub masks: Option<Tensor<4>>,
+    /// Teacher signals per slot, when the batch has teacher labels or teacher masks.
+    pub teacher: Option<TeacherTargets>,
 }
 
 impl From<&DetectionBatch> for Targets {
@@ -67,6 +72,7 @@ impl From<&DetectionBatch> for Targets {
             classes: batch.classes.clone(),
             valid: batch.valid.clone(),
             masks: batch.masks.clone(),
+            teacher: batch.teacher.clone(),
         }
     }
 }
@@ -79,11 +85,17 @@ pub struct LossParts {
     pub dfl_loss: f32,
     /// Zero for detection models.
     pub seg_loss: f32,
+    /// Logit distillation (zero without teacher labels).
+    #[serde(default)]
+    pub distill_logit_loss: f32,
+    /// Mask distillation (zero without teacher masks).
+    #[serde(default)]
+    pub distill_mask_loss: f32,
 }
 
 impl LossParts {
     pub fn sum(&self) -> f32 {
-        self.box_loss + self.cls_loss + self.dfl_loss + self.seg_loss
+        self.box_loss + self.cls_loss + self.dfl_loss + self.seg_loss + self.distill_logit_loss + self.distill_mask_loss
     }
 }
 
@@ -159,6 +171,18 @@ pub struct BatchAssignment {
 
 /// The YOLOv8 loss of one batch.
 pub fn yolo_loss(config: &LossConfig, output: &HeadOutput, targets: &Targets) -> Result<LossOutput, LossError> {
+    yolo_loss_distilled(config, None, output, targets)
+}
+
+/// The YOLOv8 loss of one batch, and with `distill` and teacher signals in `targets`, the
+/// distillation terms: teacher labels learn with the teacher's class probabilities as soft class
+/// targets (times `teacher_labels`), and the logit and mask distillation terms are added.
+pub fn yolo_loss_distilled(
+    config: &LossConfig,
+    distill: Option<&DistillLoss>,
+    output: &HeadOutput,
+    targets: &Targets,
+) -> Result<LossOutput, LossError> {
     let device = output.levels[0].device();
     let [batch_size, channels, h0, w0] = output.levels[0].dims();
     let nc = channels - 4 * REG_MAX;
@@ -172,15 +196,39 @@ pub fn yolo_loss(config: &LossConfig, output: &HeadOutput, targets: &Targets) ->
     let (anchor_points, anchor_strides) = anchors(&level_sizes);
     let pred_boxes = decode_boxes(pred_dist.clone(), &anchor_points, &device); // grid units
 
-    let assignment =
+    let mut assignment =
         assign_batch(config, pred_scores.clone(), pred_boxes.clone(), targets, anchor_points, anchor_strides)?;
+    let teacher = distill.zip(targets.teacher.as_ref());
+    let max_objects = targets.boxes.dims()[1];
+    let anchor_weights = match teacher {
+        Some((weights, signals)) => {
+            distill::soften_targets(&mut assignment, signals, max_objects, nc, weights.teacher_labels)
+        }
+        None => None,
+    };
+    let logit = match teacher {
+        Some((weights, signals)) if weights.logit > 0.0 => {
+            distill::logit_distillation(pred_scores.clone(), &assignment, signals, max_objects, weights.temperature)?
+        }
+        _ => None,
+    };
     let mut target_scores = Vec::with_capacity(batch_size * num_anchors * nc);
     for a in &assignment.assignments {
         target_scores.extend_from_slice(&a.target_scores);
     }
-    let target_scores_sum = target_scores.iter().sum::<f32>().max(1.0);
+    let target_scores_sum = match &anchor_weights {
+        None => target_scores.iter().sum::<f32>(),
+        Some(w) => target_scores.chunks(nc).zip(w).map(|(row, w)| row.iter().sum::<f32>() * w).sum(),
+    }
+    .max(1.0);
     let target_scores = tensor_from(target_scores, [batch_size, num_anchors, nc], &device);
-    let cls = bce_with_logits(pred_scores, target_scores).sum() / target_scores_sum;
+    let cls = match &anchor_weights {
+        None => bce_with_logits(pred_scores.clone(), target_scores).sum() / target_scores_sum,
+        Some(w) => {
+            let w = tensor_from(w.clone(), [batch_size, num_anchors, 1], &device);
+            (bce_with_logits(pred_scores.clone(), target_scores) * w).sum() / target_scores_sum
+        }
+    };
 
     // Positive anchors, flattened over the batch, with their fixed targets in grid units.
     let mut positive = Vec::new();
@@ -194,7 +242,8 @@ pub fn yolo_loss(config: &LossConfig, output: &HeadOutput, targets: &Targets) ->
             let [ax, ay] = assignment.anchors[j];
             let limit = REG_MAX as f32 - 1.0 - 0.01;
             positive.push((b * num_anchors + j) as i64);
-            weights.push(a.target_scores[j * nc..(j + 1) * nc].iter().sum::<f32>());
+            let anchor_weight = anchor_weights.as_ref().map_or(1.0, |w| w[b * num_anchors + j]);
+            weights.push(a.target_scores[j * nc..(j + 1) * nc].iter().sum::<f32>() * anchor_weight);
             target_boxes.extend_from_slice(&gt);
             target_distances.push([ax - gt[0], ay - gt[1], gt[2] - ax, gt[3] - ay].map(|d| d.clamp(0.0, limit)));
         }
@@ -215,16 +264,36 @@ pub fn yolo_loss(config: &LossConfig, output: &HeadOutput, targets: &Targets) ->
     };
 
     let seg = match (&output.coefficients, &output.prototypes, &targets.masks) {
-        (Some(coefficients), Some(prototypes), Some(masks)) => {
-            Some(mask_loss(coefficients, prototypes.clone(), masks.clone(), &assignment, input_size, n)?)
-        }
+        (Some(coefficients), Some(prototypes), Some(masks)) => Some(mask_loss(
+            coefficients,
+            prototypes.clone(),
+            masks.clone(),
+            &assignment,
+            anchor_weights.as_deref(),
+            input_size,
+            n,
+        )?),
         (None, None, _) => None,
         _ => return Err(LossError::MasksMissing),
+    };
+
+    let mask_distillation = match (teacher, &output.coefficients, &output.prototypes) {
+        (Some((weights, signals)), Some(coefficients), Some(prototypes)) if weights.mask > 0.0 => {
+            distill::mask_distillation(coefficients, prototypes.clone(), &assignment, signals, max_objects, input_size)?
+        }
+        _ => None,
     };
 
     let mut total = box_loss.clone() * config.box_gain + cls.clone() * config.cls_gain + dfl.clone() * config.dfl_gain;
     if let Some(seg) = &seg {
         total = total + seg.clone() * config.box_gain;
+    }
+    let distill_gain = |pick: fn(&DistillLoss) -> f32| distill.map_or(0.0, pick);
+    if let Some(logit) = &logit {
+        total = total + logit.clone() * distill_gain(|d| d.logit);
+    }
+    if let Some(mask) = &mask_distillation {
+        total = total + mask.clone() * distill_gain(|d| d.mask);
     }
     let scalar = |t: Tensor<1>, gain: f32| -> Result<f32, LossError> { Ok(host_f32(t)?[0] * gain) };
     let parts = LossParts {
@@ -233,6 +302,14 @@ pub fn yolo_loss(config: &LossConfig, output: &HeadOutput, targets: &Targets) ->
         dfl_loss: scalar(dfl, config.dfl_gain)?,
         seg_loss: match seg {
             Some(s) => scalar(s, config.box_gain)?,
+            None => 0.0,
+        },
+        distill_logit_loss: match logit {
+            Some(l) => scalar(l, distill_gain(|d| d.logit))?,
+            None => 0.0,
+        },
+        distill_mask_loss: match mask_distillation {
+            Some(m) => scalar(m, distill_gain(|d| d.mask))?,
             None => 0.0,
         },
     };
@@ -302,6 +379,7 @@ fn mask_loss(
     prototypes: Tensor<4>,
     masks: Tensor<4>,
     assignment: &BatchAssignment,
+    anchor_weights: Option<&[f32]>,
     input_size: [usize; 2],
     positives: usize,
 ) -> Result<Tensor<1>, LossError> {
@@ -333,31 +411,43 @@ fn mask_loss(
         let image_prototypes = prototypes.clone().slice([b..b + 1, 0..nm, 0..mh, 0..mw]).reshape([nm, mh * mw]);
         let logits = image_coefficients.select(0, anchor_index).matmul(image_prototypes);
         let truth = masks.clone().slice([b..b + 1, 0..m, 0..mh, 0..mw]).reshape([m, mh * mw]).select(0, object_index);
-        // Inside the object's box (prototype pixels), divided by the pixel count and the box's
-        // area as a fraction of the image: the mean over the crop, favouring small objects.
-        let mut weight = vec![0f32; n * mh * mw];
-        for (i, &j) in anchors.iter().enumerate() {
-            let [x1, y1, x2, y2] = assignment.boxes[b][a.target_index[j]];
-            let (nx1, nx2) = (x1 / input_size[1] as f32, x2 / input_size[1] as f32);
-            let (ny1, ny2) = (y1 / input_size[0] as f32, y2 / input_size[0] as f32);
-            let area = (nx2 - nx1) * (ny2 - ny1);
-            let (cx1, cx2, cy1, cy2) = (nx1 * mw as f32, nx2 * mw as f32, ny1 * mh as f32, ny2 * mh as f32);
-            let value = 1.0 / ((mh * mw) as f32 * area);
-            for r in 0..mh {
-                let rf = r as f32;
-                if rf < cy1 || rf >= cy2 {
-                    continue;
-                }
-                for c in 0..mw {
-                    let cf = c as f32;
-                    if cf >= cx1 && cf < cx2 {
-                        weight[(i * mh + r) * mw + c] = value;
-                    }
-                }
+        let boxes: Vec<[f32; 4]> = anchors.iter().map(|&j| assignment.boxes[b][a.target_index[j]]).collect();
+        let mut weight = crop_weights(&boxes, input_size, [mh, mw]);
+        if let Some(anchor_weights) = anchor_weights {
+            for (row, &j) in weight.chunks_mut(mh * mw).zip(&anchors) {
+                let w = anchor_weights[b * num_anchors + j];
+                row.iter_mut().for_each(|v| *v *= w);
             }
         }
         let weight = tensor_from(weight, [n, mh * mw], &device);
         total = total + (bce_with_logits(logits, truth) * weight).sum();
     }
     Ok(total / positives.max(1) as f32)
+}
+
+/// Per box, `[mh * mw]` weights that are, inside the box (prototype pixels), one over the pixel
+/// count and the box's area as a fraction of the image (the mean over the crop, favouring small
+/// objects), and zero outside: Ultralytics' crop and normalisation of the mask loss.
+pub fn crop_weights(boxes: &[[f32; 4]], input_size: [usize; 2], [mh, mw]: [usize; 2]) -> Vec<f32> {
+    let mut weight = vec![0f32; boxes.len() * mh * mw];
+    for (i, &[x1, y1, x2, y2]) in boxes.iter().enumerate() {
+        let (nx1, nx2) = (x1 / input_size[1] as f32, x2 / input_size[1] as f32);
+        let (ny1, ny2) = (y1 / input_size[0] as f32, y2 / input_size[0] as f32);
+        let area = (nx2 - nx1) * (ny2 - ny1);
+        let (cx1, cx2, cy1, cy2) = (nx1 * mw as f32, nx2 * mw as f32, ny1 * mh as f32, ny2 * mh as f32);
+        let value = 1.0 / ((mh * mw) as f32 * area);
+        for r in 0..mh {
+            let rf = r as f32;
+            if rf < cy1 || rf >= cy2 {
+                continue;
+            }
+            for c in 0..mw {
+                let cf = c as f32;
+                if cf >= cx1 && cf < cx2 {
+                    weight[(i * mh + r) * mw + c] = value;
+                }
+            }
+        }
+    }
+    weight
 }
