@@ -175,13 +175,24 @@ pub fn run_train_student(
             data.train.class_names()
         )));
     }
+    let output_existed = request.output.exists();
     std::fs::create_dir_all(&request.output).at(&request.output)?;
     if !request.resume {
         crate::engine::write_metadata(&request.output.join("metadata.json"), request, &data, &summary, &config)?;
     }
     let teachers = match (&distill_request, &config.distill) {
         (Some(distill), Some(settings)) => {
-            let prepared = prepare_distillation(distill, settings, &data, &request.output, &device, verbosity)?;
+            let prepared = prepare_distillation(distill, settings, &data, &request.output, &device, verbosity);
+            let prepared = match prepared {
+                Ok(prepared) => prepared,
+                Err(error) => {
+                    // A new run whose teachers cannot teach leaves nothing behind.
+                    if !request.resume {
+                        remove_new_run(&request.output, output_existed);
+                    }
+                    return Err(error);
+                }
+            };
             for warning in &prepared.warnings {
                 eprintln!("warning: {warning}");
             }
@@ -203,6 +214,18 @@ pub fn run_train_student(
     };
     let summary = train_student_with(options, data, teachers)?;
     Ok((config, summary))
+}
+
+/// Removes what a new run wrote: the directory, or (when it existed, empty, before) its content.
+fn remove_new_run(output: &Path, existed: bool) {
+    if !existed {
+        let _ = std::fs::remove_dir_all(output);
+    } else if let Ok(entries) = std::fs::read_dir(output) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
 }
 
 /// The teachers a distilled run recorded in its `distillation_config.yaml`.
@@ -271,6 +294,56 @@ pub fn evaluate_student(
     let masks = if info.config.task == Task::Segment { Some(evaluate(data, &results, IouType::Segm)?) } else { None };
     Ok(Evaluation { boxes, masks, images: n, class_names: data.class_names() })
 }
+
+/// Teachers evaluated like a student (`kiln eval --teachers`): the chain on every image without
+/// ground-truth prompts (GroundingDINO's boxes prompting SAM), scored with the same COCO
+/// evaluation, so teacher and student figures compare. Returns the teacher in words too.
+pub fn evaluate_teachers(
+    request: &DistillRequest,
+    data: &CocoDataset,
+    images_dir: &Path,
+    device: &Device,
+    progress: &indicatif::ProgressBar,
+) -> Result<(String, Evaluation), TrainError> {
+    // Every box worth ranking, as the student's evaluation keeps every detection above 0.001.
+    let config = DistillConfig {
+        box_threshold: TEACHER_EVAL_THRESHOLD,
+        text_threshold: TEACHER_EVAL_THRESHOLD,
+        ..DistillConfig::default()
+    };
+    let weights = crate::distill::teacher::TeacherWeights {
+        grounding_dino: request.grounding_dino_weights.clone(),
+        sam: request.sam_weights.clone(),
+    };
+    let teacher =
+        crate::distill::teacher::open_teacher(&request.teachers, &data.class_names(), &config, &weights, device)?;
+    if !teacher.finds_objects() {
+        return Err(TrainError::Config(format!(
+            "{}: {} segments given boxes only, so it cannot be scored without prompts; its mask IoU on \
+             ground-truth boxes is in the teachers' results.csv",
+            request.teachers.display(),
+            teacher.describe()
+        )));
+    }
+    let evaluation =
+        evaluate_predictor(data, images_dir, &data.class_ids(), teacher.makes_masks(), progress, |image| {
+            let instances = teacher.label(image, &[]).map_err(|e| e.to_string())?;
+            Ok(instances
+                .into_iter()
+                .map(|i| kiln_models::yolo::predict::Detection {
+                    bbox: i.bbox.map(|v| v as f32),
+                    score: i.score,
+                    class_id: i.class,
+                    mask: i.mask.map(|rle| rle.decode()),
+                    class_scores: i.class_probs,
+                })
+                .collect())
+        })?;
+    Ok((teacher.describe(), evaluation))
+}
+
+/// The least teacher score `kiln eval --teachers` keeps.
+pub const TEACHER_EVAL_THRESHOLD: f32 = 0.01;
 
 /// The evaluation settings `kiln eval` uses (Ultralytics' validation: every detection above 0.001).
 pub const EVAL_PREDICT_OPTIONS: PredictOptions =

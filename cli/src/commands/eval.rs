@@ -5,10 +5,21 @@ use std::path::PathBuf;
 use crate::common::{DeviceArg, check_imgsz, load_student, open_device, progress_bar};
 
 #[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("evaluated").required(true).args(["model", "teachers"]))]
 pub struct Args {
     /// A run directory (uses weights/best.safetensors) or a student .safetensors file.
     #[arg(long, value_name = "DIR|FILE")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
+    /// Evaluate an experiment's teachers instead, the way they teach: GroundingDINO's boxes (from
+    /// the class names) prompting SAM, no ground-truth prompts, on the same COCO metric.
+    #[arg(long, value_name = "DIR")]
+    pub teachers: Option<PathBuf>,
+    /// GroundingDINO base weights replacing the ones its adapter recorded (with --teachers).
+    #[arg(long, value_name = "FILE", requires = "teachers")]
+    pub gdino_weights: Option<PathBuf>,
+    /// SAM base weights replacing the ones its adapter recorded (with --teachers).
+    #[arg(long, value_name = "FILE", requires = "teachers")]
+    pub sam_weights: Option<PathBuf>,
     /// COCO dataset to evaluate on (e.g. splits/val.json or splits/test.json).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
@@ -33,10 +44,28 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     check_imgsz(args.imgsz)?;
     let device = open_device(args.device)?;
-    let student = load_student(&args.model, args.int8, &device)?;
     let loaded = kiln_data::load_dataset(&args.data, args.images.as_deref())?;
     let mut data = loaded.dataset;
     kiln_data::repair(&mut data);
+    let Some(model) = &args.model else {
+        let request = kiln_training::distill::prepare::DistillRequest {
+            teachers: args.teachers.clone().expect("clap requires --model or --teachers"),
+            unlabeled: None,
+            grounding_dino_weights: args.gdino_weights.clone(),
+            sam_weights: args.sam_weights.clone(),
+        };
+        let (teacher, evaluation) = kiln_training::commands::evaluate_teachers(
+            &request,
+            &data,
+            &loaded.images_dir,
+            &device,
+            &progress_bar("images"),
+        )?;
+        println!("{teacher} on {}", args.data.display());
+        print!("{}", evaluation.render(&data));
+        return print_json(args, &evaluation);
+    };
+    let student = load_student(model, args.int8, &device)?;
     let evaluation = kiln_training::commands::evaluate_student(
         &student,
         &data,
@@ -48,6 +77,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     )?;
     println!("{} ({}) on {}", student.info().config, student.info().weights.display(), args.data.display());
     print!("{}", evaluation.render(&data));
+    print_json(args, &evaluation)
+}
+
+fn print_json(args: &Args, evaluation: &kiln_training::commands::Evaluation) -> anyhow::Result<()> {
     if args.json {
         let json = serde_json::json!({
             "box": {"map50": evaluation.boxes.ap50(), "map50_95": evaluation.boxes.ap(), "stats": evaluation.boxes.stats,

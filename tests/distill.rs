@@ -1,0 +1,285 @@
+//! Distillation end to end on small generated datasets: a run whose teachers add nothing is the
+//! supervised run, a trained student teaching a new one on unlabelled images beats the
+//! labels-only student, teacher labels are cached and reused, the saved student is the plain
+//! architecture, the Grounded-SAM chain labels and teaches, and bad teachers or images get clear
+//! errors.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use indicatif::ProgressBar;
+use kiln_data::coco::CocoDataset;
+use kiln_data::{SplitOptions, SynthLabels, SynthOptions, split, synthesize};
+use kiln_tests::Scratch;
+use kiln_training::Verbosity;
+use kiln_training::commands::{StudentOverrides, TrainStudentRequest, run_train_student};
+use kiln_training::distill::prepare::DistillRequest;
+use kiln_training::distill::teacher::{TeacherWeights, open_teacher};
+use kiln_training::distill::{DistillConfig, TeacherData};
+use kiln_training::run::{StudentConfig, TrainOptions, TrainSummary, train_student, train_student_with};
+use kiln_training::split::load_student_data;
+
+/// Burn's random generator is global to the process: trainings run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A synth set cut into `labelled.json`, `unlabelled.json` (its labels hidden from the student,
+/// used only by the teacher trained on everything) , `all.json` and `val.json`.
+struct Sets {
+    labelled: PathBuf,
+    unlabelled: PathBuf,
+    all: PathBuf,
+    val: PathBuf,
+    images: PathBuf,
+}
+
+fn sets(dir: &Path, images: usize, labelled: f64, size: u32) -> Sets {
+    let options = SynthOptions { images, classes: 3, size, labels: SynthLabels::Both, seed: 17, max_objects: 3 };
+    let out = synthesize(&options, &dir.join("synth"), &ProgressBar::hidden()).unwrap();
+    let spec = format!("train:{labelled},unlabelled:{},val:0.25", 0.75 - labelled).parse().unwrap();
+    let parts = split(&out.dataset, &SplitOptions { spec, ..SplitOptions::default() });
+    let save = |name: &str, positions: Vec<usize>| {
+        let path = dir.join(format!("synth/{name}.json"));
+        out.dataset.subset(&positions).save(&path).unwrap();
+        path
+    };
+    let (l, u) = (parts.part("train").unwrap().to_vec(), parts.part("unlabelled").unwrap().to_vec());
+    Sets {
+        all: save("all", l.iter().chain(&u).copied().collect()),
+        labelled: save("labelled", l),
+        unlabelled: save("unlabelled", u),
+        val: save("val", parts.part("val").unwrap().to_vec()),
+        images: dir.join("synth/images"),
+    }
+}
+
+fn config(data: &kiln_training::split::StudentData, epochs: usize, imgsz: u32) -> StudentConfig {
+    StudentConfig {
+        model: "yolov8n-seg".into(),
+        epochs,
+        batch_size: 8,
+        imgsz,
+        optimizer: kiln_training::optim::OptimizerKind::Adamw,
+        lr0: 0.003,
+        close_mosaic: 2,
+        classes: data.train.class_names(),
+        category_ids: data.train.class_ids(),
+        ..StudentConfig::default()
+    }
+}
+
+fn supervised(train: &Path, val: &Path, output: &Path, epochs: usize, imgsz: u32) -> TrainSummary {
+    let (data, _) = load_student_data(train, val, None).unwrap();
+    let options = TrainOptions {
+        config: config(&data, epochs, imgsz),
+        output: output.to_path_buf(),
+        device: Device::flex(),
+        resume: false,
+        verbosity: Verbosity::Quiet,
+        stop_after_epochs: None,
+    };
+    train_student(options, data).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `kiln train-student --teachers TEACHER --unlabeled UNLABELLED` as the CLI runs it.
+fn distilled(
+    sets: &Sets,
+    teacher: &Path,
+    unlabeled: &Path,
+    output: &Path,
+    epochs: usize,
+    imgsz: u32,
+    set: &[&str],
+) -> Result<TrainSummary, kiln_training::TrainError> {
+    let request = TrainStudentRequest {
+        train: sets.labelled.clone(),
+        val: sets.val.clone(),
+        images: None,
+        output: output.to_path_buf(),
+        resume: false,
+        device_name: "cpu".into(),
+        overrides: StudentOverrides {
+            model: Some("yolov8n-seg".into()),
+            epochs: Some(epochs),
+            batch_size: Some(8),
+            imgsz: Some(imgsz),
+            optimizer: Some(kiln_training::optim::OptimizerKind::Adamw),
+            lr0: Some(0.003),
+            close_mosaic: Some(2),
+            set: set.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        },
+        distill: Some(DistillRequest {
+            teachers: teacher.to_path_buf(),
+            unlabeled: Some(unlabeled.to_path_buf()),
+            ..Default::default()
+        }),
+    };
+    run_train_student(&request, Device::flex(), Verbosity::Quiet).map(|(_, summary)| summary)
+}
+
+/// A safetensors file's tensors by name (raw bytes; the header's key order is not fixed).
+fn tensors(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let o = v["data_offsets"].as_array().unwrap();
+            let (s, e) = (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize);
+            (k.clone(), bytes[8 + n + s..8 + n + e].to_vec())
+        })
+        .collect()
+}
+
+fn record(run: &Path) -> serde_yaml::Value {
+    serde_yaml::from_str(&std::fs::read_to_string(run.join("distillation_config.yaml")).unwrap()).unwrap()
+}
+
+/// The distillation machinery with nothing from teachers changes nothing: the same weights, bit
+/// for bit, as the supervised run.
+#[test]
+fn a_run_whose_teachers_add_nothing_is_the_supervised_run() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("distill-nothing");
+    let sets = sets(scratch.path(), 24, 0.5, 64);
+    let plain = supervised(&sets.labelled, &sets.val, &scratch.path().join("plain"), 2, 64);
+    let (data, _) = load_student_data(&sets.labelled, &sets.val, None).unwrap();
+    let mut with_distill = config(&data, 2, 64);
+    with_distill.distill = Some(DistillConfig::default());
+    let options = TrainOptions {
+        config: with_distill,
+        output: scratch.path().join("distilled"),
+        device: Device::flex(),
+        resume: false,
+        verbosity: Verbosity::Quiet,
+        stop_after_epochs: None,
+    };
+    let nothing = TeacherData { unlabelled: None, labelled_signals: Default::default() };
+    let taught = train_student_with(options, data, Some(nothing)).unwrap();
+    let a = tensors(&plain.last_weights);
+    let b = tensors(&taught.last_weights);
+    assert!(a.len() > 300);
+    assert!(a == b, "a run with empty teachers must end with the supervised run's weights");
+    assert_eq!(plain.history.len(), taught.history.len());
+    for (p, t) in plain.history.iter().zip(&taught.history) {
+        assert_eq!(p.train, t.train);
+        assert_eq!((t.train.distill_logit_loss, t.train.distill_mask_loss), (0.0, 0.0));
+    }
+}
+
+/// A yolov8n-seg trained on every label teaches a new yolov8n-seg that sees a few labels and the
+/// rest of the images unlabelled: the taught student beats the one trained on the few labels. The
+/// labels are computed once (a second run reuses all of them), written for the user, and the saved
+/// student is the plain architecture that `Detector` runs without any prompt.
+#[test]
+fn a_trained_student_teaches_a_new_one_on_unlabelled_images() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("distill-student");
+    let dir = scratch.path();
+    let (imgsz, epochs) = (IMGSZ, EPOCHS);
+    let sets = sets(dir, IMAGES, LABELLED, imgsz);
+    let teacher = supervised(&sets.all, &sets.val, &dir.join("teacher"), epochs, imgsz);
+    let labels_only = supervised(&sets.labelled, &sets.val, &dir.join("labels_only"), epochs, imgsz);
+    let taught = distilled(&sets, &dir.join("teacher"), &sets.unlabelled, &dir.join("taught"), epochs, imgsz, &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let figures = |s: &TrainSummary| (s.best.box_map50, s.best.mask_map50);
+    eprintln!(
+        "box / mask mAP50: teacher {:?}, labels only {:?}, taught {:?}",
+        figures(&teacher),
+        figures(&labels_only),
+        figures(&taught)
+    );
+    assert!(
+        taught.best.box_map50 >= labels_only.best.box_map50 + GAIN
+            && taught.best.mask_map50 >= labels_only.best.mask_map50 + GAIN,
+        "the taught student must beat the labels-only one by {GAIN}: taught {:?} vs {:?}",
+        figures(&taught),
+        figures(&labels_only)
+    );
+
+    let run = dir.join("taught");
+    for file in ["distillation_config.yaml", "student_config.yaml", "teacher_labels.json", "teacher_labels.jpg"] {
+        assert!(run.join(file).is_file(), "{file} is written");
+    }
+    let unlabelled = CocoDataset::load(&sets.unlabelled).unwrap().images.len();
+    let first = record(&run);
+    assert_eq!(first["labels_computed"].as_u64(), Some(unlabelled as u64), "{first:?}");
+    assert!(first["teacher_labels"].as_u64().unwrap() > 0);
+    let csv = std::fs::read_to_string(run.join("results.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with("train/distill_logit_loss,train/distill_mask_loss"));
+    let logit: f64 = csv.lines().nth(1).unwrap().split(',').nth(19).unwrap().parse().unwrap();
+    assert!(logit > 0.0, "the logit distillation is on: {csv}");
+
+    // The saved student has exactly the architecture's tensors and runs without prompts.
+    assert_eq!(
+        tensors(&taught.best_weights).keys().collect::<Vec<_>>(),
+        tensors(&labels_only.best_weights).keys().collect::<Vec<_>>()
+    );
+    let detector = kiln_models::Detector::load(&run, &Device::flex()).unwrap();
+    let image =
+        kiln_data::io::read_rgb_image(&sets.images.join(&CocoDataset::load(&sets.val).unwrap().images[0].file_name))
+            .unwrap();
+    detector.predict(&image).unwrap();
+
+    // Another run taught by the same teacher computes no label; a corrupt image among the
+    // unlabelled ones is skipped and counted.
+    let unlabeled_dir = dir.join("unlabeled");
+    std::fs::create_dir_all(&unlabeled_dir).unwrap();
+    for image in CocoDataset::load(&sets.unlabelled).unwrap().images {
+        std::fs::copy(sets.images.join(&image.file_name), unlabeled_dir.join(&image.file_name)).unwrap();
+    }
+    std::fs::write(unlabeled_dir.join("broken.jpg"), b"not a jpeg").unwrap();
+    distilled(&sets, &dir.join("teacher"), &unlabeled_dir, &dir.join("again"), 1, imgsz, &[]).unwrap();
+    let again = record(&dir.join("again"));
+    assert_eq!(again["labels_computed"].as_u64(), Some(0), "{again:?}");
+    assert_eq!(again["labels_reused"].as_u64(), Some(unlabelled as u64), "{again:?}");
+    let skipped = again["skipped"].as_sequence().unwrap();
+    assert_eq!(skipped.len(), 1);
+    assert!(skipped[0].as_str().unwrap().contains("broken.jpg"), "{skipped:?}");
+
+    // A teacher of other classes is refused, both lists shown.
+    let wrong = vec!["cat".to_string(), "dog".to_string()];
+    let error = open_teacher(
+        &dir.join("teacher"),
+        &wrong,
+        &DistillConfig::default(),
+        &TeacherWeights::default(),
+        &Device::flex(),
+    )
+    .err()
+    .expect("other classes are refused")
+    .to_string();
+    assert!(error.contains("circle") && error.contains("cat"), "{error}");
+}
+
+/// Sizes of the student-teaches-student experiment (64 px images keep it a few minutes on 2 cores).
+const IMAGES: usize = 96;
+const LABELLED: f64 = 0.1;
+const IMGSZ: u32 = 64;
+const EPOCHS: usize = 20;
+const GAIN: f64 = 0.05;
+
+/// Teachers that are not there or cannot teach are clear errors, and nothing is left behind.
+#[test]
+fn missing_teachers_are_clear_errors() {
+    let scratch = Scratch::new("distill-errors");
+    let dir = scratch.path();
+    let sets = sets(dir, 12, 0.5, 64);
+    std::fs::create_dir_all(dir.join("experiment/teachers")).unwrap();
+    let error = distilled(&sets, &dir.join("experiment"), &sets.unlabelled, &dir.join("run"), 1, 64, &[])
+        .err()
+        .expect("no adapters, no teacher")
+        .to_string();
+    assert!(error.contains("kiln train-teacher"), "{error}");
+    let error = distilled(&sets, &dir.join("nowhere"), &sets.unlabelled, &dir.join("run2"), 1, 64, &[])
+        .err()
+        .expect("no directory, no teacher")
+        .to_string();
+    assert!(error.contains("nowhere"), "{error}");
+    assert!(!dir.join("run").exists() && !dir.join("run2").exists(), "a run that cannot start leaves nothing");
+}
