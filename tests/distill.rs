@@ -283,3 +283,54 @@ fn missing_teachers_are_clear_errors() {
     assert!(error.contains("nowhere"), "{error}");
     assert!(!dir.join("run").exists() && !dir.join("run2").exists(), "a run that cannot start leaves nothing");
 }
+
+/// The Grounded-SAM chain: tiny GroundingDINO and SAM teachers fine-tuned with LoRA by `kiln
+/// train-teacher` (GroundingDINO from a random base, SAM from the small pretrained base of the SAM
+/// tests) label the unlabelled images (GroundingDINO's boxes from the class names prompting SAM)
+/// and segment the labelled images' boxes; the student learns from both, with the mask
+/// distillation on. Thresholds at 0 so that the untrained GroundingDINO still proposes boxes.
+#[test]
+fn grounded_sam_teachers_label_segment_and_teach() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("distill-chain");
+    let dir = scratch.path();
+    let sets = sets(dir, 24, 0.375, 128);
+    let base = dir.join("gdino_base.safetensors");
+    let device = Device::flex();
+    device.seed(11);
+    kiln_models::grounding_dino::GroundingDinoConfig::tiny().init(&device).save(&base, &[], true).unwrap();
+    let overrides = kiln_training::teacher::TeacherOverrides {
+        gdino: Some("tiny".into()),
+        gdino_weights: Some(base),
+        image_size: Some(128),
+        sam: Some("tiny".into()),
+        sam_weights: Some(kiln_tests::fixture("sam/tiny_pretrained_shapes.safetensors")),
+        lora_r: Some(2),
+        epochs: Some(1),
+        batch_size: Some(4),
+        ..Default::default()
+    };
+    let experiment = dir.join("experiment");
+    let request = kiln_tests::teacher_request(&sets.labelled, &sets.val, &experiment, overrides);
+    kiln_training::teacher::run_train_teacher(&request, Device::flex(), Verbosity::Quiet).unwrap();
+
+    let set = ["distill.box_threshold=0.0", "distill.text_threshold=0.0", "distill.max_labels=3"];
+    let summary = distilled(&sets, &experiment, &sets.unlabelled, &experiment.join("student"), 1, 64, &set)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(summary.history.len(), 1);
+    let run = experiment.join("student");
+    let record = record(&run);
+    let teacher = record["teacher"].as_str().unwrap();
+    assert!(teacher.contains("GroundingDINO") && teacher.contains("SAM"), "{teacher}");
+    let unlabelled = CocoDataset::load(&sets.unlabelled).unwrap().images.len() as u64;
+    assert_eq!(record["unlabelled_images"].as_u64(), Some(unlabelled));
+    assert!(record["teacher_labels"].as_u64().unwrap() > 0, "{record:?}");
+    let labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("teacher_labels.json")).unwrap()).unwrap();
+    let annotations = labels["annotations"].as_array().unwrap();
+    assert!(!annotations.is_empty() && annotations.len() <= 3 * unlabelled as usize);
+    assert!(annotations.iter().all(|a| a["segmentation"]["counts"].is_string()), "SAM masks every box");
+    let row = summary.history[0].train;
+    assert!(row.distill_mask_loss > 0.0, "mask distillation from SAM's probabilities: {row:?}");
+    assert!(row.distill_logit_loss > 0.0, "logit distillation from GroundingDINO's probabilities: {row:?}");
+}

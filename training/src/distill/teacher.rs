@@ -392,6 +392,9 @@ impl Teacher for GroundedSam {
                 instance.mask = mask;
                 instance.soft_mask = soft_mask;
             }
+            // A box SAM finds no object in is dropped: a segmentation student would learn an
+            // empty mask there.
+            instances.retain(|i| i.mask.is_some());
         }
         Ok(instances)
     }
@@ -640,6 +643,10 @@ impl Teacher for StudentTeacher {
             .into_iter()
             .filter_map(|d| {
                 let bbox = clip_box(d.bbox.map(|v| v as f64), w, h)?;
+                // A segmenting teacher's detection without mask pixels would teach an empty mask.
+                if self.segments && d.mask.as_ref().is_none_or(|m| m.area() == 0) {
+                    return None;
+                }
                 Some(TeacherInstance {
                     class: d.class_id,
                     class_probs: d.class_scores,
