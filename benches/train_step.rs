@@ -3,14 +3,19 @@
 //! Baseline: the same step in PyTorch with Ultralytics' loss on this machine
 //! (`benches/train_step_baseline.py`; numbers in the README).
 //!
+//! The same step distilled (`distilled_*`): every object a teacher label with class probabilities
+//! and mask probabilities, so the soft targets, the logit and the mask distillation all run: its
+//! cost over the supervised step is what distillation adds per step.
+//!
 //! `cargo bench -p kiln-benches --features models --bench train_step`
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
+use kiln_data::batch::TeacherTargets;
 use kiln_models::YoloConfig;
-use kiln_training::loss::{LossConfig, Targets, yolo_loss};
+use kiln_training::loss::{DistillLoss, LossConfig, Targets, yolo_loss_distilled};
 use kiln_training::optim::{OptimizerChoice, OptimizerKind, build_optimizer};
 
 const BATCH: usize = 8;
@@ -43,7 +48,8 @@ fn targets(device: &Device) -> (Tensor<4>, Targets) {
         boxes: Tensor::from_data(TensorData::new(boxes, [BATCH, m, 4]), device),
         classes: Tensor::<2, Int>::from_data(TensorData::new(classes, [BATCH, m]), device),
         valid: Tensor::ones([BATCH, m], device),
-        masks: Some(Tensor::from_data(TensorData::new(masks, [BATCH, m, ms, ms]), device)),
+        masks: Some(Tensor::from_data(TensorData::new(masks.clone(), [BATCH, m, ms, ms]), device)),
+        teacher: None,
     };
     (images, targets)
 }
@@ -56,22 +62,39 @@ fn benches(c: &mut Criterion) {
     let mut optimizer = build_optimizer(&choice, 5e-4);
     let (images, targets) = targets(&device);
     let loss_config = LossConfig::default();
+    // Every object as a teacher's: soft class probabilities and its mask as probabilities.
+    let (m, ms) = (3, SIZE / 4);
+    let masks = kiln_models::device::read_floats(targets.masks.clone().unwrap()).unwrap();
+    let teacher = TeacherTargets {
+        class_probs: (0..BATCH * m)
+            .map(|i| Some((0..3).map(|c| if c == i % 3 { 0.8 } else { 0.1 }).collect()))
+            .collect(),
+        soft_masks: (0..BATCH * m)
+            .map(|i| Some(masks[i * ms * ms..(i + 1) * ms * ms].iter().map(|&v| 0.1 + 0.8 * v).collect()))
+            .collect(),
+    };
+    let distilled_targets = Targets { teacher: Some(teacher), ..targets.clone() };
+    let distill = DistillLoss { teacher_labels: 1.0, logit: 1.0, temperature: 2.0, mask: 1.0 };
     let mut group = c.benchmark_group("yolov8n_seg_train_step");
     group.sample_size(10);
-    group.bench_function("flex_batch8_320", |b| {
-        b.iter(|| {
-            let output = model.forward(images.clone());
-            let loss = yolo_loss(&loss_config, &output, &targets).unwrap();
-            let grads = GradientsParams::from_grads(loss.total.backward(), &model);
-            model = optimizer.step(
-                burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(0.01),
-                model.clone(),
-                grads,
-            );
-            // Wait for the update: read one weight back.
-            let _: f32 = Module::valid(&model).stem.conv.weight.val().sum().into_scalar();
-        })
-    });
+    for (name, targets, distill) in
+        [("flex_batch8_320", &targets, None), ("distilled_flex_batch8_320", &distilled_targets, Some(&distill))]
+    {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let output = model.forward(images.clone());
+                let loss = yolo_loss_distilled(&loss_config, distill, &output, targets).unwrap();
+                let grads = GradientsParams::from_grads(loss.total.backward(), &model);
+                model = optimizer.step(
+                    burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(0.01),
+                    model.clone(),
+                    grads,
+                );
+                // Wait for the update: read one weight back.
+                let _: f32 = Module::valid(&model).stem.conv.weight.val().sum().into_scalar();
+            })
+        });
+    }
     group.finish();
 }
 
