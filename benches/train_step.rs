@@ -72,6 +72,7 @@ fn benches(c: &mut Criterion) {
         soft_masks: (0..BATCH * m)
             .map(|i| Some(masks[i * ms * ms..(i + 1) * ms * ms].iter().map(|&v| 0.1 + 0.8 * v).collect()))
             .collect(),
+        features: None,
     };
     let distilled_targets = Targets { teacher: Some(teacher), ..targets.clone() };
     let distill = DistillLoss { teacher_labels: 1.0, logit: 1.0, temperature: 2.0, mask: 1.0 };

@@ -159,7 +159,12 @@ fn a_run_whose_teachers_add_nothing_is_the_supervised_run() {
         verbosity: Verbosity::Quiet,
         stop_after_epochs: None,
     };
-    let nothing = TeacherData { unlabelled: None, labelled_signals: Default::default() };
+    let nothing = TeacherData {
+        unlabelled: None,
+        labelled_signals: Default::default(),
+        labelled_features: Default::default(),
+        feature_channels: None,
+    };
     let taught = train_student_with(options, data, Some(nothing)).unwrap();
     let a = tensors(&plain.last_weights);
     let b = tensors(&taught.last_weights);
@@ -211,7 +216,12 @@ fn a_trained_student_teaches_a_new_one_on_unlabelled_images() {
     assert_eq!(first["labels_computed"].as_u64(), Some(unlabelled as u64), "{first:?}");
     assert!(first["teacher_labels"].as_u64().unwrap() > 0);
     let csv = std::fs::read_to_string(run.join("results.csv")).unwrap();
-    assert!(csv.lines().next().unwrap().ends_with("train/distill_logit_loss,train/distill_mask_loss"));
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with("train/distill_logit_loss,train/distill_mask_loss,train/distill_feature_loss")
+    );
     let logit: f64 = csv.lines().nth(1).unwrap().split(',').nth(19).unwrap().parse().unwrap();
     assert!(logit > 0.0, "the logit distillation is on: {csv}");
 

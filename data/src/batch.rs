@@ -76,6 +76,81 @@ pub struct DetectionItem {
     pub image_id: u64,
     pub image: RgbImage,
     pub instances: Vec<InstanceLabel>,
+    /// A teacher's feature map of the image (feature distillation).
+    pub features: Option<Arc<FeatureMap>>,
+}
+
+/// A teacher's feature map of an image: `channels x height x width` (row-major per channel) on a
+/// grid covering `region` (`x1, y1, x2, y2`, original pixels; it may reach past the image where the
+/// teacher pads it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureMap {
+    pub channels: u32,
+    pub width: u32,
+    pub height: u32,
+    pub region: [f64; 4],
+    pub data: Vec<f32>,
+}
+
+/// The file format of a [`FeatureMap`]: this tag, then channels, width, height (u32), the region
+/// (4 x f64), the values (f32), all little-endian.
+const FEATURE_MAP_TAG: &[u8; 8] = b"kilnfm01";
+
+impl FeatureMap {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(8 + 12 + 32 + 4 * self.data.len());
+        bytes.extend_from_slice(FEATURE_MAP_TAG);
+        for v in [self.channels, self.width, self.height] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in self.region {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in &self.data {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        bytes
+    }
+
+    /// Reads [`FeatureMap::to_bytes`]'s format; anything else is an error naming `path`.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let bad = |what: &str| DataError::invalid(path, format!("not a kiln feature map: {what}"));
+        if bytes.len() < 52 || &bytes[..8] != FEATURE_MAP_TAG {
+            return Err(bad("wrong header"));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+        let f64_at = |i: usize| f64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        let (channels, width, height) = (u32_at(8), u32_at(12), u32_at(16));
+        let region = [f64_at(20), f64_at(28), f64_at(36), f64_at(44)];
+        let values = channels as usize * width as usize * height as usize;
+        if bytes.len() != 52 + 4 * values {
+            return Err(bad(&format!("{} bytes for {channels} x {height} x {width} values", bytes.len())));
+        }
+        let data = bytes[52..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        Ok(Self { channels, width, height, region, data })
+    }
+
+    /// All channels at original-image point `(x, y)` (bilinear between cell centres), or `None`
+    /// outside the region.
+    pub fn sample(&self, x: f64, y: f64, out: &mut [f32]) -> bool {
+        let [x1, y1, x2, y2] = self.region;
+        if self.width == 0 || self.height == 0 || x < x1 || x >= x2 || y < y1 || y >= y2 {
+            return false;
+        }
+        let (w, h) = (self.width as usize, self.height as usize);
+        let gx = ((x - x1) / (x2 - x1) * w as f64 - 0.5).clamp(0.0, (w - 1) as f64);
+        let gy = ((y - y1) / (y2 - y1) * h as f64 - 0.5).clamp(0.0, (h - 1) as f64);
+        let (ix, iy) = (gx.floor() as usize, gy.floor() as usize);
+        let (jx, jy) = ((ix + 1).min(w - 1), (iy + 1).min(h - 1));
+        let (fx, fy) = ((gx - ix as f64) as f32, (gy - iy as f64) as f32);
+        let weights = [(1.0 - fx) * (1.0 - fy), fx * (1.0 - fy), (1.0 - fx) * fy, fx * fy];
+        let cells = [iy * w + ix, iy * w + jx, jy * w + ix, jy * w + jx];
+        for (c, value) in out.iter_mut().enumerate().take(self.channels as usize) {
+            let plane = &self.data[c * w * h..(c + 1) * w * h];
+            *value = cells.iter().zip(&weights).map(|(&cell, &weight)| plane[cell] * weight).sum();
+        }
+        true
+    }
 }
 
 /// A COCO dataset whose images are read from `images_dir` on demand. Crowd regions and instances
@@ -87,6 +162,8 @@ pub struct CocoDetectionDataset {
     class_index: HashMap<u64, usize>,
     /// Teacher signals by annotation id.
     signals: HashMap<u64, TeacherSignal>,
+    /// Teacher feature map files by image id, read with the image.
+    features: HashMap<u64, PathBuf>,
 }
 
 impl CocoDetectionDataset {
@@ -99,7 +176,14 @@ impl CocoDetectionDataset {
             annotations_by_image,
             class_index,
             signals: HashMap::new(),
+            features: HashMap::new(),
         }
+    }
+
+    /// The same dataset with a teacher's feature map files (by image id), read with each image.
+    pub fn with_features(mut self, features: HashMap<u64, PathBuf>) -> Self {
+        self.features = features;
+        self
     }
 
     /// The same dataset with a teacher's signals attached to its annotations (by annotation id).
@@ -173,7 +257,14 @@ impl CocoDetectionDataset {
                 teacher: self.signals.get(&annotation.id).cloned(),
             });
         }
-        Ok(DetectionItem { image_id: info.id, image, instances })
+        let features = match self.features.get(&info.id) {
+            Some(file) => {
+                let bytes = std::fs::read(file).map_err(|e| DataError::invalid(file, format!("cannot read: {e}")))?;
+                Some(Arc::new(FeatureMap::from_bytes(&bytes, file)?))
+            }
+            None => None,
+        };
+        Ok(DetectionItem { image_id: info.id, image, instances, features })
     }
 }
 
@@ -219,6 +310,19 @@ pub struct TeacherTargets {
     pub class_probs: Vec<Option<Vec<f32>>>,
     /// The teacher's mask probabilities at the masks' resolution (`S/d x S/d`, row-major).
     pub soft_masks: Vec<Option<Vec<f32>>>,
+    /// The teacher's feature maps on the student's feature grid, when its images have them.
+    pub features: Option<BatchFeatures>,
+}
+
+/// Teacher features of a batch on a `grid x grid` cell grid of the input (one cell per `stride`
+/// pixels): `[B, channels, grid, grid]` values and `[B, grid, grid]` 1 where a teacher feature
+/// lies under the cell, 0 elsewhere (padding, images without features).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchFeatures {
+    pub channels: usize,
+    pub grid: usize,
+    pub values: Vec<f32>,
+    pub valid: Vec<f32>,
 }
 
 /// Turns [`DetectionItem`]s into a [`DetectionBatch`] at a square input size. `M` is the largest

@@ -55,6 +55,24 @@ pub struct TrainSample {
     /// Per box, what its teacher says, moved as the pixels are (empty when no instance has a
     /// teacher signal).
     pub signals: Vec<Option<PlacedSignal>>,
+    /// The teachers' feature maps moved as the pixels are, on the student's feature grid (one
+    /// cell per [`FEATURE_STRIDE`] pixels), when any image has one.
+    pub features: Option<PlacedFeatures>,
+}
+
+/// The student level feature distillation teaches: P4, one cell per 16 input pixels (the neck's
+/// middle level: fine enough for small objects, coarse enough to match teacher embeddings such as
+/// SAM's, one cell per 16 pixels of its input).
+pub const FEATURE_STRIDE: u32 = 16;
+
+/// Teacher features on a `grid x grid` grid: `[channels, grid, grid]` values, and per cell 1 where a
+/// teacher feature lies under it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacedFeatures {
+    pub channels: usize,
+    pub grid: usize,
+    pub values: Vec<f32>,
+    pub valid: Vec<f32>,
 }
 
 /// A teacher signal in a training sample: the class probabilities, and the mask probabilities at
@@ -168,7 +186,8 @@ pub fn augment(
         adjust_hsv(&mut image, hsv);
     }
 
-    let mut sample = TrainSample { image, boxes: Vec::new(), masks: Vec::new(), signals: Vec::new() };
+    let features = place_features(items, &placements, size);
+    let mut sample = TrainSample { image, boxes: Vec::new(), masks: Vec::new(), signals: Vec::new(), features };
     let any_signal = items.iter().any(|item| item.instances.iter().any(|i| i.teacher.is_some()));
     for (item, placement) in items.iter().zip(&placements) {
         for instance in &item.instances {
@@ -190,6 +209,43 @@ pub fn augment(
         }
     }
     Ok(sample)
+}
+
+/// The items' teacher feature maps through their placements, sampled at each grid cell's centre
+/// mapped back to the original image (cells of an item's visible part only).
+fn place_features(items: &[DetectionItem], placements: &[Placement], size: u32) -> Option<PlacedFeatures> {
+    let channels = items.iter().filter_map(|i| i.features.as_ref()).map(|f| f.channels as usize).max()?;
+    let grid = size.div_ceil(FEATURE_STRIDE) as usize;
+    let stride = FEATURE_STRIDE as f64;
+    let mut placed =
+        PlacedFeatures { channels, grid, values: vec![0.0; channels * grid * grid], valid: vec![0.0; grid * grid] };
+    let mut cell = vec![0f32; channels];
+    for (item, placement) in items.iter().zip(placements) {
+        let Some(features) = item.features.as_ref().filter(|f| f.channels as usize == channels) else {
+            continue;
+        };
+        let v = placement.visible;
+        for gy in 0..grid {
+            let cy = (gy as f64 + 0.5) * stride;
+            if cy < v[1] || cy > v[3] || cy > size as f64 {
+                continue;
+            }
+            for gx in 0..grid {
+                let cx = (gx as f64 + 0.5) * stride;
+                if cx < v[0] || cx > v[2] || cx > size as f64 {
+                    continue;
+                }
+                let (x, y) = ((cx - placement.ox) / placement.sx, (cy - placement.oy) / placement.sy);
+                if features.sample(x, y, &mut cell) {
+                    for (c, &value) in cell.iter().enumerate() {
+                        placed.values[(c * grid + gy) * grid + gx] = value;
+                    }
+                    placed.valid[gy * grid + gx] = 1.0;
+                }
+            }
+        }
+    }
+    Some(placed)
 }
 
 /// The teacher's mask probabilities through the placement's map, at `1 / d` of the output:
@@ -441,6 +497,7 @@ mod tests {
         }
         DetectionItem {
             image_id: 1,
+            features: None,
             image,
             instances: boxes
                 .iter()

@@ -157,7 +157,9 @@ pub fn run_train_student(
     };
     // A resumed distilled run finds its teachers in its own record unless they are given again.
     let distill_request = match (&request.distill, request.resume, config.distill.is_some()) {
-        (Some(given), _, _) => Some(given.clone()),
+        (Some(given), _, _) => {
+            Some(DistillRequest { images: given.images.clone().or_else(|| request.images.clone()), ..given.clone() })
+        }
         (None, true, true) => Some(recorded_distill_request(&request.output)?),
         _ => None,
     };
@@ -238,7 +240,7 @@ fn recorded_distill_request(run_dir: &Path) -> Result<DistillRequest, TrainError
     let path_of = |key: &str| record.get(key).and_then(|v| v.as_str()).map(PathBuf::from);
     let teachers = path_of("teachers_dir")
         .ok_or_else(|| TrainError::Config(format!("{}: no teachers_dir: pass --teachers again", path.display())))?;
-    Ok(DistillRequest { teachers, unlabeled: path_of("unlabeled"), ..Default::default() })
+    Ok(DistillRequest { teachers, unlabeled: path_of("unlabeled"), images: path_of("images"), ..Default::default() })
 }
 
 /// Loads `path` (a run directory, its `weights/best.safetensors`, or a kiln `.safetensors` file)

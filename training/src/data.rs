@@ -9,7 +9,9 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::{Dataset, DatasetError};
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln_data::Letterbox;
-use kiln_data::batch::{CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, TeacherTargets};
+use kiln_data::batch::{
+    BatchFeatures, CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, TeacherTargets,
+};
 use kiln_data::rng::SeededRng;
 
 use crate::augment::{AugmentConfig, TrainSample, augment};
@@ -151,8 +153,29 @@ impl Batcher<TrainSample, DetectionBatch> for TrainBatcher {
                 }
             }
         }
-        let teacher = items.iter().any(|i| !i.signals.is_empty()).then(|| {
-            let mut targets = TeacherTargets { class_probs: vec![None; b * m], soft_masks: vec![None; b * m] };
+        let features = items.iter().filter_map(|i| i.features.as_ref()).map(|f| (f.channels, f.grid)).max();
+        let teacher = (items.iter().any(|i| !i.signals.is_empty()) || features.is_some()).then(|| {
+            let mut targets = TeacherTargets {
+                class_probs: vec![None; b * m],
+                soft_masks: vec![None; b * m],
+                features: features.map(|(channels, grid)| BatchFeatures {
+                    channels,
+                    grid,
+                    values: vec![0.0; b * channels * grid * grid],
+                    valid: vec![0.0; b * grid * grid],
+                }),
+            };
+            if let Some(batch) = targets.features.as_mut() {
+                let (plane, cells) = (batch.channels * batch.grid * batch.grid, batch.grid * batch.grid);
+                for (bi, item) in items.iter().enumerate() {
+                    if let Some(f) =
+                        item.features.as_ref().filter(|f| f.channels == batch.channels && f.grid == batch.grid)
+                    {
+                        batch.values[bi * plane..(bi + 1) * plane].copy_from_slice(&f.values);
+                        batch.valid[bi * cells..(bi + 1) * cells].copy_from_slice(&f.valid);
+                    }
+                }
+            }
             for (bi, item) in items.iter().enumerate() {
                 for (mi, signal) in item.signals.iter().enumerate() {
                     if let Some(signal) = signal {

@@ -124,13 +124,13 @@ impl crate::engine::EpochRecord for EpochRecord {
     const CSV_HEADER: &'static str = "epoch,train/box_loss,train/seg_loss,train/cls_loss,train/dfl_loss,\
 metrics/precision(B),metrics/recall(B),metrics/mAP50(B),metrics/mAP50-95(B),\
 metrics/precision(M),metrics/recall(M),metrics/mAP50(M),metrics/mAP50-95(M),\
-val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds,train/distill_logit_loss,train/distill_mask_loss";
+val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds,train/distill_logit_loss,train/distill_mask_loss,train/distill_feature_loss";
 
     fn csv_row(&self) -> String {
         let t = &self.train;
         let v = &self.val;
         format!(
-            "{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.6},{:.1},{:.5},{:.5}",
+            "{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.6},{:.1},{:.5},{:.5},{:.5}",
             self.epoch,
             t.box_loss,
             t.seg_loss,
@@ -151,7 +151,8 @@ val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds,train/distill_log
             self.lr,
             self.seconds,
             t.distill_logit_loss,
-            t.distill_mask_loss
+            t.distill_mask_loss,
+            t.distill_feature_loss
         )
     }
 }
@@ -212,15 +213,22 @@ pub fn train_student_with(
         serde_yaml::to_string(&config).map_err(|e| TrainError::Config(e.to_string()))?.as_bytes(),
     )?;
 
-    let (labelled_signals, unlabelled) = match teachers {
-        Some(t) => (t.labelled_signals, t.unlabelled),
-        None => (HashMap::new(), None),
+    let (labelled_signals, labelled_features, unlabelled, feature_channels) = match teachers {
+        Some(t) => (t.labelled_signals, t.labelled_features, t.unlabelled, t.feature_channels),
+        None => (HashMap::new(), HashMap::new(), None, None),
     };
-    let train_source =
-        Arc::new(CocoDetectionDataset::new(data.train.clone(), &data.train_images).with_signals(labelled_signals));
+    let train_source = Arc::new(
+        CocoDetectionDataset::new(data.train.clone(), &data.train_images)
+            .with_signals(labelled_signals)
+            .with_features(labelled_features),
+    );
     let mut train_sources = vec![train_source.clone()];
-    if let Some((dataset, images_dir, signals)) = unlabelled {
-        train_sources.push(Arc::new(CocoDetectionDataset::new(dataset, images_dir).with_signals(signals)));
+    if let Some(part) = unlabelled {
+        train_sources.push(Arc::new(
+            CocoDetectionDataset::new(part.dataset, part.images_dir)
+                .with_signals(part.signals)
+                .with_features(part.features),
+        ));
     }
     let train_images: usize = train_sources.iter().map(|s| burn::data::dataset::Dataset::len(s.as_ref())).sum();
     let val_source = Arc::new(CocoDetectionDataset::new(data.val.clone(), &data.val_images));
@@ -265,8 +273,16 @@ pub fn train_student_with(
         logit: d.logit,
         temperature: d.temperature,
         mask: d.mask,
+        feature: d.feature,
     });
-    let student = Student { yolo, loss: config.loss, distill, max_grad_norm: config.max_grad_norm };
+    // Made after the model, so that the model's initial weights do not depend on it.
+    let projection = match (feature_channels, distill) {
+        (Some(channels), Some(d)) if d.feature > 0.0 => {
+            Some(burn::nn::conv::Conv2dConfig::new([yolo_config.channels(512), channels], [1, 1]).init(&autodiff))
+        }
+        _ => None,
+    };
+    let student = Student { yolo, projection, loss: config.loss, distill, max_grad_norm: config.max_grad_norm };
     let accumulation = Accumulation::new(config.nbs, config.batch_size);
     let samples = train_images;
     let choice = choose_optimizer(
@@ -444,7 +460,10 @@ impl TrainTask for StudentTask {
         let mean = scale(live.sums, 1.0 / live.seen.max(1) as f32);
         let seg = if self.masks { format!(" seg {:.3}", mean.seg_loss) } else { String::new() };
         let distill = if self.config.distill.is_some() {
-            format!(" kd-logit {:.3} kd-mask {:.3}", mean.distill_logit_loss, mean.distill_mask_loss)
+            format!(
+                " kd-logit {:.3} kd-mask {:.3} kd-feature {:.3}",
+                mean.distill_logit_loss, mean.distill_mask_loss, mean.distill_feature_loss
+            )
         } else {
             String::new()
         };
@@ -710,6 +729,7 @@ fn add(a: LossParts, b: LossParts, weight: f32) -> LossParts {
         seg_loss: a.seg_loss + b.seg_loss * weight,
         distill_logit_loss: a.distill_logit_loss + b.distill_logit_loss * weight,
         distill_mask_loss: a.distill_mask_loss + b.distill_mask_loss * weight,
+        distill_feature_loss: a.distill_feature_loss + b.distill_feature_loss * weight,
     }
 }
 

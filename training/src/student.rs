@@ -10,12 +10,17 @@ use kiln_data::batch::DetectionBatch;
 use kiln_models::yolo::YoloV8;
 
 use crate::engine::StepOutput;
+use crate::loss::distill::feature_distillation;
 use crate::loss::{DistillLoss, LossConfig, LossError, LossParts, Targets, yolo_loss_distilled};
 use crate::optim::clip_global_norm;
+use burn::nn::conv::Conv2d;
 
 #[derive(Module, Debug)]
 pub struct Student {
     pub yolo: YoloV8,
+    /// Feature distillation's 1x1 projection of P4 onto the teacher's feature channels: trained
+    /// with the student, never part of the saved student (the EMA of `yolo` is what is saved).
+    pub projection: Option<Conv2d>,
     #[module(skip)]
     pub loss: LossConfig,
     /// Distillation weights, when the student learns from teachers.
@@ -32,8 +37,24 @@ pub type StudentStep = StepOutput<LossParts>;
 impl Student {
     /// Forward and loss of a batch, or the device's failure.
     pub fn loss(&self, batch: &DetectionBatch) -> Result<crate::loss::LossOutput, LossError> {
-        let output = self.yolo.forward(batch.images.clone());
-        yolo_loss_distilled(&self.loss, self.distill.as_ref(), &output, &Targets::from(batch))
+        let features = batch.teacher.as_ref().and_then(|t| t.features.as_ref());
+        match (&self.projection, features, self.distill) {
+            (Some(projection), Some(features), Some(distill)) if distill.feature > 0.0 => {
+                let (output, [_, p4, _]) = self.yolo.forward_with_features(batch.images.clone());
+                let mut out = yolo_loss_distilled(&self.loss, Some(&distill), &output, &Targets::from(batch))?;
+                if let Some(term) = feature_distillation(projection.forward(p4), features)? {
+                    let images = batch.images.dims()[0] as f32;
+                    out.parts.distill_feature_loss =
+                        kiln_models::device::read_floats(term.clone())?[0] * distill.feature;
+                    out.total = out.total + term * (distill.feature * images);
+                }
+                Ok(out)
+            }
+            _ => {
+                let output = self.yolo.forward(batch.images.clone());
+                yolo_loss_distilled(&self.loss, self.distill.as_ref(), &output, &Targets::from(batch))
+            }
+        }
     }
 }
 

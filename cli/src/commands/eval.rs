@@ -51,6 +51,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let request = kiln_training::distill::prepare::DistillRequest {
             teachers: args.teachers.clone().expect("clap requires --model or --teachers"),
             unlabeled: None,
+            images: None,
             grounding_dino_weights: args.gdino_weights.clone(),
             sam_weights: args.sam_weights.clone(),
         };

@@ -92,7 +92,8 @@ pub struct Args {
     /// Output then defaults to EXPERIMENT/student.
     #[arg(long, value_name = "DIR")]
     pub teachers: Option<PathBuf>,
-    /// Unlabelled images the teachers label (a directory, or a COCO JSON whose image list is used);
+    /// Unlabelled images the teachers label (a directory, or a COCO JSON whose image list is used,
+    /// its file_names relative to --images when given);
     /// labels are computed once and cached beside the teachers.
     #[arg(long, value_name = "DIR|FILE", requires = "teachers")]
     pub unlabeled: Option<PathBuf>,
@@ -135,6 +136,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         distill: args.teachers.as_ref().map(|teachers| DistillRequest {
             teachers: teachers.clone(),
             unlabeled: args.unlabeled.clone(),
+            images: args.images.clone(),
             grounding_dino_weights: args.gdino_weights.clone(),
             sam_weights: args.sam_weights.clone(),
         }),

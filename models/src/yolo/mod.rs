@@ -238,6 +238,12 @@ impl YoloV8 {
 
     /// `[B, 3, H, W]` RGB in 0..1 (H, W multiples of 32) → raw head outputs.
     pub fn forward(&self, images: Tensor<4>) -> HeadOutput {
+        self.forward_with_features(images).0
+    }
+
+    /// [`YoloV8::forward`], with the neck's outputs the head reads (P3, P4, P5: strides 8, 16,
+    /// 32), for feature distillation.
+    pub fn forward_with_features(&self, images: Tensor<4>) -> (HeadOutput, [Tensor<4>; 3]) {
         let x = self.down_p2.forward(self.stem.forward(images));
         let x = self.c2f_p2.forward(x);
         let p3 = self.c2f_p3.forward(self.down_p3.forward(x));
@@ -252,7 +258,8 @@ impl YoloV8 {
         let out4 = self.bottom_up_p4.forward(down);
         let down = Tensor::cat(vec![self.bottom_up_down_p4.forward(out4.clone()), p5], 1);
         let out5 = self.bottom_up_p5.forward(down);
-        self.head.forward([out3, out4, out5])
+        let features = [out3.clone(), out4.clone(), out5.clone()];
+        (self.head.forward([out3, out4, out5]), features)
     }
 }
 

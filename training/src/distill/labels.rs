@@ -57,6 +57,8 @@ pub struct LabelledImage {
     pub prompts: Vec<Prompt>,
     /// For prompts, one per prompt in their order (or none); otherwise the objects found.
     pub instances: Vec<TeacherInstance>,
+    /// The teacher's feature map of the image (a file in the cache, read when training needs it).
+    pub features: Option<PathBuf>,
 }
 
 /// What a labelling pass did.
@@ -128,6 +130,8 @@ fn label_one(teacher: &dyn Teacher, image: &LabelImage, dir: &Path) -> Result<Ou
         Err(other) => return Ok(Outcome::Skipped(other.to_string())),
     };
     let cached_path = cache_file(dir, &hash, &image.prompts);
+    // Written before the labels, whose file marks a complete entry.
+    let features_path = teacher.makes_features().then(|| cached_path.with_extension("features"));
     let labelled = |cached: CachedLabels| LabelledImage {
         path: image.path.clone(),
         file_name: image.file_name.clone(),
@@ -135,8 +139,11 @@ fn label_one(teacher: &dyn Teacher, image: &LabelImage, dir: &Path) -> Result<Ou
         height: cached.height,
         prompts: image.prompts.clone(),
         instances: cached.instances,
+        features: features_path.clone(),
     };
-    if let Some(cached) = read_cache(&cached_path, image.prompts.len()) {
+    if let Some(cached) = read_cache(&cached_path, image.prompts.len())
+        && features_path.as_ref().is_none_or(|f| f.is_file())
+    {
         return Ok(Outcome::Reused(labelled(cached)));
     }
     let decoded = match kiln_data::io::read_rgb_image(&image.path) {
@@ -144,7 +151,14 @@ fn label_one(teacher: &dyn Teacher, image: &LabelImage, dir: &Path) -> Result<Ou
         Err(e) => return Ok(Outcome::Skipped(skip_reason(e))),
     };
     let prompts: Vec<(usize, [f64; 4])> = image.prompts.iter().map(|p| (p.class, p.bbox)).collect();
-    let instances = teacher.label(&decoded, &prompts)?;
+    let (instances, features) = if teacher.makes_features() {
+        teacher.label_with_features(&decoded, &prompts)?
+    } else {
+        (teacher.label(&decoded, &prompts)?, None)
+    };
+    if let (Some(path), Some(features)) = (&features_path, features) {
+        kiln_data::io::write_atomic(path, &features.to_bytes())?;
+    }
     let cached = CachedLabels { width: decoded.width(), height: decoded.height(), instances };
     // Compact: soft masks are long lists of small numbers.
     let bytes = serde_json::to_vec(&cached)
@@ -556,6 +570,7 @@ mod tests {
         };
         let images = vec![
             LabelledImage {
+                features: None,
                 path: dir.join("x.png"),
                 file_name: "x.png".into(),
                 width: 20,
@@ -564,6 +579,7 @@ mod tests {
                 instances: vec![masked, instance(0, [10.0, 2.0, 18.0, 9.0], 0.6)],
             },
             LabelledImage {
+                features: None,
                 path: dir.join("y.png"),
                 file_name: "y.png".into(),
                 width: 6,
@@ -600,6 +616,7 @@ mod tests {
     fn prompt_signals_follow_the_prompts() {
         let soft = SoftMask { region: [0.0, 0.0, 4.0, 4.0], width: 1, height: 1, data: vec![255] };
         let image = LabelledImage {
+            features: None,
             path: PathBuf::from("a.png"),
             file_name: "a.png".into(),
             width: 4,
@@ -622,6 +639,7 @@ mod tests {
     fn coverage_fails_when_nothing_is_found_and_warns_when_little_is() {
         let config = DistillConfig { empty_warning: 0.5, ..DistillConfig::default() };
         let image = |instances: Vec<TeacherInstance>| LabelledImage {
+            features: None,
             path: PathBuf::from("a.png"),
             file_name: "a.png".into(),
             width: 4,

@@ -16,7 +16,7 @@ pub mod teacher;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use kiln_data::batch::{SoftMask, TeacherSignal};
+use kiln_data::batch::{FeatureMap, SoftMask, TeacherSignal};
 use kiln_data::coco::CocoDataset;
 use kiln_data::mask::Rle;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,10 @@ pub struct DistillConfig {
     pub temperature: f32,
     /// Mask distillation inside each box.
     pub mask: f32,
+    /// Feature distillation: a 1x1 projection of the student's P4 onto the teacher's features.
+    pub feature: f32,
+    /// Cells per side kept of a teacher's feature map (average-pooled down to it).
+    pub feature_cells: u32,
     pub box_threshold: f32,
     pub text_threshold: f32,
     pub nms_iou: f32,
@@ -52,11 +56,23 @@ impl Default for DistillConfig {
 
 /// What teachers add to a student run.
 pub struct TeacherData {
-    /// Teacher-labelled images: their dataset (teacher labels as annotations), its images
-    /// directory, and the teacher's signals by annotation id.
-    pub unlabelled: Option<(CocoDataset, PathBuf, HashMap<u64, TeacherSignal>)>,
+    /// The teacher-labelled images.
+    pub unlabelled: Option<TeacherLabelled>,
     /// Teacher signals (mask probabilities) on the labelled images' annotations, by id.
     pub labelled_signals: HashMap<u64, TeacherSignal>,
+    /// The labelled images' teacher feature map files, by image id.
+    pub labelled_features: HashMap<u64, PathBuf>,
+    /// The teacher's feature channels, when it gives feature maps (feature distillation).
+    pub feature_channels: Option<usize>,
+}
+
+/// Images a teacher labelled: its labels as a COCO dataset, the directory of the images, and by
+/// annotation id its signals, by image id its feature map files.
+pub struct TeacherLabelled {
+    pub dataset: CocoDataset,
+    pub images_dir: PathBuf,
+    pub signals: HashMap<u64, TeacherSignal>,
+    pub features: HashMap<u64, PathBuf>,
 }
 
 /// One object a teacher found (or segmented) in an image, in the image's original pixels.
@@ -100,6 +116,67 @@ pub trait Teacher {
     /// make masks returns nothing, since the ground truth already says more than it could.
     fn label(&self, image: &image::RgbImage, prompts: &[(usize, [f64; 4])])
     -> Result<Vec<TeacherInstance>, TrainError>;
+    /// Whether [`Teacher::label_with_features`] gives a feature map of the image (SAM's image
+    /// embedding, a student teacher's P4), when feature distillation is on.
+    fn makes_features(&self) -> bool {
+        false
+    }
+    /// [`Teacher::label`] and, for a teacher that makes features, its feature map of the image
+    /// (each cell normalised over its channels), computed in the same pass.
+    fn label_with_features(
+        &self,
+        image: &image::RgbImage,
+        prompts: &[(usize, [f64; 4])],
+    ) -> Result<(Vec<TeacherInstance>, Option<FeatureMap>), TrainError> {
+        Ok((self.label(image, prompts)?, None))
+    }
+}
+
+/// A teacher's `[1, C, H, W]` features covering `region` of the original image as a
+/// [`FeatureMap`]: average-pooled to at most `max_cells` per side, then each cell normalised over
+/// its channels (zero mean, unit variance: teachers' feature scales differ by orders of magnitude,
+/// and the student's projection learns directions, not scales).
+pub fn feature_map(
+    features: burn::tensor::Tensor<4>,
+    region: [f64; 4],
+    max_cells: u32,
+) -> Result<FeatureMap, TrainError> {
+    let [_, channels, height, width] = features.dims();
+    let values = kiln_models::device::read_floats(features)?;
+    let cells = max_cells.max(1) as usize;
+    let pool = height.div_ceil(cells).max(width.div_ceil(cells)).max(1);
+    let (h, w) = (height.div_ceil(pool), width.div_ceil(pool));
+    let mut data = vec![0f32; channels * h * w];
+    for c in 0..channels {
+        for y in 0..h {
+            for x in 0..w {
+                let (rows, cols) = (y * pool..((y + 1) * pool).min(height), x * pool..((x + 1) * pool).min(width));
+                let count = (rows.len() * cols.len()) as f32;
+                let sum: f32 = rows
+                    .flat_map(|r| cols.clone().map(move |q| (r, q)))
+                    .map(|(r, q)| values[(c * height + r) * width + q])
+                    .sum();
+                data[(c * h + y) * w + x] = sum / count;
+            }
+        }
+    }
+    // A partial last pooled cell stands for its whole share of the region.
+    let region = [
+        region[0],
+        region[1],
+        region[0] + (region[2] - region[0]) * (w * pool) as f64 / width as f64,
+        region[1] + (region[3] - region[1]) * (h * pool) as f64 / height as f64,
+    ];
+    for cell in 0..h * w {
+        let mean = (0..channels).map(|c| data[c * h * w + cell]).sum::<f32>() / channels as f32;
+        let variance = (0..channels).map(|c| (data[c * h * w + cell] - mean).powi(2)).sum::<f32>() / channels as f32;
+        let scale = 1.0 / (variance + 1e-5).sqrt();
+        for c in 0..channels {
+            let v = &mut data[c * h * w + cell];
+            *v = (*v - mean) * scale;
+        }
+    }
+    Ok(FeatureMap { channels: channels as u32, width: w as u32, height: h as u32, region, data })
 }
 
 /// `Option<Rle>` as COCO's compressed RLE (`{"size": [h, w], "counts": "..."}`).

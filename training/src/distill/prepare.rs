@@ -12,10 +12,13 @@ use super::labels::{
     LabelImage, LabelPass, Prompt, coverage, label_images, prompt_signals, teacher_dataset, write_teacher_labels,
 };
 use super::teacher::{TeacherWeights, open_teacher};
-use super::{DistillConfig, TeacherData};
+use super::{DistillConfig, TeacherData, TeacherLabelled};
 use crate::engine::Verbosity;
+use crate::error::AtPath;
 use crate::error::TrainError;
 use crate::split::StudentData;
+use kiln_data::batch::FeatureMap;
+use std::collections::HashMap;
 
 /// Where the teachers and the unlabelled images are.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -25,6 +28,9 @@ pub struct DistillRequest {
     pub teachers: PathBuf,
     /// Unlabelled images: a directory, or a COCO JSON whose images are used (annotations ignored).
     pub unlabeled: Option<PathBuf>,
+    /// The directory a COCO JSON's `file_name`s are relative to (`--images`; by default as
+    /// `kiln validate` finds it).
+    pub images: Option<PathBuf>,
     /// Base weights replacing the ones the adapters recorded.
     pub grounding_dino_weights: Option<PathBuf>,
     pub sam_weights: Option<PathBuf>,
@@ -40,6 +46,8 @@ pub struct DistillationRecord {
     /// Class index → name and COCO category id, from the data (the teacher's classes are the same).
     pub classes: Vec<ClassEntry>,
     pub unlabeled: Option<PathBuf>,
+    /// The directory the unlabelled COCO file's `file_name`s were read from, when given.
+    pub images: Option<PathBuf>,
     pub label_cache: PathBuf,
     pub labelled_images: usize,
     pub unlabelled_images: usize,
@@ -92,7 +100,7 @@ pub fn prepare_distillation(
     let mut warnings = Vec::new();
 
     let unlabelled = match &request.unlabeled {
-        Some(source) => unlabelled_images(source)?,
+        Some(source) => unlabelled_images(source, request.images.as_deref())?,
         None => Vec::new(),
     };
     if !unlabelled.is_empty() && !teacher.finds_objects() {
@@ -105,6 +113,15 @@ pub fn prepare_distillation(
     }
     let unlabelled_pass = if teacher.finds_objects() && !unlabelled.is_empty() {
         let pass = label_images(teacher.as_ref(), &unlabelled, &label_cache, verbosity, "labelling")?;
+        if pass.images.is_empty() {
+            let (path, why) = &pass.skipped[0];
+            return Err(TrainError::Config(format!(
+                "none of the {} unlabelled images could be read (the first, {}: {why}); check --unlabeled \
+                 (and --images, the directory a COCO file's file_names are relative to)",
+                pass.skipped.len(),
+                path.display()
+            )));
+        }
         if let Some(warning) = coverage(&pass, config, &teacher.describe())? {
             warnings.push(warning);
         }
@@ -113,8 +130,9 @@ pub fn prepare_distillation(
         None
     };
 
-    // A teacher that makes masks segments the labelled images' boxes too: mask distillation there.
-    let labelled_pass = if teacher.segments_boxes() {
+    // A teacher that makes masks segments the labelled images' boxes too (mask distillation
+    // there), and one that makes features gives their feature maps.
+    let labelled_pass = if teacher.segments_boxes() || teacher.makes_features() {
         let index = data.train.class_index();
         let by_image = data.train.annotations_by_image();
         let images: Vec<LabelImage> = data
@@ -140,7 +158,7 @@ pub fn prepare_distillation(
                     })
                     .collect(),
             })
-            .filter(|image| !image.prompts.is_empty())
+            .filter(|image| teacher.makes_features() || !image.prompts.is_empty())
             .collect();
         Some(label_images(teacher.as_ref(), &images, &label_cache, verbosity, "segmenting")?)
     } else {
@@ -165,9 +183,38 @@ pub fn prepare_distillation(
     let unlabelled_dataset = match (&unlabelled_pass, &request.unlabeled) {
         (Some(pass), Some(_)) if !pass.images.is_empty() => {
             let (dataset, signals) = teacher_dataset(&pass.images, &classes, &category_ids);
-            Some((dataset, unlabelled_root(&unlabelled), signals))
+            // `teacher_dataset` numbers the images from 1 in the pass's order.
+            let features = pass
+                .images
+                .iter()
+                .enumerate()
+                .filter_map(|(i, image)| Some((i as u64 + 1, image.features.clone()?)))
+                .collect();
+            Some(TeacherLabelled { dataset, images_dir: unlabelled_root(&unlabelled), signals, features })
         }
         _ => None,
+    };
+    let labelled_features = match &labelled_pass {
+        Some(pass) => {
+            let ids: HashMap<&str, u64> = data.train.images.iter().map(|i| (i.file_name.as_str(), i.id)).collect();
+            pass.images
+                .iter()
+                .filter_map(|image| Some((*ids.get(image.file_name.as_str())?, image.features.clone()?)))
+                .collect()
+        }
+        None => HashMap::new(),
+    };
+    let feature_channels = match [&unlabelled_pass, &labelled_pass]
+        .into_iter()
+        .flatten()
+        .flat_map(|p| &p.images)
+        .find_map(|i| i.features.as_ref())
+    {
+        Some(file) => {
+            let bytes = std::fs::read(file).at(file)?;
+            Some(FeatureMap::from_bytes(&bytes, file)?.channels as usize)
+        }
+        None => None,
     };
     let pass_figures =
         |pass: &Option<LabelPass>| pass.as_ref().map_or((0, 0, 0.0), |p| (p.computed, p.reused, p.seconds));
@@ -184,6 +231,7 @@ pub fn prepare_distillation(
             .map(|(index, (name, &category_id))| ClassEntry { index, name: name.clone(), category_id })
             .collect(),
         unlabeled: request.unlabeled.clone(),
+        images: request.images.clone(),
         label_cache,
         labelled_images: data.train.images.len(),
         unlabelled_images: unlabelled_pass.as_ref().map_or(0, |p| p.images.len()),
@@ -200,6 +248,8 @@ pub fn prepare_distillation(
     let data = TeacherData {
         unlabelled: unlabelled_dataset,
         labelled_signals: labelled_pass.as_ref().map(|p| prompt_signals(&p.images)).unwrap_or_default(),
+        labelled_features,
+        feature_channels,
     };
     Ok(Distillation { data, record, warnings })
 }
@@ -212,7 +262,7 @@ pub fn label_cache_dir(teachers: &Path) -> PathBuf {
 }
 
 /// The unlabelled images of a directory (every image file in it) or of a COCO JSON's image list.
-fn unlabelled_images(source: &Path) -> Result<Vec<LabelImage>, TrainError> {
+fn unlabelled_images(source: &Path, images: Option<&Path>) -> Result<Vec<LabelImage>, TrainError> {
     if source.is_dir() {
         let files = kiln_data::io::list_images(source)?;
         if files.is_empty() {
@@ -230,7 +280,7 @@ fn unlabelled_images(source: &Path) -> Result<Vec<LabelImage>, TrainError> {
             })
             .collect());
     }
-    let loaded = kiln_data::load_dataset(source, None)?;
+    let loaded = kiln_data::load_dataset(source, images)?;
     Ok(loaded
         .dataset
         .images

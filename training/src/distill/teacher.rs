@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use image::RgbImage;
-use kiln_data::batch::SoftMask;
+use kiln_data::batch::{FeatureMap, SoftMask};
 use kiln_data::mask::{BinaryMask, Rle};
 use kiln_models::device::read_floats;
 use kiln_models::grounding_dino::postprocess::{PostprocessOptions, grounded_boxes};
@@ -246,6 +246,7 @@ impl GroundedSam {
                     config.max_labels,
                     config.soft_mask_size
                 ),
+                feature_key(config),
             ]
             .join("\n"),
         );
@@ -303,27 +304,23 @@ impl GroundedSam {
 
     /// SAM's mask of each box (original pixels) of one image, the image embedded once: the
     /// binarised mask at the image's size (none when empty) and its probabilities around the box.
-    fn segment(
+    fn segment_embedded(
         &self,
         sam: &Sam,
-        image: &RgbImage,
+        embedded: &Embedded,
         boxes: &[[f64; 4]],
     ) -> Result<Vec<(Option<Rle>, Option<SoftMask>)>, TrainError> {
-        if boxes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let input = sam.preprocess(image, &self.device);
-        let embedding = sam.embed(input.pixels);
-        let (h, w) = input.original_size;
+        let (h, w) = embedded.original_size;
         let mut masks = Vec::with_capacity(boxes.len());
         for chunk in boxes.chunks(BOXES_PER_PASS) {
             let resized: Vec<f32> = chunk
                 .iter()
-                .flat_map(|b| resize_box(b.map(|v| v as f32), input.original_size, sam.image_size()))
+                .flat_map(|b| resize_box(b.map(|v| v as f32), embedded.original_size, sam.image_size()))
                 .collect();
             let prompt = Tensor::from_data(TensorData::new(resized, [chunk.len(), 4]), &self.device);
-            let prediction = sam.predict_boxes(embedding.clone(), prompt, false);
-            let logits = read_floats(sam.postprocess_masks(prediction.masks, input.input_size, input.original_size))?;
+            let prediction = sam.predict_boxes(embedded.embedding.clone(), prompt, false);
+            let logits =
+                read_floats(sam.postprocess_masks(prediction.masks, embedded.input_size, embedded.original_size))?;
             for (plane, bbox) in logits.chunks_exact(h * w).zip(chunk) {
                 let binary = BinaryMask {
                     width: w as u32,
@@ -335,6 +332,80 @@ impl GroundedSam {
             }
         }
         Ok(masks)
+    }
+
+    /// The labels of one image, and SAM's image embedding as its feature map when `features`.
+    fn label_image(
+        &self,
+        image: &RgbImage,
+        prompts: &[(usize, [f64; 4])],
+        features: bool,
+    ) -> Result<(Vec<TeacherInstance>, Option<FeatureMap>), TrainError> {
+        if image.width() == 0 || image.height() == 0 {
+            return Ok((Vec::new(), None));
+        }
+        // SAM embeds the image once for its masks and its feature map.
+        let embedded = match &self.sam {
+            Some(sam) if features || !prompts.is_empty() || self.grounding_dino.is_some() => {
+                Some(Embedded::new(sam, image, &self.device))
+            }
+            _ => None,
+        };
+        let feature_map = match (&embedded, features) {
+            (Some(embedded), true) => {
+                // SAM pads the resized image at the bottom and right to a square: the embedding
+                // covers the long side's square of the original image.
+                let side = image.width().max(image.height()) as f64;
+                Some(super::feature_map(embedded.embedding.clone(), [0.0, 0.0, side, side], self.config.feature_cells)?)
+            }
+            _ => None,
+        };
+        if !prompts.is_empty() {
+            let (Some(sam), Some(embedded)) = (&self.sam, &embedded) else { return Ok((Vec::new(), feature_map)) };
+            let boxes: Vec<[f64; 4]> = prompts.iter().map(|&(_, bbox)| bbox).collect();
+            let masks = self.segment_embedded(sam, embedded, &boxes)?;
+            let instances = prompts
+                .iter()
+                .zip(masks)
+                .map(|(&(class, bbox), (mask, soft_mask))| TeacherInstance {
+                    class,
+                    class_probs: one_hot(class, self.classes.len()),
+                    score: 1.0,
+                    bbox,
+                    mask,
+                    soft_mask,
+                })
+                .collect();
+            return Ok((instances, feature_map));
+        }
+        let Some(grounding) = &self.grounding_dino else { return Ok((Vec::new(), feature_map)) };
+        let mut instances = self.find(grounding, image)?;
+        if let (Some(sam), Some(embedded)) = (&self.sam, &embedded) {
+            let boxes: Vec<[f64; 4]> = instances.iter().map(|i| i.bbox).collect();
+            for (instance, (mask, soft_mask)) in instances.iter_mut().zip(self.segment_embedded(sam, embedded, &boxes)?)
+            {
+                instance.mask = mask;
+                instance.soft_mask = soft_mask;
+            }
+            // A box SAM finds no object in is dropped: a segmentation student would learn an
+            // empty mask there.
+            instances.retain(|i| i.mask.is_some());
+        }
+        Ok((instances, feature_map))
+    }
+}
+
+/// An image prepared for SAM and embedded once.
+struct Embedded {
+    embedding: Tensor<4>,
+    input_size: (usize, usize),
+    original_size: (usize, usize),
+}
+
+impl Embedded {
+    fn new(sam: &Sam, image: &RgbImage, device: &Device) -> Self {
+        let input = sam.preprocess(image, device);
+        Self { input_size: input.input_size, original_size: input.original_size, embedding: sam.embed(input.pixels) }
     }
 }
 
@@ -364,39 +435,19 @@ impl Teacher for GroundedSam {
     }
 
     fn label(&self, image: &RgbImage, prompts: &[(usize, [f64; 4])]) -> Result<Vec<TeacherInstance>, TrainError> {
-        if image.width() == 0 || image.height() == 0 {
-            return Ok(Vec::new());
-        }
-        if !prompts.is_empty() {
-            let Some(sam) = &self.sam else { return Ok(Vec::new()) };
-            let boxes: Vec<[f64; 4]> = prompts.iter().map(|&(_, bbox)| bbox).collect();
-            let masks = self.segment(sam, image, &boxes)?;
-            return Ok(prompts
-                .iter()
-                .zip(masks)
-                .map(|(&(class, bbox), (mask, soft_mask))| TeacherInstance {
-                    class,
-                    class_probs: one_hot(class, self.classes.len()),
-                    score: 1.0,
-                    bbox,
-                    mask,
-                    soft_mask,
-                })
-                .collect());
-        }
-        let Some(grounding) = &self.grounding_dino else { return Ok(Vec::new()) };
-        let mut instances = self.find(grounding, image)?;
-        if let Some(sam) = &self.sam {
-            let boxes: Vec<[f64; 4]> = instances.iter().map(|i| i.bbox).collect();
-            for (instance, (mask, soft_mask)) in instances.iter_mut().zip(self.segment(sam, image, &boxes)?) {
-                instance.mask = mask;
-                instance.soft_mask = soft_mask;
-            }
-            // A box SAM finds no object in is dropped: a segmentation student would learn an
-            // empty mask there.
-            instances.retain(|i| i.mask.is_some());
-        }
-        Ok(instances)
+        Ok(self.label_image(image, prompts, false)?.0)
+    }
+
+    fn makes_features(&self) -> bool {
+        self.sam.is_some() && self.config.feature > 0.0
+    }
+
+    fn label_with_features(
+        &self,
+        image: &RgbImage,
+        prompts: &[(usize, [f64; 4])],
+    ) -> Result<(Vec<TeacherInstance>, Option<FeatureMap>), TrainError> {
+        self.label_image(image, prompts, self.makes_features())
     }
 }
 
@@ -557,6 +608,9 @@ fn in_adapter(error: TrainError, dir: &Path, flag: &str) -> TrainError {
 /// scores, and its masks when it segments. It finds objects; given boxes it has nothing to add.
 pub struct StudentTeacher {
     detector: Detector,
+    options: PredictOptions,
+    features: bool,
+    feature_cells: u32,
     segments: bool,
     description: String,
     fingerprint: String,
@@ -595,10 +649,14 @@ impl StudentTeacher {
                     "box_threshold {:?} nms_iou {:?} max_labels {}",
                     config.box_threshold, config.nms_iou, config.max_labels
                 ),
+                feature_key(config),
             ]
             .join("\n"),
         );
         Ok(Self {
+            options,
+            features: config.feature > 0.0,
+            feature_cells: config.feature_cells,
             segments: info.config.task == Task::Segment,
             description: format!("kiln student {} ({})", info.config, info.weights.display()),
             fingerprint,
@@ -633,13 +691,56 @@ impl Teacher for StudentTeacher {
     }
 
     fn label(&self, image: &RgbImage, prompts: &[(usize, [f64; 4])]) -> Result<Vec<TeacherInstance>, TrainError> {
-        if !prompts.is_empty() || image.width() == 0 || image.height() == 0 {
-            return Ok(Vec::new());
+        Ok(self.label_image(image, prompts, false)?.0)
+    }
+
+    fn makes_features(&self) -> bool {
+        self.features
+    }
+
+    fn label_with_features(
+        &self,
+        image: &RgbImage,
+        prompts: &[(usize, [f64; 4])],
+    ) -> Result<(Vec<TeacherInstance>, Option<FeatureMap>), TrainError> {
+        self.label_image(image, prompts, self.features)
+    }
+}
+
+impl StudentTeacher {
+    /// The detections of one image (none for a prompted one: a student cannot segment given
+    /// boxes) and, when `features`, its P4 over the letterboxed input, from one forward pass.
+    fn label_image(
+        &self,
+        image: &RgbImage,
+        prompts: &[(usize, [f64; 4])],
+        features: bool,
+    ) -> Result<(Vec<TeacherInstance>, Option<FeatureMap>), TrainError> {
+        if (!prompts.is_empty() && !features) || image.width() == 0 || image.height() == 0 {
+            return Ok((Vec::new(), None));
         }
+        let size = self.detector.imgsz;
+        let letterbox = kiln_data::Letterbox::new(image.width(), image.height(), size, size);
+        let pixels = kiln_data::planar_pixels(&letterbox.apply_image(image));
+        let s = size as usize;
+        let input = Tensor::from_data(TensorData::new(pixels, [1, 3, s, s]), self.detector.device());
+        let (output, neck) = self.detector.model().forward_with_features(input);
+        let feature_map = if features {
+            // The input square in original pixels: the letterbox's map inverted at its corners.
+            let (sx, sy) = (letterbox.scale_x, letterbox.scale_y);
+            let (px, py) = (letterbox.pad_left as f64, letterbox.pad_top as f64);
+            let region = [-px / sx, -py / sy, (size as f64 - px) / sx, (size as f64 - py) / sy];
+            let [_, p4, _] = neck;
+            Some(super::feature_map(p4, region, self.feature_cells)?)
+        } else {
+            None
+        };
+        if !prompts.is_empty() {
+            return Ok((Vec::new(), feature_map));
+        }
+        let detections = self.detector.model().postprocess(&output, &[letterbox], &self.options)?.remove(0);
         let (w, h) = (image.width() as f64, image.height() as f64);
-        Ok(self
-            .detector
-            .predict(image)?
+        let instances = detections
             .into_iter()
             .filter_map(|d| {
                 let bbox = clip_box(d.bbox.map(|v| v as f64), w, h)?;
@@ -652,12 +753,18 @@ impl Teacher for StudentTeacher {
                     class_probs: d.class_scores,
                     score: d.score,
                     bbox,
-                    mask: d.mask.filter(|m| m.area() > 0).map(|m| Rle::encode(&m)),
+                    mask: d.mask.map(|m| Rle::encode(&m)),
                     soft_mask: None,
                 })
             })
-            .collect())
+            .collect();
+        Ok((instances, feature_map))
     }
+}
+
+/// What decides a teacher's feature maps: whether they are made, and their size.
+fn feature_key(config: &DistillConfig) -> String {
+    if config.feature > 0.0 { format!("features {} cells", config.feature_cells) } else { "features none".into() }
 }
 
 /// 64-bit FNV-1a of `text`'s bytes as 16 hex digits: the same key for the same text on every

@@ -15,7 +15,7 @@
 //! zero when the student matches its teacher.
 
 use burn::tensor::{Int, Tensor, TensorData};
-use kiln_data::batch::TeacherTargets;
+use kiln_data::batch::{BatchFeatures, TeacherTargets};
 
 use super::{BatchAssignment, LossError, bce_with_logits, crop_weights, flatten_levels, tensor_from};
 
@@ -26,6 +26,7 @@ pub struct DistillLoss {
     pub logit: f32,
     pub temperature: f32,
     pub mask: f32,
+    pub feature: f32,
 }
 
 /// Probabilities kept off 0 and 1 before their logit is taken.
@@ -155,6 +156,29 @@ pub fn mask_distillation(
     Ok((count > 0).then(|| total / count as f32))
 }
 
+/// The feature distillation term (without its weight): the mean squared difference between the
+/// student's projected features `[B, C, g, g]` and the teacher's, over the channels of the cells a
+/// teacher feature lies under; `None` when there is none.
+pub fn feature_distillation(projected: Tensor<4>, teacher: &BatchFeatures) -> Result<Option<Tensor<1>>, LossError> {
+    let [b, c, h, w] = projected.dims();
+    if [c, h, w] != [teacher.channels, teacher.grid, teacher.grid] {
+        return Err(LossError::FeatureSize {
+            student: [c, h, w],
+            teacher: [teacher.channels, teacher.grid, teacher.grid],
+        });
+    }
+    let cells: f32 = teacher.valid.iter().sum();
+    if cells == 0.0 {
+        return Ok(None);
+    }
+    let device = projected.device();
+    let target = tensor_from(teacher.values.clone(), [b, c, h, w], &device);
+    let valid = tensor_from(teacher.valid.clone(), [b, 1, h, w], &device);
+    let difference = projected - target;
+    let squared = difference.clone() * difference * valid;
+    Ok(Some(squared.sum() / (cells * c as f32)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +204,7 @@ mod tests {
         TeacherTargets {
             class_probs: vec![Some(vec![0.7, 0.2]), None],
             soft_masks: vec![Some(vec![0.9, 0.1, 0.5, 0.0]), None],
+            features: None,
         }
     }
 
@@ -193,7 +218,7 @@ mod tests {
         assert_eq!(&scores[4..6], &[0.0, 0.5]);
         assert_eq!(weights, vec![0.5, 1.0, 1.0]);
         let mut none = assignment();
-        let no_teacher = TeacherTargets { class_probs: vec![None, None], soft_masks: vec![None, None] };
+        let no_teacher = TeacherTargets { class_probs: vec![None, None], soft_masks: vec![None, None], features: None };
         assert!(soften_targets(&mut none, &no_teacher, 2, 2, 1.0).is_none());
     }
 
@@ -255,5 +280,34 @@ mod tests {
         }
         let value = kiln_models::device::read_floats(loss).unwrap()[0];
         assert!((value - expected).abs() < 1e-5, "{value} vs {expected}");
+    }
+
+    #[test]
+    fn feature_distillation_is_the_masked_mean_squared_error_and_its_gradient() {
+        let device = Device::default().autodiff();
+        // One image, 2 channels, a 2 x 2 grid; the teacher covers cells 0 and 3.
+        let student = [1.0f32, 2.0, 3.0, 4.0, -1.0, 0.5, 0.0, 2.0];
+        let teacher = BatchFeatures {
+            channels: 2,
+            grid: 2,
+            values: vec![0.0, 9.0, 9.0, 1.0, 1.0, 9.0, 9.0, -2.0],
+            valid: vec![1.0, 0.0, 0.0, 1.0],
+        };
+        let projected = Tensor::<4>::from_data(TensorData::new(student.to_vec(), [1, 2, 2, 2]), &device).require_grad();
+        let loss = feature_distillation(projected.clone(), &teacher).unwrap().unwrap();
+        let cells = [0usize, 3, 4, 7];
+        let expected: f32 = cells.iter().map(|&i| (student[i] - teacher.values[i]).powi(2)).sum::<f32>() / 4.0;
+        let value = kiln_models::device::read_floats(loss.clone()).unwrap()[0];
+        assert!((value - expected).abs() < 1e-5, "{value} vs {expected}");
+        let g = kiln_models::device::read_floats(projected.grad(&loss.backward()).unwrap()).unwrap();
+        for i in 0..8 {
+            let want = if cells.contains(&i) { 2.0 * (student[i] - teacher.values[i]) / 4.0 } else { 0.0 };
+            assert!((g[i] - want).abs() < 1e-5, "cell {i}: {} vs {want}", g[i]);
+        }
+        let none = BatchFeatures { valid: vec![0.0; 4], ..teacher.clone() };
+        let projected = Tensor::<4>::from_data(TensorData::new(student.to_vec(), [1, 2, 2, 2]), &device);
+        assert!(feature_distillation(projected.clone(), &none).unwrap().is_none());
+        let wrong = BatchFeatures { channels: 3, values: vec![0.0; 12], ..teacher };
+        assert!(feature_distillation(projected, &wrong).is_err());
     }
 }

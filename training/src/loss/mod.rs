@@ -91,11 +91,20 @@ pub struct LossParts {
     /// Mask distillation (zero without teacher masks).
     #[serde(default)]
     pub distill_mask_loss: f32,
+    /// Feature distillation (zero without teacher features).
+    #[serde(default)]
+    pub distill_feature_loss: f32,
 }
 
 impl LossParts {
     pub fn sum(&self) -> f32 {
-        self.box_loss + self.cls_loss + self.dfl_loss + self.seg_loss + self.distill_logit_loss + self.distill_mask_loss
+        self.box_loss
+            + self.cls_loss
+            + self.dfl_loss
+            + self.seg_loss
+            + self.distill_logit_loss
+            + self.distill_mask_loss
+            + self.distill_feature_loss
     }
 }
 
@@ -115,6 +124,10 @@ pub enum LossError {
     MaskSize { target: [usize; 2], prototypes: [usize; 2] },
     #[error("the model predicts masks but the batch has none (or the other way round)")]
     MasksMissing,
+    #[error(
+        "the student's projected features are {student:?} (channels, rows, columns) but the teacher's are {teacher:?}"
+    )]
+    FeatureSize { student: [usize; 3], teacher: [usize; 3] },
     #[error(transparent)]
     Device(#[from] kiln_models::DeviceError),
 }
@@ -312,6 +325,7 @@ pub fn yolo_loss_distilled(
             Some(m) => scalar(m, distill_gain(|d| d.mask))?,
             None => 0.0,
         },
+        distill_feature_loss: 0.0,
     };
     Ok(LossOutput { total: total * batch_size as f32, parts, foreground: n })
 }
