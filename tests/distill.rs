@@ -224,6 +224,8 @@ fn a_trained_student_teaches_a_new_one_on_unlabelled_images() {
     );
     let logit: f64 = csv.lines().nth(1).unwrap().split(',').nth(19).unwrap().parse().unwrap();
     assert!(logit > 0.0, "the logit distillation is on: {csv}");
+    let feature: f64 = csv.lines().nth(1).unwrap().split(',').nth(21).unwrap().parse().unwrap();
+    assert!(feature > 0.0, "the feature distillation is on (the teacher's P4): {csv}");
 
     // The saved student has exactly the architecture's tensors and runs without prompts.
     assert_eq!(
@@ -343,4 +345,5 @@ fn grounded_sam_teachers_label_segment_and_teach() {
     let row = summary.history[0].train;
     assert!(row.distill_mask_loss > 0.0, "mask distillation from SAM's probabilities: {row:?}");
     assert!(row.distill_logit_loss > 0.0, "logit distillation from GroundingDINO's probabilities: {row:?}");
+    assert!(row.distill_feature_loss > 0.0, "feature distillation from SAM's image embedding: {row:?}");
 }

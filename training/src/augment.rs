@@ -555,6 +555,108 @@ mod tests {
         }
     }
 
+    /// Teacher feature maps and mask probabilities go through the map the pixels do: on images
+    /// whose red channel rises with x (and green with y), features and probabilities that encode
+    /// the same ramps read, after mosaic, scale, translation and flips, what the pixels show there.
+    #[test]
+    fn teacher_features_and_mask_probabilities_move_with_the_pixels() {
+        use kiln_data::batch::{FeatureMap, SoftMask, TeacherSignal};
+        let ramp = |w: u32, h: u32| {
+            let mut it = item(w, h, &[]);
+            for (x, y, pixel) in it.image.enumerate_pixels_mut() {
+                *pixel = image::Rgb([(x * 255 / (w - 1)) as u8, (y * 255 / (h - 1)) as u8, 0]);
+            }
+            // Both maps hold the ramps' values at their cells' centres, over the whole image.
+            let (cw, ch) = (w / 4, h / 4);
+            let at = |c: u32, cells: u32, side: u32| {
+                ((c as f32 + 0.5) * side as f32 / cells as f32 - 0.5) * 255.0 / (side - 1) as f32
+            };
+            let mut data = Vec::new();
+            data.extend((0..ch).flat_map(|_| (0..cw).map(|x| at(x, cw, w))));
+            data.extend((0..ch).flat_map(|y| (0..cw).map(move |_| at(y, ch, h))));
+            let region = [0.0, 0.0, w as f64, h as f64];
+            it.features = Some(std::sync::Arc::new(FeatureMap { channels: 2, width: cw, height: ch, region, data }));
+            let soft = SoftMask {
+                region,
+                width: cw,
+                height: ch,
+                data: (0..ch).flat_map(|_| (0..cw).map(|x| at(x, cw, w).round().clamp(0.0, 255.0) as u8)).collect(),
+            };
+            it.instances.push(InstanceLabel {
+                class: 0,
+                bbox: [1.0, 1.0, w as f64 - 1.0, h as f64 - 1.0],
+                segmentation: Some(Segmentation::Polygons(vec![vec![
+                    1.0,
+                    1.0,
+                    w as f64 - 1.0,
+                    1.0,
+                    w as f64 - 1.0,
+                    h as f64 - 1.0,
+                    1.0,
+                    h as f64 - 1.0,
+                ]])),
+                teacher: Some(TeacherSignal { class_probs: Some(vec![1.0]), soft_mask: Some(soft) }),
+            });
+            it
+        };
+        let items: Vec<DetectionItem> = (0..4).map(|k| ramp(160 + 16 * k, 128)).collect();
+        let config = AugmentConfig { hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, ..Default::default() };
+        let mut checked = (0, 0);
+        for seed in 0..12 {
+            let sample = augment(&items, &config, 128, Some(4), &mut SeededRng::new(seed)).unwrap();
+            let features = sample.features.as_ref().expect("the items have feature maps");
+            assert_eq!((features.channels, features.grid), (2, 8));
+            for gy in 0..8 {
+                for gx in 0..8 {
+                    if features.valid[gy * 8 + gx] == 0.0 {
+                        continue;
+                    }
+                    // The cell's centre is a corner of four pixels: one of them is from the same
+                    // image (a mosaic seam may pass through the corner).
+                    let (cx, cy) = ((gx * 16 + 8) as u32, (gy * 16 + 8) as u32);
+                    let corner: Vec<[u8; 3]> = [(cx - 1, cy - 1), (cx, cy - 1), (cx - 1, cy), (cx, cy)]
+                        .iter()
+                        .map(|&(x, y)| sample.image.get_pixel(x.min(127), y.min(127)).0)
+                        .filter(|p| *p != [PAD; 3])
+                        .collect();
+                    if corner.is_empty() {
+                        // The pixels' edge is rounded to whole pixels, the cells' is not.
+                        continue;
+                    }
+                    let value = |c: usize| features.values[(c * 8 + gy) * 8 + gx];
+                    assert!(
+                        corner.iter().any(|shown| (0..2).all(|c| (value(c) - shown[c] as f32).abs() < 6.0)),
+                        "seed {seed} cell {gx},{gy}: {:?} vs {corner:?}",
+                        [value(0), value(1)]
+                    );
+                    checked.0 += 1;
+                }
+            }
+            assert_eq!(sample.signals.len(), sample.boxes.len());
+            for signal in sample.signals.iter().flatten() {
+                let soft = signal.soft_mask.as_ref().expect("masks asked for");
+                for (i, &p) in soft.iter().enumerate() {
+                    // Zero outside the instance's image (mosaic parts do not overlap); inside, the
+                    // red ramp the pixels show, at one of the four pixels around the cell's centre.
+                    let (cx, cy) = ((i % 32) as u32 * 4 + 2, (i / 32) as u32 * 4 + 2);
+                    let corner: Vec<[u8; 3]> = [(cx - 1, cy - 1), (cx, cy - 1), (cx - 1, cy), (cx, cy)]
+                        .iter()
+                        .map(|&(x, y)| sample.image.get_pixel(x, y).0)
+                        .filter(|p| *p != [PAD; 3])
+                        .collect();
+                    if p > 0.05 && !corner.is_empty() {
+                        assert!(
+                            corner.iter().any(|shown| (p * 255.0 - shown[0] as f32).abs() < 10.0),
+                            "seed {seed} cell {i}: {p} vs {corner:?}"
+                        );
+                        checked.1 += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked.0 > 100 && checked.1 > 100, "{checked:?}");
+    }
+
     #[test]
     fn a_cut_shape_gets_the_box_of_its_visible_part() {
         // A right triangle cut by the window's left edge at x = 5: what is left spans x 5..10 and
