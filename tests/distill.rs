@@ -62,6 +62,9 @@ fn config(data: &kiln_training::split::StudentData, epochs: usize, imgsz: u32) -
         optimizer: kiln_training::optim::OptimizerKind::Adamw,
         lr0: 0.003,
         close_mosaic: 2,
+        // One optimiser step per batch: on a few dozen images Ultralytics' nominal batch of 64
+        // would make one or two steps per epoch.
+        nbs: 8,
         classes: data.train.class_names(),
         category_ids: data.train.class_ids(),
         ..StudentConfig::default()
@@ -106,7 +109,7 @@ fn distilled(
             optimizer: Some(kiln_training::optim::OptimizerKind::Adamw),
             lr0: Some(0.003),
             close_mosaic: Some(2),
-            set: set.iter().map(|s| s.to_string()).collect(),
+            set: std::iter::once("nbs=8").chain(set.iter().copied()).map(str::to_string).collect(),
             ..Default::default()
         },
         distill: Some(DistillRequest {
