@@ -358,6 +358,21 @@ fn grounded_sam_teachers_label_segment_and_teach() {
     assert!(annotations.iter().all(|a| a["segmentation"]["counts"].is_string()), "SAM masks every box");
     let row = summary.history[0].train;
     assert!(row.distill_mask_loss > 0.0, "mask distillation from SAM's probabilities: {row:?}");
+    // A SAM base other than the one the adapter was trained on is refused, both named.
+    let other_sam = dir.join("other_sam.safetensors");
+    device.seed(5);
+    kiln_models::sam::SamConfig::tiny().init(&device).save(&other_sam, &[]).unwrap();
+    let error = open_teacher(
+        &experiment,
+        &CocoDataset::load(&sets.labelled).unwrap().class_names(),
+        &DistillConfig::default(),
+        &TeacherWeights { grounding_dino: None, sam: Some(other_sam) },
+        &Device::flex(),
+    )
+    .err()
+    .expect("an adapter on another base is refused")
+    .to_string();
+    assert!(error.contains("sam_lora") && error.contains("not on the base given"), "{error}");
     assert!(row.distill_logit_loss > 0.0, "logit distillation from GroundingDINO's probabilities: {row:?}");
     assert!(row.distill_feature_loss > 0.0, "feature distillation from SAM's image embedding: {row:?}");
 }
