@@ -140,6 +140,11 @@ fn help_explains_every_command() {
     for flag in ["--data", "--images", "--split", "--stratify", "--seed", "--output-dir", "--json"] {
         assert!(stdout.contains(flag), "{flag} in {stdout}");
     }
+    let output = kiln(&["train-student", "--help"], Path::new("."));
+    let stdout = text(&output.stdout);
+    for flag in ["--teachers", "--unlabeled", "--gdino-weights", "--sam-weights", "distill.KEY=VALUE"] {
+        assert!(stdout.contains(flag), "{flag} in {stdout}");
+    }
 }
 
 #[test]
@@ -203,6 +208,28 @@ fn train_student_runs_end_to_end_on_coco8_seg_then_eval_reads_the_run() {
     let stdout = text(&eval.stdout);
     assert!(eval.status.success(), "{stdout}\n{}", text(&eval.stderr));
     assert!(stdout.contains("all") && stdout.contains("Mask(P") && stdout.contains("person"), "{stdout}");
+
+    // The run as a teacher of a new student on unlabelled photos (this barely trained teacher is
+    // unsure of everything: its best 5 boxes per image, whatever their score), and scored as a
+    // teacher.
+    let unlabeled = coco8_dir().join("images/val");
+    let taught = scratch.path().join("taught");
+    let mut distil = args.to_vec();
+    let (run_arg, taught_arg) = (run.to_str().unwrap(), taught.to_str().unwrap());
+    *distil.last_mut().unwrap() = taught_arg;
+    distil.extend(["--teachers", run_arg, "--unlabeled", unlabeled.to_str().unwrap()]);
+    distil.extend(["--set", "distill.box_threshold=0", "--set", "distill.max_labels=5"]);
+    let output = kiln(&distil, scratch.path());
+    assert!(output.status.success(), "{}\n{}", text(&output.stdout), text(&output.stderr));
+    let record = std::fs::read_to_string(taught.join("distillation_config.yaml")).unwrap();
+    assert!(record.contains("unlabelled_images: 4") && record.contains("kiln student yolov8n-seg"), "{record}");
+    assert!(taught.join("teacher_labels.json").is_file() && taught.join("weights/best.safetensors").is_file());
+    let eval = kiln(&["eval", "--teachers", run_arg, "--data", data.to_str().unwrap()], scratch.path());
+    assert!(eval.status.success(), "{}", text(&eval.stderr));
+    assert!(text(&eval.stdout).contains("kiln student yolov8n-seg"), "{}", text(&eval.stdout));
+    // Unlabelled images without teachers are refused by the argument parser, saying why.
+    let refused = kiln(&["train-student", "--data", "a.json", "--val", "b.json", "--unlabeled", "dir"], scratch.path());
+    assert!(!refused.status.success() && text(&refused.stderr).contains("--teachers"), "{}", text(&refused.stderr));
 }
 
 /// Synth images of the fixture student's domain (a seed it was not trained on).

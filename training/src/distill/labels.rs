@@ -399,11 +399,12 @@ pub fn coverage(pass: &LabelPass, config: &DistillConfig, teacher: &str) -> Resu
     if empty == unlabelled.len() {
         return Err(TrainError::Config(format!(
             "the teacher ({teacher}) found NOTHING on any of the {} unlabelled images at box_threshold {} \
-             (text_threshold {}): lower it (`--set distill.box_threshold=0.15`), check that the images show the \
-             classes, or train the teachers longer",
+             (text_threshold {}): lower it (e.g. `--set distill.box_threshold={}`), check that the images show \
+             the classes, or train the teachers longer",
             unlabelled.len(),
             config.box_threshold,
-            config.text_threshold
+            config.text_threshold,
+            (config.box_threshold / 2.0 * 1000.0).round() / 1000.0
         )));
     }
     let fraction = empty as f64 / unlabelled.len() as f64;
