@@ -358,6 +358,27 @@ fn grounded_sam_teachers_label_segment_and_teach() {
     assert!(annotations.iter().all(|a| a["segmentation"]["counts"].is_string()), "SAM masks every box");
     let row = summary.history[0].train;
     assert!(row.distill_mask_loss > 0.0, "mask distillation from SAM's probabilities: {row:?}");
+    // GroundingDINO alone gives its encoder memory as the feature map, for labelled and unlabelled
+    // images alike.
+    let alone = dir.join("gdino_alone/teachers");
+    std::fs::create_dir_all(alone.join("grounding_dino_lora")).unwrap();
+    std::fs::copy(experiment.join("teachers/teacher_config.yaml"), alone.join("teacher_config.yaml")).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        let from = experiment.join("teachers/grounding_dino_lora").join(file);
+        std::fs::copy(from, alone.join("grounding_dino_lora").join(file)).unwrap();
+    }
+    let classes = CocoDataset::load(&sets.labelled).unwrap().class_names();
+    let gdino = open_teacher(&alone, &classes, &DistillConfig::default(), &TeacherWeights::default(), &device).unwrap();
+    assert!(gdino.finds_objects() && !gdino.makes_masks() && gdino.makes_features(), "{}", gdino.describe());
+    let val = CocoDataset::load(&sets.val).unwrap();
+    let image = kiln_data::io::read_rgb_image(&sets.images.join(&val.images[0].file_name)).unwrap();
+    for prompts in [vec![], vec![(0, [2.0, 2.0, 40.0, 40.0])]] {
+        let (_, features) = gdino.label_with_features(&image, &prompts).unwrap();
+        let features = features.expect("GroundingDINO's encoder memory");
+        assert!(features.channels > 0 && features.width > 0 && features.height > 0);
+        assert!((features.region[2] - image.width() as f64).abs() <= 8.0 * image.width() as f64 / 128.0);
+    }
+
     // A SAM base other than the one the adapter was trained on is refused, both named.
     let other_sam = dir.join("other_sam.safetensors");
     device.seed(5);

@@ -168,6 +168,8 @@ pub struct GroundingDinoOutput {
     /// `[B, Q]` the selected image tokens.
     pub selected: Tensor<2, Int>,
     pub memory: Tensor<3>,
+    /// The `(rows, columns)` of each level in `memory`'s tokens, finest first (stride 8).
+    pub memory_shapes: Vec<(usize, usize)>,
     pub memory_text: Tensor<3>,
     /// `[B, T, d]` the text features before the encoder (after `feat_map`).
     pub encoded_text: Tensor<3>,
@@ -374,6 +376,7 @@ impl GroundingDino {
             encoder,
             selected: selection.indices,
             memory,
+            memory_shapes: masks.shapes.clone(),
             memory_text,
             encoded_text,
             text_mask: text.token_mask.clone(),

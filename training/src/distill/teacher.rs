@@ -263,7 +263,14 @@ impl GroundedSam {
 
     /// GroundingDINO's boxes of one image: per-class probabilities (each phrase's best token),
     /// scored by the best class, clipped to the image, class-aware NMS, best `max_labels`.
-    fn find(&self, grounding: &GroundingPart, image: &RgbImage) -> Result<Vec<TeacherInstance>, TrainError> {
+    /// And with `features`, the encoder memory's finest level (stride 8 of the resized image) as
+    /// the image's feature map.
+    fn find(
+        &self,
+        grounding: &GroundingPart,
+        image: &RgbImage,
+        features: bool,
+    ) -> Result<(Vec<TeacherInstance>, Option<FeatureMap>), TrainError> {
         let (pixels, size) = prepare_pixels(image, grounding.image_size, grounding.max_size);
         let images = ImageBatch::from_planar(&[(pixels, size)], &self.device);
         let text = TextBatch::new(
@@ -299,7 +306,23 @@ impl GroundedSam {
                 })
             })
             .collect();
-        Ok(class_aware_nms(instances, self.config.nms_iou, self.config.max_labels))
+        let feature_map = match (features, output.memory_shapes.first()) {
+            (true, Some(&(rows, columns))) => {
+                let [_, _, d] = output.memory.dims();
+                let level = output.memory.clone().narrow(1, 0, rows * columns).reshape([1, rows, columns, d]);
+                // The grid's cells are 8 resized pixels; the resized image is the original scaled.
+                let (resized_h, resized_w) = size;
+                let region = [
+                    0.0,
+                    0.0,
+                    (columns * 8) as f64 * image.width() as f64 / resized_w as f64,
+                    (rows * 8) as f64 * image.height() as f64 / resized_h as f64,
+                ];
+                Some(super::feature_map(level.permute([0, 3, 1, 2]), region, self.config.feature_cells)?)
+            }
+            _ => None,
+        };
+        Ok((class_aware_nms(instances, self.config.nms_iou, self.config.max_labels), feature_map))
     }
 
     /// SAM's mask of each box (original pixels) of one image, the image embedded once: the
@@ -361,7 +384,14 @@ impl GroundedSam {
             _ => None,
         };
         if !prompts.is_empty() {
-            let (Some(sam), Some(embedded)) = (&self.sam, &embedded) else { return Ok((Vec::new(), feature_map)) };
+            let (Some(sam), Some(embedded)) = (&self.sam, &embedded) else {
+                // GroundingDINO alone segments nothing; its encoder memory is the feature map.
+                let memory = match &self.grounding_dino {
+                    Some(grounding) if features => self.find(grounding, image, true)?.1,
+                    _ => None,
+                };
+                return Ok((Vec::new(), feature_map.or(memory)));
+            };
             let boxes: Vec<[f64; 4]> = prompts.iter().map(|&(_, bbox)| bbox).collect();
             let masks = self.segment_embedded(sam, embedded, &boxes)?;
             let instances = prompts
@@ -379,7 +409,9 @@ impl GroundedSam {
             return Ok((instances, feature_map));
         }
         let Some(grounding) = &self.grounding_dino else { return Ok((Vec::new(), feature_map)) };
-        let mut instances = self.find(grounding, image)?;
+        // Without SAM, GroundingDINO's encoder memory is the feature map.
+        let (mut instances, memory) = self.find(grounding, image, features && self.sam.is_none())?;
+        let feature_map = feature_map.or(memory);
         if let (Some(sam), Some(embedded)) = (&self.sam, &embedded) {
             let boxes: Vec<[f64; 4]> = instances.iter().map(|i| i.bbox).collect();
             for (instance, (mask, soft_mask)) in instances.iter_mut().zip(self.segment_embedded(sam, embedded, &boxes)?)
@@ -439,7 +471,7 @@ impl Teacher for GroundedSam {
     }
 
     fn makes_features(&self) -> bool {
-        self.sam.is_some() && self.config.feature > 0.0
+        self.config.feature > 0.0
     }
 
     fn label_with_features(
