@@ -493,18 +493,8 @@ fn open_grounding_dino(
 ) -> Result<Opened<GroundingPart>, TrainError> {
     const FLAG: &str = "--gdino-weights";
     let mut config = section.clone();
-    let adapter = match trained {
-        Trained::Adapter(dir) => {
-            config.weights = base_override.map(Path::to_path_buf).or(config.weights);
-            Some(dir.as_path())
-        }
-        Trained::Full(dir) => {
-            refuse_override(base_override, dir, FLAG)?;
-            config.weights = Some(dir.join(FULL_WEIGHTS));
-            None
-        }
-    };
-    require_file(config.weights.as_deref(), "GroundingDINO base weights", &format!("pass {FLAG} with the file"))?;
+    let (weights, adapter) = resolve_weights(trained, config.weights.take(), base_override, FLAG, "GroundingDINO")?;
+    config.weights = weights;
     let recorded = "put it back or correct teacher_config.yaml";
     require_file(config.text_encoder.as_deref(), "GroundingDINO text encoder", recorded)?;
     require_file(config.tokenizer.as_deref(), "GroundingDINO tokenizer", recorded)?;
@@ -551,18 +541,8 @@ fn open_sam(
 ) -> Result<Opened<Sam>, TrainError> {
     const FLAG: &str = "--sam-weights";
     let mut config = section.clone();
-    let adapter = match trained {
-        Trained::Adapter(dir) => {
-            config.weights = base_override.map(Path::to_path_buf).or(config.weights);
-            Some(dir.as_path())
-        }
-        Trained::Full(dir) => {
-            refuse_override(base_override, dir, FLAG)?;
-            config.weights = Some(dir.join(FULL_WEIGHTS));
-            None
-        }
-    };
-    require_file(config.weights.as_deref(), "SAM base weights", &format!("pass {FLAG} with the file"))?;
+    let (weights, adapter) = resolve_weights(trained, config.weights.take(), base_override, FLAG, "SAM")?;
+    config.weights = weights;
     if config.lacks_weights() {
         return Err(TrainError::Config(format!(
             "SAM {} in {}: teacher_config.yaml records no base weights: pass {FLAG}",
@@ -605,14 +585,30 @@ fn trained_weights(
 }
 
 /// A full fine-tuning's model file is the teacher: base weights have no part in it.
-fn refuse_override(base_override: Option<&Path>, dir: &Path, flag: &str) -> Result<(), TrainError> {
-    match base_override {
-        Some(_) => Err(TrainError::Config(format!(
-            "{} is a full fine-tuning (its {FULL_WEIGHTS} is the whole model): {flag} does not apply",
-            dir.display()
-        ))),
-        None => Ok(()),
-    }
+/// A teacher's weights file and adapter directory: for an adapter, the base it recorded (or
+/// `base_override`, the `flag` given) under the adapter; for a full fine-tuning, its own model file,
+/// which no flag replaces. The weights file must exist.
+fn resolve_weights<'a>(
+    trained: &'a Trained,
+    recorded: Option<PathBuf>,
+    base_override: Option<&Path>,
+    flag: &str,
+    what: &str,
+) -> Result<(Option<PathBuf>, Option<&'a Path>), TrainError> {
+    let (weights, adapter) = match trained {
+        Trained::Adapter(dir) => (base_override.map(Path::to_path_buf).or(recorded), Some(dir.as_path())),
+        Trained::Full(dir) => {
+            if base_override.is_some() {
+                return Err(TrainError::Config(format!(
+                    "{} is a full fine-tuning (its {FULL_WEIGHTS} is the whole model): {flag} does not apply",
+                    dir.display()
+                )));
+            }
+            (Some(dir.join(FULL_WEIGHTS)), None)
+        }
+    };
+    require_file(weights.as_deref(), &format!("{what} base weights"), &format!("pass {flag} with the file"))?;
+    Ok((weights, adapter))
 }
 
 fn require_file(path: Option<&Path>, what: &str, remedy: &str) -> Result<(), TrainError> {
