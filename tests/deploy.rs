@@ -17,8 +17,15 @@ fn student() -> PathBuf {
 
 /// Images of the student's domain (a synth seed it was not trained on).
 fn images(dir: &Path) -> PathBuf {
-    let options =
-        SynthOptions { images: 10, classes: 3, size: 160, labels: SynthLabels::Both, seed: 11, max_objects: 2 };
+    let options = SynthOptions {
+        images: 10,
+        classes: 3,
+        size: 160,
+        labels: SynthLabels::Both,
+        seed: 11,
+        max_objects: 2,
+        ..Default::default()
+    };
     synthesize(&options, dir, &ProgressBar::hidden()).unwrap().images_dir
 }
 

@@ -139,7 +139,15 @@ fn int8_in_onnxruntime(activations: kiln_export::quantize::ActivationType) {
     let scratch = Scratch::new("int8");
     let device = Device::flex();
     let synth = |seed: u64, images: usize| {
-        let options = SynthOptions { images, classes: 3, size: 160, labels: SynthLabels::Both, seed, max_objects: 2 };
+        let options = SynthOptions {
+            images,
+            classes: 3,
+            size: 160,
+            labels: SynthLabels::Both,
+            seed,
+            max_objects: 2,
+            ..Default::default()
+        };
         synthesize(&options, &scratch.path().join(format!("synth{seed}")), &ProgressBar::hidden()).unwrap()
     };
     let (val, calibration) = (synth(11, 60), synth(12, 32));

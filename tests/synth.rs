@@ -2,11 +2,11 @@
 //! never over existing output.
 
 use indicatif::ProgressBar;
-use kiln_data::{SynthLabels, SynthOptions, inspect, synthesize};
+use kiln_data::{SynthLabels, SynthOptions, SynthStyle, inspect, synthesize};
 use kiln_tests::Scratch;
 
 fn options(labels: SynthLabels, seed: u64) -> SynthOptions {
-    SynthOptions { images: 12, classes: 5, size: 96, labels, seed, max_objects: 6 }
+    SynthOptions { images: 12, classes: 5, size: 96, labels, seed, max_objects: 6, ..Default::default() }
 }
 
 #[test]
@@ -75,4 +75,43 @@ fn refuses_to_overwrite_an_existing_dataset() {
     let error = synthesize(&options(SynthLabels::Both, 2), scratch.path(), &ProgressBar::hidden()).err().unwrap();
     assert!(error.to_string().contains("refusing to overwrite"), "{error}");
     assert_eq!(std::fs::read(scratch.path().join("annotations.json")).unwrap(), before);
+}
+
+#[test]
+fn shifted_style_is_another_domain_with_the_same_classes() {
+    let mean_of = |style: SynthStyle| {
+        let scratch = Scratch::new("synth-style");
+        let options = SynthOptions { images: 24, classes: 5, size: 128, seed: 6, style, ..Default::default() };
+        let generated = synthesize(&options, scratch.path(), &ProgressBar::hidden()).unwrap();
+        let dataset = &generated.dataset;
+        let relative_area: f64 = dataset
+            .annotations
+            .iter()
+            .map(|a| {
+                let image = dataset.images.iter().find(|i| i.id == a.image_id).unwrap();
+                a.area.unwrap() / (image.width * image.height) as f64
+            })
+            .sum::<f64>()
+            / dataset.annotations.len() as f64;
+        let brightness: f64 = dataset
+            .images
+            .iter()
+            .map(|image| {
+                let pixels = image::open(generated.images_dir.join(&image.file_name)).unwrap().into_rgb8();
+                pixels.as_raw().iter().map(|&v| v as f64).sum::<f64>() / pixels.as_raw().len() as f64
+            })
+            .sum::<f64>()
+            / dataset.images.len() as f64;
+        (dataset.class_names(), relative_area, brightness, inspect(dataset))
+    };
+    let (default_classes, default_area, default_brightness, _) = mean_of(SynthStyle::Default);
+    let (shifted_classes, shifted_area, shifted_brightness, summary) = mean_of(SynthStyle::Shifted);
+    assert_eq!(default_classes, shifted_classes);
+    assert!(shifted_area < 0.6 * default_area, "smaller objects: {shifted_area} vs {default_area}");
+    assert!(
+        shifted_brightness > default_brightness + 20.0,
+        "brighter scenes: {shifted_brightness} vs {default_brightness}"
+    );
+    assert!(summary.has_masks && summary.masks.polygons > 0);
+    assert!(summary.class_mapping.iter().all(|c| c.instances >= 3), "{:?}", summary.class_mapping);
 }

@@ -21,7 +21,10 @@ use kiln_training::teacher::{
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn dataset(dir: &Path, images: usize, labels: SynthLabels) -> (PathBuf, PathBuf) {
-    kiln_tests::synth_split(dir, &SynthOptions { images, classes: 3, size: 128, labels, seed: 3, max_objects: 3 })
+    kiln_tests::synth_split(
+        dir,
+        &SynthOptions { images, classes: 3, size: 128, labels, seed: 3, max_objects: 3, ..Default::default() },
+    )
 }
 
 fn request(train: &Path, val: &Path, output: &Path, overrides: TeacherOverrides) -> TrainTeacherRequest {

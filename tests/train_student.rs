@@ -17,7 +17,15 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A synth dataset split into train.json / val.json; returns their paths.
 fn dataset(dir: &Path, images: usize, size: u32) -> (PathBuf, PathBuf) {
-    let options = SynthOptions { images, classes: 3, size, labels: SynthLabels::Both, seed: 5, max_objects: 3 };
+    let options = SynthOptions {
+        images,
+        classes: 3,
+        size,
+        labels: SynthLabels::Both,
+        seed: 5,
+        max_objects: 3,
+        ..Default::default()
+    };
     let out = synthesize(&options, &dir.join("synth"), &ProgressBar::hidden()).unwrap();
     let parts = split(&out.dataset, &SplitOptions::default());
     let (train, val) = (dir.join("synth/train.json"), dir.join("synth/val.json"));
@@ -124,7 +132,15 @@ fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 fn a_student_learns_a_small_dataset() {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = Scratch::new("train-learns");
-    let options = SynthOptions { images: 8, classes: 3, size: 64, labels: SynthLabels::Both, seed: 11, max_objects: 2 };
+    let options = SynthOptions {
+        images: 8,
+        classes: 3,
+        size: 64,
+        labels: SynthLabels::Both,
+        seed: 11,
+        max_objects: 2,
+        ..Default::default()
+    };
     let out = synthesize(&options, &scratch.path().join("synth"), &ProgressBar::hidden()).unwrap();
     let (data, _) = load_student_data(&out.annotations, &out.annotations, None).unwrap();
     let config = StudentConfig {

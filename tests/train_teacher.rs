@@ -38,7 +38,10 @@ fn dataset_with(
     labels: SynthLabels,
     max_objects: usize,
 ) -> (PathBuf, PathBuf) {
-    kiln_tests::synth_split(dir, &SynthOptions { images, classes, size: 256, labels, seed, max_objects })
+    kiln_tests::synth_split(
+        dir,
+        &SynthOptions { images, classes, size: 256, labels, seed, max_objects, ..Default::default() },
+    )
 }
 
 fn request(train: &Path, val: &Path, output: &Path, overrides: TeacherOverrides) -> TrainTeacherRequest {

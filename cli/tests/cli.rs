@@ -241,6 +241,7 @@ fn student_images(dir: &Path) -> std::path::PathBuf {
         labels: kiln_data::SynthLabels::Both,
         seed: 11,
         max_objects: 2,
+        ..Default::default()
     };
     kiln_data::synthesize(&options, dir, &indicatif::ProgressBar::hidden()).unwrap().images_dir
 }

@@ -28,6 +28,6 @@ pub use mask::{BinaryMask, Rle};
 pub use pipeline::{LoadedDataset, ValidateOptions, ValidateReport, load_dataset, run_validate};
 pub use repair::{RepairSummary, repair};
 pub use split::{Split, SplitOptions, SplitSpec, split};
-pub use synth::{SynthLabels, SynthOptions, synthesize};
+pub use synth::{SynthLabels, SynthOptions, SynthStyle, synthesize};
 pub use validate::{Problem, Severity, Validation, validate};
 pub use yolo::import_yolo;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
-use kiln_data::{SynthLabels, SynthOptions};
+use kiln_data::{SynthLabels, SynthOptions, SynthStyle};
 
 use crate::common::progress_bar;
 
@@ -22,6 +22,15 @@ pub enum LabelsArg {
     Both,
     Boxes,
     Masks,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum StyleArg {
+    /// Shaded shapes of 6–24 % of the short side on gradients, stripes, checkerboards and clouds.
+    Default,
+    /// Another domain with the same classes: flat saturated shapes of 5–16 % of the short side
+    /// on bright speckle, radial light, fine stripes or grain (for transfer experiments).
+    Shifted,
 }
 
 /// The generator's settings, shared with `kiln demo`.
@@ -45,6 +54,10 @@ pub struct SynthFlags {
     /// Seed: the same seed and options give the same dataset.
     #[arg(long = "synth-seed", default_value_t = 0)]
     pub seed: u64,
+    /// The look of the scenes: kiln's default, or a shifted domain (other backgrounds, colours and
+    /// object sizes) to evaluate a model pretrained on the default one.
+    #[arg(long, value_enum, default_value_t = StyleArg::Default)]
+    pub style: StyleArg,
 }
 
 impl SynthFlags {
@@ -60,6 +73,10 @@ impl SynthFlags {
             },
             seed: self.seed,
             max_objects: self.max_objects,
+            style: match self.style {
+                StyleArg::Default => SynthStyle::Default,
+                StyleArg::Shifted => SynthStyle::Shifted,
+            },
         }
     }
 }
