@@ -38,7 +38,8 @@ fn sets(dir: &Path, images: usize, labelled: f64, size: u32) -> Sets {
 }
 
 fn sets_of(dir: &Path, images: usize, labelled: f64, size: u32, classes: usize, max_objects: usize) -> Sets {
-    let options = SynthOptions { images, classes, size, labels: SynthLabels::Both, seed: 17, max_objects };
+    let options =
+        SynthOptions { images, classes, size, labels: SynthLabels::Both, seed: 17, max_objects, ..Default::default() };
     let out = synthesize(&options, &dir.join("synth"), &ProgressBar::hidden()).unwrap();
     let spec = format!("train:{labelled},unlabelled:{},val:0.25", 0.75 - labelled).parse().unwrap();
     let parts = split(&out.dataset, &SplitOptions { spec, ..SplitOptions::default() });
@@ -229,16 +230,15 @@ fn a_trained_student_teaches_a_new_one_on_unlabelled_images() {
     assert_eq!(first["labels_computed"].as_u64(), Some((unlabelled + labelled) as u64), "{first:?}");
     assert!(first["teacher_labels"].as_u64().unwrap() > 0);
     let csv = std::fs::read_to_string(run.join("results.csv")).unwrap();
-    assert!(
-        csv.lines()
-            .next()
-            .unwrap()
-            .ends_with("train/distill_logit_loss,train/distill_mask_loss,train/distill_feature_loss")
-    );
+    assert!(csv.lines().next().unwrap().ends_with(
+        "train/distill_logit_loss,train/distill_mask_loss,train/distill_feature_loss,train/teacher_label_loss"
+    ));
     let logit: f64 = csv.lines().nth(1).unwrap().split(',').nth(19).unwrap().parse().unwrap();
     assert!(logit > 0.0, "the logit distillation is on: {csv}");
     let feature: f64 = csv.lines().nth(1).unwrap().split(',').nth(21).unwrap().parse().unwrap();
     assert!(feature > 0.0, "the feature distillation is on (the teacher's P4): {csv}");
+    let teacher_labels: f64 = csv.lines().nth(1).unwrap().split(',').nth(22).unwrap().parse().unwrap();
+    assert!(teacher_labels > 0.0, "the teacher labels' share of the loss is logged: {csv}");
 
     // The saved student has exactly the architecture's tensors and runs without prompts.
     assert_eq!(

@@ -124,13 +124,14 @@ impl crate::engine::EpochRecord for EpochRecord {
     const CSV_HEADER: &'static str = "epoch,train/box_loss,train/seg_loss,train/cls_loss,train/dfl_loss,\
 metrics/precision(B),metrics/recall(B),metrics/mAP50(B),metrics/mAP50-95(B),\
 metrics/precision(M),metrics/recall(M),metrics/mAP50(M),metrics/mAP50-95(M),\
-val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds,train/distill_logit_loss,train/distill_mask_loss,train/distill_feature_loss";
+val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds,train/distill_logit_loss,train/distill_mask_loss,train/distill_feature_loss,\
+train/teacher_label_loss";
 
     fn csv_row(&self) -> String {
         let t = &self.train;
         let v = &self.val;
         format!(
-            "{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.6},{:.1},{:.5},{:.5},{:.5}",
+            "{},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.5},{:.6},{:.1},{:.5},{:.5},{:.5},{:.5}",
             self.epoch,
             t.box_loss,
             t.seg_loss,
@@ -152,7 +153,8 @@ val/box_loss,val/seg_loss,val/cls_loss,val/dfl_loss,lr,seconds,train/distill_log
             self.seconds,
             t.distill_logit_loss,
             t.distill_mask_loss,
-            t.distill_feature_loss
+            t.distill_feature_loss,
+            t.teacher_label_loss
         )
     }
 }
@@ -461,8 +463,8 @@ impl TrainTask for StudentTask {
         let seg = if self.masks { format!(" seg {:.3}", mean.seg_loss) } else { String::new() };
         let distill = if self.config.distill.is_some() {
             format!(
-                " kd-logit {:.3} kd-mask {:.3} kd-feature {:.3}",
-                mean.distill_logit_loss, mean.distill_mask_loss, mean.distill_feature_loss
+                " kd-logit {:.3} kd-mask {:.3} kd-feature {:.3} kd-label {:.3}",
+                mean.distill_logit_loss, mean.distill_mask_loss, mean.distill_feature_loss, mean.teacher_label_loss
             )
         } else {
             String::new()
@@ -730,6 +732,7 @@ fn add(a: LossParts, b: LossParts, weight: f32) -> LossParts {
         distill_logit_loss: a.distill_logit_loss + b.distill_logit_loss * weight,
         distill_mask_loss: a.distill_mask_loss + b.distill_mask_loss * weight,
         distill_feature_loss: a.distill_feature_loss + b.distill_feature_loss * weight,
+        teacher_label_loss: a.teacher_label_loss + b.teacher_label_loss * weight,
     }
 }
 

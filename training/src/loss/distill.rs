@@ -32,20 +32,29 @@ pub struct DistillLoss {
 /// Probabilities kept off 0 and 1 before their logit is taken.
 const PROBABILITY_EPS: f32 = 1e-4;
 
+/// What [`soften_targets`] made of a batch's anchors, flat over the batch (`[B * A]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeacherAnchors {
+    /// Each anchor's weight in the loss: the teacher-label weight at teacher anchors, 1 elsewhere.
+    pub weights: Vec<f32>,
+    /// Whether the anchor learns a teacher label: its weight cannot tell when that weight is 1.
+    pub teacher: Vec<bool>,
+}
+
 /// Turns the one-hot targets of anchors assigned to teacher labels into the teacher's class
-/// probabilities (scaled by the anchor's normalised alignment), and returns each anchor's weight
-/// `[B * A]` (`weight` at those anchors, 1 elsewhere), or `None` when no anchor learns a teacher
-/// label.
+/// probabilities (scaled by the anchor's normalised alignment), and returns those anchors and
+/// each anchor's weight (`weight` at those anchors, 1 elsewhere), or `None` when no anchor learns
+/// a teacher label.
 pub fn soften_targets(
     assignment: &mut BatchAssignment,
     signals: &TeacherTargets,
     max_objects: usize,
     nc: usize,
     weight: f32,
-) -> Option<Vec<f32>> {
+) -> Option<TeacherAnchors> {
     let anchors = assignment.anchors.len();
     let mut weights = vec![1f32; assignment.assignments.len() * anchors];
-    let mut any = false;
+    let mut teacher = vec![false; weights.len()];
     for (b, a) in assignment.assignments.iter_mut().enumerate() {
         for j in (0..anchors).filter(|&j| a.foreground[j]) {
             let Some(Some(probs)) = signals.class_probs.get(b * max_objects + a.target_index[j]) else {
@@ -57,10 +66,10 @@ pub fn soften_targets(
                 *target = alignment * p;
             }
             weights[b * anchors + j] = weight;
-            any = true;
+            teacher[b * anchors + j] = true;
         }
     }
-    any.then_some(weights)
+    teacher.contains(&true).then_some(TeacherAnchors { weights, teacher })
 }
 
 /// `-(q ln q + (1 - q) ln(1 - q))`, zero at 0 and 1.
@@ -211,12 +220,15 @@ mod tests {
     #[test]
     fn teacher_labels_become_soft_weighted_targets() {
         let mut a = assignment();
-        let weights = soften_targets(&mut a, &signals(), 2, 2, 0.5).unwrap();
+        let anchors = soften_targets(&mut a, &signals(), 2, 2, 0.5).unwrap();
         let scores = &a.assignments[0].target_scores;
         assert!((scores[0] - 0.8 * 0.7).abs() < 1e-6 && (scores[1] - 0.8 * 0.2).abs() < 1e-6);
         // Ground truth keeps its one-hot target and full weight.
         assert_eq!(&scores[4..6], &[0.0, 0.5]);
-        assert_eq!(weights, vec![0.5, 1.0, 1.0]);
+        assert_eq!(anchors, TeacherAnchors { weights: vec![0.5, 1.0, 1.0], teacher: vec![true, false, false] });
+        // At full weight, only the flags tell the teacher's anchor from the others.
+        let full = soften_targets(&mut assignment(), &signals(), 2, 2, 1.0).unwrap();
+        assert_eq!(full, TeacherAnchors { weights: vec![1.0; 3], teacher: vec![true, false, false] });
         let mut none = assignment();
         let no_teacher = TeacherTargets { class_probs: vec![None, None], soft_masks: vec![None, None], features: None };
         assert!(soften_targets(&mut none, &no_teacher, 2, 2, 1.0).is_none());

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use assigner::{AssignerConfig, Assignment, GroundTruth, assign};
 use bbox::{ciou_tensor, distribution_focal_loss};
 pub use distill::DistillLoss;
+use distill::TeacherAnchors;
 use kiln_data::batch::TeacherTargets;
 
 /// The strides of YOLOv8's three detection levels.
@@ -94,6 +95,10 @@ pub struct LossParts {
     /// Feature distillation (zero without teacher features).
     #[serde(default)]
     pub distill_feature_loss: f32,
+    /// The part of box + cls + dfl + seg (after gains) at anchors assigned to teacher labels;
+    /// already included in those four, so not added by `sum()`.
+    #[serde(default)]
+    pub teacher_label_loss: f32,
 }
 
 impl LossParts {
@@ -172,6 +177,22 @@ fn tensor_from<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Dev
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
+fn index_tensor(values: Vec<i64>, device: &Device) -> Tensor<1, Int> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n]), device)
+}
+
+/// The sum of the rows of `values` where `teacher` holds (for the teacher-label loss, which is only
+/// logged: pass detached values), or `None` when it holds nowhere.
+fn teacher_rows<const D: usize>(values: Tensor<D>, teacher: impl Iterator<Item = bool>) -> Option<Tensor<1>> {
+    let rows: Vec<i64> = teacher.enumerate().filter(|&(_, t)| t).map(|(k, _)| k as i64).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let index = index_tensor(rows, &values.device());
+    Some(values.select(0, index).sum())
+}
+
 /// The task-aligned assignment of a whole batch, from the head's raw output (no gradient).
 pub struct BatchAssignment {
     pub assignments: Vec<Assignment>,
@@ -213,12 +234,15 @@ pub fn yolo_loss_distilled(
         assign_batch(config, pred_scores.clone(), pred_boxes.clone(), targets, anchor_points, anchor_strides)?;
     let teacher = distill.zip(targets.teacher.as_ref());
     let max_objects = targets.boxes.dims()[1];
-    let anchor_weights = match teacher {
+    let softened = match teacher {
         Some((weights, signals)) => {
             distill::soften_targets(&mut assignment, signals, max_objects, nc, weights.teacher_labels)
         }
         None => None,
     };
+    let anchor_weights = softened.as_ref().map(|s| s.weights.as_slice());
+    // The teacher anchors' shares of box, cls, dfl and seg (after gains), summed for the log.
+    let mut teacher_shares: Vec<Tensor<1>> = Vec::new();
     let logit = match teacher {
         Some((weights, signals)) if weights.logit > 0.0 => {
             distill::logit_distillation(pred_scores.clone(), &assignment, signals, max_objects, weights.temperature)?
@@ -229,17 +253,22 @@ pub fn yolo_loss_distilled(
     for a in &assignment.assignments {
         target_scores.extend_from_slice(&a.target_scores);
     }
-    let target_scores_sum = match &anchor_weights {
+    let target_scores_sum = match anchor_weights {
         None => target_scores.iter().sum::<f32>(),
         Some(w) => target_scores.chunks(nc).zip(w).map(|(row, w)| row.iter().sum::<f32>() * w).sum(),
     }
     .max(1.0);
     let target_scores = tensor_from(target_scores, [batch_size, num_anchors, nc], &device);
-    let cls = match &anchor_weights {
+    let cls = match &softened {
         None => bce_with_logits(pred_scores.clone(), target_scores).sum() / target_scores_sum,
-        Some(w) => {
-            let w = tensor_from(w.clone(), [batch_size, num_anchors, 1], &device);
-            (bce_with_logits(pred_scores.clone(), target_scores) * w).sum() / target_scores_sum
+        Some(s) => {
+            let w = tensor_from(s.weights.clone(), [batch_size, num_anchors, 1], &device);
+            let weighted = bce_with_logits(pred_scores.clone(), target_scores) * w;
+            let rows = weighted.clone().detach().reshape([batch_size * num_anchors, nc]);
+            if let Some(share) = teacher_rows(rows, s.teacher.iter().copied()) {
+                teacher_shares.push(share / target_scores_sum * config.cls_gain);
+            }
+            weighted.sum() / target_scores_sum
         }
     };
 
@@ -255,7 +284,7 @@ pub fn yolo_loss_distilled(
             let [ax, ay] = assignment.anchors[j];
             let limit = REG_MAX as f32 - 1.0 - 0.01;
             positive.push((b * num_anchors + j) as i64);
-            let anchor_weight = anchor_weights.as_ref().map_or(1.0, |w| w[b * num_anchors + j]);
+            let anchor_weight = anchor_weights.map_or(1.0, |w| w[b * num_anchors + j]);
             weights.push(a.target_scores[j * nc..(j + 1) * nc].iter().sum::<f32>() * anchor_weight);
             target_boxes.extend_from_slice(&gt);
             target_distances.push([ax - gt[0], ay - gt[1], gt[2] - ax, gt[3] - ay].map(|d| d.clamp(0.0, limit)));
@@ -270,22 +299,34 @@ pub fn yolo_loss_distilled(
         let weight = tensor_from(weights, [n], &device);
         let predicted = pred_boxes.reshape([batch_size * num_anchors, 4]).select(0, index.clone());
         let iou = ciou_tensor(predicted, tensor_from(target_boxes, [n, 4], &device));
-        let box_loss = ((iou.neg() + 1.0) * weight.clone()).sum() / target_scores_sum;
+        let box_per_anchor = (iou.neg() + 1.0) * weight.clone();
         let logits = pred_dist.reshape([batch_size * num_anchors, 4, REG_MAX]).select(0, index);
-        let dfl = (distribution_focal_loss(logits, &target_distances) * weight).sum() / target_scores_sum;
-        (box_loss, dfl)
+        let dfl_per_anchor = distribution_focal_loss(logits, &target_distances) * weight;
+        if let Some(s) = &softened {
+            let is_teacher: Vec<bool> = positive.iter().map(|&i| s.teacher[i as usize]).collect();
+            for (per_anchor, gain) in [(&box_per_anchor, config.box_gain), (&dfl_per_anchor, config.dfl_gain)] {
+                if let Some(share) = teacher_rows(per_anchor.clone().detach(), is_teacher.iter().copied()) {
+                    teacher_shares.push(share / target_scores_sum * gain);
+                }
+            }
+        }
+        (box_per_anchor.sum() / target_scores_sum, dfl_per_anchor.sum() / target_scores_sum)
     };
 
     let seg = match (&output.coefficients, &output.prototypes, &targets.masks) {
-        (Some(coefficients), Some(prototypes), Some(masks)) => Some(mask_loss(
-            coefficients,
-            prototypes.clone(),
-            masks.clone(),
-            &assignment,
-            anchor_weights.as_deref(),
-            input_size,
-            n,
-        )?),
+        (Some(coefficients), Some(prototypes), Some(masks)) => {
+            let (seg, teacher_share) = mask_loss(
+                coefficients,
+                prototypes.clone(),
+                masks.clone(),
+                &assignment,
+                softened.as_ref(),
+                input_size,
+                n,
+            )?;
+            teacher_shares.extend(teacher_share.map(|share| share * config.box_gain));
+            Some(seg)
+        }
         (None, None, _) => None,
         _ => return Err(LossError::MasksMissing),
     };
@@ -326,6 +367,10 @@ pub fn yolo_loss_distilled(
             None => 0.0,
         },
         distill_feature_loss: 0.0,
+        teacher_label_loss: match teacher_shares.into_iter().reduce(|a, b| a + b) {
+            Some(t) => scalar(t, 1.0)?,
+            None => 0.0,
+        },
     };
     Ok(LossOutput { total: total * batch_size as f32, parts, foreground: n })
 }
@@ -387,16 +432,17 @@ pub fn assign_batch(
 }
 
 /// Mask loss summed over positive anchors, divided by their number (Ultralytics'
-/// `calculate_segmentation_loss` with `overlap_mask=False`).
+/// `calculate_segmentation_loss` with `overlap_mask=False`), and with teacher anchors, their share
+/// of it (detached, for the log).
 fn mask_loss(
     coefficients: &[Tensor<4>],
     prototypes: Tensor<4>,
     masks: Tensor<4>,
     assignment: &BatchAssignment,
-    anchor_weights: Option<&[f32]>,
+    teacher: Option<&TeacherAnchors>,
     input_size: [usize; 2],
     positives: usize,
-) -> Result<Tensor<1>, LossError> {
+) -> Result<(Tensor<1>, Option<Tensor<1>>), LossError> {
     let device = prototypes.device();
     let [_, nm, mh, mw] = prototypes.dims();
     let [_, m, th, tw] = masks.dims();
@@ -406,6 +452,7 @@ fn mask_loss(
     let coefficients = flatten_levels(coefficients); // [B, A, nm]
     let num_anchors = coefficients.dims()[1];
     let mut total = Tensor::<1>::zeros([1], &device);
+    let mut teacher_sums = Vec::new();
     for (b, a) in assignment.assignments.iter().enumerate() {
         let anchors: Vec<usize> = (0..num_anchors).filter(|&j| a.foreground[j]).collect();
         if anchors.is_empty() {
@@ -427,16 +474,22 @@ fn mask_loss(
         let truth = masks.clone().slice([b..b + 1, 0..m, 0..mh, 0..mw]).reshape([m, mh * mw]).select(0, object_index);
         let boxes: Vec<[f32; 4]> = anchors.iter().map(|&j| assignment.boxes[b][a.target_index[j]]).collect();
         let mut weight = crop_weights(&boxes, input_size, [mh, mw]);
-        if let Some(anchor_weights) = anchor_weights {
+        if let Some(teacher) = teacher {
             for (row, &j) in weight.chunks_mut(mh * mw).zip(&anchors) {
-                let w = anchor_weights[b * num_anchors + j];
+                let w = teacher.weights[b * num_anchors + j];
                 row.iter_mut().for_each(|v| *v *= w);
             }
         }
         let weight = tensor_from(weight, [n, mh * mw], &device);
-        total = total + (bce_with_logits(logits, truth) * weight).sum();
+        let loss = bce_with_logits(logits, truth) * weight;
+        if let Some(teacher) = teacher {
+            let rows = anchors.iter().map(|&j| teacher.teacher[b * num_anchors + j]);
+            teacher_sums.extend(teacher_rows(loss.clone().detach(), rows));
+        }
+        total = total + loss.sum();
     }
-    Ok(total / positives.max(1) as f32)
+    let positives = positives.max(1) as f32;
+    Ok((total / positives, teacher_sums.into_iter().reduce(|a, b| a + b).map(|t| t / positives)))
 }
 
 /// Per box, `[mh * mw]` weights that are, inside the box (prototype pixels), one over the pixel
@@ -464,4 +517,109 @@ pub fn crop_weights(boxes: &[[f32; 4]], input_size: [usize; 2], [mh, mw]: [usize
         }
     }
     weight
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHANNELS: usize = 4 * REG_MAX + 2;
+
+    fn wave(i: usize, frequency: f32) -> f32 {
+        (i as f32 * frequency).sin()
+    }
+
+    /// Two 64 x 64 images, 2 classes, 4 mask coefficients: head outputs whose side distributions
+    /// peak at bin 2 (boxes about 40 pixels wide on the first level, overlapping the objects).
+    fn head_output(device: &Device) -> HeadOutput {
+        let sides = [8usize, 4, 2];
+        let levels: Vec<Tensor<4>> = sides
+            .iter()
+            .map(|&side| {
+                let values: Vec<f32> = (0..2 * CHANNELS * side * side)
+                    .map(|i| {
+                        let c = i / (side * side) % CHANNELS;
+                        if c < 4 * REG_MAX {
+                            let peak = if c % REG_MAX == 2 { 5.0 } else { 0.0 };
+                            peak + 0.3 * wave(i, 0.7)
+                        } else {
+                            0.5 * wave(i, 1.3) - 1.0
+                        }
+                    })
+                    .collect();
+                tensor_from(values, [2, CHANNELS, side, side], device)
+            })
+            .collect();
+        let coefficients: Vec<Tensor<4>> = sides
+            .iter()
+            .map(|&side| {
+                let values = (0..2 * 4 * side * side).map(|i| 0.5 * wave(i, 0.9)).collect();
+                tensor_from(values, [2, 4, side, side], device)
+            })
+            .collect();
+        let prototypes = tensor_from((0..2 * 4 * 16 * 16).map(|i| wave(i, 0.3)).collect(), [2, 4, 16, 16], device);
+        HeadOutput { levels, coefficients: Some(coefficients), prototypes: Some(prototypes) }
+    }
+
+    /// Image 0: two objects (classes 0 and 1); image 1: one (class 0) and padding. Masks fill the
+    /// boxes at the prototypes' resolution (4 pixels a cell).
+    fn targets(device: &Device, teacher: Option<TeacherTargets>) -> Targets {
+        let boxes: [[f32; 4]; 4] =
+            [[8.0, 8.0, 40.0, 40.0], [30.0, 26.0, 60.0, 58.0], [12.0, 16.0, 44.0, 52.0], [0.0; 4]];
+        let masks: Vec<f32> = boxes
+            .iter()
+            .flat_map(|&[x1, y1, x2, y2]| {
+                (0..16 * 16).map(move |p| {
+                    let (x, y) = ((p % 16) as f32 * 4.0 + 2.0, (p / 16) as f32 * 4.0 + 2.0);
+                    if x > x1 && x < x2 && y > y1 && y < y2 { 1.0 } else { 0.0 }
+                })
+            })
+            .collect();
+        Targets {
+            boxes: tensor_from(boxes.iter().flatten().copied().collect(), [2, 2, 4], device),
+            classes: Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 1, 0, 0], [2, 2]), device),
+            valid: tensor_from(vec![1.0, 1.0, 1.0, 0.0], [2, 2], device),
+            masks: Some(tensor_from(masks, [2, 2, 16, 16], device)),
+            teacher,
+        }
+    }
+
+    fn signals(class_probs: Vec<Option<Vec<f32>>>) -> TeacherTargets {
+        TeacherTargets { class_probs, soft_masks: vec![None; 4], features: None }
+    }
+
+    #[test]
+    fn the_teacher_label_loss_is_the_teacher_anchors_share_of_the_yolo_loss() {
+        let device = Device::default();
+        let output = head_output(&device);
+        let config = LossConfig::default();
+        let parts = |teacher_labels: f32, teacher: Option<TeacherTargets>| {
+            let distill = DistillLoss { teacher_labels, logit: 1.0, temperature: 2.0, mask: 0.0, feature: 0.0 };
+            yolo_loss_distilled(&config, Some(&distill), &output, &targets(&device, teacher)).unwrap().parts
+        };
+        let yolo = |p: &LossParts| p.box_loss + p.cls_loss + p.dfl_loss + p.seg_loss;
+
+        // The second and third objects are the teacher's: a part of the four terms, not added again.
+        let mixed = signals(vec![None, Some(vec![0.3, 0.6]), Some(vec![0.7, 0.2]), None]);
+        let taught = parts(1.0, Some(mixed.clone()));
+        assert!(taught.teacher_label_loss > 0.0 && taught.teacher_label_loss < yolo(&taught), "{taught:?}");
+        assert_eq!(taught.sum(), yolo(&taught) + taught.distill_logit_loss);
+
+        // Every object the teacher's: box, dfl and seg are all theirs, cls only at their anchors,
+        // not at the background's.
+        let every = signals(vec![Some(vec![0.9, 0.1]), Some(vec![0.3, 0.6]), Some(vec![0.7, 0.2]), None]);
+        let all = parts(1.0, Some(every));
+        let cls_share = all.teacher_label_loss - (all.box_loss + all.dfl_loss + all.seg_loss);
+        assert!(cls_share > 1e-4 && cls_share < all.cls_loss, "{all:?}");
+
+        // Ignored teacher labels have no share.
+        assert_eq!(parts(0.0, Some(mixed)).teacher_label_loss, 0.0);
+
+        // Without teacher labels, the plain loss and no share.
+        let plain = yolo_loss(&config, &output, &targets(&device, None)).unwrap().parts;
+        assert_eq!(plain.teacher_label_loss, 0.0);
+        for teacher in [None, Some(signals(vec![None; 4]))] {
+            assert_eq!(parts(1.0, teacher), plain);
+        }
+    }
 }
