@@ -1,5 +1,6 @@
 //! kiln's models: Burn modules whose parameter names map onto the official checkpoints.
 
+pub mod bases;
 pub mod detector;
 pub mod device;
 pub mod grounding_dino;

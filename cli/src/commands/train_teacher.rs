@@ -42,8 +42,9 @@ pub struct Args {
     /// experiments/teacher2, ...].
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
-    /// SAM size: vit_b, vit_l, vit_h, mobile (MobileSAM) or tiny (a toy that trains from a random
-    /// initialisation, for tests and the demo) [default: vit_b].
+    /// SAM size: vit_b, vit_l, vit_h, mobile (MobileSAM) or tiny (a small SAM for CPUs, tests and
+    /// the demo; without --sam-weights it starts from the base kiln ships, pretrained on generated
+    /// shapes) [default: vit_b].
     #[arg(long, value_enum)]
     pub sam: Option<SamModelArg>,
     /// The pretrained SAM checkpoint, as released (sam_vit_b_01ec64.pth, mobile_sam.pt) or kiln
@@ -81,6 +82,10 @@ pub struct Args {
     /// teachers/sam_full/model.safetensors (e.g. to make a base for a new domain; LoRA is the default).
     #[arg(long)]
     pub full_finetune: bool,
+    /// Start --sam tiny / --gdino tiny_minilm from a random initialisation instead of the bases
+    /// kiln ships for them (pretrained on generated shapes: models/bases/README.md).
+    #[arg(long)]
+    pub from_scratch: bool,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
@@ -89,8 +94,10 @@ pub struct Args {
     /// Train only this teacher of those the data calls for: sam or grounding_dino.
     #[arg(long, value_name = "NAME", value_enum)]
     pub teacher: Option<TeacherArg>,
-    /// GroundingDINO model: swint_ogc, swint_minilm (all-MiniLM-L6-v2 as text encoder), or the toys
-    /// tiny_minilm / tiny that train from a random initialisation [default: swint_ogc].
+    /// GroundingDINO model: swint_ogc, swint_minilm (all-MiniLM-L6-v2 as text encoder), or the
+    /// small tiny_minilm (without --gdino-weights it starts from the base kiln ships, pretrained on
+    /// generated shapes; needs --text-encoder) and tiny (random initialisation, no files) [default:
+    /// swint_ogc].
     #[arg(long, value_enum)]
     pub gdino: Option<GroundingDinoModelArg>,
     /// The pretrained GroundingDINO checkpoint, as released (groundingdino_swint_ogc.pth) or kiln
@@ -147,6 +154,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             seed: args.seed,
             focal_weight: args.focal_weight,
             full_finetune: args.full_finetune,
+            from_scratch: args.from_scratch,
         },
     };
     println!("kiln train-teacher -> {}", output.join("teachers").display());

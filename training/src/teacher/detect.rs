@@ -84,6 +84,9 @@ pub fn detect_config(adapter: Option<&Path>, o: &DetectOverrides) -> Result<Grou
     };
     g.model = o.gdino.clone().unwrap_or(g.model);
     g.weights = o.weights.clone().or(g.weights);
+    if adapter.is_none() {
+        g.weights = super::shipped_base_unless_given("grounding_dino", &g.model, g.weights, false)?;
+    }
     g.text_encoder = o.text_encoder.clone().or(g.text_encoder);
     g.box_threshold = o.box_threshold.unwrap_or(g.box_threshold);
     g.text_threshold = o.text_threshold.unwrap_or(g.text_threshold);
@@ -96,8 +99,8 @@ pub fn detect_config(adapter: Option<&Path>, o: &DetectOverrides) -> Result<Grou
     }
     if g.lacks_weights() {
         return Err(TrainError::Config(format!(
-            "GroundingDINO {} needs --weights (groundingdino_swint_ogc.pth); only the tiny toys run from a random \
-             initialisation",
+            "GroundingDINO {} needs --weights (groundingdino_swint_ogc.pth); only tiny_minilm has a base shipped with \
+             kiln, and tiny runs from a random initialisation",
             g.model
         )));
     }

@@ -78,6 +78,8 @@ pub struct TeacherOverrides {
     pub seed: Option<u64>,
     pub focal_weight: Option<f64>,
     pub full_finetune: bool,
+    /// Start a tiny preset from a random initialisation instead of kiln's shipped base.
+    pub from_scratch: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -134,11 +136,12 @@ fn sam_overrides(mut sam: SamTeacherConfig, o: &TeacherOverrides) -> Result<SamT
     if let Some(path) = sam.weights.as_ref().filter(|path| !path.is_file()) {
         return Err(TrainError::Config(format!("{}: no such SAM checkpoint", path.display())));
     }
+    sam.weights = shipped_base_unless_given("sam", &sam.model, sam.weights, o.from_scratch)?;
     if sam.lacks_weights() {
         return Err(TrainError::Config(format!(
             "SAM {} needs its pretrained weights: pass --sam-weights (e.g. sam_vit_b_01ec64.pth or mobile_sam.pt \
-             from the official releases) or train only GroundingDINO with --teacher grounding_dino; only --sam tiny trains \
-             from a random initialisation, for tests and the demo",
+             from the official releases) or train only GroundingDINO with --teacher grounding_dino; only --sam tiny has \
+             a base shipped with kiln (or trains from a random initialisation with --from-scratch)",
             sam.model
         )));
     }
@@ -177,17 +180,21 @@ fn gdino_overrides(
             }
         }
     }
+    let given = g.weights.is_some();
+    g.weights = shipped_base_unless_given("grounding_dino", &g.model, g.weights, o.from_scratch)?;
     if g.lacks_weights() {
         return Err(TrainError::Config(format!(
             "GroundingDINO {} needs its pretrained weights: pass --gdino-weights (groundingdino_swint_ogc.pth from \
-             the official release) or train only SAM with --teacher sam; only --gdino tiny / tiny_minilm train from a \
-             random initialisation, for tests and the demo",
+             the official release) or train only SAM with --teacher sam; only --gdino tiny_minilm has a base shipped \
+             with kiln, and the tiny presets train from a random initialisation with --from-scratch",
             g.model
         )));
     }
-    if g.model.ends_with("minilm") && g.text_encoder.is_none() && g.weights.is_none() {
+    // kiln's bases leave the frozen text encoder out of their file.
+    if g.model.ends_with("minilm") && g.text_encoder.is_none() && (g.weights.is_none() || !given) {
         return Err(TrainError::Config(format!(
-            "GroundingDINO {} has an all-MiniLM-L6-v2 text encoder: pass --text-encoder (its model.safetensors)",
+            "GroundingDINO {} has an all-MiniLM-L6-v2 text encoder: pass --text-encoder (its model.safetensors, from \
+             huggingface.co/sentence-transformers/all-MiniLM-L6-v2)",
             g.model
         )));
     }
@@ -210,6 +217,28 @@ fn gdino_overrides(
         ));
     }
     Ok(g)
+}
+
+/// The weights given, else the base kiln ships for the preset (`models/bases/`, see
+/// [`kiln_models::bases`]) unless `from_scratch`; none for a preset without a shipped base.
+pub(crate) fn shipped_base_unless_given(
+    teacher: &str,
+    model: &str,
+    weights: Option<PathBuf>,
+    from_scratch: bool,
+) -> Result<Option<PathBuf>, TrainError> {
+    if weights.is_some() || from_scratch {
+        return Ok(weights);
+    }
+    match kiln_models::bases::shipped(teacher, model) {
+        None => Ok(None),
+        Some(path) if path.is_file() => Ok(Some(path)),
+        Some(path) => Err(TrainError::Config(format!(
+            "{}: kiln's pretrained {teacher} {model} base is missing from the source tree: restore it (git checkout \
+             models/bases), pass the weights to start from, or start from a random initialisation with --from-scratch",
+            path.display()
+        ))),
+    }
 }
 
 /// What `kiln train-teacher` trained.

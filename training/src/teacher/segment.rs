@@ -94,9 +94,12 @@ pub fn segment_config(adapter: Option<&Path>, o: &SegmentOverrides) -> Result<Sa
     };
     sam.model = o.sam.clone().unwrap_or(sam.model);
     sam.weights = o.sam_weights.clone().or(sam.weights);
+    if adapter.is_none() {
+        sam.weights = super::shipped_base_unless_given("sam", &sam.model, sam.weights, false)?;
+    }
     if sam.lacks_weights() {
         return Err(TrainError::Config(format!(
-            "SAM {} needs --sam-weights (e.g. sam_vit_b_01ec64.pth); only tiny runs from a random initialisation",
+            "SAM {} needs --sam-weights (e.g. sam_vit_b_01ec64.pth); only tiny has a base shipped with kiln",
             sam.model
         )));
     }
