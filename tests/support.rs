@@ -216,3 +216,24 @@ pub fn safetensors_dtypes(path: &Path) -> Vec<String> {
         .map(|(_, tensor)| tensor["dtype"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// Every tensor of a safetensors file by name: its dtype, shape and raw bytes (the header's order
+/// and metadata left out, so two files holding the same tensors compare equal).
+pub fn safetensors_tensors(path: &Path) -> std::collections::BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + length]).unwrap();
+    let data = &bytes[8 + length..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(key, _)| *key != "__metadata__")
+        .map(|(name, tensor)| {
+            let offsets = &tensor["data_offsets"];
+            let (start, end) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+            let shape = tensor["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+            (name.clone(), (tensor["dtype"].as_str().unwrap().to_string(), shape, data[start..end].to_vec()))
+        })
+        .collect()
+}

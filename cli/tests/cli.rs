@@ -316,3 +316,118 @@ fn infer_on_wgpu_without_a_driver_exits_cleanly_with_advice() {
     assert!(stderr.contains("error: no GPU adapter found") && stderr.contains("--device cpu"), "{stderr}");
     assert!(!output.exists(), "nothing is written when the device cannot be opened");
 }
+
+/// The `.json` labels in a label cache (one per image and teacher), each checked to be whole.
+fn cached_labels(cache: &Path) -> usize {
+    let Ok(teachers) = std::fs::read_dir(cache) else { return 0 };
+    let mut count = 0;
+    for teacher in teachers.flatten() {
+        for entry in std::fs::read_dir(teacher.path()).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    serde_json::from_slice::<serde_json::Value>(&bytes).is_ok(),
+                    "{} is half-written",
+                    path.display()
+                );
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+#[test]
+fn a_distilled_run_killed_while_its_teacher_labels_resumes_and_ends_as_an_uninterrupted_one() {
+    let scratch = Scratch::new("cli-kill-labelling");
+    let dir = scratch.path();
+    let synth = |name: &str, images: usize, seed: u64| {
+        let options =
+            kiln_data::SynthOptions { images, classes: 3, size: 160, seed, max_objects: 2, ..Default::default() };
+        kiln_data::synthesize(&options, &dir.join(name), &indicatif::ProgressBar::hidden()).unwrap()
+    };
+    let labelled = synth("labelled", 10, 31);
+    let unlabeled = synth("unlabeled", 150, 32).images_dir;
+    let (train, val) = (dir.join("train.json"), dir.join("val.json"));
+    labelled.dataset.subset(&[0, 1, 2, 3, 4, 5]).save(&train).unwrap();
+    labelled.dataset.subset(&[6, 7, 8, 9]).save(&val).unwrap();
+    // Each run's teacher is its own copy of the fixture student, so each has its own label cache.
+    let teacher = |name: &str| {
+        let path = dir.join(name).join("teacher.safetensors");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::copy(kiln_tests::fixture("students/synth160_yolov8n_seg.safetensors"), &path).unwrap();
+        path
+    };
+    let args = |teacher: &Path, run: &Path| -> Vec<String> {
+        let mut args: Vec<String> = ["train-student", "--epochs", "1", "--imgsz", "64", "--batch-size", "4"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (flag, path) in [
+            ("--data", &train),
+            ("--val", &val),
+            ("--images", &labelled.images_dir),
+            ("--teachers", &teacher.to_path_buf()),
+            ("--unlabeled", &unlabeled),
+            ("--output", &run.to_path_buf()),
+        ] {
+            args.extend([flag.to_string(), path.to_str().unwrap().to_string()]);
+        }
+        args
+    };
+
+    let (whole_teacher, whole) = (teacher("whole"), dir.join("whole/run"));
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args(&whole_teacher, &whole)).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let total = 156; // 150 unlabelled images labelled, 6 labelled ones given feature maps
+
+    // kill -9 while the teacher labels: a few labels are in the cache, not all.
+    let (killed_teacher, killed) = (teacher("killed"), dir.join("killed/run"));
+    let cache = dir.join("killed/label_cache");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args(&killed_teacher, &killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while cached_labels(&cache) < 3 && started.elapsed().as_secs() < 300 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let done = cached_labels(&cache);
+    assert!((3..total).contains(&done), "killed while labelling: {done} of {total} labels cached");
+    assert!(!killed.join("weights/best.safetensors").exists());
+
+    // The same command again is refused (the run is there); --resume with the teachers again
+    // finishes it, computing only the labels the killed run had not.
+    let again = kiln(&args(&killed_teacher, &killed).iter().map(String::as_str).collect::<Vec<_>>(), dir);
+    assert!(!again.status.success() && text(&again.stderr).contains("--resume"), "{}", text(&again.stderr));
+    let mut bare = args(&killed_teacher, &killed);
+    for flag in ["--teachers", "--unlabeled"] {
+        let at = bare.iter().position(|a| a == flag).unwrap();
+        bare.drain(at..at + 2);
+    }
+    bare.push("--resume".into());
+    let without_teachers = kiln(&bare.iter().map(String::as_str).collect::<Vec<_>>(), dir);
+    assert!(!without_teachers.status.success(), "resuming needs the teachers again");
+    assert!(text(&without_teachers.stderr).contains("--teachers"), "{}", text(&without_teachers.stderr));
+    let mut resume = args(&killed_teacher, &killed);
+    resume.push("--resume".into());
+    let resumed = kiln(&resume.iter().map(String::as_str).collect::<Vec<_>>(), dir);
+    assert!(resumed.status.success(), "{}\n{}", text(&resumed.stdout), text(&resumed.stderr));
+    let record: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(killed.join("distillation_config.yaml")).unwrap()).unwrap();
+    let count = |key: &str| record[key].as_u64().unwrap() as usize;
+    assert!(count("labels_reused") >= done, "{record:?}");
+    assert_eq!(count("labels_computed") + count("labels_reused"), total, "{record:?}");
+    let labels = "teacher_labels.json";
+    assert_eq!(std::fs::read(killed.join(labels)).unwrap(), std::fs::read(whole.join(labels)).unwrap());
+    for file in ["weights/best.safetensors", "weights/last.safetensors"] {
+        let (resumed, uninterrupted) = (killed.join(file), whole.join(file));
+        let same = kiln_tests::safetensors_tensors(&resumed) == kiln_tests::safetensors_tensors(&uninterrupted);
+        assert!(same, "{file}: the resumed run's tensors differ from the uninterrupted run's");
+    }
+}

@@ -181,6 +181,11 @@ pub fn run_train_student(
     std::fs::create_dir_all(&request.output).at(&request.output)?;
     if !request.resume {
         crate::engine::write_metadata(&request.output.join("metadata.json"), request, &data, &summary, &config)?;
+        // Saved before the teachers label anything, so a run killed while they do can be resumed.
+        kiln_data::io::write_atomic(
+            &config_path,
+            serde_yaml::to_string(&config).map_err(|e| TrainError::Config(e.to_string()))?.as_bytes(),
+        )?;
     }
     let teachers = match (&distill_request, &config.distill) {
         (Some(distill), Some(settings)) => {
@@ -233,8 +238,17 @@ fn remove_new_run(output: &Path, existed: bool) {
 /// The teachers a distilled run recorded in its `distillation_config.yaml`.
 fn recorded_distill_request(run_dir: &Path) -> Result<DistillRequest, TrainError> {
     let path = run_dir.join(DISTILLATION_CONFIG);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| TrainError::Config(format!("{}: cannot resume the distilled run: {e}", path.display())))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        TrainError::Config(if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "{}: the run stopped before its teachers finished labelling: resume it with --teachers and \
+                 --unlabeled again (the labels already computed are cached and reused)",
+                run_dir.display()
+            )
+        } else {
+            format!("{}: cannot resume the distilled run: {e}", path.display())
+        })
+    })?;
     let record: serde_yaml::Value = serde_yaml::from_str(&text)
         .map_err(|e| TrainError::Config(format!("{}: cannot resume the distilled run: {e}", path.display())))?;
     let path_of = |key: &str| record.get(key).and_then(|v| v.as_str()).map(PathBuf::from);

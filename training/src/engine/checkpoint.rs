@@ -25,11 +25,11 @@ pub fn complete_checkpoints(dir: &Path, extra: &[&str]) -> Vec<usize> {
     epochs
 }
 
-/// The newest complete checkpoint of a run to resume, or an error saying there is none.
-pub fn resume_point(run: &Path, checkpoint_dir: &Path, extra: &[&str]) -> Result<usize, TrainError> {
-    complete_checkpoints(checkpoint_dir, extra).last().copied().ok_or_else(|| {
-        TrainError::Config(format!("{}: no complete checkpoint to resume from; start a new run instead", run.display()))
-    })
+/// The newest complete checkpoint of a run to resume, if it has one.
+pub fn resume_point(checkpoint_dir: &Path, extra: &[&str]) -> Option<usize> {
+    // A run killed before its first epoch ended (e.g. while its teachers were labelling) has none:
+    // it starts again from the first epoch, in the same directory, with its saved settings.
+    complete_checkpoints(checkpoint_dir, extra).last().copied()
 }
 
 /// A new run needs a directory that does not exist or is empty: nothing the user has is replaced.

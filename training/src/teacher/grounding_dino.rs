@@ -454,11 +454,8 @@ pub fn train_grounding_dino(
         return Err(TrainError::Config("the training and validation sets both need images".into()));
     }
     let checkpoint_dir = run_dir.join("checkpoint");
-    let resume_from = if resume {
-        Some(crate::engine::resume_point(&run_dir, &checkpoint_dir, GroundingTask::CHECKPOINT_FILES)?)
-    } else {
-        None
-    };
+    let resume_from =
+        if resume { crate::engine::resume_point(&checkpoint_dir, GroundingTask::CHECKPOINT_FILES) } else { None };
     std::fs::create_dir_all(&run_dir).at(&run_dir)?;
     let model_config = gdino_config(&config.model)?;
     let tokenizer = load_tokenizer(&config)?;

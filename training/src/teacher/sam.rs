@@ -588,11 +588,8 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
     }
     let checkpoint_dir = run_dir.join("checkpoint");
-    let resume_from = if resume {
-        Some(crate::engine::resume_point(&run_dir, &checkpoint_dir, SamTask::CHECKPOINT_FILES)?)
-    } else {
-        None
-    };
+    let resume_from =
+        if resume { crate::engine::resume_point(&checkpoint_dir, SamTask::CHECKPOINT_FILES) } else { None };
     std::fs::create_dir_all(&run_dir).at(&run_dir)?;
 
     let autodiff = device.clone().autodiff();
