@@ -411,12 +411,13 @@ pub fn coverage(pass: &LabelPass, config: &DistillConfig, teacher: &str) -> Resu
     if fraction > config.empty_warning {
         return Ok(Some(format!(
             "the teacher ({teacher}) found nothing on {empty} of the {} unlabelled images ({:.0} %, more than \
-             distill.empty_warning {:.0} %): consider a lower distill.box_threshold (now {}) or training the \
-             teachers longer",
+             distill.empty_warning {:.0} %): consider a lower distill.box_threshold (now {}; for GroundingDINO also \
+             distill.text_threshold, now {}, which its phrases must reach) or training the teachers longer",
             unlabelled.len(),
             100.0 * fraction,
             100.0 * config.empty_warning,
-            config.box_threshold
+            config.box_threshold,
+            config.text_threshold
         )));
     }
     Ok(None)
