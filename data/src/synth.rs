@@ -350,6 +350,15 @@ fn shifted_background(width: u32, height: u32, rng: &mut SeededRng) -> Vec<f32> 
     canvas
 }
 
+/// Whether the mask pixel (x, y) touches the outside: the image border or an unmasked 4-neighbour.
+fn on_rim(mask: &BinaryMask, x: usize, y: usize) -> bool {
+    let (w, h) = (mask.width as i64, mask.height as i64);
+    [(-1i64, 0i64), (1, 0), (0, -1), (0, 1)].iter().any(|(ox, oy)| {
+        let (nx, ny) = (x as i64 + ox, y as i64 + oy);
+        nx < 0 || ny < 0 || nx >= w || ny >= h || mask.data[(ny * w + nx) as usize] == 0
+    })
+}
+
 /// Fills the mask with one flat saturated colour and a thin light outline (the shifted domain).
 fn paint_flat_shape(canvas: &mut [f32], width: u32, mask: &BinaryMask, rng: &mut SeededRng) {
     let colour = saturated_colour(rng);
@@ -360,10 +369,7 @@ fn paint_flat_shape(canvas: &mut [f32], width: u32, mask: &BinaryMask, rng: &mut
             if mask.data[y * w + x] == 0 {
                 continue;
             }
-            let rim = [(-1i64, 0i64), (1, 0), (0, -1), (0, 1)].iter().any(|(ox, oy)| {
-                let (nx, ny) = (x as i64 + ox, y as i64 + oy);
-                nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 || mask.data[ny as usize * w + nx as usize] == 0
-            });
+            let rim = on_rim(mask, x, y);
             let pixel = &mut canvas[(y * w + x) * 3..][..3];
             for c in 0..3 {
                 pixel[c] = if rim { 0.5 * colour[c] + 127.0 } else { colour[c] };
@@ -384,10 +390,7 @@ fn paint_shape(canvas: &mut [f32], width: u32, mask: &BinaryMask, radius: f64, c
             if mask.data[y * w + x] == 0 {
                 continue;
             }
-            let rim = [(-1i64, 0i64), (1, 0), (0, -1), (0, 1)].iter().any(|(ox, oy)| {
-                let (nx, ny) = (x as i64 + ox, y as i64 + oy);
-                nx < 0 || ny < 0 || nx >= w as i64 || ny >= h as i64 || mask.data[ny as usize * w + nx as usize] == 0
-            });
+            let rim = on_rim(mask, x, y);
             let shade = 1.0 + 0.25 * (((x as f64 - cx) * lx + (y as f64 - cy) * ly) / radius).clamp(-1.0, 1.0);
             let factor = if rim { 0.55 } else { shade } as f32;
             let pixel = &mut canvas[(y * w + x) * 3..][..3];
