@@ -16,8 +16,8 @@ use burn::tensor::Device;
 use criterion::{Criterion, criterion_group, criterion_main};
 use kiln_models::grounding_dino::GroundingDinoConfig;
 use kiln_models::sam::SamConfig;
-use kiln_training::distill::DistillConfig;
 use kiln_training::distill::teacher::{TeacherWeights, open_teacher};
+use kiln_training::distill::{DistillConfig, ScoreThreshold};
 use kiln_training::teacher::TeacherConfig;
 
 const CLASSES: [&str; 3] = ["circle", "square", "triangle"];
@@ -74,7 +74,12 @@ fn image() -> image::RgbImage {
 
 fn benches(c: &mut Criterion) {
     let root = std::env::temp_dir().join(format!("kiln-bench-distill-{}", std::process::id()));
-    let config = DistillConfig { box_threshold: 0.0, text_threshold: 0.0, max_labels: 20, ..DistillConfig::default() };
+    let config = DistillConfig {
+        box_threshold: ScoreThreshold::Value(0.0),
+        text_threshold: 0.0,
+        max_labels: 20,
+        ..DistillConfig::default()
+    };
     let mut teachers: Vec<(String, PathBuf)> = vec![
         ("student_yolov8n_seg_640".into(), student_dir(&root, "yolov8n-seg")),
         ("student_yolov8s_seg_640".into(), student_dir(&root, "yolov8s-seg")),

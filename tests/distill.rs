@@ -267,6 +267,22 @@ fn a_trained_student_teaches_a_new_one_on_unlabelled_images() {
     assert_eq!(skipped.len(), 1);
     assert!(skipped[0].as_str().unwrap().contains("broken.jpg"), "{skipped:?}");
 
+    // `box_threshold: auto` chooses the score of the teacher's best F1 on the labelled images and
+    // keeps only the labels above it.
+    let auto = dir.join("auto");
+    distilled(&sets, &dir.join("teacher"), &sets.unlabelled, &auto, 1, imgsz, &["distill.box_threshold=auto"]).unwrap();
+    let chosen = record(&auto);
+    assert_eq!(chosen["distill"]["box_threshold"].as_str(), Some("auto"), "{chosen:?}");
+    let choice = &chosen["threshold_choice"];
+    let threshold = choice["threshold"].as_f64().unwrap();
+    assert!((0.05..=1.0).contains(&threshold) && choice["f1"].as_f64().unwrap() > 0.0, "{choice:?}");
+    assert_eq!(choice["objects"].as_u64(), Some(CocoDataset::load(&sets.labelled).unwrap().annotations.len() as u64));
+    let labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(auto.join("teacher_labels.json")).unwrap()).unwrap();
+    let annotations = labels["annotations"].as_array().unwrap();
+    assert_eq!(annotations.len() as u64, chosen["teacher_labels"].as_u64().unwrap());
+    assert!(annotations.iter().all(|a| a["score"].as_f64().unwrap() >= threshold - 1e-6), "{threshold}");
+
     // A teacher of other classes is refused, both lists shown.
     let wrong = vec!["cat".to_string(), "dog".to_string()];
     let error = open_teacher(

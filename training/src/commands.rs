@@ -200,6 +200,11 @@ pub fn run_train_student(
                     return Err(error);
                 }
             };
+            if verbosity == Verbosity::Progress {
+                for note in &prepared.notes {
+                    eprintln!("{note}");
+                }
+            }
             for warning in &prepared.warnings {
                 eprintln!("warning: {warning}");
             }
@@ -323,7 +328,7 @@ pub fn evaluate_teachers(
 ) -> Result<(String, Evaluation), TrainError> {
     // Every box worth ranking, as the student's evaluation keeps every detection above 0.001.
     let config = DistillConfig {
-        box_threshold: TEACHER_EVAL_THRESHOLD,
+        box_threshold: crate::distill::ScoreThreshold::Value(TEACHER_EVAL_THRESHOLD),
         text_threshold: TEACHER_EVAL_THRESHOLD,
         ..DistillConfig::default()
     };

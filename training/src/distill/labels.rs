@@ -389,38 +389,122 @@ fn draw_instances(image: &mut image::RgbImage, instances: &[TeacherInstance], cl
 
 /// Whether the teacher labelled enough of the unlabelled (prompt-free) images: an error when it
 /// found nothing on any of them (its labels would teach only "background"), a warning when the
-/// share of empty ones exceeds `empty_warning`.
-pub fn coverage(pass: &LabelPass, config: &DistillConfig, teacher: &str) -> Result<Option<String>, TrainError> {
+/// share of empty ones exceeds `empty_warning`. `chosen`: the threshold `auto` chose, if it did.
+pub fn coverage(
+    pass: &LabelPass,
+    config: &DistillConfig,
+    teacher: &str,
+    chosen: Option<&ThresholdChoice>,
+) -> Result<Option<String>, TrainError> {
     let unlabelled: Vec<&LabelledImage> = pass.images.iter().filter(|i| i.prompts.is_empty()).collect();
     if unlabelled.is_empty() {
         return Ok(None);
     }
+    let threshold = config.labelling_box_threshold();
+    let settings = match chosen {
+        Some(choice) => format!(
+            "at the threshold distill.box_threshold auto chose, {:.3} (the teacher's best F1, {:.3}, on the labelled \
+             images it was tuned on: its scores on new images are lower)",
+            choice.threshold, choice.f1
+        ),
+        None => format!(
+            "at distill.box_threshold {threshold} (GroundingDINO: and distill.text_threshold {}, which its phrases \
+             must reach)",
+            config.labelling_text_threshold()
+        ),
+    };
     let empty = unlabelled.iter().filter(|i| i.instances.is_empty()).count();
     if empty == unlabelled.len() {
         return Err(TrainError::Config(format!(
-            "the teacher ({teacher}) found NOTHING on any of the {} unlabelled images at box_threshold {} \
-             (text_threshold {}): lower it (e.g. `--set distill.box_threshold={}`), check that the images show \
-             the classes, or train the teachers longer",
+            "the teacher ({teacher}) found NOTHING on any of the {} unlabelled images {settings}: set a lower \
+             threshold (e.g. `--set distill.box_threshold={}`), check that the images show the classes, or train \
+             the teachers longer",
             unlabelled.len(),
-            config.box_threshold,
-            config.text_threshold,
-            (config.box_threshold / 2.0 * 1000.0).round() / 1000.0
+            (threshold / 2.0 * 1000.0).round() / 1000.0
         )));
     }
     let fraction = empty as f64 / unlabelled.len() as f64;
     if fraction > config.empty_warning {
         return Ok(Some(format!(
             "the teacher ({teacher}) found nothing on {empty} of the {} unlabelled images ({:.0} %, more than \
-             distill.empty_warning {:.0} %): consider a lower distill.box_threshold (now {}; for GroundingDINO also \
-             distill.text_threshold, now {}, which its phrases must reach) or training the teachers longer",
+             distill.empty_warning {:.0} %) {settings}: consider a lower threshold (e.g. `--set \
+             distill.box_threshold={}`) or training the teachers longer",
             unlabelled.len(),
             100.0 * fraction,
             100.0 * config.empty_warning,
-            config.box_threshold,
-            config.text_threshold
+            (threshold / 2.0 * 1000.0).round() / 1000.0
         )));
     }
     Ok(None)
+}
+
+/// The score threshold `distill.box_threshold: auto` chooses, and how the teacher does there.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ThresholdChoice {
+    pub threshold: f32,
+    pub f1: f64,
+    pub precision: f64,
+    pub recall: f64,
+    /// Teacher labels kept at `threshold` on the labelled images, and the true ones they match.
+    pub labels: usize,
+    pub matched: usize,
+    /// Ground-truth objects on the labelled images.
+    pub objects: usize,
+}
+
+/// The score at which the teacher's labels on labelled images reach their best F1 against the
+/// ground truth: a label is right when it has the class of a not yet matched true box it overlaps
+/// by IoU ≥ 0.5 (greedy, best score first, as COCO matches). Greedy matching in score order makes
+/// each label's verdict independent of the labels below it, so one pass scores every threshold.
+/// `None` without ground truth; with no label right, F1 is 0 at the floor.
+pub fn best_f1_threshold(images: &[(&[TeacherInstance], &[Prompt])], floor: f32) -> Option<ThresholdChoice> {
+    let objects: usize = images.iter().map(|(_, truth)| truth.len()).sum();
+    if objects == 0 {
+        return None;
+    }
+    let mut verdicts: Vec<(f32, bool)> = Vec::new();
+    for (found, truth) in images {
+        let mut order: Vec<&TeacherInstance> = found.iter().filter(|i| i.score >= floor).collect();
+        order.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let mut taken = vec![false; truth.len()];
+        for label in order {
+            let best = truth
+                .iter()
+                .enumerate()
+                .filter(|(t, object)| !taken[*t] && object.class == label.class)
+                .map(|(t, object)| (t, box_iou(&label.bbox, &object.bbox)))
+                .filter(|&(_, iou)| iou >= 0.5)
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((t, _)) = best {
+                taken[t] = true;
+            }
+            verdicts.push((label.score, best.is_some()));
+        }
+    }
+    verdicts.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut choice = ThresholdChoice {
+        threshold: floor,
+        f1: 0.0,
+        precision: 0.0,
+        recall: 0.0,
+        labels: verdicts.len(),
+        matched: 0,
+        objects,
+    };
+    let mut matched = 0;
+    for (k, &(score, right)) in verdicts.iter().enumerate() {
+        matched += right as usize;
+        // A threshold keeps every label of a score, so only the last of equal scores is a cut.
+        if verdicts.get(k + 1).is_some_and(|next| next.0 == score) {
+            continue;
+        }
+        let (precision, recall) = (matched as f64 / (k + 1) as f64, matched as f64 / objects as f64);
+        let f1 = if matched == 0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
+        if f1 > choice.f1 {
+            choice = ThresholdChoice { threshold: score, f1, precision, recall, labels: k + 1, matched, objects };
+        }
+    }
+    Some(choice)
 }
 
 #[cfg(test)]
@@ -492,6 +576,34 @@ mod tests {
 
     fn label_image(dir: &Path, name: &str) -> LabelImage {
         LabelImage { path: dir.join(name), file_name: name.to_string(), prompts: Vec::new() }
+    }
+
+    #[test]
+    fn the_auto_threshold_is_the_score_of_best_f1() {
+        let truth = |class, bbox| Prompt { annotation_id: 0, class, bbox };
+        let first_truth = [truth(0, [0.0, 0.0, 10.0, 10.0]), truth(1, [20.0, 20.0, 30.0, 30.0])];
+        let first = [
+            instance(0, [0.0, 0.0, 10.0, 10.0], 0.9),    // right
+            instance(0, [0.0, 0.0, 10.0, 10.0], 0.8),    // a duplicate: wrong
+            instance(1, [21.0, 20.0, 30.0, 30.0], 0.6),  // right (IoU 0.9)
+            instance(0, [20.0, 20.0, 30.0, 30.0], 0.55), // the wrong class: wrong
+            instance(1, [50.0, 50.0, 60.0, 60.0], 0.3),  // nothing there: wrong
+        ];
+        let second_truth = [truth(0, [5.0, 5.0, 15.0, 15.0])];
+        let second = [instance(0, [5.0, 5.0, 15.0, 14.0], 0.4), instance(0, [5.0, 5.0, 15.0, 15.0], 0.01)];
+        let images: Vec<(&[TeacherInstance], &[Prompt])> = vec![(&first, &first_truth), (&second, &second_truth)];
+        let choice = best_f1_threshold(&images, 0.05).unwrap();
+        // Cuts: 0.9 (1/1, 1/3) F1 0.5; 0.8 (1/2) 0.4; 0.6 (2/3, 2/3) 0.667; 0.55 (2/4) 0.571;
+        // 0.4 (3/5, 3/3) 0.75; 0.3 (3/6) 0.667. The 0.01 label is below the floor.
+        assert_eq!(choice.threshold, 0.4);
+        assert!((choice.f1 - 0.75).abs() < 1e-9, "{choice:?}");
+        assert_eq!((choice.labels, choice.matched, choice.objects), (5, 3, 3));
+        assert!((choice.precision - 0.6).abs() < 1e-9 && (choice.recall - 1.0).abs() < 1e-9);
+        // Nothing right: F1 0 at the floor; no ground truth: no choice.
+        let wrong = [instance(1, [0.0, 0.0, 10.0, 10.0], 0.9)];
+        let none = best_f1_threshold(&[(&wrong[..], &first_truth[..1])], 0.05).unwrap();
+        assert_eq!((none.threshold, none.f1, none.matched), (0.05, 0.0, 0));
+        assert!(best_f1_threshold(&[(&wrong[..], &[][..])], 0.05).is_none());
     }
 
     #[test]
@@ -652,14 +764,21 @@ mod tests {
         let pass = |images: Vec<LabelledImage>| LabelPass { images, ..LabelPass::default() };
         let found = || vec![instance(0, [0.0, 0.0, 2.0, 2.0], 0.9)];
 
-        let none = coverage(&pass(vec![image(Vec::new()), image(Vec::new())]), &config, "GroundingDINO tiny");
+        let none = coverage(&pass(vec![image(Vec::new()), image(Vec::new())]), &config, "GroundingDINO tiny", None);
         let message = none.unwrap_err().to_string();
         assert!(message.contains("GroundingDINO tiny") && message.contains("box_threshold"), "{message}");
 
-        let sparse = coverage(&pass(vec![image(Vec::new()), image(Vec::new()), image(found())]), &config, "t").unwrap();
+        let sparse =
+            coverage(&pass(vec![image(Vec::new()), image(Vec::new()), image(found())]), &config, "t", None).unwrap();
         assert!(sparse.is_some_and(|w| w.contains("2 of the 3")));
 
-        assert_eq!(coverage(&pass(vec![image(Vec::new()), image(found())]), &config, "t").unwrap(), None);
-        assert_eq!(coverage(&pass(Vec::new()), &config, "t").unwrap(), None);
+        let choice =
+            ThresholdChoice { threshold: 0.3, f1: 0.5, precision: 0.5, recall: 0.5, labels: 4, matched: 2, objects: 4 };
+        let chosen = config.with_threshold(choice.threshold);
+        let two_empty = pass(vec![image(Vec::new()), image(Vec::new()), image(found())]);
+        let auto = coverage(&two_empty, &chosen, "t", Some(&choice)).unwrap().unwrap();
+        assert!(auto.contains("auto chose, 0.300") && auto.contains("distill.box_threshold=0.15"), "{auto}");
+        assert_eq!(coverage(&pass(vec![image(Vec::new()), image(found())]), &config, "t", None).unwrap(), None);
+        assert_eq!(coverage(&pass(Vec::new()), &config, "t", None).unwrap(), None);
     }
 }

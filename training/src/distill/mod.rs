@@ -37,12 +37,91 @@ pub struct DistillConfig {
     pub feature: f32,
     /// Cells per side kept of a teacher's feature map (average-pooled down to it).
     pub feature_cells: u32,
-    pub box_threshold: f32,
+    /// Least teacher score a label needs, or `auto`: the best F1 of the teacher on the labelled images.
+    pub box_threshold: ScoreThreshold,
+    /// GroundingDINO: least score of the phrase a box is named by (with `auto`, the chosen threshold).
     pub text_threshold: f32,
     pub nms_iou: f32,
     pub max_labels: usize,
     pub soft_mask_size: u32,
     pub empty_warning: f64,
+}
+
+/// A teacher's score threshold: a value in `[0, 1]`, or `auto` (YAML `auto`): chosen per run as
+/// the score at which the teacher's labels on the labelled training images reach their best F1
+/// against the ground truth (IoU 0.5, class-aware), since the right value differs by orders of
+/// magnitude between a strong official checkpoint and a tiny base tuned on 32 images.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScoreThreshold {
+    Auto,
+    Value(f32),
+}
+
+/// The least score `auto` considers: labelling keeps everything above it, the choice filters after.
+pub const AUTO_THRESHOLD_FLOOR: f32 = 0.05;
+
+impl Serialize for ScoreThreshold {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ScoreThreshold::Auto => serializer.serialize_str("auto"),
+            ScoreThreshold::Value(v) => serializer.serialize_f32(*v),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ScoreThreshold {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Value(f32),
+            Word(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Value(v) => Ok(ScoreThreshold::Value(v)),
+            Written::Word(w) if w.trim().eq_ignore_ascii_case("auto") => Ok(ScoreThreshold::Auto),
+            Written::Word(w) => {
+                Err(serde::de::Error::custom(format!("{w:?} is not a threshold: give a score in [0, 1] or auto")))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ScoreThreshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScoreThreshold::Auto => write!(f, "auto"),
+            ScoreThreshold::Value(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl DistillConfig {
+    /// The box threshold the teacher labels at: the value, or for `auto` the floor it is chosen above.
+    pub fn labelling_box_threshold(&self) -> f32 {
+        match self.box_threshold {
+            ScoreThreshold::Auto => AUTO_THRESHOLD_FLOOR,
+            ScoreThreshold::Value(v) => v,
+        }
+    }
+
+    /// The phrase threshold the teacher labels at (`auto` chooses one threshold for both scores).
+    pub fn labelling_text_threshold(&self) -> f32 {
+        match self.box_threshold {
+            ScoreThreshold::Auto => AUTO_THRESHOLD_FLOOR,
+            ScoreThreshold::Value(_) => self.text_threshold,
+        }
+    }
+
+    /// These settings with the box threshold fixed at `threshold` (and, when it was `auto`, the
+    /// phrase threshold too): what a run chose, for its messages.
+    pub fn with_threshold(&self, threshold: f32) -> DistillConfig {
+        let text_threshold = match self.box_threshold {
+            ScoreThreshold::Auto => threshold,
+            ScoreThreshold::Value(_) => self.text_threshold,
+        };
+        DistillConfig { box_threshold: ScoreThreshold::Value(threshold), text_threshold, ..*self }
+    }
 }
 
 /// kiln's defaults for distillation (`configs/distill.yaml`, built in).
@@ -202,5 +281,32 @@ mod rle_serde {
         value
             .map(|c| Rle::from_compressed(&c.counts, c.size[0], c.size[1]).map_err(serde::de::Error::custom))
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::apply_settings;
+
+    #[test]
+    fn box_threshold_is_a_score_or_auto() {
+        let default = DistillConfig::default();
+        assert_eq!(default.box_threshold, ScoreThreshold::Value(0.25));
+        assert_eq!((default.labelling_box_threshold(), default.labelling_text_threshold()), (0.25, 0.25));
+        let auto = apply_settings(default, &["box_threshold=auto".into()]).unwrap();
+        assert_eq!(auto.box_threshold, ScoreThreshold::Auto);
+        assert_eq!(auto.labelling_box_threshold(), AUTO_THRESHOLD_FLOOR);
+        assert_eq!(auto.labelling_text_threshold(), AUTO_THRESHOLD_FLOOR);
+        let chosen = auto.with_threshold(0.4);
+        assert_eq!((chosen.box_threshold, chosen.text_threshold), (ScoreThreshold::Value(0.4), 0.4));
+        assert_eq!(default.with_threshold(0.4).text_threshold, 0.25, "a given phrase threshold stays");
+        let yaml = serde_yaml::to_string(&auto).unwrap();
+        assert!(yaml.contains("box_threshold: auto"), "{yaml}");
+        assert_eq!(serde_yaml::from_str::<DistillConfig>(&yaml).unwrap(), auto);
+        let set = apply_settings(default, &["box_threshold=0.1".into()]).unwrap();
+        assert_eq!(set.box_threshold, ScoreThreshold::Value(0.1));
+        let error = apply_settings(default, &["box_threshold=often".into()]).unwrap_err();
+        assert!(error.contains("often") && error.contains("auto"), "{error}");
     }
 }

@@ -9,10 +9,11 @@ use burn::tensor::Device;
 use serde::Serialize;
 
 use super::labels::{
-    LabelImage, LabelPass, Prompt, coverage, label_images, prompt_signals, teacher_dataset, write_teacher_labels,
+    LabelImage, LabelPass, Prompt, ThresholdChoice, best_f1_threshold, coverage, label_images, prompt_signals,
+    teacher_dataset, write_teacher_labels,
 };
 use super::teacher::{TeacherWeights, open_teacher};
-use super::{DistillConfig, TeacherData, TeacherLabelled};
+use super::{AUTO_THRESHOLD_FLOOR, DistillConfig, ScoreThreshold, TeacherData, TeacherInstance, TeacherLabelled};
 use crate::engine::Verbosity;
 use crate::error::AtPath;
 use crate::error::TrainError;
@@ -62,6 +63,8 @@ pub struct DistillationRecord {
     pub labelling_seconds: f64,
     /// The loss weights and teacher-label settings.
     pub distill: DistillConfig,
+    /// With `box_threshold: auto`: the threshold chosen and the teacher's F1 there.
+    pub threshold_choice: Option<ThresholdChoice>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +79,8 @@ pub struct Distillation {
     pub data: TeacherData,
     pub record: DistillationRecord,
     pub warnings: Vec<String>,
+    /// What the run decided from the data (the `auto` threshold), to show the user.
+    pub notes: Vec<String>,
 }
 
 /// The file a distilled run records its teachers in.
@@ -98,6 +103,7 @@ pub fn prepare_distillation(
     let teacher = open_teacher(&request.teachers, &classes, config, &weights, device)?;
     let label_cache = label_cache_dir(&request.teachers);
     let mut warnings = Vec::new();
+    let mut notes = Vec::new();
 
     let unlabelled = match &request.unlabeled {
         Some(source) => unlabelled_images(source, request.images.as_deref())?,
@@ -111,8 +117,45 @@ pub fn prepare_distillation(
             unlabelled.len()
         ));
     }
-    let unlabelled_pass = if teacher.finds_objects() && !unlabelled.is_empty() {
-        let pass = label_images(teacher.as_ref(), &unlabelled, &label_cache, verbosity, "labelling")?;
+    let labels_unlabelled = teacher.finds_objects() && !unlabelled.is_empty();
+    let threshold_choice = match config.box_threshold {
+        ScoreThreshold::Auto if labels_unlabelled => {
+            let choice = choose_threshold(teacher.as_ref(), data, &label_cache, verbosity)?;
+            notes.push(format!(
+                "distill.box_threshold auto: {:.3}, where the teacher's labels on the {} labelled images reach \
+                 their best F1 {:.3} (precision {:.3}, recall {:.3}: {} of {} labels match one of {} objects)",
+                choice.threshold,
+                data.train.images.len(),
+                choice.f1,
+                choice.precision,
+                choice.recall,
+                choice.matched,
+                choice.labels,
+                choice.objects
+            ));
+            if choice.matched == 0 {
+                warnings.push(format!(
+                    "distill.box_threshold auto: the teacher ({}) finds none of the {} objects of the labelled \
+                     images (IoU 0.5, same class), so its labels are kept down to the floor {}: train the teachers \
+                     longer or set a threshold (`--set distill.box_threshold=0.25`)",
+                    teacher.describe(),
+                    choice.objects,
+                    AUTO_THRESHOLD_FLOOR
+                ));
+            }
+            Some(choice)
+        }
+        _ => None,
+    };
+    // What the labels are filtered at: the choice, or the settings as given.
+    let effective = threshold_choice.map_or(*config, |choice| config.with_threshold(choice.threshold));
+    let unlabelled_pass = if labels_unlabelled {
+        let mut pass = label_images(teacher.as_ref(), &unlabelled, &label_cache, verbosity, "labelling")?;
+        if let Some(choice) = threshold_choice {
+            for image in &mut pass.images {
+                image.instances.retain(|instance| instance.score >= choice.threshold);
+            }
+        }
         if pass.images.is_empty() {
             let (path, why) = &pass.skipped[0];
             return Err(TrainError::Config(format!(
@@ -122,7 +165,7 @@ pub fn prepare_distillation(
                 path.display()
             )));
         }
-        if let Some(warning) = coverage(&pass, config, &teacher.describe())? {
+        if let Some(warning) = coverage(&pass, &effective, &teacher.describe(), threshold_choice.as_ref())? {
             warnings.push(warning);
         }
         Some(pass)
@@ -133,31 +176,8 @@ pub fn prepare_distillation(
     // A teacher that makes masks segments the labelled images' boxes too (mask distillation
     // there), and one that makes features gives their feature maps.
     let labelled_pass = if teacher.segments_boxes() || teacher.makes_features() {
-        let index = data.train.class_index();
-        let by_image = data.train.annotations_by_image();
-        let images: Vec<LabelImage> = data
-            .train
-            .images
-            .iter()
-            .zip(&by_image)
-            .map(|(image, annotations)| LabelImage {
-                path: data.train_images.join(&image.file_name),
-                file_name: image.file_name.clone(),
-                prompts: annotations
-                    .iter()
-                    .map(|&a| &data.train.annotations[a])
-                    .filter(|a| a.iscrowd == 0)
-                    .filter_map(|a| {
-                        let class = *index.get(&a.category_id)?;
-                        let [x, y, w, h] = a.bbox?;
-                        (w > 0.0 && h > 0.0).then_some(Prompt {
-                            annotation_id: a.id,
-                            class,
-                            bbox: [x, y, x + w, y + h],
-                        })
-                    })
-                    .collect(),
-            })
+        let images: Vec<LabelImage> = labelled_images(data)
+            .into_iter()
             .filter(|image| teacher.makes_features() || !image.prompts.is_empty())
             .collect();
         Some(label_images(teacher.as_ref(), &images, &label_cache, verbosity, "segmenting")?)
@@ -244,6 +264,7 @@ pub fn prepare_distillation(
         labels_reused: reused_u + reused_l,
         labelling_seconds: seconds_u + seconds_l,
         distill: *config,
+        threshold_choice,
     };
     let data = TeacherData {
         unlabelled: unlabelled_dataset,
@@ -251,7 +272,63 @@ pub fn prepare_distillation(
         labelled_features,
         feature_channels,
     };
-    Ok(Distillation { data, record, warnings })
+    Ok(Distillation { data, record, warnings, notes })
+}
+
+/// The labelled training images with their ground-truth boxes as prompts (crowd and empty boxes
+/// left out), in the data's order.
+fn labelled_images(data: &StudentData) -> Vec<LabelImage> {
+    let index = data.train.class_index();
+    let by_image = data.train.annotations_by_image();
+    data.train
+        .images
+        .iter()
+        .zip(&by_image)
+        .map(|(image, annotations)| LabelImage {
+            path: data.train_images.join(&image.file_name),
+            file_name: image.file_name.clone(),
+            prompts: annotations
+                .iter()
+                .map(|&a| &data.train.annotations[a])
+                .filter(|a| a.iscrowd == 0)
+                .filter_map(|a| {
+                    let class = *index.get(&a.category_id)?;
+                    let [x, y, w, h] = a.bbox?;
+                    (w > 0.0 && h > 0.0).then_some(Prompt { annotation_id: a.id, class, bbox: [x, y, x + w, y + h] })
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// `distill.box_threshold: auto`: the teacher finds objects on the labelled images without their
+/// boxes (cached like any labels), and the score of its best F1 against their ground truth is the
+/// threshold. The teachers were tuned on these images, so the choice leans optimistic (higher
+/// precision than on new images); they are still the only images whose truth a run may use.
+fn choose_threshold(
+    teacher: &dyn crate::distill::Teacher,
+    data: &StudentData,
+    label_cache: &Path,
+    verbosity: Verbosity,
+) -> Result<ThresholdChoice, TrainError> {
+    let truth = labelled_images(data);
+    let unprompted: Vec<LabelImage> =
+        truth.iter().map(|image| LabelImage { prompts: Vec::new(), ..image.clone() }).collect();
+    let pass = label_images(teacher, &unprompted, label_cache, verbosity, "choosing the threshold")?;
+    let prompts: HashMap<&str, &[Prompt]> =
+        truth.iter().map(|image| (image.file_name.as_str(), image.prompts.as_slice())).collect();
+    let scored: Vec<(&[TeacherInstance], &[Prompt])> = pass
+        .images
+        .iter()
+        .filter_map(|image| Some((image.instances.as_slice(), *prompts.get(image.file_name.as_str())?)))
+        .collect();
+    best_f1_threshold(&scored, AUTO_THRESHOLD_FLOOR).ok_or_else(|| {
+        TrainError::Config(format!(
+            "distill.box_threshold auto chooses the threshold on the labelled images' boxes, and none of the {} \
+             could be read or has a box: set a value (`--set distill.box_threshold=0.25`)",
+            data.train.images.len()
+        ))
+    })
 }
 
 /// Teacher labels are cached beside the teacher, so every run taught by it (resumed, or another

@@ -92,7 +92,8 @@ pub fn open_teacher(
 /// The label settings must make sense before hours of labelling.
 fn check_settings(config: &DistillConfig) -> Result<(), TrainError> {
     let unit = |v: f32| (0.0..=1.0).contains(&v);
-    if !(unit(config.box_threshold) && unit(config.text_threshold) && config.nms_iou > 0.0 && config.nms_iou <= 1.0) {
+    let box_threshold = config.labelling_box_threshold();
+    if !(unit(box_threshold) && unit(config.text_threshold) && config.nms_iou > 0.0 && config.nms_iou <= 1.0) {
         return Err(TrainError::Config(format!(
             "distill.box_threshold ({}), distill.text_threshold ({}) and distill.nms_iou ({}) must lie in [0, 1] \
              (nms_iou above 0)",
@@ -240,8 +241,8 @@ impl GroundedSam {
                 format!("classes {classes:?}"),
                 format!(
                     "box_threshold {:?} text_threshold {:?} nms_iou {:?} max_labels {} soft_mask_size {}",
-                    config.box_threshold,
-                    config.text_threshold,
+                    config.labelling_box_threshold(),
+                    config.labelling_text_threshold(),
                     config.nms_iou,
                     config.max_labels,
                     config.soft_mask_size
@@ -281,8 +282,10 @@ impl GroundedSam {
         );
         let output = grounding.model.forward(&images, &text);
         let prediction = output.prediction();
-        let options =
-            PostprocessOptions { box_threshold: self.config.box_threshold, text_threshold: self.config.text_threshold };
+        let options = PostprocessOptions {
+            box_threshold: self.config.labelling_box_threshold(),
+            text_threshold: self.config.labelling_text_threshold(),
+        };
         let found = grounded_boxes(
             image_row(&prediction.logits, 0),
             image_row(&prediction.boxes, 0),
@@ -660,7 +663,7 @@ impl StudentTeacher {
             )));
         }
         let options = PredictOptions {
-            conf: config.box_threshold,
+            conf: config.labelling_box_threshold(),
             iou: config.nms_iou,
             max_det: config.max_labels,
             ..PredictOptions::default()
@@ -675,7 +678,9 @@ impl StudentTeacher {
                 format!("classes {classes:?}"),
                 format!(
                     "box_threshold {:?} nms_iou {:?} max_labels {}",
-                    config.box_threshold, config.nms_iou, config.max_labels
+                    config.labelling_box_threshold(),
+                    config.nms_iou,
+                    config.max_labels
                 ),
                 feature_key(config),
             ]
