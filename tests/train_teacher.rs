@@ -270,4 +270,15 @@ fn data_sam_cannot_learn_from_is_refused_and_leaves_nothing_behind() {
             .to_string();
     assert!(error.contains("already holds a run"), "{error}");
     assert_eq!(std::fs::read_to_string(output.join("teachers/notes.txt")).unwrap(), "mine");
+
+    // Teachers another kiln process is writing are refused, to a new run and a resume alike.
+    let live = kiln_training::engine::RunLock::acquire(&output.join("teachers")).unwrap();
+    for resume in [false, true] {
+        let request = TrainTeacherRequest { resume, ..request(&train_json, &val_json, &output, tiny(1, None)) };
+        let error = run_train_teacher(&request, Device::flex(), Verbosity::Quiet).unwrap_err().to_string();
+        let holder = format!("in use by another kiln process (pid {} ", std::process::id());
+        assert!(error.contains(&holder), "{error}");
+    }
+    drop(live);
+    assert_eq!(std::fs::read_to_string(output.join("teachers/notes.txt")).unwrap(), "mine");
 }

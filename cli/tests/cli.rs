@@ -395,6 +395,12 @@ fn a_distilled_run_killed_while_its_teacher_labels_resumes_and_ends_as_an_uninte
     while cached_labels(&cache) < 3 && started.elapsed().as_secs() < 300 {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    // While it runs, a second kiln on the same run (here a resume) is refused, naming the first.
+    let mut second = args(&killed_teacher, &killed);
+    second.push("--resume".into());
+    let second = kiln(&second.iter().map(String::as_str).collect::<Vec<_>>(), dir);
+    let holder = format!("in use by another kiln process (pid {} ", child.id());
+    assert!(!second.status.success() && text(&second.stderr).contains(&holder), "{}", text(&second.stderr));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let done = cached_labels(&cache);

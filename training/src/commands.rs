@@ -16,7 +16,6 @@ use serde::Serialize;
 use crate::distill::DistillConfig;
 use crate::distill::prepare::{DISTILLATION_CONFIG, DistillRequest, prepare_distillation};
 use crate::engine::Verbosity;
-use crate::error::AtPath;
 use crate::error::TrainError;
 use crate::eval::{CocoEvaluation, IouType, evaluate};
 use crate::optim::OptimizerKind;
@@ -145,6 +144,9 @@ pub fn run_train_student(
     // A device that cannot run a convolution fails here, before any file is written.
     kiln_models::device::check(&device)?;
     let (data, summary) = load_student_data(&request.train, &request.val, request.images.as_deref())?;
+    let output_existed = request.output.exists();
+    // One run per directory: a kiln process already writing here (a new run or a resume) is refused.
+    let _lock = crate::engine::RunLock::acquire(&request.output)?;
     let config_path = request.output.join("student_config.yaml");
     let config = if request.resume {
         let text = std::fs::read_to_string(&config_path)
@@ -177,8 +179,6 @@ pub fn run_train_student(
             data.train.class_names()
         )));
     }
-    let output_existed = request.output.exists();
-    std::fs::create_dir_all(&request.output).at(&request.output)?;
     if !request.resume {
         crate::engine::write_metadata(&request.output.join("metadata.json"), request, &data, &summary, &config)?;
         // Saved before the teachers label anything, so a run killed while they do can be resumed.

@@ -34,7 +34,10 @@ pub fn resume_point(checkpoint_dir: &Path, extra: &[&str]) -> Option<usize> {
 
 /// A new run needs a directory that does not exist or is empty: nothing the user has is replaced.
 pub fn require_fresh_dir(dir: &Path) -> Result<(), TrainError> {
-    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    // The run lock this process holds on `dir` is not a run.
+    let holds_a_run =
+        |mut entries: std::fs::ReadDir| entries.any(|e| e.map_or(true, |e| e.file_name() != super::RUN_LOCK));
+    if dir.exists() && std::fs::read_dir(dir).map(holds_a_run).unwrap_or(true) {
         return Err(TrainError::Config(format!(
             "{} already holds a run; pass --resume to continue it, or choose another --output",
             dir.display()

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod lock;
 pub mod metadata;
 pub mod progress;
 pub mod step;
@@ -34,6 +35,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{complete_checkpoints, prune_checkpoints, require_fresh_dir, resume_point};
+pub use lock::{RUN_LOCK, RunLock};
 pub use metadata::write_metadata;
 pub use progress::{SilentRenderer, Verbosity, epoch_bar};
 pub use step::StepOutput;

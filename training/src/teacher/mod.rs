@@ -270,6 +270,9 @@ pub fn run_train_teacher_for(
     kiln_models::device::check(&device)?;
     let (data, summary) = load_student_data(&request.train, &request.val, request.images.as_deref())?;
     let teachers = request.output.join("teachers");
+    let output_existed = request.output.exists();
+    // One run per directory: a kiln process already writing these teachers is refused.
+    let _lock = crate::engine::RunLock::acquire(&teachers)?;
     let config_path = teachers.join("teacher_config.yaml");
     let config: TeacherConfig = if request.resume {
         let text = std::fs::read_to_string(&config_path)
@@ -288,8 +291,6 @@ pub fn run_train_teacher_for(
             data.train.class_names()
         )));
     }
-    let output_existed = request.output.exists();
-    std::fs::create_dir_all(&teachers).at(&teachers)?;
     if !request.resume {
         kiln_data::io::write_atomic(
             &config_path,
