@@ -26,6 +26,11 @@ use commands::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Let the paths a dataset names (COCO file_name, YOLO list lines) lead outside their images
+    /// directory: absolute paths, `..` and symlinks out are refused otherwise, since a downloaded
+    /// dataset could make kiln read any file on the disk.
+    #[arg(long, global = true)]
+    allow_outside_paths: bool,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +124,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    kiln_data::paths::set_allow_outside_paths(cli.allow_outside_paths);
     // With --json, a failure is reported as JSON on stdout too, so scripts always get JSON.
     let json = matches!(&cli.command, Command::Validate(a) if a.json);
     // `Ok(false)`: the command ran and reported a failure itself (data errors), exit status 1.

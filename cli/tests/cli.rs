@@ -437,3 +437,54 @@ fn a_distilled_run_killed_while_its_teacher_labels_resumes_and_ends_as_an_uninte
         assert!(same, "{file}: the resumed run's tensors differ from the uninterrupted run's");
     }
 }
+
+/// A downloaded dataset must not make kiln read files outside its images directory: `..`,
+/// absolute paths and symlinks out are refused with the image and the path named, nothing is
+/// written, and `--allow-outside-paths` lets a user who means it through.
+#[test]
+fn dataset_paths_leading_outside_the_images_directory_are_refused() {
+    let scratch = Scratch::new("cli-hostile-paths");
+    let dir = scratch.path();
+    let options = kiln_data::SynthOptions { images: 4, classes: 2, size: 64, seed: 5, ..Default::default() };
+    let synth = kiln_data::synthesize(&options, &dir.join("data"), &indicatif::ProgressBar::hidden()).unwrap();
+    let images = synth.images_dir.to_str().unwrap().to_string();
+    std::fs::create_dir_all(dir.join("outside")).unwrap();
+    let first = &synth.dataset.images[0];
+    std::fs::copy(synth.images_dir.join(&first.file_name), dir.join("outside/secret.png")).unwrap();
+    let with_first_named = |name: &str, file: &str| {
+        let mut dataset = synth.dataset.clone();
+        dataset.images[0].file_name = name.to_string();
+        dataset.save(&dir.join(file)).unwrap();
+    };
+    with_first_named("../../outside/secret.png", "climbing.json");
+    with_first_named("/etc/hostname", "absolute.json");
+    std::os::unix::fs::symlink(dir.join("outside/secret.png"), synth.images_dir.join("link.png")).unwrap();
+    with_first_named("link.png", "symlink.json");
+
+    let validate = |file: &str, output: &str, allow: bool| {
+        let mut args = vec!["validate", "--data", file, "--images", &images, "--output-dir", output];
+        if allow {
+            args.push("--allow-outside-paths");
+        }
+        kiln(&args, dir)
+    };
+    let id = first.id;
+    for (file, how) in [("climbing.json", "climbs out with `..`"), ("absolute.json", "is absolute")] {
+        let output = validate(file, "out", false);
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "{file}");
+        assert!(stderr.contains(file) && stderr.contains(&format!("image {id} has file_name")), "{stderr}");
+        assert!(stderr.contains(how) && stderr.contains("--allow-outside-paths"), "{stderr}");
+    }
+    let output = validate("symlink.json", "out", false);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("path_outside_images") && stdout.contains("symlink"), "{stdout}");
+    assert!(!dir.join("out").exists(), "nothing is written");
+
+    // The user who means it: the outside file is a real image, so the data validates.
+    for file in ["climbing.json", "symlink.json"] {
+        let output = validate(file, &format!("allowed-{file}"), true);
+        assert!(output.status.success(), "{file}: {}{}", text(&output.stdout), text(&output.stderr));
+    }
+}

@@ -212,7 +212,7 @@ impl CocoDetectionDataset {
                 format!("image index {index} is out of range ({} images)", self.dataset.images.len()),
             )
         })?;
-        let path = self.images_dir.join(&info.file_name);
+        let path = crate::paths::inside(&self.images_dir, &info.file_name, &format!("image {}", info.id))?;
         let image = crate::io::read_rgb_image(&path)?;
         if image.dimensions() != (info.width, info.height) {
             return Err(DataError::Image {

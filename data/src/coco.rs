@@ -123,10 +123,42 @@ impl CocoDataset {
 
     /// Parses COCO JSON from memory; `path` only names the source in errors.
     pub fn from_slice(bytes: &[u8], path: &Path) -> Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| DataError::Json {
+        let dataset: Self = serde_json::from_slice(bytes).map_err(|e| DataError::Json {
             path: path.to_path_buf(),
             message: format!("{e}; a COCO file is one JSON object with `images`, `annotations` and `categories` lists"),
-        })
+        })?;
+        if !crate::paths::outside_paths_allowed() {
+            dataset.check_file_names(path)?;
+        }
+        Ok(dataset)
+    }
+
+    /// Every `file_name` must stay inside the images directory as written (no absolute path, no
+    /// `..`): the error names the first ones (image id and path). Symlinks are checked where the
+    /// images are opened ([`crate::paths::inside`]).
+    pub fn check_file_names(&self, path: &Path) -> Result<()> {
+        let outside: Vec<String> = self
+            .images
+            .iter()
+            .filter_map(|image| {
+                let how = crate::paths::escape(&image.file_name)?;
+                Some(format!("image {} has file_name {:?}, which {how}", image.id, image.file_name))
+            })
+            .collect();
+        if outside.is_empty() {
+            return Ok(());
+        }
+        Err(DataError::invalid(
+            path,
+            format!(
+                "{} image path{} would lead outside the images directory: {}{}; kiln reads images inside their \
+                 directory only: fix the file_names, or pass --allow-outside-paths if you mean it",
+                outside.len(),
+                if outside.len() == 1 { "" } else { "s" },
+                outside.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
+                if outside.len() > 3 { "; ..." } else { "" }
+            ),
+        ))
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {

@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod io;
 pub mod letterbox;
 pub mod mask;
+pub mod paths;
 pub mod pipeline;
 pub mod repair;
 pub mod rng;

@@ -248,6 +248,9 @@ pub fn validate(dataset: &CocoDataset, images_dir: Option<&Path>, progress: &Pro
 }
 
 enum ImageState {
+    /// The path leads outside the images directory (through a symlink: `..` and absolute paths
+    /// are refused when the file is read).
+    Outside(String),
     Missing,
     Unreadable(String),
     WrongSize(u32, u32),
@@ -262,7 +265,10 @@ fn check_images(dataset: &CocoDataset, dir: &Path, progress: &ProgressBar, found
         .par_iter()
         .map(|image| {
             let path: PathBuf = dir.join(&image.file_name);
-            let state = if !path.is_file() {
+            let inside = crate::paths::inside(dir, &image.file_name, &format!("image {}", image.id));
+            let state = if let Err(outside) = inside {
+                ImageState::Outside(outside.to_string())
+            } else if !path.is_file() {
                 ImageState::Missing
             } else {
                 match image::ImageReader::open(&path)
@@ -287,6 +293,12 @@ fn check_images(dataset: &CocoDataset, dir: &Path, progress: &ProgressBar, found
     for (image, state) in dataset.images.iter().zip(states) {
         let item = format!("image {} ({})", image.id, image.file_name);
         match state {
+            ImageState::Outside(e) => found.add(
+                Severity::Error,
+                "path_outside_images",
+                &format!("images whose path leads outside {} (not read)", dir.display()),
+                format!("{item}: {e}"),
+            ),
             ImageState::Missing => found.add(
                 Severity::Error,
                 "missing_image",

@@ -133,7 +133,13 @@ fn list_images(source: &Path) -> Result<Vec<PathBuf>> {
         let text =
             std::fs::read_to_string(source).map_err(|e| DataError::io(source, "cannot read the image list", e))?;
         let base = source.parent().unwrap_or(Path::new("."));
-        return Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| base.join(l)).collect());
+        return text
+            .lines()
+            .enumerate()
+            .map(|(n, line)| (n, line.trim()))
+            .filter(|(_, line)| !line.is_empty())
+            .map(|(n, line)| crate::paths::inside(base, line, &format!("line {} of {}", n + 1, source.display())))
+            .collect();
     }
     let mut found = Vec::new();
     let mut stack = vec![source.to_path_buf()];

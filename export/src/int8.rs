@@ -37,7 +37,8 @@ pub fn calibration_inputs(
     (0..count)
         .map(|i| {
             let image = &data.images[i * n / count];
-            Ok(letterboxed_input(&kiln_data::io::read_rgb_image(&images_dir.join(&image.file_name))?, size).0)
+            let path = kiln_data::paths::inside(images_dir, &image.file_name, &format!("image {}", image.id))?;
+            Ok(letterboxed_input(&kiln_data::io::read_rgb_image(&path)?, size).0)
         })
         .collect()
 }

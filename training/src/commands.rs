@@ -384,7 +384,7 @@ pub fn evaluate_predictor(
     progress.set_length(data.images.len() as u64);
     let mut results = Vec::new();
     for image in &data.images {
-        let path = images_dir.join(&image.file_name);
+        let path = kiln_data::paths::inside(images_dir, &image.file_name, &format!("image {}", image.id))?;
         let pixels = kiln_data::io::read_rgb_image(&path)?;
         let detections = predict(&pixels).map_err(TrainError::Config)?;
         results.extend(to_coco_results(image.id, &detections, category_ids));

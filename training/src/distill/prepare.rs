@@ -176,7 +176,7 @@ pub fn prepare_distillation(
     // A teacher that makes masks segments the labelled images' boxes too (mask distillation
     // there), and one that makes features gives their feature maps.
     let labelled_pass = if teacher.segments_boxes() || teacher.makes_features() {
-        let images: Vec<LabelImage> = labelled_images(data)
+        let images: Vec<LabelImage> = labelled_images(data)?
             .into_iter()
             .filter(|image| teacher.makes_features() || !image.prompts.is_empty())
             .collect();
@@ -277,15 +277,14 @@ pub fn prepare_distillation(
 
 /// The labelled training images with their ground-truth boxes as prompts (crowd and empty boxes
 /// left out), in the data's order.
-fn labelled_images(data: &StudentData) -> Vec<LabelImage> {
+fn labelled_images(data: &StudentData) -> Result<Vec<LabelImage>, TrainError> {
     let index = data.train.class_index();
     let by_image = data.train.annotations_by_image();
-    data.train
-        .images
-        .iter()
-        .zip(&by_image)
-        .map(|(image, annotations)| LabelImage {
-            path: data.train_images.join(&image.file_name),
+    let mut images = Vec::with_capacity(data.train.images.len());
+    for (image, annotations) in data.train.images.iter().zip(&by_image) {
+        let what = format!("image {}", image.id);
+        images.push(LabelImage {
+            path: kiln_data::paths::inside(&data.train_images, &image.file_name, &what)?,
             file_name: image.file_name.clone(),
             prompts: annotations
                 .iter()
@@ -297,8 +296,9 @@ fn labelled_images(data: &StudentData) -> Vec<LabelImage> {
                     (w > 0.0 && h > 0.0).then_some(Prompt { annotation_id: a.id, class, bbox: [x, y, x + w, y + h] })
                 })
                 .collect(),
-        })
-        .collect()
+        });
+    }
+    Ok(images)
 }
 
 /// `distill.box_threshold: auto`: the teacher finds objects on the labelled images without their
@@ -311,7 +311,7 @@ fn choose_threshold(
     label_cache: &Path,
     verbosity: Verbosity,
 ) -> Result<ThresholdChoice, TrainError> {
-    let truth = labelled_images(data);
+    let truth = labelled_images(data)?;
     let unprompted: Vec<LabelImage> =
         truth.iter().map(|image| LabelImage { prompts: Vec::new(), ..image.clone() }).collect();
     let pass = label_images(teacher, &unprompted, label_cache, verbosity, "choosing the threshold")?;
@@ -358,16 +358,20 @@ fn unlabelled_images(source: &Path, images: Option<&Path>) -> Result<Vec<LabelIm
             .collect());
     }
     let loaded = kiln_data::load_dataset(source, images)?;
-    Ok(loaded
+    loaded
         .dataset
         .images
         .iter()
-        .map(|image| LabelImage {
-            path: loaded.images_dir.join(&image.file_name),
-            file_name: image.file_name.clone(),
-            prompts: Vec::new(),
+        .map(|image| {
+            let what = format!("image {} of {}", image.id, source.display());
+            Ok(LabelImage {
+                path: kiln_data::paths::inside(&loaded.images_dir, &image.file_name, &what)?,
+                file_name: image.file_name.clone(),
+                prompts: Vec::new(),
+            })
         })
-        .collect())
+        .collect::<Result<_, kiln_data::DataError>>()
+        .map_err(TrainError::from)
 }
 
 /// The directory the unlabelled images' `file_name`s are relative to.

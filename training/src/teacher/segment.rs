@@ -152,7 +152,7 @@ pub fn run_segment(
     progress.set_length(prompts.images.len() as u64);
     let mut results = Vec::new();
     for (info, boxes) in prompts.images.iter().zip(&boxes_of) {
-        let path = request.images.join(&info.file_name);
+        let path = kiln_data::paths::inside(&request.images, &info.file_name, &format!("image {}", info.id))?;
         let image = kiln_data::io::read_rgb_image(&path)?;
         if !boxes.is_empty() {
             let input = sam.preprocess(&image, device);
