@@ -488,3 +488,52 @@ fn dataset_paths_leading_outside_the_images_directory_are_refused() {
         assert!(output.status.success(), "{file}: {}{}", text(&output.stdout), text(&output.stderr));
     }
 }
+
+/// Checkpoints a hostile or broken download could hand kiln (`tests/reference/hostile_fixtures.py`
+/// writes them): absurd safetensors header sizes and offsets, a truncated zip, a pickle that would
+/// run a shell command if unpickled naively. Each is a clear error naming the file, from the student
+/// loader and GroundingDINO's alike; nothing runs and nothing is written.
+#[test]
+fn hostile_checkpoints_are_clear_errors_and_nothing_in_them_runs() {
+    let scratch = Scratch::new("cli-hostile-checkpoints");
+    let dir = scratch.path();
+    let marker = Path::new("/tmp/kiln-hostile-pickle-ran");
+    let _ = std::fs::remove_file(marker);
+    let options = kiln_data::SynthOptions { images: 1, classes: 1, size: 64, seed: 3, ..Default::default() };
+    let synth = kiln_data::synthesize(&options, &dir.join("data"), &indicatif::ProgressBar::hidden()).unwrap();
+    let images = synth.images_dir.to_str().unwrap().to_string();
+    for (file, says) in [
+        ("absurd_header.safetensors", "header too large"),
+        ("offsets_beyond.safetensors", "not fully covered"),
+        ("truncated.pt", "invalid Zip archive"),
+        ("malicious_pickle.pt", "found os.system"),
+    ] {
+        let path = kiln_tests::fixture(&format!("hostile/{file}"));
+        let weights = path.to_str().unwrap();
+        let info = kiln(&["info", "--model", "yolov8n", "--weights", weights], dir);
+        let detect = kiln(
+            &[
+                "detect",
+                "--images",
+                &images,
+                "--gdino",
+                "tiny",
+                "--weights",
+                weights,
+                "--prompt",
+                "a .",
+                "--output",
+                "out",
+            ],
+            dir,
+        );
+        for output in [info, detect] {
+            let stderr = text(&output.stderr);
+            assert_eq!(output.status.code(), Some(1), "{file}: {stderr}");
+            assert!(stderr.contains(file) && stderr.contains(says), "{file}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+        assert!(!dir.join("out").exists(), "{file}: nothing is written");
+    }
+    assert!(!marker.exists(), "the pickle's command must never run");
+}
