@@ -171,6 +171,7 @@ fn train_student_runs_end_to_end_on_coco8_seg_then_eval_reads_the_run() {
     // Real photos, 80 classes, polygons only (no bbox): the boxes come from the masks.
     let scratch = Scratch::new("cli-train-coco8");
     let data = coco8_dir().join("annotations.json");
+    let inputs = contents(&coco8_dir());
     let run = scratch.path().join("run");
     let args = [
         "train-student",
@@ -230,6 +231,25 @@ fn train_student_runs_end_to_end_on_coco8_seg_then_eval_reads_the_run() {
     // Unlabelled images without teachers are refused by the argument parser, saying why.
     let refused = kiln(&["train-student", "--data", "a.json", "--val", "b.json", "--unlabeled", "dir"], scratch.path());
     assert!(!refused.status.success() && text(&refused.stderr).contains("--teachers"), "{}", text(&refused.stderr));
+    // Training, evaluating, distilling and labelling left every input file as it was.
+    assert!(contents(&coco8_dir()) == inputs, "an input file under {} changed", coco8_dir().display());
+}
+
+/// Every file under `dir` (recursively) with its bytes.
+fn contents(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
 }
 
 /// Synth images of the fixture student's domain (a seed it was not trained on).
