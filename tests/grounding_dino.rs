@@ -111,12 +111,74 @@ fn text_masks_match_the_official_ones() {
     assert_eq!(Caption::from_prompt("cat. dog").unwrap().text, "cat . dog .");
 }
 
+/// Why kiln's MiniLM presets let each phrase see `[CLS]`: read with the official sub-sentence
+/// masks, a phrase's first word sits at position 0 with `[CLS]` out of view, and the frozen
+/// all-MiniLM-L6-v2 gives it nearly the same vector whatever the word, so class names cannot be
+/// told apart (a GroundingDINO base pretrained that way named almost every shape "heart").
+#[test]
+fn frozen_minilm_tells_class_names_apart_only_with_cls_in_view() {
+    let device = Device::default();
+    let config = GroundingDinoConfig::tiny_minilm();
+    assert!(config.phrases_see_cls && !GroundingDinoConfig::swint_ogc().phrases_see_cls);
+    let model = GroundingDino::load(
+        &config,
+        &fixture("grounding_dino").join("tiny_minilm.pth"),
+        Some(&minilm_dir().join("model.safetensors")),
+        &device,
+    )
+    .unwrap();
+    let tokenizer = CaptionTokenizer::from_file(&minilm_dir().join("tokenizer.json")).unwrap();
+    let caption = Caption::from_names(&["circle", "square", "triangle", "star", "heart"].map(String::from)).unwrap();
+    let encoded = tokenizer.encode(&caption.text).unwrap();
+    let words: Vec<usize> = tokenizer.phrase_tokens(&caption, &encoded).iter().map(|t| t[0]).collect();
+    let text = TextBatch::new(&[&encoded], &tokenizer.special_ids, config.max_text_len, &device);
+    // Each phrase's tokens see [CLS] too, and count their positions from 1 behind it.
+    let masks = sub_sentences(&encoded.ids, &tokenizer.special_ids);
+    let n = encoded.ids.len();
+    for &w in &words {
+        assert!(!masks.attention[w * n] && masks.attention_with_cls[w * n]);
+        assert_eq!((masks.position_ids[w], masks.position_ids_with_cls[w]), (0, 1));
+    }
+    let spread = |hidden: Tensor<3>| {
+        let [_, _, d] = hidden.dims();
+        let values: Vec<f32> = hidden.into_data().try_to_vec::<f32>().unwrap();
+        let vector = |t: usize| &values[t * d..(t + 1) * d];
+        let mut distances = Vec::new();
+        for (a, &i) in words.iter().enumerate() {
+            for &j in &words[a + 1..] {
+                let (u, v) = (vector(i), vector(j));
+                let dot: f32 = u.iter().zip(v).map(|(x, y)| x * y).sum();
+                let norm = |w: &[f32]| w.iter().map(|x| x * x).sum::<f32>().sqrt();
+                distances.push(1.0 - dot / (norm(u) * norm(v)));
+            }
+        }
+        distances.iter().sum::<f32>() / distances.len() as f32
+    };
+    let official = spread(model.bert.forward(
+        text.input_ids.clone(),
+        Some(text.position_ids_tensor(&device)),
+        text.self_attention.clone(),
+    ));
+    let with_cls = spread(model.bert.forward(
+        text.input_ids.clone(),
+        Some(text.position_ids_with_cls_tensor(&device)),
+        text.self_attention_with_cls.clone(),
+    ));
+    eprintln!(
+        "mean cosine distance between class names' first tokens: official masks {official:.5}, with [CLS] {with_cls:.3}"
+    );
+    assert!(official < 0.01, "{official}");
+    assert!(with_cls > 0.3, "{with_cls}");
+}
+
 #[test]
 fn tiny_model_matches_the_official_forward_pass() {
     let reference = reference("grounding_dino");
     let tensors = &reference["tensors"];
     let device = Device::default();
-    let config = GroundingDinoConfig::tiny_minilm();
+    // The reference runs the official text masks; kiln's MiniLM presets let phrases see [CLS]
+    // (see `frozen_minilm_tells_class_names_apart_only_with_cls_in_view`).
+    let config = GroundingDinoConfig { phrases_see_cls: false, ..GroundingDinoConfig::tiny_minilm() };
     let model = GroundingDino::load(
         &config,
         &fixture("grounding_dino").join("tiny_minilm.pth"),

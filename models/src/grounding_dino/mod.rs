@@ -60,6 +60,11 @@ pub struct GroundingDinoConfig {
     pub max_text_len: usize,
     /// Temperature of the image sine position embedding (20 in the official config).
     pub pe_temperature: f64,
+    /// BERT reads each phrase with `[CLS]` in view ([`text::SubSentences::attention_with_cls`]):
+    /// on for the MiniLM presets, whose text encoder stays frozen; off (the official masks) for
+    /// the official checkpoint, trained with them.
+    #[serde(default)]
+    pub phrases_see_cls: bool,
 }
 
 impl GroundingDinoConfig {
@@ -83,13 +88,19 @@ impl GroundingDinoConfig {
             num_feature_levels: 4,
             max_text_len: 256,
             pe_temperature: 20.0,
+            phrases_see_cls: false,
         }
     }
 
     /// Swin-T OGC with all-MiniLM-L6-v2 (384 wide, 6 layers) as its text encoder: 22.7 M instead
     /// of 109.5 M text parameters.
     pub fn swint_minilm() -> Self {
-        Self { name: "swint_minilm".into(), bert: BertConfig::all_minilm_l6_v2(), ..Self::swint_ogc() }
+        Self {
+            name: "swint_minilm".into(),
+            bert: BertConfig::all_minilm_l6_v2(),
+            phrases_see_cls: true,
+            ..Self::swint_ogc()
+        }
     }
 
     /// The official structure at CPU-test widths with MiniLM as the text encoder (the reference
@@ -105,13 +116,15 @@ impl GroundingDinoConfig {
             dec_layers: 2,
             dim_feedforward: 128,
             num_queries: 30,
+            phrases_see_cls: true,
             ..Self::swint_ogc()
         }
     }
 
     /// [`Self::tiny_minilm`] with a 2-layer, 64-wide BERT: no pretrained file needed.
     pub fn tiny() -> Self {
-        Self { name: "tiny".into(), bert: BertConfig::tiny(), ..Self::tiny_minilm() }
+        // A random BERT has not learned to collapse position 0: the official masks.
+        Self { name: "tiny".into(), bert: BertConfig::tiny(), phrases_see_cls: false, ..Self::tiny_minilm() }
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -141,6 +154,8 @@ pub struct GroundingDino {
     pub pe_temperature: f64,
     #[module(skip)]
     pub max_text_len: usize,
+    #[module(skip)]
+    pub phrases_see_cls: bool,
 }
 
 /// A batch of images: `[B, 3, H, W]` normalised pixels padded bottom-right to the batch size, and each
@@ -229,6 +244,7 @@ impl GroundingDino {
             bbox_embed,
             pe_temperature: config.pe_temperature,
             max_text_len: config.max_text_len,
+            phrases_see_cls: config.phrases_see_cls,
         }
     }
 
@@ -303,14 +319,23 @@ impl GroundingDino {
         self.feat_map.weight.dims()[1]
     }
 
-    /// Text features for the encoder: BERT with the sub-sentence mask and position ids, `feat_map`.
+    /// Text features for the encoder: BERT with the sub-sentence mask and position ids (with
+    /// `[CLS]` in view when `phrases_see_cls`), `feat_map`.
     pub fn encode_text(&self, text: &TextBatch) -> Tensor<3> {
         let device = self.feat_map.weight.device();
-        let hidden = self.bert.forward(
-            text.input_ids.clone(),
-            Some(text.position_ids_tensor(&device)),
-            text.self_attention.clone(),
-        );
+        let hidden = if self.phrases_see_cls {
+            self.bert.forward(
+                text.input_ids.clone(),
+                Some(text.position_ids_with_cls_tensor(&device)),
+                text.self_attention_with_cls.clone(),
+            )
+        } else {
+            self.bert.forward(
+                text.input_ids.clone(),
+                Some(text.position_ids_tensor(&device)),
+                text.self_attention.clone(),
+            )
+        };
         self.feat_map.forward(hidden)
     }
 
