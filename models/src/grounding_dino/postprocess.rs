@@ -57,7 +57,10 @@ pub fn grounded_boxes(
         let phrase_score =
             |tokens_of: &Vec<usize>| tokens_of.iter().filter(|&&t| t < tokens).map(|&t| row[t]).fold(0f32, f32::max);
         let class_scores: Vec<f32> = phrase_tokens.iter().map(phrase_score).collect();
-        let Some((phrase, score)) = class_scores.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)) else {
+        // The best phrase; of equal scores the first (`max_by` alone would give the last).
+        let best_phrase =
+            class_scores.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+        let Some((phrase, score)) = best_phrase else {
             continue;
         };
         if score <= options.text_threshold {
@@ -74,4 +77,28 @@ pub fn grounded_boxes(
     }
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    #[test]
+    fn a_box_is_named_by_its_best_phrase_and_ties_go_to_the_first() {
+        let device = Device::default();
+        // Two queries over 4 tokens; phrases at tokens [1] and [2, 3].
+        let logits = Tensor::<2>::from_data(
+            TensorData::new(vec![-9.0f32, 2.0, 2.0, -9.0, -9.0, 0.0, 1.0, 3.0], [2, 4]),
+            &device,
+        );
+        let boxes =
+            Tensor::<2>::from_data(TensorData::new(vec![0.5f32, 0.5, 0.2, 0.4, 0.25, 0.25, 0.5, 0.5], [2, 4]), &device);
+        let options = PostprocessOptions { box_threshold: 0.3, text_threshold: 0.25 };
+        let found = grounded_boxes(logits, boxes, &[vec![1], vec![2, 3]], (100, 200), &options).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].phrase, 1, "query 2: token 3 scores best");
+        assert_eq!(found[1].phrase, 0, "query 1: a tie between the phrases goes to the first");
+        assert_eq!(found[1].bbox, [80.0, 30.0, 120.0, 70.0]);
+    }
 }
