@@ -57,7 +57,7 @@ impl RunLock {
         let record = format!(
             "pid {} since {} ({})",
             std::process::id(),
-            chrono_free_timestamp(),
+            unix_time(),
             std::env::args().collect::<Vec<_>>().join(" ")
         );
         file.set_len(0).at(&path)?;
@@ -94,7 +94,7 @@ impl Drop for RunLock {
 }
 
 /// Seconds since the Unix epoch (UTC), enough to tell a run's start.
-fn chrono_free_timestamp() -> String {
+fn unix_time() -> String {
     let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     format!("unix time {seconds}")
 }
