@@ -287,14 +287,19 @@ mod rle_serde {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::commands::apply_settings;
 
     #[test]
     fn box_threshold_is_a_score_or_auto() {
         let default = DistillConfig::default();
+        // What `--set distill.box_threshold=VALUE` does (commands::apply_settings): the YAML value in.
+        let with = |value: &str| -> Result<DistillConfig, String> {
+            let mut tree = serde_yaml::to_value(default).unwrap();
+            tree["box_threshold"] = serde_yaml::from_str(value).unwrap();
+            serde_yaml::from_value(tree).map_err(|e| e.to_string())
+        };
         assert_eq!(default.box_threshold, ScoreThreshold::Value(0.25));
         assert_eq!((default.labelling_box_threshold(), default.labelling_text_threshold()), (0.25, 0.25));
-        let auto = apply_settings(default, &["box_threshold=auto".into()]).unwrap();
+        let auto = with("auto").unwrap();
         assert_eq!(auto.box_threshold, ScoreThreshold::Auto);
         assert_eq!(auto.labelling_box_threshold(), AUTO_THRESHOLD_FLOOR);
         assert_eq!(auto.labelling_text_threshold(), AUTO_THRESHOLD_FLOOR);
@@ -304,9 +309,9 @@ mod tests {
         let yaml = serde_yaml::to_string(&auto).unwrap();
         assert!(yaml.contains("box_threshold: auto"), "{yaml}");
         assert_eq!(serde_yaml::from_str::<DistillConfig>(&yaml).unwrap(), auto);
-        let set = apply_settings(default, &["box_threshold=0.1".into()]).unwrap();
+        let set = with("0.1").unwrap();
         assert_eq!(set.box_threshold, ScoreThreshold::Value(0.1));
-        let error = apply_settings(default, &["box_threshold=often".into()]).unwrap_err();
+        let error = with("often").unwrap_err();
         assert!(error.contains("often") && error.contains("auto"), "{error}");
     }
 }
