@@ -17,6 +17,18 @@ use kiln_models::grounding_dino::{
 use kiln_tests::{fixture, shared_dir};
 use serde_json::Value;
 
+/// The reference fixture's `tiny_minilm` weights with the real MiniLM, and MiniLM's tokenizer.
+fn reference_model(config: &GroundingDinoConfig, device: &Device) -> (GroundingDino, CaptionTokenizer) {
+    let model = GroundingDino::load(
+        config,
+        &fixture("grounding_dino").join("tiny_minilm.pth"),
+        Some(&minilm_dir().join("model.safetensors")),
+        device,
+    )
+    .unwrap();
+    (model, CaptionTokenizer::from_file(&minilm_dir().join("tokenizer.json")).unwrap())
+}
+
 fn minilm_dir() -> PathBuf {
     shared_dir().join("weights/all-minilm-l6-v2")
 }
@@ -120,14 +132,7 @@ fn frozen_minilm_tells_class_names_apart_only_with_cls_in_view() {
     let device = Device::default();
     let config = GroundingDinoConfig::tiny_minilm();
     assert!(config.phrases_see_cls && !GroundingDinoConfig::swint_ogc().phrases_see_cls);
-    let model = GroundingDino::load(
-        &config,
-        &fixture("grounding_dino").join("tiny_minilm.pth"),
-        Some(&minilm_dir().join("model.safetensors")),
-        &device,
-    )
-    .unwrap();
-    let tokenizer = CaptionTokenizer::from_file(&minilm_dir().join("tokenizer.json")).unwrap();
+    let (model, tokenizer) = reference_model(&config, &device);
     let caption = Caption::from_names(&["circle", "square", "triangle", "star", "heart"].map(String::from)).unwrap();
     let encoded = tokenizer.encode(&caption.text).unwrap();
     let words: Vec<usize> = tokenizer.phrase_tokens(&caption, &encoded).iter().map(|t| t[0]).collect();
@@ -179,14 +184,7 @@ fn tiny_model_matches_the_official_forward_pass() {
     // The reference runs the official text masks; kiln's MiniLM presets let phrases see [CLS]
     // (see `frozen_minilm_tells_class_names_apart_only_with_cls_in_view`).
     let config = GroundingDinoConfig { phrases_see_cls: false, ..GroundingDinoConfig::tiny_minilm() };
-    let model = GroundingDino::load(
-        &config,
-        &fixture("grounding_dino").join("tiny_minilm.pth"),
-        Some(&minilm_dir().join("model.safetensors")),
-        &device,
-    )
-    .unwrap();
-    let tokenizer = CaptionTokenizer::from_file(&minilm_dir().join("tokenizer.json")).unwrap();
+    let (model, tokenizer) = reference_model(&config, &device);
     let caption = reference["caption"].as_str().unwrap();
     let encoded = tokenizer.encode(caption).unwrap();
     let text = TextBatch::new(&[&encoded], &tokenizer.special_ids, config.max_text_len, &device);
