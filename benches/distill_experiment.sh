@@ -5,7 +5,7 @@
 # backgrounds, colours and object sizes, plus the arrow, a class the bases never saw), then teach a
 # yolov8n-seg student with 256 unlabelled images; scored on 64 validation images.
 #
-#   benches/distill_experiment.sh OUT [ROW ...]     rows: a b c d e s c10 s10 cauto dauto (default: a b c d e s)
+#   benches/distill_experiment.sh OUT [ROW ...]     rows: a b c d e s c10 s10 cauto dauto d10 (default: a b c d e s)
 #
 # KILN (default: target/release/kiln) is the binary; MINILM the all-MiniLM-L6-v2 model.safetensors
 # (default: ../shared/weights/all-minilm-l6-v2/model.safetensors). Every row writes its run into
@@ -72,10 +72,14 @@ for row in $ROWS; do
     dauto) for term in teacher_labels logit mask feature; do
         taught "d_auto_no_$term" --set distill.box_threshold=auto --set "distill.$term=0"
       done ;;
+    # (d) on (c10): each loss off in turn, both thresholds 0.1.
+    d10) for term in teacher_labels logit mask feature; do
+        taught "d10_no_$term" --set distill.box_threshold=0.1 --set distill.text_threshold=0.1 --set "distill.$term=0"
+      done ;;
     s10) [ -d "$OUT/s_taught_box_threshold_0.1" ] || "$KILN" train-student --data "$T/splits/train.json" $STUDENT \
         --teachers "$TEACHER_S" --unlabeled "$T/splits/unl.json" --set distill.box_threshold=0.1 \
         --output "$OUT/s_taught_box_threshold_0.1" ;;
-    *) echo "unknown row $row (a b c d e s c10 s10 cauto dauto)" >&2; exit 2 ;;
+    *) echo "unknown row $row (a b c d e s c10 s10 cauto dauto d10)" >&2; exit 2 ;;
   esac
 done
 

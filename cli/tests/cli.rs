@@ -557,3 +557,244 @@ fn hostile_checkpoints_are_clear_errors_and_nothing_in_them_runs() {
     }
     assert!(!marker.exists(), "the pickle's command must never run");
 }
+
+/// Every file a run shows under its own name is whole (JSON and YAML parse, safetensors headers
+/// and data add up, PNG/JPEG end with their trailer, CSV with a newline): what atomic writes
+/// promise a run killed at any moment.
+fn assert_every_visible_file_whole(dir: &Path, context: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.map(Result::unwrap) {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_string();
+        if entry.file_type().unwrap().is_dir() {
+            assert_every_visible_file_whole(&path, context);
+            continue;
+        }
+        if name.starts_with('.') {
+            continue; // staging files and the run lock: never read as outputs
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let whole = match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+            "json" => serde_json::from_slice::<serde_json::Value>(&bytes).is_ok(),
+            "yaml" => serde_yaml::from_slice::<serde_yaml::Value>(&bytes).is_ok(),
+            "csv" => bytes.ends_with(b"\n"),
+            "png" => bytes.ends_with(&[0xAE, 0x42, 0x60, 0x82]),
+            "jpg" => bytes.ends_with(&[0xFF, 0xD9]),
+            "safetensors" => {
+                bytes.len() >= 8 && {
+                    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+                    let header =
+                        bytes.get(8..8 + length).and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok());
+                    header.is_some_and(|h| {
+                        let end = h.as_object().unwrap().values().filter_map(|t| t["data_offsets"][1].as_u64()).max();
+                        end.unwrap_or(0) as usize == bytes.len() - 8 - length
+                    })
+                }
+            }
+            _ => !bytes.is_empty(),
+        };
+        assert!(whole, "{context}: {} is half-written ({} bytes)", path.display(), bytes.len());
+    }
+}
+
+/// The four ways `kiln train-teacher` trains (SAM and GroundingDINO, LoRA and full fine-tuning)
+/// on a tiny split: name, flags, the weights file it saves under `teachers/`.
+const TEACHER_RUNS: [(&str, &[&str], &str); 4] = [
+    ("sam_lora", &["--teacher", "sam", "--sam", "tiny"], "sam_lora/adapter_model.safetensors"),
+    ("sam_full", &["--teacher", "sam", "--sam", "tiny", "--full-finetune"], "sam_full/model.safetensors"),
+    (
+        "gdino_lora",
+        &["--teacher", "grounding_dino", "--gdino", "tiny"],
+        "grounding_dino_lora/adapter_model.safetensors",
+    ),
+    (
+        "gdino_full",
+        &["--teacher", "grounding_dino", "--gdino", "tiny", "--full-finetune"],
+        "grounding_dino_full/model.safetensors",
+    ),
+];
+
+/// A tiny split for the teacher runs, and the arguments of a 3-epoch run of `teacher` into `output`.
+struct TeacherRuns {
+    train: std::path::PathBuf,
+    val: std::path::PathBuf,
+    images: std::path::PathBuf,
+}
+
+impl TeacherRuns {
+    fn new(dir: &Path) -> Self {
+        let options =
+            kiln_data::SynthOptions { images: 8, classes: 2, size: 64, seed: 3, max_objects: 2, ..Default::default() };
+        let (train, val) = kiln_tests::synth_split(dir, &options);
+        TeacherRuns { train, val, images: dir.join("synth/images") }
+    }
+
+    fn command(&self, teacher: &[&str], output: &Path, resume: bool) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args(["train-teacher", "--epochs", "3", "--imgsz", "64", "--batch-size", "2", "--seed", "1"]);
+        for (flag, path) in [("--data", &self.train), ("--val", &self.val), ("--images", &self.images)] {
+            command.arg(flag).arg(path);
+        }
+        command.arg("--output").arg(output).args(teacher);
+        if resume {
+            command.arg("--resume");
+        }
+        command
+    }
+
+    /// Asserts that two runs trained alike: the same saved weights, tensor for tensor, and the same
+    /// per-epoch losses and metrics (`results.csv` without its timings: the best weights of a
+    /// teacher whose metric never improves are its first, so they alone would not tell).
+    fn assert_same_run(whole: &Path, other: &Path, weights: &str, context: &str) {
+        let (a, b) = (whole.join("teachers").join(weights), other.join("teachers").join(weights));
+        assert!(
+            kiln_tests::safetensors_tensors(&a) == kiln_tests::safetensors_tensors(&b),
+            "{context}: the resumed run's weights differ from the uninterrupted run's"
+        );
+        let results = |run: &Path| -> Vec<String> {
+            let train = std::fs::read_dir(run.join("teachers"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.file_name().unwrap().to_string_lossy().ends_with("_train"))
+                .unwrap();
+            let csv = std::fs::read_to_string(train.join("results.csv")).unwrap();
+            csv.lines().map(|line| line.rsplit_once(',').unwrap().0.to_string()).collect()
+        };
+        assert_eq!(results(whole), results(other), "{context}: the resumed run's history differs");
+    }
+}
+
+/// `kill -9` at random moments of `kiln train-teacher` (SAM and GroundingDINO, LoRA and full
+/// fine-tuning), twice per run, each time followed by `--resume`: no output is ever half-written,
+/// and the last resume ends as the uninterrupted run did. The moments come from the clock; the
+/// seed is printed with any failure to replay it (KILN_KILL_SEED).
+#[test]
+fn train_teacher_killed_at_random_moments_resumes_to_the_uninterrupted_weights() {
+    let scratch = Scratch::new("cli-kill-teacher");
+    let dir = scratch.path();
+    let runs = TeacherRuns::new(dir);
+    let seed: u64 = std::env::var("KILN_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    let mut state = seed | 1;
+    let mut uniform = move || {
+        // xorshift64*: enough to spread the kill moments.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    for (name, teacher, weights) in TEACHER_RUNS {
+        let whole = dir.join(name).join("whole");
+        let started = std::time::Instant::now();
+        let output = runs.command(teacher, &whole, false).output().unwrap();
+        assert!(output.status.success(), "{name}: {}", text(&output.stderr));
+        let duration = started.elapsed();
+
+        let killed = dir.join(name).join("killed");
+        for round in 0..2 {
+            let mut child = runs
+                .command(teacher, &killed, round > 0)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            // A moment after the run saved its settings (before that there is nothing to resume).
+            let config = killed.join("teachers/teacher_config.yaml");
+            while !config.exists() && child.try_wait().unwrap().is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            std::thread::sleep(duration.mul_f64(0.9 * uniform()));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            assert_every_visible_file_whole(&killed, &format!("{name}, kill {} (KILN_KILL_SEED={seed})", round + 1));
+        }
+        let resumed = runs.command(teacher, &killed, true).output().unwrap();
+        assert!(resumed.status.success(), "{name} (KILN_KILL_SEED={seed}): {}", text(&resumed.stderr));
+        TeacherRuns::assert_same_run(&whole, &killed, weights, &format!("{name} (KILN_KILL_SEED={seed})"));
+    }
+}
+
+/// A process killed in the middle of a save (`KILN_FAULT=abort:FILE`: it dies between writing the
+/// file's staging copy and renaming it into place) leaves the file absent or as it was, never
+/// half-written, and `--resume` ends as the uninterrupted run did; for each file a teacher run
+/// saves: burn-train's records, kiln's resume state, the weights, the history.
+#[test]
+fn train_teacher_killed_while_it_saves_leaves_no_half_file_and_resumes() {
+    let scratch = Scratch::new("cli-kill-save");
+    let dir = scratch.path();
+    let runs = TeacherRuns::new(dir);
+    for (name, teacher, weights) in [TEACHER_RUNS[0], TEACHER_RUNS[3]] {
+        let whole = dir.join(name).join("whole");
+        assert!(runs.command(teacher, &whole, false).output().unwrap().status.success());
+        let saved_file = weights.rsplit('/').next().unwrap();
+        for file in ["model-2.bpk", "optim-2.bpk", "scheduler-2.bpk", "state-2.json", "results.csv:2", saved_file] {
+            let killed = dir.join(name).join(file.replace(':', "_"));
+            let output =
+                runs.command(teacher, &killed, false).env("KILN_FAULT", format!("abort:{file}")).output().unwrap();
+            let context = format!("{name}, killed while saving {file}");
+            assert!(!output.status.success(), "{context}: the fault did not fire");
+            let staging = |dir: &Path| -> usize {
+                let mut count = 0;
+                for entry in walk(dir) {
+                    count += entry.file_name().unwrap().to_string_lossy().starts_with('.') as usize;
+                }
+                count
+            };
+            assert!(staging(&killed) > 1, "{context}: no staging file: the process did not die mid-save");
+            assert_every_visible_file_whole(&killed, &context);
+            let resumed = runs.command(teacher, &killed, true).output().unwrap();
+            assert!(resumed.status.success(), "{context}: {}", text(&resumed.stderr));
+            TeacherRuns::assert_same_run(&whole, &killed, weights, &context);
+            assert_eq!(
+                staging(&killed),
+                1,
+                "{context}: the resume cleared the dead run's staging files (the lock stays)"
+            );
+        }
+    }
+}
+
+/// A full disk (`KILN_FAULT=nospace:FILE`) fails the run with the file and the cause named, keeps
+/// what earlier epochs saved, leaves no partial file, and `--resume` on a disk with room again
+/// ends as the uninterrupted run did.
+#[test]
+fn train_teacher_on_a_full_disk_fails_clearly_and_resumes() {
+    let scratch = Scratch::new("cli-disk-full");
+    let dir = scratch.path();
+    let runs = TeacherRuns::new(dir);
+    let (name, teacher, weights) = TEACHER_RUNS[0];
+    let whole = dir.join("whole");
+    assert!(runs.command(teacher, &whole, false).output().unwrap().status.success());
+    for file in ["state-2.json", "model-2.bpk", "results.csv:3"] {
+        let full = dir.join(file.replace(':', "_"));
+        let output = runs.command(teacher, &full, false).env("KILN_FAULT", format!("nospace:{file}")).output().unwrap();
+        let (stderr, context) = (text(&output.stderr), format!("{name}, disk full at {file}"));
+        assert!(!output.status.success(), "{context}");
+        let named = file.split(':').next().unwrap();
+        assert!(stderr.contains(named) && stderr.contains("No space left on device"), "{context}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{context}: {stderr}");
+        assert!(full.join("teachers/sam_train/checkpoint/state-1.json").is_file(), "{context}: epoch 1 kept");
+        assert_every_visible_file_whole(&full, &context);
+        assert!(
+            walk(&full).iter().all(|p| !p.to_string_lossy().ends_with(".tmp")),
+            "{context}: a failed write removes its staging file"
+        );
+        let resumed = runs.command(teacher, &full, true).output().unwrap();
+        assert!(resumed.status.success(), "{context}: {}", text(&resumed.stderr));
+        TeacherRuns::assert_same_run(&whole, &full, weights, &context);
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        if entry.file_type().unwrap().is_dir() {
+            files.extend(walk(&entry.path()));
+        } else {
+            files.push(entry.path());
+        }
+    }
+    files
+}

@@ -16,6 +16,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut file = fs::File::create(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
+        fault_point(path)?;
         fs::rename(&tmp, path)
     })();
     if let Err(e) = result {
@@ -23,6 +24,36 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(DataError::io(path, "cannot write the file", e));
     }
     Ok(())
+}
+
+/// Fault injection for the tests of hard stops and full disks, called by every atomic writer
+/// between writing its staging file and renaming it into place. `KILN_FAULT=abort:NAME[:N]`
+/// aborts the process (no destructor, no cleanup: what `kill -9` leaves) at the N-th (default
+/// first) write of a file whose name contains NAME; `KILN_FAULT=nospace:NAME[:N]` fails that
+/// write as a full disk would. Unset (always, outside tests), it does nothing.
+pub fn fault_point(path: &Path) -> std::io::Result<()> {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static FAULT: OnceLock<Option<(String, String, usize)>> = OnceLock::new();
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    let fault = FAULT.get_or_init(|| {
+        let spec = std::env::var("KILN_FAULT").ok()?;
+        let mut parts = spec.splitn(3, ':');
+        let (kind, name) = (parts.next()?.to_string(), parts.next()?.to_string());
+        Some((kind, name, parts.next().and_then(|n| n.parse().ok()).unwrap_or(1)))
+    });
+    let Some((kind, name, nth)) = fault else { return Ok(()) };
+    let file_name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    if !file_name.contains(name.as_str()) || SEEN.fetch_add(1, Ordering::SeqCst) + 1 != *nth {
+        return Ok(());
+    }
+    match kind.as_str() {
+        "abort" => std::process::abort(),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "No space left on device (injected by KILN_FAULT)",
+        )),
+    }
 }
 
 /// Serialises `value` as pretty JSON and writes it atomically.

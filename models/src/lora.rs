@@ -213,6 +213,7 @@ pub fn save_adapter<M: Module>(model: &M, dir: &Path, config: &AdapterConfig) ->
         let text = serde_json::to_string_pretty(config).expect("serialisable");
         std::fs::write(&config_staging, text).map_err(|e| file_error(&dir.join(ADAPTER_CONFIG), e.to_string()))?;
         for (staging, name) in [(&weights_staging, ADAPTER_WEIGHTS), (&config_staging, ADAPTER_CONFIG)] {
+            kiln_data::io::fault_point(&dir.join(name)).map_err(|e| file_error(&dir.join(name), e.to_string()))?;
             std::fs::rename(staging, dir.join(name)).map_err(|e| file_error(&dir.join(name), e.to_string()))?;
         }
         Ok(())

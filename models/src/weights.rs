@@ -355,6 +355,7 @@ pub fn save_safetensors_with<M: Module>(
     }
     let result = model.save_into(&mut store).map_err(|e| write_error(e.to_string()));
     drop(store);
+    let result = result.and_then(|_| kiln_data::io::fault_point(path).map_err(|e| write_error(e.to_string())));
     match result.and_then(|_| std::fs::rename(&staging, path).map_err(|e| write_error(e.to_string()))) {
         Ok(()) => Ok(()),
         Err(e) => {

@@ -64,6 +64,7 @@ impl RunLock {
         file.seek(SeekFrom::Start(0)).at(&path)?;
         file.write_all(record.as_bytes()).at(&path)?;
         file.flush().at(&path)?;
+        super::remove_stale_staging(dir);
         Ok(RunLock { file, path, created, stale: (!previous.is_empty()).then_some(previous) })
     }
 

@@ -34,7 +34,10 @@ use burn::train::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use checkpoint::{complete_checkpoints, prune_checkpoints, require_fresh_dir, resume_point};
+pub use checkpoint::{
+    AtomicFileCheckpointer, complete_checkpoints, prune_checkpoints, remove_stale_staging, require_fresh_dir,
+    resume_point,
+};
 pub use lock::{RUN_LOCK, RunLock};
 pub use metadata::write_metadata;
 pub use progress::{SilentRenderer, Verbosity, epoch_bar};
@@ -359,8 +362,13 @@ pub fn launch<T: TrainTask>(
     let settings = task.settings().clone();
     let outcome: Outcome<T::Record, T::State> = Arc::new(Mutex::new(None));
     let strategy = TaskStrategy { task: Arc::new(task), outcome: outcome.clone() };
+    let checkpoint_dir = settings.run_dir.join("checkpoint");
     let mut training = burn::train::SupervisedTraining::new(&settings.run_dir, train_loader, val_loader)
-        .with_default_checkpointers()
+        .with_custom_checkpointers(
+            AtomicFileCheckpointer::new(&checkpoint_dir, "model"),
+            AtomicFileCheckpointer::new(&checkpoint_dir, "optim"),
+            AtomicFileCheckpointer::new(&checkpoint_dir, "scheduler"),
+        )
         .with_checkpointing_strategy(burn::train::checkpoint::KeepLastNCheckpoints::new(2))
         .with_application_logger(None)
         .renderer(Box::new(SilentRenderer))
