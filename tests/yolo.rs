@@ -95,3 +95,51 @@ fn bad_label_lines_are_errors_naming_file_and_line() {
         assert!(error.contains("x.txt") && error.contains(expected), "{error}");
     }
 }
+
+/// The yaml's `path` and splits come from a downloaded file: a split or `path` leading outside the
+/// yaml's directory (`..`, absolute, a symlink out) is refused with the yaml and the entry named;
+/// Roboflow's `../train/images` beside a yaml in the dataset's root is read, as Ultralytics reads
+/// it, from `train/images`; `--allow-outside-paths` (the process switch) lets a user through.
+#[test]
+fn yaml_entries_stay_inside_the_dataset_and_roboflow_layouts_load() {
+    let scratch = Scratch::new("yolo-yaml-paths");
+    let dir = scratch.path();
+    let dataset = dir.join("dataset");
+    let yaml = yolo_box_dataset(&dataset, "0 0.5 0.5 0.2 0.4\n");
+    // Another dataset outside this one, which a hostile yaml points at.
+    let outside = yolo_box_dataset(&dir.join("outside"), "1 0.5 0.5 0.2 0.4\n");
+    let outside_images = outside.parent().unwrap().join("images/train");
+    std::os::unix::fs::symlink(&outside_images, dataset.join("images/linked")).unwrap();
+    let refused = |text: &str, expected: &str| {
+        std::fs::write(&yaml, text).unwrap();
+        let error = import_yolo(&yaml).err().unwrap_or_else(|| panic!("{text:?} was followed")).to_string();
+        assert!(error.contains("data.yaml") && error.contains(expected), "{text:?}: {error}");
+        assert!(error.contains("--allow-outside-paths"), "{error}");
+    };
+    let names = "names:\n  0: cat\n  1: dog\n";
+    refused(&format!("train: ../outside/images/train\n{names}"), "climbs out");
+    refused(&format!("train: {}\n{names}", outside_images.display()), "is absolute");
+    refused(&format!("train: images/linked\n{names}"), "symlink");
+    refused(&format!("path: ../outside\ntrain: images/train\n{names}"), "climbs out");
+
+    // Roboflow: `../train/images` and `../valid/images` mean the dataset's own folders.
+    let roboflow = dir.join("roboflow");
+    for split in ["train", "valid"] {
+        std::fs::create_dir_all(roboflow.join(split).join("images")).unwrap();
+        std::fs::create_dir_all(roboflow.join(split).join("labels")).unwrap();
+        image::RgbImage::new(20, 10).save(roboflow.join(split).join("images/a.png")).unwrap();
+        std::fs::write(roboflow.join(split).join("labels/a.txt"), "0 0.5 0.5 0.2 0.4\n").unwrap();
+    }
+    let data = roboflow.join("data.yaml");
+    std::fs::write(&data, format!("train: ../train/images\nval: ../valid/images\nnc: 2\n{names}")).unwrap();
+    let imported = import_yolo(&data).unwrap().dataset;
+    assert_eq!(imported.images.len(), 2);
+    assert_eq!(imported.annotations.len(), 2);
+
+    // The user's switch lets the outside split through.
+    std::fs::write(&yaml, format!("train: ../outside/images/train\n{names}")).unwrap();
+    kiln_data::paths::set_allow_outside_paths(true);
+    let allowed = import_yolo(&yaml);
+    kiln_data::paths::set_allow_outside_paths(false);
+    assert_eq!(allowed.unwrap().dataset.annotations[0].category_id, 1);
+}

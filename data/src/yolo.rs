@@ -71,10 +71,20 @@ pub fn import_yolo(path: &Path) -> Result<YoloImport> {
     let yaml: DataYaml = serde_yaml::from_str(&text)
         .map_err(|e| DataError::invalid(&yaml_path, format!("not a YOLO data yaml: {e}")))?;
     let yaml_dir = yaml_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    // `path`, `train`, `val` and `test` come from the downloaded file too: they stay inside the
+    // yaml's directory. A `path` that does not exist from here (one written on another machine,
+    // Ultralytics' `../datasets/NAME`) means the yaml's own directory, as before.
     let root = match yaml.path.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
-        Some(p) if Path::new(p).is_absolute() => PathBuf::from(p),
-        Some(p) if yaml_dir.join(p).is_dir() => yaml_dir.join(p),
-        _ => yaml_dir.clone(),
+        Some(p) => {
+            let candidate = yaml_dir.join(p);
+            let same = candidate.canonicalize().ok() == yaml_dir.canonicalize().ok();
+            if !candidate.is_dir() || same {
+                yaml_dir.clone()
+            } else {
+                crate::paths::inside(&yaml_dir, p, &format!("`path` of {}", yaml_path.display()))?
+            }
+        }
+        None => yaml_dir.clone(),
     };
 
     let names: Vec<(u64, String)> = match yaml.names {
@@ -93,7 +103,7 @@ pub fn import_yolo(path: &Path) -> Result<YoloImport> {
             Sources::Many(v) => v,
         };
         for source in list {
-            image_files.extend(list_images(&root.join(source.trim()))?);
+            image_files.extend(list_images(&split_source(&root, source.trim(), &yaml_path)?)?);
         }
     }
     image_files.sort();
@@ -125,6 +135,19 @@ pub fn import_yolo(path: &Path) -> Result<YoloImport> {
     }
     let images_dir = if images_dir.is_dir() { images_dir } else { root };
     Ok(YoloImport { dataset, images_dir })
+}
+
+/// The directory or list a `train`/`val`/`test` entry names, inside `root`. Roboflow's exports
+/// write `../train/images` beside a yaml in the dataset's root; as Ultralytics does, such an entry
+/// that does not exist is read without its leading `../` when that does.
+fn split_source(root: &Path, entry: &str, yaml_path: &Path) -> Result<PathBuf> {
+    if let Some(rest) = entry.strip_prefix("../")
+        && !root.join(entry).exists()
+        && root.join(rest).exists()
+    {
+        return crate::paths::inside(root, rest, &format!("a split of {}", yaml_path.display()));
+    }
+    crate::paths::inside(root, entry, &format!("a split of {}", yaml_path.display()))
 }
 
 /// Images of one yaml entry: a directory (searched recursively) or a `.txt` list of image paths.
