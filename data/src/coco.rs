@@ -13,6 +13,10 @@ use crate::error::{DataError, Result};
 
 pub type Extra = Map<String, Value>;
 
+/// The largest width or height of an image kiln reads (a COCO file claiming more is refused, as a
+/// decoder refuses such an image): `MAX_IMAGE_SIDE²` pixels still fit the `u32` run lengths of RLE.
+pub const MAX_IMAGE_SIDE: u32 = 65_535;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CocoDataset {
     /// `info`, `licenses` and anything else at the top level, written back first as tools do.
@@ -129,6 +133,15 @@ impl CocoDataset {
         })?;
         if !crate::paths::outside_paths_allowed() {
             dataset.check_file_names(path)?;
+        }
+        if let Some(image) = dataset.images.iter().find(|i| i.width > MAX_IMAGE_SIDE || i.height > MAX_IMAGE_SIDE) {
+            return Err(DataError::invalid(
+                path,
+                format!(
+                    "image {} ({}) claims {}x{} pixels; kiln reads images of at most {MAX_IMAGE_SIDE} pixels a side (tile larger ones first)",
+                    image.id, image.file_name, image.width, image.height
+                ),
+            ));
         }
         Ok(dataset)
     }

@@ -218,13 +218,44 @@ mod tests {
 /// Reads and decodes an image file (format from its content) as RGB; the error names the file and
 /// whether it could not be read or not be decoded.
 pub fn read_rgb_image(path: &Path) -> Result<image::RgbImage> {
-    Ok(image::ImageReader::open(path)
-        .map_err(|e| DataError::io(path, "cannot open the image", e))?
+    let bytes = fs::read(path).map_err(|e| DataError::io(path, "cannot open the image", e))?;
+    decode_rgb_image(&bytes, path)
+}
+
+/// Decodes an image file's `bytes` (format from the content) as RGB, within [`image_limits`].
+pub fn decode_rgb_image(bytes: &[u8], path: &Path) -> Result<image::RgbImage> {
+    decode_image(bytes, path).map(image::DynamicImage::into_rgb8)
+}
+
+/// Decodes an image file's `bytes` (format from the content) within [`image_limits`]: a small file
+/// that claims a huge picture (a decompression bomb) is an error, not gigabytes of memory.
+pub fn decode_image(bytes: &[u8], path: &Path) -> Result<image::DynamicImage> {
+    let image_error = |message: String| DataError::Image { path: path.to_path_buf(), message };
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| DataError::io(path, "cannot read the image", e))?
-        .decode()
-        .map_err(|e| DataError::Image { path: path.to_path_buf(), message: e.to_string() })?
-        .into_rgb8())
+        .map_err(|e| DataError::io(path, "cannot read the image", e))?;
+    reader.limits(image_limits());
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(limit) => image_error(format!(
+            "{limit}: kiln decodes images of at most {side} pixels a side and {mib} MiB",
+            side = crate::coco::MAX_IMAGE_SIDE,
+            mib = MAX_IMAGE_BYTES >> 20
+        )),
+        other => image_error(other.to_string()),
+    })
+}
+
+/// The most memory one decoded image may take.
+pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
+
+/// The decoder's limits for every image kiln reads: [`crate::coco::MAX_IMAGE_SIDE`] a side and
+/// [`MAX_IMAGE_BYTES`] of memory.
+pub fn image_limits() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(crate::coco::MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(crate::coco::MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    limits
 }
 
 #[cfg(test)]

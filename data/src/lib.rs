@@ -6,6 +6,8 @@ pub mod batch;
 pub mod coco;
 pub mod draw;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod inspect;
 pub mod io;
 pub mod letterbox;

@@ -26,7 +26,7 @@ pub struct BinaryMask {
 
 impl Rle {
     pub fn empty(height: u32, width: u32) -> Self {
-        Self { height, width, counts: vec![height * width] }
+        Self { height, width, counts: vec![height.saturating_mul(width)] }
     }
 
     /// Rasterises one polygon `[x1, y1, x2, y2, …]` (pycocotools `rleFrPoly`).
@@ -37,6 +37,16 @@ impl Rle {
         }
         let (h, w) = (height as i64, width as i64);
         const SCALE: f64 = 5.0;
+        // The walk below costs the boundary's length: a vertex far outside the image (hostile data;
+        // `Segmentation::to_rle` refuses it with an error) is pulled in so it cannot take forever.
+        let xy: Vec<f64> = xy
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let side = if i % 2 == 0 { width } else { height } as f64;
+                if v.is_nan() { 0.0 } else { v.clamp(-side - 1.0, 2.0 * side + 1.0) }
+            })
+            .collect();
         // C's `(int)(v + .5)` truncates toward zero; `as i64` does the same.
         let mut x: Vec<i64> = (0..k).map(|j| (SCALE * xy[2 * j] + 0.5) as i64).collect();
         let mut y: Vec<i64> = (0..k).map(|j| (SCALE * xy[2 * j + 1] + 0.5) as i64).collect();
@@ -225,6 +235,11 @@ impl Rle {
         let mut xp = 0u64;
         for j in 0..m {
             cc += self.counts[j] as u64;
+            if j % 2 == 1 && self.counts[j] == 0 {
+                // An empty foreground run (only in non-canonical RLE) marks no pixel; pycocotools'
+                // unsigned `cc - 1` would mark the one before it, or wrap around at the start.
+                continue;
+            }
             let t = cc - (j % 2) as u64;
             let y = t % h;
             let x = (t - y) / h;
@@ -389,7 +404,22 @@ impl Segmentation {
     /// The mask as RLE for an image of `height x width` (pycocotools `annToRLE`).
     pub fn to_rle(&self, height: u32, width: u32) -> Result<Rle> {
         match self {
-            Segmentation::Polygons(polygons) => Ok(Rle::from_polygons(polygons, height, width)),
+            Segmentation::Polygons(polygons) => {
+                for polygon in polygons {
+                    let outside = polygon.iter().enumerate().find(|&(i, &v)| {
+                        let side = if i % 2 == 0 { width } else { height } as f64;
+                        !(-side..=2.0 * side).contains(&v)
+                    });
+                    if let Some((i, v)) = outside {
+                        let value = if v.abs() < 1e6 { format!("{v}") } else { format!("{v:e}") };
+                        return Err(DataError::Mask(format!(
+                            "polygon coordinate {} = {value} lies far outside the {width}x{height} image",
+                            if i % 2 == 0 { "x" } else { "y" }
+                        )));
+                    }
+                }
+                Ok(Rle::from_polygons(polygons, height, width))
+            }
             Segmentation::Rle(rle) => {
                 let [h, w] = rle.size;
                 if (h, w) != (height, width) {

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::coco::{CocoDataset, Segmentation};
+use crate::error::DataError;
 
 /// How many offending ids a problem lists.
 const EXAMPLES: usize = 5;
@@ -199,6 +200,12 @@ pub fn validate(dataset: &CocoDataset, images_dir: Option<&Path>, progress: &Pro
         }
         if let (Some(mask), Some((width, height))) = (mask, size) {
             match mask.to_rle(height, width) {
+                Err(e) if matches!(mask, Segmentation::Polygons(_)) => found.add(
+                    Error,
+                    "polygon_far_outside",
+                    "polygons with points far outside their image",
+                    format!("{item}: {e}"),
+                ),
                 Err(e) => found.add(Error, "invalid_rle", "RLE masks that cannot be decoded", format!("{item}: {e}")),
                 Ok(rle) if rle.area() == 0 => found.add(
                     Warning,
@@ -271,11 +278,13 @@ fn check_images(dataset: &CocoDataset, dir: &Path, progress: &ProgressBar, found
             } else if !path.is_file() {
                 ImageState::Missing
             } else {
-                match image::ImageReader::open(&path)
-                    .and_then(|r| r.with_guessed_format())
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.decode().map_err(|e| e.to_string()))
-                {
+                let decoded = std::fs::read(&path).map_err(|e| e.to_string()).and_then(|bytes| {
+                    crate::io::decode_image(&bytes, &path).map_err(|e| match e {
+                        DataError::Image { message, .. } => message,
+                        other => other.to_string(),
+                    })
+                });
+                match decoded {
                     Err(e) => ImageState::Unreadable(e),
                     Ok(decoded) if (decoded.width(), decoded.height()) != (image.width, image.height) => {
                         ImageState::WrongSize(decoded.width(), decoded.height())

@@ -39,6 +39,25 @@ enum Names {
     Map(BTreeMap<u64, String>),
 }
 
+/// A data yaml's `text` (`path` names it in errors).
+fn parse_data_yaml(text: &str, path: &Path) -> Result<DataYaml> {
+    serde_yaml::from_str(text).map_err(|e| DataError::invalid(path, format!("not a YOLO data yaml: {e}")))
+}
+
+/// The class names of a data yaml's `text`, by index: what kiln reads of it besides the paths.
+pub fn data_yaml_names(text: &str, path: &Path) -> Result<Vec<(u64, String)>> {
+    Ok(parse_data_yaml(text, path)?.names.by_index())
+}
+
+impl Names {
+    fn by_index(self) -> Vec<(u64, String)> {
+        match self {
+            Names::List(list) => list.into_iter().enumerate().map(|(i, n)| (i as u64, n)).collect(),
+            Names::Map(map) => map.into_iter().collect(),
+        }
+    }
+}
+
 /// A YOLO dataset as COCO, with the directory its `file_name`s are relative to.
 pub struct YoloImport {
     pub dataset: CocoDataset,
@@ -68,8 +87,7 @@ pub fn import_yolo(path: &Path) -> Result<YoloImport> {
     let yaml_path = find_data_yaml(path)?;
     let text =
         std::fs::read_to_string(&yaml_path).map_err(|e| DataError::io(&yaml_path, "cannot read the data yaml", e))?;
-    let yaml: DataYaml = serde_yaml::from_str(&text)
-        .map_err(|e| DataError::invalid(&yaml_path, format!("not a YOLO data yaml: {e}")))?;
+    let yaml = parse_data_yaml(&text, &yaml_path)?;
     let yaml_dir = yaml_path.parent().unwrap_or(Path::new(".")).to_path_buf();
     // `path`, `train`, `val` and `test` come from the downloaded file too: they stay inside the
     // yaml's directory. A `path` that does not exist from here (one written on another machine,
@@ -87,10 +105,7 @@ pub fn import_yolo(path: &Path) -> Result<YoloImport> {
         None => yaml_dir.clone(),
     };
 
-    let names: Vec<(u64, String)> = match yaml.names {
-        Names::List(list) => list.into_iter().enumerate().map(|(i, n)| (i as u64, n)).collect(),
-        Names::Map(map) => map.into_iter().collect(),
-    };
+    let names = yaml.names.by_index();
     let categories: Vec<CocoCategory> = names
         .iter()
         .map(|(id, name)| CocoCategory { id: *id, name: name.clone(), supercategory: None, extra: Map::new() })
@@ -206,6 +221,19 @@ fn read_labels(
     annotations: &mut Vec<CocoAnnotation>,
 ) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, "cannot read the label file", e))?;
+    parse_labels(&text, path, image_id, width, height, names, annotations)
+}
+
+/// The annotations of one label file's `text` (`path` names it in errors).
+pub fn parse_labels(
+    text: &str,
+    path: &Path,
+    image_id: u64,
+    width: u32,
+    height: u32,
+    names: &[(u64, String)],
+    annotations: &mut Vec<CocoAnnotation>,
+) -> Result<()> {
     let (w, h) = (width as f64, height as f64);
     for (line_number, line) in text.lines().enumerate() {
         let line = line.trim();
