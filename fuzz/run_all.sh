@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-1000000}
 shift || true
-TARGETS=${*:-coco_json rle polygon yolo_labels yolo_yaml image}
+TARGETS=${*:-coco_json rle polygon yolo_labels yolo_yaml image pytorch_checkpoint safetensors_checkpoint onnx_model}
 WORK=${FUZZ_WORK:-${TMPDIR:-/tmp}/kiln-fuzz}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/kiln/fuzz-target}
 for target in $TARGETS; do

@@ -8,13 +8,16 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const TARGETS: [(&str, fn(&[u8])); 6] = [
+const TARGETS: [(&str, fn(&[u8])); 9] = [
     ("coco_json", kiln_data::fuzz::coco_json),
     ("rle", kiln_data::fuzz::rle),
     ("polygon", kiln_data::fuzz::polygon),
     ("yolo_labels", kiln_data::fuzz::yolo_labels),
     ("yolo_yaml", kiln_data::fuzz::yolo_yaml),
     ("image", kiln_data::fuzz::image),
+    ("pytorch_checkpoint", kiln_models::fuzz::pytorch_checkpoint),
+    ("safetensors_checkpoint", kiln_models::fuzz::safetensors_checkpoint),
+    ("onnx_model", kiln_export::fuzz::onnx_model),
 ];
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
@@ -125,4 +128,23 @@ fn corpus_directories_match_the_targets() {
     for name in expected {
         assert!(fuzz_targets.join(format!("{name}.rs")).is_file(), "fuzz/fuzz_targets/{name}.rs");
     }
+}
+
+/// The checkpoint seeds are real checkpoints (a 2x2 linear layer as PyTorch zip-pickle and as
+/// safetensors), so mutations start from inputs that reach the tensor loading, not only the header.
+#[test]
+fn the_checkpoint_seeds_load_as_a_linear_layer() {
+    let corpus = kiln_tests::repo_root().join("tests/fuzz/corpus");
+    for seed in ["pytorch_checkpoint/linear_2x2.pt", "safetensors_checkpoint/linear_2x2.safetensors"] {
+        let model = burn::nn::LinearConfig::new(2, 2).init(&kiln_models::device::cpu());
+        let loaded = kiln_models::weights::load_checkpoint(model, &corpus.join(seed), &[], "a 2x2 linear layer")
+            .unwrap_or_else(|e| panic!("{seed}: {e}"));
+        let weight: Vec<f32> = loaded.weight.val().into_data().to_vec().unwrap();
+        // PyTorch's [out, in] = [[1, 2], [3, 4]] is Burn's [in, out] = [[1, 3], [2, 4]].
+        assert_eq!(weight, [1.0, 3.0, 2.0, 4.0], "{seed}");
+    }
+    let onnx = std::fs::read(corpus.join("onnx_model/conv_1x1.onnx")).unwrap();
+    use onnx_ir::Message;
+    let model = onnx_ir::ModelProto::parse_from_bytes(&onnx).unwrap();
+    kiln_export::interpreter::Interpreter::new(model.graph.as_ref().unwrap(), &kiln_models::device::cpu()).unwrap();
 }

@@ -43,7 +43,10 @@ fn error(node: &NodeProto, message: impl std::fmt::Display) -> ExportError {
 }
 
 fn decode_initializer(tensor: &TensorProto) -> Result<Value, ExportError> {
-    let shape: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
+    let shape: Vec<usize> =
+        tensor.dims.iter().map(|&d| usize::try_from(d)).collect::<Result<_, _>>().map_err(|_| {
+            ExportError::Graph(format!("initializer {}: negative dimension in {:?}", tensor.name, tensor.dims))
+        })?;
     let raw = &tensor.raw_data;
     let data: Vec<f32> = match tensor.data_type {
         1 => crate::graph::float_values(tensor)?,
@@ -59,8 +62,8 @@ fn decode_initializer(tensor: &TensorProto) -> Result<Value, ExportError> {
             return Err(ExportError::Graph(format!("initializer {}: data type {other} is not supported", tensor.name)));
         }
     };
-    let expected: usize = shape.iter().product();
-    if data.len() != expected {
+    let expected = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if expected != Some(data.len()) {
         return Err(ExportError::Graph(format!(
             "initializer {}: {} values for shape {shape:?}",
             tensor.name,

@@ -7,6 +7,8 @@
 //! layers it cannot lower are swapped for equivalent exportable forms first
 //! ([`kiln_models::lowering`]), and general graph passes ([`graph`]) finish the file.
 
+#[doc(hidden)]
+pub mod fuzz;
 pub mod graph;
 pub mod int8;
 pub mod interpreter;

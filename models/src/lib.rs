@@ -3,6 +3,8 @@
 pub mod bases;
 pub mod detector;
 pub mod device;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod grounding_dino;
 pub mod lora;
 pub mod lowering;

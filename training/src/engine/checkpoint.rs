@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn a_checkpoint_appears_whole_under_its_name_and_restores() {
         let dir = scratch("atomic");
-        let device = burn::tensor::Device::default();
+        let device = kiln_models::device::cpu();
         let linear = burn::nn::LinearConfig::new(3, 2).init(&device);
         let checkpointer = AtomicFileCheckpointer::new(&dir, "model");
         Checkpointer::<ModuleRecord>::save(&checkpointer, 4, linear.clone().into_record()).unwrap();
