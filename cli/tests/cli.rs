@@ -798,3 +798,69 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+/// A distilled `kiln train-student` killed in the middle of saving each kind of file it writes
+/// while training (weights, burn-train's records, kiln's resume state, the history) leaves no
+/// half-written file, and `--resume` ends with the uninterrupted run's weights, tensor for tensor.
+#[test]
+fn a_distilled_student_killed_while_it_saves_resumes_to_the_uninterrupted_weights() {
+    let scratch = Scratch::new("cli-student-kill-save");
+    let dir = scratch.path();
+    let synth = |name: &str, images: usize, seed: u64| {
+        let options =
+            kiln_data::SynthOptions { images, classes: 3, size: 96, seed, max_objects: 2, ..Default::default() };
+        kiln_data::synthesize(&options, &dir.join(name), &indicatif::ProgressBar::hidden()).unwrap()
+    };
+    let labelled = synth("labelled", 8, 41);
+    let unlabeled = synth("unlabeled", 8, 42).images_dir;
+    let (train, val) = (dir.join("train.json"), dir.join("val.json"));
+    labelled.dataset.subset(&[0, 1, 2, 3, 4]).save(&train).unwrap();
+    labelled.dataset.subset(&[5, 6, 7]).save(&val).unwrap();
+    let teacher = dir.join("teacher.safetensors");
+    std::fs::copy(kiln_tests::fixture("students/synth160_yolov8n_seg.safetensors"), &teacher).unwrap();
+    let command = |run: &Path, resume: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args([
+            "train-student",
+            "--epochs",
+            "3",
+            "--imgsz",
+            "64",
+            "--batch-size",
+            "4",
+            "--set",
+            "distill.box_threshold=0.1",
+        ]);
+        for (flag, path) in [
+            ("--data", &train),
+            ("--val", &val),
+            ("--images", &labelled.images_dir),
+            ("--teachers", &teacher),
+            ("--unlabeled", &unlabeled),
+            ("--output", &run.to_path_buf()),
+        ] {
+            command.arg(flag).arg(path);
+        }
+        if resume {
+            command.arg("--resume");
+        }
+        command
+    };
+    let whole = dir.join("whole");
+    let output = command(&whole, false).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    for file in ["last.safetensors:2", "model-2.bpk", "optim-2.bpk", "state-2.json", "results.csv:2"] {
+        let killed = dir.join(file.replace(':', "_"));
+        let context = format!("killed while saving {file}");
+        let output = command(&killed, false).env("KILN_FAULT", format!("abort:{file}")).output().unwrap();
+        assert!(!output.status.success(), "{context}: the fault did not fire");
+        assert_every_visible_file_whole(&killed, &context);
+        let resumed = command(&killed, true).output().unwrap();
+        assert!(resumed.status.success(), "{context}: {}", text(&resumed.stderr));
+        for weights in ["weights/best.safetensors", "weights/last.safetensors"] {
+            let same = kiln_tests::safetensors_tensors(&killed.join(weights))
+                == kiln_tests::safetensors_tensors(&whole.join(weights));
+            assert!(same, "{context}: {weights} of the resumed run differs from the uninterrupted run's");
+        }
+    }
+}
