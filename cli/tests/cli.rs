@@ -673,6 +673,7 @@ fn train_teacher_killed_at_random_moments_resumes_to_the_uninterrupted_weights()
     let scratch = Scratch::new("cli-kill-teacher");
     let dir = scratch.path();
     let runs = TeacherRuns::new(dir);
+    let inputs = snapshot(&dir.join("synth"));
     let seed: u64 = std::env::var("KILN_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
@@ -713,6 +714,7 @@ fn train_teacher_killed_at_random_moments_resumes_to_the_uninterrupted_weights()
         assert!(resumed.status.success(), "{name} (KILN_KILL_SEED={seed}): {}", text(&resumed.stderr));
         TeacherRuns::assert_same_run(&whole, &killed, weights, &format!("{name} (KILN_KILL_SEED={seed})"));
     }
+    assert!(snapshot(&dir.join("synth")) == inputs, "the data the runs read is unchanged, byte for byte");
 }
 
 /// A process killed in the middle of a save (`KILN_FAULT=abort:FILE`: it dies between writing the
@@ -786,6 +788,13 @@ fn train_teacher_on_a_full_disk_fails_clearly_and_resumes() {
     }
 }
 
+/// Every file under `dir` with its bytes: to check that a command left its inputs as they were.
+fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = walk(dir).into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect();
+    files.sort();
+    files
+}
+
 /// Every file under `dir`, recursively.
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
@@ -818,6 +827,9 @@ fn a_distilled_student_killed_while_it_saves_resumes_to_the_uninterrupted_weight
     labelled.dataset.subset(&[5, 6, 7]).save(&val).unwrap();
     let teacher = dir.join("teacher.safetensors");
     std::fs::copy(kiln_tests::fixture("students/synth160_yolov8n_seg.safetensors"), &teacher).unwrap();
+    let inputs = [snapshot(&dir.join("labelled")), snapshot(&dir.join("unlabeled"))];
+    let read_all = || [&teacher, &train, &val].map(|p| std::fs::read(p).unwrap());
+    let given = read_all();
     let command = |run: &Path, resume: bool| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
         command.args([
@@ -863,4 +875,6 @@ fn a_distilled_student_killed_while_it_saves_resumes_to_the_uninterrupted_weight
             assert!(same, "{context}: {weights} of the resumed run differs from the uninterrupted run's");
         }
     }
+    let after = [snapshot(&dir.join("labelled")), snapshot(&dir.join("unlabeled"))];
+    assert!(after == inputs && read_all() == given, "the inputs are unchanged, byte for byte");
 }
