@@ -12,7 +12,8 @@ WORK=${FUZZ_WORK:-${TMPDIR:-/tmp}/kiln-fuzz}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/kiln/fuzz-target}
 for target in $TARGETS; do
   mkdir -p "$WORK/$target"
-  cargo +nightly fuzz run -O -a --fuzz-dir fuzz "$target" "$WORK/$target" "tests/fuzz/corpus/$target" -- \
+  case $target in pytorch_checkpoint | safetensors_checkpoint | onnx_model) features="--features models" ;; *) features="" ;; esac
+  cargo +nightly fuzz run -O -a $features --fuzz-dir fuzz "$target" "$WORK/$target" "tests/fuzz/corpus/$target" -- \
     -runs="$RUNS" -rss_limit_mb=2048 -timeout=10 2>"$WORK/$target.log" || true
   printf '%-12s %s\n' "$target" "$(grep -E '^Done|^SUMMARY|^==[0-9]+== ERROR' "$WORK/$target.log" | head -2 | tr '\n' ' ')"
   grep -E 'Test unit written|panicked at' "$WORK/$target.log" | head -2 || true
