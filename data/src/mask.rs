@@ -168,7 +168,9 @@ impl Rle {
                 k += 1;
                 if !more {
                     if c & 0x10 != 0 {
-                        x |= -1i64 << (5 * k);
+                        // Sign extension from bit 5k; at 13 characters (65 bits) there is none
+                        // left to extend (pycocotools' C shift by 65 is undefined).
+                        x |= (-1i64).checked_shl(5 * k as u32).unwrap_or(0);
                     }
                     break;
                 }
