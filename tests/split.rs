@@ -177,3 +177,107 @@ fn validate_writes_splits_with_identical_categories_and_preserved_ids() {
     assert_eq!(annotation_ids.len(), original.annotations.len());
     assert!(out.join("annotations.repaired.json").is_file());
 }
+
+/// Frames of 12 videos (5 each, 3 classes): every video's frames land in one part, whether the
+/// group comes from the images' `video_id` (the default when the data has one) or from a regex on
+/// `file_name`; every class is in train and train holds most images. By image (`none`), some video
+/// is cut across parts: the leakage grouping prevents.
+#[test]
+fn a_grouped_split_never_places_a_video_in_two_parts() {
+    let mut dataset = multilabel(60, 9);
+    for (i, image) in dataset.images.iter_mut().enumerate() {
+        image.extra.insert("video_id".into(), serde_json::json!(i / 5));
+        image.file_name = format!("video{}/frame{}.jpg", i / 5, i % 5);
+    }
+    let video_of = |position: usize| position / 5;
+    let parts_of_videos = |split: &kiln_data::Split| {
+        let mut parts = vec![HashSet::new(); 12];
+        for (name, images) in &split.parts {
+            for &image in images {
+                parts[video_of(image)].insert(name.clone());
+            }
+        }
+        parts
+    };
+    for group_by in ["auto", "video", "video_id", "^([^/]+)/"] {
+        for seed in [1, 2, 3] {
+            let options = SplitOptions { seed, group_by: group_by.parse().unwrap(), ..Default::default() };
+            let split = split(&dataset, &options);
+            let parts = parts_of_videos(&split);
+            assert!(parts.iter().all(|p| p.len() == 1), "{group_by}, seed {seed}: {parts:?}");
+            let train = split.part("train").unwrap();
+            assert!(train.len() >= 30, "{group_by}: train has {} of 60 images", train.len());
+            assert_eq!(split.parts.iter().map(|(_, i)| i.len()).sum::<usize>(), 60);
+            let counts = images_per_class(&dataset, &split);
+            let totals = kiln_data::split::images_per_class(
+                &dataset,
+                &kiln_data::Split { parts: vec![("all".into(), (0..60).collect())] },
+            );
+            for (class, &total) in totals["all"].iter().enumerate() {
+                assert!(total == 0 || counts["train"][class] > 0, "{group_by}: class {class} missing from train");
+            }
+        }
+    }
+    let by_image = split(&dataset, &SplitOptions { group_by: "none".parse().unwrap(), ..Default::default() });
+    assert!(parts_of_videos(&by_image).iter().any(|p| p.len() > 1), "a split by image cuts some video");
+    assert!("(".parse::<kiln_data::GroupBy>().unwrap_err().contains("not a valid regex"));
+}
+
+/// `kiln validate` on video frames: grouped by `video_id` without being asked (the report says so),
+/// near-duplicate copies that the split put into two parts reported as leakage, and `report.md`
+/// written beside the splits.
+#[test]
+fn validate_groups_video_frames_reports_leakage_and_writes_markdown() {
+    let scratch = Scratch::new("split-video");
+    let data = scratch.path().join("data");
+    let generated = synthesize(
+        &SynthOptions { images: 30, size: 64, seed: 4, ..Default::default() },
+        &data,
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    let mut dataset = CocoDataset::load(&generated.annotations).unwrap();
+    // A copy of one frame of each video, as another video: they look the same as their
+    // originals, which the split spreads over all parts.
+    for i in 0..10 {
+        let original = dataset.images[3 * i].clone();
+        let copy = format!("copy_{}", original.file_name);
+        std::fs::copy(generated.images_dir.join(&original.file_name), generated.images_dir.join(&copy)).unwrap();
+        let mut image = original.clone();
+        image.id = 1000 + i as u64;
+        image.file_name = copy;
+        image.extra.insert("video_id".into(), serde_json::json!("copies"));
+        dataset.images.push(image);
+    }
+    for (i, image) in dataset.images.iter_mut().enumerate().take(30) {
+        image.extra.insert("video_id".into(), serde_json::json!(format!("v{}", i / 3)));
+    }
+    let annotations = scratch.path().join("video.json");
+    dataset.save(&annotations).unwrap();
+    let out = scratch.path().join("out");
+    let options = kiln_data::ValidateOptions {
+        data: annotations,
+        images: Some(generated.images_dir.clone()),
+        split: SplitOptions::default(),
+        output_dir: Some(out.clone()),
+    };
+    let report = kiln_data::run_validate(&options, &ProgressBar::hidden()).unwrap();
+    let text = report.render();
+    assert!(report.ok, "{text}");
+    let grouping = report.split.as_ref().unwrap().grouping.clone().expect("grouped");
+    assert_eq!((grouping.by.as_str(), grouping.groups, grouping.automatic), ("video_id", 11, true));
+    assert!(
+        text.contains("grouped by video_id (11 groups") && text.contains("frames of a video stay together"),
+        "{text}"
+    );
+    assert_eq!(report.validation.problem("near_duplicate_images").map(|p| p.count), Some(10), "{text}");
+    let leaks = report.validation.problem("duplicates_across_splits").expect("the copies sit in another part");
+    assert!(leaks.examples[0].contains("copy_"), "{:?}", leaks.examples);
+    let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for expected in
+        ["# kiln validate", "## Classes", "| index | id | name |", "duplicates_across_splits", "grouped by video_id"]
+    {
+        assert!(markdown.contains(expected), "missing {expected:?} in report.md:\n{markdown}");
+    }
+    assert!(report.written.iter().any(|w| w.ends_with("report.md")));
+}

@@ -8,9 +8,13 @@ use std::path::Path;
 
 /// A valid two-image dataset, with its images written into `dir`.
 fn base(dir: &Path) -> Value {
-    for (name, w, h) in [("a.png", 40, 30), ("b.png", 32, 32)] {
-        image::RgbImage::from_pixel(w, h, image::Rgb([10, 200, 30])).save(dir.join(name)).unwrap();
-    }
+    // Two different pictures (uniform ones would look the same: near-duplicates).
+    image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([(x * 6) as u8, (y * 8) as u8, 30]))
+        .save(dir.join("a.png"))
+        .unwrap();
+    image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([((x * y) % 256) as u8, 200, (255 - y * 7) as u8]))
+        .save(dir.join("b.png"))
+        .unwrap();
     json!({
         "images": [
             {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
@@ -172,4 +176,41 @@ fn data_errors_write_nothing_and_say_so() {
     assert!(!report.ok && report.written.is_empty());
     assert!(!out.exists());
     assert!(report.render().contains("nothing was written"));
+}
+
+/// Instances of the most against the least frequent class: over 10:1 is a warning naming the rare
+/// classes (12:1 here), 9:1 is not.
+#[test]
+fn class_imbalance_warns_above_ten_to_one() {
+    let boxes = |bolts: usize| {
+        move |value: &mut Value, _: &Path| {
+            let mut annotations: Vec<Value> = (0..bolts)
+                .map(|i| json!({"id": 100 + i, "image_id": 1, "category_id": 5, "bbox": [1, 1, 4 + i % 5, 4]}))
+                .collect();
+            annotations.push(json!({"id": 99, "image_id": 2, "category_id": 9, "bbox": [4, 4, 10, 8]}));
+            value["annotations"] = Value::Array(annotations);
+        }
+    };
+    let v = check("imbalance-12", boxes(12));
+    assert_problem(&v, "class_imbalance", Severity::Warning, 1, "nut (1)");
+    assert!(v.problem("class_imbalance").unwrap().message.contains("max:min 12.0:1"), "{:#?}", v.problems);
+    let v = check("imbalance-9", boxes(9));
+    assert!(v.problem("class_imbalance").is_none(), "{:#?}", v.problems);
+}
+
+/// A re-encoded, slightly brighter copy of an image is found as its near-duplicate; the two
+/// different pictures are not.
+#[test]
+fn near_duplicate_images_are_found() {
+    let v = check("duplicates", |value, dir| {
+        let copy = image::open(dir.join("a.png")).unwrap().brighten(6).to_rgb8();
+        copy.save(dir.join("c.jpg")).unwrap();
+        value["images"].as_array_mut().unwrap().push(json!({"id": 3, "file_name": "c.jpg", "width": 40, "height": 30}));
+        value["annotations"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"id": 13, "image_id": 3, "category_id": 9, "bbox": [4, 4, 10, 8]}));
+    });
+    assert_problem(&v, "near_duplicate_images", Severity::Warning, 1, "image 1 (a.png) ~ image 3 (c.jpg)");
+    assert_eq!(v.near_duplicates, vec![(0, 2)]);
 }

@@ -24,6 +24,23 @@ pub struct DatasetSummary {
     /// The dataset's own ids and names, in class-index order (index = position).
     pub class_mapping: Vec<ClassSummary>,
     pub annotations_per_image: PerImage,
+    /// Instances of the most against the least frequent class with instances (`None` with fewer
+    /// than two such classes); above [`IMBALANCE_WARNING`] validation warns.
+    pub imbalance: Option<Imbalance>,
+}
+
+/// A max:min ratio of class instances above this is a warning: a student trained on it mostly
+/// learns the large classes (resample, add labels of the rare ones, or weigh them).
+pub const IMBALANCE_WARNING: f64 = 10.0;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Imbalance {
+    /// `most.instances / least.instances`.
+    pub ratio: f64,
+    pub most: String,
+    pub most_instances: usize,
+    pub least: String,
+    pub least_instances: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -46,7 +63,19 @@ pub struct ClassSummary {
     pub name: String,
     pub instances: usize,
     pub images: usize,
+    /// Objects whose box is under [`TINY_OBJECT_SIDE`]² pixels (hard for a stride-8 detector at
+    /// the image's own size) and objects whose box covers over [`HUGE_OBJECT_SHARE`] of their image;
+    /// counted once boxes are known (after repair: `object_sizes`).
+    pub tiny: usize,
+    pub huge: usize,
+    /// Median box area as a share of its image's area.
+    pub median_area_share: f64,
 }
+
+/// A box under this many pixels a side (its area under this squared) counts as tiny.
+pub const TINY_OBJECT_SIDE: f64 = 16.0;
+/// A box covering more than this share of its image counts as huge.
+pub const HUGE_OBJECT_SHARE: f64 = 0.5;
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct PerImage {
@@ -102,8 +131,24 @@ pub fn inspect(dataset: &CocoDataset) -> DatasetSummary {
             name: names[id].to_string(),
             instances: instances.get(id).copied().unwrap_or(0),
             images: images_of_class.get(id).map_or(0, |s| s.len()),
+            tiny: 0,
+            huge: 0,
+            median_area_share: 0.0,
         })
-        .collect();
+        .collect::<Vec<ClassSummary>>();
+    let present: Vec<&ClassSummary> = class_mapping.iter().filter(|c| c.instances > 0).collect();
+    let most = present.iter().max_by_key(|c| (c.instances, std::cmp::Reverse(c.index)));
+    let least = present.iter().min_by_key(|c| (c.instances, c.index));
+    let imbalance = match (most, least) {
+        (Some(most), Some(least)) if present.len() >= 2 => Some(Imbalance {
+            ratio: most.instances as f64 / least.instances as f64,
+            most: most.name.clone(),
+            most_instances: most.instances,
+            least: least.name.clone(),
+            least_instances: least.instances,
+        }),
+        _ => None,
+    };
 
     let counts: Vec<usize> = dataset.images.iter().map(|i| per_image.get(&i.id).copied().unwrap_or(0)).collect();
     let annotations_per_image = PerImage {
@@ -126,6 +171,39 @@ pub fn inspect(dataset: &CocoDataset) -> DatasetSummary {
         crowd_annotations: crowd,
         class_mapping,
         annotations_per_image,
+        imbalance,
+    }
+}
+
+impl DatasetSummary {
+    /// Fills each class's object-size figures from the boxes of `dataset` (run after `repair`, so
+    /// that boxes derived from masks count).
+    pub fn count_object_sizes(&mut self, dataset: &CocoDataset) {
+        let index = dataset.class_index();
+        let sizes: HashMap<u64, (u32, u32)> = dataset.images.iter().map(|i| (i.id, (i.width, i.height))).collect();
+        let mut shares: Vec<Vec<f64>> = vec![Vec::new(); self.class_mapping.len()];
+        for annotation in &dataset.annotations {
+            let (Some(&class), Some([_, _, w, h]), Some(&(iw, ih))) =
+                (index.get(&annotation.category_id), annotation.bbox, sizes.get(&annotation.image_id))
+            else {
+                continue;
+            };
+            let Some(summary) = self.class_mapping.get_mut(class) else { continue };
+            let image_area = iw as f64 * ih as f64;
+            if w * h < TINY_OBJECT_SIDE * TINY_OBJECT_SIDE {
+                summary.tiny += 1;
+            }
+            if image_area > 0.0 && w * h > HUGE_OBJECT_SHARE * image_area {
+                summary.huge += 1;
+            }
+            if image_area > 0.0 && (w * h).is_finite() {
+                shares[class].push(w * h / image_area);
+            }
+        }
+        for (summary, mut shares) in self.class_mapping.iter_mut().zip(shares) {
+            shares.sort_by(f64::total_cmp);
+            summary.median_area_share = shares.get(shares.len() / 2).copied().unwrap_or(0.0);
+        }
     }
 }
 

@@ -30,7 +30,7 @@ pub use letterbox::{Letterbox, planar_pixels};
 pub use mask::{BinaryMask, Rle};
 pub use pipeline::{LoadedDataset, ValidateOptions, ValidateReport, load_dataset, run_validate};
 pub use repair::{RepairSummary, repair};
-pub use split::{Split, SplitOptions, SplitSpec, split};
+pub use split::{GroupBy, Split, SplitOptions, SplitSpec, split};
 pub use synth::{SynthLabels, SynthOptions, SynthStyle, synthesize};
 pub use validate::{Problem, Severity, Validation, validate};
 pub use yolo::import_yolo;

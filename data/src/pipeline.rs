@@ -47,6 +47,8 @@ pub struct SplitReport {
     pub spec: String,
     pub seed: u64,
     pub stratified: bool,
+    /// Whole groups (videos) per part, when the split grouped images.
+    pub grouping: Option<crate::split::Grouping>,
     pub parts: Vec<PartSummary>,
 }
 
@@ -80,6 +82,27 @@ pub fn load_dataset(data: &Path, images: Option<&Path>) -> Result<LoadedDataset>
     Ok(LoadedDataset { dataset, images_dir, format: "coco" })
 }
 
+/// The near-duplicate pairs (image positions) that `split` put in different parts, described.
+fn leakage(dataset: &CocoDataset, split: &crate::Split, pairs: &[(usize, usize)]) -> Vec<String> {
+    let mut part_of = vec![""; dataset.images.len()];
+    for (name, images) in &split.parts {
+        for &image in images {
+            part_of[image] = name.as_str();
+        }
+    }
+    pairs
+        .iter()
+        .filter(|&&(a, b)| part_of[a] != part_of[b])
+        .map(|&(a, b)| {
+            let (ia, ib) = (&dataset.images[a], &dataset.images[b]);
+            format!(
+                "image {} ({}, {}) ~ image {} ({}, {})",
+                ia.id, ia.file_name, part_of[a], ib.id, ib.file_name, part_of[b]
+            )
+        })
+        .collect()
+}
+
 pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result<ValidateReport> {
     let LoadedDataset { mut dataset, images_dir, format } = load_dataset(&options.data, options.images.as_deref())?;
     if !images_dir.is_dir() {
@@ -88,8 +111,9 @@ pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result
             "image directory not found; pass --images DIR (the directory `file_name`s are relative to)",
         ));
     }
-    let summary = inspect(&dataset);
+    let mut summary = inspect(&dataset);
     let repair_summary = repair(&mut dataset);
+    summary.count_object_sizes(&dataset);
     let validation = validate(&dataset, Some(&images_dir), progress);
     let recommendation = summary.recommendation();
 
@@ -111,10 +135,23 @@ pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result
     }
 
     let parts = split(&dataset, &options.split);
+    let leaks = leakage(&dataset, &parts, &report.validation.near_duplicates);
+    if !leaks.is_empty() {
+        report.validation.problems.push(crate::validate::Problem {
+            severity: Severity::Warning,
+            code: "duplicates_across_splits",
+            message: "images that look the same in two parts: leakage that inflates validation and test metrics \
+                      (remove the copies, or give them one --group-by value)"
+                .into(),
+            count: leaks.len(),
+            examples: leaks.into_iter().take(5).collect(),
+        });
+    }
     report.split = Some(SplitReport {
         spec: options.split.spec.to_string(),
         seed: options.split.seed,
         stratified: options.split.stratify,
+        grouping: crate::split::image_groups(&dataset, &options.split.group_by).map(|(_, grouping)| grouping),
         parts: summarize(&dataset, &parts),
     });
 
@@ -136,7 +173,20 @@ pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result
             return Err(DataError::invalid(path, "would overwrite the input file; choose another --output-dir"));
         }
     }
-    crate::io::refuse_to_overwrite(outputs.iter().map(|(p, _)| p.as_path()))?;
+    let markdown = output_dir.join(REPORT_FILE);
+    crate::io::refuse_to_overwrite(outputs.iter().map(|(p, _)| p.as_path()).chain([markdown.as_path()]))?;
+    let train = output_dir.join("train.json");
+    let val = parts.part("val").filter(|v| !v.is_empty()).map(|_| output_dir.join("val.json"));
+    report.next_command = Some(format!(
+        "kiln train-teacher --data {}{} --images {}",
+        train.display(),
+        val.map(|v| format!(" --val {}", v.display())).unwrap_or_default(),
+        images_dir.display()
+    ));
+    report.ok = true;
+    let mut paths: Vec<&Path> = outputs.iter().map(|(p, _)| p.as_path()).collect();
+    paths.push(&markdown);
+    report.written = paths.iter().map(|p| p.display().to_string()).collect();
     let mut written: Vec<PathBuf> = Vec::new();
     for (path, part) in &outputs {
         if let Err(e) = part.save(path) {
@@ -147,20 +197,110 @@ pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result
         }
         written.push(path.clone());
     }
-    report.written = written.iter().map(|p| p.display().to_string()).collect();
-    let train = output_dir.join("train.json");
-    let val = parts.part("val").filter(|v| !v.is_empty()).map(|_| output_dir.join("val.json"));
-    report.next_command = Some(format!(
-        "kiln train-teacher --data {}{} --images {}",
-        train.display(),
-        val.map(|v| format!(" --val {}", v.display())).unwrap_or_default(),
-        images_dir.display()
-    ));
-    report.ok = true;
+    if let Err(e) = crate::io::write_atomic(&markdown, report.render_markdown().as_bytes()) {
+        for done in &written {
+            let _ = std::fs::remove_file(done);
+        }
+        return Err(e);
+    }
     Ok(report)
 }
 
+/// The Markdown report `kiln validate` writes beside the splits.
+pub const REPORT_FILE: &str = "report.md";
+
 impl ValidateReport {
+    /// The report as Markdown (`report.md` beside the splits): the dataset, its classes with their
+    /// object sizes and split counts, the problems, the split.
+    pub fn render_markdown(&self) -> String {
+        use std::fmt::Write;
+        let s = &self.summary;
+        let mut out = format!("# kiln validate: {}\n\n", self.input);
+        let _ = writeln!(out, "| | |\n|---|---|");
+        let _ = writeln!(out, "| format | {} |\n| images | {} (in `{}`) |", self.format, s.images, self.images_dir);
+        let _ = writeln!(
+            out,
+            "| annotations | {} ({:.1} per image, at most {}; {} images without any) |",
+            s.annotations,
+            s.annotations_per_image.mean,
+            s.annotations_per_image.max,
+            s.annotations_per_image.images_without_annotations
+        );
+        let _ = writeln!(out, "| masks | {} |\n| boxes given | {} |", s.masks.total(), s.boxes_given);
+        if let Some(i) = &s.imbalance {
+            let _ = writeln!(
+                out,
+                "| class imbalance | {:.1}:1 ({} {} vs {} {}) |",
+                i.ratio, i.most, i.most_instances, i.least, i.least_instances
+            );
+        }
+        if let Some(r) = &self.recommendation {
+            let _ = writeln!(out, "| teachers | {} |\n| student | {} |", r.teachers.join(", "), r.student);
+        }
+        let parts: Vec<&crate::split::PartSummary> = self.split.iter().flat_map(|sp| sp.parts.iter()).collect();
+        let _ = write!(
+            out,
+            "\n## Classes\n\n| index | id | name | instances | images | tiny | huge | median box / image |"
+        );
+        for part in &parts {
+            let _ = write!(out, " {} |", part.name);
+        }
+        let _ = write!(out, "\n|---|---|---|---|---|---|---|---|");
+        out.push_str(&"---|".repeat(parts.len()));
+        out.push('\n');
+        for c in &s.class_mapping {
+            let _ = write!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {:.1} % |",
+                c.index,
+                c.id,
+                c.name,
+                c.instances,
+                c.images,
+                c.tiny,
+                c.huge,
+                100.0 * c.median_area_share
+            );
+            for part in &parts {
+                let _ = write!(out, " {} |", part.instances_per_class[c.index]);
+            }
+            out.push('\n');
+        }
+        let v = &self.validation;
+        let _ = writeln!(out, "\n## Problems: {} errors, {} warnings\n", v.errors(), v.warnings());
+        for p in &v.problems {
+            let _ = writeln!(
+                out,
+                "- **{:?}** `{}`: {} ({}): {}",
+                p.severity,
+                p.code,
+                p.message,
+                p.count,
+                p.examples.join("; ")
+            );
+        }
+        if let Some(split) = &self.split {
+            let _ = writeln!(
+                out,
+                "\n## Split\n\n{} (seed {}, {})",
+                split.spec,
+                split.seed,
+                if split.stratified { "stratified by class" } else { "random" }
+            );
+            if let Some(g) = &split.grouping {
+                let _ = writeln!(out, "; grouped by {} ({} groups, each in one part)", g.by, g.groups);
+            }
+            let _ = writeln!(out, "\n| part | images | annotations |\n|---|---|---|");
+            for part in &split.parts {
+                let _ = writeln!(out, "| {} | {} | {} |", part.name, part.images, part.annotations);
+            }
+        }
+        if let Some(next) = &self.next_command {
+            let _ = writeln!(out, "\nNext: `{next}`");
+        }
+        out
+    }
+
     /// The human-readable report.
     pub fn render(&self) -> String {
         use std::fmt::Write;
@@ -211,7 +351,11 @@ impl ValidateReport {
         let used: Vec<_> = s.class_mapping.iter().filter(|c| c.instances > 0).collect();
         let _ = writeln!(out, "  Classes      {} ({} with instances)", s.num_classes, used.len());
         let part_names: Vec<&str> = self.split.iter().flat_map(|sp| sp.parts.iter().map(|p| p.name.as_str())).collect();
-        let _ = write!(out, "    {:>5} {:>6}  {:<20} {:>9} {:>7}", "index", "id", "name", "instances", "images");
+        let _ = write!(
+            out,
+            "    {:>5} {:>6}  {:<20} {:>9} {:>7} {:>6} {:>6} {:>7}",
+            "index", "id", "name", "instances", "images", "tiny", "huge", "median"
+        );
         for name in &part_names {
             let _ = write!(out, " {name:>7}");
         }
@@ -219,13 +363,40 @@ impl ValidateReport {
         for class in &used {
             let _ = write!(
                 out,
-                "    {:>5} {:>6}  {:<20} {:>9} {:>7}",
-                class.index, class.id, class.name, class.instances, class.images
+                "    {:>5} {:>6}  {:<20} {:>9} {:>7} {:>6} {:>6} {:>6.1}%",
+                class.index,
+                class.id,
+                class.name,
+                class.instances,
+                class.images,
+                class.tiny,
+                class.huge,
+                100.0 * class.median_area_share
             );
             for part in self.split.iter().flat_map(|sp| sp.parts.iter()) {
                 let _ = write!(out, " {:>7}", part.instances_per_class[class.index]);
             }
             out.push('\n');
+        }
+
+        let _ = writeln!(
+            out,
+            "    (tiny: box under {0}x{0} px; huge: over {1:.0} % of the image; median: box area / image area)",
+            crate::inspect::TINY_OBJECT_SIDE,
+            100.0 * crate::inspect::HUGE_OBJECT_SHARE
+        );
+        if let Some(i) = &s.imbalance {
+            let _ = writeln!(
+                out,
+                "    imbalance {:.1}:1 ({} {} vs {} {}); density {:.1} objects per image (max {})",
+                i.ratio,
+                i.most,
+                i.most_instances,
+                i.least,
+                i.least_instances,
+                s.annotations_per_image.mean,
+                s.annotations_per_image.max
+            );
         }
 
         let v = &self.validation;
@@ -248,6 +419,19 @@ impl ValidateReport {
                 split.seed,
                 if split.stratified { "stratified by class" } else { "random" }
             );
+            if let Some(g) = &split.grouping {
+                let _ = writeln!(
+                    out,
+                    "    grouped by {} ({} groups, each in one part{})",
+                    g.by,
+                    g.groups,
+                    if g.automatic {
+                        "; the data has video ids, so frames of a video stay together: --group-by none to split frames"
+                    } else {
+                        ""
+                    }
+                );
+            }
             for part in &split.parts {
                 let _ =
                     writeln!(out, "    {:<8} {:>6} images {:>8} annotations", part.name, part.images, part.annotations);

@@ -68,12 +68,107 @@ pub struct SplitOptions {
     pub spec: SplitSpec,
     pub seed: u64,
     pub stratify: bool,
+    /// Images that belong together (frames of one video) go to one part. `Auto` groups by the
+    /// images' `video_id` when the data has one, and splits by image otherwise.
+    pub group_by: GroupBy,
 }
 
 impl Default for SplitOptions {
     fn default() -> Self {
-        Self { spec: SplitSpec::default(), seed: 42, stratify: true }
+        Self { spec: SplitSpec::default(), seed: 42, stratify: true, group_by: GroupBy::Auto }
     }
+}
+
+/// What keeps images together in a split (`--group-by`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GroupBy {
+    /// The images' `video_id` field when any image has one; by image otherwise.
+    Auto,
+    /// By image (`--group-by none`).
+    None,
+    /// The value of this field of each image (`video_id`, `sequence`, ...; `--group-by video` is
+    /// `video_id`). Images without it are groups of their own.
+    Field(String),
+    /// The first capture group (or the whole match) of this regex on each `file_name`, e.g.
+    /// `^([^/]+)/` for one directory per video. Images it does not match are groups of their own.
+    Pattern(String),
+}
+
+/// The field `--group-by video` and `Auto` read.
+pub const VIDEO_FIELD: &str = "video_id";
+
+impl FromStr for GroupBy {
+    type Err = String;
+
+    /// `auto`, `none`, `video` (the `video_id` field), a field name (letters, digits, `_`, `-`), or
+    /// anything else as a regex on `file_name`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        Ok(match text {
+            "" => return Err("empty --group-by: give video, a field name, a regex on file_name, or none".into()),
+            "auto" => GroupBy::Auto,
+            "none" => GroupBy::None,
+            "video" => GroupBy::Field(VIDEO_FIELD.into()),
+            field if field.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {
+                GroupBy::Field(field.into())
+            }
+            pattern => {
+                regex::Regex::new(pattern).map_err(|e| format!("--group-by {pattern:?} is not a valid regex: {e}"))?;
+                GroupBy::Pattern(pattern.into())
+            }
+        })
+    }
+}
+
+/// How a split grouped its images, for the report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Grouping {
+    /// `video_id`, another field, or `file_name =~ REGEX`.
+    pub by: String,
+    pub groups: usize,
+    /// Chosen because the data has video ids (no `--group-by` given).
+    pub automatic: bool,
+}
+
+/// The group key of every image (by position) under `group_by`, with what it is; `None` when the
+/// split is by image.
+pub fn image_groups(dataset: &CocoDataset, group_by: &GroupBy) -> Option<(Vec<String>, Grouping)> {
+    let (field, pattern, automatic) = match group_by {
+        GroupBy::None => return None,
+        GroupBy::Auto => {
+            if !dataset.images.iter().any(|i| i.extra.contains_key(VIDEO_FIELD)) {
+                return None;
+            }
+            (Some(VIDEO_FIELD.to_string()), None, true)
+        }
+        GroupBy::Field(field) => (Some(field.clone()), None, false),
+        GroupBy::Pattern(pattern) => (None, Some(regex::Regex::new(pattern).ok()?), false),
+    };
+    let keys: Vec<String> = dataset
+        .images
+        .iter()
+        .map(|image| {
+            let key = match (&field, &pattern) {
+                (Some(field), _) => image.extra.get(field).map(|v| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                }),
+                (_, Some(pattern)) => pattern
+                    .captures(&image.file_name)
+                    .map(|c| c.get(1).or_else(|| c.get(0)).map_or(String::new(), |m| m.as_str().to_string())),
+                _ => None,
+            };
+            // Ungrouped images stand alone: a key no field value or file name can produce.
+            key.map(|k| format!("g:{k}")).unwrap_or_else(|| format!("image:{}", image.id))
+        })
+        .collect();
+    let groups = keys.iter().collect::<std::collections::HashSet<_>>().len();
+    let by = match (&field, group_by) {
+        (Some(field), _) => field.clone(),
+        (_, GroupBy::Pattern(p)) => format!("file_name =~ {p}"),
+        _ => String::new(),
+    };
+    Some((keys, Grouping { by, groups, automatic }))
 }
 
 /// Image positions (indexes into `dataset.images`) per part, in the spec's order.
@@ -88,8 +183,12 @@ impl Split {
     }
 }
 
-/// Splits the images. Each class that occurs in the data has at least one image in `train`.
+/// Splits the images. Each class that occurs in the data has at least one image in `train`. With
+/// groups (`options.group_by`), every group's images go to one part.
 pub fn split(dataset: &CocoDataset, options: &SplitOptions) -> Split {
+    if let Some((keys, _)) = image_groups(dataset, &options.group_by) {
+        return grouped_split(dataset, options, &keys);
+    }
     let n = dataset.images.len();
     let num_classes = dataset.class_ids().len();
     let labels = classes_per_image(dataset);
@@ -122,6 +221,100 @@ pub fn split(dataset: &CocoDataset, options: &SplitOptions) -> Split {
         .iter()
         .enumerate()
         .map(|(part, (name, _))| (name.clone(), (0..n).filter(|&i| assignment[i] == part).collect()))
+        .collect();
+    Split { parts }
+}
+
+/// The split of whole groups: groups, largest first (ties in seeded random order), each go to the
+/// part that most needs what they hold: its share of images still missing plus, stratified, its
+/// share of each of the group's classes still missing (image counts per class). Then every class is
+/// made present in train by moving its smallest group there.
+fn grouped_split(dataset: &CocoDataset, options: &SplitOptions, keys: &[String]) -> Split {
+    let n = dataset.images.len();
+    let labels = classes_per_image(dataset);
+    let num_classes = dataset.class_ids().len();
+    let ratios: Vec<f64> = options.spec.parts.iter().map(|(_, r)| *r).collect();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (image, key) in keys.iter().enumerate() {
+        let g = *index.entry(key.as_str()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(image);
+    }
+    let class_counts = |group: &[usize]| {
+        let mut counts = vec![0usize; num_classes];
+        for &image in group {
+            for &class in &labels[image] {
+                counts[class] += 1;
+            }
+        }
+        counts
+    };
+    let group_classes: Vec<Vec<usize>> = groups.iter().map(|g| class_counts(g)).collect();
+    let totals = class_counts(&(0..n).collect::<Vec<_>>());
+
+    let mut rng = SeededRng::new(options.seed);
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    rng.shuffle(&mut order);
+    order.sort_by_key(|&g| std::cmp::Reverse(groups[g].len())); // stable: ties keep the shuffle
+
+    let parts = ratios.len();
+    let mut images = vec![0usize; parts];
+    let mut per_class = vec![vec![0usize; num_classes]; parts];
+    let mut assignment = vec![0usize; groups.len()];
+    for &g in &order {
+        let score = |p: usize| {
+            let want = ratios[p] * n as f64;
+            let mut score = (want - images[p] as f64) / n.max(1) as f64;
+            if options.stratify {
+                for (class, &count) in group_classes[g].iter().enumerate() {
+                    if count > 0 {
+                        let want = ratios[p] * totals[class] as f64;
+                        score += (want - per_class[p][class] as f64) / totals[class] as f64;
+                    }
+                }
+            }
+            score
+        };
+        let best = (0..parts).map(score).fold(f64::NEG_INFINITY, f64::max);
+        let candidates: Vec<usize> = (0..parts).filter(|&p| score(p) >= best - 1e-12).collect();
+        let part = *rng.pick(&candidates);
+        assignment[g] = part;
+        images[part] += groups[g].len();
+        for (class, &count) in group_classes[g].iter().enumerate() {
+            per_class[part][class] += count;
+        }
+    }
+    // Every class in train: its smallest group elsewhere moves there.
+    let train = options.spec.parts.iter().position(|(name, _)| name == "train").unwrap_or(0);
+    for class in 0..num_classes {
+        if per_class[train][class] > 0 || totals[class] == 0 {
+            continue;
+        }
+        let smallest = (0..groups.len()).filter(|&g| group_classes[g][class] > 0).min_by_key(|&g| groups[g].len());
+        if let Some(g) = smallest {
+            let from = assignment[g];
+            assignment[g] = train;
+            for (c, &count) in group_classes[g].iter().enumerate() {
+                per_class[from][c] -= count;
+                per_class[train][c] += count;
+            }
+        }
+    }
+    let mut image_part = vec![0usize; n];
+    for (g, group) in groups.iter().enumerate() {
+        for &image in group {
+            image_part[image] = assignment[g];
+        }
+    }
+    let parts = options
+        .spec
+        .parts
+        .iter()
+        .enumerate()
+        .map(|(part, (name, _))| (name.clone(), (0..n).filter(|&i| image_part[i] == part).collect()))
         .collect();
     Split { parts }
 }

@@ -46,6 +46,57 @@ pub struct Validation {
     pub problems: Vec<Problem>,
     /// `None` when no image directory was given.
     pub images: Option<ImageCheck>,
+    /// Pairs of image positions that look the same (perceptual hashes within
+    /// [`NEAR_DUPLICATE_BITS`]), for the split's leakage check.
+    #[serde(skip)]
+    pub near_duplicates: Vec<(usize, usize)>,
+}
+
+/// Two images whose 64-bit difference hashes differ in at most this many bits look the same
+/// (a re-encoded, resized or slightly re-lit copy of one picture).
+pub const NEAR_DUPLICATE_BITS: u32 = 4;
+
+/// Above this many images, only identical hashes are compared (the pairwise search is quadratic).
+const PAIRWISE_LIMIT: usize = 20_000;
+
+/// The difference hash (dHash) of an image: its grey 9x8 thumbnail, one bit per horizontal
+/// neighbour pair (left brighter than right). Robust to scale, compression and uniform light.
+pub fn difference_hash(image: &image::DynamicImage) -> u64 {
+    let small = image::imageops::resize(&image.to_luma8(), 9, 8, image::imageops::FilterType::Triangle);
+    let mut hash = 0u64;
+    for y in 0..8 {
+        for x in 0..8 {
+            hash = hash << 1 | (small.get_pixel(x, y)[0] > small.get_pixel(x + 1, y)[0]) as u64;
+        }
+    }
+    hash
+}
+
+/// Pairs (by position, first < second) whose hashes are within [`NEAR_DUPLICATE_BITS`].
+pub fn near_duplicate_pairs(hashes: &[Option<u64>]) -> Vec<(usize, usize)> {
+    let known: Vec<(usize, u64)> = hashes.iter().enumerate().filter_map(|(i, h)| h.map(|h| (i, h))).collect();
+    let mut pairs = Vec::new();
+    if known.len() <= PAIRWISE_LIMIT {
+        for (a, &(i, hi)) in known.iter().enumerate() {
+            for &(j, hj) in &known[a + 1..] {
+                if (hi ^ hj).count_ones() <= NEAR_DUPLICATE_BITS {
+                    pairs.push((i, j));
+                }
+            }
+        }
+    } else {
+        let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
+        for &(i, h) in &known {
+            by_hash.entry(h).or_default().push(i);
+        }
+        for same in by_hash.values() {
+            for (a, &i) in same.iter().enumerate() {
+                pairs.extend(same[a + 1..].iter().map(|&j| (i, j)));
+            }
+        }
+        pairs.sort_unstable();
+    }
+    pairs
 }
 
 impl Validation {
@@ -250,8 +301,49 @@ pub fn validate(dataset: &CocoDataset, images_dir: Option<&Path>, progress: &Pro
         }
     }
 
-    let image_check = images_dir.map(|dir| check_images(dataset, dir, progress, &mut found));
-    Validation { problems: found.into_problems(), images: image_check }
+    if let Some(imbalance) = crate::inspect(dataset).imbalance.filter(|i| i.ratio > crate::inspect::IMBALANCE_WARNING) {
+        // Every class under a tenth of the largest one, named with its count.
+        let counts = instances_per_category(dataset);
+        for category in &dataset.categories {
+            let count = counts.get(&category.id).copied().unwrap_or(0);
+            if count > 0 && (imbalance.most_instances as f64) > crate::inspect::IMBALANCE_WARNING * count as f64 {
+                found.add(
+                    Warning,
+                    "class_imbalance",
+                    &format!(
+                        "classes with under a tenth of the instances of the largest ({} with {}; max:min {:.1}:1): \
+                         label more of them, or expect the student to miss them",
+                        imbalance.most, imbalance.most_instances, imbalance.ratio
+                    ),
+                    format!("{} ({count})", category.name),
+                );
+            }
+        }
+    }
+
+    let checked = images_dir.map(|dir| check_images(dataset, dir, progress, &mut found));
+    let (image_check, near_duplicates) = match checked {
+        Some((check, hashes)) => (Some(check), near_duplicate_pairs(&hashes)),
+        None => (None, Vec::new()),
+    };
+    for &(a, b) in &near_duplicates {
+        let (a, b) = (&dataset.images[a], &dataset.images[b]);
+        found.add(
+            Warning,
+            "near_duplicate_images",
+            "images that look the same as another (a copy in two splits inflates every metric)",
+            format!("image {} ({}) ~ image {} ({})", a.id, a.file_name, b.id, b.file_name),
+        );
+    }
+    Validation { problems: found.into_problems(), images: image_check, near_duplicates }
+}
+
+fn instances_per_category(dataset: &CocoDataset) -> HashMap<u64, usize> {
+    let mut counts = HashMap::new();
+    for annotation in &dataset.annotations {
+        *counts.entry(annotation.category_id).or_insert(0) += 1;
+    }
+    counts
 }
 
 enum ImageState {
@@ -261,11 +353,17 @@ enum ImageState {
     Missing,
     Unreadable(String),
     WrongSize(u32, u32),
-    Ok,
+    /// Decoded at the size the file says; its difference hash.
+    Ok(u64),
 }
 
 /// Decodes every listed image (in parallel): finds missing, corrupt and mis-sized files.
-fn check_images(dataset: &CocoDataset, dir: &Path, progress: &ProgressBar, found: &mut Findings) -> ImageCheck {
+fn check_images(
+    dataset: &CocoDataset,
+    dir: &Path,
+    progress: &ProgressBar,
+    found: &mut Findings,
+) -> (ImageCheck, Vec<Option<u64>>) {
     progress.set_length(dataset.images.len() as u64);
     let states: Vec<ImageState> = dataset
         .images
@@ -289,7 +387,7 @@ fn check_images(dataset: &CocoDataset, dir: &Path, progress: &ProgressBar, found
                     Ok(decoded) if (decoded.width(), decoded.height()) != (image.width, image.height) => {
                         ImageState::WrongSize(decoded.width(), decoded.height())
                     }
-                    Ok(_) => ImageState::Ok,
+                    Ok(decoded) => ImageState::Ok(difference_hash(&decoded)),
                 }
             };
             progress.inc(1);
@@ -299,7 +397,8 @@ fn check_images(dataset: &CocoDataset, dir: &Path, progress: &ProgressBar, found
     progress.finish_and_clear();
 
     let mut check = ImageCheck { listed: dataset.images.len(), ..Default::default() };
-    for (image, state) in dataset.images.iter().zip(states) {
+    let mut hashes = vec![None; dataset.images.len()];
+    for (position, (image, state)) in dataset.images.iter().zip(states).enumerate() {
         let item = format!("image {} ({})", image.id, image.file_name);
         match state {
             ImageState::Outside(e) => found.add(
@@ -328,11 +427,12 @@ fn check_images(dataset: &CocoDataset, dir: &Path, progress: &ProgressBar, found
                     format!("{item}: file is {w}x{h}, JSON says {}x{}", image.width, image.height),
                 )
             }
-            ImageState::Ok => {
+            ImageState::Ok(hash) => {
                 check.found += 1;
                 check.decoded += 1;
+                hashes[position] = Some(hash);
             }
         }
     }
-    check
+    (check, hashes)
 }

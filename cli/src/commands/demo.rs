@@ -25,6 +25,7 @@ pub fn run(args: &Args) -> anyhow::Result<bool> {
         images: None,
         split: "train:0.7,val:0.15,test:0.15".into(),
         stratify: true,
+        group_by: "auto".into(),
         seed: 42,
         output_dir: None,
         json: false,

@@ -22,6 +22,12 @@ pub struct Args {
     /// stratification); `--stratify false` splits at random.
     #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub stratify: bool,
+    /// Keep images that belong together in one part, so frames of one video never sit in train and
+    /// test at once: `video` (the images' `video_id` field), another field name of the images
+    /// (`sequence`, ...), a regex on `file_name` whose first group names the group (`^([^/]+)/`: one
+    /// directory per video), or `none`. Default: by `video_id` when the data has one, else by image.
+    #[arg(long, value_name = "video|FIELD|REGEX|none", default_value = "auto")]
+    pub group_by: String,
     /// Seed of the split: the same seed and data give the same split.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -40,7 +46,12 @@ pub fn run(args: &Args) -> anyhow::Result<bool> {
     let options = ValidateOptions {
         data: args.data.clone(),
         images: args.images.clone(),
-        split: SplitOptions { spec, seed: args.seed, stratify: args.stratify },
+        split: SplitOptions {
+            spec,
+            seed: args.seed,
+            stratify: args.stratify,
+            group_by: args.group_by.parse().map_err(anyhow::Error::msg)?,
+        },
         output_dir: args.output_dir.clone(),
     };
     let report = kiln_data::run_validate(&options, &progress_bar("images"))?;
