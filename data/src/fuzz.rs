@@ -39,12 +39,12 @@ pub fn rle(data: &[u8]) {
 }
 
 /// A COCO polygon segmentation: the first 4 bytes are the image's height and width (`u16`s, kept
-/// to 12 bits: the rasteriser's time grows with the image's side, and sides up to kiln's limit are
+/// to 8 bits: the rasteriser's time grows with the image's side, and sides up to kiln's limit are
 /// fuzzed through `coco_json`), the rest little-endian `f64` coordinates, any value (NaN,
 /// infinities, far outside the image).
 pub fn polygon(data: &[u8]) {
     let Some((size, rest)) = data.split_first_chunk::<4>() else { return };
-    let side = |bytes: [u8; 2]| (u16::from_le_bytes(bytes) & 0x0FFF) as u32;
+    let side = |bytes: [u8; 2]| (u16::from_le_bytes(bytes) & 0x00FF) as u32;
     let (height, width) = (side([size[0], size[1]]), side([size[2], size[3]]));
     let xy: Vec<f64> = rest.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
     let segmentation = crate::Segmentation::Polygons(vec![xy.clone()]);
