@@ -139,7 +139,7 @@ fn the_checkpoint_seeds_load_as_a_linear_layer() {
         let model = burn::nn::LinearConfig::new(2, 2).init(&kiln_models::device::cpu());
         let loaded = kiln_models::weights::load_checkpoint(model, &corpus.join(seed), &[], "a 2x2 linear layer")
             .unwrap_or_else(|e| panic!("{seed}: {e}"));
-        let weight: Vec<f32> = loaded.weight.val().into_data().to_vec().unwrap();
+        let weight: Vec<f32> = loaded.weight.val().into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
         // PyTorch's [out, in] = [[1, 2], [3, 4]] is Burn's [in, out] = [[1, 3], [2, 4]].
         assert_eq!(weight, [1.0, 3.0, 2.0, 4.0], "{seed}");
     }
