@@ -301,19 +301,24 @@ pub fn validate(dataset: &CocoDataset, images_dir: Option<&Path>, progress: &Pro
         }
     }
 
-    if let Some(imbalance) = crate::inspect(dataset).imbalance.filter(|i| i.ratio > crate::inspect::IMBALANCE_WARNING) {
-        // Every class under a tenth of the largest one, named with its count.
-        let counts = instances_per_category(dataset);
-        for category in &dataset.categories {
-            let count = counts.get(&category.id).copied().unwrap_or(0);
-            if count > 0 && (imbalance.most_instances as f64) > crate::inspect::IMBALANCE_WARNING * count as f64 {
+    // Every class under a tenth of the largest one, named with its count.
+    let counts = instances_per_category(dataset);
+    let present = dataset.categories.iter().filter_map(|c| counts.get(&c.id).filter(|&&n| n > 0).map(|&n| (c, n)));
+    let most = present.clone().max_by_key(|&(c, n)| (n, std::cmp::Reverse(c.id)));
+    let least = present.clone().map(|(_, n)| n).min();
+    if let (Some((largest, most)), Some(least)) = (most, least)
+        && most as f64 > crate::inspect::IMBALANCE_WARNING * least as f64
+    {
+        let ratio = most as f64 / least as f64;
+        for (category, count) in present {
+            if most as f64 > crate::inspect::IMBALANCE_WARNING * count as f64 {
                 found.add(
                     Warning,
                     "class_imbalance",
                     &format!(
-                        "classes with under a tenth of the instances of the largest ({} with {}; max:min {:.1}:1): \
-                         label more of them, or expect the student to miss them",
-                        imbalance.most, imbalance.most_instances, imbalance.ratio
+                        "classes with under a tenth of the instances of the largest ({} with {most}; max:min \
+                         {ratio:.1}:1): label more of them, or expect the student to miss them",
+                        largest.name
                     ),
                     format!("{} ({count})", category.name),
                 );
