@@ -17,7 +17,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use kiln_models::grounding_dino::GroundingDinoConfig;
 use kiln_models::sam::SamConfig;
 use kiln_training::distill::teacher::{TeacherWeights, open_teacher};
-use kiln_training::distill::{DistillConfig, ScoreThreshold};
+use kiln_training::distill::{DistillConfig, ValueOrAuto};
 use kiln_training::teacher::TeacherConfig;
 
 const CLASSES: [&str; 3] = ["circle", "square", "triangle"];
@@ -75,7 +75,7 @@ fn image() -> image::RgbImage {
 fn benches(c: &mut Criterion) {
     let root = std::env::temp_dir().join(format!("kiln-bench-distill-{}", std::process::id()));
     let config = DistillConfig {
-        box_threshold: ScoreThreshold::Value(0.0),
+        box_threshold: ValueOrAuto::Value(0.0),
         text_threshold: 0.0,
         max_labels: 20,
         ..DistillConfig::default()

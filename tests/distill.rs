@@ -174,6 +174,7 @@ fn a_run_whose_teachers_add_nothing_is_the_supervised_run() {
         labelled_signals: Default::default(),
         labelled_features: Default::default(),
         feature_channels: None,
+        logit_weight: Some(1.0),
     };
     let taught = train_student_with(options, data, Some(nothing)).unwrap();
     let a = tensors(&plain.last_weights);
@@ -235,6 +236,16 @@ fn a_trained_student_teaches_a_new_one_on_unlabelled_images() {
     ));
     let logit: f64 = csv.lines().nth(1).unwrap().split(',').nth(19).unwrap().parse().unwrap();
     assert!(logit > 0.0, "the logit distillation is on: {csv}");
+    // `logit: auto` (the default) weighs it by the teacher's naming above chance on the labelled
+    // images: a teacher trained on every label names most objects right.
+    assert_eq!(first["distill"]["logit"].as_str(), Some("auto"), "{first:?}");
+    let naming = &first["naming"];
+    eprintln!("the teacher's naming on the labelled images: {naming:?}");
+    let located = naming["located"].as_u64().unwrap();
+    let accuracy = naming["named"].as_u64().unwrap() as f64 / located as f64;
+    let weight = naming["weight"].as_f64().unwrap();
+    assert!(located > 0 && accuracy > 0.5, "{naming:?}");
+    assert!((weight - (accuracy - 0.5) / 0.5).abs() < 1e-3, "two classes: chance is 1/2: {naming:?}");
     let feature: f64 = csv.lines().nth(1).unwrap().split(',').nth(21).unwrap().parse().unwrap();
     assert!(feature > 0.0, "the feature distillation is on (the teacher's P4): {csv}");
     let teacher_labels: f64 = csv.lines().nth(1).unwrap().split(',').nth(22).unwrap().parse().unwrap();
@@ -356,7 +367,9 @@ fn grounded_sam_teachers_label_segment_and_teach() {
     let request = kiln_tests::teacher_request(&sets.labelled, &sets.val, &experiment, overrides);
     kiln_training::teacher::run_train_teacher(&request, Device::flex(), Verbosity::Quiet).unwrap();
 
-    let set = ["distill.box_threshold=0.0", "distill.text_threshold=0.0", "distill.max_labels=3"];
+    // The logit distillation at a given weight: `auto` would weigh this untrained teacher's naming
+    // (at chance) to 0.
+    let set = ["distill.box_threshold=0.0", "distill.text_threshold=0.0", "distill.max_labels=3", "distill.logit=1.0"];
     let summary = distilled(&sets, &experiment, &sets.unlabelled, &experiment.join("student"), 1, 64, &set)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(summary.history.len(), 1);

@@ -176,3 +176,58 @@ fn a_student_learns_a_small_dataset() {
 }
 
 const EPOCHS: usize = 60;
+
+/// `--objects` / `--environment` choose the augmentation through the table; `--set augment.KEY`
+/// still overrides it; the run saves both what the user said and the recipe it became, and trains
+/// with it.
+#[test]
+fn characteristics_choose_the_recipe_and_set_overrides_it() {
+    use kiln_training::characteristics::{Characteristics, Environment, Intensity, ObjectTrait};
+    use kiln_training::commands::{StudentOverrides, TrainStudentRequest, run_train_student, student_config};
+    let scratch = Scratch::new("characteristics");
+    let (train, val) = dataset(scratch.path(), 12, 64);
+    let (data, summary) = load_student_data(&train, &val, None).unwrap();
+    let plain = student_config(&data, &summary, &StudentOverrides::default(), false).unwrap();
+    assert_eq!(plain.augment, kiln_training::augment::AugmentConfig::default());
+    assert!(!serde_yaml::to_string(&plain).unwrap().contains("characteristics"), "absent when not given");
+
+    let characteristics = Characteristics {
+        objects: vec![ObjectTrait::Thin],
+        environment: vec![Environment::LowLight, Environment::Motion],
+        intensity: Intensity::Medium,
+    };
+    let overrides = StudentOverrides {
+        characteristics: characteristics.clone(),
+        set: vec!["augment.noise=0.01".into()],
+        epochs: Some(1),
+        batch_size: Some(4),
+        imgsz: Some(64),
+        ..Default::default()
+    };
+    let chosen = student_config(&data, &summary, &overrides, false).unwrap();
+    let a = chosen.augment;
+    assert_eq!((a.brightness, a.gamma, a.contrast), (0.6, 0.5, 0.3), "low light: {a:?}");
+    assert_eq!((a.motion_blur, a.blur), (0.1, 0.0), "motion, capped for thin objects: {a:?}");
+    assert_eq!(a.noise, 0.01, "--set wins over the table");
+    assert_eq!(chosen.characteristics, characteristics);
+
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let output = scratch.path().join("run");
+    let request = TrainStudentRequest {
+        train,
+        val,
+        images: None,
+        output: output.clone(),
+        resume: false,
+        device_name: "cpu".into(),
+        overrides,
+        distill: None,
+    };
+    run_train_student(&request, Device::flex(), Verbosity::Quiet).unwrap_or_else(|e| panic!("{e}"));
+    let saved: StudentConfig =
+        serde_yaml::from_str(&std::fs::read_to_string(output.join("student_config.yaml")).unwrap()).unwrap();
+    assert_eq!((saved.augment, saved.characteristics), (chosen.augment, characteristics));
+    let text = std::fs::read_to_string(output.join("student_config.yaml")).unwrap();
+    assert!(text.contains("- low-light") && text.contains("motion_blur: 0.1"), "{text}");
+    assert!(output.join("train_batches.jpg").is_file());
+}

@@ -5,6 +5,13 @@
 //! (horizontal, 0.5), then the same box filter (`box_candidates`). Boxes and masks go through the
 //! very map the pixels do. Every draw comes from a seeded generator, so a sample is a pure function
 //! of (seed, epoch, index).
+//!
+//! Beyond Ultralytics' recipe, off by default and chosen from what the user says about the objects
+//! and their environment (`crate::characteristics`): a vertical flip, photometric changes of the
+//! light and the camera (brightness, contrast, gamma, Gaussian and motion blur, sensor noise, JPEG
+//! artefacts) and occlusion (cutout patches that hide part of the objects: masks lose the hidden
+//! part, objects mostly hidden are dropped, as YOLOv5's cutout does). A parameter at 0 draws no
+//! random number, so the default recipe's samples stay what they were.
 
 use image::RgbImage;
 use kiln_data::batch::{DetectionItem, InstanceLabel};
@@ -29,20 +36,77 @@ pub struct AugmentConfig {
     pub hsv_v: f64,
     /// Probability of a horizontal flip.
     pub fliplr: f64,
+    /// Probability of a vertical flip.
+    #[serde(default)]
+    pub flipud: f64,
+    /// Brightness gain drawn in `1 ± brightness` (all channels).
+    #[serde(default)]
+    pub brightness: f64,
+    /// Contrast factor drawn in `1 ± contrast`, about the image's mean grey.
+    #[serde(default)]
+    pub contrast: f64,
+    /// Gamma drawn log-uniformly in `[1 / (1 + gamma), 1 + gamma]` (above 1 darkens the shadows).
+    #[serde(default)]
+    pub gamma: f64,
+    /// Sensor noise: Gaussian, its standard deviation drawn in `[0, noise]` of the full range.
+    #[serde(default)]
+    pub noise: f64,
+    /// Probability of a Gaussian blur (sigma drawn in 0.5..1.5 input pixels): focus.
+    #[serde(default)]
+    pub blur: f64,
+    /// Probability of a linear motion blur (3 to 3 + 4 % of the input size pixels long, any
+    /// direction): a moving camera or object.
+    #[serde(default)]
+    pub motion_blur: f64,
+    /// Probability of re-encoding as JPEG at a quality drawn in 30..90: compression artefacts.
+    #[serde(default)]
+    pub jpeg: f64,
+    /// Probability of 1 to 3 grey patches (sides 10-30 % of the input) hiding what lies under them.
+    #[serde(default)]
+    pub cutout: f64,
 }
 
 impl Default for AugmentConfig {
     fn default() -> Self {
-        Self { mosaic: 1.0, scale: 0.5, translate: 0.1, hsv_h: 0.015, hsv_s: 0.7, hsv_v: 0.4, fliplr: 0.5 }
+        Self {
+            mosaic: 1.0,
+            scale: 0.5,
+            translate: 0.1,
+            hsv_h: 0.015,
+            hsv_s: 0.7,
+            hsv_v: 0.4,
+            fliplr: 0.5,
+            ..Self::none()
+        }
     }
 }
 
 impl AugmentConfig {
     /// No augmentation at all (plain letterbox), as for validation.
     pub fn none() -> Self {
-        Self { mosaic: 0.0, scale: 0.0, translate: 0.0, hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, fliplr: 0.0 }
+        Self {
+            mosaic: 0.0,
+            scale: 0.0,
+            translate: 0.0,
+            hsv_h: 0.0,
+            hsv_s: 0.0,
+            hsv_v: 0.0,
+            fliplr: 0.0,
+            flipud: 0.0,
+            brightness: 0.0,
+            contrast: 0.0,
+            gamma: 0.0,
+            noise: 0.0,
+            blur: 0.0,
+            motion_blur: 0.0,
+            jpeg: 0.0,
+            cutout: 0.0,
+        }
     }
 }
+
+/// Objects at least this share of whose box a cutout patch hides are dropped (YOLOv5's 0.6).
+const CUTOUT_HIDDEN: f64 = 0.6;
 
 /// One augmented training sample at the network's input size.
 #[derive(Debug, Clone)]
@@ -117,6 +181,11 @@ impl Placement {
         let v = self.visible;
         Placement { sx: -self.sx, ox: width - self.ox, visible: [width - v[2], v[1], width - v[0], v[3]], ..*self }
     }
+
+    fn flipped_vertically(&self, height: f64) -> Placement {
+        let v = self.visible;
+        Placement { sy: -self.sy, oy: height - self.oy, visible: [v[0], height - v[3], v[2], height - v[1]], ..*self }
+    }
 }
 
 /// Builds the sample for `items` (1 image, or 4 for a mosaic: the first is the indexed one).
@@ -169,12 +238,14 @@ pub fn augment(
         rng.uniform(-1.0, 1.0) * config.hsv_s + 1.0,
         rng.uniform(-1.0, 1.0) * config.hsv_v + 1.0,
     ];
+    let flip_vertically = config.flipud > 0.0 && rng.chance(config.flipud);
     let half = canvas / 2.0;
     let placements: Vec<Placement> = placements
         .iter()
         .map(|p| {
             let p = p.then(scale, tx - half * scale, ty - half * scale);
-            if flip { p.flipped(s) } else { p }
+            let p = if flip { p.flipped(s) } else { p };
+            if flip_vertically { p.flipped_vertically(s) } else { p }
         })
         .collect();
 
@@ -185,6 +256,11 @@ pub fn augment(
     if hsv != [1.0; 3] {
         adjust_hsv(&mut image, hsv);
     }
+    photometric(&mut image, config, rng)?;
+    let patches = cutout_patches(config, size, rng);
+    for patch in &patches {
+        fill(&mut image, *patch);
+    }
 
     let features = place_features(items, &placements, size);
     let mut sample = TrainSample { image, boxes: Vec::new(), masks: Vec::new(), signals: Vec::new(), features };
@@ -192,15 +268,28 @@ pub fn augment(
     for (item, placement) in items.iter().zip(&placements) {
         for instance in &item.instances {
             if let Some((bbox, mask)) = place_instance(instance, item, placement, size, mask_downsample)? {
+                if hidden_share(bbox, &patches) >= CUTOUT_HIDDEN {
+                    continue;
+                }
                 sample.boxes.push((instance.class, bbox));
-                if let Some(mask) = mask {
+                if let Some(mut mask) = mask {
+                    let d = mask_downsample.unwrap_or(1).max(1);
+                    for patch in &patches {
+                        hide_cells(&mut mask.data, mask.width as usize, d, *patch, 0);
+                    }
                     sample.masks.push(mask);
                 }
                 if any_signal {
                     sample.signals.push(instance.teacher.as_ref().map(|signal| PlacedSignal {
                         class_probs: signal.class_probs.clone(),
                         soft_mask: match (&signal.soft_mask, mask_downsample) {
-                            (Some(soft), Some(d)) => Some(place_soft_mask(soft, placement, size, d)),
+                            (Some(soft), Some(d)) => {
+                                let mut probabilities = place_soft_mask(soft, placement, size, d);
+                                for patch in &patches {
+                                    hide_cells(&mut probabilities, size.div_ceil(d.max(1)) as usize, d, *patch, 0.0);
+                                }
+                                Some(probabilities)
+                            }
                             _ => None,
                         },
                     }));
@@ -209,6 +298,147 @@ pub fn augment(
         }
     }
     Ok(sample)
+}
+
+/// The light and camera changes of `config`, each drawn only when its parameter is on, in the
+/// order light reaches the file: exposure (brightness, contrast, gamma), optics (blur), motion,
+/// sensor noise, compression.
+fn photometric(image: &mut RgbImage, config: &AugmentConfig, rng: &mut SeededRng) -> kiln_data::Result<()> {
+    let gain =
+        if config.brightness > 0.0 { rng.uniform(1.0 - config.brightness, 1.0 + config.brightness) } else { 1.0 };
+    let contrast = if config.contrast > 0.0 { rng.uniform(1.0 - config.contrast, 1.0 + config.contrast) } else { 1.0 };
+    let gamma = if config.gamma > 0.0 {
+        let bound = (1.0 + config.gamma).ln();
+        rng.uniform(-bound, bound).exp()
+    } else {
+        1.0
+    };
+    if (gain, contrast, gamma) != (1.0, 1.0, 1.0) {
+        let raw = image.as_raw();
+        let mean = raw.iter().map(|&v| v as f64).sum::<f64>() / raw.len().max(1) as f64 * gain;
+        let table: Vec<u8> = (0..256)
+            .map(|v| {
+                let exposed = ((v as f64 * gain - mean) * contrast + mean).clamp(0.0, 255.0);
+                (255.0 * (exposed / 255.0).powf(gamma)).round() as u8
+            })
+            .collect();
+        for value in image.iter_mut() {
+            *value = table[*value as usize];
+        }
+    }
+    if config.blur > 0.0 && rng.chance(config.blur) {
+        let sigma = rng.uniform(0.5, 1.5) as f32;
+        *image = image::imageops::blur(image, sigma);
+    }
+    if config.motion_blur > 0.0 && rng.chance(config.motion_blur) {
+        let length = rng.uniform(3.0, 3.0 + 0.04 * image.width() as f64);
+        let angle = rng.uniform(0.0, std::f64::consts::PI);
+        *image = motion_blurred(image, length, angle);
+    }
+    if config.noise > 0.0 {
+        let sigma = rng.uniform(0.0, config.noise) * 255.0;
+        for value in image.iter_mut() {
+            *value = (*value as f64 + rng.normal() * sigma).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    if config.jpeg > 0.0 && rng.chance(config.jpeg) {
+        let quality = rng.uniform(30.0, 90.0).round() as u8;
+        let mut bytes = Vec::new();
+        let jpeg_error = |e: image::ImageError| kiln_data::DataError::Image {
+            path: "(augmented sample, re-encoded as JPEG)".into(),
+            message: e.to_string(),
+        };
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality)
+            .encode_image(&*image)
+            .map_err(jpeg_error)?;
+        *image = image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg).map_err(jpeg_error)?.to_rgb8();
+    }
+    Ok(())
+}
+
+/// `image` averaged along a line of `length` pixels through each pixel at `angle` (radians),
+/// the samples at whole-pixel steps, clamped at the border.
+fn motion_blurred(image: &RgbImage, length: f64, angle: f64) -> RgbImage {
+    let (w, h) = (image.width() as i64, image.height() as i64);
+    let taps = length.round().max(1.0) as i64;
+    let offsets: Vec<(i64, i64)> = (0..taps)
+        .map(|k| {
+            let t = k as f64 - (taps - 1) as f64 / 2.0;
+            ((t * angle.cos()).round() as i64, (t * angle.sin()).round() as i64)
+        })
+        .collect();
+    let source = image.as_raw();
+    let mut out = RgbImage::new(image.width(), image.height());
+    for y in 0..h {
+        for x in 0..w {
+            let mut sum = [0u32; 3];
+            for &(dx, dy) in &offsets {
+                let (sx, sy) = ((x + dx).clamp(0, w - 1), (y + dy).clamp(0, h - 1));
+                let at = ((sy * w + sx) * 3) as usize;
+                for c in 0..3 {
+                    sum[c] += source[at + c] as u32;
+                }
+            }
+            out.put_pixel(x as u32, y as u32, image::Rgb(sum.map(|v| ((v as f64 / taps as f64).round()) as u8)));
+        }
+    }
+    out
+}
+
+/// The cutout patches of a sample (`x1, y1, x2, y2` in input pixels), none unless drawn.
+fn cutout_patches(config: &AugmentConfig, size: u32, rng: &mut SeededRng) -> Vec<[f64; 4]> {
+    if config.cutout <= 0.0 || !rng.chance(config.cutout) {
+        return Vec::new();
+    }
+    let s = size as f64;
+    (0..1 + rng.below(3))
+        .map(|_| {
+            let (w, h) = (rng.uniform(0.1, 0.3) * s, rng.uniform(0.1, 0.3) * s);
+            let (x, y) = (rng.uniform(0.0, s - w).round(), rng.uniform(0.0, s - h).round());
+            [x, y, x + w.round(), y + h.round()]
+        })
+        .collect()
+}
+
+/// Paints a cutout patch in Ultralytics' padding grey.
+fn fill(image: &mut RgbImage, [x1, y1, x2, y2]: [f64; 4]) {
+    for y in y1 as u32..(y2 as u32).min(image.height()) {
+        for x in x1 as u32..(x2 as u32).min(image.width()) {
+            image.put_pixel(x, y, image::Rgb([PAD; 3]));
+        }
+    }
+}
+
+/// The share of `bbox` the patches hide (overlapping patches counted once, on a 1-pixel grid).
+fn hidden_share(bbox: [f32; 4], patches: &[[f64; 4]]) -> f64 {
+    if patches.is_empty() {
+        return 0.0;
+    }
+    let [x1, y1, x2, y2] = bbox.map(|c| c as f64);
+    let (mut hidden, mut total) = (0usize, 0usize);
+    for y in y1.floor() as i64..y2.ceil() as i64 {
+        for x in x1.floor() as i64..x2.ceil() as i64 {
+            let (cx, cy) = (x as f64 + 0.5, y as f64 + 0.5);
+            if cx < x1 || cx > x2 || cy < y1 || cy > y2 {
+                continue;
+            }
+            total += 1;
+            hidden += patches.iter().any(|p| cx >= p[0] && cx < p[2] && cy >= p[1] && cy < p[3]) as usize;
+        }
+    }
+    if total == 0 { 0.0 } else { hidden as f64 / total as f64 }
+}
+
+/// Sets the cells of a row-major grid (`width` cells per row, one per `d` input pixels) whose
+/// centre lies in `patch` to `value`.
+fn hide_cells<T: Copy>(cells: &mut [T], width: usize, d: u32, patch: [f64; 4], value: T) {
+    let d = d as f64;
+    for (i, cell) in cells.iter_mut().enumerate() {
+        let (cx, cy) = (((i % width) as f64 + 0.5) * d, ((i / width) as f64 + 0.5) * d);
+        if cx >= patch[0] && cx < patch[2] && cy >= patch[1] && cy < patch[3] {
+            *cell = value;
+        }
+    }
 }
 
 /// The items' teacher feature maps through their placements, sampled at each grid cell's centre
@@ -538,7 +768,7 @@ mod tests {
             let mut rng = SeededRng::new(seed);
             let sample = augment(
                 &items,
-                &AugmentConfig { hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, ..Default::default() },
+                &AugmentConfig { hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, flipud: 0.5, ..Default::default() },
                 128,
                 Some(4),
                 &mut rng,
@@ -600,7 +830,7 @@ mod tests {
             it
         };
         let items: Vec<DetectionItem> = (0..4).map(|k| ramp(160 + 16 * k, 128)).collect();
-        let config = AugmentConfig { hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, ..Default::default() };
+        let config = AugmentConfig { hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, flipud: 0.5, ..Default::default() };
         let mut checked = (0, 0);
         for seed in 0..12 {
             let sample = augment(&items, &config, 128, Some(4), &mut SeededRng::new(seed)).unwrap();
@@ -679,5 +909,111 @@ mod tests {
         let b = augment(&items, &AugmentConfig::default(), 64, Some(4), &mut SeededRng::new(3)).unwrap();
         assert_eq!(a.image, b.image);
         assert_eq!(a.boxes, b.boxes);
+    }
+
+    /// The box of every object's mask equals its box within a pixel, through mosaic, scale,
+    /// translation and both flips.
+    #[test]
+    fn masks_give_the_boxes_through_every_geometric_transform() {
+        let items: Vec<DetectionItem> =
+            (0..4).map(|k| item(150 + 10 * k, 110, &[[30.0, 20.0, 90.0, 100.0], [95.0, 40.0, 140.0, 80.0]])).collect();
+        let config = AugmentConfig { flipud: 0.5, scale: 0.7, translate: 0.2, ..AugmentConfig::default() };
+        let mut flipped = 0;
+        for seed in 0..24 {
+            let sample = augment(&items, &config, 96, Some(1), &mut SeededRng::new(seed)).unwrap();
+            for ((_, b), mask) in sample.boxes.iter().zip(&sample.masks) {
+                let from_mask = mask_box(mask, [0.0, 0.0, 96.0, 96.0]).expect("a kept object has pixels");
+                for (m, b) in from_mask.iter().zip(b) {
+                    assert!((m - *b as f64).abs() <= 1.0, "seed {seed}: mask box {from_mask:?} vs box {b:?}");
+                }
+            }
+            // The draws of the default recipe come first, then the vertical flip's.
+            let mut rng = SeededRng::new(seed);
+            let plain = augment(&items, &AugmentConfig { flipud: 0.0, ..config }, 96, Some(1), &mut rng).unwrap();
+            flipped += (plain.boxes != sample.boxes) as usize;
+        }
+        assert!((4..=20).contains(&flipped), "about half the samples flip vertically: {flipped}");
+    }
+
+    /// Light and camera changes alter pixels only: with the same seed the boxes and masks are
+    /// those of the recipe without them, and the image differs.
+    #[test]
+    fn photometric_changes_leave_the_labels_alone() {
+        let items: Vec<DetectionItem> = (0..4).map(|_| item(120, 100, &[[20.0, 20.0, 70.0, 80.0]])).collect();
+        let geometric = AugmentConfig { hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, ..AugmentConfig::default() };
+        let everything = AugmentConfig {
+            brightness: 0.6,
+            contrast: 0.3,
+            gamma: 0.5,
+            noise: 0.05,
+            blur: 1.0,
+            motion_blur: 1.0,
+            jpeg: 1.0,
+            ..geometric
+        };
+        for seed in 0..6 {
+            let a = augment(&items, &geometric, 64, Some(4), &mut SeededRng::new(seed)).unwrap();
+            let b = augment(&items, &everything, 64, Some(4), &mut SeededRng::new(seed)).unwrap();
+            assert_eq!(a.boxes, b.boxes);
+            assert_eq!(a.masks, b.masks);
+            assert_ne!(a.image, b.image);
+        }
+        // Each transform by itself changes the image.
+        for one in [
+            AugmentConfig { brightness: 0.6, ..geometric },
+            AugmentConfig { contrast: 0.5, ..geometric },
+            AugmentConfig { gamma: 0.5, ..geometric },
+            AugmentConfig { noise: 0.05, ..geometric },
+            AugmentConfig { blur: 1.0, ..geometric },
+            AugmentConfig { motion_blur: 1.0, ..geometric },
+            AugmentConfig { jpeg: 1.0, ..geometric },
+        ] {
+            let a = augment(&items, &geometric, 64, Some(4), &mut SeededRng::new(1)).unwrap();
+            let b = augment(&items, &one, 64, Some(4), &mut SeededRng::new(1)).unwrap();
+            assert_ne!(a.image, b.image, "{one:?}");
+        }
+    }
+
+    #[test]
+    fn motion_blur_smears_along_its_direction() {
+        let mut image = RgbImage::from_pixel(21, 21, image::Rgb([0; 3]));
+        image.put_pixel(10, 10, image::Rgb([250; 3]));
+        let horizontal = motion_blurred(&image, 5.0, 0.0);
+        for x in 8..=12 {
+            assert_eq!(horizontal.get_pixel(x, 10).0, [50; 3], "x {x}");
+        }
+        assert_eq!(horizontal.get_pixel(10, 9).0, [0; 3]);
+        assert_eq!(horizontal.get_pixel(13, 10).0, [0; 3]);
+        let vertical = motion_blurred(&image, 5.0, std::f64::consts::FRAC_PI_2);
+        assert_eq!((vertical.get_pixel(10, 12).0, vertical.get_pixel(12, 10).0), ([50; 3], [0; 3]));
+    }
+
+    /// Cutout hides pixels, the masks lose what it hides, and an object it mostly hides is dropped.
+    #[test]
+    fn cutout_hides_pixels_masks_and_mostly_hidden_objects() {
+        let items = vec![item(96, 96, &[[10.0, 10.0, 40.0, 40.0], [50.0, 20.0, 90.0, 60.0]])];
+        let config = AugmentConfig { cutout: 1.0, ..AugmentConfig::none() };
+        let (mut patched, mut dropped) = (0, 0);
+        for seed in 0..40 {
+            let sample = augment(&items, &config, 96, Some(1), &mut SeededRng::new(seed)).unwrap();
+            let grey = sample.image.pixels().filter(|p| p.0 == [PAD; 3]).count();
+            patched += (grey > 0) as usize;
+            dropped += 2 - sample.boxes.len();
+            for ((_, b), mask) in sample.boxes.iter().zip(&sample.masks) {
+                let (mut hidden, mut area) = (0, 0);
+                for y in b[1] as u32..b[3] as u32 {
+                    for x in b[0] as u32..b[2] as u32 {
+                        area += 1;
+                        let shown = sample.image.get_pixel(x, y).0;
+                        hidden += (shown == [PAD; 3]) as usize;
+                        // The mask covers exactly the object's pixels still shown.
+                        assert_eq!(mask.get(x, y), shown[0] > 200, "seed {seed} at {x},{y}");
+                    }
+                }
+                assert!((hidden as f64) < CUTOUT_HIDDEN * area as f64, "seed {seed}: {hidden} of {area} hidden");
+            }
+        }
+        assert_eq!(patched, 40, "cutout at probability 1 always patches");
+        assert!(dropped > 0, "some object is mostly hidden in 40 samples");
     }
 }

@@ -13,6 +13,7 @@ use kiln_models::yolo::predict::PredictOptions;
 use kiln_models::yolo::{Task, YoloConfig};
 use serde::Serialize;
 
+use crate::characteristics::Characteristics;
 use crate::distill::DistillConfig;
 use crate::distill::prepare::{DISTILLATION_CONFIG, DistillRequest, prepare_distillation};
 use crate::engine::Verbosity;
@@ -35,6 +36,8 @@ pub struct StudentOverrides {
     pub patience: Option<usize>,
     pub seed: Option<u64>,
     pub close_mosaic: Option<usize>,
+    /// The objects and their scene, choosing the augmentation (`crate::characteristics`).
+    pub characteristics: Characteristics,
     /// Any other setting of `student_config.yaml` as `key=value` (nested keys with dots, e.g.
     /// `augment.mosaic=0`), applied last.
     pub set: Vec<String>,
@@ -127,6 +130,9 @@ pub fn student_config(
     config.patience = o.patience.unwrap_or(config.patience);
     config.seed = o.seed.unwrap_or(config.seed);
     config.close_mosaic = o.close_mosaic.unwrap_or(config.close_mosaic);
+    // Defaults, then the characteristics' recipe, then `--set augment.KEY=VALUE`.
+    config.augment = o.characteristics.recipe(config.augment);
+    config.characteristics = o.characteristics.clone();
     let config = apply_settings(config, &o.set).map_err(TrainError::Config)?;
     if config.epochs == 0 || config.batch_size == 0 {
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
@@ -178,6 +184,17 @@ pub fn run_train_student(
             config.classes,
             data.train.class_names()
         )));
+    }
+    if !request.resume && verbosity == Verbosity::Progress && !config.characteristics.is_empty() {
+        let c = &config.characteristics;
+        let changed = crate::characteristics::changes(&StudentConfig::default().augment, &config.augment);
+        eprintln!(
+            "augmentation for objects {:?}, environment {:?}, intensity {:?}: {}",
+            c.objects,
+            c.environment,
+            c.intensity,
+            if changed.is_empty() { "the default recipe".to_string() } else { changed.join(", ") }
+        );
     }
     if !request.resume {
         crate::engine::write_metadata(&request.output.join("metadata.json"), request, &data, &summary, &config)?;
@@ -328,7 +345,7 @@ pub fn evaluate_teachers(
 ) -> Result<(String, Evaluation), TrainError> {
     // Every box worth ranking, as the student's evaluation keeps every detection above 0.001.
     let config = DistillConfig {
-        box_threshold: crate::distill::ScoreThreshold::Value(TEACHER_EVAL_THRESHOLD),
+        box_threshold: crate::distill::ValueOrAuto::Value(TEACHER_EVAL_THRESHOLD),
         text_threshold: TEACHER_EVAL_THRESHOLD,
         ..DistillConfig::default()
     };

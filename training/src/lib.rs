@@ -7,6 +7,7 @@
 //! `optim`, `split`, `plots`, `eval`, `loss`, `data`, `augment`).
 
 pub mod augment;
+pub mod characteristics;
 pub mod commands;
 pub mod data;
 pub mod distill;

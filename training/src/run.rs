@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 use crate::augment::AugmentConfig;
+use crate::characteristics::Characteristics;
 use crate::data::{EpochCounter, TrainBatcher, TrainDataset, ValDataset, val_batcher};
 use crate::distill::{DistillConfig, TeacherData};
 use crate::engine::{FitSettings, TrainTask, Validation, Verbosity};
@@ -71,6 +72,10 @@ pub struct StudentConfig {
     pub seed: u64,
     pub loss: LossConfig,
     pub augment: AugmentConfig,
+    /// What the user said about the objects and their scene (`--objects`, `--environment`,
+    /// `--augment-intensity`), which chose `augment` (`crate::characteristics`).
+    #[serde(default, skip_serializing_if = "Characteristics::is_empty")]
+    pub characteristics: Characteristics,
     /// Class names, in class-index order, from the dataset.
     pub classes: Vec<String>,
     /// Category id per class index, from the dataset.
@@ -203,6 +208,11 @@ pub fn train_student_with(
     if data.train.images.is_empty() || data.val.images.is_empty() {
         return Err(TrainError::Config("the training and validation sets both need images".into()));
     }
+    let logit_weight = match (config.distill, teachers.as_ref().and_then(|t| t.logit_weight)) {
+        (Some(_), Some(chosen)) => Some(chosen),
+        (Some(settings), None) => Some(settings.logit_weight()?),
+        (None, _) => None,
+    };
     let checkpoint_dir = output.join("checkpoint");
     let resume_from = if resume { crate::engine::resume_point(&checkpoint_dir, &["ema-{}.safetensors"]) } else { None };
     std::fs::create_dir_all(output.join("weights")).at(&output)?;
@@ -268,7 +278,7 @@ pub fn train_student_with(
     let initial_ema = burn::module::Module::valid(&yolo);
     let distill = config.distill.map(|d| DistillLoss {
         teacher_labels: d.teacher_labels,
-        logit: d.logit,
+        logit: logit_weight.unwrap_or(0.0),
         temperature: d.temperature,
         mask: d.mask,
         feature: d.feature,

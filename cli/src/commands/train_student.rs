@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::ValueEnum;
+use kiln_training::characteristics::{Characteristics, Environment, Intensity, ObjectTrait};
 use kiln_training::commands::{StudentOverrides, TrainStudentRequest, render_train_summary, run_train_student};
 use kiln_training::distill::prepare::DistillRequest;
 use kiln_training::optim::OptimizerKind;
@@ -73,6 +74,18 @@ pub struct Args {
     /// Seed of the weights' initialisation, the batch order and the augmentation.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// What the objects are like, comma-separated: small, large, thin, reflective, symmetric,
+    /// occluded. With --environment it chooses the augmentation through one table (README "Your own
+    /// data"); the recipe it became is saved in student_config.yaml [default: Ultralytics' recipe].
+    #[arg(long, value_name = "TRAITS", value_delimiter = ',')]
+    pub objects: Vec<ObjectTrait>,
+    /// What the scene and camera are like, comma-separated: outdoor, indoor, low-light, motion,
+    /// fixed-camera, top-down, compressed.
+    #[arg(long, value_name = "TRAITS", value_delimiter = ',')]
+    pub environment: Vec<Environment>,
+    /// How strongly the augmentation changes the images: low (x0.5), medium, high (x1.5).
+    #[arg(long, value_name = "LEVEL", default_value = "medium")]
+    pub augment_intensity: Intensity,
     /// Any other setting of student_config.yaml, as KEY=VALUE with dotted keys (repeatable), e.g.
     /// --set augment.mosaic=0 --set nbs=16 --set loss.box_gain=7.5.
     #[arg(long, value_name = "KEY=VALUE")]
@@ -131,6 +144,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             patience: args.patience,
             seed: args.seed,
             close_mosaic: args.close_mosaic,
+            characteristics: Characteristics {
+                objects: args.objects.clone(),
+                environment: args.environment.clone(),
+                intensity: args.augment_intensity,
+            },
             set: args.set.clone(),
         },
         distill: args.teachers.as_ref().map(|teachers| DistillRequest {

@@ -507,6 +507,62 @@ pub fn best_f1_threshold(images: &[(&[TeacherInstance], &[Prompt])], floor: f32)
     Some(choice)
 }
 
+/// How well the teacher names what it finds, which `distill.logit: auto` weighs the logit
+/// distillation by: its labels on the labelled images (at the run's box threshold) are matched to
+/// the true objects regardless of class (greedy, best score first, IoU ≥ 0.5, each object once, as
+/// COCO matches), and the accuracy is the share of matched labels that give their object its
+/// class: the teacher's best guess on each object it finds. Duplicates are left out, since
+/// class-aware NMS keeps one box per class on an object, and counting them would judge a teacher
+/// by its second guesses.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct NamingAccuracy {
+    /// Objects a label found (matched), and of those, the ones the label gives their class.
+    pub located: usize,
+    pub named: usize,
+    pub classes: usize,
+    /// `named / located` (0 when nothing is located).
+    pub accuracy: f64,
+    /// `(accuracy - 1/C) / (1 - 1/C)`, clamped to `[0, 1]`: the accuracy above chance (Cohen's kappa
+    /// against a uniform guess), so a teacher that names at chance teaches no class scores. 1 with
+    /// one class (there is nothing to name wrong); 0 when no label locates an object.
+    pub weight: f32,
+}
+
+/// The teacher's [`NamingAccuracy`] on labelled images (`images`: its unprompted labels and the
+/// ground truth), counting its labels scoring at least `threshold`.
+pub fn naming_accuracy(images: &[(&[TeacherInstance], &[Prompt])], threshold: f32, classes: usize) -> NamingAccuracy {
+    let (mut located, mut named) = (0, 0);
+    for (found, truth) in images {
+        let mut order: Vec<&TeacherInstance> = found.iter().filter(|i| i.score >= threshold).collect();
+        order.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let mut taken = vec![false; truth.len()];
+        for label in order {
+            let nearest = truth
+                .iter()
+                .enumerate()
+                .filter(|(t, _)| !taken[*t])
+                .map(|(t, object)| (t, box_iou(&label.bbox, &object.bbox)))
+                .filter(|&(_, iou)| iou >= 0.5)
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((t, _)) = nearest {
+                taken[t] = true;
+                located += 1;
+                named += (truth[t].class == label.class) as usize;
+            }
+        }
+    }
+    let accuracy = if located == 0 { 0.0 } else { named as f64 / located as f64 };
+    let weight = match (classes, located) {
+        (0 | 1, _) => 1.0,
+        (_, 0) => 0.0,
+        (c, _) => {
+            let chance = 1.0 / c as f64;
+            ((accuracy - chance) / (1.0 - chance)).clamp(0.0, 1.0) as f32
+        }
+    };
+    NamingAccuracy { located, named, classes, accuracy, weight }
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
@@ -780,5 +836,36 @@ mod tests {
         assert!(auto.contains("auto chose, 0.300") && auto.contains("distill.box_threshold=0.15"), "{auto}");
         assert_eq!(coverage(&pass(vec![image(Vec::new()), image(found())]), &config, "t", None).unwrap(), None);
         assert_eq!(coverage(&pass(Vec::new()), &config, "t", None).unwrap(), None);
+    }
+
+    #[test]
+    fn naming_accuracy_is_the_share_of_found_objects_named_right_above_chance() {
+        let truth = [
+            Prompt { annotation_id: 1, class: 0, bbox: [0.0, 0.0, 10.0, 10.0] },
+            Prompt { annotation_id: 2, class: 1, bbox: [20.0, 20.0, 30.0, 30.0] },
+            Prompt { annotation_id: 3, class: 1, bbox: [40.0, 0.0, 50.0, 10.0] },
+        ];
+        let found = [
+            instance(0, [0.0, 0.0, 10.0, 10.0], 0.9),   // finds object 1, names it right
+            instance(0, [20.0, 20.0, 30.0, 29.0], 0.8), // finds object 2, names it wrong
+            instance(1, [20.0, 20.0, 31.0, 30.0], 0.7), // a duplicate on object 2: not counted
+            instance(1, [40.0, 0.0, 50.0, 11.0], 0.65), // finds object 3, names it right
+            instance(1, [50.0, 50.0, 60.0, 60.0], 0.6), // finds nothing: not counted
+            instance(1, [0.0, 0.0, 10.0, 10.0], 0.01),  // below the threshold
+        ];
+        let images = [(&found[..], &truth[..])];
+        let four = naming_accuracy(&images, 0.5, 4);
+        assert_eq!((four.located, four.named, four.classes), (3, 2, 4));
+        assert!((four.accuracy - 2.0 / 3.0).abs() < 1e-12);
+        // (2/3 - 1/4) / (3/4)
+        assert!((four.weight - 5.0 / 9.0).abs() < 1e-6, "{four:?}");
+        // (2/3 - 1/2) / (1/2)
+        assert!((naming_accuracy(&images, 0.5, 2).weight - 1.0 / 3.0).abs() < 1e-6);
+        // At chance or below the class scores teach nothing.
+        assert_eq!(naming_accuracy(&[(&found[1..2], &truth[..])], 0.5, 2).weight, 0.0);
+        // One class: nothing to name wrong. Nothing located: no evidence of naming at all.
+        assert_eq!(naming_accuracy(&images, 0.5, 1).weight, 1.0);
+        let nothing = naming_accuracy(&[(&found[4..5], &truth[..])], 0.5, 4);
+        assert_eq!((nothing.located, nothing.accuracy, nothing.weight), (0, 0.0, 0.0));
     }
 }

@@ -28,8 +28,9 @@ use crate::error::TrainError;
 pub struct DistillConfig {
     /// Weight of teacher-labelled instances in the YOLOv8 loss.
     pub teacher_labels: f32,
-    /// Logit distillation at the anchors assigned to teacher labels.
-    pub logit: f32,
+    /// Logit distillation at the anchors assigned to teacher labels, or `auto`: weighted by how much
+    /// better than chance the teacher names the objects it finds on the labelled images.
+    pub logit: ValueOrAuto,
     pub temperature: f32,
     /// Mask distillation inside each box.
     pub mask: f32,
@@ -38,7 +39,7 @@ pub struct DistillConfig {
     /// Cells per side kept of a teacher's feature map (average-pooled down to it).
     pub feature_cells: u32,
     /// Least teacher score a label needs, or `auto`: the best F1 of the teacher on the labelled images.
-    pub box_threshold: ScoreThreshold,
+    pub box_threshold: ValueOrAuto,
     /// GroundingDINO: least score of the phrase a box is named by (with `auto`, the chosen threshold).
     pub text_threshold: f32,
     pub nms_iou: f32,
@@ -47,12 +48,12 @@ pub struct DistillConfig {
     pub empty_warning: f64,
 }
 
-/// A teacher's score threshold: a value in `[0, 1]`, or `auto` (YAML `auto`): chosen per run as
-/// the score at which the teacher's labels on the labelled training images reach their best F1
-/// against the ground truth (IoU 0.5, class-aware), since the right value differs by orders of
-/// magnitude between a strong official checkpoint and a tiny base tuned on 32 images.
+/// A setting given as a number, or `auto` (YAML `auto`): chosen per run from how the teacher does
+/// on the labelled images, since the right value differs by orders of magnitude between a strong
+/// official checkpoint and a tiny base tuned on 32 images. The box threshold's `auto` is the score
+/// of the teacher's best F1 there; the logit weight's is its naming accuracy above chance.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ScoreThreshold {
+pub enum ValueOrAuto {
     Auto,
     Value(f32),
 }
@@ -60,16 +61,16 @@ pub enum ScoreThreshold {
 /// The least score `auto` considers: labelling keeps everything above it, the choice filters after.
 pub const AUTO_THRESHOLD_FLOOR: f32 = 0.05;
 
-impl Serialize for ScoreThreshold {
+impl Serialize for ValueOrAuto {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
-            ScoreThreshold::Auto => serializer.serialize_str("auto"),
-            ScoreThreshold::Value(v) => serializer.serialize_f32(*v),
+            ValueOrAuto::Auto => serializer.serialize_str("auto"),
+            ValueOrAuto::Value(v) => serializer.serialize_f32(*v),
         }
     }
 }
 
-impl<'de> Deserialize<'de> for ScoreThreshold {
+impl<'de> Deserialize<'de> for ValueOrAuto {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -78,20 +79,18 @@ impl<'de> Deserialize<'de> for ScoreThreshold {
             Word(String),
         }
         match Written::deserialize(deserializer)? {
-            Written::Value(v) => Ok(ScoreThreshold::Value(v)),
-            Written::Word(w) if w.trim().eq_ignore_ascii_case("auto") => Ok(ScoreThreshold::Auto),
-            Written::Word(w) => {
-                Err(serde::de::Error::custom(format!("{w:?} is not a threshold: give a score in [0, 1] or auto")))
-            }
+            Written::Value(v) => Ok(ValueOrAuto::Value(v)),
+            Written::Word(w) if w.trim().eq_ignore_ascii_case("auto") => Ok(ValueOrAuto::Auto),
+            Written::Word(w) => Err(serde::de::Error::custom(format!("{w:?} is neither a number nor auto"))),
         }
     }
 }
 
-impl std::fmt::Display for ScoreThreshold {
+impl std::fmt::Display for ValueOrAuto {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ScoreThreshold::Auto => write!(f, "auto"),
-            ScoreThreshold::Value(v) => write!(f, "{v}"),
+            ValueOrAuto::Auto => write!(f, "auto"),
+            ValueOrAuto::Value(v) => write!(f, "{v}"),
         }
     }
 }
@@ -100,16 +99,16 @@ impl DistillConfig {
     /// The box threshold the teacher labels at: the value, or for `auto` the floor it is chosen above.
     pub fn labelling_box_threshold(&self) -> f32 {
         match self.box_threshold {
-            ScoreThreshold::Auto => AUTO_THRESHOLD_FLOOR,
-            ScoreThreshold::Value(v) => v,
+            ValueOrAuto::Auto => AUTO_THRESHOLD_FLOOR,
+            ValueOrAuto::Value(v) => v,
         }
     }
 
     /// The phrase threshold the teacher labels at (`auto` chooses one threshold for both scores).
     pub fn labelling_text_threshold(&self) -> f32 {
         match self.box_threshold {
-            ScoreThreshold::Auto => AUTO_THRESHOLD_FLOOR,
-            ScoreThreshold::Value(_) => self.text_threshold,
+            ValueOrAuto::Auto => AUTO_THRESHOLD_FLOOR,
+            ValueOrAuto::Value(_) => self.text_threshold,
         }
     }
 
@@ -117,10 +116,23 @@ impl DistillConfig {
     /// phrase threshold too): what a run chose, for its messages.
     pub fn with_threshold(&self, threshold: f32) -> DistillConfig {
         let text_threshold = match self.box_threshold {
-            ScoreThreshold::Auto => threshold,
-            ScoreThreshold::Value(_) => self.text_threshold,
+            ValueOrAuto::Auto => threshold,
+            ValueOrAuto::Value(_) => self.text_threshold,
         };
-        DistillConfig { box_threshold: ScoreThreshold::Value(threshold), text_threshold, ..*self }
+        DistillConfig { box_threshold: ValueOrAuto::Value(threshold), text_threshold, ..*self }
+    }
+
+    /// The logit distillation's weight; `auto` must have been chosen first (`prepare_distillation`
+    /// does, from the teacher's labels on the labelled images).
+    pub fn logit_weight(&self) -> Result<f32, TrainError> {
+        match self.logit {
+            ValueOrAuto::Value(weight) => Ok(weight),
+            ValueOrAuto::Auto => Err(TrainError::Config(
+                "distill.logit auto is chosen from the teacher's labels when the teachers are prepared \
+                 (prepare_distillation): give a number to train without them"
+                    .into(),
+            )),
+        }
     }
 }
 
@@ -143,6 +155,8 @@ pub struct TeacherData {
     pub labelled_features: HashMap<u64, PathBuf>,
     /// The teacher's feature channels, when it gives feature maps (feature distillation).
     pub feature_channels: Option<usize>,
+    /// The logit distillation's weight as the run chose it (`logit: auto`); `None`: the config's.
+    pub logit_weight: Option<f32>,
 }
 
 /// Images a teacher labelled: its labels as a COCO dataset, the directory of the images, and by
@@ -297,20 +311,29 @@ mod tests {
             tree["box_threshold"] = serde_yaml::from_str(value).unwrap();
             serde_yaml::from_value(tree).map_err(|e| e.to_string())
         };
-        assert_eq!(default.box_threshold, ScoreThreshold::Value(0.25));
+        assert_eq!(default.box_threshold, ValueOrAuto::Value(0.25));
         assert_eq!((default.labelling_box_threshold(), default.labelling_text_threshold()), (0.25, 0.25));
         let auto = with("auto").unwrap();
-        assert_eq!(auto.box_threshold, ScoreThreshold::Auto);
+        assert_eq!(auto.box_threshold, ValueOrAuto::Auto);
         assert_eq!(auto.labelling_box_threshold(), AUTO_THRESHOLD_FLOOR);
         assert_eq!(auto.labelling_text_threshold(), AUTO_THRESHOLD_FLOOR);
         let chosen = auto.with_threshold(0.4);
-        assert_eq!((chosen.box_threshold, chosen.text_threshold), (ScoreThreshold::Value(0.4), 0.4));
+        assert_eq!((chosen.box_threshold, chosen.text_threshold), (ValueOrAuto::Value(0.4), 0.4));
         assert_eq!(default.with_threshold(0.4).text_threshold, 0.25, "a given phrase threshold stays");
         let yaml = serde_yaml::to_string(&auto).unwrap();
         assert!(yaml.contains("box_threshold: auto"), "{yaml}");
         assert_eq!(serde_yaml::from_str::<DistillConfig>(&yaml).unwrap(), auto);
         let set = with("0.1").unwrap();
-        assert_eq!(set.box_threshold, ScoreThreshold::Value(0.1));
+        assert_eq!(set.box_threshold, ValueOrAuto::Value(0.1));
+        let logit = |value: &str| -> DistillConfig {
+            let mut tree = serde_yaml::to_value(default).unwrap();
+            tree["logit"] = serde_yaml::from_str(value).unwrap();
+            serde_yaml::from_value(tree).unwrap()
+        };
+        assert_eq!(default.logit, ValueOrAuto::Auto);
+        assert!(default.logit_weight().unwrap_err().to_string().contains("auto"));
+        assert_eq!(logit("0").logit_weight().unwrap(), 0.0);
+        assert_eq!(logit("0.5").logit_weight().unwrap(), 0.5);
         let error = with("often").unwrap_err();
         assert!(error.contains("often") && error.contains("auto"), "{error}");
     }

@@ -9,11 +9,11 @@ use burn::tensor::Device;
 use serde::Serialize;
 
 use super::labels::{
-    LabelImage, LabelPass, Prompt, ThresholdChoice, best_f1_threshold, coverage, label_images, prompt_signals,
-    teacher_dataset, write_teacher_labels,
+    LabelImage, LabelPass, NamingAccuracy, Prompt, ThresholdChoice, best_f1_threshold, coverage, label_images,
+    naming_accuracy, prompt_signals, teacher_dataset, write_teacher_labels,
 };
 use super::teacher::{TeacherWeights, open_teacher};
-use super::{AUTO_THRESHOLD_FLOOR, DistillConfig, ScoreThreshold, TeacherData, TeacherInstance, TeacherLabelled};
+use super::{AUTO_THRESHOLD_FLOOR, DistillConfig, TeacherData, TeacherInstance, TeacherLabelled, ValueOrAuto};
 use crate::engine::Verbosity;
 use crate::error::AtPath;
 use crate::error::TrainError;
@@ -65,6 +65,8 @@ pub struct DistillationRecord {
     pub distill: DistillConfig,
     /// With `box_threshold: auto`: the threshold chosen and the teacher's F1 there.
     pub threshold_choice: Option<ThresholdChoice>,
+    /// With `logit: auto`: how well the teacher names what it finds, and the weight chosen.
+    pub naming: Option<NamingAccuracy>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,9 +120,23 @@ pub fn prepare_distillation(
         ));
     }
     let labels_unlabelled = teacher.finds_objects() && !unlabelled.is_empty();
+    // `auto` settings are chosen from the teacher's own labels on the labelled images.
+    let chooses = matches!(config.box_threshold, ValueOrAuto::Auto) || matches!(config.logit, ValueOrAuto::Auto);
+    let on_labelled = match labels_unlabelled && chooses {
+        true => Some(unprompted_on_labelled(teacher.as_ref(), data, &label_cache, verbosity)?),
+        false => None,
+    };
+    let scored: Vec<(&[TeacherInstance], &[Prompt])> =
+        on_labelled.iter().flatten().map(|(found, truth)| (found.as_slice(), truth.as_slice())).collect();
     let threshold_choice = match config.box_threshold {
-        ScoreThreshold::Auto if labels_unlabelled => {
-            let choice = choose_threshold(teacher.as_ref(), data, &label_cache, verbosity)?;
+        ValueOrAuto::Auto if on_labelled.is_some() => {
+            let choice = best_f1_threshold(&scored, AUTO_THRESHOLD_FLOOR).ok_or_else(|| {
+                TrainError::Config(format!(
+                    "distill.box_threshold auto chooses the threshold on the labelled images' boxes, and none of \
+                     the {} could be read or has a box: set a value (`--set distill.box_threshold=0.25`)",
+                    data.train.images.len()
+                ))
+            })?;
             notes.push(format!(
                 "distill.box_threshold auto: {:.3}, where the teacher's labels on the {} labelled images reach \
                  their best F1 {:.3} (precision {:.3}, recall {:.3}: {} of {} labels match one of {} objects)",
@@ -148,7 +164,30 @@ pub fn prepare_distillation(
         _ => None,
     };
     // What the labels are filtered at: the choice, or the settings as given.
-    let effective = threshold_choice.map_or(*config, |choice| config.with_threshold(choice.threshold));
+    let mut effective = threshold_choice.map_or(*config, |choice| config.with_threshold(choice.threshold));
+    let naming = match config.logit {
+        ValueOrAuto::Auto if on_labelled.is_some() => {
+            let naming = naming_accuracy(&scored, effective.labelling_box_threshold(), classes.len());
+            notes.push(format!(
+                "distill.logit auto: {:.3}, the teacher's naming above chance: of the objects of the labelled \
+                 images it finds ({}), it names {} right ({:.1} %; chance {:.1} % with {} classes)",
+                naming.weight,
+                naming.located,
+                naming.named,
+                100.0 * naming.accuracy,
+                100.0 / classes.len().max(1) as f64,
+                classes.len()
+            ));
+            Some(naming)
+        }
+        _ => None,
+    };
+    // Without labels on unlabelled images the logit distillation has no anchors to act on.
+    effective.logit = ValueOrAuto::Value(match (config.logit, naming) {
+        (ValueOrAuto::Value(weight), _) => weight,
+        (ValueOrAuto::Auto, Some(naming)) => naming.weight,
+        (ValueOrAuto::Auto, None) => 0.0,
+    });
     let unlabelled_pass = if labels_unlabelled {
         let mut pass = label_images(teacher.as_ref(), &unlabelled, &label_cache, verbosity, "labelling")?;
         if let Some(choice) = threshold_choice {
@@ -265,12 +304,14 @@ pub fn prepare_distillation(
         labelling_seconds: seconds_u + seconds_l,
         distill: *config,
         threshold_choice,
+        naming,
     };
     let data = TeacherData {
         unlabelled: unlabelled_dataset,
         labelled_signals: labelled_pass.as_ref().map(|p| prompt_signals(&p.images)).unwrap_or_default(),
         labelled_features,
         feature_channels,
+        logit_weight: effective.logit_weight().ok(),
     };
     Ok(Distillation { data, record, warnings, notes })
 }
@@ -301,34 +342,23 @@ fn labelled_images(data: &StudentData) -> Result<Vec<LabelImage>, TrainError> {
     Ok(images)
 }
 
-/// `distill.box_threshold: auto`: the teacher finds objects on the labelled images without their
-/// boxes (cached like any labels), and the score of its best F1 against their ground truth is the
-/// threshold. The teachers were tuned on these images, so the choice leans optimistic (higher
-/// precision than on new images); they are still the only images whose truth a run may use.
-fn choose_threshold(
+/// The `auto` settings' evidence: the teacher finds objects on the labelled images without their
+/// boxes (cached like any labels), beside each image's ground truth. The teachers were tuned on
+/// these images, so what they show leans optimistic (more precise than on new images); they are
+/// still the only images whose truth a run may use.
+fn unprompted_on_labelled(
     teacher: &dyn crate::distill::Teacher,
     data: &StudentData,
     label_cache: &Path,
     verbosity: Verbosity,
-) -> Result<ThresholdChoice, TrainError> {
+) -> Result<Vec<(Vec<TeacherInstance>, Vec<Prompt>)>, TrainError> {
     let truth = labelled_images(data)?;
     let unprompted: Vec<LabelImage> =
         truth.iter().map(|image| LabelImage { prompts: Vec::new(), ..image.clone() }).collect();
-    let pass = label_images(teacher, &unprompted, label_cache, verbosity, "choosing the threshold")?;
-    let prompts: HashMap<&str, &[Prompt]> =
-        truth.iter().map(|image| (image.file_name.as_str(), image.prompts.as_slice())).collect();
-    let scored: Vec<(&[TeacherInstance], &[Prompt])> = pass
-        .images
-        .iter()
-        .filter_map(|image| Some((image.instances.as_slice(), *prompts.get(image.file_name.as_str())?)))
-        .collect();
-    best_f1_threshold(&scored, AUTO_THRESHOLD_FLOOR).ok_or_else(|| {
-        TrainError::Config(format!(
-            "distill.box_threshold auto chooses the threshold on the labelled images' boxes, and none of the {} \
-             could be read or has a box: set a value (`--set distill.box_threshold=0.25`)",
-            data.train.images.len()
-        ))
-    })
+    let pass = label_images(teacher, &unprompted, label_cache, verbosity, "checking the teacher")?;
+    let mut prompts: HashMap<String, Vec<Prompt>> =
+        truth.into_iter().map(|image| (image.file_name, image.prompts)).collect();
+    Ok(pass.images.into_iter().filter_map(|image| Some((image.instances, prompts.remove(&image.file_name)?))).collect())
 }
 
 /// Teacher labels are cached beside the teacher, so every run taught by it (resumed, or another
