@@ -177,11 +177,11 @@ fn a_student_learns_a_small_dataset() {
 
 const EPOCHS: usize = 60;
 
-/// `--objects` / `--environment` choose the augmentation through the table; `--set augment.KEY`
-/// still overrides it; the run saves both what the user said and the recipe it became, and trains
-/// with it.
+/// `--preset` and `--objects` / `--environment` (the augmentation, through the table) choose
+/// settings; flags and `--set augment.KEY` still override them; the run saves what the user said
+/// and what it became, and trains with it.
 #[test]
-fn characteristics_choose_the_recipe_and_set_overrides_it() {
+fn characteristics_and_presets_choose_settings_and_flags_override_them() {
     use kiln_training::characteristics::{Characteristics, Environment, Intensity, ObjectTrait};
     use kiln_training::commands::{StudentOverrides, TrainStudentRequest, run_train_student, student_config};
     let scratch = Scratch::new("characteristics");
@@ -190,6 +190,30 @@ fn characteristics_choose_the_recipe_and_set_overrides_it() {
     let plain = student_config(&data, &summary, &StudentOverrides::default(), false).unwrap();
     assert_eq!(plain.augment, kiln_training::augment::AugmentConfig::default());
     assert!(!serde_yaml::to_string(&plain).unwrap().contains("characteristics"), "absent when not given");
+
+    // A preset sits between the defaults and the flags: a flag given wins, the rest is the preset's.
+    use kiln_training::presets::Preset;
+    let quick = StudentOverrides { preset: Some(Preset::Quick), epochs: Some(2), ..Default::default() };
+    let config = student_config(&data, &summary, &quick, false).unwrap();
+    assert_eq!((config.epochs, config.imgsz, config.preset), (2, 320, Some(Preset::Quick)));
+    assert!(serde_yaml::to_string(&config).unwrap().contains("preset: quick"));
+    let teacher_quick = kiln_training::teacher::TeacherOverrides {
+        preset: Some(Preset::Quick),
+        lora_r: Some(2),
+        only: Some("sam".into()),
+        sam: Some("tiny".into()),
+        ..Default::default()
+    };
+    let teachers = kiln_training::teacher::teacher_config(
+        &summary,
+        data.train.class_names(),
+        data.train.class_ids(),
+        &teacher_quick,
+    )
+    .unwrap();
+    let sam = teachers.sam.as_ref().expect("the data has masks");
+    assert_eq!((sam.epochs, sam.lora.rank), (3, 2), "the preset's epochs, the flag's rank");
+    assert_eq!(teachers.preset, Some(Preset::Quick));
 
     let characteristics = Characteristics {
         objects: vec![ObjectTrait::Thin],

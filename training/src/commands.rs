@@ -38,6 +38,8 @@ pub struct StudentOverrides {
     pub close_mosaic: Option<usize>,
     /// The objects and their scene, choosing the augmentation (`crate::characteristics`).
     pub characteristics: Characteristics,
+    /// Settings between the defaults and the flags (`crate::presets`).
+    pub preset: Option<crate::presets::Preset>,
     /// Any other setting of `student_config.yaml` as `key=value` (nested keys with dots, e.g.
     /// `augment.mosaic=0`), applied last.
     pub set: Vec<String>,
@@ -100,6 +102,9 @@ pub fn student_config(
 ) -> Result<StudentConfig, TrainError> {
     let mut config = StudentConfig::default();
     config.distill = distilling.then(DistillConfig::default);
+    if let Some(preset) = o.preset {
+        preset.apply_to_student(&mut config);
+    }
     config.model = match &o.model {
         Some(model) => model.clone(),
         None => summary.recommendation().map(|r| r.student).ok_or_else(|| {

@@ -17,6 +17,7 @@ pub mod eval;
 pub mod loss;
 pub mod optim;
 pub mod plots;
+pub mod presets;
 pub mod run;
 pub mod split;
 pub mod student;

@@ -76,6 +76,9 @@ pub struct StudentConfig {
     /// `--augment-intensity`), which chose `augment` (`crate::characteristics`).
     #[serde(default, skip_serializing_if = "Characteristics::is_empty")]
     pub characteristics: Characteristics,
+    /// The `--preset` the run started from, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<crate::presets::Preset>,
     /// Class names, in class-index order, from the dataset.
     pub classes: Vec<String>,
     /// Category id per class index, from the dataset.

@@ -7,6 +7,7 @@ use kiln_training::characteristics::{Characteristics, Environment, Intensity, Ob
 use kiln_training::commands::{StudentOverrides, TrainStudentRequest, render_train_summary, run_train_student};
 use kiln_training::distill::prepare::DistillRequest;
 use kiln_training::optim::OptimizerKind;
+use kiln_training::presets::Preset;
 
 use crate::common::{DeviceArg, StudentModelArg, open_device, run_output, value_name};
 
@@ -74,6 +75,11 @@ pub struct Args {
     /// Seed of the weights' initialisation, the batch order and the augmentation.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// A few settings at once, overridden by any flag: quick (10 epochs at 320 px), dev (30 at
+    /// 480), production (Ultralytics' recipe, the default), memory-efficient (batch 4, the same
+    /// effective batch through gradient accumulation), high-quality (300 epochs).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<Preset>,
     /// What the objects are like, comma-separated: small, large, thin, reflective, symmetric,
     /// occluded. With --environment it chooses the augmentation through one table (README "Your own
     /// data"); the recipe it became is saved in student_config.yaml [default: Ultralytics' recipe].
@@ -144,6 +150,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             patience: args.patience,
             seed: args.seed,
             close_mosaic: args.close_mosaic,
+            preset: args.preset,
             characteristics: Characteristics {
                 objects: args.objects.clone(),
                 environment: args.environment.clone(),

@@ -41,6 +41,9 @@ pub struct TeacherConfig {
     pub grounding_dino: Option<GroundingDinoTeacherConfig>,
     /// SAM's settings; none when the data has no masks (or another teacher was chosen).
     pub sam: Option<SamTeacherConfig>,
+    /// The `--preset` the run started from, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<crate::presets::Preset>,
     /// Class names, in class-index order, from the dataset.
     pub classes: Vec<String>,
     pub category_ids: Vec<u64>,
@@ -80,6 +83,8 @@ pub struct TeacherOverrides {
     pub full_finetune: bool,
     /// Start a tiny preset from a random initialisation instead of kiln's shipped base.
     pub from_scratch: bool,
+    /// Settings between the defaults and the flags (`crate::presets`).
+    pub preset: Option<crate::presets::Preset>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -103,6 +108,9 @@ pub fn teacher_config(
     o: &TeacherOverrides,
 ) -> Result<TeacherConfig, TrainError> {
     let mut config = TeacherConfig { classes, category_ids, ..TeacherConfig::default() };
+    if let Some(preset) = o.preset {
+        preset.apply_to_teachers(&mut config);
+    }
     if !summary.has_boxes && !summary.has_masks {
         return Err(TrainError::Config("the training set has neither boxes nor masks: nothing to learn".into()));
     }
