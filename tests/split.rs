@@ -151,6 +151,7 @@ fn validate_writes_splits_with_identical_categories_and_preserved_ids() {
         images: None,
         split: SplitOptions::default(),
         output_dir: Some(out.clone()),
+        class_names: None,
     };
     let report = kiln_data::run_validate(&options, &ProgressBar::hidden()).unwrap();
     assert!(report.ok, "{}", report.render());
@@ -260,6 +261,7 @@ fn validate_groups_video_frames_reports_leakage_and_writes_markdown() {
         images: Some(generated.images_dir.clone()),
         split: SplitOptions::default(),
         output_dir: Some(out.clone()),
+        class_names: None,
     };
     let report = kiln_data::run_validate(&options, &ProgressBar::hidden()).unwrap();
     let text = report.render();

@@ -156,6 +156,7 @@ fn malformed_json_is_an_error_naming_the_file_and_nothing_is_written() {
         images: Some(scratch.path().to_path_buf()),
         split: Default::default(),
         output_dir: Some(scratch.path().join("out")),
+        class_names: None,
     };
     let error = run_validate(&options, &ProgressBar::hidden()).unwrap_err().to_string();
     assert!(error.contains("broken.json") && error.contains("line 1"), "{error}");
@@ -170,8 +171,13 @@ fn data_errors_write_nothing_and_say_so() {
     let path = scratch.path().join("annotations.json");
     std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
     let out = scratch.path().join("out");
-    let options =
-        ValidateOptions { data: path, images: None, split: Default::default(), output_dir: Some(out.clone()) };
+    let options = ValidateOptions {
+        data: path,
+        images: None,
+        split: Default::default(),
+        output_dir: Some(out.clone()),
+        class_names: None,
+    };
     let report = run_validate(&options, &ProgressBar::hidden()).unwrap();
     assert!(!report.ok && report.written.is_empty());
     assert!(!out.exists());

@@ -47,6 +47,7 @@ fn validate_accepts_the_yolo_layout_directly() {
         images: None,
         split: Default::default(),
         output_dir: Some(scratch.path().join("out")),
+        class_names: None,
     };
     let report = run_validate(&options, &ProgressBar::hidden()).unwrap();
     assert!(report.ok, "{}", report.render());

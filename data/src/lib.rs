@@ -19,6 +19,7 @@ pub mod rng;
 pub mod split;
 pub mod synth;
 pub mod validate;
+pub mod video;
 pub mod yolo;
 
 #[cfg(feature = "batch")]

@@ -24,6 +24,8 @@ pub struct ValidateOptions {
     pub split: SplitOptions,
     /// By default `splits/` beside the input.
     pub output_dir: Option<PathBuf>,
+    /// A video dataset's class names by object id (`--class-names`): id k is the k-th.
+    pub class_names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +66,9 @@ pub fn load_dataset(data: &Path, images: Option<&Path>) -> Result<LoadedDataset>
     if !data.exists() {
         return Err(DataError::invalid(data, "no such file or directory"));
     }
+    if crate::video::is_davis_layout(data) || !crate::video::sav_annotation_files(data)?.is_empty() {
+        return load_video_dataset(data, images, None);
+    }
     let is_yolo = data.is_dir() || data.extension().is_some_and(|e| e == "yaml" || e == "yml");
     if is_yolo {
         let import = crate::yolo::import_yolo(data)?;
@@ -80,6 +85,18 @@ pub fn load_dataset(data: &Path, images: Option<&Path>) -> Result<LoadedDataset>
         }
     };
     Ok(LoadedDataset { dataset, images_dir, format: "coco" })
+}
+
+/// A video dataset (DAVIS / SAM 2 layout, or SA-V) as COCO; `class_names` names object id k by
+/// the k-th name (`--class-names`), otherwise `classes.yaml` in the dataset or `object`.
+pub fn load_video_dataset(data: &Path, images: Option<&Path>, class_names: Option<&[String]>) -> Result<LoadedDataset> {
+    let import = if crate::video::is_davis_layout(data) {
+        crate::video::import_davis(data, class_names)?
+    } else {
+        crate::video::import_sav(data, class_names)?
+    };
+    let images_dir = images.map(Path::to_path_buf).unwrap_or(import.images_dir);
+    Ok(LoadedDataset { dataset: import.dataset, images_dir, format: import.format })
 }
 
 /// The near-duplicate pairs (image positions) that `split` put in different parts, described.
@@ -104,7 +121,23 @@ fn leakage(dataset: &CocoDataset, split: &crate::Split, pairs: &[(usize, usize)]
 }
 
 pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result<ValidateReport> {
-    let LoadedDataset { mut dataset, images_dir, format } = load_dataset(&options.data, options.images.as_deref())?;
+    let loaded = match &options.class_names {
+        None => load_dataset(&options.data, options.images.as_deref())?,
+        Some(names)
+            if crate::video::is_davis_layout(&options.data)
+                || !crate::video::sav_annotation_files(&options.data)?.is_empty() =>
+        {
+            load_video_dataset(&options.data, options.images.as_deref(), Some(names))?
+        }
+        Some(_) => {
+            return Err(DataError::invalid(
+                &options.data,
+                "--class-names names the objects of a video dataset (DAVIS / SAM 2 layout or SA-V); this is not one, \
+                 and its classes come from the file",
+            ));
+        }
+    };
+    let LoadedDataset { mut dataset, images_dir, format } = loaded;
     if !images_dir.is_dir() {
         return Err(DataError::invalid(
             &images_dir,
@@ -306,7 +339,13 @@ impl ValidateReport {
         use std::fmt::Write;
         let s = &self.summary;
         let mut out = String::new();
-        let format = if self.format == "coco" { "COCO JSON" } else { "YOLO dataset (imported)" };
+        let format = match self.format {
+            "coco" => "COCO JSON",
+            "yolo" => "YOLO dataset (imported)",
+            "davis" => "DAVIS / SAM 2 video layout (imported; frames grouped by video)",
+            "sa-v" => "SA-V videos (imported; frames grouped by video)",
+            other => other,
+        };
         let _ = writeln!(out, "kiln validate: {}\n", self.input);
         let _ = writeln!(out, "  Format       valid {format}");
         if let Some(images) = &self.validation.images {

@@ -22,6 +22,7 @@ pub fn run(args: &Args) -> anyhow::Result<bool> {
     println!();
     let validate = validate::Args {
         data: annotations,
+        class_names: None,
         images: None,
         split: "train:0.7,val:0.15,test:0.15".into(),
         stratify: true,

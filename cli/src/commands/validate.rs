@@ -8,9 +8,16 @@ use crate::common::progress_bar;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// COCO annotation file (JSON), or a YOLO dataset: its data yaml or the directory holding it.
-    #[arg(long, value_name = "FILE")]
+    /// COCO annotation file (JSON), a YOLO dataset (its data yaml or the directory holding it), or
+    /// a video dataset: the DAVIS / SAM 2 layout (a directory with JPEGImages/<video>/ and
+    /// Annotations/<video>/*.png) or SA-V (a directory of <video>_manual.json with the frames).
+    #[arg(long, value_name = "FILE|DIR")]
     pub data: PathBuf,
+    /// A video dataset's class names: object id k (the mask value, or SA-V's masklet id + 1) is the
+    /// k-th name in every video [default: classes.yaml in the dataset (VIDEO: {ID: CLASS}), else
+    /// every object is `object`].
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub class_names: Option<Vec<String>>,
     /// Directory that the images' `file_name`s are relative to [default: `images/` beside the
     /// annotation file if it exists, else the file's directory].
     #[arg(long, value_name = "DIR")]
@@ -53,6 +60,7 @@ pub fn run(args: &Args) -> anyhow::Result<bool> {
             group_by: args.group_by.parse().map_err(anyhow::Error::msg)?,
         },
         output_dir: args.output_dir.clone(),
+        class_names: args.class_names.clone(),
     };
     let report = kiln_data::run_validate(&options, &progress_bar("images"))?;
     if args.json {
