@@ -81,8 +81,9 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub preset: Option<Preset>,
     /// What the objects are like, comma-separated: small, large, thin, reflective, symmetric,
-    /// occluded. With --environment it chooses the augmentation through one table (README "Your own
-    /// data"); the recipe it became is saved in student_config.yaml [default: Ultralytics' recipe].
+    /// occluded. With --environment it chooses the augmentation through one table (README
+    /// "Augmentation from what you know"); the recipe it became is saved in student_config.yaml
+    /// [default: Ultralytics' recipe].
     #[arg(long, value_name = "TRAITS", value_delimiter = ',')]
     pub objects: Vec<ObjectTrait>,
     /// What the scene and camera are like, comma-separated: outdoor, indoor, low-light, motion,
