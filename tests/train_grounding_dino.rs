@@ -206,3 +206,47 @@ fn the_data_decides_the_teachers_and_bad_settings_are_refused() {
     assert!(error.contains("wrong.safetensors") && error.contains("missing"), "{error}");
     assert!(!output.join("teachers").exists(), "a failed run leaves nothing behind");
 }
+
+/// `--objects` / `--environment` reach GroundingDINO's training images: the vertical flip moves
+/// the boxes with the pixels, the light changes alter the pixels only; validation images stay
+/// as they are.
+#[test]
+fn characteristics_reach_the_grounding_dino_training_images() {
+    use kiln_training::augment::AugmentConfig;
+    use kiln_training::teacher::grounding_dino::GroundingDataset;
+    let scratch = Scratch::new("gdino-characteristics");
+    let (train, _) = dataset(scratch.path(), 8, SynthLabels::Boxes);
+    let loaded = kiln_data::load_dataset(&train, None).unwrap();
+    let images = loaded.dataset.images.len();
+    let source = std::sync::Arc::new(kiln_data::batch::CocoDetectionDataset::new(loaded.dataset, &loaded.images_dir));
+    let with = |augment: AugmentConfig, training: bool| GroundingDataset {
+        source: source.clone(),
+        image_size: 128,
+        max_size: 128,
+        hflip: training.then(|| (0.0, 1, kiln_training::data::EpochCounter::default())),
+        augment,
+    };
+    let plain = with(AugmentConfig::none(), true);
+    let upside_down = with(AugmentConfig { flipud: 1.0, ..AugmentConfig::none() }, true);
+    let dark = with(AugmentConfig { brightness: 0.6, gamma: 0.5, noise: 0.05, ..AugmentConfig::none() }, true);
+    let validation = with(AugmentConfig { flipud: 1.0, brightness: 0.6, ..AugmentConfig::none() }, false);
+    for index in 0..images {
+        let a = plain.load(index).unwrap();
+        let b = upside_down.load(index).unwrap();
+        assert_eq!(a.boxes.len(), b.boxes.len());
+        assert!(!a.boxes.is_empty());
+        for (p, q) in a.boxes.iter().zip(&b.boxes) {
+            assert!((p[0] - q[0]).abs() < 1e-6 && (p[1] - (1.0 - q[1])).abs() < 1e-6, "{p:?} vs {q:?}");
+            assert!((p[2] - q[2]).abs() < 1e-6 && (p[3] - q[3]).abs() < 1e-6);
+        }
+        // Row r of the flipped input is row h - 1 - r of the plain one (channel 0, inside the image).
+        let (h, w) = a.size;
+        let (first, last) = (&a.pixels[..w], &b.pixels[(h - 1) * w..h * w]);
+        assert!(first.iter().zip(last).all(|(x, y)| (x - y).abs() < 1e-5), "the pixels flip too");
+        let c = dark.load(index).unwrap();
+        assert_eq!(a.boxes, c.boxes);
+        assert_ne!(a.pixels, c.pixels);
+        let v = validation.load(index).unwrap();
+        assert_eq!((a.boxes.clone(), a.pixels.clone()), (v.boxes, v.pixels), "validation is never augmented");
+    }
+}

@@ -82,6 +82,11 @@ impl Default for AugmentConfig {
 }
 
 impl AugmentConfig {
+    /// Whether it changes nothing (for the teachers' configs, which leave it out then).
+    pub fn is_none(&self) -> bool {
+        *self == Self::none()
+    }
+
     /// No augmentation at all (plain letterbox), as for validation.
     pub fn none() -> Self {
         Self {
@@ -303,7 +308,7 @@ pub fn augment(
 /// The light and camera changes of `config`, each drawn only when its parameter is on, in the
 /// order light reaches the file: exposure (brightness, contrast, gamma), optics (blur), motion,
 /// sensor noise, compression.
-fn photometric(image: &mut RgbImage, config: &AugmentConfig, rng: &mut SeededRng) -> kiln_data::Result<()> {
+pub fn photometric(image: &mut RgbImage, config: &AugmentConfig, rng: &mut SeededRng) -> kiln_data::Result<()> {
     let gain =
         if config.brightness > 0.0 { rng.uniform(1.0 - config.brightness, 1.0 + config.brightness) } else { 1.0 };
     let contrast = if config.contrast > 0.0 { rng.uniform(1.0 - config.contrast, 1.0 + config.contrast) } else { 1.0 };

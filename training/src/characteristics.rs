@@ -249,6 +249,41 @@ impl Characteristics {
     }
 }
 
+impl Characteristics {
+    /// In the flags' words: `--objects small,thin --environment low-light --augment-intensity high`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.objects.is_empty() {
+            parts.push(format!("--objects {}", self.objects.iter().map(kebab).collect::<Vec<_>>().join(",")));
+        }
+        if !self.environment.is_empty() {
+            parts.push(format!("--environment {}", self.environment.iter().map(kebab).collect::<Vec<_>>().join(",")));
+        }
+        if self.intensity != Intensity::Medium {
+            parts.push(format!("--augment-intensity {}", kebab(&self.intensity)));
+        }
+        parts.join(" ")
+    }
+
+    /// The teachers' share of the recipe: the light and camera changes (and, for GroundingDINO,
+    /// the vertical flip), on top of no augmentation; the student's geometric recipe (mosaic,
+    /// scale, translation) and cutout are not theirs.
+    pub fn teacher_recipe(&self, vertical_flip: bool) -> AugmentConfig {
+        let all = self.recipe(AugmentConfig::none());
+        AugmentConfig {
+            flipud: if vertical_flip { all.flipud } else { 0.0 },
+            brightness: all.brightness,
+            contrast: all.contrast,
+            gamma: all.gamma,
+            noise: all.noise,
+            blur: all.blur,
+            motion_blur: all.motion_blur,
+            jpeg: all.jpeg,
+            ..AugmentConfig::none()
+        }
+    }
+}
+
 /// What the characteristics changed in the recipe, as `key old -> new` (for the run's log).
 pub fn changes(base: &AugmentConfig, chosen: &AugmentConfig) -> Vec<String> {
     let (a, b) = (serde_yaml::to_value(base), serde_yaml::to_value(chosen));
@@ -386,6 +421,20 @@ mod tests {
     }
 
     #[test]
+    fn teachers_take_the_light_and_camera_changes_only() {
+        let c = Characteristics {
+            objects: vec![ObjectTrait::Large, ObjectTrait::Symmetric, ObjectTrait::Occluded],
+            environment: vec![Environment::LowLight],
+            intensity: Intensity::Medium,
+        };
+        let gdino = c.teacher_recipe(true);
+        assert_eq!((gdino.brightness, gdino.gamma, gdino.noise, gdino.flipud), (0.6, 0.5, 0.05, 0.5));
+        assert_eq!((gdino.scale, gdino.translate, gdino.cutout, gdino.mosaic, gdino.fliplr), (0.0, 0.0, 0.0, 0.0, 0.0));
+        assert_eq!(c.teacher_recipe(false).flipud, 0.0);
+        assert!(Characteristics::default().teacher_recipe(true).is_none());
+    }
+
+    #[test]
     fn the_names_are_the_flags() {
         let c: Characteristics = serde_yaml::from_str(
             "objects: [small, reflective]\nenvironment: [low-light, fixed-camera]\nintensity: high",
@@ -400,6 +449,12 @@ mod tests {
         assert!(readme.contains(&table), "README's table is the code's:\n{table}");
         assert_eq!(TABLE.len(), ALL_OBJECTS.len() + ALL_ENVIRONMENTS.len(), "every characteristic has a row");
         assert_eq!("Low_Light".parse::<Environment>(), Ok(Environment::LowLight));
+        let said = Characteristics {
+            objects: vec![ObjectTrait::Thin],
+            environment: vec![Environment::LowLight, Environment::Motion],
+            intensity: Intensity::High,
+        };
+        assert_eq!(said.describe(), "--objects thin --environment low-light,motion --augment-intensity high");
         let motion = with(&[], &[Environment::Motion], Intensity::Medium);
         assert_eq!(changes(&AugmentConfig::default(), &motion), vec!["blur 0 -> 0.2", "motion_blur 0 -> 0.5"]);
         let error = "dusty".parse::<Environment>().unwrap_err();

@@ -191,13 +191,10 @@ pub fn run_train_student(
         )));
     }
     if !request.resume && verbosity == Verbosity::Progress && !config.characteristics.is_empty() {
-        let c = &config.characteristics;
         let changed = crate::characteristics::changes(&StudentConfig::default().augment, &config.augment);
         eprintln!(
-            "augmentation for objects {:?}, environment {:?}, intensity {:?}: {}",
-            c.objects,
-            c.environment,
-            c.intensity,
+            "augmentation for {}: {}",
+            config.characteristics.describe(),
             if changed.is_empty() { "the default recipe".to_string() } else { changed.join(", ") }
         );
     }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::ValueEnum;
+use kiln_training::characteristics::{Characteristics, Environment, Intensity, ObjectTrait};
 use kiln_training::presets::Preset;
 use kiln_training::teacher::{TeacherOverrides, TrainTeacherRequest, render_teacher_summary, run_train_teacher};
 
@@ -129,6 +130,18 @@ pub struct Args {
     /// image), high-quality (twice the epochs and the rank).
     #[arg(long, value_name = "NAME")]
     pub preset: Option<Preset>,
+    /// What the objects are like (small, large, thin, reflective, symmetric, occluded): with
+    /// --environment, the teachers' light and camera augmentation (and GroundingDINO's vertical
+    /// flip) through the table of README "Augmentation from what you know" [default: none].
+    #[arg(long, value_name = "TRAITS", value_delimiter = ',')]
+    pub objects: Vec<ObjectTrait>,
+    /// What the scene and camera are like (outdoor, indoor, low-light, motion, fixed-camera,
+    /// top-down, compressed).
+    #[arg(long, value_name = "TRAITS", value_delimiter = ',')]
+    pub environment: Vec<Environment>,
+    /// How strongly the augmentation changes the images: low (x0.5), medium, high (x1.5).
+    #[arg(long, value_name = "LEVEL", default_value = "medium")]
+    pub augment_intensity: Intensity,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -163,6 +176,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             full_finetune: args.full_finetune,
             from_scratch: args.from_scratch,
             preset: args.preset,
+            characteristics: Characteristics {
+                objects: args.objects.clone(),
+                environment: args.environment.clone(),
+                intensity: args.augment_intensity,
+            },
         },
     };
     println!("kiln train-teacher -> {}", output.join("teachers").display());

@@ -33,6 +33,7 @@ use kiln_models::lora::{self, AdapterConfig, LoraConfig, LoraSummary};
 use super::{TeacherOutput, teacher_schedule};
 use serde::{Deserialize, Serialize};
 
+use crate::augment::AugmentConfig;
 use crate::data::EpochCounter;
 use crate::engine::{FitSettings, NoTaskState, StepOutput, TrainTask, Validation, Verbosity};
 use crate::error::{AtPath, TrainError};
@@ -69,6 +70,10 @@ pub struct GroundingDinoTeacherConfig {
     pub seed: u64,
     /// Probability of a horizontal flip.
     pub hflip: f64,
+    /// Light and camera changes and the vertical flip chosen by `--objects` / `--environment`
+    /// (`crate::characteristics`; the other parameters do not apply to the teachers): none by default.
+    #[serde(default = "AugmentConfig::none", skip_serializing_if = "AugmentConfig::is_none")]
+    pub augment: AugmentConfig,
     pub box_threshold: f32,
     pub text_threshold: f32,
     pub loss: GroundingLossConfig,
@@ -208,6 +213,8 @@ pub struct GroundingDataset {
     pub image_size: usize,
     pub max_size: usize,
     pub hflip: Option<(f64, u64, EpochCounter)>,
+    /// Training only: the photometric changes and vertical flip of `crate::augment`.
+    pub augment: AugmentConfig,
 }
 
 impl Dataset<GroundingItem> for GroundingDataset {
@@ -239,7 +246,16 @@ impl GroundingDataset {
             }
             None => false,
         };
-        let image = if flip { image::imageops::flip_horizontal(&item.image) } else { item.image };
+        let mut image = if flip { image::imageops::flip_horizontal(&item.image) } else { item.image };
+        let mut flip_vertically = false;
+        if let Some((_, seed, epoch)) = &self.hflip {
+            let mut rng = SeededRng::new(*seed).fork((epoch.get() as u64) << 32 | index as u64).fork(2);
+            flip_vertically = self.augment.flipud > 0.0 && rng.chance(self.augment.flipud);
+            if flip_vertically {
+                image = image::imageops::flip_vertical(&image);
+            }
+            crate::augment::photometric(&mut image, &self.augment, &mut rng)?;
+        }
         let (pixels, size) = prepare_pixels(&image, self.image_size, self.max_size);
         let boxes = item
             .instances
@@ -247,6 +263,7 @@ impl GroundingDataset {
             .map(|i| {
                 let [x1, y1, x2, y2] = i.bbox.map(|v| v as f32);
                 let (x1, x2) = if flip { (w - x2, w - x1) } else { (x1, x2) };
+                let (y1, y2) = if flip_vertically { (h - y2, h - y1) } else { (y1, y2) };
                 [(x1 + x2) / 2.0 / w, (y1 + y2) / 2.0 / h, (x2 - x1) / w, (y2 - y1) / h]
             })
             .collect();
@@ -495,12 +512,14 @@ pub fn train_grounding_dino(
         image_size: config.image_size,
         max_size: config.max_size,
         hflip: Some((config.hflip, config.seed, epoch_counter.clone())),
+        augment: config.augment,
     };
     let val_dataset = GroundingDataset {
         source: data.val.clone(),
         image_size: config.image_size,
         max_size: config.max_size,
         hflip: None,
+        augment: AugmentConfig::none(),
     };
     let batcher = GroundingBatcher {
         caption: caption.clone(),

@@ -44,6 +44,10 @@ pub struct TeacherConfig {
     /// The `--preset` the run started from, when one was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<crate::presets::Preset>,
+    /// What the user said about the objects and their scene (`--objects`, `--environment`), which
+    /// chose each teacher's `augment`.
+    #[serde(default, skip_serializing_if = "crate::characteristics::Characteristics::is_empty")]
+    pub characteristics: crate::characteristics::Characteristics,
     /// Class names, in class-index order, from the dataset.
     pub classes: Vec<String>,
     pub category_ids: Vec<u64>,
@@ -85,6 +89,8 @@ pub struct TeacherOverrides {
     pub from_scratch: bool,
     /// Settings between the defaults and the flags (`crate::presets`).
     pub preset: Option<crate::presets::Preset>,
+    /// The objects and their scene: the teachers' light and camera augmentation.
+    pub characteristics: crate::characteristics::Characteristics,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -110,6 +116,13 @@ pub fn teacher_config(
     let mut config = TeacherConfig { classes, category_ids, ..TeacherConfig::default() };
     if let Some(preset) = o.preset {
         preset.apply_to_teachers(&mut config);
+    }
+    config.characteristics = o.characteristics.clone();
+    if let Some(g) = config.grounding_dino.as_mut() {
+        g.augment = o.characteristics.teacher_recipe(true);
+    }
+    if let Some(s) = config.sam.as_mut() {
+        s.augment = o.characteristics.teacher_recipe(false);
     }
     if !summary.has_boxes && !summary.has_masks {
         return Err(TrainError::Config("the training set has neither boxes nor masks: nothing to learn".into()));

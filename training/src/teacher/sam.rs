@@ -29,6 +29,7 @@ use super::{TeacherOutput, teacher_schedule};
 use kiln_models::sam::{MASK_THRESHOLD, Sam, SamConfig, prepare_pixels, resize_box, resized_shape};
 use serde::{Deserialize, Serialize};
 
+use crate::augment::AugmentConfig;
 use crate::data::EpochCounter;
 use crate::engine::{FitSettings, NoTaskState, StepOutput, TrainTask, Validation, Verbosity};
 use crate::error::{AtPath, TrainError};
@@ -61,6 +62,11 @@ pub struct SamTeacherConfig {
     pub box_jitter: f64,
     /// Largest corner shift in pixels of a 1024-pixel input (scaled to the model's input size).
     pub box_jitter_max: f64,
+    /// Light and camera changes chosen by `--objects` / `--environment` (`crate::characteristics`),
+    /// on the images when the image encoder trains (its embeddings are not cached then); geometric
+    /// ones do not apply to SAM. None by default.
+    #[serde(default = "AugmentConfig::none", skip_serializing_if = "AugmentConfig::is_none")]
+    pub augment: AugmentConfig,
     pub loss: MaskLossConfig,
     pub lora: LoraConfig,
     /// Train every parameter instead of LoRA adapters (saves the whole model to
@@ -273,6 +279,7 @@ pub struct TrainingDraws {
     pub max_prompts: usize,
     pub jitter: f64,
     pub jitter_max: f64,
+    pub augment: AugmentConfig,
     order: Mutex<(usize, Vec<usize>)>,
 }
 
@@ -284,6 +291,7 @@ impl TrainingDraws {
             max_prompts: config.max_prompts_per_image.max(1),
             jitter: config.box_jitter,
             jitter_max: config.box_jitter_max,
+            augment: config.augment,
             order: Mutex::new((usize::MAX, Vec::new())),
         }
     }
@@ -326,7 +334,13 @@ impl SamPromptDataset {
                 TrainError::Training(format!("image {}: its cached embedding is missing", sample.image_id))
             })?),
             None => {
-                SamInputData::Pixels(prepare_pixels(&self.source.load(sample.image_index)?.image, self.image_size).0)
+                let mut image = self.source.load(sample.image_index)?.image;
+                if let Some(draws) = &self.training {
+                    let epoch = draws.epoch.get().max(1) as u64;
+                    let mut rng = SeededRng::new(draws.seed).fork((epoch << 32) | position as u64 | (1 << 61));
+                    crate::augment::photometric(&mut image, &draws.augment, &mut rng)?;
+                }
+                SamInputData::Pixels(prepare_pixels(&image, self.image_size).0)
             }
         };
         let targets = chosen.iter().flat_map(|&i| sample.targets[i].iter().copied()).collect();
@@ -630,6 +644,13 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
     };
     let encoder_trains = config.full_finetune || lora_summary.adapted.iter().any(|p| p.starts_with("image_encoder."));
     let cache = (!encoder_trains).then(|| EmbeddingCache { dir: run_dir.join("embeddings"), shape: embedding_shape });
+    if cache.is_some() && !config.augment.is_none() {
+        status(
+            "warning: SAM's image encoder is frozen (its embeddings are computed once), so the light and camera \
+             augmentation of --objects/--environment does not reach SAM; adapt the encoder too (--lora-targets \
+             q_proj,k_proj,v_proj,out_proj,qkv) for it to",
+        );
+    }
     if let Some(cache) = &cache {
         let encoder = model.valid();
         let inner = device.clone();
