@@ -4,7 +4,7 @@
 # footage from a moving camera). A yolov8n-seg student trained with kiln's default recipe is
 # compared with one trained with `--environment low-light,motion`, same epochs, seed and settings.
 #
-#   benches/augment_experiment.sh OUT [ROW ...]      rows: default lowlight (default: both)
+#   benches/augment_experiment.sh OUT [ROW ...]      rows: default lowlight lowlight-low (default: all)
 #
 # Data: `kiln synth` (4 classes, 128 px, seed 300), split 180 train / 60 val (clean: the user's
 # own validation split, which picks each run's best epoch); a test set of the same generator with
@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: benches/augment_experiment.sh OUT [ROW ...]}
 shift
-ROWS=${*:-default lowlight}
+ROWS=${*:-default lowlight lowlight-low}
 KILN=${KILN:-target/release/kiln}
 PYTHON=${PYTHON:-python3}
 SEED=${SEED:-0}
@@ -61,7 +61,9 @@ for row in $ROWS; do
     default) [ -d "$OUT/default_s$SEED" ] || "$KILN" train-student $STUDENT --output "$OUT/default_s$SEED" ;;
     lowlight) [ -d "$OUT/lowlight_s$SEED" ] || "$KILN" train-student $STUDENT --environment low-light,motion \
       --output "$OUT/lowlight_s$SEED" ;;
-    *) echo "unknown row $row (default lowlight)" >&2; exit 2 ;;
+    lowlight-low) [ -d "$OUT/lowlight-low_s$SEED" ] || "$KILN" train-student $STUDENT \
+      --environment low-light,motion --augment-intensity low --output "$OUT/lowlight-low_s$SEED" ;;
+    *) echo "unknown row $row (default lowlight lowlight-low)" >&2; exit 2 ;;
   esac
 done
 
@@ -73,7 +75,8 @@ m = json.loads(text[text.index("\n{") + 1:])
 mask = m["mask"] or {"map50": 0.0}
 print("box mAP50 %.3f  mask mAP50 %.3f" % (m["box"]["map50"], mask["map50"]))'
 }
-for set in "$D/splits/val.json $D/images clean-val" "$TEST/annotations.json $TEST/dark dark-test"; do
+for set in "$D/splits/val.json $D/images clean-val" "$TEST/annotations.json $TEST/images clean-test" \
+  "$TEST/annotations.json $TEST/dark dark-test"; do
   read -r data images name <<<"$set"
   echo "on $name ($data, images in $images):"
   for run in "$OUT"/*_s*/; do

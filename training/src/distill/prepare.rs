@@ -58,6 +58,8 @@ pub struct DistillationRecord {
     pub empty_images: usize,
     /// Images that could not be read or decoded, skipped (path: why).
     pub skipped: Vec<String>,
+    /// Labels computed and reused, over every pass: the unlabelled images, the labelled ones'
+    /// masks and features, and (for `auto` settings) the check of the teacher on the labelled images.
     pub labels_computed: usize,
     pub labels_reused: usize,
     pub labelling_seconds: f64,
@@ -126,6 +128,9 @@ pub fn prepare_distillation(
         true => Some(unprompted_on_labelled(teacher.as_ref(), data, &label_cache, verbosity)?),
         false => None,
     };
+    let (computed_c, reused_c, seconds_c) =
+        on_labelled.as_ref().map_or((0, 0, 0.0), |c| (c.computed, c.reused, c.seconds));
+    let on_labelled = on_labelled.map(|checked| checked.pairs);
     let scored: Vec<(&[TeacherInstance], &[Prompt])> =
         on_labelled.iter().flatten().map(|(found, truth)| (found.as_slice(), truth.as_slice())).collect();
     let threshold_choice = match config.box_threshold {
@@ -299,9 +304,9 @@ pub fn prepare_distillation(
             .as_ref()
             .map_or(0, |p| p.images.iter().filter(|i| i.instances.is_empty()).count()),
         skipped,
-        labels_computed: computed_u + computed_l,
-        labels_reused: reused_u + reused_l,
-        labelling_seconds: seconds_u + seconds_l,
+        labels_computed: computed_u + computed_l + computed_c,
+        labels_reused: reused_u + reused_l + reused_c,
+        labelling_seconds: seconds_u + seconds_l + seconds_c,
         distill: *config,
         threshold_choice,
         naming,
@@ -351,14 +356,29 @@ fn unprompted_on_labelled(
     data: &StudentData,
     label_cache: &Path,
     verbosity: Verbosity,
-) -> Result<Vec<(Vec<TeacherInstance>, Vec<Prompt>)>, TrainError> {
+) -> Result<CheckedTeacher, TrainError> {
     let truth = labelled_images(data)?;
     let unprompted: Vec<LabelImage> =
         truth.iter().map(|image| LabelImage { prompts: Vec::new(), ..image.clone() }).collect();
     let pass = label_images(teacher, &unprompted, label_cache, verbosity, "checking the teacher")?;
     let mut prompts: HashMap<String, Vec<Prompt>> =
         truth.into_iter().map(|image| (image.file_name, image.prompts)).collect();
-    Ok(pass.images.into_iter().filter_map(|image| Some((image.instances, prompts.remove(&image.file_name)?))).collect())
+    let (computed, reused, seconds) = (pass.computed, pass.reused, pass.seconds);
+    let pairs = pass
+        .images
+        .into_iter()
+        .filter_map(|image| Some((image.instances, prompts.remove(&image.file_name)?)))
+        .collect();
+    Ok(CheckedTeacher { pairs, computed, reused, seconds })
+}
+
+/// The teacher's unprompted labels on the labelled images beside their truth, and what the pass
+/// cost (counted in the run's labelling figures).
+struct CheckedTeacher {
+    pairs: Vec<(Vec<TeacherInstance>, Vec<Prompt>)>,
+    computed: usize,
+    reused: usize,
+    seconds: f64,
 }
 
 /// Teacher labels are cached beside the teacher, so every run taught by it (resumed, or another
