@@ -7,7 +7,7 @@
 //! of (seed, epoch, index).
 //!
 //! Beyond Ultralytics' recipe, off by default and chosen from what the user says about the objects
-//! and their environment (`crate::characteristics`): a vertical flip, photometric changes of the
+//! and their environment (the characteristics table): a vertical flip, photometric changes of the
 //! light and the camera (brightness, contrast, gamma, Gaussian and motion blur, sensor noise, JPEG
 //! artefacts) and occlusion (cutout patches that hide part of the objects: masks lose the hidden
 //! part, objects mostly hidden are dropped, as YOLOv5's cutout does). A parameter at 0 draws no

@@ -103,7 +103,7 @@ pub fn student_config(
     let mut config = StudentConfig::default();
     config.distill = distilling.then(DistillConfig::default);
     if let Some(preset) = o.preset {
-        preset.apply_to_student(&mut config);
+        config.apply_preset(preset);
     }
     config.model = match &o.model {
         Some(model) => model.clone(),

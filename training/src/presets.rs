@@ -5,9 +5,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::run::StudentConfig;
-use crate::teacher::TeacherConfig;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Preset {
@@ -50,50 +47,40 @@ impl Preset {
         }
     }
 
-    /// The student's epochs, input size, batch and nominal batch under this preset (from the
-    /// defaults in `config`).
-    pub fn apply_to_student(self, config: &mut StudentConfig) {
-        let (epochs, imgsz, batch) = match self {
+    /// The student's `(epochs, imgsz, batch)` under this preset, from the defaults'.
+    pub fn student(self, (epochs, imgsz, batch): (usize, u32, usize)) -> (usize, u32, usize) {
+        match self {
             Preset::Quick => (10, 320, 16),
             Preset::Dev => (30, 480, 16),
-            Preset::Production => (config.epochs, config.imgsz, config.batch_size),
-            Preset::MemoryEfficient => (config.epochs, config.imgsz, 4),
-            Preset::HighQuality => (config.epochs * 3, config.imgsz, config.batch_size),
-        };
-        config.epochs = epochs;
-        config.imgsz = imgsz;
-        config.batch_size = batch;
-        config.close_mosaic = config.close_mosaic.min(epochs / 3);
-        config.preset = Some(self);
+            Preset::Production => (epochs, imgsz, batch),
+            Preset::MemoryEfficient => (epochs, imgsz, 4),
+            Preset::HighQuality => (epochs * 3, imgsz, batch),
+        }
     }
 
-    /// The teachers' epochs, input size, batch and LoRA rank under this preset (from the defaults
-    /// in `config`; alpha stays twice the rank, as in the defaults).
-    pub fn apply_to_teachers(self, config: &mut TeacherConfig) {
-        if let Some(g) = config.grounding_dino.as_mut() {
-            let (epochs, short, batch, rank) = match self {
-                Preset::Quick => (3, 512, g.batch_size, 8),
-                Preset::Dev => (6, 640, g.batch_size, g.lora.rank),
-                Preset::Production => (g.epochs, g.image_size, g.batch_size, g.lora.rank),
-                Preset::MemoryEfficient => (g.epochs, g.image_size, 1, 8),
-                Preset::HighQuality => (g.epochs * 2, g.image_size, g.batch_size, g.lora.rank * 2),
-            };
-            g.max_size = g.max_size * short / g.image_size.max(1);
-            (g.epochs, g.image_size, g.batch_size) = (epochs, short, batch);
-            (g.lora.rank, g.lora.alpha) = (rank, 2.0 * rank as f64);
+    /// GroundingDINO's `(epochs, short side, batch, LoRA rank)` under this preset, from the defaults'.
+    pub fn grounding_dino(
+        self,
+        (epochs, short, batch, rank): (usize, usize, usize, usize),
+    ) -> (usize, usize, usize, usize) {
+        match self {
+            Preset::Quick => (3, 512, batch, 8),
+            Preset::Dev => (6, 640, batch, rank),
+            Preset::Production => (epochs, short, batch, rank),
+            Preset::MemoryEfficient => (epochs, short, 1, 8),
+            Preset::HighQuality => (epochs * 2, short, batch, rank * 2),
         }
-        if let Some(s) = config.sam.as_mut() {
-            let (epochs, batch, prompts, rank) = match self {
-                Preset::Quick => (3, s.batch_size, s.max_prompts_per_image, 4),
-                Preset::Dev => (5, s.batch_size, s.max_prompts_per_image, s.lora.rank),
-                Preset::Production => (s.epochs, s.batch_size, s.max_prompts_per_image, s.lora.rank),
-                Preset::MemoryEfficient => (s.epochs, 1, 8, 4),
-                Preset::HighQuality => (s.epochs * 2, s.batch_size, s.max_prompts_per_image, s.lora.rank * 2),
-            };
-            (s.epochs, s.batch_size, s.max_prompts_per_image) = (epochs, batch, prompts);
-            (s.lora.rank, s.lora.alpha) = (rank, 2.0 * rank as f64);
+    }
+
+    /// SAM's `(epochs, batch, prompts per image, LoRA rank)` under this preset, from the defaults'.
+    pub fn sam(self, (epochs, batch, prompts, rank): (usize, usize, usize, usize)) -> (usize, usize, usize, usize) {
+        match self {
+            Preset::Quick => (3, batch, prompts, 4),
+            Preset::Dev => (5, batch, prompts, rank),
+            Preset::Production => (epochs, batch, prompts, rank),
+            Preset::MemoryEfficient => (epochs, 1, 8, 4),
+            Preset::HighQuality => (epochs * 2, batch, prompts, rank * 2),
         }
-        config.preset = Some(self);
     }
 }
 
@@ -102,38 +89,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn production_is_the_defaults() {
-        let mut student = StudentConfig::default();
-        Preset::Production.apply_to_student(&mut student);
-        assert_eq!(student.preset, Some(Preset::Production));
-        assert_eq!(StudentConfig { preset: None, ..student }, StudentConfig::default());
-        let mut teachers = TeacherConfig::default();
-        Preset::Production.apply_to_teachers(&mut teachers);
-        assert_eq!(TeacherConfig { preset: None, ..teachers }, TeacherConfig::default());
-    }
-
-    #[test]
-    fn each_preset_sets_its_values() {
-        let mut quick = StudentConfig::default();
-        Preset::Quick.apply_to_student(&mut quick);
-        assert_eq!((quick.epochs, quick.imgsz, quick.batch_size, quick.close_mosaic), (10, 320, 16, 3));
-        let mut small = StudentConfig::default();
-        Preset::MemoryEfficient.apply_to_student(&mut small);
-        assert_eq!((small.epochs, small.imgsz, small.batch_size, small.nbs), (100, 640, 4, 64));
-        let mut long = StudentConfig::default();
-        Preset::HighQuality.apply_to_student(&mut long);
-        assert_eq!(long.epochs, 300);
-
-        let mut teachers = TeacherConfig::default();
-        Preset::Quick.apply_to_teachers(&mut teachers);
-        let g = teachers.grounding_dino.as_ref().unwrap();
-        assert_eq!((g.epochs, g.image_size, g.max_size, g.lora.rank, g.lora.alpha), (3, 512, 853, 8, 16.0));
-        let s = teachers.sam.as_ref().unwrap();
-        assert_eq!((s.epochs, s.lora.rank, s.lora.alpha), (3, 4, 8.0));
-        let mut lean = TeacherConfig::default();
-        Preset::MemoryEfficient.apply_to_teachers(&mut lean);
-        let (g, s) = (lean.grounding_dino.unwrap(), lean.sam.unwrap());
-        assert_eq!((g.batch_size, g.image_size, s.batch_size, s.max_prompts_per_image), (1, 800, 1, 8));
+    fn production_is_the_defaults_and_each_preset_sets_its_values() {
+        let (student, gdino, sam) = ((100, 640, 16), (12, 800, 2, 16), (10, 4, 16, 8));
+        assert_eq!(Preset::Production.student(student), student);
+        assert_eq!(Preset::Production.grounding_dino(gdino), gdino);
+        assert_eq!(Preset::Production.sam(sam), sam);
+        assert_eq!(Preset::Quick.student(student), (10, 320, 16));
+        assert_eq!(Preset::MemoryEfficient.student(student), (100, 640, 4));
+        assert_eq!(Preset::HighQuality.student(student), (300, 640, 16));
+        assert_eq!(Preset::Quick.grounding_dino(gdino), (3, 512, 2, 8));
+        assert_eq!(Preset::MemoryEfficient.grounding_dino(gdino), (12, 800, 1, 8));
+        assert_eq!(Preset::HighQuality.grounding_dino(gdino), (24, 800, 2, 32));
+        assert_eq!(Preset::Quick.sam(sam), (3, 4, 16, 4));
+        assert_eq!(Preset::MemoryEfficient.sam(sam), (10, 1, 8, 4));
     }
 
     #[test]

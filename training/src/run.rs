@@ -89,6 +89,16 @@ pub struct StudentConfig {
     pub distill: Option<DistillConfig>,
 }
 
+impl StudentConfig {
+    /// These settings under `preset` (from kiln's defaults, before the data and the flags); the
+    /// last third of a short run keeps mosaic off at most.
+    pub fn apply_preset(&mut self, preset: crate::presets::Preset) {
+        (self.epochs, self.imgsz, self.batch_size) = preset.student((self.epochs, self.imgsz, self.batch_size));
+        self.close_mosaic = self.close_mosaic.min(self.epochs / 3);
+        self.preset = Some(preset);
+    }
+}
+
 impl Default for StudentConfig {
     fn default() -> Self {
         serde_yaml::from_str(DEFAULT_STUDENT_CONFIG).expect("configs/student.yaml parses")

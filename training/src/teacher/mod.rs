@@ -56,6 +56,28 @@ pub struct TeacherConfig {
 /// kiln's defaults for the teachers (`configs/teacher.yaml`, built in).
 pub const DEFAULT_TEACHER_CONFIG: &str = include_str!("../../../configs/teacher.yaml");
 
+impl TeacherConfig {
+    /// These settings under `preset` (from kiln's defaults, before the data and the flags); LoRA
+    /// alpha stays twice the rank, as in the defaults.
+    pub fn apply_preset(&mut self, preset: crate::presets::Preset) {
+        if let Some(g) = self.grounding_dino.as_mut() {
+            let short = g.image_size;
+            let (epochs, image_size, batch, rank) =
+                preset.grounding_dino((g.epochs, g.image_size, g.batch_size, g.lora.rank));
+            g.max_size = g.max_size * image_size / short.max(1);
+            (g.epochs, g.image_size, g.batch_size) = (epochs, image_size, batch);
+            (g.lora.rank, g.lora.alpha) = (rank, 2.0 * rank as f64);
+        }
+        if let Some(s) = self.sam.as_mut() {
+            let (epochs, batch, prompts, rank) =
+                preset.sam((s.epochs, s.batch_size, s.max_prompts_per_image, s.lora.rank));
+            (s.epochs, s.batch_size, s.max_prompts_per_image) = (epochs, batch, prompts);
+            (s.lora.rank, s.lora.alpha) = (rank, 2.0 * rank as f64);
+        }
+        self.preset = Some(preset);
+    }
+}
+
 impl Default for TeacherConfig {
     fn default() -> Self {
         serde_yaml::from_str(DEFAULT_TEACHER_CONFIG).expect("configs/teacher.yaml parses")
@@ -115,7 +137,7 @@ pub fn teacher_config(
 ) -> Result<TeacherConfig, TrainError> {
     let mut config = TeacherConfig { classes, category_ids, ..TeacherConfig::default() };
     if let Some(preset) = o.preset {
-        preset.apply_to_teachers(&mut config);
+        config.apply_preset(preset);
     }
     config.characteristics = o.characteristics.clone();
     if let Some(g) = config.grounding_dino.as_mut() {
