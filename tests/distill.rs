@@ -87,6 +87,7 @@ fn supervised(train: &Path, val: &Path, output: &Path, epochs: usize, imgsz: u32
         resume: false,
         verbosity: Verbosity::Quiet,
         stop_after_epochs: None,
+        dry_run: false,
     };
     train_student(options, data).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -124,6 +125,7 @@ fn distilled(
             unlabeled: Some(unlabeled.to_path_buf()),
             ..Default::default()
         }),
+        dry_run: false,
     };
     run_train_student(&request, Device::flex(), Verbosity::Quiet).map(|(_, summary)| summary)
 }
@@ -168,6 +170,7 @@ fn a_run_whose_teachers_add_nothing_is_the_supervised_run() {
         resume: false,
         verbosity: Verbosity::Quiet,
         stop_after_epochs: None,
+        dry_run: false,
     };
     let nothing = TeacherData {
         unlabelled: None,

@@ -175,6 +175,7 @@ pub fn teacher_request(
         resume: false,
         device_name: "cpu".into(),
         overrides,
+        dry_run: false,
     }
 }
 

@@ -64,6 +64,7 @@ fn run(
         resume,
         verbosity: Verbosity::Quiet,
         stop_after_epochs: stop_after,
+        dry_run: false,
     };
     train_student(options, data).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -166,6 +167,7 @@ fn a_student_learns_a_small_dataset() {
         resume: false,
         verbosity: Verbosity::Quiet,
         stop_after_epochs: None,
+        dry_run: false,
     };
     let summary = train_student(options, data).unwrap_or_else(|e| panic!("{e}"));
     let (first, last) = (summary.history[0], summary.history[summary.history.len() - 1]);
@@ -246,6 +248,7 @@ fn characteristics_and_presets_choose_settings_and_flags_override_them() {
         device_name: "cpu".into(),
         overrides,
         distill: None,
+        dry_run: false,
     };
     run_train_student(&request, Device::flex(), Verbosity::Quiet).unwrap_or_else(|e| panic!("{e}"));
     let saved: StudentConfig =

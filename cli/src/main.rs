@@ -7,6 +7,11 @@ use std::process::ExitCode;
 mod commands;
 mod common;
 
+/// Counts the heap's bytes so a training run can say, before it starts, how much memory one step
+/// takes (kiln_training::engine::memory).
+#[global_allocator]
+static ALLOCATOR: kiln_training::engine::memory::CountingAllocator = kiln_training::engine::memory::CountingAllocator;
+
 use clap::{Parser, Subcommand};
 use commands::{
     bench, demo, detect, eval, export, infer, info, segment, synth, train_student, train_teacher, validate,

@@ -880,3 +880,63 @@ fn a_distilled_student_killed_while_it_saves_resumes_to_the_uninterrupted_weight
     let after = [snapshot(&dir.join("labelled")), snapshot(&dir.join("unlabeled"))];
     assert!(after == inputs && read_all() == given, "the inputs are unchanged, byte for byte");
 }
+
+/// The memory estimate a run prints when it starts is within a quarter of the peak resident
+/// memory it measures when it ends (both in `memory.json`), for the student and the SAM teacher
+/// at two batch sizes; `--dry-run` prints it and writes nothing.
+#[test]
+fn memory_estimate_is_within_a_quarter_of_the_measured_peak_and_dry_run_writes_nothing() {
+    let scratch = Scratch::new("cli-memory");
+    let dir = scratch.path();
+    let data = coco8_dir().join("annotations.json");
+    let data = data.to_str().unwrap();
+    let ratio = |record: &Path| -> f64 {
+        let record: serde_json::Value = serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+        let estimate = record["estimate"]["total_bytes"].as_f64().unwrap();
+        let measured = record["measured_peak_bytes"].as_f64().unwrap();
+        assert!(record["estimate"]["step"]["per_image_bytes"].as_f64().unwrap() > 0.0, "{record}");
+        estimate / measured
+    };
+
+    let student = |batch: &str, extra: &[&str]| {
+        let mut args = vec!["train-student", "--data", data, "--val", data, "--epochs", "1", "--imgsz", "320"];
+        args.extend(["--batch-size", batch, "--set", "augment.mosaic=0"]);
+        args.extend(extra);
+        kiln(&args, dir)
+    };
+    let dry = student("8", &["--dry-run"]);
+    let stdout = text(&dry.stdout);
+    assert!(dry.status.success(), "{stdout}\n{}", text(&dry.stderr));
+    assert!(stdout.contains("memory estimate:") && stdout.contains("one step, batch 8"), "{stdout}");
+    assert!(stdout.contains("nothing trained, nothing written"), "{stdout}");
+    assert!(std::fs::read_dir(dir).unwrap().next().is_none(), "a dry run wrote into {}", dir.display());
+
+    for batch in ["2", "8"] {
+        let run = dir.join(format!("student-{batch}"));
+        let output = student(batch, &["--output", run.to_str().unwrap()]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        assert!(text(&output.stderr).contains("memory estimate:"), "{}", text(&output.stderr));
+        let r = ratio(&run.join("memory.json"));
+        assert!((0.75..=1.25).contains(&r), "student at batch {batch}: estimate / measured peak = {r:.3}");
+    }
+
+    let runs = TeacherRuns::new(&dir.join("teacher-data"));
+    let sam = |batch: &str, output: &Path, extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        command.args(["train-teacher", "--teacher", "sam", "--sam", "tiny", "--epochs", "1", "--batch-size", batch]);
+        for (flag, path) in [("--data", &runs.train), ("--val", &runs.val), ("--images", &runs.images)] {
+            command.arg(flag).arg(path);
+        }
+        command.arg("--output").arg(output).args(extra).current_dir(dir).output().unwrap()
+    };
+    let dry = sam("4", &dir.join("sam-dry"), &["--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(text(&dry.stdout).contains("memory estimate:") && !dir.join("sam-dry").exists(), "{}", text(&dry.stdout));
+    for batch in ["1", "4"] {
+        let output_dir = dir.join(format!("sam-{batch}"));
+        let output = sam(batch, &output_dir, &[]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        let r = ratio(&output_dir.join("teachers/sam_train/memory.json"));
+        assert!((0.75..=1.25).contains(&r), "SAM at batch {batch}: estimate / measured peak = {r:.3}");
+    }
+}

@@ -17,6 +17,7 @@ use crate::characteristics::Characteristics;
 use crate::distill::DistillConfig;
 use crate::distill::prepare::{DISTILLATION_CONFIG, DistillRequest, prepare_distillation};
 use crate::engine::Verbosity;
+use crate::engine::memory::MemoryEstimate;
 use crate::error::TrainError;
 use crate::eval::{CocoEvaluation, IouType, evaluate};
 use crate::optim::OptimizerKind;
@@ -90,6 +91,8 @@ pub struct TrainStudentRequest {
     pub overrides: StudentOverrides,
     /// Teachers to distil (with the unlabelled images they label); none: labels only.
     pub distill: Option<DistillRequest>,
+    /// Build the run, estimate its memory and stop: nothing trained, nothing written.
+    pub dry_run: bool,
 }
 
 /// Defaults, then what the data says (student, classes), then the overrides. A distilled run
@@ -155,6 +158,24 @@ pub fn run_train_student(
     // A device that cannot run a convolution fails here, before any file is written.
     kiln_models::device::check(&device)?;
     let (data, summary) = load_student_data(&request.train, &request.val, request.images.as_deref())?;
+    if request.dry_run {
+        // The labelled part of the step: the teachers' targets add a few small tensors per image.
+        let mut config = student_config(&data, &summary, &request.overrides, false)?;
+        config.batch_size = config.batch_size.min(data.train.images.len());
+        let scratch = crate::engine::memory::DryRunDir::new("train-student")?;
+        let options = TrainOptions {
+            config: config.clone(),
+            output: scratch.path().to_path_buf(),
+            device,
+            resume: false,
+            verbosity,
+            stop_after_epochs: None,
+            dry_run: true,
+        };
+        let data = data.first_images(crate::engine::memory::DRY_RUN_IMAGES);
+        let summary = train_student_with(options, data, None)?;
+        return Ok((config, summary));
+    }
     let output_existed = request.output.exists();
     // One run per directory: a kiln process already writing here (a new run or a resume) is refused.
     let _lock = crate::engine::RunLock::acquire(&request.output)?;
@@ -242,6 +263,7 @@ pub fn run_train_student(
         resume: request.resume,
         verbosity,
         stop_after_epochs: None,
+        dry_run: false,
     };
     let summary = train_student_with(options, data, teachers)?;
     Ok((config, summary))
@@ -496,6 +518,32 @@ pub fn render_train_summary(config: &StudentConfig, summary: &TrainSummary, outp
         summary.last_weights.display(),
         output.join("results.csv").display()
     ));
+    out
+}
+
+/// What `kiln train-student --dry-run` prints: the settings and the memory estimate.
+pub fn render_dry_run(config: &StudentConfig, memory: Option<&MemoryEstimate>, teachers: bool) -> String {
+    let mut out = format!(
+        "\n{} on {} classes: {} epochs, batch {}, {} px, optimiser {:?} (lr0 {}), seed {}\n",
+        config.model,
+        config.classes.len(),
+        config.epochs,
+        config.batch_size,
+        config.imgsz,
+        config.optimizer,
+        config.lr0,
+        config.seed
+    );
+    if let Some(memory) = memory {
+        out.push_str(&memory.render_parts());
+    }
+    if teachers {
+        out.push_str(
+            "  (the step is the labelled one: the teachers' targets and features add a little per image, and their \
+             labelling runs before training, one teacher at a time)\n",
+        );
+    }
+    out.push_str("nothing trained, nothing written\n");
     out
 }
 

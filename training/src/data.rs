@@ -110,6 +110,29 @@ impl TrainDataset {
     }
 }
 
+impl TrainDataset {
+    /// A sample of `images` (positions in the sources taken as one list): the first alone, or all
+    /// four as a mosaic when mosaic is on. The memory estimate's worst case.
+    pub fn sample_of(&self, images: &[usize], seed: u64) -> kiln_data::Result<TrainSample> {
+        let mut rng = SeededRng::new(self.seed).fork(seed | (1 << 62));
+        let chosen = if images.len() == 4 && self.augment.mosaic > 0.0 { images } else { &images[..1] };
+        let items: Vec<DetectionItem> = chosen.iter().map(|&i| self.load(i)).collect::<Result<_, _>>()?;
+        augment(&items, &self.augment, self.image_size, self.mask_downsample, &mut rng)
+    }
+}
+
+/// Positions of `dataset`'s images, the most annotated first (a step's memory grows with the
+/// objects in its images: the memory estimate measures the heaviest).
+pub fn most_annotated_first(dataset: &kiln_data::coco::CocoDataset) -> Vec<usize> {
+    let mut counts: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for annotation in &dataset.annotations {
+        *counts.entry(annotation.image_id).or_default() += 1;
+    }
+    let mut positions: Vec<usize> = (0..dataset.images.len()).collect();
+    positions.sort_by_key(|&i| std::cmp::Reverse(counts.get(&dataset.images[i].id).copied().unwrap_or(0)));
+    positions
+}
+
 impl Dataset<TrainSample> for TrainDataset {
     fn get(&self, index: usize) -> Result<TrainSample, DatasetError> {
         self.sample(self.epoch.get().max(1), index).map_err(DatasetError::new)

@@ -40,6 +40,17 @@ pub struct OptimizerChoice {
     pub momentum: f64,
 }
 
+impl OptimizerChoice {
+    /// Tensors the optimiser keeps per trainable parameter: AdamW's two moments, SGD's velocity.
+    pub fn state_slots(&self) -> usize {
+        match self.kind {
+            OptimizerKind::Sgd if self.momentum == 0.0 => 0,
+            OptimizerKind::Sgd => 1,
+            OptimizerKind::Adamw | OptimizerKind::Auto => 2,
+        }
+    }
+}
+
 /// Resolves `auto` as Ultralytics' `build_optimizer` does: more than 10 000 iterations → SGD at
 /// `lr0`; otherwise AdamW at `0.002 * 5 / (4 + nc)` with beta1 0.9.
 pub fn choose_optimizer(kind: OptimizerKind, lr0: f64, momentum: f64, iterations: usize, nc: usize) -> OptimizerChoice {

@@ -31,6 +31,7 @@ use crate::augment::AugmentConfig;
 use crate::characteristics::Characteristics;
 use crate::data::{EpochCounter, TrainBatcher, TrainDataset, ValDataset, val_batcher};
 use crate::distill::{DistillConfig, TeacherData};
+use crate::engine::memory::{MemoryEstimate, MemoryPlan};
 use crate::engine::{FitSettings, TrainTask, Validation, Verbosity};
 use crate::error::{AtPath, TrainError};
 use crate::eval::{CocoEvaluation, CocoResult, IouType, evaluate};
@@ -187,6 +188,26 @@ pub struct TrainSummary {
     pub best_weights: PathBuf,
     pub stopped_early: bool,
     pub seconds: f64,
+    /// The memory estimate made when the run started (none when resumed).
+    pub memory: Option<MemoryEstimate>,
+    /// The run stopped after its memory estimate (`--dry-run`): nothing trained.
+    pub dry_run: bool,
+}
+
+impl TrainSummary {
+    fn dry_run(memory: Option<MemoryEstimate>) -> Self {
+        Self {
+            history: Vec::new(),
+            best_epoch: 0,
+            best: EpochRecord::default(),
+            last_weights: PathBuf::new(),
+            best_weights: PathBuf::new(),
+            stopped_early: false,
+            seconds: 0.0,
+            memory,
+            dry_run: true,
+        }
+    }
 }
 
 pub struct TrainOptions {
@@ -198,6 +219,8 @@ pub struct TrainOptions {
     pub verbosity: Verbosity,
     /// Stop after this many epochs of this invocation (tests of resumption); none: run to the end.
     pub stop_after_epochs: Option<usize>,
+    /// Stop after the memory estimate, before the first step.
+    pub dry_run: bool,
 }
 
 /// Trains a student. The run directory must be new (or `resume` set, to continue it).
@@ -211,7 +234,7 @@ pub fn train_student_with(
     data: StudentData,
     teachers: Option<TeacherData>,
 ) -> Result<TrainSummary, TrainError> {
-    let TrainOptions { config, output, device, resume, verbosity, stop_after_epochs } = options;
+    let TrainOptions { config, output, device, resume, verbosity, stop_after_epochs, dry_run } = options;
     let yolo_config: YoloConfig = config.model.parse().map_err(|e: String| TrainError::Config(e))?;
     let yolo_config = yolo_config.with_num_classes(config.classes.len());
     let masks = yolo_config.task == Task::Segment;
@@ -255,7 +278,7 @@ pub fn train_student_with(
     let val_source = Arc::new(CocoDetectionDataset::new(data.val.clone(), &data.val_images));
     let epoch_counter = EpochCounter::default();
     let mask_downsample = masks.then_some(4);
-    let train_dataset = TrainDataset::new(
+    let train_dataset = Arc::new(TrainDataset::new(
         train_sources,
         config.augment,
         config.imgsz,
@@ -264,7 +287,7 @@ pub fn train_student_with(
         config.epochs,
         config.close_mosaic,
         epoch_counter.clone(),
-    );
+    ));
     if resume_from.is_none() {
         write_training_samples(&train_dataset, &config.classes, &output.join("train_batches.jpg"))?;
     }
@@ -275,7 +298,7 @@ pub fn train_student_with(
         .batch_size(config.batch_size)
         .num_workers(0)
         .set_device(device.clone().autodiff())
-        .build(train_dataset);
+        .build(train_dataset.clone());
     let val_loader = DataLoaderBuilder::new(val_batcher(config.imgsz, masks))
         .batch_size(config.batch_size)
         .num_workers(0)
@@ -330,6 +353,39 @@ pub fn train_student_with(
     let bias_start = if config.optimizer == OptimizerKind::Auto { 0.0 } else { config.warmup_bias_lr };
     let scheduler = ModuleLrScheduler::new(schedule(0.0)).with_group(bias_group(), schedule(bias_start));
 
+    // The estimate is made when a run starts (a resumed one keeps its first).
+    let memory = match resume_from {
+        None => {
+            let batcher = TrainBatcher { image_size: config.imgsz, mask_downsample };
+            let heaviest = crate::data::most_annotated_first(&data.train);
+            let batch_of = |images: usize| -> Result<DetectionBatch, TrainError> {
+                let items = (0..images)
+                    .map(|i| {
+                        let mosaic: Vec<usize> = (0..4).map(|k| heaviest[(i + k) % heaviest.len()]).collect();
+                        train_dataset.sample_of(&mosaic, i as u64)
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(burn::data::dataloader::batcher::Batcher::batch(&batcher, items, &autodiff))
+            };
+            let plan = MemoryPlan {
+                // A batch holds at most the whole training set (a dry run's is cut short: the
+                // command capped the batch at the full set).
+                batch_size: if dry_run { config.batch_size } else { config.batch_size.min(train_images) },
+                optimizer_slots: choice.state_slots(),
+                accumulates: accumulation.batches > 1,
+                ema: true,
+            };
+            let estimate = crate::engine::memory::estimate(&student, batch_of, plan, &autodiff)?;
+            if verbosity == Verbosity::Progress {
+                eprintln!("{}", estimate.render());
+            }
+            Some(estimate)
+        }
+        Some(_) => None,
+    };
+    if dry_run {
+        return Ok(TrainSummary::dry_run(memory));
+    }
     let task = StudentTask {
         settings: FitSettings::new(
             output.clone(),
@@ -340,7 +396,8 @@ pub fn train_student_with(
             verbosity,
             resume_from,
             stop_after_epochs,
-        ),
+        )
+        .with_memory(memory.clone()),
         config: config.clone(),
         choice,
         masks,
@@ -368,6 +425,8 @@ pub fn train_student_with(
         best_weights: output.join("weights/best.safetensors"),
         stopped_early: outcome.stopped_early,
         seconds: outcome.seconds,
+        memory,
+        dry_run: false,
     })
 }
 

@@ -14,6 +14,16 @@ pub struct StudentData {
     pub val_images: PathBuf,
 }
 
+impl StudentData {
+    /// The first `n` images of each set (a dry run's).
+    pub fn first_images(mut self, n: usize) -> Self {
+        let first = |set: &CocoDataset| set.subset(&(0..n.min(set.images.len())).collect::<Vec<_>>());
+        self.train = first(&self.train);
+        self.val = first(&self.val);
+        self
+    }
+}
+
 /// The training and validation sets as a student run uses them: read (COCO JSON or a YOLO
 /// dataset), repaired in memory (boxes and areas derived from masks), checked to share one class
 /// list; plus the summary that picks the student.

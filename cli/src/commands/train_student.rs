@@ -123,6 +123,12 @@ pub struct Args {
     /// SAM base weights replacing the ones its adapter recorded.
     #[arg(long, value_name = "FILE", requires = "teachers")]
     pub sam_weights: Option<PathBuf>,
+    /// Print the settings and the memory estimate (program and data, optimiser state, one
+    /// training step at the batch size, measured on the first images at batch 1 and 2), then exit
+    /// without training or writing anything. Every run prints the estimate when it starts and
+    /// the measured peak when it ends (in memory.json).
+    #[arg(long, conflicts_with = "resume")]
+    pub dry_run: bool,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -166,9 +172,21 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             grounding_dino_weights: args.gdino_weights.clone(),
             sam_weights: args.sam_weights.clone(),
         }),
+        dry_run: args.dry_run,
     };
-    println!("kiln train-student -> {}", output.display());
+    if args.dry_run {
+        println!("kiln train-student --dry-run (nothing is trained or written)");
+    } else {
+        println!("kiln train-student -> {}", output.display());
+    }
     let (config, summary) = run_train_student(&request, device, kiln_training::Verbosity::Progress)?;
-    print!("{}", render_train_summary(&config, &summary, &output));
+    if args.dry_run {
+        print!(
+            "{}",
+            kiln_training::commands::render_dry_run(&config, summary.memory.as_ref(), args.teachers.is_some())
+        );
+    } else {
+        print!("{}", render_train_summary(&config, &summary, &output));
+    }
     Ok(())
 }

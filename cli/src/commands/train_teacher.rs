@@ -142,6 +142,12 @@ pub struct Args {
     /// How strongly the augmentation changes the images: low (x0.5), medium, high (x1.5).
     #[arg(long, value_name = "LEVEL", default_value = "medium")]
     pub augment_intensity: Intensity,
+    /// Print the settings and the memory estimate (program and data, optimiser state, one
+    /// training step at the batch size, measured on the first images at batch 1 and 2), then exit
+    /// without training or writing anything. Every run prints the estimate when it starts and
+    /// the measured peak when it ends (in memory.json).
+    #[arg(long, conflicts_with = "resume")]
+    pub dry_run: bool,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -182,9 +188,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 intensity: args.augment_intensity,
             },
         },
+        dry_run: args.dry_run,
     };
-    println!("kiln train-teacher -> {}", output.join("teachers").display());
+    if args.dry_run {
+        println!("kiln train-teacher --dry-run (nothing is trained or written)");
+    } else {
+        println!("kiln train-teacher -> {}", output.join("teachers").display());
+    }
     let summary = run_train_teacher(&request, device, kiln_training::Verbosity::Progress)?;
-    print!("{}", render_teacher_summary(&summary));
+    if args.dry_run {
+        print!("{}", kiln_training::teacher::render_teacher_dry_run(&summary));
+    } else {
+        print!("{}", render_teacher_summary(&summary));
+    }
     Ok(())
 }

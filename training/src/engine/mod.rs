@@ -15,6 +15,7 @@
 
 pub mod checkpoint;
 pub mod lock;
+pub mod memory;
 pub mod metadata;
 pub mod progress;
 pub mod step;
@@ -70,6 +71,9 @@ pub struct FitSettings {
     pub patience: usize,
     pub iterations_per_epoch: usize,
     pub verbosity: Verbosity,
+    /// The memory estimate made before the run (`memory`), written with the measured peak to
+    /// `memory.json` when it ends.
+    pub memory: Option<memory::MemoryEstimate>,
 }
 
 impl FitSettings {
@@ -87,7 +91,12 @@ impl FitSettings {
         stop_after_epochs: Option<usize>,
     ) -> Self {
         let last_epoch = stop_after_epochs.map_or(epochs, |n| (resume_from.unwrap_or(0) + n).min(epochs));
-        Self { run_dir, device, epochs, last_epoch, patience, iterations_per_epoch, verbosity }
+        Self { run_dir, device, epochs, last_epoch, patience, iterations_per_epoch, verbosity, memory: None }
+    }
+
+    pub fn with_memory(mut self, estimate: Option<memory::MemoryEstimate>) -> Self {
+        self.memory = estimate;
+        self
     }
 }
 
@@ -384,5 +393,13 @@ pub fn launch<T: TrainTask>(
     let outcome = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
     let (state, stopped_early) =
         outcome.unwrap_or_else(|| Err(TrainError::Training("the training loop ended without a result".into())))?;
+    if let Some(estimate) = settings.memory {
+        let record = memory::MemoryRecord::now(estimate);
+        let json = serde_json::to_string_pretty(&record).map_err(|e| TrainError::Training(e.to_string()))?;
+        kiln_data::io::write_atomic(&settings.run_dir.join("memory.json"), json.as_bytes())?;
+        if let (Verbosity::Progress, Some(line)) = (settings.verbosity, record.render()) {
+            eprintln!("{line}");
+        }
+    }
     Ok(FitOutcome { state, stopped_early, seconds: start.elapsed().as_secs_f64() })
 }

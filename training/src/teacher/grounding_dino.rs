@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::augment::AugmentConfig;
 use crate::data::EpochCounter;
+use crate::engine::memory::{MemoryEstimate, MemoryPlan};
 use crate::engine::{FitSettings, NoTaskState, StepOutput, TrainTask, Validation, Verbosity};
 use crate::error::{AtPath, TrainError};
 use crate::eval::{CocoResult, IouType, evaluate};
@@ -437,6 +438,30 @@ pub struct GroundingTrainSummary {
     pub base_bytes: u64,
     pub stopped_early: bool,
     pub seconds: f64,
+    /// The memory estimate made when the run started (none when resumed).
+    pub memory: Option<MemoryEstimate>,
+    /// The run stopped after its memory estimate (`--dry-run`): nothing trained.
+    pub dry_run: bool,
+}
+
+impl GroundingTrainSummary {
+    fn dry_run(memory: Option<MemoryEstimate>, lora: LoraSummary, adapter_dir: PathBuf) -> Self {
+        Self {
+            history: Vec::new(),
+            start_map50: 0.0,
+            best_map50: 0.0,
+            best_map: 0.0,
+            best_epoch: 0,
+            lora,
+            adapter_dir,
+            adapter_bytes: 0,
+            base_bytes: 0,
+            stopped_early: false,
+            seconds: 0.0,
+            memory,
+            dry_run: true,
+        }
+    }
 }
 
 pub struct GroundingRunOptions {
@@ -447,6 +472,8 @@ pub struct GroundingRunOptions {
     pub resume: bool,
     pub verbosity: Verbosity,
     pub stop_after_epochs: Option<usize>,
+    /// Stop after the memory estimate, before the first step.
+    pub dry_run: bool,
 }
 
 pub struct GroundingData {
@@ -463,7 +490,8 @@ pub fn train_grounding_dino(
     options: GroundingRunOptions,
     data: GroundingData,
 ) -> Result<GroundingTrainSummary, TrainError> {
-    let GroundingRunOptions { config, run_dir, adapter_dir, device, resume, verbosity, stop_after_epochs } = options;
+    let GroundingRunOptions { config, run_dir, adapter_dir, device, resume, verbosity, stop_after_epochs, dry_run } =
+        options;
     if config.epochs == 0 || config.batch_size == 0 {
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
     }
@@ -507,13 +535,13 @@ pub fn train_grounding_dino(
     };
 
     let epoch_counter = EpochCounter::default();
-    let train_dataset = GroundingDataset {
+    let train_dataset = Arc::new(GroundingDataset {
         source: data.train.clone(),
         image_size: config.image_size,
         max_size: config.max_size,
         hflip: Some((config.hflip, config.seed, epoch_counter.clone())),
         augment: config.augment,
-    };
+    });
     let val_dataset = GroundingDataset {
         source: data.val.clone(),
         image_size: config.image_size,
@@ -527,11 +555,12 @@ pub fn train_grounding_dino(
         max_text_len: model_config.max_text_len,
     };
     let iterations_per_epoch = train_dataset.len().div_ceil(config.batch_size);
+    let batcher_for_probe = batcher.clone();
     let train_loader = DataLoaderBuilder::new(batcher.clone())
         .batch_size(config.batch_size)
         .num_workers(0)
         .set_device(autodiff.clone())
-        .build(train_dataset);
+        .build(train_dataset.clone());
     let val_loader = DataLoaderBuilder::new(batcher)
         .batch_size(config.batch_size)
         .num_workers(0)
@@ -540,6 +569,33 @@ pub fn train_grounding_dino(
 
     let teacher = GroundingDinoTeacher { model, loss: config.loss, max_grad_norm: config.max_grad_norm };
     let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
+    let memory = match resume_from {
+        None => {
+            let batch_of = |images: usize| -> Result<GroundingBatch, TrainError> {
+                let items = (0..images)
+                    .map(|i| {
+                        train_dataset.get(i % train_dataset.len()).map_err(|e| TrainError::Training(e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, TrainError>>()?;
+                Ok(batcher_for_probe.batch(items, &autodiff))
+            };
+            let plan = MemoryPlan {
+                // A batch holds at most the whole training set (a dry run's is cut short: the
+                // command capped the batch at the full set).
+                batch_size: if dry_run { config.batch_size } else { config.batch_size.min(train_dataset.len()) },
+                optimizer_slots: choice.state_slots(),
+                accumulates: false,
+                ema: false,
+            };
+            let estimate = crate::engine::memory::estimate(&teacher, batch_of, plan, &autodiff)?;
+            status(&estimate.render());
+            Some(estimate)
+        }
+        Some(_) => None,
+    };
+    if dry_run {
+        return Ok(GroundingTrainSummary::dry_run(memory, lora_summary, adapter_dir));
+    }
     let optimizer = build_optimizer(&choice, config.weight_decay);
     let schedule = |scale: f64| {
         teacher_schedule(config.lr0 * scale, config.lrf, config.epochs, iterations_per_epoch, config.warmup_epochs)
@@ -558,7 +614,8 @@ pub fn train_grounding_dino(
             verbosity,
             resume_from,
             stop_after_epochs,
-        ),
+        )
+        .with_memory(memory.clone()),
         output,
         config: config.clone(),
         caption,
@@ -584,6 +641,8 @@ pub fn train_grounding_dino(
         base_bytes,
         stopped_early: outcome.stopped_early,
         seconds: outcome.seconds,
+        memory,
+        dry_run: false,
     })
 }
 

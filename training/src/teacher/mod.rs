@@ -126,6 +126,8 @@ pub struct TrainTeacherRequest {
     /// The device in words (`kiln_models::device::describe`), recorded in `metadata.json`.
     pub device_name: String,
     pub overrides: TeacherOverrides,
+    /// Build each teacher's run, estimate its memory and stop: nothing trained, nothing written.
+    pub dry_run: bool,
 }
 
 /// Defaults, then what the data says (which teachers, classes), then the overrides.
@@ -312,6 +314,23 @@ pub fn run_train_teacher_for(
     // A device that cannot run a convolution fails here, before any file is written.
     kiln_models::device::check(&device)?;
     let (data, summary) = load_student_data(&request.train, &request.val, request.images.as_deref())?;
+    if request.dry_run {
+        let mut config =
+            teacher_config(&summary, data.train.class_names(), data.train.class_ids(), &request.overrides)?;
+        // A batch holds at most the whole training set (the dry run trains on its first images).
+        let images = data.train.images.len();
+        if let Some(g) = config.grounding_dino.as_mut() {
+            g.batch_size = g.batch_size.min(images);
+        }
+        if let Some(s) = config.sam.as_mut() {
+            s.batch_size = s.batch_size.min(images);
+        }
+        let scratch = crate::engine::memory::DryRunDir::new("train-teacher")?;
+        let data = data.first_images(crate::engine::memory::DRY_RUN_IMAGES);
+        let (grounding_dino, sam) =
+            train_teachers(&config, scratch.path(), &data, device, false, verbosity, None, true)?;
+        return Ok(TeacherSummary { config, grounding_dino, sam, teachers_dir: request.output.join("teachers") });
+    }
     let teachers = request.output.join("teachers");
     let output_existed = request.output.exists();
     // One run per directory: a kiln process already writing these teachers is refused.
@@ -341,7 +360,8 @@ pub fn run_train_teacher_for(
         )?;
         crate::engine::write_metadata(&teachers.join("metadata.json"), request, &data, &summary, &config)?;
     }
-    let trained = train_teachers(&config, &teachers, &data, device, request.resume, verbosity, stop_after_epochs);
+    let trained =
+        train_teachers(&config, &teachers, &data, device, request.resume, verbosity, stop_after_epochs, false);
     let any_checkpoint = ["sam_train", "grounding_dino_train"]
         .iter()
         .any(|run| !crate::engine::complete_checkpoints(&teachers.join(run).join("checkpoint"), &[]).is_empty());
@@ -356,6 +376,7 @@ pub fn run_train_teacher_for(
     Ok(TeacherSummary { config: config.clone(), grounding_dino, sam, teachers_dir: teachers })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train_teachers(
     config: &TeacherConfig,
     teachers: &Path,
@@ -364,6 +385,7 @@ fn train_teachers(
     resume: bool,
     verbosity: Verbosity,
     stop_after_epochs: Option<usize>,
+    dry_run: bool,
 ) -> Result<(Option<GroundingTrainSummary>, Option<SamTrainSummary>), TrainError> {
     let grounding = match &config.grounding_dino {
         Some(g) => {
@@ -375,6 +397,7 @@ fn train_teachers(
                 resume,
                 verbosity,
                 stop_after_epochs,
+                dry_run,
             };
             let data = GroundingData {
                 train: Arc::new(CocoDetectionDataset::new(data.train.clone(), &data.train_images)),
@@ -396,6 +419,7 @@ fn train_teachers(
                 resume,
                 verbosity,
                 stop_after_epochs,
+                dry_run,
             };
             let sam_data = SamData {
                 train: Arc::new(CocoDetectionDataset::new(data.train.clone(), &data.train_images)),
@@ -407,6 +431,41 @@ fn train_teachers(
         None => None,
     };
     Ok((grounding, sam))
+}
+
+/// What `kiln train-teacher --dry-run` prints: each teacher's settings and memory estimate.
+pub fn render_teacher_dry_run(summary: &TeacherSummary) -> String {
+    let mut out = String::new();
+    if let (Some(g), Some(run)) = (&summary.config.grounding_dino, &summary.grounding_dino) {
+        out.push_str(&format!(
+            "\nGroundingDINO {}: {} epochs, batch {}, {} px, lr0 {}, {}\n",
+            g.model,
+            g.epochs,
+            g.batch_size,
+            g.image_size,
+            g.lr0,
+            if g.full_finetune { "full fine-tuning".to_string() } else { run.lora.render() }
+        ));
+        if let Some(memory) = &run.memory {
+            out.push_str(&memory.render_parts());
+        }
+    }
+    if let (Some(s), Some(run)) = (&summary.config.sam, &summary.sam) {
+        out.push_str(&format!(
+            "\nSAM {}: {} epochs, batch {}, lr0 {}, {}{}\n",
+            s.model,
+            s.epochs,
+            s.batch_size,
+            s.lr0,
+            if s.full_finetune { "full fine-tuning".to_string() } else { run.lora.render() },
+            if run.cached_embeddings { " (image encoder frozen: its embeddings are computed once)" } else { "" }
+        ));
+        if let Some(memory) = &run.memory {
+            out.push_str(&memory.render_parts());
+        }
+    }
+    out.push_str("teachers are trained one after the other: the larger estimate is the run's\nnothing trained, nothing written\n");
+    out
 }
 
 /// The closing summary of `kiln train-teacher`.

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::augment::AugmentConfig;
 use crate::data::EpochCounter;
+use crate::engine::memory::{MemoryEstimate, MemoryPlan};
 use crate::engine::{FitSettings, NoTaskState, StepOutput, TrainTask, Validation, Verbosity};
 use crate::error::{AtPath, TrainError};
 use crate::optim::{OptimizerChoice, OptimizerKind, build_optimizer, clip_global_norm};
@@ -299,22 +300,31 @@ impl TrainingDraws {
 
 impl SamPromptDataset {
     fn item(&self, position: usize) -> Result<SamItem, TrainError> {
-        let (index, chosen, boxes) = match &self.training {
+        let index = match &self.training {
+            None => position,
+            Some(draws) => {
+                let epoch = draws.epoch.get().max(1);
+                let mut order = draws.order.lock().unwrap_or_else(|e| e.into_inner());
+                if order.0 != epoch {
+                    let mut indexes: Vec<usize> = (0..self.samples.len()).collect();
+                    SeededRng::new(draws.seed).fork(epoch as u64).shuffle(&mut indexes);
+                    *order = (epoch, indexes);
+                }
+                order.1[position]
+            }
+        };
+        self.item_of(index, position)
+    }
+
+    /// Sample `index` drawn as the batch position `position` of the epoch draws it.
+    fn item_of(&self, index: usize, position: usize) -> Result<SamItem, TrainError> {
+        let (chosen, boxes) = match &self.training {
             None => {
-                let sample = &self.samples[position];
-                (position, (0..sample.boxes.len()).collect::<Vec<_>>(), sample.boxes.clone())
+                let sample = &self.samples[index];
+                ((0..sample.boxes.len()).collect::<Vec<_>>(), sample.boxes.clone())
             }
             Some(draws) => {
                 let epoch = draws.epoch.get().max(1);
-                let index = {
-                    let mut order = draws.order.lock().unwrap_or_else(|e| e.into_inner());
-                    if order.0 != epoch {
-                        let mut indexes: Vec<usize> = (0..self.samples.len()).collect();
-                        SeededRng::new(draws.seed).fork(epoch as u64).shuffle(&mut indexes);
-                        *order = (epoch, indexes);
-                    }
-                    order.1[position]
-                };
                 let sample = &self.samples[index];
                 let mut rng = SeededRng::new(draws.seed).fork(((epoch as u64) << 32) | position as u64 | (1 << 62));
                 let mut chosen: Vec<usize> = (0..sample.boxes.len()).collect();
@@ -325,7 +335,7 @@ impl SamPromptDataset {
                 let (h, w) = (sample.input_size.0 as f64, sample.input_size.1 as f64);
                 let boxes =
                     chosen.iter().map(|&i| jitter(sample.boxes[i], draws.jitter, limit, (w, h), &mut rng)).collect();
-                (index, chosen, boxes)
+                (chosen, boxes)
             }
         };
         let sample = &self.samples[index];
@@ -573,6 +583,35 @@ pub struct SamTrainSummary {
     pub cached_embeddings: bool,
     pub stopped_early: bool,
     pub seconds: f64,
+    /// The memory estimate made when the run started (none when resumed).
+    pub memory: Option<MemoryEstimate>,
+    /// The run stopped after its memory estimate (`--dry-run`): nothing trained.
+    pub dry_run: bool,
+}
+
+impl SamTrainSummary {
+    fn dry_run(
+        memory: Option<MemoryEstimate>,
+        lora: LoraSummary,
+        adapter_dir: PathBuf,
+        cached_embeddings: bool,
+    ) -> Self {
+        Self {
+            history: Vec::new(),
+            start_iou: 0.0,
+            best_iou: 0.0,
+            best_epoch: 0,
+            lora,
+            adapter_dir,
+            adapter_bytes: 0,
+            base_bytes: 0,
+            cached_embeddings,
+            stopped_early: false,
+            seconds: 0.0,
+            memory,
+            dry_run: true,
+        }
+    }
 }
 
 pub struct SamRunOptions {
@@ -585,6 +624,8 @@ pub struct SamRunOptions {
     pub resume: bool,
     pub verbosity: Verbosity,
     pub stop_after_epochs: Option<usize>,
+    /// Stop after the memory estimate, before the first step.
+    pub dry_run: bool,
 }
 
 pub struct SamData {
@@ -597,7 +638,7 @@ const SHOWN_IMAGES: usize = 8;
 
 /// Fine-tunes SAM with LoRA on `data`.
 pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummary, TrainError> {
-    let SamRunOptions { config, run_dir, adapter_dir, device, resume, verbosity, stop_after_epochs } = options;
+    let SamRunOptions { config, run_dir, adapter_dir, device, resume, verbosity, stop_after_epochs, dry_run } = options;
     if config.epochs == 0 || config.batch_size == 0 {
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
     }
@@ -661,14 +702,14 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
     }
 
     let epoch_counter = EpochCounter::default();
-    let train_dataset = SamPromptDataset {
+    let train_dataset = Arc::new(SamPromptDataset {
         samples: train_samples.clone(),
         source: data.train.clone(),
         split: "train",
         cache: cache.clone(),
         image_size,
         training: Some(TrainingDraws::new(&config, epoch_counter.clone())),
-    };
+    });
     let val_dataset = SamPromptDataset {
         samples: val_samples.clone(),
         source: data.val.clone(),
@@ -678,12 +719,13 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         training: None,
     };
     let batcher = SamBatcher { image_size, embedding_shape };
+    let batcher_for_probe = batcher.clone();
     let iterations_per_epoch = train_samples.len().div_ceil(config.batch_size);
     let train_loader = DataLoaderBuilder::new(batcher.clone())
         .batch_size(config.batch_size)
         .num_workers(0)
         .set_device(autodiff.clone())
-        .build(train_dataset);
+        .build(train_dataset.clone());
     let val_loader = DataLoaderBuilder::new(batcher)
         .batch_size(config.batch_size)
         .num_workers(0)
@@ -692,6 +734,34 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
 
     let teacher = SamTeacher { sam: model, loss: config.loss, max_grad_norm: config.max_grad_norm };
     let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
+    let memory = match resume_from {
+        None => {
+            // A step's memory grows with the prompts: the images with the most boxes are measured.
+            let mut heaviest: Vec<usize> = (0..train_samples.len()).collect();
+            heaviest.sort_by_key(|&i| std::cmp::Reverse(train_samples[i].boxes.len()));
+            let batch_of = |images: usize| -> Result<SamBatch, TrainError> {
+                let items = (0..images)
+                    .map(|i| train_dataset.item_of(heaviest[i % heaviest.len()], i))
+                    .collect::<Result<Vec<_>, TrainError>>()?;
+                Ok(batcher_for_probe.batch(items, &autodiff))
+            };
+            let plan = MemoryPlan {
+                // A batch holds at most the whole training set (a dry run's is cut short: the
+                // command capped the batch at the full set).
+                batch_size: if dry_run { config.batch_size } else { config.batch_size.min(train_samples.len()) },
+                optimizer_slots: choice.state_slots(),
+                accumulates: false,
+                ema: false,
+            };
+            let estimate = crate::engine::memory::estimate(&teacher, batch_of, plan, &autodiff)?;
+            status(&estimate.render());
+            Some(estimate)
+        }
+        Some(_) => None,
+    };
+    if dry_run {
+        return Ok(SamTrainSummary::dry_run(memory, lora_summary, adapter_dir, cache.is_some()));
+    }
     let optimizer = build_optimizer(&choice, config.weight_decay);
     let schedule = teacher_schedule(config.lr0, config.lrf, config.epochs, iterations_per_epoch, config.warmup_epochs);
     let output =
@@ -706,7 +776,8 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
             verbosity,
             resume_from,
             stop_after_epochs,
-        ),
+        )
+        .with_memory(memory.clone()),
         output,
         config: config.clone(),
         classes: data.classes.clone(),
@@ -730,6 +801,8 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         cached_embeddings: cache.is_some(),
         stopped_early: outcome.stopped_early,
         seconds: outcome.seconds,
+        memory,
+        dry_run: false,
     })
 }
 
