@@ -25,13 +25,18 @@ r = json.load(open(path))
 est, peak = r["estimate"]["total_bytes"], r["measured_peak_bytes"]
 mib = lambda b: f"{b / 2**20:.0f} MiB"
 print(f"| {name} | {batch} | {mib(est)} | {mib(peak)} | {100 * (est / peak - 1):+.0f} % |")
+e, heap = r["estimate"], r.get("measured_peak_heap_bytes") or 0
+print(f"<!-- resident at the estimate {mib(e['program_and_data_bytes'])} (heap {mib(e['heap_bytes'])}), "
+      f"step {mib(e['step']['fixed_bytes'])} + {mib(e['step']['per_image_bytes'])}/image; heap peak {mib(heap)} -->",
+      file=sys.stderr)
 PY
 }
+slug() { echo "$1" | tr -c 'A-Za-z0-9\n' '-' | tr -s '-'; }
 echo "| run | batch | estimated | measured peak | error |"
 echo "|---|---|---|---|---|"
 student() { # NAME IMGSZ BATCH DATA VAL [ARGS...]
   local name=$1 imgsz=$2 batch=$3 data=$4 val=$5; shift 5
-  local out="student-$name-$imgsz-$batch"
+  local out; out="student-$(slug "$name")-$imgsz-$batch"
   rm -rf "$out"
   "$KILN" train-student --data "$data" --val "$val" --epochs 1 --imgsz "$imgsz" --batch-size "$batch" \
     --output "$out" "$@" >/dev/null 2>"$out.log"
@@ -39,7 +44,7 @@ student() { # NAME IMGSZ BATCH DATA VAL [ARGS...]
 }
 teacher() { # NAME BATCH [ARGS...]
   local name=$1 batch=$2; shift 2
-  local out="teacher-$name-$batch"
+  local out; out="teacher-$(slug "$name")-$batch"
   rm -rf "$out"
   "$KILN" train-teacher --data split/train.json --val split/val.json --images synth/images --epochs 1 \
     --batch-size "$batch" --output "$out" "$@" >/dev/null 2>"$out.log"

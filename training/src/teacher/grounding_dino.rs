@@ -571,12 +571,20 @@ pub fn train_grounding_dino(
     let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
     let memory = match resume_from {
         None => {
+            // A step's memory grows with the image's resized area and its boxes: the largest and
+            // most annotated are measured.
+            let coco = data.train.coco();
+            let mut heaviest = crate::data::most_annotated_first(coco);
+            heaviest.sort_by_key(|&i| {
+                let (w, h) = (coco.images[i].width.max(1) as f64, coco.images[i].height.max(1) as f64);
+                let scale = (config.image_size as f64 / w.min(h)).min(config.max_size as f64 / w.max(h));
+                std::cmp::Reverse((w * h * scale * scale) as u64)
+            });
             let batch_of = |images: usize| -> Result<GroundingBatch, TrainError> {
-                let items = (0..images)
-                    .map(|i| {
-                        train_dataset.get(i % train_dataset.len()).map_err(|e| TrainError::Training(e.to_string()))
-                    })
-                    .collect::<Result<Vec<_>, TrainError>>()?;
+                let items =
+                    (0..images)
+                        .map(|i| train_dataset.load(heaviest[i % heaviest.len()]))
+                        .collect::<Result<Vec<_>, TrainError>>()?;
                 Ok(batcher_for_probe.batch(items, &autodiff))
             };
             let plan = MemoryPlan {
