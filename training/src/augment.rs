@@ -9,9 +9,12 @@
 //! Beyond Ultralytics' recipe, off by default and chosen from what the user says about the objects
 //! and their environment (the characteristics table): a vertical flip, photometric changes of the
 //! light and the camera (brightness, contrast, gamma, Gaussian and motion blur, sensor noise, JPEG
-//! artefacts) and occlusion (cutout patches that hide part of the objects: masks lose the hidden
-//! part, objects mostly hidden are dropped, as YOLOv5's cutout does). A parameter at 0 draws no
-//! random number, so the default recipe's samples stay what they were.
+//! artefacts), occlusion (cutout patches that hide part of the objects: masks lose the hidden
+//! part, objects mostly hidden are dropped, as YOLOv5's cutout does) and the rest of
+//! `RandomPerspective`: rotation, shear and perspective about the centre, after the axis-aligned
+//! placement, each object's box then taken from its warped mask (from its warped corners when it
+//! has none, as Ultralytics does). A parameter at 0 draws no random number, so the default
+//! recipe's samples stay what they were.
 
 use image::RgbImage;
 use kiln_data::batch::{DetectionItem, InstanceLabel};
@@ -64,6 +67,16 @@ pub struct AugmentConfig {
     /// Probability of 1 to 3 grey patches (sides 10-30 % of the input) hiding what lies under them.
     #[serde(default)]
     pub cutout: f64,
+    /// Rotation drawn in `± degrees` about the centre (Ultralytics' `degrees`).
+    #[serde(default)]
+    pub degrees: f64,
+    /// Shear drawn in `± shear` degrees along each axis (Ultralytics' `shear`).
+    #[serde(default)]
+    pub shear: f64,
+    /// Perspective: the homography's last row drawn in `± perspective` per pixel (Ultralytics'
+    /// `perspective`, 0 to 0.001).
+    #[serde(default)]
+    pub perspective: f64,
 }
 
 impl Default for AugmentConfig {
@@ -106,6 +119,9 @@ impl AugmentConfig {
             motion_blur: 0.0,
             jpeg: 0.0,
             cutout: 0.0,
+            degrees: 0.0,
+            shear: 0.0,
+            perspective: 0.0,
         }
     }
 }
@@ -244,6 +260,7 @@ pub fn augment(
         rng.uniform(-1.0, 1.0) * config.hsv_v + 1.0,
     ];
     let flip_vertically = config.flipud > 0.0 && rng.chance(config.flipud);
+    let warp = Warp::draw(config, size, rng);
     let half = canvas / 2.0;
     let placements: Vec<Placement> = placements
         .iter()
@@ -258,6 +275,9 @@ pub fn augment(
     for (item, placement) in items.iter().zip(&placements) {
         paint(&mut image, &item.image, placement);
     }
+    if let Some(warp) = &warp {
+        image = warp.image(&image);
+    }
     if hsv != [1.0; 3] {
         adjust_hsv(&mut image, hsv);
     }
@@ -267,12 +287,19 @@ pub fn augment(
         fill(&mut image, *patch);
     }
 
-    let features = place_features(items, &placements, size);
+    let features = place_features(items, &placements, size).map(|f| match &warp {
+        Some(warp) => warp.features(&f),
+        None => f,
+    });
     let mut sample = TrainSample { image, boxes: Vec::new(), masks: Vec::new(), signals: Vec::new(), features };
     let any_signal = items.iter().any(|item| item.instances.iter().any(|i| i.teacher.is_some()));
     for (item, placement) in items.iter().zip(&placements) {
         for instance in &item.instances {
-            if let Some((bbox, mask)) = place_instance(instance, item, placement, size, mask_downsample)? {
+            let placed = match &warp {
+                None => place_instance(instance, item, placement, size, mask_downsample)?,
+                Some(warp) => warp.instance(instance, item, placement, size, mask_downsample)?,
+            };
+            if let Some((bbox, mask)) = placed {
                 if hidden_share(bbox, &patches) >= CUTOUT_HIDDEN {
                     continue;
                 }
@@ -290,6 +317,9 @@ pub fn augment(
                         soft_mask: match (&signal.soft_mask, mask_downsample) {
                             (Some(soft), Some(d)) => {
                                 let mut probabilities = place_soft_mask(soft, placement, size, d);
+                                if let Some(warp) = &warp {
+                                    probabilities = warp.cells(&probabilities, 1, d, size, 0.0);
+                                }
                                 for patch in &patches {
                                     hide_cells(&mut probabilities, size.div_ceil(d.max(1)) as usize, d, *patch, 0.0);
                                 }
@@ -506,6 +536,219 @@ fn place_soft_mask(soft: &kiln_data::batch::SoftMask, placement: &Placement, siz
         }
     }
     probabilities
+}
+
+/// Rotation, shear and perspective about the output's centre (Ultralytics' `RandomPerspective`
+/// less the scale and translation, which the axis-aligned placement does): a homography applied
+/// after it, to the pixels, the masks, the teachers' mask probabilities and feature maps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Warp {
+    forward: [[f64; 3]; 3],
+    inverse: [[f64; 3]; 3],
+}
+
+impl Warp {
+    /// Draws the warp of `config` (none when its rotation, shear and perspective are all 0; each
+    /// draws only when on), in Ultralytics' order: perspective, rotation, shear.
+    fn draw(config: &AugmentConfig, size: u32, rng: &mut SeededRng) -> Option<Warp> {
+        if config.degrees <= 0.0 && config.shear <= 0.0 && config.perspective <= 0.0 {
+            return None;
+        }
+        let mut draw = |bound: f64| if bound > 0.0 { rng.uniform(-bound, bound) } else { 0.0 };
+        let (px, py) = (draw(config.perspective), draw(config.perspective));
+        let angle = draw(config.degrees);
+        let (shear_x, shear_y) = (draw(config.shear), draw(config.shear));
+        Some(Warp::new(size, angle, [shear_x, shear_y], [px, py]))
+    }
+
+    /// The warp about the centre of a `size` square: rotation by `degrees` (counter-clockwise as
+    /// seen), shear by `shear` degrees along x and y, perspective `[px, py]` per pixel.
+    pub fn new(size: u32, degrees: f64, shear: [f64; 2], perspective: [f64; 2]) -> Warp {
+        let c = size as f64 / 2.0;
+        let centre = [[1.0, 0.0, -c], [0.0, 1.0, -c], [0.0, 0.0, 1.0]];
+        let back = [[1.0, 0.0, c], [0.0, 1.0, c], [0.0, 0.0, 1.0]];
+        let p = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [perspective[0], perspective[1], 1.0]];
+        let (sin, cos) = degrees.to_radians().sin_cos();
+        let r = [[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]];
+        let sh = [[1.0, shear[0].to_radians().tan(), 0.0], [shear[1].to_radians().tan(), 1.0, 0.0], [0.0, 0.0, 1.0]];
+        let forward = product(back, product(sh, product(r, product(p, centre))));
+        Warp { forward, inverse: inverse(forward) }
+    }
+
+    fn map(m: &[[f64; 3]; 3], x: f64, y: f64) -> Option<(f64, f64)> {
+        let w = m[2][0] * x + m[2][1] * y + m[2][2];
+        (w.abs() > 1e-9).then(|| ((m[0][0] * x + m[0][1] * y + m[0][2]) / w, (m[1][0] * x + m[1][1] * y + m[1][2]) / w))
+    }
+
+    /// Where the point `(x, y)` of the placed image goes.
+    pub fn apply(&self, x: f64, y: f64) -> Option<(f64, f64)> {
+        Warp::map(&self.forward, x, y)
+    }
+
+    /// The point of the placed image that lands on `(x, y)`.
+    fn source(&self, x: f64, y: f64) -> Option<(f64, f64)> {
+        Warp::map(&self.inverse, x, y)
+    }
+
+    /// The pixels, bilinear, padded in Ultralytics' grey.
+    fn image(&self, placed: &RgbImage) -> RgbImage {
+        let (w, h) = (placed.width(), placed.height());
+        let mut out = RgbImage::from_pixel(w, h, image::Rgb([PAD; 3]));
+        let src = placed.as_raw();
+        for y in 0..h {
+            for x in 0..w {
+                let Some((sx, sy)) = self.source(x as f64 + 0.5, y as f64 + 0.5) else { continue };
+                let (fx, fy) = (sx - 0.5, sy - 0.5);
+                if fx < -0.5 || fy < -0.5 || fx > w as f64 - 0.5 || fy > h as f64 - 0.5 {
+                    continue;
+                }
+                let (fx, fy) = (fx.clamp(0.0, (w - 1) as f64), fy.clamp(0.0, (h - 1) as f64));
+                let (x0, y0) = (fx.floor() as usize, fy.floor() as usize);
+                let (x1, y1) = ((x0 + 1).min(w as usize - 1), (y0 + 1).min(h as usize - 1));
+                let (ax, ay) = (fx - x0 as f64, fy - y0 as f64);
+                let at = |x: usize, y: usize, c: usize| src[(y * w as usize + x) * 3 + c] as f64;
+                let mut pixel = [0u8; 3];
+                for (c, value) in pixel.iter_mut().enumerate() {
+                    let top = at(x0, y0, c) * (1.0 - ax) + at(x1, y0, c) * ax;
+                    let bottom = at(x0, y1, c) * (1.0 - ax) + at(x1, y1, c) * ax;
+                    *value = (top * (1.0 - ay) + bottom * ay).round() as u8;
+                }
+                out.put_pixel(x, y, image::Rgb(pixel));
+            }
+        }
+        out
+    }
+
+    /// A grid of cells `d` input pixels wide (`channels` planes, row-major), warped by nearest
+    /// cell; what comes from outside is `fill`.
+    fn cells<T: Copy>(&self, grid: &[T], channels: usize, d: u32, size: u32, fill: T) -> Vec<T> {
+        let n = size.div_ceil(d.max(1)) as usize;
+        let d = d.max(1) as f64;
+        let mut out = vec![fill; channels * n * n];
+        for y in 0..n {
+            for x in 0..n {
+                let Some((sx, sy)) = self.source((x as f64 + 0.5) * d, (y as f64 + 0.5) * d) else { continue };
+                let (cx, cy) = ((sx / d).floor(), (sy / d).floor());
+                if cx < 0.0 || cy < 0.0 || cx >= n as f64 || cy >= n as f64 {
+                    continue;
+                }
+                let (cx, cy) = (cx as usize, cy as usize);
+                for c in 0..channels {
+                    out[(c * n + y) * n + x] = grid[(c * n + cy) * n + cx];
+                }
+            }
+        }
+        out
+    }
+
+    fn features(&self, placed: &PlacedFeatures) -> PlacedFeatures {
+        let size = placed.grid as u32 * FEATURE_STRIDE;
+        PlacedFeatures {
+            channels: placed.channels,
+            grid: placed.grid,
+            values: self.cells(&placed.values, placed.channels, FEATURE_STRIDE, size, 0.0),
+            valid: self.cells(&placed.valid, 1, FEATURE_STRIDE, size, 0.0),
+        }
+    }
+
+    /// The instance after the placement and the warp: its mask rasterised at full resolution,
+    /// warped, its box the warped mask's (or, without a mask, the box of its warped corners
+    /// clipped to the image), kept as `box_candidates` says against its box before the warp.
+    fn instance(
+        &self,
+        instance: &InstanceLabel,
+        item: &DetectionItem,
+        placement: &Placement,
+        size: u32,
+        mask_downsample: Option<u32>,
+    ) -> kiln_data::Result<Option<([f32; 4], Option<BinaryMask>)>> {
+        let with_mask = instance.segmentation.is_some();
+        let Some((before, full)) =
+            place_instance(instance, item, placement, size, with_mask.then_some(1).or(mask_downsample))?
+        else {
+            return Ok(None);
+        };
+        let s = size as f64;
+        let (bbox, warped) = match full.filter(|_| with_mask) {
+            Some(full) => {
+                let cells = self.cells(&full.data, 1, 1, size, 0);
+                let warped = BinaryMask { width: size, height: size, data: cells };
+                match mask_box(&warped, [0.0, 0.0, s, s]) {
+                    Some(b) => (b, Some(warped)),
+                    None => return Ok(None),
+                }
+            }
+            None => {
+                let [x1, y1, x2, y2] = before.map(|v| v as f64);
+                let corners: Vec<(f64, f64)> =
+                    [(x1, y1), (x2, y1), (x2, y2), (x1, y2)].iter().filter_map(|&(x, y)| self.apply(x, y)).collect();
+                if corners.len() < 4 {
+                    return Ok(None);
+                }
+                let fold = |f: fn(f64, f64) -> f64, pick: fn(&(f64, f64)) -> f64, start: f64| {
+                    corners.iter().map(pick).fold(start, f)
+                };
+                let b = [
+                    fold(f64::min, |p| p.0, f64::INFINITY).clamp(0.0, s),
+                    fold(f64::min, |p| p.1, f64::INFINITY).clamp(0.0, s),
+                    fold(f64::max, |p| p.0, f64::NEG_INFINITY).clamp(0.0, s),
+                    fold(f64::max, |p| p.1, f64::NEG_INFINITY).clamp(0.0, s),
+                ];
+                (b, None)
+            }
+        };
+        let (w0, h0) = ((before[2] - before[0]) as f64, (before[3] - before[1]) as f64);
+        let (w, h) = (bbox[2] - bbox[0], bbox[3] - bbox[1]);
+        let aspect = (w / (h + 1e-16)).max(h / (w + 1e-16));
+        if w <= 2.0 || h <= 2.0 || w * h / (w0 * h0 + 1e-16) <= 0.1 || aspect >= 100.0 {
+            return Ok(None);
+        }
+        let mask = match (mask_downsample, warped) {
+            (Some(d), Some(full)) => Some(downsampled(&full, d)),
+            (Some(d), None) => Some(BinaryMask::zeros(size.div_ceil(d.max(1)), size.div_ceil(d.max(1)))),
+            (None, _) => None,
+        };
+        Ok(Some((bbox.map(|v| v as f32), mask)))
+    }
+}
+
+/// A full-resolution mask at `1 / d`: each cell the pixel at its centre (as rasterising at `1 / d`
+/// samples cell centres).
+fn downsampled(full: &BinaryMask, d: u32) -> BinaryMask {
+    let d = d.max(1);
+    if d == 1 {
+        return full.clone();
+    }
+    let (w, h) = (full.width.div_ceil(d), full.height.div_ceil(d));
+    let mut out = BinaryMask::zeros(w, h);
+    for y in 0..h {
+        for x in 0..w {
+            let (px, py) = ((x * d + d / 2).min(full.width - 1), (y * d + d / 2).min(full.height - 1));
+            out.data[(y * w + x) as usize] = full.data[(py * full.width + px) as usize];
+        }
+    }
+    out
+}
+
+fn product(a: [[f64; 3]; 3], b: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    let mut out = [[0.0; 3]; 3];
+    for i in 0..3 {
+        for j in 0..3 {
+            out[i][j] = (0..3).map(|k| a[i][k] * b[k][j]).sum();
+        }
+    }
+    out
+}
+
+fn inverse(m: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+    let cofactor = |r0: usize, r1: usize, c0: usize, c1: usize| m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0];
+    [
+        [cofactor(1, 2, 1, 2) / det, -cofactor(0, 2, 1, 2) / det, cofactor(0, 1, 1, 2) / det],
+        [-cofactor(1, 2, 0, 2) / det, cofactor(0, 2, 0, 2) / det, -cofactor(0, 1, 0, 2) / det],
+        [cofactor(1, 2, 0, 1) / det, -cofactor(0, 2, 0, 1) / det, cofactor(0, 1, 0, 1) / det],
+    ]
 }
 
 /// The instance's box (and mask) in the output, or `None` when too little of it survives
@@ -1020,5 +1263,117 @@ mod tests {
         }
         assert_eq!(patched, 40, "cutout at probability 1 always patches");
         assert!(dropped > 0, "some object is mostly hidden in 40 samples");
+    }
+
+    #[test]
+    fn the_warp_and_its_inverse_undo_each_other() {
+        let warp = Warp::new(96, 30.0, [5.0, -3.0], [0.0005, -0.0003]);
+        for (x, y) in [(0.0, 0.0), (48.0, 48.0), (90.0, 10.0), (13.5, 77.25)] {
+            let (u, v) = warp.apply(x, y).unwrap();
+            let (bx, by) = warp.source(u, v).unwrap();
+            assert!((bx - x).abs() < 1e-9 && (by - y).abs() < 1e-9, "({x}, {y}) -> ({u}, {v}) -> ({bx}, {by})");
+        }
+        // The centre stays put; a quarter turn takes the right of the centre to above it.
+        let quarter = Warp::new(96, 90.0, [0.0; 2], [0.0; 2]);
+        let (cx, cy) = quarter.apply(48.0, 48.0).unwrap();
+        assert!((cx - 48.0).abs() < 1e-9 && (cy - 48.0).abs() < 1e-9);
+        let (x, y) = quarter.apply(58.0, 48.0).unwrap();
+        assert!((x - 48.0).abs() < 1e-9 && (y - 38.0).abs() < 1e-9, "({x}, {y})");
+    }
+
+    /// Rotation, shear and perspective: each object's box is its warped mask's, that mask is the
+    /// shape's own warped (its area kept by a rotation, its box the warped corners' within a
+    /// pixel), the pixels under it show the shape, and box-only objects get their warped corners'
+    /// box.
+    #[test]
+    fn boxes_and_masks_follow_rotation_shear_and_perspective() {
+        let shape = [20.0, 30.0, 60.0, 50.0];
+        let it = item(96, 96, &[shape]);
+        let plain = AugmentConfig { hsv_h: 0.0, hsv_s: 0.0, hsv_v: 0.0, ..AugmentConfig::none() };
+        let warps = [
+            Warp::new(96, 30.0, [0.0; 2], [0.0; 2]),
+            Warp::new(96, -120.0, [0.0; 2], [0.0; 2]),
+            Warp::new(96, 0.0, [8.0, -6.0], [0.0; 2]),
+            Warp::new(96, 10.0, [0.0; 2], [0.0008, -0.0006]),
+        ];
+        for warp in warps {
+            let placement = Placement { sx: 1.0, sy: 1.0, ox: 0.0, oy: 0.0, visible: [0.0, 0.0, 96.0, 96.0] };
+            let (bbox, mask) = warp.instance(&it.instances[0], &it, &placement, 96, Some(1)).unwrap().unwrap();
+            let mask = mask.unwrap();
+            let from_mask = mask_box(&mask, [0.0, 0.0, 96.0, 96.0]).unwrap();
+            assert_eq!(from_mask.map(|v| v as f32), bbox, "{warp:?}");
+            // The corners of the shape, warped: their box is the mask's within a pixel.
+            let corners =
+                [(20.0, 30.0), (60.0, 30.0), (60.0, 50.0), (20.0, 50.0)].map(|(x, y)| warp.apply(x, y).unwrap());
+            let expected = [
+                corners.iter().map(|c| c.0).fold(f64::INFINITY, f64::min),
+                corners.iter().map(|c| c.1).fold(f64::INFINITY, f64::min),
+                corners.iter().map(|c| c.0).fold(f64::NEG_INFINITY, f64::max),
+                corners.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max),
+            ];
+            for (m, e) in from_mask.iter().zip(expected) {
+                assert!((m - e).abs() <= 1.0, "{warp:?}: mask box {from_mask:?} vs warped corners {expected:?}");
+            }
+            if warp.forward[2] == [0.0, 0.0, 1.0] && warp.forward[0][1] == -warp.forward[1][0] {
+                // A pure rotation keeps the area (40 x 20 pixels) within the edge pixels.
+                let area = mask.area() as f64;
+                assert!((area - 800.0).abs() < 0.1 * 800.0, "{warp:?}: area {area}");
+            }
+            // The warped image shows the shape's red where the mask is.
+            let image = warp.image(&it.image);
+            let (mut red, mut inside) = (0, 0);
+            for y in 0..96 {
+                for x in 0..96 {
+                    if mask.get(x, y) {
+                        inside += 1;
+                        red += (image.get_pixel(x, y).0[0] > 200) as usize;
+                    }
+                }
+            }
+            assert!(red as f64 >= 0.9 * inside as f64, "{warp:?}: {red} of {inside} mask pixels are red");
+            // Without a mask, the box of the warped corners.
+            let mut box_only = it.instances[0].clone();
+            box_only.segmentation = None;
+            let (b, _) = warp.instance(&box_only, &it, &placement, 96, Some(4)).unwrap().unwrap();
+            for (got, e) in b.iter().zip(expected) {
+                assert!((*got as f64 - e.clamp(0.0, 96.0)).abs() < 1e-4, "{warp:?}: {b:?} vs {expected:?}");
+            }
+        }
+        // Drawn through `augment` (rotation only): every box is its mask's, at full resolution.
+        let config = AugmentConfig { degrees: 45.0, ..plain };
+        let mut turned = 0;
+        for seed in 0..12 {
+            let sample = augment(&[it.clone()], &config, 96, Some(1), &mut SeededRng::new(seed)).unwrap();
+            for ((_, b), mask) in sample.boxes.iter().zip(&sample.masks) {
+                assert_eq!(mask_box(mask, [0.0, 0.0, 96.0, 96.0]).unwrap().map(|v| v as f32), *b, "seed {seed}");
+            }
+            let letterbox = augment(&[it.clone()], &plain, 96, Some(1), &mut SeededRng::new(seed)).unwrap();
+            turned += (letterbox.boxes != sample.boxes) as usize;
+        }
+        assert!(turned >= 10, "the rotation moved {turned} of 12 samples");
+        // At 0 nothing is drawn: the default recipe's samples are what they were.
+        let a = augment(&[it.clone()], &AugmentConfig::default(), 96, Some(4), &mut SeededRng::new(5)).unwrap();
+        let b = augment(
+            &[it.clone()],
+            &AugmentConfig { degrees: 0.0, shear: 0.0, perspective: 0.0, ..AugmentConfig::default() },
+            96,
+            Some(4),
+            &mut SeededRng::new(5),
+        )
+        .unwrap();
+        assert_eq!((a.image, a.boxes), (b.image, b.boxes));
+    }
+
+    /// Teachers' mask probabilities and feature maps turn with the pixels: a quarter turn moves
+    /// what was right of the centre to above it.
+    #[test]
+    fn teacher_cells_turn_with_the_pixels() {
+        let quarter = Warp::new(64, 90.0, [0.0; 2], [0.0; 2]);
+        // 4-pixel cells on a 64 grid: 16 x 16; one cell right of the centre lit.
+        let mut grid = vec![0f32; 16 * 16];
+        grid[8 * 16 + 10] = 1.0;
+        let turned = quarter.cells(&grid, 1, 4, 64, 0.0);
+        let lit: Vec<usize> = (0..256).filter(|&i| turned[i] > 0.0).collect();
+        assert_eq!(lit, vec![(8 - 3) * 16 + 8], "cell (10, 8) -> (8, 5)");
     }
 }

@@ -19,13 +19,13 @@ use crate::augment::AugmentConfig;
 pub enum ObjectTrait {
     /// A few pixels across: shrink less, hide nothing, blur little.
     Small,
-    /// Filling much of the frame: scale and shift more.
+    /// Filling much of the frame: scale and shift more, seen in perspective.
     Large,
     /// Wires, cracks, edges: blur, motion, noise and compression would erase them.
     Thin,
     /// Metal, glass: exposure and contrast swing with the viewpoint.
     Reflective,
-    /// No up or down (parts in a tray, cells, seen from any side): flip vertically too.
+    /// No up or down (parts in a tray, cells, seen from any side): flip vertically, any rotation.
     Symmetric,
     /// Often partly hidden by others or by clutter: cutout patches.
     Occluded,
@@ -43,9 +43,9 @@ pub enum Environment {
     LowLight,
     /// A moving camera or moving objects: motion blur, some defocus.
     Motion,
-    /// The framing never changes: less scaling and shifting.
+    /// The framing never changes: less scaling and shifting, no rotation, shear or perspective.
     FixedCamera,
-    /// Seen from above (drones, conveyor belts): flip vertically too.
+    /// Seen from above (drones, conveyor belts): flip vertically, any rotation.
     TopDown,
     /// Low-quality or streamed video: JPEG artefacts and noise.
     Compressed,
@@ -99,6 +99,9 @@ pub enum Parameter {
     MotionBlur,
     Jpeg,
     Cutout,
+    Degrees,
+    Shear,
+    Perspective,
 }
 
 impl Parameter {
@@ -119,6 +122,9 @@ impl Parameter {
             Parameter::MotionBlur => "motion_blur",
             Parameter::Jpeg => "jpeg",
             Parameter::Cutout => "cutout",
+            Parameter::Degrees => "degrees",
+            Parameter::Shear => "shear",
+            Parameter::Perspective => "perspective",
         }
     }
 
@@ -138,6 +144,9 @@ impl Parameter {
             Parameter::MotionBlur => &mut config.motion_blur,
             Parameter::Jpeg => &mut config.jpeg,
             Parameter::Cutout => &mut config.cutout,
+            Parameter::Degrees => &mut config.degrees,
+            Parameter::Shear => &mut config.shear,
+            Parameter::Perspective => &mut config.perspective,
         }
     }
 
@@ -151,6 +160,10 @@ impl Parameter {
             Parameter::Gamma => 2.0,
             Parameter::Noise => 0.2,
             Parameter::Flipud | Parameter::Blur | Parameter::MotionBlur | Parameter::Jpeg | Parameter::Cutout => 1.0,
+            // Any orientation; a shear that keeps shapes recognisable; Ultralytics' range.
+            Parameter::Degrees => 180.0,
+            Parameter::Shear => 10.0,
+            Parameter::Perspective => 0.001,
         }
     }
 }
@@ -177,7 +190,10 @@ pub enum Characteristic {
 /// The table: each characteristic and its rules.
 pub const TABLE: &[(Characteristic, &[Rule])] = &[
     (Characteristic::Object(ObjectTrait::Small), &[Cap(Scale, 0.3), Cap(Cutout, 0.0), Cap(Blur, 0.1)]),
-    (Characteristic::Object(ObjectTrait::Large), &[Raise(Scale, 0.7), Raise(Translate, 0.2)]),
+    (
+        Characteristic::Object(ObjectTrait::Large),
+        &[Raise(Scale, 0.7), Raise(Translate, 0.2), Raise(Perspective, 0.0005)],
+    ),
     (
         Characteristic::Object(ObjectTrait::Thin),
         &[Cap(Blur, 0.0), Cap(MotionBlur, 0.1), Cap(Jpeg, 0.1), Cap(Noise, 0.02)],
@@ -186,7 +202,7 @@ pub const TABLE: &[(Characteristic, &[Rule])] = &[
         Characteristic::Object(ObjectTrait::Reflective),
         &[Raise(Brightness, 0.3), Raise(Contrast, 0.3), Raise(HsvV, 0.6)],
     ),
-    (Characteristic::Object(ObjectTrait::Symmetric), &[Raise(Flipud, 0.5)]),
+    (Characteristic::Object(ObjectTrait::Symmetric), &[Raise(Flipud, 0.5), Raise(Degrees, 180.0)]),
     (Characteristic::Object(ObjectTrait::Occluded), &[Raise(Cutout, 0.5)]),
     (
         Characteristic::Environment(Environment::Outdoor),
@@ -198,15 +214,35 @@ pub const TABLE: &[(Characteristic, &[Rule])] = &[
         &[Raise(Brightness, 0.6), Raise(Gamma, 0.5), Raise(Contrast, 0.3), Raise(Noise, 0.05)],
     ),
     (Characteristic::Environment(Environment::Motion), &[Raise(MotionBlur, 0.5), Raise(Blur, 0.2)]),
-    (Characteristic::Environment(Environment::FixedCamera), &[Cap(Scale, 0.2), Cap(Translate, 0.05)]),
-    (Characteristic::Environment(Environment::TopDown), &[Raise(Flipud, 0.5)]),
+    (
+        Characteristic::Environment(Environment::FixedCamera),
+        &[Cap(Scale, 0.2), Cap(Translate, 0.05), Cap(Degrees, 0.0), Cap(Shear, 0.0), Cap(Perspective, 0.0)],
+    ),
+    (Characteristic::Environment(Environment::TopDown), &[Raise(Flipud, 0.5), Raise(Degrees, 180.0)]),
     (Characteristic::Environment(Environment::Compressed), &[Raise(Jpeg, 0.5), Raise(Noise, 0.02)]),
 ];
 
 /// The parameters the intensity scales: every magnitude but the mosaic and the horizontal flip
 /// (Ultralytics' always-on defaults).
-const SCALED: [Parameter; 14] =
-    [Scale, Translate, HsvH, HsvS, HsvV, Flipud, Brightness, Contrast, Gamma, Noise, Blur, MotionBlur, Jpeg, Cutout];
+const SCALED: [Parameter; 17] = [
+    Scale,
+    Translate,
+    HsvH,
+    HsvS,
+    HsvV,
+    Flipud,
+    Brightness,
+    Contrast,
+    Gamma,
+    Noise,
+    Blur,
+    MotionBlur,
+    Jpeg,
+    Cutout,
+    Degrees,
+    Shear,
+    Perspective,
+];
 
 /// The rules of one characteristic.
 pub fn rules(characteristic: Characteristic) -> &'static [Rule] {
@@ -431,6 +467,7 @@ mod tests {
         assert_eq!((gdino.brightness, gdino.gamma, gdino.noise, gdino.flipud), (0.6, 0.5, 0.05, 0.5));
         assert_eq!((gdino.scale, gdino.translate, gdino.cutout, gdino.mosaic, gdino.fliplr), (0.0, 0.0, 0.0, 0.0, 0.0));
         assert_eq!(c.teacher_recipe(false).flipud, 0.0);
+        assert_eq!((gdino.degrees, gdino.shear, gdino.perspective), (0.0, 0.0, 0.0), "boxes would not stay exact");
         assert!(Characteristics::default().teacher_recipe(true).is_none());
     }
 
