@@ -248,7 +248,14 @@ fn a_trained_student_teaches_a_new_one_on_unlabelled_images() {
     let accuracy = naming["named"].as_u64().unwrap() as f64 / located as f64;
     let weight = naming["weight"].as_f64().unwrap();
     assert!(located > 0, "the teacher finds objects on the labelled images: {naming:?}");
-    assert!((weight - ((accuracy - 0.5) / 0.5).clamp(0.0, 1.0)).abs() < 1e-6, "{naming:?}");
+    // Fewer than NAMING_MIN_LOCATED objects located (a few labelled images) are too few to judge
+    // the naming: full weight.
+    let expected = if (located as usize) < kiln_training::distill::labels::NAMING_MIN_LOCATED {
+        1.0
+    } else {
+        ((accuracy - 0.5) / 0.5).clamp(0.0, 1.0)
+    };
+    assert!((weight - expected).abs() < 1e-6, "{naming:?}");
     assert_eq!(logit > 0.0, weight > 0.0, "the logit distillation is on when its weight is: {csv}");
     let feature: f64 = csv.lines().nth(1).unwrap().split(',').nth(21).unwrap().parse().unwrap();
     assert!(feature > 0.0, "the feature distillation is on (the teacher's P4): {csv}");

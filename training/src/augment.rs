@@ -77,6 +77,14 @@ pub struct AugmentConfig {
     /// `perspective`, 0 to 0.001).
     #[serde(default)]
     pub perspective: f64,
+    /// Share of an image's objects with a mask copied, mirrored, onto the image where they hide
+    /// less than 30 % of any object already there (Ultralytics' `copy_paste`, flip mode).
+    #[serde(default)]
+    pub copy_paste: f64,
+    /// Probability of zooming in 1.5-3x on one object drawn at random, centred on it: small
+    /// objects seen larger, the crop keeping the chosen one (whole unless it outgrows the view).
+    #[serde(default)]
+    pub zoom: f64,
 }
 
 impl Default for AugmentConfig {
@@ -122,6 +130,8 @@ impl AugmentConfig {
             degrees: 0.0,
             shear: 0.0,
             perspective: 0.0,
+            copy_paste: 0.0,
+            zoom: 0.0,
         }
     }
 }
@@ -218,6 +228,13 @@ pub fn augment(
     rng: &mut SeededRng,
 ) -> kiln_data::Result<TrainSample> {
     let s = size as f64;
+    let pasted: Vec<DetectionItem>;
+    let items = if config.copy_paste > 0.0 {
+        pasted = items.iter().map(|item| copy_paste(item, config.copy_paste, rng)).collect::<Result<_, _>>()?;
+        &pasted[..]
+    } else {
+        items
+    };
     let mut placements: Vec<Placement> = Vec::with_capacity(items.len());
     let (canvas, border) = if items.len() == 4 {
         // Mosaic: each image scaled so its long side is `size`, tiled around a centre drawn in
@@ -262,7 +279,7 @@ pub fn augment(
     let flip_vertically = config.flipud > 0.0 && rng.chance(config.flipud);
     let warp = Warp::draw(config, size, rng);
     let half = canvas / 2.0;
-    let placements: Vec<Placement> = placements
+    let mut placements: Vec<Placement> = placements
         .iter()
         .map(|p| {
             let p = p.then(scale, tx - half * scale, ty - half * scale);
@@ -270,6 +287,25 @@ pub fn augment(
             if flip_vertically { p.flipped_vertically(s) } else { p }
         })
         .collect();
+    if config.zoom > 0.0 && rng.chance(config.zoom) {
+        // The objects in view, as placed; one of them drawn, the view zoomed in around it.
+        let in_view: Vec<[f64; 4]> = items
+            .iter()
+            .zip(&placements)
+            .flat_map(|(item, p)| item.instances.iter().map(move |i| (p.map_box(i.bbox), p.visible)))
+            .filter_map(|(b, v)| {
+                let b =
+                    [b[0].max(v[0]).max(0.0), b[1].max(v[1]).max(0.0), b[2].min(v[2]).min(s), b[3].min(v[3]).min(s)];
+                (b[2] - b[0] > 1.0 && b[3] - b[1] > 1.0).then_some(b)
+            })
+            .collect();
+        if !in_view.is_empty() {
+            let chosen = in_view[rng.below(in_view.len())];
+            let zoom = rng.uniform(1.5, 3.0);
+            let (cx, cy) = ((chosen[0] + chosen[2]) / 2.0, (chosen[1] + chosen[3]) / 2.0);
+            placements = placements.iter().map(|p| p.then(zoom, s / 2.0 - zoom * cx, s / 2.0 - zoom * cy)).collect();
+        }
+    }
 
     let mut image = RgbImage::from_pixel(size, size, image::Rgb([PAD; 3]));
     for (item, placement) in items.iter().zip(&placements) {
@@ -333,6 +369,61 @@ pub fn augment(
         }
     }
     Ok(sample)
+}
+
+/// Ultralytics' `CopyPaste` (flip mode) on one image: of its objects with a mask, `share` of all
+/// its objects (drawn among those whose mirror image hides less than 30 % of every object there)
+/// are copied from the image mirrored left to right and pasted with their masks. An image with
+/// teacher signals or features is left alone (what the teacher saw would no longer be the image).
+fn copy_paste(item: &DetectionItem, share: f64, rng: &mut SeededRng) -> kiln_data::Result<DetectionItem> {
+    let mut out = item.clone();
+    if item.features.is_some() || item.instances.iter().any(|i| i.teacher.is_some()) {
+        return Ok(out);
+    }
+    let (w, h) = (item.image.width(), item.image.height());
+    let width = w as f64;
+    let mirrored = |b: [f64; 4]| [width - b[2], b[1], width - b[0], b[3]];
+    let area = |b: [f64; 4]| (b[2] - b[0]).max(0.0) * (b[3] - b[1]).max(0.0);
+    let mut free: Vec<usize> = (0..item.instances.len())
+        .filter(|&j| item.instances[j].segmentation.is_some())
+        .filter(|&j| {
+            let m = mirrored(item.instances[j].bbox);
+            item.instances.iter().all(|other| {
+                let o = other.bbox;
+                let inter = [m[0].max(o[0]), m[1].max(o[1]), m[2].min(o[2]), m[3].min(o[3])];
+                area(inter) < 0.3 * area(o).max(1e-9)
+            })
+        })
+        .collect();
+    rng.shuffle(&mut free);
+    free.truncate((share * item.instances.len() as f64).round() as usize);
+    for j in free {
+        let instance = &item.instances[j];
+        let Some(segmentation) = &instance.segmentation else { continue };
+        let mask = segmentation.rasterize_affine(w, h, [1.0, 1.0, 0.0, 0.0], w, h)?;
+        let mut flipped = BinaryMask::zeros(w, h);
+        for y in 0..h {
+            for x in 0..w {
+                if mask.get(x, y) {
+                    flipped.data[(y * w + (w - 1 - x)) as usize] = 1;
+                    out.image.put_pixel(w - 1 - x, y, *item.image.get_pixel(x, y));
+                }
+            }
+        }
+        let segmentation = match segmentation {
+            Segmentation::Polygons(polygons) => Segmentation::Polygons(
+                polygons.iter().map(|p| p.chunks_exact(2).flat_map(|xy| [width - xy[0], xy[1]]).collect()).collect(),
+            ),
+            Segmentation::Rle(_) => Segmentation::Rle(kiln_data::mask::Rle::encode(&flipped).to_json(true)),
+        };
+        out.instances.push(InstanceLabel {
+            class: instance.class,
+            bbox: mirrored(instance.bbox),
+            segmentation: Some(segmentation),
+            teacher: None,
+        });
+    }
+    Ok(out)
 }
 
 /// The light and camera changes of `config`, each drawn only when its parameter is on, in the
@@ -1375,5 +1466,61 @@ mod tests {
         let turned = quarter.cells(&grid, 1, 4, 64, 0.0);
         let lit: Vec<usize> = (0..256).filter(|&i| turned[i] > 0.0).collect();
         assert_eq!(lit, vec![(8 - 3) * 16 + 8], "cell (10, 8) -> (8, 5)");
+    }
+
+    /// Copy-paste mirrors objects onto free parts of their image: pixels, boxes and masks of the
+    /// copies are the originals' mirrored, an object whose mirror would cover another is not
+    /// copied, and at 0 nothing is drawn.
+    #[test]
+    fn copy_paste_mirrors_objects_where_they_hide_nothing() {
+        // A large and a small shape on the left; a third, small, on the right where the large one's
+        // mirror would fall (and whose own mirror covers little of the large one).
+        let it = item(100, 60, &[[5.0, 5.0, 40.0, 40.0], [10.0, 45.0, 25.0, 58.0], [70.0, 15.0, 80.0, 25.0]]);
+        let pasted = copy_paste(&it, 1.0, &mut SeededRng::new(1)).unwrap();
+        let added: Vec<&InstanceLabel> = pasted.instances[3..].iter().collect();
+        // The first's mirror (60..95) covers all of the third: only the second and the third are
+        // copied (the third's mirror covers 8 % of the first).
+        let mut boxes: Vec<[f64; 4]> = added.iter().map(|i| i.bbox).collect();
+        boxes.sort_by(|a, b| a[0].total_cmp(&b[0]));
+        assert_eq!(boxes, vec![[20.0, 15.0, 30.0, 25.0], [75.0, 45.0, 90.0, 58.0]]);
+        for copy in &added {
+            let [x1, y1, x2, y2] = copy.bbox;
+            // Its pixels are the original's, mirrored: the shape's red fills the copy's box.
+            let (cx, cy) = (((x1 + x2) / 2.0) as u32, ((y1 + y2) / 2.0) as u32);
+            assert!(pasted.image.get_pixel(cx, cy).0[0] > 200, "copy at {:?}", copy.bbox);
+            let mask = copy.segmentation.as_ref().unwrap().rasterize_affine(100, 60, [1.0, 1.0, 0.0, 0.0], 100, 60);
+            let from_mask = mask_box(&mask.unwrap(), [0.0, 0.0, 100.0, 60.0]).unwrap();
+            assert_eq!(from_mask, copy.bbox, "its mask is its box's");
+        }
+        // Through the whole pipeline, each box is its mask's.
+        let config = AugmentConfig { copy_paste: 1.0, ..AugmentConfig::none() };
+        let sample = augment(&[it.clone()], &config, 96, Some(1), &mut SeededRng::new(2)).unwrap();
+        assert_eq!(sample.boxes.len(), 5);
+        for ((_, b), mask) in sample.boxes.iter().zip(&sample.masks) {
+            let from_mask = mask_box(mask, [0.0, 0.0, 96.0, 96.0]).unwrap();
+            assert!(from_mask.iter().zip(b).all(|(m, b)| (m - *b as f64).abs() <= 1.0), "{from_mask:?} vs {b:?}");
+        }
+        let none = copy_paste(&it, 0.0, &mut SeededRng::new(1)).unwrap();
+        assert_eq!(none.instances.len(), 3);
+        assert_eq!(none.image, it.image);
+    }
+
+    /// Zoom keeps one object in view, centred and 1.5-3x larger; its box is its mask's.
+    #[test]
+    fn zoom_centres_one_object_larger() {
+        let it = item(128, 128, &[[56.0, 56.0, 64.0, 64.0]]);
+        let plain = AugmentConfig::none();
+        let config = AugmentConfig { zoom: 1.0, ..plain };
+        for seed in 0..8 {
+            let sample = augment(&[it.clone()], &config, 64, Some(1), &mut SeededRng::new(seed)).unwrap();
+            let (_, b) = sample.boxes[0];
+            let side = (b[2] - b[0]) as f64;
+            // 8 px at 0.5 scale: 4 px letterboxed, 6 to 12 zoomed.
+            assert!((6.0..=12.5).contains(&side), "seed {seed}: {b:?}");
+            let (cx, cy) = ((b[0] + b[2]) as f64 / 2.0, (b[1] + b[3]) as f64 / 2.0);
+            assert!((cx - 32.0).abs() <= 1.0 && (cy - 32.0).abs() <= 1.0, "seed {seed}: centred at ({cx}, {cy})");
+            let from_mask = mask_box(&sample.masks[0], [0.0, 0.0, 64.0, 64.0]).unwrap();
+            assert!(from_mask.iter().zip(b).all(|(m, b)| (m - b as f64).abs() <= 1.0), "{from_mask:?} vs {b:?}");
+        }
     }
 }

@@ -17,7 +17,7 @@ use crate::augment::AugmentConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ObjectTrait {
-    /// A few pixels across: shrink less, hide nothing, blur little.
+    /// A few pixels across: shrink less, hide nothing, blur little, zoom in on them.
     Small,
     /// Filling much of the frame: scale and shift more, seen in perspective.
     Large,
@@ -27,7 +27,7 @@ pub enum ObjectTrait {
     Reflective,
     /// No up or down (parts in a tray, cells, seen from any side): flip vertically, any rotation.
     Symmetric,
-    /// Often partly hidden by others or by clutter: cutout patches.
+    /// Often partly hidden by others or by clutter: cutout patches, objects pasted over others.
     Occluded,
 }
 
@@ -102,6 +102,8 @@ pub enum Parameter {
     Degrees,
     Shear,
     Perspective,
+    CopyPaste,
+    Zoom,
 }
 
 impl Parameter {
@@ -125,6 +127,8 @@ impl Parameter {
             Parameter::Degrees => "degrees",
             Parameter::Shear => "shear",
             Parameter::Perspective => "perspective",
+            Parameter::CopyPaste => "copy_paste",
+            Parameter::Zoom => "zoom",
         }
     }
 
@@ -147,6 +151,8 @@ impl Parameter {
             Parameter::Degrees => &mut config.degrees,
             Parameter::Shear => &mut config.shear,
             Parameter::Perspective => &mut config.perspective,
+            Parameter::CopyPaste => &mut config.copy_paste,
+            Parameter::Zoom => &mut config.zoom,
         }
     }
 
@@ -159,7 +165,13 @@ impl Parameter {
             Parameter::HsvH => 0.5,
             Parameter::Gamma => 2.0,
             Parameter::Noise => 0.2,
-            Parameter::Flipud | Parameter::Blur | Parameter::MotionBlur | Parameter::Jpeg | Parameter::Cutout => 1.0,
+            Parameter::Flipud
+            | Parameter::Blur
+            | Parameter::MotionBlur
+            | Parameter::Jpeg
+            | Parameter::Cutout
+            | Parameter::CopyPaste
+            | Parameter::Zoom => 1.0,
             // Any orientation; a shear that keeps shapes recognisable; Ultralytics' range.
             Parameter::Degrees => 180.0,
             Parameter::Shear => 10.0,
@@ -189,7 +201,10 @@ pub enum Characteristic {
 
 /// The table: each characteristic and its rules.
 pub const TABLE: &[(Characteristic, &[Rule])] = &[
-    (Characteristic::Object(ObjectTrait::Small), &[Cap(Scale, 0.3), Cap(Cutout, 0.0), Cap(Blur, 0.1)]),
+    (
+        Characteristic::Object(ObjectTrait::Small),
+        &[Cap(Scale, 0.3), Cap(Cutout, 0.0), Cap(Blur, 0.1), Raise(Zoom, 0.3)],
+    ),
     (
         Characteristic::Object(ObjectTrait::Large),
         &[Raise(Scale, 0.7), Raise(Translate, 0.2), Raise(Perspective, 0.0005)],
@@ -203,7 +218,7 @@ pub const TABLE: &[(Characteristic, &[Rule])] = &[
         &[Raise(Brightness, 0.3), Raise(Contrast, 0.3), Raise(HsvV, 0.6)],
     ),
     (Characteristic::Object(ObjectTrait::Symmetric), &[Raise(Flipud, 0.5), Raise(Degrees, 180.0)]),
-    (Characteristic::Object(ObjectTrait::Occluded), &[Raise(Cutout, 0.5)]),
+    (Characteristic::Object(ObjectTrait::Occluded), &[Raise(Cutout, 0.5), Raise(CopyPaste, 0.3)]),
     (
         Characteristic::Environment(Environment::Outdoor),
         &[Raise(Brightness, 0.3), Raise(Contrast, 0.2), Raise(Gamma, 0.3), Raise(HsvV, 0.5)],
@@ -224,7 +239,7 @@ pub const TABLE: &[(Characteristic, &[Rule])] = &[
 
 /// The parameters the intensity scales: every magnitude but the mosaic and the horizontal flip
 /// (Ultralytics' always-on defaults).
-const SCALED: [Parameter; 17] = [
+const SCALED: [Parameter; 19] = [
     Scale,
     Translate,
     HsvH,
@@ -242,6 +257,8 @@ const SCALED: [Parameter; 17] = [
     Degrees,
     Shear,
     Perspective,
+    CopyPaste,
+    Zoom,
 ];
 
 /// The rules of one characteristic.
@@ -468,6 +485,7 @@ mod tests {
         assert_eq!((gdino.scale, gdino.translate, gdino.cutout, gdino.mosaic, gdino.fliplr), (0.0, 0.0, 0.0, 0.0, 0.0));
         assert_eq!(c.teacher_recipe(false).flipud, 0.0);
         assert_eq!((gdino.degrees, gdino.shear, gdino.perspective), (0.0, 0.0, 0.0), "boxes would not stay exact");
+        assert_eq!((gdino.copy_paste, gdino.zoom), (0.0, 0.0));
         assert!(Characteristics::default().teacher_recipe(true).is_none());
     }
 

@@ -175,13 +175,21 @@ pub fn prepare_distillation(
             let naming = naming_accuracy(&scored, effective.labelling_box_threshold(), classes.len());
             notes.push(format!(
                 "distill.logit auto: {:.3}, the teacher's naming above chance: of the objects of the labelled \
-                 images it finds ({}), it names {} right ({:.1} %; chance {:.1} % with {} classes)",
+                 images it finds ({}), it names {} right ({:.1} %; chance {:.1} % with {} classes){}",
                 naming.weight,
                 naming.located,
                 naming.named,
                 100.0 * naming.accuracy,
                 100.0 / classes.len().max(1) as f64,
-                classes.len()
+                classes.len(),
+                if naming.located > 0 && naming.located < super::labels::NAMING_MIN_LOCATED && classes.len() > 1 {
+                    format!(
+                        ": fewer than {} found, too few to judge, so full weight",
+                        super::labels::NAMING_MIN_LOCATED
+                    )
+                } else {
+                    String::new()
+                }
             ));
             Some(naming)
         }
