@@ -181,8 +181,13 @@ impl MemoryEstimate {
             ),
             None => "one step: not measured (no counting allocator in this program)".into(),
         };
+        let resident = if self.measured_on == "device" {
+            format!("weights {}", human(self.parameters as u64 * 4))
+        } else {
+            format!("program and data {}", human(self.program_and_data_bytes))
+        };
         let mut parts = vec![
-            format!("program and data {}", human(self.program_and_data_bytes)),
+            resident,
             format!(
                 "optimiser state {} ({} of {} parameters train)",
                 human(self.optimizer_bytes),
@@ -350,8 +355,13 @@ where
             let mut peaks = Vec::new();
             // At batch 1 the step itself is measured: a probe at 2 would be larger than the run.
             let sizes: &[usize] = if plan.batch_size == 1 { &[1, 1] } else { &[1, 1, 2] };
+            // A GPU's pools keep what the warm-up reserved, so its steps are measured from before it.
+            let device_base = meter.start();
             for (i, &images) in sizes.iter().enumerate() {
-                let start = meter.start();
+                let start = match meter {
+                    Meter::Host => meter.start(),
+                    Meter::Device(_) => device_base,
+                };
                 drop(model.step(batch_of(images)?));
                 if i > 0 {
                     peaks.push(meter.peak().saturating_sub(start));
@@ -407,15 +417,20 @@ pub struct MemoryRecord {
     /// part of the resident peak that is the program's own data, not its code, stacks or the
     /// allocator's slack.
     pub measured_peak_heap_bytes: Option<u64>,
+    /// What the device's memory pools hold at the end of the run (a GPU's pools keep the pages
+    /// its largest step needed: its peak), when the run was on one.
+    #[serde(default)]
+    pub measured_device_bytes: Option<u64>,
 }
 
 impl MemoryRecord {
     /// The record of a run that has just ended with `estimate`.
-    pub fn now(estimate: MemoryEstimate) -> Self {
+    pub fn now(estimate: MemoryEstimate, device: &Device) -> Self {
         Self {
             estimate,
             measured_peak_bytes: peak_resident_bytes(),
             measured_peak_heap_bytes: counting().then(|| peak_bytes() as u64),
+            measured_device_bytes: device.memory_pool_usage().map(|u| u.bytes_reserved).filter(|&b| b > 0),
         }
     }
 }
@@ -423,13 +438,14 @@ impl MemoryRecord {
 impl MemoryRecord {
     /// The closing line: measured against estimated.
     pub fn render(&self) -> Option<String> {
-        let measured = self.measured_peak_bytes?;
-        if self.estimate.measured_on == "device" {
-            return None;
-        }
+        let (measured, place) = if self.estimate.measured_on == "device" {
+            (self.measured_device_bytes?, " on the device")
+        } else {
+            (self.measured_peak_bytes?, "")
+        };
         let ratio = self.estimate.total_bytes as f64 / measured.max(1) as f64;
         Some(format!(
-            "memory: peak {} measured, {} estimated ({:+.0} %)",
+            "memory: peak {}{place} measured, {} estimated ({:+.0} %)",
             human(measured),
             human(self.estimate.total_bytes),
             (ratio - 1.0) * 100.0

@@ -394,7 +394,7 @@ pub fn launch<T: TrainTask>(
     let (state, stopped_early) =
         outcome.unwrap_or_else(|| Err(TrainError::Training("the training loop ended without a result".into())))?;
     if let Some(estimate) = settings.memory {
-        let record = memory::MemoryRecord::now(estimate);
+        let record = memory::MemoryRecord::now(estimate, &settings.device);
         let json = serde_json::to_string_pretty(&record).map_err(|e| TrainError::Training(e.to_string()))?;
         kiln_data::io::write_atomic(&settings.run_dir.join("memory.json"), json.as_bytes())?;
         if let (Verbosity::Progress, Some(line)) = (settings.verbosity, record.render()) {
