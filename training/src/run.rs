@@ -353,36 +353,33 @@ pub fn train_student_with(
     let bias_start = if config.optimizer == OptimizerKind::Auto { 0.0 } else { config.warmup_bias_lr };
     let scheduler = ModuleLrScheduler::new(schedule(0.0)).with_group(bias_group(), schedule(bias_start));
 
-    // The estimate is made when a run starts (a resumed one keeps its first).
-    let memory = match resume_from {
-        None => {
-            let batcher = TrainBatcher { image_size: config.imgsz, mask_downsample };
-            let heaviest = crate::data::most_annotated_first(&data.train);
-            let batch_of = |images: usize| -> Result<DetectionBatch, TrainError> {
-                let items = (0..images)
-                    .map(|i| {
-                        let mosaic: Vec<usize> = (0..4).map(|k| heaviest[(i + k) % heaviest.len()]).collect();
-                        train_dataset.sample_of(&mosaic, i as u64)
-                    })
-                    .collect::<Result<_, _>>()?;
-                Ok(burn::data::dataloader::batcher::Batcher::batch(&batcher, items, &autodiff))
-            };
-            let plan = MemoryPlan {
-                // A batch holds at most the whole training set (a dry run's is cut short: the
-                // command capped the batch at the full set).
-                batch_size: if dry_run { config.batch_size } else { config.batch_size.min(train_images) },
-                optimizer_slots: choice.state_slots(),
-                accumulates: accumulation.batches > 1,
-                ema: true,
-            };
-            let estimate = crate::engine::memory::estimate(&student, batch_of, plan, &autodiff)?;
-            if verbosity == Verbosity::Progress {
-                eprintln!("{}", estimate.render());
-            }
-            Some(estimate)
-        }
-        Some(_) => None,
+    // The step measured on the most annotated images, in mosaics of them: a step's worst case.
+    let batcher = TrainBatcher { image_size: config.imgsz, mask_downsample };
+    let heaviest = crate::data::most_annotated_first(&data.train);
+    let batch_of = |images: usize| -> Result<DetectionBatch, TrainError> {
+        let items = (0..images)
+            .map(|i| {
+                let mosaic: Vec<usize> = (0..4).map(|k| heaviest[(i + k) % heaviest.len()]).collect();
+                train_dataset.sample_of(&mosaic, i as u64)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(burn::data::dataloader::batcher::Batcher::batch(&batcher, items, &autodiff))
     };
+    let plan = MemoryPlan {
+        batch_size: config.batch_size,
+        optimizer_slots: choice.state_slots(),
+        accumulates: accumulation.batches > 1,
+        ema: true,
+    };
+    let memory = crate::engine::memory::estimate_at_start(
+        &student,
+        batch_of,
+        plan,
+        (!dry_run).then_some(train_images),
+        &autodiff,
+        resume_from.is_some(),
+        verbosity,
+    )?;
     if dry_run {
         return Ok(TrainSummary::dry_run(memory));
     }

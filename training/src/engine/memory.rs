@@ -407,6 +407,35 @@ where
     Ok(estimate)
 }
 
+/// The estimate a run makes when it starts, printed with its settings (none when it resumes: it
+/// keeps its first). `training_images` caps the batch: a batch holds at most the whole training
+/// set (none for a dry run, whose set is cut short; its command capped the batch already).
+
+pub fn estimate_at_start<M>(
+    model: &M,
+    batch_of: impl Fn(usize) -> Result<M::Input, TrainError>,
+    mut plan: MemoryPlan,
+    training_images: Option<usize>,
+    device: &Device,
+    resuming: bool,
+    verbosity: super::Verbosity,
+) -> Result<Option<MemoryEstimate>, TrainError>
+where
+    M: TrainStep + Module,
+{
+    if resuming {
+        return Ok(None);
+    }
+    if let Some(images) = training_images {
+        plan.batch_size = plan.batch_size.min(images.max(1));
+    }
+    let estimate = estimate(model, batch_of, plan, device)?;
+    if verbosity == super::Verbosity::Progress {
+        eprintln!("{}", estimate.render());
+    }
+    Ok(Some(estimate))
+}
+
 /// `memory.json` of a run: the estimate made before it and the peak measured after.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemoryRecord {

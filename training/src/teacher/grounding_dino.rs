@@ -569,38 +569,36 @@ pub fn train_grounding_dino(
 
     let teacher = GroundingDinoTeacher { model, loss: config.loss, max_grad_norm: config.max_grad_norm };
     let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
-    let memory = match resume_from {
-        None => {
-            // A step's memory grows with the image's resized area and its boxes: the largest and
-            // most annotated are measured.
-            let coco = data.train.coco();
-            let mut heaviest = crate::data::most_annotated_first(coco);
-            heaviest.sort_by_key(|&i| {
-                let (w, h) = (coco.images[i].width.max(1) as f64, coco.images[i].height.max(1) as f64);
-                let scale = (config.image_size as f64 / w.min(h)).min(config.max_size as f64 / w.max(h));
-                std::cmp::Reverse((w * h * scale * scale) as u64)
-            });
-            let batch_of = |images: usize| -> Result<GroundingBatch, TrainError> {
-                let items =
-                    (0..images)
-                        .map(|i| train_dataset.load(heaviest[i % heaviest.len()]))
-                        .collect::<Result<Vec<_>, TrainError>>()?;
-                Ok(batcher_for_probe.batch(items, &autodiff))
-            };
-            let plan = MemoryPlan {
-                // A batch holds at most the whole training set (a dry run's is cut short: the
-                // command capped the batch at the full set).
-                batch_size: if dry_run { config.batch_size } else { config.batch_size.min(train_dataset.len()) },
-                optimizer_slots: choice.state_slots(),
-                accumulates: false,
-                ema: false,
-            };
-            let estimate = crate::engine::memory::estimate(&teacher, batch_of, plan, &autodiff)?;
-            status(&estimate.render());
-            Some(estimate)
-        }
-        Some(_) => None,
+    // A step's memory grows with the image's resized area and its boxes: the largest and most
+    // annotated are measured.
+    let coco = data.train.coco();
+    let mut heaviest = crate::data::most_annotated_first(coco);
+    heaviest.sort_by_key(|&i| {
+        let (w, h) = (coco.images[i].width.max(1) as f64, coco.images[i].height.max(1) as f64);
+        let scale = (config.image_size as f64 / w.min(h)).min(config.max_size as f64 / w.max(h));
+        std::cmp::Reverse((w * h * scale * scale) as u64)
+    });
+    let batch_of = |images: usize| -> Result<GroundingBatch, TrainError> {
+        let items = (0..images)
+            .map(|i| train_dataset.load(heaviest[i % heaviest.len()]))
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        Ok(batcher_for_probe.batch(items, &autodiff))
     };
+    let plan = MemoryPlan {
+        batch_size: config.batch_size,
+        optimizer_slots: choice.state_slots(),
+        accumulates: false,
+        ema: false,
+    };
+    let memory = crate::engine::memory::estimate_at_start(
+        &teacher,
+        batch_of,
+        plan,
+        (!dry_run).then_some(train_dataset.len()),
+        &autodiff,
+        resume_from.is_some(),
+        verbosity,
+    )?;
     if dry_run {
         return Ok(GroundingTrainSummary::dry_run(memory, lora_summary, adapter_dir));
     }

@@ -734,31 +734,30 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
 
     let teacher = SamTeacher { sam: model, loss: config.loss, max_grad_norm: config.max_grad_norm };
     let choice = OptimizerChoice { kind: OptimizerKind::Adamw, lr0: config.lr0, momentum: 0.9 };
-    let memory = match resume_from {
-        None => {
-            // A step's memory grows with the prompts: the images with the most boxes are measured.
-            let mut heaviest: Vec<usize> = (0..train_samples.len()).collect();
-            heaviest.sort_by_key(|&i| std::cmp::Reverse(train_samples[i].boxes.len()));
-            let batch_of = |images: usize| -> Result<SamBatch, TrainError> {
-                let items = (0..images)
-                    .map(|i| train_dataset.item_of(heaviest[i % heaviest.len()], i))
-                    .collect::<Result<Vec<_>, TrainError>>()?;
-                Ok(batcher_for_probe.batch(items, &autodiff))
-            };
-            let plan = MemoryPlan {
-                // A batch holds at most the whole training set (a dry run's is cut short: the
-                // command capped the batch at the full set).
-                batch_size: if dry_run { config.batch_size } else { config.batch_size.min(train_samples.len()) },
-                optimizer_slots: choice.state_slots(),
-                accumulates: false,
-                ema: false,
-            };
-            let estimate = crate::engine::memory::estimate(&teacher, batch_of, plan, &autodiff)?;
-            status(&estimate.render());
-            Some(estimate)
-        }
-        Some(_) => None,
+    // A step's memory grows with the prompts: the images with the most boxes are measured.
+    let mut heaviest: Vec<usize> = (0..train_samples.len()).collect();
+    heaviest.sort_by_key(|&i| std::cmp::Reverse(train_samples[i].boxes.len()));
+    let batch_of = |images: usize| -> Result<SamBatch, TrainError> {
+        let items = (0..images)
+            .map(|i| train_dataset.item_of(heaviest[i % heaviest.len()], i))
+            .collect::<Result<Vec<_>, TrainError>>()?;
+        Ok(batcher_for_probe.batch(items, &autodiff))
     };
+    let plan = MemoryPlan {
+        batch_size: config.batch_size,
+        optimizer_slots: choice.state_slots(),
+        accumulates: false,
+        ema: false,
+    };
+    let memory = crate::engine::memory::estimate_at_start(
+        &teacher,
+        batch_of,
+        plan,
+        (!dry_run).then_some(train_samples.len()),
+        &autodiff,
+        resume_from.is_some(),
+        verbosity,
+    )?;
     if dry_run {
         return Ok(SamTrainSummary::dry_run(memory, lora_summary, adapter_dir, cache.is_some()));
     }
