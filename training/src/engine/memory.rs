@@ -410,7 +410,6 @@ where
 /// The estimate a run makes when it starts, printed with its settings (none when it resumes: it
 /// keeps its first). `training_images` caps the batch: a batch holds at most the whole training
 /// set (none for a dry run, whose set is cut short; its command capped the batch already).
-
 pub fn estimate_at_start<M>(
     model: &M,
     batch_of: impl Fn(usize) -> Result<M::Input, TrainError>,
