@@ -788,10 +788,7 @@ impl Warp {
                 (b, None)
             }
         };
-        let (w0, h0) = ((before[2] - before[0]) as f64, (before[3] - before[1]) as f64);
-        let (w, h) = (bbox[2] - bbox[0], bbox[3] - bbox[1]);
-        let aspect = (w / (h + 1e-16)).max(h / (w + 1e-16));
-        if w <= 2.0 || h <= 2.0 || w * h / (w0 * h0 + 1e-16) <= 0.1 || aspect >= 100.0 {
+        if !box_candidate(before.map(|v| v as f64), bbox) {
             return Ok(None);
         }
         let mask = match (mask_downsample, warped) {
@@ -842,6 +839,15 @@ fn inverse(m: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
     ]
 }
 
+/// Ultralytics' `box_candidates`: an object whose box went from `before` to `after` stays when
+/// its sides are over 2 px, it keeps over 10 % of its area and its aspect is under 100.
+fn box_candidate(before: [f64; 4], after: [f64; 4]) -> bool {
+    let (w0, h0) = (before[2] - before[0], before[3] - before[1]);
+    let (w, h) = (after[2] - after[0], after[3] - after[1]);
+    let aspect = (w / (h + 1e-16)).max(h / (w + 1e-16));
+    w > 2.0 && h > 2.0 && w * h / (w0 * h0 + 1e-16) > 0.1 && aspect < 100.0
+}
+
 /// The instance's box (and mask) in the output, or `None` when too little of it survives
 /// (Ultralytics' `box_candidates`: sides > 2 px, > 10 % of its scaled area, aspect < 100).
 fn place_instance(
@@ -886,10 +892,7 @@ fn place_instance(
     }) else {
         return Ok(None);
     };
-    let (w0, h0) = (mapped[2] - mapped[0], mapped[3] - mapped[1]);
-    let (w, h) = (clip[2] - clip[0], clip[3] - clip[1]);
-    let aspect = (w / (h + 1e-16)).max(h / (w + 1e-16));
-    if w <= 2.0 || h <= 2.0 || w * h / (w0 * h0 + 1e-16) <= 0.1 || aspect >= 100.0 {
+    if !box_candidate(mapped, clip) {
         return Ok(None);
     }
     let mask = match (mask_downsample, &instance.segmentation) {
