@@ -1,8 +1,11 @@
-//! A small ONNX interpreter for the graphs kiln exports (float32, with Q/DQ nodes), on the CPU:
-//! convolutions and pooling through Burn, the rest element by element. It calibrates INT8
-//! (every tensor's values are visible as they are computed) and scores a quantised model without
+//! A small ONNX interpreter for the graphs kiln exports (float32, float16, or with Q/DQ nodes), on
+//! the CPU: convolutions and pooling through Burn, the rest element by element. It calibrates INT8
+//! (every tensor's values are visible as they are computed) and scores an exported model without
 //! leaving Rust. Operators follow the ONNX specification; an operator outside the supported set is
-//! an error naming it.
+//! an error naming it. A float16 graph is computed in float32 with every tensor rounded to
+//! float16 where the graph stores one (its input, each operator's output, `Cast` to float16):
+//! the storage a float16 runtime has, with float32 accumulation inside each operator, as GPUs
+//! and TensorRT's FP16 kernels accumulate.
 
 use std::collections::HashMap;
 
@@ -12,6 +15,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use onnx_ir::{GraphProto, NodeProto, TensorProto};
 
 use crate::ExportError;
+use crate::graph::FLOAT16;
 
 /// A dense row-major tensor; integer tensors (shapes, indices, int8 weights) hold their values as
 /// floats, exactly (all are far below 2^24).
@@ -55,6 +59,11 @@ fn decode_initializer(tensor: &TensorProto) -> Result<Value, ExportError> {
         6 if !raw.is_empty() => raw.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
         6 => tensor.int32_data.iter().map(|&v| v as f32).collect(),
         3 if !raw.is_empty() => raw.iter().map(|&b| b as i8 as f32).collect(),
+        FLOAT16 if !raw.is_empty() => {
+            raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        }
+        // float16 outside raw_data: each value's bits in the low half of an int32.
+        FLOAT16 => tensor.int32_data.iter().map(|&v| half::f16::from_bits(v as u16).to_f32()).collect(),
         2 if !raw.is_empty() => raw.iter().map(|&b| b as f32).collect(),
         2 => tensor.int32_data.iter().map(|&v| v as f32).collect(),
         3 => tensor.int32_data.iter().map(|&v| v as f32).collect(),
@@ -137,23 +146,46 @@ pub struct Interpreter {
     initializers: HashMap<String, Value>,
     /// Initializers stored as uint8 (their quantised range is 0..255, not -128..127).
     unsigned: std::collections::HashSet<String>,
+    /// The runtime input is float16: every tensor the graph computes is stored as float16.
+    half: bool,
     device: Device,
+}
+
+/// `values` rounded to the nearest float16 (what storing them as float16 keeps).
+fn round_to_half(values: &mut [f32]) {
+    for v in values {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
 }
 
 impl Interpreter {
     pub fn new(graph: &GraphProto, device: &Device) -> Result<Self, ExportError> {
-        let initializers = graph
+        let initializers: HashMap<String, Value> = graph
             .initializer
             .iter()
             .map(|t| Ok::<_, ExportError>((t.name.clone(), decode_initializer(t)?)))
             .collect::<Result<_, _>>()?;
         let unsigned = graph.initializer.iter().filter(|t| t.data_type == 2).map(|t| t.name.clone()).collect();
-        Ok(Self { graph: graph.clone(), initializers, unsigned, device: device.clone() })
+        let half = graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains_key(&i.name))
+            .filter_map(|i| i.type_.as_ref().filter(|t| t.has_tensor_type()))
+            .any(|t| t.tensor_type().elem_type == FLOAT16);
+        Ok(Self { graph: graph.clone(), initializers, unsigned, half, device: device.clone() })
+    }
+
+    /// Whether the graph computes in float16 (its input is float16).
+    pub fn is_half(&self) -> bool {
+        self.half
     }
 
     /// Runs the graph on its single input; `observe` sees every float tensor computed (and the
     /// input) by name. Returns the graph outputs in order.
-    pub fn run(&self, input: Value, mut observe: impl FnMut(&str, &Value)) -> Result<Vec<Value>, ExportError> {
+    pub fn run(&self, mut input: Value, mut observe: impl FnMut(&str, &Value)) -> Result<Vec<Value>, ExportError> {
+        if self.half {
+            round_to_half(&mut input.data);
+        }
         let mut remaining: HashMap<&str, usize> = HashMap::new();
         for name in self.graph.node.iter().flat_map(|n| n.input.iter()) {
             *remaining.entry(name.as_str()).or_insert(0) += 1;
@@ -183,7 +215,13 @@ impl Interpreter {
                 };
                 self.execute(node, &get)?
             };
-            for (name, value) in node.output.iter().zip(produced) {
+            for (index, (name, mut value)) in node.output.iter().zip(produced).enumerate() {
+                // In a float16 graph every float tensor is stored as float16; indices (TopK's
+                // second output) stay int64, and a Cast rounds by its own target type.
+                let integer = node.op_type == "TopK" && index == 1;
+                if self.half && !integer && node.op_type != "Cast" {
+                    round_to_half(&mut value.data);
+                }
                 observe(name, &value);
                 values.insert(name.clone(), value);
             }
@@ -258,7 +296,13 @@ impl Interpreter {
                 let indices = argmax(x, axis);
                 Ok(vec![values, indices])
             }
-            "Cast" => Ok(vec![get(0)?.clone()]),
+            "Cast" => {
+                let mut value = get(0)?.clone();
+                if int(node, "to", 1) == FLOAT16 as i64 {
+                    round_to_half(&mut value.data);
+                }
+                Ok(vec![value])
+            }
             "QuantizeLinear" => {
                 let (x, scale) = (get(0)?, get(1)?);
                 let zero = get(2).ok().cloned().unwrap_or(Value::new(vec![], vec![0.0]));

@@ -14,6 +14,7 @@ pub mod int8;
 pub mod interpreter;
 pub mod onnx;
 pub mod quantize;
+pub mod runtime;
 pub mod tensorrt;
 
 use std::path::PathBuf;

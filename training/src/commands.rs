@@ -571,33 +571,45 @@ pub fn run_infer(
     device: &Device,
     progress: &indicatif::ProgressBar,
 ) -> Result<InferSummary, TrainError> {
-    let files = kiln_data::io::list_images(images)?;
-    let staged = StagedOutput::begin(output, "predictions.json", visualize)?;
     let info = student.info();
     let imgsz = imgsz.unwrap_or(info.imgsz);
+    run_infer_with(&info.classes, &info.category_ids, images, output, visualize, progress, |image| {
+        student.model().predict(image, imgsz, options, device).map_err(|e| e.to_string())
+    })
+}
+
+/// [`run_infer`] for any predictor (an exported ONNX model, a quantised one): `predict` gets each
+/// image at its original size and returns detections in its pixels.
+pub fn run_infer_with(
+    classes: &[String],
+    category_ids: &[u64],
+    images: &Path,
+    output: &Path,
+    visualize: bool,
+    progress: &indicatif::ProgressBar,
+    mut predict: impl FnMut(&image::RgbImage) -> Result<Vec<kiln_models::yolo::predict::Detection>, String>,
+) -> Result<InferSummary, TrainError> {
+    let files = kiln_data::io::list_images(images)?;
+    let staged = StagedOutput::begin(output, "predictions.json", visualize)?;
     progress.set_length(files.len() as u64);
     let mut results = Vec::new();
     let mut listed = Vec::new();
     for (position, file) in files.iter().enumerate() {
         let image = kiln_data::io::read_rgb_image(file)?;
-        let detections = student.model().predict(&image, imgsz, options, device)?;
+        let detections = predict(&image).map_err(|e| TrainError::Config(format!("{}: {e}", file.display())))?;
         let entry = ResultImage::listed(position, file, &image);
-        results.extend(to_coco_results(entry.id, &detections, &info.category_ids));
+        results.extend(to_coco_results(entry.id, &detections, category_ids));
         if let Some(picture_path) = staged.picture(&kiln_data::io::picture_stem(file, entry.id)) {
             let mut picture = image;
-            crate::plots::draw_detections(&mut picture, &detections, &info.classes);
+            crate::plots::draw_detections(&mut picture, &detections, classes);
             crate::plots::save(&picture, &picture_path)?;
         }
         listed.push(entry);
         progress.inc(1);
     }
     progress.finish_and_clear();
-    let categories = info
-        .category_ids
-        .iter()
-        .zip(&info.classes)
-        .map(|(&id, name)| ResultCategory { id, name: name.clone() })
-        .collect();
+    let categories =
+        category_ids.iter().zip(classes).map(|(&id, name)| ResultCategory { id, name: name.clone() }).collect();
     let detections = results.len();
     let (predictions, pictures) =
         staged.finish(&ResultsDocument { images: listed, categories, annotations: results })?;

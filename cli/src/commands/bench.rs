@@ -1,5 +1,5 @@
 //! `kiln bench`: inference latency of a student (Burn, on the CPU or wgpu) or of an ONNX file
-//! (ONNX Runtime, through an installed Python onnxruntime), as a table.
+//! (kiln's own interpreter, or ONNX Runtime through an installed Python onnxruntime), as a table.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,9 +12,13 @@ use crate::common::{DeviceArg, open_device, progress_bar};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A student (run directory or .safetensors, run by Burn) or an .onnx file (run by ONNX Runtime).
+    /// A student (run directory or .safetensors, run by Burn) or an .onnx file (run by --engine).
     #[arg(long, value_name = "DIR|FILE")]
     pub model: PathBuf,
+    /// What runs an .onnx file: kiln's own interpreter (Rust, no Python), ONNX Runtime (a Python
+    /// with onnxruntime: KILN_PYTHON or python3), or auto: ONNX Runtime when it is installed.
+    #[arg(long, value_enum, default_value_t = OnnxEngine::Auto)]
+    pub engine: OnnxEngine,
     /// Backend for a student: the CPU (flex) or wgpu. ONNX files run on ONNX Runtime's CPU provider.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -36,6 +40,13 @@ pub struct Args {
     /// Threads for ONNX Runtime [default: its own choice].
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, Debug, PartialEq, Eq)]
+pub enum OnnxEngine {
+    Auto,
+    Kiln,
+    Onnxruntime,
 }
 
 struct Measured {
@@ -66,7 +77,13 @@ fn file_size(path: &Path) -> u64 {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs >= 1 && args.batch >= 1, "--runs and --batch must be at least 1");
     let is_onnx = args.model.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
-    let measured = if is_onnx { bench_onnxruntime(args)? } else { bench_student(args)? };
+    let measured = match (is_onnx, args.engine) {
+        (false, _) => bench_student(args)?,
+        (true, OnnxEngine::Kiln) => bench_kiln_onnx(args)?,
+        (true, OnnxEngine::Onnxruntime) => bench_onnxruntime(args)?,
+        (true, OnnxEngine::Auto) if onnxruntime_python().is_ok() => bench_onnxruntime(args)?,
+        (true, OnnxEngine::Auto) => bench_kiln_onnx(args)?,
+    };
     let mut times = measured.times.clone();
     times.sort_by(f64::total_cmp);
     let median = percentile(&times, 0.5);
@@ -132,6 +149,41 @@ fn bench_student(args: &Args) -> anyhow::Result<Measured> {
             .map(|kb| format!("{:.0} MB", kb as f64 / 1024.0))
             .unwrap_or_else(|| "unknown".into()),
         model_bytes: file_size(&info.weights),
+    })
+}
+
+fn bench_kiln_onnx(args: &Args) -> anyhow::Result<Measured> {
+    anyhow::ensure!(
+        args.imgsz.is_none() && args.batch == 1 && matches!(args.device, DeviceArg::Cpu) && !args.int8,
+        "an ONNX file's input size and batch are fixed in it, and kiln's interpreter runs it on the CPU: drop --imgsz, --batch, --device and --int8 (export with --int8 instead)"
+    );
+    let exported = kiln_export::runtime::OnnxStudent::open(&args.model, &kiln_models::device::cpu())?;
+    let s = exported.imgsz as usize;
+    let pixels: Vec<f32> = (0..3 * s * s).map(|i| ((i * 7919) % 255) as f32 / 255.0).collect();
+    let input = kiln_export::interpreter::Value::new(vec![1, 3, s, s], pixels);
+    for _ in 0..args.warmup {
+        exported.detector().outputs(input.clone())?;
+    }
+    let bar = progress_bar("runs");
+    bar.set_length(args.runs as u64);
+    let times = (0..args.runs)
+        .map(|_| {
+            let start = Instant::now();
+            exported.detector().outputs(input.clone())?;
+            bar.inc(1);
+            Ok(start.elapsed().as_secs_f64())
+        })
+        .collect::<Result<_, kiln_export::ExportError>>()?;
+    bar.finish_and_clear();
+    Ok(Measured {
+        engine: format!("kiln's ONNX interpreter (CPU), {} {}", exported.model_name, exported.precision),
+        input: format!("[1, 3, {s}, {s}]"),
+        times,
+        batch: 1,
+        peak_memory: peak_rss_kb()
+            .map(|kb| format!("{:.0} MB", kb as f64 / 1024.0))
+            .unwrap_or_else(|| "unknown".into()),
+        model_bytes: file_size(&args.model),
     })
 }
 

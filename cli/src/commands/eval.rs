@@ -7,7 +7,8 @@ use crate::common::{DeviceArg, check_imgsz, load_student, open_device, progress_
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("evaluated").required(true).args(["model", "teachers"]))]
 pub struct Args {
-    /// A run directory (uses weights/best.safetensors) or a student .safetensors file.
+    /// A run directory (uses weights/best.safetensors), a student .safetensors file, or an ONNX
+    /// file kiln exported (FP32, FP16 or INT8; run by kiln's own ONNX interpreter, no Python).
     #[arg(long, value_name = "DIR|FILE")]
     pub model: Option<PathBuf>,
     /// Evaluate an experiment's teachers instead, the way they teach: GroundingDINO's boxes (from
@@ -66,6 +67,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         print!("{}", evaluation.render(&data));
         return print_json(args, &evaluation);
     };
+    if kiln_export::runtime::is_onnx(model) {
+        anyhow::ensure!(
+            args.imgsz.is_none() && !args.int8 && matches!(args.device, DeviceArg::Cpu),
+            "an ONNX file's input size and precision are fixed in it and kiln's interpreter runs it on the CPU: drop --imgsz, --int8 and --device"
+        );
+        let evaluation = evaluate_onnx(model, &data, &loaded.images_dir)?;
+        print!("{}", evaluation.render(&data));
+        return print_json(args, &evaluation);
+    }
     let student = load_student(model, args.int8, &device)?;
     let evaluation = kiln_training::commands::evaluate_student(
         &student,
@@ -79,6 +89,40 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     println!("{} ({}) on {}", student.info().config, student.info().weights.display(), args.data.display());
     print!("{}", evaluation.render(&data));
     print_json(args, &evaluation)
+}
+
+/// An exported model scored on `data` by kiln's interpreter, as `kiln eval` scores a student.
+fn evaluate_onnx(
+    path: &std::path::Path,
+    data: &kiln_data::CocoDataset,
+    images_dir: &std::path::Path,
+) -> anyhow::Result<kiln_training::commands::Evaluation> {
+    let exported = kiln_export::runtime::OnnxStudent::open(path, &kiln_models::device::cpu())?;
+    anyhow::ensure!(
+        data.class_names() == exported.classes,
+        "{}: the model knows classes {:?} but the data has {:?}",
+        path.display(),
+        exported.classes,
+        data.class_names()
+    );
+    let evaluation = kiln_training::commands::evaluate_predictor(
+        data,
+        images_dir,
+        &exported.category_ids,
+        exported.segment,
+        &progress_bar("images"),
+        |image| exported.predict(image, &kiln_training::commands::EVAL_PREDICT_OPTIONS).map_err(|e| e.to_string()),
+    )?;
+    println!(
+        "{} {} ONNX ({}, {}x{}, kiln's interpreter) on {} images",
+        exported.model_name,
+        exported.precision,
+        path.display(),
+        exported.imgsz,
+        exported.imgsz,
+        data.images.len()
+    );
+    Ok(evaluation)
 }
 
 fn print_json(args: &Args, evaluation: &kiln_training::commands::Evaluation) -> anyhow::Result<()> {
