@@ -198,3 +198,78 @@ fn int8_in_onnxruntime(activations: kiln_export::quantize::ActivationType) {
     assert!(fp_box - q_box < 0.02, "INT8 box mAP50 {q_box:.4} vs FP32 {fp_box:.4}");
     assert!(fp_mask - q_mask < 0.02, "INT8 mask mAP50 {q_mask:.4} vs FP32 {fp_mask:.4}");
 }
+
+/// The FP16 export (`kiln export --half`, `kiln optimize`'s `model.fp16.onnx`) of the trained
+/// student on real images of its domain: ONNX Runtime's float16 outputs stay within 3e-2 and
+/// kiln's interpreter's (float32 arithmetic on float16 storage) within 1e-1 relative
+/// (`|a - b| ≤ tol · max(|b|, 1)`: boxes in pixels, probabilities near 0) of the FP32 graph, and
+/// the detections above 0.25 are the same objects (class, box within 1 px).
+#[test]
+fn fp16_onnx_stays_within_half_precision_of_fp32_in_onnxruntime_and_kiln() {
+    use indicatif::ProgressBar;
+    use kiln_data::{SynthLabels, SynthOptions, synthesize};
+    use kiln_export::int8::{OnnxDetector, detections_from_outputs, letterboxed_input};
+    use kiln_models::PredictOptions;
+
+    // Float16 keeps 11 significant bits (relative step 2^-11 ≈ 4.9e-4); after ~60 layers the
+    // outputs drift by many steps. Measured on these 4 images: ONNX Runtime ≤ 1.4e-2 from FP32 (it
+    // keeps some fused operators in float32), kiln's interpreter ≤ 5.8e-2 (it rounds every operator's
+    // output, the most pessimistic float16 runtime); the bounds leave room for both.
+    const ONNXRUNTIME_TOLERANCE: f32 = 3e-2;
+    const FP16_TOLERANCE: f32 = 1e-1;
+    let scratch = Scratch::new("export-fp16");
+    let device = Device::flex();
+    let options = SynthOptions {
+        images: 4,
+        classes: 3,
+        size: 160,
+        labels: SynthLabels::Both,
+        seed: 11,
+        max_objects: 2,
+        ..Default::default()
+    };
+    let synth = synthesize(&options, &scratch.path().join("synth"), &ProgressBar::hidden()).unwrap();
+    let weights = kiln_tests::fixture("students/synth160_yolov8n_seg.safetensors");
+    let info = StudentInfo::read(&weights).unwrap();
+    let model = info.load_model(&device).unwrap();
+    let export = |half| onnx_bytes(&model, &info, &ExportOptions { imgsz: 160, batch: 1, half }, &device).unwrap().0;
+    let (fp32, fp16) = (export(false), export(true));
+    let fp16_path = scratch.path().join("fp16.onnx");
+    std::fs::write(&fp16_path, fp16.write_to_bytes().unwrap()).unwrap();
+    let (fp32_run, fp16_run) =
+        (OnnxDetector::new(&fp32, 3, 160, &device).unwrap(), OnnxDetector::new(&fp16, 3, 160, &device).unwrap());
+    let worst = |ours: &[f32], theirs: &[f32]| {
+        assert_eq!(ours.len(), theirs.len());
+        ours.iter().zip(theirs).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max)
+    };
+    let mut found = 0;
+    for image in &synth.dataset.images {
+        let picture = image::open(synth.images_dir.join(&image.file_name)).unwrap().to_rgb8();
+        let (input, letterbox) = letterboxed_input(&picture, 160);
+        let reference = fp32_run.outputs(input.clone()).unwrap();
+        let kiln_half = fp16_run.outputs(input.clone()).unwrap();
+        let ort_half = run_onnxruntime(&fp16_path, &[1, 3, 160, 160], &input.data, scratch.path());
+        for (i, name) in ["output0", "output1"].iter().enumerate() {
+            let (kiln, ort, exact) = (&kiln_half[i].data, &ort_half.outputs[i].2, &reference[i].data);
+            let (kiln_error, ort_error, between) = (worst(kiln, exact), worst(ort, exact), worst(kiln, ort));
+            println!(
+                "{} {name}: kiln FP16 {kiln_error:.2e}, ORT FP16 {ort_error:.2e} from FP32; kiln vs ORT {between:.2e}",
+                image.file_name
+            );
+            assert!(kiln_error <= FP16_TOLERANCE && ort_error <= ONNXRUNTIME_TOLERANCE && between <= FP16_TOLERANCE);
+            assert!(kiln_error > 0.0, "the float16 graph must round: {name} equals FP32 exactly");
+        }
+        let detect = |outputs: &[kiln_export::interpreter::Value]| {
+            let options = PredictOptions { conf: 0.25, ..Default::default() };
+            detections_from_outputs(outputs, 3, &letterbox, &options)
+        };
+        let (exact, half) = (detect(&reference), detect(&kiln_half));
+        assert_eq!(exact.len(), half.len(), "{}: detections above 0.25", image.file_name);
+        for (a, b) in exact.iter().zip(&half) {
+            assert_eq!(a.class_id, b.class_id);
+            assert!(a.bbox.iter().zip(&b.bbox).all(|(x, y)| (x - y).abs() <= 1.0), "{:?} vs {:?}", a.bbox, b.bbox);
+        }
+        found += exact.len();
+    }
+    assert!(found >= 4, "the student should find its shapes ({found} detections)");
+}

@@ -14,7 +14,7 @@ static ALLOCATOR: kiln_training::engine::memory::CountingAllocator = kiln_traini
 
 use clap::{Parser, Subcommand};
 use commands::{
-    bench, demo, detect, eval, export, infer, info, segment, synth, train_student, train_teacher, validate,
+    bench, demo, detect, eval, export, infer, info, optimize, segment, synth, train_student, train_teacher, validate,
 };
 
 #[derive(Parser)]
@@ -102,6 +102,9 @@ enum Command {
     /// experiment's teacher_config.yaml).
     Segment(segment::Args),
     /// Evaluate a trained student on a COCO dataset: COCO box (and mask) AP, per class.
+    ///
+    /// The student may be a run directory, its .safetensors, or an ONNX file kiln exported (FP32,
+    /// FP16, INT8), which kiln's own interpreter runs; --teachers scores an experiment's teachers.
     Eval(eval::Args),
     /// Run a trained student on a directory of images: COCO-results JSON, and pictures with the
     /// boxes, masks and class names drawn (--visualize).
@@ -119,9 +122,22 @@ enum Command {
     /// Measure inference speed: latency median and p90, throughput, peak memory, model size.
     ///
     /// A student runs on Burn (--device cpu or wgpu): network and box decoding, outputs read back
-    /// to the host. An .onnx file (from `kiln export`) runs on ONNX Runtime's CPU provider through
-    /// an installed Python onnxruntime (`pip install onnxruntime`; KILN_PYTHON picks the python).
+    /// to the host. An .onnx file (from `kiln export` or `kiln optimize`) runs on kiln's own ONNX
+    /// interpreter (--engine kiln: Rust, no Python) or ONNX Runtime's CPU provider through an
+    /// installed Python onnxruntime (--engine onnxruntime; `pip install onnxruntime`, KILN_PYTHON
+    /// picks the python); by default ONNX Runtime when it is installed.
     Bench(bench::Args),
+    /// Turn a trained student into its deployable forms and measure each: size, speed, accuracy.
+    ///
+    /// Reads the student (--experiment NAME: experiments/NAME/student; or --model DIR) and the
+    /// splits its run recorded in metadata.json. Writes, into a new directory (EXPERIMENT/optimized
+    /// or DIR/optimized): model.onnx (FP32), model.fp16.onnx, model.int8.onnx (Q/DQ, calibrated on
+    /// the training split), the TensorRT engine when `trtexec` is on PATH (its exact command
+    /// otherwise), and report.md / report.json: per artifact its file size, parameters, GFLOPs,
+    /// latency (Burn flex for the student; kiln's ONNX interpreter, and ONNX Runtime where a Python
+    /// has it, for the ONNX files) and COCO box/mask mAP on the validation split, measured by
+    /// running that artifact. Everything appears at the end or not at all.
+    Optimize(optimize::Args),
     /// Run the main job on a dataset kiln generates itself: synth, then validate (more steps join
     /// as they land).
     Demo(demo::Args),
@@ -145,6 +161,7 @@ fn main() -> ExitCode {
         Command::Infer(args) => infer::run(args).map(|_| true),
         Command::Export(args) => export::run(args).map(|_| true),
         Command::Bench(args) => bench::run(args).map(|_| true),
+        Command::Optimize(args) => optimize::run(args).map(|_| true),
         Command::Demo(args) => demo::run(args),
     };
     match outcome {

@@ -1,12 +1,9 @@
 //! `kiln bench`: inference latency of a student (Burn, on the CPU or wgpu) or of an ONNX file
 //! (kiln's own interpreter, or ONNX Runtime through an installed Python onnxruntime), as a table.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
-
-use burn::tensor::{Tensor, TensorData};
+use kiln_export::latency;
 use kiln_models::StudentInfo;
-use kiln_models::device::read_floats;
+use std::path::{Path, PathBuf};
 
 use crate::common::{DeviceArg, open_device, progress_bar};
 
@@ -81,7 +78,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         (false, _) => bench_student(args)?,
         (true, OnnxEngine::Kiln) => bench_kiln_onnx(args)?,
         (true, OnnxEngine::Onnxruntime) => bench_onnxruntime(args)?,
-        (true, OnnxEngine::Auto) if onnxruntime_python().is_ok() => bench_onnxruntime(args)?,
+        (true, OnnxEngine::Auto) if latency::onnxruntime_python().is_ok() => bench_onnxruntime(args)?,
         (true, OnnxEngine::Auto) => bench_kiln_onnx(args)?,
     };
     let mut times = measured.times.clone();
@@ -108,32 +105,9 @@ fn bench_student(args: &Args) -> anyhow::Result<Measured> {
     let size = args.imgsz.unwrap_or(info.imgsz);
     anyhow::ensure!(size >= 32 && size % 32 == 0, "--imgsz {size} must be a positive multiple of 32");
     let s = size as usize;
-    let pixels: Vec<f32> = (0..args.batch * 3 * s * s).map(|i| ((i * 7919) % 255) as f32 / 255.0).collect();
-    let input: Tensor<4> = Tensor::from_data(TensorData::new(pixels, [args.batch, 3, s, s]), &device);
-    // One call = the network and box decoding, with every output read back to the host (as an
-    // application gets it), so asynchronous backends are timed to completion.
-    let call = || -> Result<(), kiln_models::DeviceError> {
-        let output = model.forward(input.clone());
-        let decoded = model.head.decode(&output, s);
-        read_floats(decoded)?;
-        if let Some(prototypes) = output.prototypes {
-            read_floats(prototypes)?;
-        }
-        Ok(())
-    };
-    for _ in 0..args.warmup {
-        call()?;
-    }
     let bar = progress_bar("runs");
     bar.set_length(args.runs as u64);
-    let times = (0..args.runs)
-        .map(|_| {
-            let start = Instant::now();
-            call()?;
-            bar.inc(1);
-            Ok(start.elapsed().as_secs_f64())
-        })
-        .collect::<Result<_, kiln_models::DeviceError>>()?;
+    let times = latency::burn_student(&model, args.batch, s, (args.runs, args.warmup), &device, || bar.inc(1))?;
     bar.finish_and_clear();
     Ok(Measured {
         engine: format!(
@@ -145,92 +119,53 @@ fn bench_student(args: &Args) -> anyhow::Result<Measured> {
         input: format!("[{}, 3, {s}, {s}] float32", args.batch),
         times,
         batch: args.batch,
-        peak_memory: peak_rss_kb()
-            .map(|kb| format!("{:.0} MB", kb as f64 / 1024.0))
-            .unwrap_or_else(|| "unknown".into()),
+        peak_memory: peak_memory(),
         model_bytes: file_size(&info.weights),
     })
 }
 
-fn bench_kiln_onnx(args: &Args) -> anyhow::Result<Measured> {
+fn peak_memory() -> String {
+    peak_rss_kb().map(|kb| format!("{:.0} MB", kb as f64 / 1024.0)).unwrap_or_else(|| "unknown".into())
+}
+
+fn onnx_only(args: &Args, engine: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.imgsz.is_none() && args.batch == 1 && matches!(args.device, DeviceArg::Cpu) && !args.int8,
-        "an ONNX file's input size and batch are fixed in it, and kiln's interpreter runs it on the CPU: drop --imgsz, --batch, --device and --int8 (export with --int8 instead)"
+        "an ONNX file's input size and batch are fixed in it, and {engine} runs it on the CPU: drop --imgsz, --batch, --device and --int8 (export with --int8 instead)"
     );
+    Ok(())
+}
+
+fn bench_kiln_onnx(args: &Args) -> anyhow::Result<Measured> {
+    onnx_only(args, "kiln's interpreter")?;
     let exported = kiln_export::runtime::OnnxStudent::open(&args.model, &kiln_models::device::cpu())?;
     let s = exported.imgsz as usize;
-    let pixels: Vec<f32> = (0..3 * s * s).map(|i| ((i * 7919) % 255) as f32 / 255.0).collect();
-    let input = kiln_export::interpreter::Value::new(vec![1, 3, s, s], pixels);
-    for _ in 0..args.warmup {
-        exported.detector().outputs(input.clone())?;
-    }
     let bar = progress_bar("runs");
     bar.set_length(args.runs as u64);
-    let times = (0..args.runs)
-        .map(|_| {
-            let start = Instant::now();
-            exported.detector().outputs(input.clone())?;
-            bar.inc(1);
-            Ok(start.elapsed().as_secs_f64())
-        })
-        .collect::<Result<_, kiln_export::ExportError>>()?;
+    let times = latency::kiln_interpreter(exported.detector(), s, (args.runs, args.warmup), || bar.inc(1))?;
     bar.finish_and_clear();
     Ok(Measured {
         engine: format!("kiln's ONNX interpreter (CPU), {} {}", exported.model_name, exported.precision),
         input: format!("[1, 3, {s}, {s}]"),
         times,
         batch: 1,
-        peak_memory: peak_rss_kb()
-            .map(|kb| format!("{:.0} MB", kb as f64 / 1024.0))
-            .unwrap_or_else(|| "unknown".into()),
+        peak_memory: peak_memory(),
         model_bytes: file_size(&args.model),
     })
 }
 
-/// A Python that imports onnxruntime: `KILN_PYTHON`, else `python3`.
-fn onnxruntime_python() -> anyhow::Result<PathBuf> {
-    let python = std::env::var_os("KILN_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into());
-    let ok = std::process::Command::new(&python)
-        .args(["-c", "import onnxruntime, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    anyhow::ensure!(
-        ok,
-        "benchmarking an ONNX file needs ONNX Runtime: `pip install onnxruntime numpy`, or set KILN_PYTHON to a python that has it ({} cannot import it)",
-        python.display()
-    );
-    Ok(python)
-}
-
 fn bench_onnxruntime(args: &Args) -> anyhow::Result<Measured> {
     anyhow::ensure!(args.model.is_file(), "{}: no such file", args.model.display());
-    anyhow::ensure!(
-        args.imgsz.is_none() && args.batch == 1 && matches!(args.device, DeviceArg::Cpu) && !args.int8,
-        "an ONNX file's input size and batch are fixed in it, and it runs on ONNX Runtime's CPU provider: drop --imgsz, --batch, --device and --int8 (export with --int8 instead)"
-    );
-    let python = onnxruntime_python()?;
-    let output = std::process::Command::new(python)
-        // The script stays in cli/src beside the command line's sources, one level up from here.
-        .args(["-c", include_str!("../onnxruntime_bench.py")])
-        .arg(&args.model)
-        .args([args.runs.to_string(), args.warmup.to_string(), args.threads.to_string()])
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "ONNX Runtime could not run {}: {}",
-        args.model.display(),
-        String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("")
-    );
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    let times = result["times"].as_array().map(|t| t.iter().filter_map(|v| v.as_f64()).collect()).unwrap_or_default();
-    let input: Vec<String> =
-        result["input"].as_array().map(|a| a.iter().map(|v| v.to_string()).collect()).unwrap_or_default();
+    onnx_only(args, "ONNX Runtime's CPU provider")?;
+    let python = latency::onnxruntime_python().map_err(anyhow::Error::msg)?;
+    let run = latency::onnxruntime(&python, &args.model, (args.runs, args.warmup), args.threads)?;
+    let input: Vec<String> = run.input.iter().map(|v| v.to_string()).collect();
     Ok(Measured {
-        engine: format!("ONNX Runtime {} (CPU)", result["version"].as_str().unwrap_or("?")),
+        engine: format!("ONNX Runtime {} (CPU)", run.version),
         input: format!("[{}]", input.join(", ")),
-        times,
-        batch: result["batch"].as_u64().unwrap_or(1) as usize,
-        peak_memory: format!("{:.0} MB", result["peak_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0),
+        batch: run.input.first().copied().unwrap_or(1),
+        times: run.seconds,
+        peak_memory: format!("{:.0} MB", run.peak_rss_kb / 1024.0),
         model_bytes: file_size(&args.model),
     })
 }

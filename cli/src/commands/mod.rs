@@ -8,6 +8,7 @@ pub mod eval;
 pub mod export;
 pub mod infer;
 pub mod info;
+pub mod optimize;
 pub mod segment;
 pub mod synth;
 pub mod train_student;

@@ -1,0 +1,135 @@
+//! `kiln optimize`: a trained student's deployable forms (ONNX FP32, FP16, INT8; TensorRT), each
+//! measured on itself, in one report; thin over `kiln_export::optimize`.
+
+use std::path::{Path, PathBuf};
+
+use kiln_export::optimize::{OptimizeRequest, optimize};
+use kiln_export::quantize::Calibration;
+
+use super::export::ActivationsArg;
+use crate::common::progress_bar;
+
+#[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("student").required(true).args(["experiment", "model"]))]
+pub struct Args {
+    /// An experiment: its student (EXPERIMENT/student) is optimised into EXPERIMENT/optimized. A
+    /// name without a directory of that name means experiments/NAME.
+    #[arg(long, value_name = "NAME|DIR")]
+    pub experiment: Option<PathBuf>,
+    /// A student run directory (or its weights file) instead; outputs go to DIR/optimized.
+    #[arg(long, value_name = "DIR|FILE")]
+    pub model: Option<PathBuf>,
+    /// The directory to create [default: as above]; an existing one is never touched.
+    #[arg(long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// COCO JSON whose images calibrate INT8 [default: the training split the run recorded].
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+    /// COCO JSON every artifact is scored on [default: the validation split the run recorded].
+    #[arg(long, value_name = "FILE")]
+    pub val: Option<PathBuf>,
+    /// Directory the splits' `file_name`s are relative to [default: the run's].
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// How many calibration images (spread over the split).
+    #[arg(long, default_value_t = 64)]
+    pub calibration_images: usize,
+    /// Calibration method: minmax, or percentile[:P] (P of the absolute values).
+    #[arg(long, default_value = "percentile:99.99")]
+    pub calibration_method: String,
+    /// INT8 activations: int8 (zero point 0, TensorRT) or uint8 (ONNX Runtime's CPU provider).
+    #[arg(long, value_enum, ignore_case = true, default_value_t = ActivationsArg::Int8)]
+    pub int8_activations: ActivationsArg,
+    /// Timed runs per artifact and engine (after 3 warm-up runs).
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// Skip ONNX Runtime even when a Python with it is installed (KILN_PYTHON or python3).
+    #[arg(long)]
+    pub no_onnxruntime: bool,
+}
+
+/// The experiment directory a name stands for: the directory itself, else `experiments/NAME`.
+pub fn experiment_dir(name: &Path) -> PathBuf {
+    if name.is_dir() || name.components().count() > 1 {
+        name.to_path_buf()
+    } else {
+        Path::new("experiments").join(name)
+    }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.runs >= 1 && args.calibration_images >= 1,
+        "--runs and --calibration-images must be at least 1"
+    );
+    let (model, default_output) = match (&args.experiment, &args.model) {
+        (Some(name), _) => {
+            let dir = experiment_dir(name);
+            anyhow::ensure!(
+                dir.is_dir(),
+                "{}: no such experiment; `kiln train-teacher --output {}` starts one",
+                dir.display(),
+                dir.display()
+            );
+            let student = dir.join("student");
+            anyhow::ensure!(
+                student.join("weights/best.safetensors").is_file(),
+                "{}: the experiment has no student yet ({} missing): run `kiln train-student --teachers {} ...` first",
+                dir.display(),
+                student.join("weights/best.safetensors").display(),
+                dir.display()
+            );
+            (student, dir.join("optimized"))
+        }
+        (None, Some(model)) => {
+            let dir = if model.is_dir() {
+                model.clone()
+            } else {
+                // weights/best.safetensors of a run: the run directory; any other file: its folder.
+                let parent = model.parent().unwrap_or(Path::new("."));
+                if parent.file_name().is_some_and(|n| n == "weights") {
+                    parent.parent().unwrap_or(parent).to_path_buf()
+                } else {
+                    parent.to_path_buf()
+                }
+            };
+            (model.clone(), dir.join("optimized"))
+        }
+        (None, None) => unreachable!("clap requires --experiment or --model"),
+    };
+    let request = OptimizeRequest {
+        model,
+        output: args.output.clone().unwrap_or(default_output),
+        calibration: args.calibration.clone(),
+        val: args.val.clone(),
+        images: args.images.clone(),
+        calibration_images: args.calibration_images,
+        calibration_method: args.calibration_method.parse::<Calibration>().map_err(anyhow::Error::msg)?,
+        activations: args.int8_activations.into(),
+        runs: args.runs,
+        warmup: 3,
+        onnxruntime: !args.no_onnxruntime,
+    };
+    println!("kiln optimize: {} -> {}", request.model.display(), request.output.display());
+    let device = kiln_models::device::cpu();
+    let report = optimize(&request, &device, &|label| progress_bar(label))?;
+    println!(
+        "\n{} at {}x{}, scored on {} ({} images), latency median of {} runs (batch 1):\n",
+        report.model,
+        report.imgsz,
+        report.imgsz,
+        report.val.display(),
+        report.val_images,
+        report.latency_runs
+    );
+    print!("{}", report.table());
+    match &report.tensorrt.engine {
+        Some(engine) => println!("\nTensorRT engine -> {}", request.output.join(engine).display()),
+        None => println!(
+            "\ntrtexec is not installed: on the target device, build the TensorRT engine with\n  {}",
+            report.tensorrt.command
+        ),
+    }
+    println!("\nreport -> {} (and report.json)", request.output.join("report.md").display());
+    Ok(())
+}
