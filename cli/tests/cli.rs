@@ -940,3 +940,104 @@ fn memory_estimate_is_within_a_quarter_of_the_measured_peak_and_dry_run_writes_n
         assert!((0.75..=1.25).contains(&r), "SAM at batch {batch}: estimate / measured peak = {r:.3}");
     }
 }
+
+/// `kiln optimize` on a trained student's run: the three ONNX files and the report, each
+/// artifact's mAP measured on itself; `kiln eval` on the FP16 and INT8 files gives exactly the
+/// report's figures; a second run, an experiment without a student and a corrupt ONNX file are
+/// clear errors that change nothing.
+#[test]
+fn optimize_writes_every_artifact_and_eval_reproduces_its_report() {
+    let scratch = Scratch::new("cli-optimize");
+    let synth = |name: &str, seed: &str, images: &str| {
+        let dir = scratch.path().join(name);
+        let output = kiln(
+            &["synth", "--output", dir.to_str().unwrap(), "--num-images", images, "--classes", "3", "--size", "160"]
+                .into_iter()
+                .chain(["--max-objects", "2", "--synth-seed", seed])
+                .collect::<Vec<_>>(),
+            scratch.path(),
+        );
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        dir.join("annotations.json")
+    };
+    let (train, val) = (synth("train", "12", "8"), synth("val", "11", "10"));
+    // A student run as `kiln train-student` leaves it: weights and the request in metadata.json.
+    let run = scratch.path().join("run");
+    std::fs::create_dir_all(run.join("weights")).unwrap();
+    std::fs::copy(
+        kiln_tests::fixture("students/synth160_yolov8n_seg.safetensors"),
+        run.join("weights/best.safetensors"),
+    )
+    .unwrap();
+    let metadata = serde_json::json!({"request": {"train": train, "val": val, "images": null}});
+    std::fs::write(run.join("metadata.json"), metadata.to_string()).unwrap();
+
+    let optimize = |extra: &[&str]| {
+        let args = ["optimize", "--model", "run", "--runs", "2", "--calibration-images", "8", "--no-onnxruntime"];
+        kiln(&args.iter().chain(extra).copied().collect::<Vec<_>>(), scratch.path())
+    };
+    let output = optimize(&[]);
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
+    let optimized = run.join("optimized");
+    let mut files: Vec<String> =
+        std::fs::read_dir(&optimized).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert_eq!(files, ["model.fp16.onnx", "model.int8.onnx", "model.onnx", "report.json", "report.md"]);
+    for expected in ["ONNX FP32", "ONNX FP16", "ONNX INT8 Q/DQ", "trtexec --onnx=", "report.md"] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(optimized.join("report.json")).unwrap()).unwrap();
+    let artifacts = report["artifacts"].as_array().unwrap();
+    assert_eq!(artifacts.len(), 4);
+    let student_box = artifacts[0]["box_map50"].as_f64().unwrap();
+    assert!(student_box > 0.5, "the student finds its shapes: {student_box}");
+    for artifact in artifacts {
+        assert!(artifact["gflops"].as_f64().unwrap() > 0.5 && artifact["bytes"].as_u64().unwrap() > 1_000_000);
+        assert!(artifact["latency_ms"].as_object().unwrap().values().all(|v| v.as_f64().unwrap() > 0.0));
+    }
+    for (index, file) in [(2, "model.fp16.onnx"), (3, "model.int8.onnx")] {
+        let path = optimized.join(file);
+        let output = kiln(
+            &["eval", "--model", path.to_str().unwrap(), "--data", val.to_str().unwrap(), "--json"],
+            scratch.path(),
+        );
+        let stdout = text(&output.stdout);
+        assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
+        let json: serde_json::Value = serde_json::from_str(&stdout[stdout.find("\n{").unwrap() + 1..]).unwrap();
+        for (reported, evaluated) in [
+            (&artifacts[index]["box_map50"], &json["box"]["map50"]),
+            (&artifacts[index]["mask_map50"], &json["mask"]["map50"]),
+            (&artifacts[index]["box_map50_95"], &json["box"]["map50_95"]),
+        ] {
+            assert_eq!(reported.as_f64(), evaluated.as_f64(), "{file}: eval reproduces the report");
+        }
+        assert!(student_box - artifacts[index]["box_map50"].as_f64().unwrap() < 0.05, "{file} keeps the accuracy");
+    }
+
+    // Again: refused, nothing touched.
+    let before = contents(&optimized);
+    let again = optimize(&[]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("exists; kiln never replaces"), "{}", text(&again.stderr));
+    assert_eq!(contents(&optimized), before);
+
+    // An experiment without a student says what to run first.
+    std::fs::create_dir_all(scratch.path().join("experiments/shapes/teachers")).unwrap();
+    let output = kiln(&["optimize", "--experiment", "shapes"], scratch.path());
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("no student yet") && stderr.contains("kiln train-student --teachers"), "{stderr}");
+    assert!(!scratch.path().join("experiments/shapes/optimized").exists());
+
+    // A corrupt ONNX file is named, with what to do.
+    let corrupt = scratch.path().join("corrupt.onnx");
+    let bytes = std::fs::read(optimized.join("model.onnx")).unwrap();
+    std::fs::write(&corrupt, &bytes[..bytes.len() / 3]).unwrap();
+    let output = kiln(&["eval", "--model", corrupt.to_str().unwrap(), "--data", val.to_str().unwrap()], scratch.path());
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("corrupt.onnx") && stderr.contains("not an ONNX model"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
