@@ -140,3 +140,62 @@ pub fn load_student(path: &Path, int8: bool, device: &burn::tensor::Device) -> a
     let student = kiln_training::commands::load_student(path, device)?;
     Ok(if int8 { student.quantized_int8().map_err(anyhow::Error::msg)? } else { student })
 }
+
+/// One experiment's directory, `experiments/NAME/`: `splits/` (`kiln validate --name`),
+/// `teachers/` (`kiln train-teacher --name`), `student/` (`kiln train-student --name`) and
+/// `optimized/` (`kiln optimize --name`); each step finds the previous one's output there.
+pub struct Experiment {
+    pub dir: PathBuf,
+}
+
+impl Experiment {
+    /// `name` as a directory when it is one (or a path), else `experiments/NAME`.
+    pub fn named(name: &Path) -> Self {
+        let dir = if name.is_dir() || name.components().count() > 1 {
+            name.to_path_buf()
+        } else {
+            Path::new("experiments").join(name)
+        };
+        Self { dir }
+    }
+
+    pub fn splits(&self) -> PathBuf {
+        self.dir.join("splits")
+    }
+
+    /// `splits/PART.json`, or an error saying which command makes it.
+    pub fn split(&self, part: &str) -> anyhow::Result<PathBuf> {
+        let path = self.splits().join(format!("{part}.json"));
+        anyhow::ensure!(
+            path.is_file(),
+            "{}: no such split in the experiment; `kiln validate --data FILE --name {}` writes the splits (with a {part} part: --split train:0.7,{part}:0.15,...)",
+            path.display(),
+            self.dir.display()
+        );
+        Ok(path)
+    }
+
+    /// The images directory `kiln validate` recorded beside the splits.
+    pub fn images(&self) -> Option<PathBuf> {
+        let metadata = std::fs::read(self.splits().join(kiln_data::SPLITS_METADATA_FILE)).ok()?;
+        let json: serde_json::Value = serde_json::from_slice(&metadata).ok()?;
+        json["images"].as_str().map(PathBuf::from)
+    }
+
+    /// The unlabelled part of the split, when it has one (`unl` or `unlabeled`).
+    pub fn unlabeled(&self) -> Option<PathBuf> {
+        ["unl", "unlabeled", "unlabelled"].iter().map(|p| self.splits().join(format!("{p}.json"))).find(|p| p.is_file())
+    }
+
+    pub fn has_teachers(&self) -> bool {
+        self.dir.join("teachers").is_dir()
+    }
+
+    pub fn student(&self) -> PathBuf {
+        self.dir.join("student")
+    }
+
+    pub fn optimized(&self) -> PathBuf {
+        self.dir.join("optimized")
+    }
+}

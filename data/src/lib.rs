@@ -29,7 +29,7 @@ pub use error::{DataError, Result};
 pub use inspect::{DatasetSummary, Recommendation, inspect};
 pub use letterbox::{Letterbox, planar_pixels};
 pub use mask::{BinaryMask, Rle};
-pub use pipeline::{LoadedDataset, ValidateOptions, ValidateReport, load_dataset, run_validate};
+pub use pipeline::{LoadedDataset, SPLITS_METADATA_FILE, ValidateOptions, ValidateReport, load_dataset, run_validate};
 pub use repair::{RepairSummary, repair};
 pub use split::{GroupBy, Split, SplitOptions, SplitSpec, split};
 pub use synth::{SynthLabels, SynthOptions, SynthStyle, synthesize};

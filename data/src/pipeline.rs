@@ -207,7 +207,10 @@ pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result
         }
     }
     let markdown = output_dir.join(REPORT_FILE);
-    crate::io::refuse_to_overwrite(outputs.iter().map(|(p, _)| p.as_path()).chain([markdown.as_path()]))?;
+    let metadata_path = output_dir.join(SPLITS_METADATA_FILE);
+    crate::io::refuse_to_overwrite(
+        outputs.iter().map(|(p, _)| p.as_path()).chain([markdown.as_path(), metadata_path.as_path()]),
+    )?;
     let train = output_dir.join("train.json");
     let val = parts.part("val").filter(|v| !v.is_empty()).map(|_| output_dir.join("val.json"));
     report.next_command = Some(format!(
@@ -219,6 +222,18 @@ pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result
     report.ok = true;
     let mut paths: Vec<&Path> = outputs.iter().map(|(p, _)| p.as_path()).collect();
     paths.push(&markdown);
+    paths.push(&metadata_path);
+    // What the next steps need to find the data without flags (`--name`): where the images are.
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let metadata = serde_json::json!({
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "data": absolute(&options.data),
+        "images": absolute(&images_dir),
+        "format": format,
+        "split": options.split.spec.to_string(),
+        "seed": options.split.seed,
+        "parts": parts.parts.iter().map(|(name, images)| serde_json::json!({"name": name, "images": images.len()})).collect::<Vec<_>>(),
+    });
     report.written = paths.iter().map(|p| p.display().to_string()).collect();
     let mut written: Vec<PathBuf> = Vec::new();
     for (path, part) in &outputs {
@@ -230,17 +245,25 @@ pub fn run_validate(options: &ValidateOptions, progress: &ProgressBar) -> Result
         }
         written.push(path.clone());
     }
-    if let Err(e) = crate::io::write_atomic(&markdown, report.render_markdown().as_bytes()) {
-        for done in &written {
-            let _ = std::fs::remove_file(done);
+    let metadata = serde_json::to_vec_pretty(&metadata).expect("a JSON value serialises");
+    for (path, bytes) in [(&markdown, report.render_markdown().into_bytes()), (&metadata_path, metadata)] {
+        if let Err(e) = crate::io::write_atomic(path, &bytes) {
+            for done in &written {
+                let _ = std::fs::remove_file(done);
+            }
+            return Err(e);
         }
-        return Err(e);
+        written.push(path.clone());
     }
     Ok(report)
 }
 
 /// The Markdown report `kiln validate` writes beside the splits.
 pub const REPORT_FILE: &str = "report.md";
+
+/// What `kiln validate` records beside the splits: the input, its images directory (absolute) and
+/// the split, so later steps find the images from an experiment's name alone.
+pub const SPLITS_METADATA_FILE: &str = "metadata.json";
 
 impl ValidateReport {
     /// The report as Markdown (`report.md` beside the splits): the dataset, its classes with their

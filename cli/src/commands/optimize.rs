@@ -14,7 +14,7 @@ use crate::common::progress_bar;
 pub struct Args {
     /// An experiment: its student (EXPERIMENT/student) is optimised into EXPERIMENT/optimized. A
     /// name without a directory of that name means experiments/NAME.
-    #[arg(long, value_name = "NAME|DIR")]
+    #[arg(long, visible_alias = "name", value_name = "NAME|DIR")]
     pub experiment: Option<PathBuf>,
     /// A student run directory (or its weights file) instead; outputs go to DIR/optimized.
     #[arg(long, value_name = "DIR|FILE")]
@@ -48,15 +48,6 @@ pub struct Args {
     pub no_onnxruntime: bool,
 }
 
-/// The experiment directory a name stands for: the directory itself, else `experiments/NAME`.
-pub fn experiment_dir(name: &Path) -> PathBuf {
-    if name.is_dir() || name.components().count() > 1 {
-        name.to_path_buf()
-    } else {
-        Path::new("experiments").join(name)
-    }
-}
-
 pub fn run(args: &Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.runs >= 1 && args.calibration_images >= 1,
@@ -64,14 +55,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     );
     let (model, default_output) = match (&args.experiment, &args.model) {
         (Some(name), _) => {
-            let dir = experiment_dir(name);
+            let experiment = crate::common::Experiment::named(name);
+            let dir = experiment.dir.clone();
             anyhow::ensure!(
                 dir.is_dir(),
                 "{}: no such experiment; `kiln train-teacher --output {}` starts one",
                 dir.display(),
                 dir.display()
             );
-            let student = dir.join("student");
+            let student = experiment.student();
             anyhow::ensure!(
                 student.join("weights/best.safetensors").is_file(),
                 "{}: the experiment has no student yet ({} missing): run `kiln train-student --teachers {} ...` first",
@@ -79,7 +71,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 student.join("weights/best.safetensors").display(),
                 dir.display()
             );
-            (student, dir.join("optimized"))
+            (student, experiment.optimized())
         }
         (None, Some(model)) => {
             let dir = if model.is_dir() {

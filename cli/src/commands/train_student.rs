@@ -34,12 +34,19 @@ impl From<OptimizerArg> for OptimizerKind {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Training split: COCO JSON (e.g. splits/train.json from `kiln validate`) or a YOLO dataset.
-    #[arg(long, value_name = "FILE")]
-    pub data: PathBuf,
-    /// Validation split, with the same categories.
-    #[arg(long, value_name = "FILE")]
-    pub val: PathBuf,
+    /// Training split: COCO JSON (e.g. splits/train.json from `kiln validate`) or a YOLO dataset
+    /// [default with --name: the experiment's splits/train.json].
+    #[arg(long, value_name = "FILE", required_unless_present = "name")]
+    pub data: Option<PathBuf>,
+    /// Validation split, with the same categories [default with --name: splits/val.json].
+    #[arg(long, value_name = "FILE", required_unless_present = "name")]
+    pub val: Option<PathBuf>,
+    /// The experiment (experiments/NAME, or a directory) of `kiln validate --name` and `kiln
+    /// train-teacher --name`: its splits and images are the defaults; its teachers, when it has
+    /// them, teach on its unlabelled split (splits/unl.json) or --unlabeled; the student goes to
+    /// its student/.
+    #[arg(long, value_name = "NAME|DIR", conflicts_with = "output")]
+    pub name: Option<PathBuf>,
     /// Directory that the images' `file_name`s are relative to [default: as `kiln validate`].
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
@@ -137,12 +144,31 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         Some(dir) if dir.join("teachers").is_dir() => dir.join("student"),
         _ => PathBuf::from("runs/student"),
     };
-    let output = run_output(args.output.as_deref(), args.resume, &default_output.to_string_lossy(), "run")?;
+    let experiment = args.name.as_deref().map(crate::common::Experiment::named);
+    let (train, val, images) =
+        super::train_teacher::experiment_data(experiment.as_ref(), &args.data, &args.val, &args.images)?;
+    // The experiment's teachers teach unless --teachers names others.
+    let teachers =
+        args.teachers.clone().or_else(|| experiment.as_ref().filter(|e| e.has_teachers()).map(|e| e.dir.clone()));
+    let unlabeled = match (&args.unlabeled, &experiment, &teachers) {
+        (Some(given), _, _) => Some(given.clone()),
+        (None, Some(experiment), Some(_)) => Some(experiment.unlabeled().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: the experiment has teachers but no unlabelled split for them to label: pass --unlabeled DIR|FILE, or split with an unl part (`kiln validate --split train:0.2,unl:0.6,val:0.2 --name ...`)",
+                experiment.dir.display()
+            )
+        })?),
+        _ => None,
+    };
+    let output = match &experiment {
+        Some(experiment) => experiment.student(),
+        None => run_output(args.output.as_deref(), args.resume, &default_output.to_string_lossy(), "run")?,
+    };
     let device = open_device(args.device)?;
     let request = TrainStudentRequest {
-        train: args.data.clone(),
-        val: args.val.clone(),
-        images: args.images.clone(),
+        train,
+        val,
+        images: images.clone(),
         output: output.clone(),
         resume: args.resume,
         device_name: kiln_models::device::describe(&device),
@@ -165,10 +191,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             },
             set: args.set.clone(),
         },
-        distill: args.teachers.as_ref().map(|teachers| DistillRequest {
+        distill: teachers.as_ref().map(|teachers| DistillRequest {
             teachers: teachers.clone(),
-            unlabeled: args.unlabeled.clone(),
-            images: args.images.clone(),
+            unlabeled,
+            images,
             grounding_dino_weights: args.gdino_weights.clone(),
             sam_weights: args.sam_weights.clone(),
         }),
@@ -181,10 +207,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     let (config, summary) = run_train_student(&request, device, kiln_training::Verbosity::Progress)?;
     if args.dry_run {
-        print!(
-            "{}",
-            kiln_training::commands::render_dry_run(&config, summary.memory.as_ref(), args.teachers.is_some())
-        );
+        print!("{}", kiln_training::commands::render_dry_run(&config, summary.memory.as_ref(), teachers.is_some()));
     } else {
         print!("{}", render_train_summary(&config, &summary, &output));
     }

@@ -31,12 +31,17 @@ impl TeacherArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Training split: COCO JSON (e.g. splits/train.json from `kiln validate`) or a YOLO dataset.
-    #[arg(long, value_name = "FILE")]
-    pub data: PathBuf,
-    /// Validation split, with the same categories.
-    #[arg(long, value_name = "FILE")]
-    pub val: PathBuf,
+    /// Training split: COCO JSON (e.g. splits/train.json from `kiln validate`) or a YOLO dataset
+    /// [default with --name: the experiment's splits/train.json].
+    #[arg(long, value_name = "FILE", required_unless_present = "name")]
+    pub data: Option<PathBuf>,
+    /// Validation split, with the same categories [default with --name: splits/val.json].
+    #[arg(long, value_name = "FILE", required_unless_present = "name")]
+    pub val: Option<PathBuf>,
+    /// The experiment `kiln validate --name` started (experiments/NAME, or a directory): its splits
+    /// and images are the defaults, and the teachers go to its teachers/.
+    #[arg(long, value_name = "NAME|DIR", conflicts_with = "output")]
+    pub name: Option<PathBuf>,
     /// Directory that the images' `file_name`s are relative to [default: as `kiln validate`].
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
@@ -150,13 +155,33 @@ pub struct Args {
     pub dry_run: bool,
 }
 
+/// The training and validation splits and images: the flags, else the experiment's.
+pub fn experiment_data(
+    experiment: Option<&crate::common::Experiment>,
+    data: &Option<PathBuf>,
+    val: &Option<PathBuf>,
+    images: &Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, PathBuf, Option<PathBuf>)> {
+    let split = |given: &Option<PathBuf>, part: &str| match (given, experiment) {
+        (Some(path), _) => Ok(path.clone()),
+        (None, Some(experiment)) => experiment.split(part),
+        (None, None) => unreachable!("clap requires --data and --val without --name"),
+    };
+    Ok((split(data, "train")?, split(val, "val")?, images.clone().or_else(|| experiment.and_then(|e| e.images()))))
+}
+
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let output = run_output(args.output.as_deref(), args.resume, "experiments/teacher", "experiment")?;
+    let experiment = args.name.as_deref().map(crate::common::Experiment::named);
+    let (train, val, images) = experiment_data(experiment.as_ref(), &args.data, &args.val, &args.images)?;
+    let output = match &experiment {
+        Some(experiment) => experiment.dir.clone(),
+        None => run_output(args.output.as_deref(), args.resume, "experiments/teacher", "experiment")?,
+    };
     let device = open_device(args.device)?;
     let request = TrainTeacherRequest {
-        train: args.data.clone(),
-        val: args.val.clone(),
-        images: args.images.clone(),
+        train,
+        val,
+        images,
         output: output.clone(),
         resume: args.resume,
         device_name: kiln_models::device::describe(&device),

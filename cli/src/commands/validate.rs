@@ -38,9 +38,15 @@ pub struct Args {
     /// Seed of the split: the same seed and data give the same split.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Where to write the repaired file and the splits [default: `splits/` beside the input].
-    #[arg(long, value_name = "DIR")]
+    /// Where to write the repaired file and the splits [default: `splits/` beside the input, or
+    /// the experiment's splits/ with --name].
+    #[arg(long, value_name = "DIR", conflicts_with = "name")]
     pub output_dir: Option<PathBuf>,
+    /// Start an experiment: the splits go to experiments/NAME/splits (a path: DIR/splits), with the
+    /// images' directory recorded, so `kiln train-teacher --name NAME`, `train-student --name NAME`
+    /// and `optimize --name NAME` need no other path.
+    #[arg(long, value_name = "NAME|DIR")]
+    pub name: Option<PathBuf>,
     /// Print the report as JSON on stdout instead of text.
     #[arg(long)]
     pub json: bool,
@@ -59,10 +65,17 @@ pub fn run(args: &Args) -> anyhow::Result<bool> {
             stratify: args.stratify,
             group_by: args.group_by.parse().map_err(anyhow::Error::msg)?,
         },
-        output_dir: args.output_dir.clone(),
+        output_dir: args
+            .output_dir
+            .clone()
+            .or_else(|| args.name.as_deref().map(|name| crate::common::Experiment::named(name).splits())),
         class_names: args.class_names.clone(),
     };
-    let report = kiln_data::run_validate(&options, &progress_bar("images"))?;
+    let mut report = kiln_data::run_validate(&options, &progress_bar("images"))?;
+    if let (Some(name), true) = (&args.name, report.ok) {
+        let experiment = crate::common::Experiment::named(name).dir;
+        report.next_command = Some(format!("kiln train-teacher --name {}", experiment.display()));
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
