@@ -149,9 +149,10 @@ pub struct Experiment {
 }
 
 impl Experiment {
-    /// `name` as a directory when it is one (or a path), else `experiments/NAME`.
+    /// A bare name is `experiments/NAME`; a path (`runs/demo`, `./shapes`, absolute) is that
+    /// directory.
     pub fn named(name: &Path) -> Self {
-        let dir = if name.is_dir() || name.components().count() > 1 {
+        let dir = if name.is_absolute() || name.components().count() > 1 {
             name.to_path_buf()
         } else {
             Path::new("experiments").join(name)
@@ -198,4 +199,21 @@ impl Experiment {
     pub fn optimized(&self) -> PathBuf {
         self.dir.join("optimized")
     }
+}
+
+/// Where the all-MiniLM-L6-v2 text encoder of GroundingDINO `tiny_minilm` is looked for when no
+/// `--text-encoder` is given: `KILN_TEXT_ENCODER`, then `../shared/weights/all-minilm-l6-v2`
+/// beside the checkout (this project's data) or the current directory.
+pub fn text_encoder_candidates() -> Vec<PathBuf> {
+    let relative = Path::new("shared/weights/all-minilm-l6-v2/model.safetensors");
+    std::env::var_os("KILN_TEXT_ENCODER")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(relative), Path::new("..").join(relative)])
+        .collect()
+}
+
+/// The first of [`text_encoder_candidates`] that exists.
+pub fn find_text_encoder() -> Option<PathBuf> {
+    text_encoder_candidates().into_iter().find(|p| p.is_file()).map(|p| std::fs::canonicalize(&p).unwrap_or(p))
 }

@@ -113,19 +113,152 @@ fn data_errors_exit_non_zero_and_list_the_problems() {
     assert!(!scratch.path().join("splits").exists());
 }
 
+/// `kiln demo` (small settings) runs the five steps in one experiment directory and ends with the
+/// optimize report; a second demo takes a fresh directory and never touches the first.
 #[test]
-fn demo_runs_synth_then_validate_in_a_fresh_run_directory() {
+fn demo_runs_the_whole_chain_into_one_experiment_directory() {
     let scratch = Scratch::new("cli-demo");
-    let args = ["demo", "--output", "runs/demo", "--num-images", "12", "--size", "64"];
+    let args = [
+        "demo",
+        "--output",
+        "runs/demo",
+        "--num-images",
+        "30",
+        "--size",
+        "96",
+        "--classes",
+        "2",
+        "--max-objects",
+        "2",
+        "--imgsz",
+        "96",
+        "--epochs",
+        "2",
+        "--teacher-epochs",
+        "1",
+    ];
     let first = kiln(&args, scratch.path());
-    assert!(first.status.success(), "{}\n{}", text(&first.stdout), text(&first.stderr));
     let stdout = text(&first.stdout);
-    assert!(stdout.contains("kiln synth: 12 images"), "{stdout}");
-    assert!(stdout.contains("Student      yolov8n-seg"), "{stdout}");
-    assert!(scratch.path().join("runs/demo/data/splits/train.json").is_file());
-    let second = kiln(&args, scratch.path());
-    assert!(second.status.success());
-    assert!(scratch.path().join("runs/demo2/data/splits/train.json").is_file(), "a second run never touches the first");
+    assert!(first.status.success(), "{stdout}\n{}", text(&first.stderr));
+    for expected in [
+        "kiln synth: 30 images",
+        "[2/5] kiln validate --data runs/demo/data/annotations.json --name runs/demo",
+        "[3/5] kiln train-teacher --name runs/demo --sam tiny --gdino tiny_minilm",
+        "[4/5] kiln train-student --name runs/demo",
+        "[5/5] kiln optimize --name runs/demo",
+        "| ONNX INT8 Q/DQ | `model.int8.onnx` |",
+        "kiln demo: done in",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    }
+    let run = scratch.path().join("runs/demo");
+    for file in [
+        "splits/train.json",
+        "splits/unl.json",
+        "splits/metadata.json",
+        "teachers/teacher_config.yaml",
+        "student/weights/best.safetensors",
+        "student/distillation_config.yaml",
+        "optimized/report.md",
+        "optimized/model.fp16.onnx",
+    ] {
+        assert!(run.join(file).is_file(), "{file}");
+    }
+    let before = contents(&run);
+    let second = kiln(
+        &["demo", "--output", "runs/demo", "--num-images", "12", "--size", "64", "--validate-only"],
+        scratch.path(),
+    );
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert!(scratch.path().join("runs/demo2/splits/train.json").is_file(), "a second run takes a fresh directory");
+    assert_eq!(contents(&run), before, "a second run never touches the first");
+}
+
+/// The four commands chained through `experiments/NAME` with no path but the data file: each step
+/// finds the previous one's output (splits and images, teachers and the unlabelled split, the
+/// student and the splits it recorded); a second validate of the same name is refused.
+#[test]
+fn four_commands_chain_through_an_experiment_name() {
+    let scratch = Scratch::new("cli-chain");
+    let step = |args: &[&str]| {
+        let output = kiln(args, scratch.path());
+        let stdout = text(&output.stdout);
+        assert!(output.status.success(), "kiln {}:\n{stdout}\n{}", args.join(" "), text(&output.stderr));
+        stdout
+    };
+    step(&[
+        "synth",
+        "--output",
+        "shapes",
+        "--num-images",
+        "30",
+        "--classes",
+        "2",
+        "--size",
+        "96",
+        "--max-objects",
+        "2",
+    ]);
+    let validated = step(&[
+        "validate",
+        "--data",
+        "shapes/annotations.json",
+        "--name",
+        "shapes",
+        "--split",
+        "train:0.3,unl:0.4,val:0.3",
+    ]);
+    assert!(validated.contains("kiln train-teacher --name experiments/shapes"), "{validated}");
+    let experiment = scratch.path().join("experiments/shapes");
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(experiment.join("splits/metadata.json")).unwrap()).unwrap();
+    assert!(Path::new(metadata["images"].as_str().unwrap()).ends_with("shapes/images"), "{metadata}");
+    step(&[
+        "train-teacher",
+        "--name",
+        "shapes",
+        "--sam",
+        "tiny",
+        "--gdino",
+        "tiny_minilm",
+        "--imgsz",
+        "96",
+        "--epochs",
+        "1",
+    ]);
+    assert!(experiment.join("teachers/sam_lora").is_dir() && experiment.join("teachers/grounding_dino_lora").is_dir());
+    let trained = step(&[
+        "train-student",
+        "--name",
+        "shapes",
+        "--imgsz",
+        "96",
+        "--epochs",
+        "2",
+        "--set",
+        "nbs=8",
+        "--set",
+        "distill.box_threshold=0.05",
+        "--set",
+        "distill.text_threshold=0.05",
+    ]);
+    assert!(trained.contains("experiments/shapes/student"), "{trained}");
+    let distillation = std::fs::read_to_string(experiment.join("student/distillation_config.yaml")).unwrap();
+    assert!(distillation.contains("unl.json"), "taught on the experiment's unlabelled split:\n{distillation}");
+    let optimized =
+        step(&["optimize", "--name", "shapes", "--runs", "2", "--calibration-images", "4", "--no-onnxruntime"]);
+    assert!(
+        optimized.contains("experiments/shapes/splits/val.json"),
+        "scored on the experiment's val split:\n{optimized}"
+    );
+    assert!(experiment.join("optimized/report.json").is_file());
+
+    // The same name again: refused, nothing overwritten.
+    let before = contents(&experiment.join("splits"));
+    let again = kiln(&["validate", "--data", "shapes/annotations.json", "--name", "shapes"], scratch.path());
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("refusing to overwrite"), "{}", text(&again.stderr));
+    assert_eq!(contents(&experiment.join("splits")), before);
 }
 
 #[test]

@@ -34,23 +34,16 @@ pub struct Args {
     pub validate_only: bool,
 }
 
-/// Where the MiniLM text encoder is: the flag, `KILN_TEXT_ENCODER`, or `../shared` beside the
-/// checkout (as the tests find it) or the current directory.
+/// Where the MiniLM text encoder is: the flag, else [`crate::common::find_text_encoder`].
 fn text_encoder(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {
         anyhow::ensure!(path.is_file(), "--text-encoder {}: no such file", path.display());
         return Ok(path.to_path_buf());
     }
-    let relative = Path::new("shared/weights/all-minilm-l6-v2/model.safetensors");
-    let candidates: Vec<PathBuf> = std::env::var_os("KILN_TEXT_ENCODER")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(relative), Path::new("..").join(relative)])
-        .collect();
-    candidates.iter().find(|p| p.is_file()).map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())).ok_or_else(|| {
+    crate::common::find_text_encoder().ok_or_else(|| {
         anyhow::anyhow!(
             "the demo's GroundingDINO reads class names with all-MiniLM-L6-v2, which was not found (looked at {}): pass --text-encoder FILE (its model.safetensors, tokenizer.json beside it), or --validate-only",
-            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            crate::common::text_encoder_candidates().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         )
     })
 }

@@ -13,7 +13,7 @@ use crate::common::progress_bar;
 #[command(group = clap::ArgGroup::new("student").required(true).args(["experiment", "model"]))]
 pub struct Args {
     /// An experiment: its student (EXPERIMENT/student) is optimised into EXPERIMENT/optimized. A
-    /// name without a directory of that name means experiments/NAME.
+    /// bare name means experiments/NAME, a path (runs/x, ./x) that directory.
     #[arg(long, visible_alias = "name", value_name = "NAME|DIR")]
     pub experiment: Option<PathBuf>,
     /// A student run directory (or its weights file) instead; outputs go to DIR/optimized.

@@ -41,7 +41,7 @@ pub struct Args {
     /// Validation split, with the same categories [default with --name: splits/val.json].
     #[arg(long, value_name = "FILE", required_unless_present = "name")]
     pub val: Option<PathBuf>,
-    /// The experiment (experiments/NAME, or a directory) of `kiln validate --name` and `kiln
+    /// The experiment (a name: experiments/NAME; a path: that directory) of `kiln validate --name` and `kiln
     /// train-teacher --name`: its splits and images are the defaults; its teachers, when it has
     /// them, teach on its unlabelled split (splits/unl.json) or --unlabeled; the student goes to
     /// its student/.

@@ -38,7 +38,7 @@ pub struct Args {
     /// Validation split, with the same categories [default with --name: splits/val.json].
     #[arg(long, value_name = "FILE", required_unless_present = "name")]
     pub val: Option<PathBuf>,
-    /// The experiment `kiln validate --name` started (experiments/NAME, or a directory): its splits
+    /// The experiment `kiln validate --name` started (a name: experiments/NAME; a path: that directory): its splits
     /// and images are the defaults, and the teachers go to its teachers/.
     #[arg(long, value_name = "NAME|DIR", conflicts_with = "output")]
     pub name: Option<PathBuf>,
@@ -112,7 +112,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub gdino_weights: Option<PathBuf>,
     /// A Hugging Face BERT model.safetensors as GroundingDINO's text encoder (all-MiniLM-L6-v2's
-    /// for the *_minilm models).
+    /// for the *_minilm models) [default for *_minilm: KILN_TEXT_ENCODER, else
+    /// ../shared/weights/all-minilm-l6-v2/model.safetensors beside the checkout or here].
     #[arg(long, value_name = "FILE")]
     pub text_encoder: Option<PathBuf>,
     /// A WordPiece tokenizer.json [default: the built-in bert-base-uncased tokenizer].
@@ -189,7 +190,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             only: args.teacher.map(|teacher| teacher.library_name().to_string()),
             gdino: args.gdino.map(value_name),
             gdino_weights: args.gdino_weights.clone(),
-            text_encoder: args.text_encoder.clone(),
+            // tiny_minilm's frozen MiniLM is not in kiln's base: found where this project keeps it.
+            text_encoder: args.text_encoder.clone().or_else(|| {
+                let minilm = args.gdino.map(value_name).is_some_and(|m| m.ends_with("minilm"));
+                minilm.then(crate::common::find_text_encoder).flatten()
+            }),
             tokenizer: args.tokenizer.clone(),
             gdino_lora_targets: args.gdino_lora_targets.clone(),
             image_size: args.imgsz,

@@ -239,7 +239,7 @@ fn gdino_overrides(
     if g.model.ends_with("minilm") && g.text_encoder.is_none() && (g.weights.is_none() || !given) {
         return Err(TrainError::Config(format!(
             "GroundingDINO {} has an all-MiniLM-L6-v2 text encoder: pass --text-encoder (its model.safetensors, from \
-             huggingface.co/sentence-transformers/all-MiniLM-L6-v2)",
+             huggingface.co/sentence-transformers/all-MiniLM-L6-v2), or set KILN_TEXT_ENCODER to it",
             g.model
         )));
     }
