@@ -118,7 +118,10 @@ pub fn onnx_bytes(
 /// would leave `model` unusable; rebuilding from the tensors' values avoids that.
 fn independent_copy(model: &YoloV8, config: &YoloConfig, device: &Device) -> Result<YoloV8, ExportError> {
     use burn::store::ModuleSnapshot;
-    let mut copy = config.init(device);
+    // Cut to the model's channel widths first (a pruned student).
+    let widths = kiln_models::yolo::prune::widths(model);
+    let mut copy =
+        kiln_models::yolo::prune::with_widths(config.init(device), &widths).map_err(ExportError::Exporter)?;
     let result = copy.apply(model.collect(None, None, false), None, None, false);
     if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
         return Err(ExportError::Exporter(format!(

@@ -43,6 +43,11 @@ pub struct OptimizeRequest {
     pub warmup: usize,
     /// Also time the ONNX files in ONNX Runtime when a Python with it is found.
     pub onnxruntime: bool,
+    /// Structured channel pruning: the share of the prunable channels removed (0: none).
+    pub prune: f64,
+    /// Epochs the pruned model is fine-tuned for on the training split (labels only) [default:
+    /// a tenth of the student's own epochs, at least 3].
+    pub prune_epochs: Option<usize>,
 }
 
 /// One deployable file and what it measured.
@@ -69,6 +74,25 @@ pub struct TensorRtStep {
     pub command: String,
 }
 
+/// The pruning step: the ratio, the widths kept, and the fine-tuning run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PruningSummary {
+    pub ratio: f64,
+    pub criterion: String,
+    pub groups: usize,
+    pub channels_before: usize,
+    pub channels_after: usize,
+    pub epochs: usize,
+    /// Fine-tuned with the student's own teachers (their cached labels on its unlabelled images),
+    /// or on the labels alone.
+    pub taught: bool,
+    /// Box / mask mAP50 on the validation split right after pruning, before any fine-tuning.
+    pub box_map50_before_finetune: f64,
+    pub mask_map50_before_finetune: Option<f64>,
+    /// The fine-tuning run directory (inside the output).
+    pub run: PathBuf,
+}
+
 /// Everything `kiln optimize` measured; `report.json`, and `report.md` in words.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OptimizeReport {
@@ -82,6 +106,8 @@ pub struct OptimizeReport {
     pub calibration_method: String,
     pub artifacts: Vec<Artifact>,
     pub tensorrt: TensorRtStep,
+    /// What pruning removed and how the fine-tuning went, when `--prune` asked for it.
+    pub pruning: Option<PruningSummary>,
     pub latency_runs: usize,
     pub host: String,
     pub output: PathBuf,
@@ -174,8 +200,6 @@ pub fn optimize(
 
     let model = info.load_model(device)?;
     let imgsz = info.imgsz;
-    let parameters = kiln_models::parameter_count(&model);
-    let gflops = model.cost(imgsz as usize, imgsz as usize).flops / 1e9;
     let options = |half| ExportOptions { imgsz, batch: 1, half };
 
     // The ONNX files.
@@ -210,36 +234,66 @@ pub fn optimize(
         None => None,
     };
 
+    // A pruned student, fine-tuned on the same engine, exported like any student.
+    let mut students = vec![("student (safetensors, FP32)".to_string(), model.clone(), info.clone())];
+    let mut onnx_files =
+        vec![("ONNX FP32", "model.onnx"), ("ONNX FP16", "model.fp16.onnx"), ("ONNX INT8 Q/DQ", "model.int8.onnx")];
+    let mut pruning = None;
+    if request.prune > 0.0 {
+        let (pruned, pruned_info, summary) = prune_and_finetune(
+            request,
+            &info,
+            &model,
+            (&calibration_path, &val_path, images.as_deref()),
+            &stage("pruned"),
+            device,
+        )?;
+        let (pruned_fp32, folded) = onnx_bytes(&pruned, &pruned_info, &options(false), device)?;
+        save_model(&pruned_fp32, &stage("model.pruned.onnx"), folded)?;
+        let name = format!("pruned {:.0} %, {} epochs (safetensors)", request.prune * 100.0, summary.epochs);
+        students.push((name, pruned, pruned_info));
+        onnx_files.push(("pruned ONNX FP32", "model.pruned.onnx"));
+        pruning = Some(summary);
+    }
+
     // Accuracy and latency of each artifact, measured on itself.
     let python = if request.onnxruntime { latency::onnxruntime_python().ok() } else { None };
     let timing = (request.runs, request.warmup);
     let median_ms =
         |seconds: &[f64]| latency::Timings { engine: String::new(), seconds: seconds.to_vec() }.median() * 1e3;
     let mut artifacts = Vec::new();
-    let student = kiln_models::Detector::from_model(model.clone(), info.clone(), device);
-    let evaluation =
-        evaluate_student(&student, &val, &val_loaded.images_dir, Some(imgsz), 8, device, &progress("student val"))
-            .map_err(|e| ExportError::Options(e.to_string()))?;
-    let bar = progress("student latency");
-    bar.set_length(request.runs as u64);
-    let flex = latency::burn_student(&model, 1, imgsz as usize, timing, device, || bar.inc(1))?;
-    bar.finish_and_clear();
-    let (box_map50, box_map50_95, mask_map50, mask_map50_95) = scores(&evaluation);
-    artifacts.push(Artifact {
-        name: "student (safetensors, FP32)".into(),
-        file: info.weights.clone(),
-        bytes: std::fs::metadata(&info.weights).map(|m| m.len()).unwrap_or(0),
-        parameters,
-        gflops,
-        latency_ms: BTreeMap::from([(format!("Burn {}", kiln_models::device::describe(device)), median_ms(&flex))]),
-        box_map50,
-        box_map50_95,
-        mask_map50,
-        mask_map50_95,
-    });
-    for (name, file) in
-        [("ONNX FP32", "model.onnx"), ("ONNX FP16", "model.fp16.onnx"), ("ONNX INT8 Q/DQ", "model.int8.onnx")]
-    {
+    for (name, model, info) in &students {
+        let student = kiln_models::Detector::from_model(model.clone(), info.clone(), device);
+        let evaluation = evaluate_student(
+            &student,
+            &val,
+            &val_loaded.images_dir,
+            Some(imgsz),
+            8,
+            device,
+            &progress(&format!("{name} val")),
+        )
+        .map_err(|e| ExportError::Options(e.to_string()))?;
+        let bar = progress(&format!("{name} latency"));
+        bar.set_length(request.runs as u64);
+        let flex = latency::burn_student(model, 1, imgsz as usize, timing, device, || bar.inc(1))?;
+        bar.finish_and_clear();
+        let (box_map50, box_map50_95, mask_map50, mask_map50_95) = scores(&evaluation);
+        artifacts.push(Artifact {
+            name: name.clone(),
+            // Inside the output (the pruned run): relative to it, as the ONNX files.
+            file: info.weights.strip_prefix(&staging.0).map(Path::to_path_buf).unwrap_or_else(|_| info.weights.clone()),
+            bytes: std::fs::metadata(&info.weights).map(|m| m.len()).unwrap_or(0),
+            parameters: kiln_models::parameter_count(model),
+            gflops: model.cost(imgsz as usize, imgsz as usize).flops / 1e9,
+            latency_ms: BTreeMap::from([(format!("Burn {}", kiln_models::device::describe(device)), median_ms(&flex))]),
+            box_map50,
+            box_map50_95,
+            mask_map50,
+            mask_map50_95,
+        });
+    }
+    for (name, file) in onnx_files {
         let path = stage(file);
         let exported = OnnxStudent::open(&path, &kiln_models::device::cpu())?;
         let evaluation = evaluate_predictor(
@@ -260,6 +314,9 @@ pub fn optimize(
             let run = latency::onnxruntime(python, &path, timing, 0)?;
             latency_ms.insert(format!("ONNX Runtime {}", run.version), median_ms(&run.seconds));
         }
+        // The ONNX files store the network of the student they came from.
+        let source = if file.contains("pruned") { &artifacts[students.len() - 1] } else { &artifacts[0] };
+        let (parameters, gflops) = (source.parameters, source.gflops);
         let (box_map50, box_map50_95, mask_map50, mask_map50_95) = scores(&evaluation);
         artifacts.push(Artifact {
             name: name.into(),
@@ -286,6 +343,7 @@ pub fn optimize(
         calibration_method: request.calibration_method.to_string(),
         artifacts,
         tensorrt: TensorRtStep { engine, command },
+        pruning,
         latency_runs: request.runs,
         host: format!("{} CPU threads", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         output: request.output.clone(),
@@ -324,7 +382,12 @@ impl OptimizeReport {
         }
         let mut out = format!("| {} |\n|{}\n", header.join(" | "), "---|".repeat(header.len()));
         for a in &self.artifacts {
-            let file = a.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            // Files inside the output by their path there; the student by its name.
+            let file = if a.file.is_relative() {
+                a.file.display().to_string()
+            } else {
+                a.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+            };
             let mut cells = vec![
                 a.name.clone(),
                 format!("`{file}`"),
@@ -355,8 +418,30 @@ impl OptimizeReport {
                 self.tensorrt.command
             ),
         };
+        let pruning = match &self.pruning {
+            Some(p) => format!(
+                "Pruning: {:.0} % of each prunable group ({} groups: {} → {} channels; criterion: {}), \
+                 then {} epochs of fine-tuning on the training split ({}; run in `{}/`). Box mAP50 \
+                 right after pruning, before fine-tuning: {:.3}{}.\n\n",
+                p.ratio * 100.0,
+                p.groups,
+                p.channels_before,
+                p.channels_after,
+                p.criterion,
+                p.epochs,
+                if p.taught {
+                    "with the student's teachers and unlabelled images, their labels from the cache"
+                } else {
+                    "labels only"
+                },
+                p.run.display(),
+                p.box_map50_before_finetune,
+                p.mask_map50_before_finetune.map(|m| format!(" (mask {m:.3})")).unwrap_or_default(),
+            ),
+            None => String::new(),
+        };
         format!(
-            "# kiln optimize: {model} at {size}x{size}\n\n{table}\n\
+            "# kiln optimize: {model} at {size}x{size}\n\n{table}\n{pruning}\
              Accuracy: COCO mAP on `{val}` ({val_images} images), each artifact run on its own (the ONNX files by \
              kiln's interpreter, FP16 with float16 storage). Latency: median of {runs} runs, batch 1, {host}. \
              INT8: Q/DQ, calibrated ({method}) on {calibration_images} images of `{calibration}`. Parameters and \
@@ -364,6 +449,7 @@ impl OptimizeReport {
             model = self.model,
             size = self.imgsz,
             table = self.table(),
+            pruning = pruning,
             val = self.val.display(),
             val_images = self.val_images,
             runs = self.latency_runs,
@@ -373,4 +459,132 @@ impl OptimizeReport {
             calibration = self.calibration.display(),
         )
     }
+}
+
+/// The student's distillation settings as `distill.KEY=VALUE` (the teachers' thresholds select
+/// the same cached labels).
+fn distill_settings(config: &kiln_training::run::StudentConfig) -> Vec<String> {
+    let Some(serde_yaml::Value::Mapping(map)) = config.distill.as_ref().and_then(|d| serde_yaml::to_value(d).ok())
+    else {
+        return Vec::new();
+    };
+    map.iter()
+        .filter_map(|(key, value)| {
+            let key = key.as_str()?;
+            let value = serde_yaml::to_string(value).ok()?;
+            Some(format!("distill.{key}={}", value.trim()))
+        })
+        .collect()
+}
+
+/// A distilled student's teachers and unlabelled images, from its run's `metadata.json`: the
+/// pruned model is fine-tuned on what the student learned from (their labels come from the cache).
+fn distill_request(weights: &Path) -> Option<kiln_training::distill::prepare::DistillRequest> {
+    let metadata = weights.parent()?.parent()?.join("metadata.json");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(metadata).ok()?).ok()?;
+    let distill = &json["request"]["distill"];
+    let path = |key: &str| distill[key].as_str().map(PathBuf::from);
+    let teachers = path("teachers").filter(|t| t.exists())?;
+    Some(kiln_training::distill::prepare::DistillRequest {
+        teachers,
+        unlabeled: path("unlabeled"),
+        images: path("images"),
+        grounding_dino_weights: path("grounding_dino_weights"),
+        sam_weights: path("sam_weights"),
+    })
+}
+
+/// Prunes `model` (BatchNorm scale, `request.prune` of every prunable group), scores it as pruned,
+/// then fine-tunes it for `request.prune_epochs` on the training split with the student's own
+/// settings, and its teachers when it was distilled, into `run_dir`, on the same engine as every
+/// student run. Returns the fine-tuned best weights.
+fn prune_and_finetune(
+    request: &OptimizeRequest,
+    info: &StudentInfo,
+    model: &kiln_models::YoloV8,
+    (train, val_path, images): (&Path, &Path, Option<&Path>),
+    run_dir: &Path,
+    device: &Device,
+) -> Result<(kiln_models::YoloV8, StudentInfo, PruningSummary), ExportError> {
+    use kiln_models::yolo::prune;
+    let failed = |e: kiln_training::TrainError| ExportError::Options(format!("fine-tuning the pruned student: {e}"));
+    let before = prune::widths(model);
+    let (pruned, widths) = prune::prune(model, request.prune).map_err(ExportError::Options)?;
+    // The pruned start, a student file like any other (its widths in the metadata).
+    let start = run_dir.with_file_name("pruned_start.safetensors");
+    let metadata = vec![
+        ("kiln.model".to_string(), info.config.to_string()),
+        ("kiln.classes".to_string(), serde_json::to_string(&info.classes).expect("names serialise")),
+        ("kiln.category_ids".to_string(), serde_json::to_string(&info.category_ids).expect("ids serialise")),
+        ("kiln.imgsz".to_string(), info.imgsz.to_string()),
+        (prune::WIDTHS_KEY.to_string(), serde_json::to_string(&widths).expect("widths serialise")),
+    ];
+    pruned.save(&start, &metadata)?;
+    let loaded = kiln_data::load_dataset(val_path, images)?;
+    let mut val = loaded.dataset;
+    kiln_data::repair(&mut val);
+    let start_info = StudentInfo::read(&start)?;
+    let as_pruned = kiln_models::Detector::from_model(pruned.clone(), start_info, device);
+    let hidden = ProgressBar::hidden();
+    let before_finetune =
+        evaluate_student(&as_pruned, &val, &loaded.images_dir, Some(info.imgsz), 8, device, &hidden).map_err(failed)?;
+
+    // The student's own recipe, read from its run (defaults where it has none).
+    let run_config = info
+        .weights
+        .parent()
+        .and_then(Path::parent)
+        .map(|run| run.join("student_config.yaml"))
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| serde_yaml::from_str::<kiln_training::run::StudentConfig>(&text).ok())
+        .unwrap_or_default();
+    let epochs = request.prune_epochs.unwrap_or((run_config.epochs / 10).max(3));
+    let overrides = kiln_training::commands::StudentOverrides {
+        model: Some(info.config.to_string()),
+        weights: Some(start.clone()),
+        epochs: Some(epochs),
+        batch_size: Some(run_config.batch_size),
+        imgsz: Some(info.imgsz),
+        optimizer: Some(run_config.optimizer),
+        // Recovering from pruning, not learning anew: a tenth of the rate, as fine-tuning does.
+        lr0: Some(run_config.lr0 * 0.1),
+        close_mosaic: Some(run_config.close_mosaic.min(epochs)),
+        // From trained weights: no warm-up from a zero learning rate, the run's nominal batch.
+        set: vec!["warmup_epochs=0".into(), format!("nbs={}", run_config.nbs)]
+            .into_iter()
+            .chain(distill_settings(&run_config))
+            .collect(),
+        ..Default::default()
+    };
+    let train_request = kiln_training::commands::TrainStudentRequest {
+        train: train.to_path_buf(),
+        val: val_path.to_path_buf(),
+        images: images.map(Path::to_path_buf),
+        output: run_dir.to_path_buf(),
+        resume: false,
+        device_name: kiln_models::device::describe(device),
+        overrides,
+        distill: distill_request(&info.weights),
+        dry_run: false,
+    };
+    let taught = train_request.distill.is_some();
+    kiln_training::commands::run_train_student(&train_request, device.clone(), kiln_training::Verbosity::Progress)
+        .map_err(failed)?;
+    let best = run_dir.join("weights/best.safetensors");
+    let tuned_info = StudentInfo::read(&best)?;
+    let tuned = tuned_info.load_model(device)?;
+    let summary = PruningSummary {
+        ratio: request.prune,
+        criterion: "BatchNorm |gamma| per group (Network Slimming), removed channels' constant folded into the readers"
+            .into(),
+        groups: before.len(),
+        channels_before: before.values().sum(),
+        channels_after: widths.values().sum(),
+        epochs,
+        box_map50_before_finetune: before_finetune.boxes.ap50(),
+        mask_map50_before_finetune: before_finetune.masks.as_ref().map(|m| m.ap50()),
+        run: PathBuf::from("pruned"),
+        taught,
+    };
+    Ok((tuned, tuned_info, summary))
 }

@@ -395,6 +395,10 @@ pub fn train_student_with(
             stop_after_epochs,
         )
         .with_memory(memory.clone()),
+        widths: match &config.weights {
+            Some(path) => kiln_models::yolo::prune::widths_in_file(path)?,
+            None => None,
+        },
         config: config.clone(),
         choice,
         masks,
@@ -431,6 +435,9 @@ pub fn train_student_with(
 struct StudentTask {
     settings: FitSettings,
     config: StudentConfig,
+    /// The channel widths of a pruned student being fine-tuned (from its weights file), saved
+    /// with every checkpoint and weights file so they load back.
+    widths: Option<kiln_models::yolo::prune::Widths>,
     choice: OptimizerChoice,
     masks: bool,
     val_truth: CocoDataset,
@@ -654,6 +661,11 @@ impl StudentTask {
             ("kiln.imgsz".into(), self.config.imgsz.to_string()),
             ("kiln.optimizer".into(), format!("{:?}", self.choice.kind).to_lowercase()),
         ]
+        .into_iter()
+        .chain(self.widths.as_ref().map(|w| {
+            (kiln_models::yolo::prune::WIDTHS_KEY.into(), serde_json::to_string(w).expect("widths serialise"))
+        }))
+        .collect()
     }
 
     /// Validation loss and COCO metrics of `model` (the EMA) on the validation set, with the

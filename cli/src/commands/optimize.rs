@@ -43,6 +43,14 @@ pub struct Args {
     /// Timed runs per artifact and engine (after 3 warm-up runs).
     #[arg(long, default_value_t = 20)]
     pub runs: usize,
+    /// Structured channel pruning: the share of the prunable channels removed (ranked by
+    /// BatchNorm scale inside each layer; C2f outputs stay whole), then fine-tuned on the
+    /// training split and exported as model.pruned.onnx; 0: no pruned model.
+    #[arg(long, value_name = "RATIO", default_value_t = 0.3)]
+    pub prune: f64,
+    /// Fine-tuning epochs of the pruned model [default: a tenth of the student's, at least 3].
+    #[arg(long, value_name = "N")]
+    pub prune_epochs: Option<usize>,
     /// Skip ONNX Runtime even when a Python with it is installed (KILN_PYTHON or python3).
     #[arg(long)]
     pub no_onnxruntime: bool,
@@ -101,6 +109,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         runs: args.runs,
         warmup: 3,
         onnxruntime: !args.no_onnxruntime,
+        prune: args.prune,
+        prune_epochs: args.prune_epochs,
     };
     println!("kiln optimize: {} -> {}", request.model.display(), request.output.display());
     let device = kiln_models::device::cpu();

@@ -8,6 +8,7 @@ pub mod conv;
 pub mod flops;
 pub mod head;
 pub mod predict;
+pub mod prune;
 pub mod sppf;
 
 use std::fmt;
@@ -295,14 +296,21 @@ impl YoloV8 {
 
     /// Builds `config` and loads official weights: an Ultralytics checkpoint as shipped
     /// (`yolov8n-seg.pt`, `FastSAM-s.pt`: the pickled model, read directly), or a state dict
-    /// (`.pt`/`.pth` or `.safetensors`, keys `model.<i>.…`). A checkpoint of another scale, task or
+    /// (`.pt`/`.pth` or `.safetensors`, keys `model.<i>.…`; a pruned kiln student's channel
+    /// widths come from its metadata, see [`prune`]). A checkpoint of another scale, task or
     /// class count is refused with the keys that do not fit.
     pub fn load(
         config: &YoloConfig,
         path: &std::path::Path,
         device: &Device,
     ) -> Result<Self, crate::weights::WeightsError> {
-        crate::weights::load_checkpoint(config.init(device), path, &Self::key_prefixes(), &config.to_string())
+        // A pruned kiln student records its channel widths: the skeleton is cut to them first.
+        let skeleton = match prune::widths_in_file(path)? {
+            Some(widths) => prune::with_widths(config.init(device), &widths)
+                .map_err(|message| crate::weights::WeightsError::Read { path: path.to_path_buf(), message })?,
+            None => config.init(device),
+        };
+        crate::weights::load_checkpoint(skeleton, path, &Self::key_prefixes(), &config.to_string())
     }
 }
 
