@@ -1137,14 +1137,15 @@ fn optimize_writes_every_artifact_and_eval_reproduces_its_report() {
             "pruned",
             "pruned_start.safetensors",
             "report.json",
-            "report.md"
+            "report.md",
+            "report.png"
         ]
     );
     for expected in [
         "ONNX FP32",
         "ONNX FP16",
         "ONNX INT8 Q/DQ",
-        "pruned 30 %, 1 epochs",
+        "pruned 30 % (safetensors)",
         "pruned ONNX FP32",
         "trtexec --onnx=",
         "report.md",

@@ -250,7 +250,7 @@ pub fn optimize(
         )?;
         let (pruned_fp32, folded) = onnx_bytes(&pruned, &pruned_info, &options(false), device)?;
         save_model(&pruned_fp32, &stage("model.pruned.onnx"), folded)?;
-        let name = format!("pruned {:.0} %, {} epochs (safetensors)", request.prune * 100.0, summary.epochs);
+        let name = format!("pruned {:.0} % (safetensors)", request.prune * 100.0);
         students.push((name, pruned, pruned_info));
         onnx_files.push(("pruned ONNX FP32", "model.pruned.onnx"));
         pruning = Some(summary);
@@ -351,6 +351,7 @@ pub fn optimize(
     let json = serde_json::to_vec_pretty(&report).map_err(|e| ExportError::Options(e.to_string()))?;
     write_file(&stage("report.json"), &json)?;
     write_file(&stage("report.md"), report.markdown().as_bytes())?;
+    kiln_training::plots::save(&report.picture(), &stage("report.png"))?;
     std::fs::rename(&staging.0, &request.output).map_err(|e| ExportError::Io {
         path: request.output.clone(),
         message: format!("cannot move the finished outputs into place: {e}"),
@@ -407,6 +408,36 @@ impl OptimizeReport {
         out
     }
 
+    /// `report.png`: each artifact's latency (per engine) and accuracy as bars.
+    pub fn picture(&self) -> image::RgbImage {
+        use kiln_training::plots::{BLUE, ORANGE, bar_chart};
+        let mut panels = Vec::new();
+        for engine in self.engines() {
+            let rows: Vec<(String, f64)> = self
+                .artifacts
+                .iter()
+                .filter_map(|a| a.latency_ms.get(&engine).map(|ms| (a.name.clone(), *ms)))
+                .collect();
+            panels.push(bar_chart(&format!("latency, ms per image ({engine}, batch 1)"), &rows, BLUE, 560));
+        }
+        let rows = |f: &dyn Fn(&Artifact) -> Option<f64>| -> Vec<(String, f64)> {
+            self.artifacts.iter().filter_map(|a| f(a).map(|v| (a.name.clone(), v))).collect()
+        };
+        panels.push(bar_chart("box mAP50 (val)", &rows(&|a| Some(a.box_map50)), ORANGE, 560));
+        if self.artifacts.iter().any(|a| a.mask_map50.is_some()) {
+            panels.push(bar_chart("mask mAP50 (val)", &rows(&|a| a.mask_map50), ORANGE, 560));
+        }
+        // Stacked, each panel at its own height.
+        let height = panels.iter().map(|p| p.height()).sum::<u32>();
+        let mut picture = image::RgbImage::from_pixel(560, height, image::Rgb([255, 255, 255]));
+        let mut y = 0;
+        for panel in &panels {
+            image::imageops::overlay(&mut picture, panel, 0, y);
+            y += panel.height() as i64;
+        }
+        picture
+    }
+
     /// `report.md`: the table and what it was measured on.
     pub fn markdown(&self) -> String {
         let tensorrt = match &self.tensorrt.engine {
@@ -441,7 +472,7 @@ impl OptimizeReport {
             None => String::new(),
         };
         format!(
-            "# kiln optimize: {model} at {size}x{size}\n\n{table}\n{pruning}\
+            "# kiln optimize: {model} at {size}x{size}\n\n![latency and accuracy per artifact](report.png)\n\n{table}\n{pruning}\
              Accuracy: COCO mAP on `{val}` ({val_images} images), each artifact run on its own (the ONNX files by \
              kiln's interpreter, FP16 with float16 storage). Latency: median of {runs} runs, batch 1, {host}. \
              INT8: Q/DQ, calibrated ({method}) on {calibration_images} images of `{calibration}`. Parameters and \
