@@ -1193,6 +1193,35 @@ fn optimize_writes_every_artifact_and_eval_reproduces_its_report() {
         assert!(student_box - artifacts[index]["box_map50"].as_f64().unwrap() < 0.05, "{file} keeps the accuracy");
     }
 
+    // kill -9 in the middle: nothing appears under the output's name; the same command again
+    // clears the dead run's staging and ends with the uninterrupted run's figures.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["optimize", "--model", "run", "--runs", "2", "--calibration-images", "8", "--no-onnxruntime"])
+        .args(["--prune-epochs", "1", "--output", "run/again"])
+        .current_dir(scratch.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = run.join(format!(".again.{}.tmp", child.id()));
+    let started = std::time::Instant::now();
+    while !staging.join("model.int8.onnx").exists() && started.elapsed().as_secs() < 300 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(staging.is_dir() && !run.join("again").exists(), "killed mid-run: nothing under the output's name");
+    let output = optimize(&["--output", "run/again"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(!staging.exists(), "the dead run's staging is cleared");
+    let again: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("again/report.json")).unwrap()).unwrap();
+    for (a, b) in artifacts.iter().zip(again["artifacts"].as_array().unwrap()) {
+        for key in ["box_map50", "mask_map50", "parameters", "bytes"] {
+            assert_eq!(a[key], b[key], "{} {key}: the rerun ends as the uninterrupted run", a["name"]);
+        }
+    }
+
     // Again: refused, nothing touched.
     let before = contents(&optimized);
     let again = optimize(&[]);

@@ -134,11 +134,28 @@ fn stage_dir(output: &Path) -> Result<PathBuf, ExportError> {
     if output.exists() {
         return Err(io("exists; kiln never replaces earlier outputs: remove it or choose another --output".into()));
     }
-    let name = output.file_name().ok_or_else(|| io("not a directory path".into()))?;
-    let staging = output.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let name = output.file_name().ok_or_else(|| io("not a directory path".into()))?.to_string_lossy().into_owned();
+    remove_stale_staging(output, &name);
+    let staging = output.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| io(format!("cannot create {}: {e}", staging.display())))?;
     Ok(staging)
+}
+
+/// Staging directories of earlier runs killed before their end (`kill -9`, power loss): their
+/// process is gone, so nothing will finish them.
+fn remove_stale_staging(output: &Path, name: &str) {
+    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".tmp")) else { continue };
+        let alive = pid.parse::<u32>().is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Removes the staging directory unless the run reached its end.

@@ -228,7 +228,8 @@ pub fn widths_in_file(path: &std::path::Path) -> Result<Option<Widths>, crate::w
     if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) || !path.is_file() {
         return Ok(None);
     }
-    let metadata = crate::weights::read_safetensors_metadata(path)?;
+    // An unreadable header is the loader's to report, with its own words.
+    let Ok(metadata) = crate::weights::read_safetensors_metadata(path) else { return Ok(None) };
     metadata
         .get(WIDTHS_KEY)
         .map(|json| {
