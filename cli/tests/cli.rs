@@ -1208,6 +1208,11 @@ fn optimize_writes_every_artifact_and_eval_reproduces_its_report() {
     while !staging.join("model.int8.onnx").exists() && started.elapsed().as_secs() < 300 {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    // While it runs, a second optimize of the same student is refused, naming the first.
+    let second = optimize(&["--output", "run/third"]);
+    let holder = format!("in use by another kiln process (pid {} ", child.id());
+    assert!(!second.status.success() && text(&second.stderr).contains(&holder), "{}", text(&second.stderr));
+    assert!(!run.join("third").exists());
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(staging.is_dir() && !run.join("again").exists(), "killed mid-run: nothing under the output's name");

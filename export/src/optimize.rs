@@ -212,6 +212,11 @@ pub fn optimize(
             val.class_names()
         )));
     }
+    // One kiln per directory: the output's parent (the student's run, or the experiment) is locked
+    // while this runs, so a second optimize, or a run still writing the student, is refused with
+    // the holder's pid instead of racing it.
+    let parent = request.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let _lock = kiln_training::engine::RunLock::acquire(parent).map_err(|e| ExportError::Options(e.to_string()))?;
     let staging = Staging(stage_dir(&request.output)?, false);
     let stage = |name: &str| staging.0.join(name);
 
