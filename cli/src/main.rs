@@ -129,14 +129,16 @@ enum Command {
     Bench(bench::Args),
     /// Turn a trained student into its deployable forms and measure each: size, speed, accuracy.
     ///
-    /// Reads the student (--experiment NAME: experiments/NAME/student; or --model DIR) and the
-    /// splits its run recorded in metadata.json. Writes, into a new directory (EXPERIMENT/optimized
-    /// or DIR/optimized): model.onnx (FP32), model.fp16.onnx, model.int8.onnx (Q/DQ, calibrated on
-    /// the training split), the TensorRT engine when `trtexec` is on PATH (its exact command
-    /// otherwise), and report.md / report.json: per artifact its file size, parameters, GFLOPs,
-    /// latency (Burn flex for the student; kiln's ONNX interpreter, and ONNX Runtime where a Python
-    /// has it, for the ONNX files) and COCO box/mask mAP on the validation split, measured by
-    /// running that artifact. Everything appears at the end or not at all.
+    /// Reads the student (--name NAME: experiments/NAME/student; or --model DIR) and the splits its
+    /// run recorded in metadata.json. Writes, into a new directory (EXPERIMENT/optimized or
+    /// DIR/optimized): model.onnx (FP32), model.fp16.onnx, model.int8.onnx (Q/DQ, calibrated on
+    /// the training split), a pruned student (--prune 0.3 of its channels by BatchNorm scale, then
+    /// fine-tuned: pruned/ and model.pruned.onnx), the TensorRT engine when `trtexec` is on PATH
+    /// (its exact command otherwise), and report.md / report.json / report.png: per artifact its
+    /// file size, parameters, GFLOPs, latency (Burn flex for the safetensors; kiln's ONNX
+    /// interpreter, and ONNX Runtime where a Python has it, for the ONNX files) and COCO box/mask
+    /// mAP on the validation split, measured by running that artifact. Everything appears at the
+    /// end or not at all; the directory the output goes in is locked while it runs.
     Optimize(optimize::Args),
     /// Run the main job on a dataset kiln generates itself: synth, validate, train-teacher,
     /// train-student (distilled, with unlabelled images), optimize, in one experiment directory.
