@@ -319,11 +319,13 @@ pub fn train_student_with(
         mask: d.mask,
         feature: d.feature,
     });
-    // Made after the model, so that the model's initial weights do not depend on it.
+    // Made after the model, so that the model's initial weights do not depend on it; P4's width
+    // is the model's own (a pruned student's may be narrower than its config's).
     let projection = match (feature_channels, distill) {
-        (Some(channels), Some(d)) if d.feature > 0.0 => {
-            Some(burn::nn::conv::Conv2dConfig::new([yolo_config.channels(512), channels], [1, 1]).init(&autodiff))
-        }
+        (Some(channels), Some(d)) if d.feature > 0.0 => Some(
+            burn::nn::conv::Conv2dConfig::new([yolo.bottom_up_p4.cv2.bn.gamma.dims()[0], channels], [1, 1])
+                .init(&autodiff),
+        ),
         _ => None,
     };
     let student = Student { yolo, projection, loss: config.loss, distill, max_grad_norm: config.max_grad_norm };

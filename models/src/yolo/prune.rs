@@ -3,11 +3,13 @@
 //! of the layers that read them, so the result is a smaller dense model with the official block
 //! layout, names and keys; only channel counts change.
 //!
-//! Prunable groups are the channels that no residual addition or shared concatenation ties to
-//! another layer: the stem and the down-sampling convolutions (read by one layer), each C2f
-//! bottleneck's hidden channels, SPPF's hidden channels, the hidden channels of every head
-//! branch and of the mask prototypes. C2f outputs stay whole (they feed residual additions,
-//! chunks and several readers).
+//! Prunable groups are the outputs of every `Conv` that no residual addition or chunk ties to
+//! another layer: the stem and the down-sampling convolutions, each C2f bottleneck's hidden
+//! channels, SPPF's hidden channels and output, the hidden channels of every head branch and of
+//! the mask prototypes, and each C2f's output (its `cv2`, read by the next convolution, by a
+//! neck concatenation at an offset and by the head). What stays whole: each C2f's `cv1` (its two
+//! chunks must stay equal, and in the backbone the second one is added to every bottleneck's
+//! output) and the bottleneck outputs tied to it, and the head's output layers.
 //!
 //! Criterion: the BatchNorm scale |γ| (Network Slimming, Liu et al. 2017): a channel whose γ is
 //! near 0 outputs nearly the constant SiLU(β), so removing it changes the network least, and that
@@ -28,6 +30,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::YoloV8;
 use super::conv::Conv;
+use super::head::Head;
 
 /// Kept output channels per prunable group, by name (`down_p3`, `c2f_p4.m.0`, `head.cv3.1.0`, ...).
 pub type Widths = BTreeMap<String, usize>;
@@ -46,7 +49,29 @@ enum Reader<'a> {
 }
 
 fn reader<'a>(conv: &'a mut Conv) -> Reader<'a> {
-    Reader::Conv { conv: &mut conv.conv, norm: Some(&mut conv.bn), offsets: vec![0] }
+    reader_at(conv, 0)
+}
+
+/// A `Conv` reading the group at `offset` of its concatenated input.
+fn reader_at<'a>(conv: &'a mut Conv, offset: usize) -> Reader<'a> {
+    Reader::Conv { conv: &mut conv.conv, norm: Some(&mut conv.bn), offsets: vec![offset] }
+}
+
+fn width(conv: &Conv) -> usize {
+    conv.bn.gamma.dims()[0]
+}
+
+/// The first layer of every head branch of `level` (and the prototypes, which read level 0).
+fn head_readers(head: &mut Head, level: usize) -> Vec<Reader<'_>> {
+    let Head { cv2, cv3, cv4, proto, .. } = head;
+    let mut readers = vec![reader(&mut cv2[level].0), reader(&mut cv3[level].0)];
+    if let Some(branch) = cv4.get_mut(level) {
+        readers.push(reader(&mut branch.0));
+    }
+    if let (0, Some(proto)) = (level, proto.as_mut()) {
+        readers.push(reader(&mut proto.cv1));
+    }
+    readers
 }
 
 /// Calls `visit` with every prunable group of `model`: its name, the producing `Conv` and its readers.
@@ -92,6 +117,42 @@ fn for_each_group(model: &mut YoloV8, visit: &mut dyn FnMut(String, &mut Conv, V
         visit("head.proto.cv1".into(), &mut proto.cv1, vec![Reader::Transposed(&mut proto.upsample)]);
         visit("head.proto.cv2".into(), &mut proto.cv2, vec![reader(&mut proto.cv3)]);
     }
+    // The C2f and SPPF outputs: read by the next convolution, by a concatenation (at an offset
+    // that is the current width of what is concatenated before them) and by the head. Offsets are
+    // taken just before each visit, so groups pruned earlier are accounted for.
+    visit("c2f_p2.cv2".into(), &mut m.c2f_p2.cv2, vec![reader(&mut m.down_p3)]);
+    let offset = width(&m.top_down_p4.cv2);
+    visit(
+        "c2f_p3.cv2".into(),
+        &mut m.c2f_p3.cv2,
+        vec![reader(&mut m.down_p4), reader_at(&mut m.top_down_p3.cv1, offset)],
+    );
+    let offset = width(&m.sppf.cv2);
+    visit(
+        "c2f_p4.cv2".into(),
+        &mut m.c2f_p4.cv2,
+        vec![reader(&mut m.down_p5), reader_at(&mut m.top_down_p4.cv1, offset)],
+    );
+    visit("c2f_p5.cv2".into(), &mut m.c2f_p5.cv2, vec![reader(&mut m.sppf.cv1)]);
+    let offset = width(&m.bottom_up_down_p4);
+    visit(
+        "sppf.cv2".into(),
+        &mut m.sppf.cv2,
+        vec![reader(&mut m.top_down_p4.cv1), reader_at(&mut m.bottom_up_p5.cv1, offset)],
+    );
+    let offset = width(&m.bottom_up_down_p3);
+    visit(
+        "top_down_p4.cv2".into(),
+        &mut m.top_down_p4.cv2,
+        vec![reader(&mut m.top_down_p3.cv1), reader_at(&mut m.bottom_up_p4.cv1, offset)],
+    );
+    let mut readers = head_readers(&mut m.head, 0);
+    readers.push(reader(&mut m.bottom_up_down_p3));
+    visit("top_down_p3.cv2".into(), &mut m.top_down_p3.cv2, readers);
+    let mut readers = head_readers(&mut m.head, 1);
+    readers.push(reader(&mut m.bottom_up_down_p4));
+    visit("bottom_up_p4.cv2".into(), &mut m.bottom_up_p4.cv2, readers);
+    visit("bottom_up_p5.cv2".into(), &mut m.bottom_up_p5.cv2, head_readers(&mut m.head, 2));
 }
 
 fn indices(keep: &[usize], device: &burn::tensor::Device) -> Tensor<1, Int> {
@@ -177,11 +238,27 @@ pub fn widths(model: &YoloV8) -> Widths {
     widths
 }
 
+/// How many of `width` channels a group keeps when `ratio` of them go: the nearest multiple of
+/// `multiple` to `width * (1 - ratio)`, at least one multiple (or the whole group when it is
+/// narrower), at most the whole group.
+pub fn kept_width(width: usize, ratio: f64, multiple: usize) -> usize {
+    let multiple = multiple.max(1);
+    let target = width as f64 * (1.0 - ratio);
+    let rounded = ((target / multiple as f64).round() as usize).max(1) * multiple;
+    rounded.min(width).max(1)
+}
+
 /// `model` with `ratio` (0..1) of every prunable group's channels removed, those of the smallest
-/// BatchNorm |γ|, their constant outputs folded into the readers; and the widths it kept.
-pub fn prune(model: &YoloV8, ratio: f64) -> Result<(YoloV8, Widths), String> {
+/// BatchNorm |γ|, their constant outputs folded into the readers; and the widths it kept. Each
+/// kept width is rounded to a multiple of `multiple` ([`kept_width`]): convolution kernels work
+/// on blocks of channels (ONNX Runtime's CPU layout pads channels to 16 with AVX-512, 8 with
+/// AVX2), so a width between two multiples costs as much as the next one up.
+pub fn prune(model: &YoloV8, ratio: f64, multiple: usize) -> Result<(YoloV8, Widths), String> {
     if !(0.0..1.0).contains(&ratio) {
         return Err(format!("the pruning ratio {ratio} must be in 0..1"));
+    }
+    if multiple == 0 {
+        return Err("the channel multiple of a pruned width must be at least 1".into());
     }
     let mut pruned = model.clone();
     let mut widths = Widths::new();
@@ -189,7 +266,7 @@ pub fn prune(model: &YoloV8, ratio: f64) -> Result<(YoloV8, Widths), String> {
         let scales: Vec<f32> =
             producer.bn.gamma.val().abs().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
         let width = scales.len();
-        let count = ((width as f64 * (1.0 - ratio)).ceil() as usize).clamp(1, width);
+        let count = kept_width(width, ratio, multiple);
         let mut order: Vec<usize> = (0..width).collect();
         order.sort_by(|&a, &b| scales[b].total_cmp(&scales[a]).then(a.cmp(&b)));
         let mut keep = order[..count].to_vec();
@@ -289,12 +366,12 @@ mod tests {
     fn a_pruned_student_saves_and_reloads_to_the_same_outputs() {
         let (model, config) = trained_like();
         let device = Device::flex();
-        let (pruned, widths) = prune(&model, 0.3).unwrap();
+        let (pruned, widths) = prune(&model, 0.3, 1).unwrap();
         let before = super::widths(&model);
         assert_eq!(widths.len(), before.len());
         assert_eq!(widths, super::widths(&pruned));
         for (name, &kept) in &widths {
-            assert_eq!(kept, (before[name] as f64 * 0.7).ceil() as usize, "{name}");
+            assert_eq!(kept, (before[name] as f64 * 0.7).round() as usize, "{name}");
         }
         let (full, cut) = (model.cost(640, 640).flops, pruned.cost(640, 640).flops);
         assert!(cut < 0.8 * full, "GFLOPs {:.2} -> {:.2}", full / 1e9, cut / 1e9);
@@ -316,37 +393,60 @@ mod tests {
 
     #[test]
     fn the_smallest_scales_go_and_their_constant_output_is_kept() {
-        let (mut model, _) = trained_like();
-        let device = Device::flex();
-        let input = images(&device);
-        // Head box branch of level 0, hidden layer 1 (read by a 1x1 convolution with a bias, so
-        // the constant of a removed channel is folded in exactly): channels 3 and 9 scale 0.
-        let name = "head.cv2.0.1";
-        for_each_group(&mut model, &mut |group, producer, _| {
-            if group == name {
-                let width = producer.bn.gamma.dims()[0];
-                let scales: Vec<f32> =
-                    (0..width).map(|c| if c == 3 || c == 9 { 0.0 } else { 1.0 + c as f32 }).collect();
-                producer.bn.gamma = Param::from_tensor(Tensor::from_data(TensorData::new(scales, [width]), &device));
-            }
-        });
-        let reference = head_values(&model, input.clone());
-        let mut pruned = model.clone();
-        let mut kept = Vec::new();
-        for_each_group(&mut pruned, &mut |group, producer, readers| {
-            if group == name {
-                let width = producer.bn.gamma.dims()[0];
-                let scales: Vec<f32> = producer.bn.gamma.val().into_data().convert::<f32>().try_into_vec().unwrap();
-                let mut order: Vec<usize> = (0..width).collect();
-                order.sort_by(|&a, &b| scales[b].total_cmp(&scales[a]));
-                kept = order[..width - 2].to_vec();
-                kept.sort_unstable();
-                keep_channels(producer, readers, &kept, true);
-            }
-        });
-        assert!(!kept.contains(&3) && !kept.contains(&9) && kept.len() == 62, "{kept:?}");
-        let difference = max_difference(&reference, &head_values(&pruned, input));
-        assert!(difference < 1e-4, "removing zero-scale channels changes the outputs by {difference}");
+        // Groups whose readers are all 1x1 convolutions (where a removed channel's constant is
+        // folded in exactly; a 3x3 reader's zero padding makes it exact only inside the image):
+        // a head branch's hidden layer (read by a convolution with a bias), SPPF's output (read
+        // after the upsample at offset 0 and in the last concatenation behind the down-sampled
+        // P4) and a C2f output read by two concatenations at different offsets.
+        for name in ["head.cv2.0.1", "sppf.cv2", "top_down_p4.cv2"] {
+            let (mut model, _) = trained_like();
+            let device = Device::flex();
+            let input = images(&device);
+            // Channels 3 and 9 of the group get scale 0.
+            for_each_group(&mut model, &mut |group, producer, _| {
+                if group == name {
+                    let width = producer.bn.gamma.dims()[0];
+                    let scales: Vec<f32> =
+                        (0..width).map(|c| if c == 3 || c == 9 { 0.0 } else { 1.0 + c as f32 }).collect();
+                    producer.bn.gamma =
+                        Param::from_tensor(Tensor::from_data(TensorData::new(scales, [width]), &device));
+                }
+            });
+            let reference = head_values(&model, input.clone());
+            let mut pruned = model.clone();
+            let (mut kept, mut width) = (Vec::new(), 0);
+            for_each_group(&mut pruned, &mut |group, producer, readers| {
+                if group == name {
+                    width = producer.bn.gamma.dims()[0];
+                    let scales: Vec<f32> = producer.bn.gamma.val().into_data().convert::<f32>().try_into_vec().unwrap();
+                    let mut order: Vec<usize> = (0..width).collect();
+                    order.sort_by(|&a, &b| scales[b].total_cmp(&scales[a]));
+                    kept = order[..width - 2].to_vec();
+                    kept.sort_unstable();
+                    keep_channels(producer, readers, &kept, true);
+                }
+            });
+            assert!(!kept.contains(&3) && !kept.contains(&9) && kept.len() == width - 2, "{name}: {kept:?}");
+            assert_eq!(super::widths(&pruned)[name], width - 2, "{name}");
+            let difference = max_difference(&reference, &head_values(&pruned, input));
+            assert!(difference < 1e-4, "{name}: removing zero-scale channels changes the outputs by {difference}");
+        }
+    }
+
+    #[test]
+    fn kept_widths_are_rounded_to_the_channel_multiple() {
+        assert_eq!(kept_width(64, 0.3, 16), 48); // 44.8
+        assert_eq!(kept_width(128, 0.3, 16), 96); // 89.6
+        assert_eq!(kept_width(256, 0.3, 16), 176); // 179.2
+        assert_eq!(kept_width(32, 0.3, 16), 16); // 22.4: nearer 16 than 32
+        assert_eq!(kept_width(16, 0.3, 16), 16); // at least one multiple
+        assert_eq!(kept_width(12, 0.3, 16), 12); // never more than the group
+        assert_eq!(kept_width(64, 0.3, 1), 45);
+        let (model, _) = trained_like();
+        let (pruned, widths) = prune(&model, 0.3, 16).unwrap();
+        assert_eq!(widths, super::widths(&pruned));
+        assert!(widths.values().all(|w| w % 16 == 0), "{widths:?}");
+        assert!(prune(&model, 0.3, 0).is_err() && prune(&model, 1.0, 16).is_err());
     }
 
     #[test]
