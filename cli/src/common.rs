@@ -6,25 +6,15 @@ use std::path::{Path, PathBuf};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// The backends `--device` offers. Only those kiln can open are listed, so `--help` shows what
-/// works and clap refuses anything else before a command starts.
-#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
-pub enum DeviceArg {
-    /// The CPU (Burn's flex backend).
-    Cpu,
-    /// Any GPU through wgpu (Vulkan, Metal, DX12, or OpenGL where none of those has a driver;
-    /// Mesa's lavapipe or llvmpipe on a CPU-only box).
-    Wgpu,
-}
+/// What `--device` takes: `cpu`, `wgpu`, `tch`, `tch-cpu`, `cuda` or `cuda:N` (see [`DEVICE_HELP`]).
+/// A backend this build lacks is refused when the command opens it, with the rebuild to run.
+pub type DeviceArg = kiln_models::Backend;
 
-impl From<DeviceArg> for kiln_models::Backend {
-    fn from(arg: DeviceArg) -> Self {
-        match arg {
-            DeviceArg::Cpu => kiln_models::Backend::Cpu,
-            DeviceArg::Wgpu => kiln_models::Backend::Wgpu,
-        }
-    }
-}
+/// `--device`'s help, the same on every command.
+pub const DEVICE_HELP: &str = "Where to run: cpu (Burn's flex backend), wgpu (any GPU through Vulkan, Metal, DX12 \
+or OpenGL; Mesa's lavapipe or llvmpipe on a CPU-only box), tch (LibTorch: its first CUDA GPU when \
+present, its CPU otherwise; a build with `--features tch`), tch-cpu (LibTorch on the CPU), cuda or \
+cuda:N (NVIDIA GPU N through Burn's CUDA backend; a build with `--features cuda`)";
 
 /// The student architectures, each an official preset (its class count follows the data).
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -87,8 +77,7 @@ pub fn value_name(value: impl ValueEnum) -> String {
 
 /// Opens the device and checks that it runs a convolution; a GPU says which adapter and graphics
 /// API it got (on stderr, so that machine-readable output stays clean).
-pub fn open_device(arg: DeviceArg) -> anyhow::Result<burn::tensor::Device> {
-    let backend = kiln_models::Backend::from(arg);
+pub fn open_device(backend: DeviceArg) -> anyhow::Result<burn::tensor::Device> {
     let device = backend.open()?;
     kiln_models::device::check(&device)?;
     if backend != kiln_models::Backend::Cpu {

@@ -19,6 +19,13 @@ pub enum Backend {
     Cpu,
     /// Any GPU through wgpu: Vulkan, Metal, DX12, or OpenGL as a fallback.
     Wgpu,
+    /// LibTorch (Burn's tch backend): the first CUDA GPU when LibTorch was built with CUDA and one
+    /// is present, LibTorch's CPU otherwise.
+    Tch,
+    /// LibTorch on the CPU.
+    TchCpu,
+    /// NVIDIA GPU `N` through Burn's CubeCL CUDA backend.
+    Cuda(usize),
 }
 
 impl Backend {
@@ -26,15 +33,118 @@ impl Backend {
         match self {
             Backend::Cpu => "cpu",
             Backend::Wgpu => "wgpu",
+            Backend::Tch => "tch",
+            Backend::TchCpu => "tch-cpu",
+            Backend::Cuda(_) => "cuda",
         }
     }
 
-    /// Opens the device of this backend (for wgpu: once per process, see [`wgpu`]).
+    /// The Cargo feature a build needs for this backend.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Backend::Cpu => "flex",
+            Backend::Wgpu => "wgpu",
+            Backend::Tch | Backend::TchCpu => "tch",
+            Backend::Cuda(_) => "cuda",
+        }
+    }
+
+    /// Opens the device of this backend (for wgpu: once per process, see [`wgpu`]). A GPU that
+    /// is not there is an error that says so, checked before any tensor is made (Burn's CUDA
+    /// paths would panic at the first operation).
     pub fn open(self) -> Result<Device, DeviceError> {
         match self {
             Backend::Cpu => Ok(cpu()),
             Backend::Wgpu => wgpu(),
+            Backend::Tch | Backend::TchCpu => libtorch(self == Backend::TchCpu),
+            Backend::Cuda(index) => cuda(index),
         }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Cuda(index) => write!(f, "cuda:{index}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    /// `cpu`, `wgpu`, `tch`, `tch-cpu`, `cuda` or `cuda:N`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let lower = text.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "cpu" | "flex" => Ok(Backend::Cpu),
+            "wgpu" => Ok(Backend::Wgpu),
+            "tch" => Ok(Backend::Tch),
+            "tch-cpu" => Ok(Backend::TchCpu),
+            "cuda" => Ok(Backend::Cuda(0)),
+            _ => match lower.strip_prefix("cuda:") {
+                Some(index) if index.contains(',') => {
+                    Err(format!("`{text}`: several GPUs in one run are not supported yet; name one, e.g. `cuda:0`"))
+                }
+                Some(index) => index
+                    .parse::<usize>()
+                    .map(Backend::Cuda)
+                    .map_err(|_| format!("`{text}`: the GPU index after `cuda:` must be a number, e.g. `cuda:1`")),
+                None => Err(format!("`{text}` is not a device: use cpu, wgpu, tch, tch-cpu, cuda or cuda:N")),
+            },
+        }
+    }
+}
+
+/// The rebuild that adds `feature`, for errors.
+#[allow(dead_code)] // only the backends a build lacks use it
+fn rebuild_with(feature: &str) -> String {
+    // LibTorch must be there before the build: the script installs PyTorch 2.9.0's and says where.
+    let libtorch = if feature == "tch" { "eval \"$(scripts/libtorch.sh)\" && " } else { "" };
+    format!("{libtorch}cargo build --release -p kiln-cli --features {feature}")
+}
+
+/// LibTorch: its CPU, or its first CUDA GPU unless `cpu_only` (its CPU when it has none).
+pub fn libtorch(cpu_only: bool) -> Result<Device, DeviceError> {
+    #[cfg(feature = "tch")]
+    #[allow(deprecated)] // burn-tch is deprecated upstream in favour of CubeCL, not removed.
+    {
+        if !cpu_only && !Device::enumerate(burn::tensor::DeviceType::LibTorch).is_empty() {
+            return Ok(Device::libtorch_cuda(0));
+        }
+        Ok(Device::libtorch())
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = cpu_only;
+        Err(DeviceError::NotBuilt { backend: "tch", rebuild: rebuild_with("tch") })
+    }
+}
+
+/// CUDA GPU `index` through CubeCL, after checking that the driver is there and has that GPU.
+pub fn cuda(index: usize) -> Result<Device, DeviceError> {
+    #[cfg(feature = "cuda")]
+    {
+        let found = Device::enumerate(burn::tensor::DeviceType::Cuda).len();
+        if found == 0 {
+            return Err(DeviceError::NoGpu {
+                backend: "cuda",
+                reason: "no NVIDIA driver (libcuda.so) or no CUDA GPU found".into(),
+            });
+        }
+        if index >= found {
+            return Err(DeviceError::NoGpu {
+                backend: "cuda",
+                reason: format!("GPU {index} asked for, the machine has {found} (cuda:0 to cuda:{})", found - 1),
+            });
+        }
+        Ok(Device::cuda(index))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = index;
+        Err(DeviceError::NotBuilt { backend: "cuda", rebuild: rebuild_with("cuda") })
     }
 }
 
@@ -46,8 +156,10 @@ pub enum DeviceError {
          without a GPU, Mesa's lavapipe: `apt-get install mesa-vulkan-drivers`), or use --device cpu"
     )]
     NoAdapter { reason: String },
-    #[error("this build of kiln has no {backend} backend: rebuild with `--features {backend}`, or use --device cpu")]
-    NotBuilt { backend: &'static str },
+    #[error("this build of kiln has no {backend} backend: rebuild with `{rebuild}`, or use --device cpu")]
+    NotBuilt { backend: &'static str, rebuild: String },
+    #[error("--device {backend}: {reason}; use --device cpu (or wgpu for another GPU API)")]
+    NoGpu { backend: &'static str, reason: String },
     #[error("the {device} failed{hint}: {reason}{advice}")]
     Execution { device: String, hint: String, reason: String, advice: String },
 }
@@ -111,7 +223,7 @@ pub fn wgpu() -> Result<Device, DeviceError> {
         opened_wgpu().clone().map(|(device, _)| device)
     }
     #[cfg(not(feature = "wgpu"))]
-    Err(DeviceError::NotBuilt { backend: "wgpu" })
+    Err(DeviceError::NotBuilt { backend: "wgpu", rebuild: rebuild_with("wgpu") })
 }
 
 /// The adapter behind [`wgpu`]'s device (`None` when it was not opened, or failed to open).
@@ -191,7 +303,18 @@ pub fn describe(device: &Device) -> String {
     {
         return format!("wgpu device ({adapter})");
     }
-    format!("device {device:?}")
+    // Burn's own names: `Device<LibTorch(Cpu)>`, `Device<LibTorch(Cuda(0))>`, `Device<Cube(Cuda(..))>`.
+    let debug = format!("{:?}", device.clone().without_autodiff());
+    if debug.contains("LibTorch(Cpu)") {
+        return "LibTorch CPU (tch)".into();
+    }
+    if let Some(rest) = debug.split("LibTorch(Cuda(").nth(1) {
+        return format!("LibTorch CUDA GPU {} (tch)", rest.split(')').next().unwrap_or("?"));
+    }
+    if debug.contains("Cuda") {
+        return format!("CUDA GPU (Burn's CubeCL CUDA backend: {debug})");
+    }
+    format!("device {debug}")
 }
 
 /// Reads a tensor back to the host: its values as `f32`, or the device's failure as an error.
@@ -276,6 +399,55 @@ mod tests {
             shader_f16: true,
         };
         assert_eq!(gpu.to_string(), "NVIDIA H200 via Vulkan");
+    }
+
+    #[test]
+    fn device_names_parse_and_print_back() {
+        for (text, backend) in [
+            ("cpu", Backend::Cpu),
+            ("wgpu", Backend::Wgpu),
+            ("tch", Backend::Tch),
+            ("TCH-CPU", Backend::TchCpu),
+            ("cuda", Backend::Cuda(0)),
+            ("cuda:3", Backend::Cuda(3)),
+        ] {
+            assert_eq!(text.parse::<Backend>().unwrap(), backend, "{text}");
+        }
+        assert_eq!(Backend::Cuda(3).to_string(), "cuda:3");
+        assert_eq!(Backend::TchCpu.to_string(), "tch-cpu");
+        assert!("cuda:x".parse::<Backend>().unwrap_err().contains("must be a number"));
+        assert!("cuda:0,1".parse::<Backend>().unwrap_err().contains("several GPUs"));
+        assert!("tpu".parse::<Backend>().unwrap_err().contains("cpu, wgpu, tch, tch-cpu, cuda or cuda:N"));
+    }
+
+    /// A GPU-less machine (this project's CI): a backend that is not built names the rebuild, one
+    /// that is built but has no GPU says so; neither panics.
+    #[test]
+    fn gpu_backends_without_a_gpu_or_a_build_are_clear_errors() {
+        match Backend::Cuda(0).open() {
+            Err(DeviceError::NotBuilt { rebuild, .. }) => {
+                assert!(!cfg!(feature = "cuda"));
+                assert_eq!(rebuild, "cargo build --release -p kiln-cli --features cuda");
+            }
+            Err(error @ DeviceError::NoGpu { .. }) => {
+                assert!(error.to_string().contains("--device cuda: no NVIDIA driver"), "{error}")
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+            // A machine with a CUDA GPU and a cuda build.
+            Ok(device) => check(&device).unwrap(),
+        }
+        if !cfg!(feature = "tch") {
+            let error = Backend::TchCpu.open().unwrap_err().to_string();
+            assert!(error.contains("rebuild with `cargo build --release -p kiln-cli --features tch`"), "{error}");
+        }
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn libtorch_on_the_cpu_runs_the_device_check() {
+        let device = Backend::TchCpu.open().unwrap();
+        assert_eq!(describe(&device), "LibTorch CPU (tch)");
+        check(&device).unwrap();
     }
 
     #[test]

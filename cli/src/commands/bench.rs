@@ -5,7 +5,7 @@ use kiln_export::latency;
 use kiln_models::StudentInfo;
 use std::path::{Path, PathBuf};
 
-use crate::common::{DeviceArg, open_device, progress_bar};
+use crate::common::{DEVICE_HELP, DeviceArg, open_device, progress_bar};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = OnnxEngine::Auto)]
     pub engine: OnnxEngine,
     /// Backend for a student: the CPU (flex) or wgpu. ONNX files run on ONNX Runtime's CPU provider.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
     pub device: DeviceArg,
     /// Square input size [default: the size the model was trained at; an ONNX file's own].
     #[arg(long)]

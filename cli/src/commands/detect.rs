@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use kiln_training::teacher::detect::{DetectOverrides, DetectRequest, run_detect};
 
-use crate::common::{DeviceArg, GroundingDinoModelArg, open_device, progress_bar, value_name};
+use crate::common::{DEVICE_HELP, DeviceArg, GroundingDinoModelArg, open_device, progress_bar, value_name};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,7 +38,7 @@ pub struct Args {
     /// Input short side in pixels [default: the adapter's, else 800].
     #[arg(long, value_name = "PX")]
     pub imgsz: Option<usize>,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
     pub device: DeviceArg,
 }
 

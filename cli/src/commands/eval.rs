@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::common::{DeviceArg, check_imgsz, load_student, open_device, progress_bar};
+use crate::common::{DEVICE_HELP, DeviceArg, check_imgsz, load_student, open_device, progress_bar};
 
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("evaluated").required(true).args(["model", "teachers"]))]
@@ -32,7 +32,7 @@ pub struct Args {
     pub imgsz: Option<u32>,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
     pub device: DeviceArg,
     /// Run with Burn's INT8 weight quantisation (convolution weights as 8-bit integers, per tensor).
     #[arg(long)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use kiln_models::yolo::predict::PredictOptions;
 
-use crate::common::{DeviceArg, load_student, open_device, progress_bar};
+use crate::common::{DEVICE_HELP, DeviceArg, load_student, open_device, progress_bar};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,7 +30,7 @@ pub struct Args {
     /// Also write one picture per image with the predictions drawn, into OUTPUT/pictures.
     #[arg(long)]
     pub visualize: bool,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
     pub device: DeviceArg,
     /// Run with Burn's INT8 weight quantisation (convolution weights as 8-bit integers, per tensor).
     #[arg(long)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use kiln_training::teacher::segment::{SegmentOverrides, SegmentRequest, run_segment};
 
-use crate::common::{DeviceArg, SamModelArg, open_device, progress_bar, value_name};
+use crate::common::{DEVICE_HELP, DeviceArg, SamModelArg, open_device, progress_bar, value_name};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,7 +29,7 @@ pub struct Args {
     /// Do not draw pictures, only write masks.json.
     #[arg(long)]
     pub no_pictures: bool,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
     pub device: DeviceArg,
 }
 

@@ -9,7 +9,7 @@ use kiln_training::distill::prepare::DistillRequest;
 use kiln_training::optim::OptimizerKind;
 use kiln_training::presets::Preset;
 
-use crate::common::{DeviceArg, StudentModelArg, open_device, run_output, value_name};
+use crate::common::{DEVICE_HELP, DeviceArg, StudentModelArg, open_device, run_output, value_name};
 
 /// The optimisers `--optimizer` offers; clap lists them in `--help` and refuses any other.
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -104,7 +104,7 @@ pub struct Args {
     /// --set augment.mosaic=0 --set nbs=16 --set loss.box_gain=7.5.
     #[arg(long, value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
     pub device: DeviceArg,
     /// Run directory [default: runs/student, runs/student2, ...].
     #[arg(long, value_name = "DIR")]

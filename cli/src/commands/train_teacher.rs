@@ -7,7 +7,7 @@ use kiln_training::characteristics::{Characteristics, Environment, Intensity, Ob
 use kiln_training::presets::Preset;
 use kiln_training::teacher::{TeacherOverrides, TrainTeacherRequest, render_teacher_summary, run_train_teacher};
 
-use crate::common::{DeviceArg, GroundingDinoModelArg, SamModelArg, open_device, run_output, value_name};
+use crate::common::{DEVICE_HELP, DeviceArg, GroundingDinoModelArg, SamModelArg, open_device, run_output, value_name};
 
 /// The teachers `--teacher` can single out; clap lists them in `--help` and refuses any other.
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -93,7 +93,7 @@ pub struct Args {
     /// kiln ships for them (pretrained on generated shapes: models/bases/README.md).
     #[arg(long)]
     pub from_scratch: bool,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
     pub device: DeviceArg,
     /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
     #[arg(long)]
