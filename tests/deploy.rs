@@ -63,11 +63,12 @@ fn detector_refuses_a_file_that_is_not_a_student() {
     assert!(error.contains("no such weights file"), "{error}");
 }
 
-#[cfg(feature = "wgpu")]
-#[test]
-fn infer_on_wgpu_equals_flex() {
+/// `kiln infer` on `device` finds what it finds on flex: the same detections in the same order,
+/// boxes within 1e-2 px, scores within 1e-3.
+#[cfg(any(feature = "wgpu", feature = "tch"))]
+fn assert_infer_equals_flex(device: Device, name: &str) {
     use kiln_training::commands::{load_student, run_infer};
-    let scratch = Scratch::new("infer-wgpu");
+    let scratch = Scratch::new(&format!("infer-{name}"));
     let dir = images(&scratch.path().join("data"));
     let options = PredictOptions { conf: 0.25, ..Default::default() };
     let run = |device: Device, name: &str| {
@@ -79,10 +80,10 @@ fn infer_on_wgpu_equals_flex() {
         json["annotations"].as_array().unwrap().clone()
     };
     let flex = run(Device::flex(), "flex");
-    let wgpu = run(kiln_models::device::wgpu().unwrap(), "wgpu");
+    let other = run(device, name);
     assert!(flex.len() >= 8, "only {} detections on flex", flex.len());
-    assert_eq!(flex.len(), wgpu.len(), "detection counts differ");
-    for (a, b) in flex.iter().zip(&wgpu) {
+    assert_eq!(flex.len(), other.len(), "detection counts differ");
+    for (a, b) in flex.iter().zip(&other) {
         assert_eq!(a["image_id"], b["image_id"]);
         assert_eq!(a["category_id"], b["category_id"]);
         let boxes = |v: &serde_json::Value| -> Vec<f64> {
@@ -93,6 +94,19 @@ fn infer_on_wgpu_equals_flex() {
         }
         assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() <= 1e-3, "{a} vs {b}");
     }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn infer_on_wgpu_equals_flex() {
+    assert_infer_equals_flex(kiln_models::device::wgpu().unwrap(), "wgpu");
+}
+
+/// LibTorch on the CPU (`--device tch-cpu`), the backend CI can run without a GPU.
+#[cfg(feature = "tch")]
+#[test]
+fn infer_on_libtorch_cpu_equals_flex() {
+    assert_infer_equals_flex(kiln_models::Backend::TchCpu.open().unwrap(), "tch-cpu");
 }
 
 /// TensorRT through `trtexec`: the arguments for each precision, and a build that runs the tool,

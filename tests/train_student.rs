@@ -258,3 +258,72 @@ fn characteristics_and_presets_choose_settings_and_flags_override_them() {
     assert!(text.contains("- low-light") && text.contains("motion_blur: 0.1"), "{text}");
     assert!(output.join("train_batches.jpg").is_file());
 }
+
+/// One epoch (two SGD steps of a yolov8n-seg from the same weights, same batches and
+/// augmentation) on LibTorch's CPU (`--device tch-cpu`) gives flex's loss within 1e-3 (relative)
+/// and flex's updated weights within 1e-4 (absolute).
+#[cfg(feature = "tch")]
+#[test]
+fn an_epoch_on_libtorch_cpu_equals_flex() {
+    use kiln_models::yolo::{YoloConfig, YoloV8};
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("train-libtorch");
+    let (train, val) = dataset(scratch.path(), 8, 64);
+    let start = scratch.path().join("start.safetensors");
+    let yolo: YoloV8 = "yolov8n-seg".parse::<YoloConfig>().unwrap().with_num_classes(3).init(&Device::flex());
+    yolo.save(&start, &[]).unwrap();
+    let run_on = |device: Device, name: &str| {
+        let (data, _) = load_student_data(&train, &val, None).unwrap();
+        let mut config = config(data.train.class_names(), data.train.class_ids(), 1);
+        config.weights = Some(start.clone());
+        config.optimizer = kiln_training::optim::OptimizerKind::Sgd;
+        config.lr0 = 0.01;
+        config.batch_size = 4;
+        let output = scratch.path().join(name);
+        let options = TrainOptions {
+            config,
+            output: output.clone(),
+            device,
+            resume: false,
+            verbosity: Verbosity::Quiet,
+            stop_after_epochs: None,
+            dry_run: false,
+        };
+        let summary = train_student(options, data).unwrap_or_else(|e| panic!("{name}: {e}"));
+        (summary.history[0].train.sum(), floats(&output.join("weights/last.safetensors")))
+    };
+    let (flex_loss, flex_weights) = run_on(Device::flex(), "flex");
+    let (torch_loss, torch_weights) = run_on(kiln_models::Backend::TchCpu.open().unwrap(), "tch-cpu");
+    assert!((flex_loss - torch_loss).abs() <= 1e-3 * flex_loss.abs(), "loss: flex {flex_loss}, LibTorch {torch_loss}");
+    assert_eq!(flex_weights.len(), torch_weights.len());
+    assert!(flex_weights.len() > 300, "every parameter and statistic is compared ({})", flex_weights.len());
+    let mut largest = (0f32, String::new());
+    for (key, a) in &flex_weights {
+        let b = &torch_weights[key];
+        assert_eq!(a.len(), b.len(), "{key}");
+        for (x, y) in a.iter().zip(b) {
+            if (x - y).abs() > largest.0 {
+                largest = ((x - y).abs(), key.clone());
+            }
+        }
+    }
+    assert!(largest.0 <= 1e-4, "updated weights differ by {} in {}", largest.0, largest.1);
+}
+
+/// The F32 tensors of a safetensors file by name.
+#[cfg(feature = "tch")]
+fn floats(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let raw = tensors(path);
+    raw.into_iter()
+        .filter_map(|(key, data)| {
+            let values: Vec<f32> = match header[&key]["dtype"].as_str()? {
+                "F32" => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                _ => return None,
+            };
+            Some((key, values))
+        })
+        .collect()
+}

@@ -127,7 +127,17 @@ fn assignment_matches_ultralytics() {
 
 #[test]
 fn loss_parts_and_gradients_match_ultralytics() {
-    let device = Device::flex().autodiff();
+    loss_parts_and_gradients_match_ultralytics_on(Device::flex().autodiff());
+}
+
+/// The same loss and gradients on LibTorch's CPU (`--device tch-cpu`), to the same tolerances.
+#[cfg(feature = "tch")]
+#[test]
+fn loss_parts_and_gradients_match_ultralytics_on_libtorch_cpu() {
+    loss_parts_and_gradients_match_ultralytics_on(kiln_models::Backend::TchCpu.open().unwrap().autodiff());
+}
+
+fn loss_parts_and_gradients_match_ultralytics_on(device: Device) {
     let case = case(&device);
     let out = yolo_loss(&LossConfig::default(), &case.output, &case.targets).unwrap();
     let expected = &case.reference["loss"];

@@ -438,7 +438,9 @@ mod tests {
         }
         if !cfg!(feature = "tch") {
             let error = Backend::TchCpu.open().unwrap_err().to_string();
-            assert!(error.contains("rebuild with `cargo build --release -p kiln-cli --features tch`"), "{error}");
+            let rebuild =
+                "rebuild with `eval \"$(scripts/libtorch.sh)\" && cargo build --release -p kiln-cli --features tch`";
+            assert!(error.contains(rebuild), "{error}");
         }
     }
 
