@@ -307,6 +307,7 @@ fn an_epoch_on_libtorch_cpu_equals_flex() {
             }
         }
     }
+    eprintln!("loss: flex {flex_loss}, LibTorch {torch_loss}; largest weight difference {} ({})", largest.0, largest.1);
     assert!(largest.0 <= 1e-4, "updated weights differ by {} in {}", largest.0, largest.1);
 }
 
