@@ -1234,6 +1234,16 @@ fn optimize_writes_every_artifact_and_eval_reproduces_its_report() {
     assert!(text(&again.stderr).contains("exists; kiln never replaces"), "{}", text(&again.stderr));
     assert_eq!(contents(&optimized), before);
 
+    // Pruning options out of range: refused before any work, nothing touched.
+    for (flag, value, message) in
+        [("--prune-multiple", "0", "--prune-multiple must be at least 1"), ("--prune", "1.5", "must be in 0..1")]
+    {
+        let output = optimize(&[flag, value]);
+        assert!(!output.status.success());
+        assert!(text(&output.stderr).contains(message), "{}", text(&output.stderr));
+        assert_eq!(contents(&optimized), before);
+    }
+
     // An experiment without a student says what to run first.
     std::fs::create_dir_all(scratch.path().join("experiments/shapes/teachers")).unwrap();
     let output = kiln(&["optimize", "--experiment", "shapes"], scratch.path());

@@ -67,6 +67,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         args.runs >= 1 && args.calibration_images >= 1,
         "--runs and --calibration-images must be at least 1"
     );
+    // Checked before any export, so a bad value costs nothing and leaves nothing behind.
+    anyhow::ensure!((0.0..1.0).contains(&args.prune), "--prune {} must be in 0..1 (0: no pruned model)", args.prune);
+    anyhow::ensure!(args.prune_multiple >= 1, "--prune-multiple must be at least 1 (1: no rounding)");
     let (model, default_output) = match (&args.experiment, &args.model) {
         (Some(name), _) => {
             let experiment = crate::common::Experiment::named(name);
