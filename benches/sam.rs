@@ -101,7 +101,7 @@ fn benches(c: &mut Criterion) {
 
     let autodiff = device.clone().autodiff();
     let full = SamConfig::tiny().init(&autodiff);
-    let (adapted, summary) = lora::apply(SamConfig::tiny().init(&autodiff), &lora_config(), "sam/tiny").unwrap();
+    let (adapted, summary) = lora::apply(SamConfig::tiny().init(&autodiff), &lora_config(), "sam/tiny", 1).unwrap();
     let full_peak = peak_training_memory(full.clone(), &autodiff);
     let lora_peak = peak_training_memory(adapted.clone(), &autodiff);
     println!(

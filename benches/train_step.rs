@@ -1,39 +1,71 @@
-//! One YOLOv8n-seg training step at 320x320, batch 8, on flex: forward, the full loss (assigner,
-//! box, cls, dfl, masks), backward and the optimiser update, as `kiln train-student` runs it.
-//! Baseline: the same step in PyTorch with Ultralytics' loss on this machine
-//! (`benches/train_step_baseline.py`; numbers in the README).
+//! One YOLOv8n-seg training step at 320x320, batch 8: forward, the full loss (assigner, box, cls,
+//! dfl, masks), backward and the optimiser update, as `kiln train-student` runs it, on flex and, in a
+//! build with `tch`, on LibTorch's CPU (`tch_cpu_*`). Baseline: the same step in PyTorch with
+//! Ultralytics' loss on this machine (`benches/train_step_baseline.py`; numbers in the README).
 //!
-//! The same step distilled (`distilled_*`), as a distilled run's student takes it: every object a
-//! teacher label with class and mask probabilities, and a teacher feature map over the input, so the
-//! soft targets and the logit, mask and feature distillation all run: its cost over the supervised
-//! step is what distillation adds per step.
+//! The same step distilled (`distilled_*`, flex), as a distilled run's student takes it: every
+//! object a teacher label with class and mask probabilities, and a teacher feature map over the
+//! input, so the soft targets and the logit, mask and feature distillation all run: its cost over
+//! the supervised step is what distillation adds per step.
 //!
-//! `cargo bench -p kiln-benches --features models --bench train_step`
+//! `cargo bench -p kiln-benches --features models --bench train_step` (`--features tch` after
+//! `eval "$(scripts/libtorch.sh)"` adds LibTorch). On a GPU machine (`benches/gpu_check.sh`):
+//! `KILN_BENCH_DEVICES=tch,cuda KILN_BENCH_BATCH=16 KILN_BENCH_SIZE=640` picks the devices and the
+//! step's size (the distilled step then stays off).
 
 use burn::module::Module;
 use burn::nn::conv::Conv2dConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime};
 use kiln_data::batch::{BatchFeatures, DetectionBatch, TeacherTargets};
-use kiln_models::YoloConfig;
+use kiln_models::{Backend, YoloConfig};
 use kiln_training::loss::{DistillLoss, LossConfig, Targets, yolo_loss};
 use kiln_training::optim::{OptimizerChoice, OptimizerKind, build_optimizer};
 use kiln_training::student::Student;
 
-const BATCH: usize = 8;
-const SIZE: usize = 320;
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The devices to time: `KILN_BENCH_DEVICES` (`cpu,tch-cpu,tch,cuda:0`, ...), or flex and, in a
+/// build with `tch`, LibTorch's CPU.
+fn devices() -> Vec<(String, Device)> {
+    let names = match std::env::var("KILN_BENCH_DEVICES") {
+        Ok(list) => list.split(',').map(str::to_string).collect(),
+        Err(_) => {
+            let mut names = vec!["cpu".to_string()];
+            if cfg!(feature = "tch") {
+                names.push("tch-cpu".into());
+            }
+            names
+        }
+    };
+    names
+        .iter()
+        .map(|name| {
+            let backend: Backend = name.parse().unwrap_or_else(|e| panic!("KILN_BENCH_DEVICES: {e}"));
+            let device = backend.open().unwrap_or_else(|e| panic!("{backend}: {e}"));
+            let label = match backend {
+                Backend::Cpu => "flex".to_string(),
+                other => other.to_string().replace([':', '-'], "_"),
+            };
+            (label, device)
+        })
+        .collect()
+}
 
 /// Three objects per image, with elliptical masks at a quarter of the input size.
-fn targets(device: &Device) -> (Tensor<4>, Targets) {
-    let images = Tensor::<4>::random([BATCH, 3, SIZE, SIZE], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
-    let (m, ms) = (3, SIZE / 4);
+fn targets(batch: usize, size: usize, device: &Device) -> (Tensor<4>, Targets) {
+    let images = Tensor::<4>::random([batch, 3, size, size], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
+    let (m, ms) = (3, size / 4);
+    let scale = size as f32 / 320.0;
     let mut boxes = Vec::new();
-    let mut masks = vec![0f32; BATCH * m * ms * ms];
-    for b in 0..BATCH {
+    let mut masks = vec![0f32; batch * m * ms * ms];
+    for b in 0..batch {
         for k in 0..m {
-            let (x1, y1) = (20.0 + 80.0 * k as f32 + b as f32, 30.0 + 60.0 * k as f32);
-            let (x2, y2) = (x1 + 70.0, y1 + 90.0);
+            let (x1, y1) = ((20.0 + 80.0 * k as f32 + b as f32) * scale, (30.0 + 60.0 * k as f32) * scale);
+            let (x2, y2) = (x1 + 70.0 * scale, y1 + 90.0 * scale);
             boxes.extend([x1, y1, x2, y2]);
             let (cx, cy, rx, ry) = ((x1 + x2) / 8.0, (y1 + y2) / 8.0, (x2 - x1) / 8.0, (y2 - y1) / 8.0);
             for y in 0..ms {
@@ -46,40 +78,27 @@ fn targets(device: &Device) -> (Tensor<4>, Targets) {
             }
         }
     }
-    let classes: Vec<i64> = (0..BATCH * m).map(|i| (i % 3) as i64).collect();
+    let classes: Vec<i64> = (0..batch * m).map(|i| (i % 3) as i64).collect();
     let targets = Targets {
-        boxes: Tensor::from_data(TensorData::new(boxes, [BATCH, m, 4]), device),
-        classes: Tensor::<2, Int>::from_data(TensorData::new(classes, [BATCH, m]), device),
-        valid: Tensor::ones([BATCH, m], device),
-        masks: Some(Tensor::from_data(TensorData::new(masks.clone(), [BATCH, m, ms, ms]), device)),
+        boxes: Tensor::from_data(TensorData::new(boxes, [batch, m, 4]), device),
+        classes: Tensor::<2, Int>::from_data(TensorData::new(classes, [batch, m]), device),
+        valid: Tensor::ones([batch, m], device),
+        masks: Some(Tensor::from_data(TensorData::new(masks.clone(), [batch, m, ms, ms]), device)),
         teacher: None,
     };
     (images, targets)
 }
 
-fn benches(c: &mut Criterion) {
-    let device = Device::flex().autodiff();
+/// The supervised step on `device` (an autodiff one is made of it).
+fn supervised_step(group: &mut BenchmarkGroup<WallTime>, label: &str, device: &Device, batch: usize, size: usize) {
+    let device = device.clone().autodiff();
     let config: YoloConfig = "yolov8n-seg".parse().unwrap();
-    let mut model = config.clone().with_num_classes(3).init(&device);
+    let mut model = config.with_num_classes(3).init(&device);
     let choice = OptimizerChoice { kind: OptimizerKind::Sgd, lr0: 0.01, momentum: 0.937 };
     let mut optimizer = build_optimizer(&choice, 5e-4);
-    let (images, targets) = targets(&device);
+    let (images, targets) = targets(batch, size, &device);
     let loss_config = LossConfig::default();
-    // Every object as a teacher's: soft class probabilities and its mask as probabilities.
-    let (m, ms) = (3, SIZE / 4);
-    let masks = kiln_models::device::read_floats(targets.masks.clone().unwrap()).unwrap();
-    let teacher = TeacherTargets {
-        class_probs: (0..BATCH * m)
-            .map(|i| Some((0..3).map(|c| if c == i % 3 { 0.8 } else { 0.1 }).collect()))
-            .collect(),
-        soft_masks: (0..BATCH * m)
-            .map(|i| Some(masks[i * ms * ms..(i + 1) * ms * ms].iter().map(|&v| 0.1 + 0.8 * v).collect()))
-            .collect(),
-        features: None,
-    };
-    let mut group = c.benchmark_group("yolov8n_seg_train_step");
-    group.sample_size(10);
-    group.bench_function("flex_batch8_320", |b| {
+    group.bench_function(format!("{label}_batch{batch}_{size}"), |b| {
         b.iter(|| {
             let output = model.forward(images.clone());
             let loss = yolo_loss(&loss_config, &output, &targets).unwrap();
@@ -93,6 +112,38 @@ fn benches(c: &mut Criterion) {
             let _: f32 = Module::valid(&model).stem.conv.weight.val().sum().into_scalar();
         })
     });
+}
+
+fn benches(c: &mut Criterion) {
+    let (batch, size) = (setting("KILN_BENCH_BATCH", 8), setting("KILN_BENCH_SIZE", 320));
+    let mut group = c.benchmark_group("yolov8n_seg_train_step");
+    group.sample_size(10);
+    for (label, device) in devices() {
+        supervised_step(&mut group, &label, &device, batch, size);
+    }
+    if std::env::var_os("KILN_BENCH_DEVICES").is_some() {
+        group.finish();
+        return;
+    }
+    const BATCH: usize = 8;
+    const SIZE: usize = 320;
+    let device = Device::flex().autodiff();
+    let config: YoloConfig = "yolov8n-seg".parse().unwrap();
+    let choice = OptimizerChoice { kind: OptimizerKind::Sgd, lr0: 0.01, momentum: 0.937 };
+    let (images, targets) = targets(BATCH, SIZE, &device);
+    let loss_config = LossConfig::default();
+    // Every object as a teacher's: soft class probabilities and its mask as probabilities.
+    let (m, ms) = (3, SIZE / 4);
+    let masks = kiln_models::device::read_floats(targets.masks.clone().unwrap()).unwrap();
+    let teacher = TeacherTargets {
+        class_probs: (0..BATCH * m)
+            .map(|i| Some((0..3).map(|c| if c == i % 3 { 0.8 } else { 0.1 }).collect()))
+            .collect(),
+        soft_masks: (0..BATCH * m)
+            .map(|i| Some(masks[i * ms * ms..(i + 1) * ms * ms].iter().map(|&v| 0.1 + 0.8 * v).collect()))
+            .collect(),
+        features: None,
+    };
 
     // The student as a distilled run trains it: with the 1x1 projection of P4 onto a SAM-like
     // embedding of 256 channels over the whole input.

@@ -68,7 +68,7 @@ fn lora_trains_adapters_only_and_the_adapter_file_reproduces_the_model() {
     let device = Device::flex().autodiff();
     let base = Sam::load(&SamConfig::tiny(), &tiny_checkpoint(), &device).unwrap();
     let base_values = snapshot(&base);
-    let (model, summary) = lora::apply(base, &decoder_attention(), "sam/tiny").unwrap();
+    let (model, summary) = lora::apply(base, &decoder_attention(), "sam/tiny", 1).unwrap();
     // 2 two-way blocks x 3 attentions + the final attention, 4 projections each.
     assert_eq!(summary.adapted.len(), 28, "{:?}", summary.adapted);
     assert!(summary.adapted.iter().all(|p| p.starts_with("mask_decoder.transformer.")));
@@ -161,7 +161,7 @@ fn encoder_targets_are_adapted_through_the_encoder_variant() {
     let device = Device::flex();
     let sam = SamConfig::tiny().init(&device);
     let config = LoraConfig { rank: 2, alpha: 4.0, dropout: 0.0, target_modules: vec!["attn.qkv".into()] };
-    let (model, summary) = lora::apply(sam, &config, "sam/tiny").unwrap();
+    let (model, summary) = lora::apply(sam, &config, "sam/tiny", 1).unwrap();
     assert_eq!(summary.adapted, ["image_encoder.blocks.0.attn.qkv.weight", "image_encoder.blocks.1.attn.qkv.weight"]);
     let adapters: Vec<String> =
         lora::parameter_paths(&model).into_iter().map(|(p, _)| p).filter(|p| p.contains(".lora.")).collect();
@@ -173,7 +173,7 @@ fn targets_that_match_nothing_are_refused_with_the_layer_names() {
     let device = Device::flex();
     let sam = SamConfig::tiny().init(&device);
     let config = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["query".into()] };
-    let error = lora::apply(sam, &config, "sam/tiny").map(|_| ()).unwrap_err();
+    let error = lora::apply(sam, &config, "sam/tiny", 1).map(|_| ()).unwrap_err();
     let message = error.to_string();
     assert!(message.contains("query") && message.contains("attn.qkv"), "{message}");
 }
@@ -182,6 +182,6 @@ fn targets_that_match_nothing_are_refused_with_the_layer_names() {
 fn lora_dropout_other_than_zero_is_refused_with_the_reason() {
     let sam = SamConfig::tiny().init(&Device::flex());
     let config = LoraConfig { dropout: 0.1, ..decoder_attention() };
-    let message = lora::apply(sam, &config, "sam/tiny").map(|_| ()).unwrap_err().to_string();
+    let message = lora::apply(sam, &config, "sam/tiny", 1).map(|_| ()).unwrap_err().to_string();
     assert!(message.contains("lora_dropout 0.1") && message.contains("set lora_dropout to 0"), "{message}");
 }

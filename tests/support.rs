@@ -238,3 +238,61 @@ pub fn safetensors_tensors(path: &Path) -> std::collections::BTreeMap<String, (S
         })
         .collect()
 }
+
+/// The float32 tensors of a training checkpoint (`checkpoint/model-N.bpk`, burn-train's burnpack
+/// record of the whole model, adapters and frozen base alike) by name.
+pub fn checkpoint_floats(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    use burn::store::ModuleStore;
+    let mut store = burn::store::BurnpackStore::from_file(path);
+    let tensors = store.get_all_tensors().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    tensors
+        .iter()
+        .filter(|(_, tensor)| tensor.dtype == burn::tensor::DType::F32)
+        .map(|(name, tensor)| {
+            let bytes = tensor.to_bytes().unwrap();
+            let values = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            (name.clone(), values)
+        })
+        .collect()
+}
+
+/// The largest absolute difference between two sets of named tensors holding the same names and
+/// shapes, and the name where it is.
+pub fn largest_difference(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+) -> (f32, String) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "the same tensors");
+    let mut largest = (0f32, String::new());
+    for (name, x) in a {
+        let y = &b[name];
+        assert_eq!(x.len(), y.len(), "{name}");
+        for (p, q) in x.iter().zip(y) {
+            let difference = (p - q).abs();
+            if difference.is_nan() || difference > largest.0 {
+                largest = (if difference.is_nan() { f32::INFINITY } else { difference }, name.clone());
+            }
+        }
+    }
+    largest
+}
+
+/// How many values of two sets of named tensors (the same names and shapes) differ by more than
+/// `tolerance`, out of how many.
+pub fn count_differing(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+    tolerance: f32,
+) -> (usize, usize) {
+    let mut differing = 0;
+    let mut total = 0;
+    for (name, x) in a {
+        for (p, q) in x.iter().zip(&b[name]) {
+            total += 1;
+            if !((p - q).abs() <= tolerance) {
+                differing += 1;
+            }
+        }
+    }
+    (differing, total)
+}

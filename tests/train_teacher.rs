@@ -282,3 +282,73 @@ fn data_sam_cannot_learn_from_is_refused_and_leaves_nothing_behind() {
     drop(live);
     assert_eq!(std::fs::read_to_string(output.join("teachers/notes.txt")).unwrap(), "mine");
 }
+
+/// One LoRA epoch of the SAM teacher (two AdamW steps from the same pretrained base and the same
+/// adapter, drawn on the host from the seed) on LibTorch's CPU (`--device tch-cpu`) gives flex's
+/// training loss within 1e-3 (relative) and flex's updated model within 1e-4 (absolute), compared
+/// tensor by tensor in the epoch's checkpoint.
+#[cfg(feature = "tch")]
+#[test]
+fn a_lora_epoch_on_libtorch_cpu_equals_flex() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("teacher-libtorch");
+    let (train_json, val_json) = dataset(&scratch.0, 10, 3, 5, SynthLabels::Both);
+    let run_on = |device: Device, name: &str| {
+        let output = scratch.0.join(name);
+        let request = request(&train_json, &val_json, &output, tiny(1, Some(pretrained_tiny())));
+        let summary = run_train_teacher(&request, device, Verbosity::Quiet).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let train = summary.sam.expect("masks call for SAM").history[1].train;
+        let checkpoint = output.join("teachers/sam_train/checkpoint/model-1.bpk");
+        (train.focal + train.dice + train.iou, kiln_tests::checkpoint_floats(&checkpoint))
+    };
+    let (flex_loss, flex_model) = run_on(Device::flex(), "flex");
+    let (torch_loss, torch_model) = run_on(kiln_models::Backend::TchCpu.open().unwrap(), "tch-cpu");
+    assert!((flex_loss - torch_loss).abs() <= 1e-3 * flex_loss.abs(), "loss: flex {flex_loss}, LibTorch {torch_loss}");
+    // The epoch moved the adapters: a comparison of untouched factors would prove nothing.
+    let moved =
+        flex_model.iter().filter(|(k, v)| k.contains("lora") && k.ends_with('b') && v.iter().any(|x| *x != 0.0));
+    assert!(
+        moved.count() > 0,
+        "no adapter factor moved: {:?}",
+        flex_model.keys().filter(|k| k.contains("lora")).collect::<Vec<_>>()
+    );
+    let (largest, name) = kiln_tests::largest_difference(&flex_model, &torch_model);
+    let adapters = |m: &std::collections::BTreeMap<String, Vec<f32>>| {
+        m.iter().filter(|(k, _)| k.contains("lora")).map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    let (differing, total) = kiln_tests::count_differing(&adapters(&flex_model), &adapters(&torch_model), 1e-5);
+    eprintln!(
+        "loss: flex {flex_loss}, LibTorch {torch_loss}; largest difference {largest} ({name}); \
+         adapter values differing by more than 1e-5: {differing} of {total}"
+    );
+    assert!(largest <= 1e-4, "updated weights differ by {largest} in {name}");
+}
+
+/// `--gradient-checkpointing` recomputes activations in the backward pass instead of keeping
+/// them: the same epoch (loss and updated model, compared in its checkpoint) as without, to 1e-6.
+#[test]
+fn gradient_checkpointing_trains_the_same_epoch() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("teacher-checkpointing");
+    let (train_json, val_json) = dataset(&scratch.0, 10, 3, 5, SynthLabels::Both);
+    let run = |checkpointing: bool, name: &str| {
+        let output = scratch.0.join(name);
+        let overrides = TeacherOverrides {
+            gradient_checkpointing: checkpointing,
+            // The image encoder trains too, so that its activations are what is recomputed.
+            lora_targets: Some(vec!["qkv".into(), "q_proj".into(), "v_proj".into()]),
+            ..tiny(1, Some(pretrained_tiny()))
+        };
+        let summary = train(&request(&train_json, &val_json, &output, overrides));
+        let config = &summary.config.sam.as_ref().unwrap();
+        assert_eq!(config.gradient_checkpointing, checkpointing, "saved in teacher_config.yaml");
+        let train = summary.sam.unwrap().history[1].train;
+        let checkpoint = output.join("teachers/sam_train/checkpoint/model-1.bpk");
+        (train.focal + train.dice + train.iou, kiln_tests::checkpoint_floats(&checkpoint))
+    };
+    let (plain_loss, plain) = run(false, "plain");
+    let (recomputed_loss, recomputed) = run(true, "recomputed");
+    assert!((plain_loss - recomputed_loss).abs() <= 1e-6 * plain_loss.abs(), "{plain_loss} vs {recomputed_loss}");
+    let (largest, name) = kiln_tests::largest_difference(&plain, &recomputed);
+    assert!(largest <= 1e-6, "updated weights differ by {largest} in {name}");
+}

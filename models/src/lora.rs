@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::{Lora, Module, ModuleVisitor, Param, ParamGroup};
+use burn::module::{Lora, Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -162,8 +162,14 @@ fn selected(paths: &[(String, String)], targets: &[String]) -> Vec<(String, Stri
         .collect()
 }
 
-/// Attaches LoRA adapters to the Linear weights `config` targets and freezes everything else.
-pub fn apply<M: Module>(model: M, config: &LoraConfig, model_name: &str) -> Result<(M, LoraSummary), LoraError> {
+/// Attaches LoRA adapters to the Linear weights `config` targets and freezes everything else. The
+/// `A` factors are drawn from `seed` on the host (see [`draw_factors`]), the `B` factors are zero.
+pub fn apply<M: Module>(
+    model: M,
+    config: &LoraConfig,
+    model_name: &str,
+    seed: u64,
+) -> Result<(M, LoraSummary), LoraError> {
     if config.rank == 0 {
         return Err(LoraError::Rank);
     }
@@ -187,12 +193,57 @@ pub fn apply<M: Module>(model: M, config: &LoraConfig, model_name: &str) -> Resu
     let adapted: Vec<String> = selection.into_iter().map(|(official, _)| official).collect();
     let model =
         model.apply_lora(Lora::new(config.rank, config.alpha).set_param_group(ParamGroup::from_paths(burn_paths)));
+    let model = draw_factors(model, config.rank, seed);
     let paths = parameter_paths(&model);
     let attached = paths.iter().filter(|(p, _)| p.ends_with(".lora.a")).count();
     assert_eq!(attached, adapted.len(), "LoRA attached to {attached} of the {} selected weights", adapted.len());
     let trainable = paths.iter().filter(|(p, _)| is_adapter(p)).map(|(_, n)| n).sum();
     let total = paths.iter().map(|(_, n)| n).sum();
     Ok((model, LoraSummary { adapted, trainable, total }))
+}
+
+/// Redraws every adapter's `A` factor from `seed` with kiln's host generator: N(0, 1/rank²) as
+/// Burn draws it (`init_std` 1/rank), each factor from its own stream named by its path. Burn's
+/// own draw comes from the device's generator, which differs between backends (flex, LibTorch,
+/// CubeCL), so the same seed would start a different adapter on each device; drawn here, a run
+/// starts from the same adapter whatever the device (and a LibTorch or GPU run can be checked
+/// against flex's).
+pub fn draw_factors<M: Module>(model: M, rank: usize, seed: u64) -> M {
+    struct Draw {
+        path: Vec<String>,
+        seed: u64,
+        std: f64,
+    }
+    impl ModuleMapper for Draw {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            if !container_type.starts_with("Enum:") {
+                self.path.push(name.to_string());
+            }
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            if !container_type.starts_with("Enum:") {
+                self.path.pop();
+            }
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let path = self.path.join(".");
+            if !path.ends_with(".lora.a") {
+                return param;
+            }
+            // FNV-1a of the path: the stream of this factor, stable across runs and builds.
+            let stream =
+                path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+            let mut rng = kiln_data::rng::SeededRng::new(self.seed).fork(stream);
+            let std = self.std;
+            param.map(|tensor| {
+                let (shape, device, trains) = (tensor.shape(), tensor.device(), tensor.is_require_grad());
+                let dtype = FloatDType::from(tensor.dtype());
+                let values: Vec<f32> = (0..shape.num_elements()).map(|_| (rng.normal() * std) as f32).collect();
+                Tensor::<D>::from_data(TensorData::new(values, shape), &device).cast(dtype).set_require_grad(trains)
+            })
+        }
+    }
+    model.map(&mut Draw { path: Vec::new(), seed, std: 1.0 / rank as f64 })
 }
 
 /// Writes `adapter_model.safetensors` (the adapter factors only) and `adapter_config.json` into
@@ -250,7 +301,8 @@ pub fn load_adapter<M: Module>(
             base_hash: base_hash.to_string(),
         });
     }
-    let (mut model, summary) = apply(base, &config.lora, base_name)?;
+    // The factors are about to be overwritten: any seed.
+    let (mut model, summary) = apply(base, &config.lora, base_name, 0)?;
     let path = dir.join(ADAPTER_WEIGHTS);
     if !path.is_file() {
         return Err(LoraError::File { path, message: "no such file".into() });

@@ -306,10 +306,10 @@ pub fn train_student_with(
         .build(ValDataset(val_source.clone()));
 
     let autodiff = device.clone().autodiff();
-    autodiff.seed(config.seed);
+    // Drawn the same on every device (flex's generator), so a seed means one start everywhere.
     let yolo = match &config.weights {
         Some(path) => YoloV8::load(&yolo_config, path, &autodiff)?,
-        None => yolo_config.init(&autodiff),
+        None => kiln_models::device::init_seeded(config.seed, &autodiff, |on| yolo_config.init(on)),
     };
     let initial_ema = burn::module::Module::valid(&yolo);
     let distill = config.distill.map(|d| DistillLoss {
@@ -319,13 +319,15 @@ pub fn train_student_with(
         mask: d.mask,
         feature: d.feature,
     });
-    // Made after the model, so that the model's initial weights do not depend on it; P4's width
+    // Drawn from its own seed, so that the model's initial weights do not depend on it; P4's width
     // is the model's own (a pruned student's may be narrower than its config's).
     let projection = match (feature_channels, distill) {
-        (Some(channels), Some(d)) if d.feature > 0.0 => Some(
-            burn::nn::conv::Conv2dConfig::new([yolo.bottom_up_p4.cv2.bn.gamma.dims()[0], channels], [1, 1])
-                .init(&autodiff),
-        ),
+        (Some(channels), Some(d)) if d.feature > 0.0 => {
+            let width = yolo.bottom_up_p4.cv2.bn.gamma.dims()[0];
+            Some(kiln_models::device::init_seeded(config.seed.wrapping_add(1), &autodiff, |on| {
+                burn::nn::conv::Conv2dConfig::new([width, channels], [1, 1]).init(on)
+            }))
+        }
         _ => None,
     };
     let student = Student { yolo, projection, loss: config.loss, distill, max_grad_norm: config.max_grad_norm };

@@ -89,6 +89,11 @@ pub struct Args {
     /// teachers/sam_full/model.safetensors (e.g. to make a base for a new domain; LoRA is the default).
     #[arg(long)]
     pub full_finetune: bool,
+    /// Recompute activations in the backward pass instead of keeping them (Burn's autodiff
+    /// checkpointing, whole model): less memory for SAM's and GroundingDINO's encoders at some
+    /// extra compute, for bases that do not fit otherwise.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Start --sam tiny / --gdino tiny_minilm from a random initialisation instead of the bases
     /// kiln ships for them (pretrained on generated shapes: models/bases/README.md).
     #[arg(long)]
@@ -210,6 +215,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             seed: args.seed,
             focal_weight: args.focal_weight,
             full_finetune: args.full_finetune,
+            gradient_checkpointing: args.gradient_checkpointing,
             from_scratch: args.from_scratch,
             preset: args.preset,
             characteristics: Characteristics {

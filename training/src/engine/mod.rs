@@ -46,6 +46,15 @@ pub use step::StepOutput;
 
 use crate::error::TrainError;
 
+/// The autodiff device a run trains on: `device` with Burn's autodiff, and with its gradient
+/// checkpointing (`Balanced`: memory-bound operations are recomputed in the backward pass, the
+/// compute-bound ones keep their outputs) when asked. Burn applies it to the whole model; there is
+/// no per-block checkpoint as in `torch.utils.checkpoint`.
+pub fn autodiff_device(device: &Device, gradient_checkpointing: bool) -> Device {
+    let autodiff = device.clone().without_autodiff().autodiff();
+    if gradient_checkpointing { autodiff.gradient_checkpointing() } else { autodiff }
+}
+
 /// The batches a task trains on and the ones it validates on.
 pub type TrainInput<T> = <<T as TrainTask>::Model as TrainStep>::Input;
 pub type StepItem<T> = StepOutput<<T as TrainTask>::Parts>;

@@ -84,6 +84,11 @@ pub struct GroundingDinoTeacherConfig {
     /// Keep BERT frozen in a full fine-tuning too (Open-GroundingDino's `freeze_keywords=['bert']`).
     #[serde(default = "yes")]
     pub freeze_text_encoder: bool,
+    /// Recompute memory-bound activations (norms, activations, reshapes) in the backward pass
+    /// instead of keeping them: Burn's autodiff checkpointing (`Balanced`), applied to the whole
+    /// model; less memory for some extra compute. Off by default.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn yes() -> bool {
@@ -134,13 +139,12 @@ pub fn load_base(
     trainable: bool,
 ) -> Result<GroundingDino, TrainError> {
     let model_config = gdino_config(&config.model)?;
-    let autodiff = device.clone().autodiff();
+    let autodiff = crate::engine::autodiff_device(device, config.gradient_checkpointing);
     let target = if trainable { &autodiff } else { device };
     let model = match &config.weights {
         Some(path) => GroundingDino::load(&model_config, path, config.text_encoder.as_deref(), target)?,
         None => {
-            autodiff.seed(config.seed);
-            let model = model_config.init(&autodiff);
+            let model = kiln_models::device::init_seeded(config.seed, &autodiff, |on| model_config.init(on));
             let model = match &config.text_encoder {
                 Some(path) => GroundingDino {
                     bert: kiln_models::grounding_dino::BertModel::load(&model_config.bert, path, &autodiff)?,
@@ -506,7 +510,7 @@ pub fn train_grounding_dino(
     let tokenizer = load_tokenizer(&config)?;
     let caption = Arc::new(ClassCaption::new(&tokenizer, &data.classes, model_config.max_text_len)?);
 
-    let autodiff = device.clone().autodiff();
+    let autodiff = crate::engine::autodiff_device(&device, config.gradient_checkpointing);
     let base = load_base(&config, &device, true)?;
     let base_hash = base_hash(&config)?;
     let base_bytes = match &config.weights {
@@ -528,8 +532,7 @@ pub fn train_grounding_dino(
             (base, LoraSummary { adapted: Vec::new(), trainable: total, total })
         }
     } else {
-        autodiff.seed(config.seed.wrapping_add(1));
-        let (model, summary) = lora::apply(base, &config.lora, &base_name(&config))?;
+        let (model, summary) = lora::apply(base, &config.lora, &base_name(&config), config.seed.wrapping_add(1))?;
         status(&format!("GroundingDINO {}: {}", config.model, summary.render()));
         (model, summary)
     };

@@ -107,6 +107,8 @@ pub struct TeacherOverrides {
     pub seed: Option<u64>,
     pub focal_weight: Option<f64>,
     pub full_finetune: bool,
+    /// Recompute activations in the backward pass instead of keeping them (less memory).
+    pub gradient_checkpointing: bool,
     /// Start a tiny preset from a random initialisation instead of kiln's shipped base.
     pub from_scratch: bool,
     /// Settings between the defaults and the flags (`crate::presets`).
@@ -200,6 +202,7 @@ fn sam_overrides(mut sam: SamTeacherConfig, o: &TeacherOverrides) -> Result<SamT
     sam.lr0 = o.lr0.unwrap_or(sam.lr0);
     sam.seed = o.seed.unwrap_or(sam.seed);
     sam.full_finetune |= o.full_finetune;
+    sam.gradient_checkpointing |= o.gradient_checkpointing;
     sam.loss.focal_weight = o.focal_weight.unwrap_or(sam.loss.focal_weight);
     if sam.epochs == 0 || sam.batch_size == 0 || sam.lora.rank == 0 {
         return Err(TrainError::Config("--epochs, --batch-size and --lora-r must be at least 1".into()));
@@ -256,6 +259,7 @@ fn gdino_overrides(
     g.backbone_lr_scale = o.backbone_lr_scale.unwrap_or(g.backbone_lr_scale);
     g.max_size = g.max_size.max(g.image_size);
     g.full_finetune |= o.full_finetune;
+    g.gradient_checkpointing |= o.gradient_checkpointing;
     if g.epochs == 0 || g.batch_size == 0 || g.lora.rank == 0 || g.image_size < 32 {
         return Err(TrainError::Config(
             "--epochs, --batch-size and --lora-r must be at least 1, --imgsz at least 32".into(),

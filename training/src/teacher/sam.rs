@@ -74,6 +74,11 @@ pub struct SamTeacherConfig {
     /// `teachers/sam_full/model.safetensors`): to pretrain a base, or to compare with LoRA.
     #[serde(default)]
     pub full_finetune: bool,
+    /// Recompute memory-bound activations (norms, activations, reshapes) in the backward pass
+    /// instead of keeping them: Burn's autodiff checkpointing (`Balanced`), applied to the whole
+    /// model; less memory for some extra compute. Off by default.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl SamTeacherConfig {
@@ -98,16 +103,15 @@ pub fn base_hash(config: &SamTeacherConfig) -> Result<String, TrainError> {
 }
 
 /// The base SAM for the (non-autodiff) `device`, ready for training when `trainable`: the weights
-/// given, or the seeded random initialisation (always made on the autodiff device, so that training
-/// and inference build the very same weights).
+/// given, or the seeded random initialisation (always drawn on an autodiff device, the same on
+/// every device, so that training and inference build the very same weights).
 pub fn load_base(config: &SamTeacherConfig, device: &Device, trainable: bool) -> Result<Sam, TrainError> {
     let sam_config = sam_config(&config.model)?;
-    let autodiff = device.clone().autodiff();
+    let autodiff = crate::engine::autodiff_device(device, config.gradient_checkpointing);
     match &config.weights {
         Some(path) => Ok(Sam::load(&sam_config, path, if trainable { &autodiff } else { device })?),
         None => {
-            autodiff.seed(config.seed);
-            let sam = sam_config.init(&autodiff);
+            let sam = kiln_models::device::init_seeded(config.seed, &autodiff, |on| sam_config.init(on));
             Ok(if trainable { sam } else { sam.valid() })
         }
     }
@@ -647,7 +651,7 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         if resume { crate::engine::resume_point(&checkpoint_dir, SamTask::CHECKPOINT_FILES) } else { None };
     std::fs::create_dir_all(&run_dir).at(&run_dir)?;
 
-    let autodiff = device.clone().autodiff();
+    let autodiff = crate::engine::autodiff_device(&device, config.gradient_checkpointing);
     let base = load_base(&config, &device, true)?;
     let base_hash = base_hash(&config)?;
     let base_bytes = match &config.weights {
@@ -677,9 +681,8 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
         let buffers = burn::module::ParamGroup::from_regex("positional_encoding_gaussian_matrix").expect("valid regex");
         (base.freeze_group(buffers), LoraSummary { adapted: Vec::new(), trainable: total, total })
     } else {
-        // The adapters' initialisation follows the seed, whatever the base.
-        autodiff.seed(config.seed.wrapping_add(1));
-        let (model, summary) = lora::apply(base, &config.lora, &base_name(&config))?;
+        // The adapters' initialisation follows the seed, whatever the base and the device.
+        let (model, summary) = lora::apply(base, &config.lora, &base_name(&config), config.seed.wrapping_add(1))?;
         status(&format!("SAM {}: {}", config.model, summary.render()));
         (model, summary)
     };
