@@ -98,7 +98,7 @@ fn text_masks_match_the_official_ones() {
     // A padded batch: masks are built on the padded rows, as the official code does.
     let batched = reference["text_masks_batched"].as_array().unwrap();
     let encoded: Vec<_> = batched.iter().map(|c| tokenizer.encode(c["caption"].as_str().unwrap()).unwrap()).collect();
-    let device = Device::default();
+    let device = kiln_models::device::cpu();
     let batch = TextBatch::new(&encoded.iter().collect::<Vec<_>>(), &tokenizer.special_ids, 256, &device);
     for (row, case) in batched.iter().enumerate() {
         assert_eq!(batch.position_ids[row], ints(&case["position_ids"]), "batched row {row}: position ids");
@@ -129,7 +129,7 @@ fn text_masks_match_the_official_ones() {
 /// told apart (a GroundingDINO base pretrained that way named almost every shape "heart").
 #[test]
 fn frozen_minilm_tells_class_names_apart_only_with_cls_in_view() {
-    let device = Device::default();
+    let device = kiln_models::device::cpu();
     let config = GroundingDinoConfig::tiny_minilm();
     assert!(config.phrases_see_cls && !GroundingDinoConfig::swint_ogc().phrases_see_cls);
     let (model, tokenizer) = reference_model(&config, &device);
@@ -180,7 +180,7 @@ fn frozen_minilm_tells_class_names_apart_only_with_cls_in_view() {
 fn tiny_model_matches_the_official_forward_pass() {
     let reference = reference("grounding_dino");
     let tensors = &reference["tensors"];
-    let device = Device::default();
+    let device = kiln_models::device::cpu();
     // The reference runs the official text masks; kiln's MiniLM presets let phrases see [CLS]
     // (see `frozen_minilm_tells_class_names_apart_only_with_cls_in_view`).
     let config = GroundingDinoConfig { phrases_see_cls: false, ..GroundingDinoConfig::tiny_minilm() };
@@ -256,7 +256,7 @@ fn swint_ogc_parameters_are_the_official_checkpoint_keys() {
             !copy
         })
         .collect();
-    let device = Device::default();
+    let device = kiln_models::device::cpu();
     let model = GroundingDinoConfig::swint_ogc().init(&device);
     let mut ours = layout.official_inventory(&model);
     expected.sort();
@@ -274,7 +274,7 @@ fn swint_ogc_parameters_are_the_official_checkpoint_keys() {
 #[test]
 fn minilm_sentence_embeddings_match_sentence_transformers() {
     let reference = reference("minilm");
-    let device = Device::default();
+    let device = kiln_models::device::cpu();
     let dir = minilm_dir();
     let config = BertConfig::from_hf_json(&dir.join("config.json")).unwrap();
     assert_eq!(config, BertConfig::all_minilm_l6_v2());
@@ -342,7 +342,7 @@ fn hungarian_matching_is_optimal() {
 #[test]
 fn set_loss_matches_its_formula() {
     use kiln_training::teacher::grounding_loss::{GroundingLossConfig, GroundingTarget, giou, head_loss};
-    let device = Device::default();
+    let device = kiln_models::device::cpu();
     let config = GroundingLossConfig::default();
     // 3 queries, 4 tokens (the last is padding); two ground truths on tokens {1} and {2}.
     let logits = vec![

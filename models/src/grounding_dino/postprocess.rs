@@ -82,11 +82,11 @@ pub fn grounded_boxes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, TensorData};
+    use burn::tensor::TensorData;
 
     #[test]
     fn a_box_is_named_by_its_best_phrase_and_ties_go_to_the_first() {
-        let device = Device::default();
+        let device = crate::device::cpu();
         // Two queries over 4 tokens; phrases at tokens [1] and [2, 3].
         let logits = Tensor::<2>::from_data(
             TensorData::new(vec![-9.0f32, 2.0, 2.0, -9.0, -9.0, 0.0, 1.0, 3.0], [2, 4]),

@@ -192,7 +192,6 @@ pub fn feature_distillation(projected: Tensor<4>, teacher: &BatchFeatures) -> Re
 mod tests {
     use super::*;
     use crate::loss::Assignment;
-    use burn::tensor::Device;
 
     /// One image, 3 anchors, 2 classes; anchor 0 learns teacher slot 0, anchor 2 ground truth 1.
     fn assignment() -> BatchAssignment {
@@ -236,7 +235,7 @@ mod tests {
 
     #[test]
     fn logit_distillation_is_the_tempered_kl_and_its_gradient() {
-        let device = Device::default().autodiff();
+        let device = kiln_models::device::cpu().autodiff();
         let t = 2.0f32;
         let logits = [0.3f32, -1.2, 2.0, 0.1, -0.4, 0.9];
         let scores = Tensor::<3>::from_data(TensorData::new(logits.to_vec(), [1, 3, 2]), &device).require_grad();
@@ -268,7 +267,7 @@ mod tests {
 
     #[test]
     fn mask_distillation_is_the_crop_weighted_kl() {
-        let device = Device::default();
+        let device = kiln_models::device::cpu();
         // Prototypes 2 x 2 (input 8 x 8), one mask coefficient: logits = coefficient * prototype.
         let prototypes = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, -2.0, 0.5, 3.0], [1, 1, 2, 2]), &device);
         let coefficients =
@@ -296,7 +295,7 @@ mod tests {
 
     #[test]
     fn feature_distillation_is_the_masked_mean_squared_error_and_its_gradient() {
-        let device = Device::default().autodiff();
+        let device = kiln_models::device::cpu().autodiff();
         // One image, 2 channels, a 2 x 2 grid; the teacher covers cells 0 and 3.
         let student = [1.0f32, 2.0, 3.0, 4.0, -1.0, 0.5, 0.0, 2.0];
         let teacher = BatchFeatures {

@@ -590,7 +590,7 @@ mod tests {
 
     #[test]
     fn the_teacher_label_loss_is_the_teacher_anchors_share_of_the_yolo_loss() {
-        let device = Device::default();
+        let device = kiln_models::device::cpu();
         let output = head_output(&device);
         let config = LossConfig::default();
         let parts = |teacher_labels: f32, teacher: Option<TeacherTargets>| {
