@@ -1,5 +1,6 @@
-//! YOLOv8n-seg at 640x640, batch 1: the network's forward pass on flex (and wgpu when built with
-//! the `wgpu` feature), and decode + NMS + masks. Target: ONNX Runtime's latency on the same
+//! YOLOv8n-seg at 640x640, batch 1: the network's forward pass on flex, as trained (BatchNorm a
+//! pass of its own) and as inference runs it (`flex_folded`: BatchNorm folded into the
+//! convolutions), and on wgpu when built with the `wgpu` feature; decode + NMS + masks. Target: ONNX Runtime's latency on the same
 //! machine (`benches/yolov8_baseline.py`; numbers in the README).
 //!
 //! `cargo bench -p kiln-benches --features models --bench yolov8` (add `wgpu` for the GPU path).
@@ -35,8 +36,9 @@ fn input(device: &Device) -> (Tensor<4>, Letterbox) {
     (Tensor::from_data(TensorData::new(pixels, [1, 3, 640, 640]), device), letterbox)
 }
 
-fn forward(c: &mut Criterion, name: &str, device: Device) {
-    let model = model(&device);
+fn forward(c: &mut Criterion, name: &str, device: Device, fold: bool) {
+    // As inference loads a student (`Detector`, `kiln infer`, `kiln bench`): BatchNorms folded.
+    let model = if fold { burn::module::Module::valid(&model(&device)).fold_batch_norms() } else { model(&device) };
     let (x, _) = input(&device);
     let mut group = c.benchmark_group("yolov8n_seg_640");
     group.sample_size(10);
@@ -54,10 +56,11 @@ fn forward(c: &mut Criterion, name: &str, device: Device) {
 }
 
 fn benches(c: &mut Criterion) {
-    forward(c, "flex", Device::flex());
+    forward(c, "flex", Device::flex(), false);
+    forward(c, "flex_folded", Device::flex(), true);
     #[cfg(feature = "wgpu")]
     match kiln_models::device::wgpu() {
-        Ok(device) => forward(c, "wgpu", device),
+        Ok(device) => forward(c, "wgpu", device, true),
         Err(error) => eprintln!("wgpu skipped: {error}"),
     }
 

@@ -120,10 +120,11 @@ impl Detector {
         Ok(Self::load(path, &device)?)
     }
 
-    /// Loads a student (a run directory or its `.safetensors` file) onto `device`.
+    /// Loads a student (a run directory or its `.safetensors` file) onto `device`, its BatchNorms
+    /// folded into the convolutions for inference ([`YoloV8::fold_batch_norms`]).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self, WeightsError> {
         let info = StudentInfo::read(path.as_ref())?;
-        let model = info.load_model(device)?;
+        let model = info.load_model(device)?.fold_batch_norms();
         Ok(Self { model, imgsz: info.imgsz, info, device: device.clone(), options: PredictOptions::default() })
     }
 

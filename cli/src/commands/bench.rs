@@ -98,7 +98,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 fn bench_student(args: &Args) -> anyhow::Result<Measured> {
     let device = open_device(args.device)?;
     let info = StudentInfo::read(&args.model)?;
-    let mut model = info.load_model(&device)?;
+    // As `kiln infer` and the Detector run it: BatchNorms folded into the convolutions.
+    let mut model = info.load_model(&device)?.fold_batch_norms();
     if args.int8 {
         model = kiln_models::detector::quantize_weights_int8(model, &device).map_err(anyhow::Error::msg)?;
     }

@@ -1,7 +1,7 @@
 //! Ultralytics `Conv` (ultralytics/nn/modules/conv.py): Conv2d without bias, BatchNorm
 //! (eps 1e-3), SiLU. State-dict keys: `conv.weight`, `bn.{weight,bias,running_mean,running_var}`.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::{Device, Tensor, activation::silu};
@@ -10,6 +10,10 @@ use burn::tensor::{Device, Tensor, activation::silu};
 pub struct Conv {
     pub conv: Conv2d,
     pub bn: BatchNorm,
+    /// BatchNorm folded into `conv` (inference only, [`Conv::fold_batch_norm`]): the forward pass
+    /// skips `bn`, which keeps the values it had.
+    #[module(skip)]
+    pub folded: bool,
 }
 
 impl Conv {
@@ -23,10 +27,34 @@ impl Conv {
             .init(device);
         // Ultralytics trains with momentum 0.03 (PyTorch convention: weight of the new batch).
         let bn = BatchNormConfig::new(c2).with_epsilon(1e-3).with_momentum(0.03).init(device);
-        Self { conv, bn }
+        Self { conv, bn, folded: false }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        if self.folded {
+            return silu(self.conv.forward(x));
+        }
         silu(self.bn.forward(self.conv.forward(x)))
+    }
+
+    /// Folds the BatchNorm (inference statistics) into the convolution, as ONNX export does:
+    /// `W' = W * g / sqrt(var + eps)` per output channel and the bias `b' = beta - mean * g /
+    /// sqrt(var + eps)`, so that inference runs one pass per layer instead of two. For a model in
+    /// inference mode (`valid()`) only: training would update the statistics `bn` no longer reads.
+    pub fn fold_batch_norm(&mut self) {
+        if self.folded {
+            return;
+        }
+        let scale = self.bn.gamma.val() / (self.bn.running_var.value() + self.bn.epsilon).sqrt();
+        let channels = scale.dims()[0];
+        let shift = self.bn.beta.val() - self.bn.running_mean.value() * scale.clone();
+        let shift = match &self.conv.bias {
+            Some(bias) => shift + bias.val() * scale.clone(),
+            None => shift,
+        };
+        let weight = self.conv.weight.val() * scale.reshape([channels, 1, 1, 1]);
+        self.conv.weight = Param::from_tensor(weight);
+        self.conv.bias = Some(Param::from_tensor(shift));
+        self.folded = true;
     }
 }

@@ -198,6 +198,62 @@ pub const LAYER_NAMES: [(usize, &str); 17] = [
 ];
 
 impl YoloV8 {
+    /// Folds every BatchNorm into its convolution ([`Conv::fold_batch_norm`]) for inference: the
+    /// same outputs (to float rounding) in one pass per layer instead of two. Students loaded for
+    /// inference (`Detector`, `kiln infer`, `eval`, `bench`) are folded; a folded model cannot be
+    /// saved as a checkpoint.
+    pub fn fold_batch_norms(mut self) -> Self {
+        for conv in self.convs_mut() {
+            conv.fold_batch_norm();
+        }
+        self
+    }
+
+    /// Every Ultralytics `Conv` block (convolution + BatchNorm + SiLU) of the model.
+    fn convs_mut(&mut self) -> Vec<&mut Conv> {
+        let mut convs = vec![
+            &mut self.stem,
+            &mut self.down_p2,
+            &mut self.down_p3,
+            &mut self.down_p4,
+            &mut self.down_p5,
+            &mut self.bottom_up_down_p3,
+            &mut self.bottom_up_down_p4,
+            &mut self.sppf.cv1,
+            &mut self.sppf.cv2,
+        ];
+        for c2f in [
+            &mut self.c2f_p2,
+            &mut self.c2f_p3,
+            &mut self.c2f_p4,
+            &mut self.c2f_p5,
+            &mut self.top_down_p4,
+            &mut self.top_down_p3,
+            &mut self.bottom_up_p4,
+            &mut self.bottom_up_p5,
+        ] {
+            convs.push(&mut c2f.cv1);
+            convs.push(&mut c2f.cv2);
+            for bottleneck in &mut c2f.m {
+                convs.push(&mut bottleneck.cv1);
+                convs.push(&mut bottleneck.cv2);
+            }
+        }
+        let head = &mut self.head;
+        for branch in head.cv2.iter_mut().chain(head.cv3.iter_mut()).chain(head.cv4.iter_mut()) {
+            convs.push(&mut branch.0);
+            convs.push(&mut branch.1);
+        }
+        if let Some(proto) = &mut head.proto {
+            convs.push(&mut proto.cv1);
+            convs.push(&mut proto.cv2);
+            convs.push(&mut proto.cv3);
+        }
+        convs
+    }
+}
+
+impl YoloV8 {
     pub fn new(config: &YoloConfig, device: &Device) -> Self {
         let ch = |c| config.channels(c);
         let n = |d| config.depth(d);
@@ -290,6 +346,15 @@ impl YoloV8 {
         path: &std::path::Path,
         metadata: &[(String, String)],
     ) -> Result<(), crate::weights::WeightsError> {
+        if self.clone().convs_mut().iter().any(|conv| conv.folded) {
+            // Folded weights under the official keys would have their BatchNorm applied twice.
+            return Err(crate::weights::WeightsError::Write {
+                path: path.to_path_buf(),
+                message: "this model has its BatchNorm folded for inference and cannot be saved as a checkpoint; \
+                          save the model it was folded from"
+                    .into(),
+            });
+        }
         let prefixes: Vec<(String, String)> = Self::key_prefixes().into_iter().take(LAYER_NAMES.len()).collect();
         crate::weights::save_safetensors(self, path, &prefixes, metadata)
     }
@@ -317,5 +382,52 @@ impl YoloV8 {
 impl crate::weights::OfficialCheckpoint for YoloV8 {
     fn checkpoint_layout() -> crate::weights::CheckpointLayout {
         crate::weights::CheckpointLayout::prefixes(&Self::key_prefixes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::{Param, RunningState};
+    use burn::tensor::Distribution;
+
+    fn outputs(model: &YoloV8, input: Tensor<4>) -> Vec<f32> {
+        let output = model.forward(input);
+        let mut tensors: Vec<Tensor<4>> = output.levels;
+        tensors.extend(output.coefficients.unwrap());
+        tensors.push(output.prototypes.unwrap());
+        tensors.into_iter().flat_map(|t| crate::device::read_floats(t).unwrap()).collect()
+    }
+
+    #[test]
+    fn folded_batch_norms_give_the_same_outputs_and_cannot_be_saved() {
+        let device = Device::flex();
+        device.seed(3);
+        let config = "yolov8n-seg".parse::<YoloConfig>().unwrap().with_num_classes(3);
+        let mut model = config.init(&device);
+        // Statistics, scales and shifts that differ per channel, as after training.
+        let mut count = 0;
+        for conv in model.convs_mut() {
+            let width = conv.bn.gamma.dims()[0];
+            let random = |low, high| Tensor::<1>::random([width], Distribution::Uniform(low, high), &device);
+            conv.bn.gamma = Param::from_tensor(random(0.2, 1.5));
+            conv.bn.beta = Param::from_tensor(random(-1.0, 1.0));
+            conv.bn.running_mean = RunningState::new(random(-0.5, 0.5));
+            conv.bn.running_var = RunningState::new(random(0.5, 2.0));
+            count += 1;
+        }
+        let norms = crate::lora::parameter_paths(&model).iter().filter(|(p, _)| p.ends_with("bn.gamma")).count();
+        assert_eq!(count, norms, "every BatchNorm of the model is folded");
+        let model = model.valid();
+        let input = Tensor::<4>::random([1, 3, 96, 96], Distribution::Uniform(0.0, 1.0), &device);
+        let before = outputs(&model, input.clone());
+        let folded = model.fold_batch_norms();
+        let after = outputs(&folded, input);
+        let scale = before.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let largest = before.iter().zip(&after).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(largest <= 1e-4 * scale.max(1.0), "outputs differ by {largest} (largest output {scale})");
+        let path = std::env::temp_dir().join(format!("kiln-folded-{}.safetensors", std::process::id()));
+        let error = folded.save(&path, &[]).unwrap_err().to_string();
+        assert!(error.contains("folded") && !path.exists(), "{error}");
     }
 }
