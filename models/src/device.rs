@@ -206,25 +206,6 @@ impl fmt::Display for GpuAdapter {
     }
 }
 
-/// A module drawn from `seed` with the same numbers on every device. Burn's generators differ
-/// between backends (flex, LibTorch, CubeCL), so the module is drawn on flex's autodiff device and
-/// moved to `autodiff` (an autodiff device): a random base made for training on a GPU equals the
-/// one inference on the CPU makes from the same seed. Without flex, drawn on `autodiff` itself.
-pub fn init_seeded<M: burn::module::Module>(seed: u64, autodiff: &Device, init: impl FnOnce(&Device) -> M) -> M {
-    #[cfg(feature = "flex")]
-    {
-        let host = Device::flex().autodiff();
-        host.seed(seed);
-        let module = init(&host);
-        if host == *autodiff { module } else { module.fork(autodiff) }
-    }
-    #[cfg(not(feature = "flex"))]
-    {
-        autodiff.seed(seed);
-        init(autodiff)
-    }
-}
-
 /// The CPU device (flex), or Burn's default device in a build without flex.
 pub fn cpu() -> Device {
     #[cfg(feature = "flex")]

@@ -309,7 +309,7 @@ pub fn train_student_with(
     // Drawn the same on every device (flex's generator), so a seed means one start everywhere.
     let yolo = match &config.weights {
         Some(path) => YoloV8::load(&yolo_config, path, &autodiff)?,
-        None => kiln_models::device::init_seeded(config.seed, &autodiff, |on| yolo_config.init(on)),
+        None => crate::engine::init_seeded(config.seed, &autodiff, |on| yolo_config.init(on)),
     };
     let initial_ema = burn::module::Module::valid(&yolo);
     let distill = config.distill.map(|d| DistillLoss {
@@ -324,7 +324,7 @@ pub fn train_student_with(
     let projection = match (feature_channels, distill) {
         (Some(channels), Some(d)) if d.feature > 0.0 => {
             let width = yolo.bottom_up_p4.cv2.bn.gamma.dims()[0];
-            Some(kiln_models::device::init_seeded(config.seed.wrapping_add(1), &autodiff, |on| {
+            Some(crate::engine::init_seeded(config.seed.wrapping_add(1), &autodiff, |on| {
                 burn::nn::conv::Conv2dConfig::new([width, channels], [1, 1]).init(on)
             }))
         }

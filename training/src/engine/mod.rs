@@ -55,6 +55,25 @@ pub fn autodiff_device(device: &Device, gradient_checkpointing: bool) -> Device 
     if gradient_checkpointing { autodiff.gradient_checkpointing() } else { autodiff }
 }
 
+/// A module drawn from `seed` with the same numbers on every device. Burn's generators differ
+/// between backends (flex, LibTorch, CubeCL), so the module is drawn on flex's autodiff device and
+/// moved to `autodiff` (an autodiff device): a random base made for training on a GPU equals the
+/// one inference on the CPU makes from the same seed. Without flex, drawn on `autodiff` itself.
+pub fn init_seeded<M: burn::module::Module>(seed: u64, autodiff: &Device, init: impl FnOnce(&Device) -> M) -> M {
+    #[cfg(feature = "flex")]
+    {
+        let host = Device::flex().autodiff();
+        host.seed(seed);
+        let module = init(&host);
+        if host == *autodiff { module } else { module.fork(autodiff) }
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        autodiff.seed(seed);
+        init(autodiff)
+    }
+}
+
 /// The batches a task trains on and the ones it validates on.
 pub type TrainInput<T> = <<T as TrainTask>::Model as TrainStep>::Input;
 pub type StepItem<T> = StepOutput<<T as TrainTask>::Parts>;

@@ -144,7 +144,7 @@ pub fn load_base(
     let model = match &config.weights {
         Some(path) => GroundingDino::load(&model_config, path, config.text_encoder.as_deref(), target)?,
         None => {
-            let model = kiln_models::device::init_seeded(config.seed, &autodiff, |on| model_config.init(on));
+            let model = crate::engine::init_seeded(config.seed, &autodiff, |on| model_config.init(on));
             let model = match &config.text_encoder {
                 Some(path) => GroundingDino {
                     bert: kiln_models::grounding_dino::BertModel::load(&model_config.bert, path, &autodiff)?,

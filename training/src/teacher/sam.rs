@@ -111,7 +111,7 @@ pub fn load_base(config: &SamTeacherConfig, device: &Device, trainable: bool) ->
     match &config.weights {
         Some(path) => Ok(Sam::load(&sam_config, path, if trainable { &autodiff } else { device })?),
         None => {
-            let sam = kiln_models::device::init_seeded(config.seed, &autodiff, |on| sam_config.init(on));
+            let sam = crate::engine::init_seeded(config.seed, &autodiff, |on| sam_config.init(on));
             Ok(if trainable { sam } else { sam.valid() })
         }
     }
