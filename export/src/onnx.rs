@@ -122,6 +122,10 @@ fn independent_copy(model: &YoloV8, config: &YoloConfig, device: &Device) -> Res
     let widths = kiln_models::yolo::prune::widths(model);
     let mut copy =
         kiln_models::yolo::prune::with_widths(config.init(device), &widths).map_err(ExportError::Exporter)?;
+    // A model loaded for inference (a `Detector`'s) has its BatchNorms folded: so has its copy.
+    if model.is_folded() {
+        copy = copy.fold_batch_norms();
+    }
     let result = copy.apply(model.collect(None, None, false), None, None, false);
     if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
         return Err(ExportError::Exporter(format!(

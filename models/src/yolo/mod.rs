@@ -209,6 +209,11 @@ impl YoloV8 {
         self
     }
 
+    /// Whether [`YoloV8::fold_batch_norms`] folded this model (it then has no checkpoint form).
+    pub fn is_folded(&self) -> bool {
+        self.clone().convs_mut().iter().any(|conv| conv.folded)
+    }
+
     /// Every Ultralytics `Conv` block (convolution + BatchNorm + SiLU) of the model.
     fn convs_mut(&mut self) -> Vec<&mut Conv> {
         let mut convs = vec![
@@ -346,7 +351,7 @@ impl YoloV8 {
         path: &std::path::Path,
         metadata: &[(String, String)],
     ) -> Result<(), crate::weights::WeightsError> {
-        if self.clone().convs_mut().iter().any(|conv| conv.folded) {
+        if self.is_folded() {
             // Folded weights under the official keys would have their BatchNorm applied twice.
             return Err(crate::weights::WeightsError::Write {
                 path: path.to_path_buf(),
