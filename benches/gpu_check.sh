@@ -9,7 +9,8 @@
 #   checkpointing; GroundingDINO Swin-T OGC step (800x1333): LoRA, full; time and peak GPU memory;
 # - student inference latency, batch 1, 640x640 (the seeds' 8 ms);
 # - `kiln train-student --device cuda` end to end on a small generated set, its export to ONNX, and
-#   the TensorRT engine build and latency (fp16) when `trtexec` is on PATH.
+#   the TensorRT engine build and latency (fp16) when `trtexec` is on PATH; the same training on two
+#   GPUs (`--device cuda:0,1`) when the machine has them.
 # Peak GPU memory is what `nvidia-smi` reports for the whole GPU while one measurement runs alone in
 # its process (sampled every 50 ms), less what was in use before it started.
 #
@@ -106,5 +107,16 @@ if "$kiln" train-student --data "$data/splits/train.json" --val "$data/splits/va
   fi
 else
   echo "| kiln train-student | $first | failed: $out/train-student.log | | |" | tee -a "$out/gpu_check.md"
+fi
+# Two GPUs together (data parallelism), when the machine has them.
+if [ $has_gpu = 1 ] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && [ "$first" = cuda ]; then
+  rm -rf "$out/student-cuda01"
+  started=$(date +%s)
+  if "$kiln" train-student --data "$data/splits/train.json" --val "$data/splits/val.json" --images "$data/images" \
+    --output "$out/student-cuda01" --epochs 3 --imgsz 256 --device cuda:0,1 >"$out/train-student-2gpu.log" 2>&1; then
+    echo "| kiln train-student, the same on two GPUs | cuda:0,1 | $(($(date +%s) - started)) s | | |" | tee -a "$out/gpu_check.md"
+  else
+    echo "| kiln train-student on two GPUs | cuda:0,1 | failed: $out/train-student-2gpu.log | | |" | tee -a "$out/gpu_check.md"
+  fi
 fi
 echo "written: $out/gpu_check.md" >&2

@@ -10,6 +10,31 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// A backend this build lacks is refused when the command opens it, with the rebuild to run.
 pub type DeviceArg = kiln_models::Backend;
 
+/// What the training commands' `--device` takes: one device, or several GPUs training together
+/// (`cuda:0,1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicesArg(pub Vec<kiln_models::Backend>);
+
+impl std::str::FromStr for DevicesArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        kiln_models::device::parse_devices(text).map(DevicesArg)
+    }
+}
+
+/// Opens every device of a training run (each checked as [`open_device`] checks one).
+pub fn open_devices(devices: &DevicesArg) -> anyhow::Result<Vec<burn::tensor::Device>> {
+    devices.0.iter().map(|&backend| open_device(backend)).collect()
+}
+
+/// The training commands' `--device` help: [`DEVICE_HELP`] and several GPUs.
+pub const TRAIN_DEVICE_HELP: &str = "Where to train: cpu (Burn's flex backend), wgpu (any GPU through Vulkan, Metal, \
+DX12 or OpenGL), tch (LibTorch: its first CUDA GPU when present, its CPU otherwise; a build with `--features tch`), \
+tch-cpu (LibTorch on the CPU: on a CPU it trains several times faster than flex), cuda or cuda:N (NVIDIA GPU N \
+through Burn's CUDA backend; a build with `--features cuda`), or cuda:0,1 (several GPUs train together: each takes \
+--batch images of every step, whose gradients are combined on the first)";
+
 /// `--device`'s help, the same on every command.
 pub const DEVICE_HELP: &str = "Where to run: cpu (Burn's flex backend), wgpu (any GPU through Vulkan, Metal, DX12 \
 or OpenGL; Mesa's lavapipe or llvmpipe on a CPU-only box), tch (LibTorch: its first CUDA GPU when \

@@ -84,9 +84,10 @@ impl std::str::FromStr for Backend {
             "tch-cpu" => Ok(Backend::TchCpu),
             "cuda" => Ok(Backend::Cuda(0)),
             _ => match lower.strip_prefix("cuda:") {
-                Some(index) if index.contains(',') => {
-                    Err(format!("`{text}`: several GPUs in one run are not supported yet; name one, e.g. `cuda:0`"))
-                }
+                Some(index) if index.contains(',') => Err(format!(
+                    "`{text}`: name one device here; several GPUs train one run in `kiln train-student` and \
+                     `kiln train-teacher` (`--device cuda:0,1`)"
+                )),
                 Some(index) => index
                     .parse::<usize>()
                     .map(Backend::Cuda)
@@ -95,6 +96,33 @@ impl std::str::FromStr for Backend {
             },
         }
     }
+}
+
+/// The devices of one training run: `cuda:0,1` (or `cuda:0,cuda:1`) for several NVIDIA GPUs
+/// training together, or any one device. Each GPU once; several devices are CUDA GPUs.
+pub fn parse_devices(text: &str) -> Result<Vec<Backend>, String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    if parts.len() == 1 {
+        return Ok(vec![text.parse()?]);
+    }
+    let mut devices = Vec::new();
+    for part in &parts {
+        let backend = match (part.parse::<usize>(), devices.last()) {
+            // `cuda:0,1`: a bare index continues the list of GPUs.
+            (Ok(index), Some(Backend::Cuda(_))) => Backend::Cuda(index),
+            _ => part.parse::<Backend>()?,
+        };
+        if !matches!(backend, Backend::Cuda(_)) {
+            return Err(format!(
+                "`{text}`: several devices in one run are NVIDIA GPUs (`cuda:0,1`); `{part}` is not one"
+            ));
+        }
+        if devices.contains(&backend) {
+            return Err(format!("`{text}`: {backend} is named twice; name each GPU once"));
+        }
+        devices.push(backend);
+    }
+    Ok(devices)
 }
 
 /// The rebuild that adds `feature`, for errors.
@@ -418,6 +446,24 @@ mod tests {
         assert!("cuda:x".parse::<Backend>().unwrap_err().contains("must be a number"));
         assert!("cuda:0,1".parse::<Backend>().unwrap_err().contains("several GPUs"));
         assert!("tpu".parse::<Backend>().unwrap_err().contains("cpu, wgpu, tch, tch-cpu, cuda or cuda:N"));
+    }
+
+    /// The training commands' lists: several NVIDIA GPUs, each once, or one device of any kind.
+    #[test]
+    fn device_lists_name_several_gpus_once_each() {
+        for (text, devices) in [
+            ("cpu", vec![Backend::Cpu]),
+            ("tch-cpu", vec![Backend::TchCpu]),
+            ("cuda:0,1", vec![Backend::Cuda(0), Backend::Cuda(1)]),
+            ("cuda:2, cuda:0", vec![Backend::Cuda(2), Backend::Cuda(0)]),
+            ("cuda,1,3", vec![Backend::Cuda(0), Backend::Cuda(1), Backend::Cuda(3)]),
+        ] {
+            assert_eq!(parse_devices(text).unwrap(), devices, "{text}");
+        }
+        assert!(parse_devices("cpu,cuda:1").unwrap_err().contains("`cpu` is not one"));
+        assert!(parse_devices("cuda:0,tch").unwrap_err().contains("NVIDIA GPUs"));
+        assert!(parse_devices("cuda:1,1").unwrap_err().contains("named twice"));
+        assert!(parse_devices("cuda:0,x").unwrap_err().contains("not a device"));
     }
 
     /// A GPU-less machine (this project's CI): a backend that is not built names the rebuild, one

@@ -155,8 +155,24 @@ pub fn run_train_student(
     device: Device,
     verbosity: Verbosity,
 ) -> Result<(StudentConfig, TrainSummary), TrainError> {
+    run_train_student_on(request, &[device], verbosity)
+}
+
+/// [`run_train_student`] on several devices together (`--device cuda:0,1`): each takes a share of
+/// every step's batches (`crate::engine`'s data parallelism); the first steps the optimiser,
+/// validates and runs the teachers.
+pub fn run_train_student_on(
+    request: &TrainStudentRequest,
+    devices: &[Device],
+    verbosity: Verbosity,
+) -> Result<(StudentConfig, TrainSummary), TrainError> {
+    let Some(device) = devices.first().cloned() else {
+        return Err(TrainError::Config("no device to train on".into()));
+    };
     // A device that cannot run a convolution fails here, before any file is written.
-    kiln_models::device::check(&device)?;
+    for device in devices {
+        kiln_models::device::check(device)?;
+    }
     let (data, summary) = load_student_data(&request.train, &request.val, request.images.as_deref())?;
     if request.dry_run {
         // The labelled part of the step: the teachers' targets add a few small tensors per image.
@@ -167,6 +183,7 @@ pub fn run_train_student(
             config: config.clone(),
             output: scratch.path().to_path_buf(),
             device,
+            data_parallel: Vec::new(),
             resume: false,
             verbosity,
             stop_after_epochs: None,
@@ -260,6 +277,7 @@ pub fn run_train_student(
         config: config.clone(),
         output: request.output.clone(),
         device,
+        data_parallel: devices[1..].to_vec(),
         resume: request.resume,
         verbosity,
         stop_after_epochs: None,

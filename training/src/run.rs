@@ -214,6 +214,9 @@ pub struct TrainOptions {
     pub config: StudentConfig,
     pub output: PathBuf,
     pub device: Device,
+    /// Devices beside `device` that take a share of every step (data parallelism, `--device
+    /// cuda:0,1`); empty: one device.
+    pub data_parallel: Vec<Device>,
     /// Continue the run in `output` from its last complete epoch.
     pub resume: bool,
     pub verbosity: Verbosity,
@@ -234,7 +237,9 @@ pub fn train_student_with(
     data: StudentData,
     teachers: Option<TeacherData>,
 ) -> Result<TrainSummary, TrainError> {
-    let TrainOptions { config, output, device, resume, verbosity, stop_after_epochs, dry_run } = options;
+    let TrainOptions { config, output, device, data_parallel, resume, verbosity, stop_after_epochs, dry_run } = options;
+    // An iteration is one batch on every device: a step sees `devices` batches.
+    let devices = 1 + data_parallel.len();
     let yolo_config: YoloConfig = config.model.parse().map_err(|e: String| TrainError::Config(e))?;
     let yolo_config = yolo_config.with_num_classes(config.classes.len());
     let masks = yolo_config.task == Task::Segment;
@@ -291,7 +296,7 @@ pub fn train_student_with(
     if resume_from.is_none() {
         write_training_samples(&train_dataset, &config.classes, &output.join("train_batches.jpg"))?;
     }
-    let iterations_per_epoch = train_images.div_ceil(config.batch_size);
+    let iterations_per_epoch = crate::engine::iterations_per_epoch(train_images, config.batch_size, devices);
     // The data loaders run on the training thread: batches then come in a fixed order, which makes
     // a resumed run equal to an uninterrupted one.
     let train_loader = DataLoaderBuilder::new(TrainBatcher { image_size: config.imgsz, mask_downsample })
@@ -331,13 +336,13 @@ pub fn train_student_with(
         _ => None,
     };
     let student = Student { yolo, projection, loss: config.loss, distill, max_grad_norm: config.max_grad_norm };
-    let accumulation = Accumulation::new(config.nbs, config.batch_size);
+    let accumulation = Accumulation::new(config.nbs, config.batch_size * devices);
     let samples = train_images;
     let choice = choose_optimizer(
         config.optimizer,
         config.lr0,
         config.momentum,
-        samples.div_ceil(config.batch_size.max(accumulation.nbs)) * config.epochs,
+        samples.div_ceil((config.batch_size * devices).max(accumulation.nbs)) * config.epochs,
         config.classes.len(),
     );
     let optimizer = build_optimizer(&choice, config.weight_decay * accumulation.weight_decay_scale());
@@ -398,7 +403,8 @@ pub fn train_student_with(
             resume_from,
             stop_after_epochs,
         )
-        .with_memory(memory.clone()),
+        .with_memory(memory.clone())
+        .with_data_parallel(data_parallel.iter().map(|d| d.clone().autodiff()).collect()),
         widths: match &config.weights {
             Some(path) => kiln_models::yolo::prune::widths_in_file(path)?,
             None => None,
@@ -491,6 +497,8 @@ impl TrainTask for StudentTask {
     type Figures = StudentFigures;
     type Shown = StudentShown;
     const CHECKPOINT_FILES: &'static [&'static str] = &["ema-{}.safetensors"];
+    // Ultralytics' loss is scaled by the batch size: the devices' batches sum to the whole step's.
+    const SUM_DEVICE_GRADIENTS: bool = true;
 
     fn settings(&self) -> &FitSettings {
         &self.settings

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 use kiln_training::characteristics::{Characteristics, Environment, Intensity, ObjectTrait};
-use kiln_training::commands::{StudentOverrides, TrainStudentRequest, render_train_summary, run_train_student};
+use kiln_training::commands::{StudentOverrides, TrainStudentRequest, render_train_summary, run_train_student_on};
 use kiln_training::distill::prepare::DistillRequest;
 use kiln_training::optim::OptimizerKind;
 use kiln_training::presets::Preset;
 
-use crate::common::{DEVICE_HELP, DeviceArg, StudentModelArg, open_device, run_output, value_name};
+use crate::common::{DevicesArg, TRAIN_DEVICE_HELP, open_devices, StudentModelArg, run_output, value_name};
 
 /// The optimisers `--optimizer` offers; clap lists them in `--help` and refuses any other.
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -104,8 +104,8 @@ pub struct Args {
     /// --set augment.mosaic=0 --set nbs=16 --set loss.box_gain=7.5.
     #[arg(long, value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
-    pub device: DeviceArg,
+    #[arg(long, default_value = "cpu", help = TRAIN_DEVICE_HELP)]
+    pub device: DevicesArg,
     /// Run directory [default: runs/student, runs/student2, ...].
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
@@ -164,7 +164,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         Some(experiment) => experiment.student(),
         None => run_output(args.output.as_deref(), args.resume, &default_output.to_string_lossy(), "run")?,
     };
-    let device = open_device(args.device)?;
+    let devices = open_devices(&args.device)?;
+    let device = devices[0].clone();
     let request = TrainStudentRequest {
         train,
         val,
@@ -205,7 +206,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         println!("kiln train-student -> {}", output.display());
     }
-    let (config, summary) = run_train_student(&request, device, kiln_training::Verbosity::Progress)?;
+    let (config, summary) = run_train_student_on(&request, &devices, kiln_training::Verbosity::Progress)?;
     if args.dry_run {
         print!("{}", kiln_training::commands::render_dry_run(&config, summary.memory.as_ref(), teachers.is_some()));
     } else {

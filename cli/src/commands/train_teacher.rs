@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use clap::ValueEnum;
 use kiln_training::characteristics::{Characteristics, Environment, Intensity, ObjectTrait};
 use kiln_training::presets::Preset;
-use kiln_training::teacher::{TeacherOverrides, TrainTeacherRequest, render_teacher_summary, run_train_teacher};
+use kiln_training::teacher::{TeacherOverrides, TrainTeacherRequest, render_teacher_summary, run_train_teacher_on};
 
-use crate::common::{DEVICE_HELP, DeviceArg, GroundingDinoModelArg, SamModelArg, open_device, run_output, value_name};
+use crate::common::{DevicesArg, TRAIN_DEVICE_HELP, open_devices, GroundingDinoModelArg, SamModelArg, run_output, value_name};
 
 /// The teachers `--teacher` can single out; clap lists them in `--help` and refuses any other.
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -98,8 +98,8 @@ pub struct Args {
     /// kiln ships for them (pretrained on generated shapes: models/bases/README.md).
     #[arg(long)]
     pub from_scratch: bool,
-    #[arg(long, default_value = "cpu", help = DEVICE_HELP)]
-    pub device: DeviceArg,
+    #[arg(long, default_value = "cpu", help = TRAIN_DEVICE_HELP)]
+    pub device: DevicesArg,
     /// Continue the interrupted run in --output from its last complete epoch, with its saved settings.
     #[arg(long)]
     pub resume: bool,
@@ -183,7 +183,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         Some(experiment) => experiment.dir.clone(),
         None => run_output(args.output.as_deref(), args.resume, "experiments/teacher", "experiment")?,
     };
-    let device = open_device(args.device)?;
+    let devices = open_devices(&args.device)?;
+    let device = devices[0].clone();
     let request = TrainTeacherRequest {
         train,
         val,
@@ -231,7 +232,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         println!("kiln train-teacher -> {}", output.join("teachers").display());
     }
-    let summary = run_train_teacher(&request, device, kiln_training::Verbosity::Progress)?;
+    let summary = run_train_teacher_on(&request, &devices, kiln_training::Verbosity::Progress, None)?;
     if args.dry_run {
         print!("{}", kiln_training::teacher::render_teacher_dry_run(&summary));
     } else {

@@ -74,6 +74,14 @@ pub fn init_seeded<M: burn::module::Module>(seed: u64, autodiff: &Device, init: 
     }
 }
 
+/// Batches per epoch of a run on `devices` devices: each device takes an equal slice of the
+/// `items` (the last ones a little more when they do not divide), and an iteration is one batch
+/// on every device.
+pub fn iterations_per_epoch(items: usize, batch_size: usize, devices: usize) -> usize {
+    let devices = devices.max(1);
+    (0..devices).map(|k| ((k + 1) * items / devices - k * items / devices).div_ceil(batch_size.max(1))).max().unwrap_or(0)
+}
+
 /// The batches a task trains on and the ones it validates on.
 pub type TrainInput<T> = <<T as TrainTask>::Model as TrainStep>::Input;
 pub type StepItem<T> = StepOutput<<T as TrainTask>::Parts>;
@@ -102,6 +110,9 @@ pub struct FitSettings {
     /// The memory estimate made before the run (`memory`), written with the measured peak to
     /// `memory.json` when it ends.
     pub memory: Option<memory::MemoryEstimate>,
+    /// Devices (autodiff) beside `device` that each take a share of every step: data parallelism,
+    /// see [`fit`]. Empty: one device.
+    pub data_parallel: Vec<Device>,
 }
 
 impl FitSettings {
@@ -119,7 +130,24 @@ impl FitSettings {
         stop_after_epochs: Option<usize>,
     ) -> Self {
         let last_epoch = stop_after_epochs.map_or(epochs, |n| (resume_from.unwrap_or(0) + n).min(epochs));
-        Self { run_dir, device, epochs, last_epoch, patience, iterations_per_epoch, verbosity, memory: None }
+        Self {
+            run_dir,
+            device,
+            epochs,
+            last_epoch,
+            patience,
+            iterations_per_epoch,
+            verbosity,
+            memory: None,
+            data_parallel: Vec::new(),
+        }
+    }
+
+    /// Also trains on `others` (autodiff devices), each taking its share of every step; the
+    /// optimiser steps and the validation runs on `device`.
+    pub fn with_data_parallel(mut self, others: Vec<Device>) -> Self {
+        self.data_parallel = others;
+        self
     }
 
     pub fn with_memory(mut self, estimate: Option<memory::MemoryEstimate>) -> Self {
@@ -156,6 +184,10 @@ pub trait TrainTask: Send + Sync + 'static {
     /// Whether the model is validated before any step (epoch 0: the base a fine-tuning starts
     /// from, which is also the first "best").
     const BASELINE: bool = false;
+    /// How the gradients of several devices' batches make one step's: averaged (a loss that is a
+    /// mean over its batch, the default) or summed (a loss scaled by its batch size, as
+    /// Ultralytics' YOLOv8 loss: the sum is then the loss of the devices' batches together).
+    const SUM_DEVICE_GRADIENTS: bool = false;
 
     fn settings(&self) -> &FitSettings;
 
@@ -245,7 +277,7 @@ pub struct FitOutcome<R, S> {
 pub fn fit<T: TrainTask>(
     task: &T,
     learner: &mut Learner<T::Model>,
-    train_loader: &dyn DataLoader<TrainInput<T>>,
+    train_loaders: &[Arc<dyn DataLoader<TrainInput<T>>>],
     val_loader: &dyn DataLoader<ValidInput<T>>,
     starting_epoch: usize,
     checkpointer: &mut Option<LearningCheckpointer<T::Model>>,
@@ -283,18 +315,34 @@ pub fn fit<T: TrainTask>(
         let started = Instant::now();
         task.start_epoch(&mut live, epoch);
         let bar = epoch_bar(settings.verbosity, batches as u64, &format!("epoch {epoch}/{}", settings.epochs));
-        let mut iterator = train_loader.iter();
+        let mut iterators: Vec<_> = train_loaders.iter().map(|loader| loader.iter()).collect();
         let mut position = 0usize;
-        while let Some(batch) = iterator.next() {
+        loop {
+            let mut shares = Vec::with_capacity(iterators.len());
+            for iterator in iterators.iter_mut() {
+                shares.push(iterator.next().transpose()?);
+            }
+            if shares.iter().all(Option::is_none) {
+                break;
+            }
             let iteration = (epoch - 1) * batches + position;
             position += 1;
-            let mut output = learner.train_step(batch?);
-            if let Some(failure) = output.item.failure.take() {
+            let (grads, items) = if shares.len() == 1 {
+                let output = learner.train_step(shares.pop().flatten().expect("a batch"));
+                (output.grads, vec![output.item])
+            } else {
+                let model = learner.model();
+                data_parallel_step(&model, shares, &settings.device, &settings.data_parallel, T::SUM_DEVICE_GRADIENTS)
+            };
+            let mut items = items;
+            if let Some(failure) = items.iter_mut().find_map(|item| item.failure.take()) {
                 return Err(failure);
             }
             learner.lr_step();
-            task.optimizer_step(&mut live, learner, output.grads, iteration, position == batches);
-            bar.set_message(task.accumulate(&mut live, output.item)?);
+            task.optimizer_step(&mut live, learner, grads, iteration, position == batches);
+            for item in items {
+                bar.set_message(task.accumulate(&mut live, item)?);
+            }
             bar.inc(1);
             if interrupter.should_stop() {
                 break;
@@ -334,6 +382,78 @@ pub fn fit<T: TrainTask>(
     Ok((state, stopped_early))
 }
 
+/// One step on several devices: each device's batch runs on a copy of `model` made for it (in its
+/// own thread), the gradients come back to `main` and are summed, or averaged unless `sum`
+/// ([`TrainTask::SUM_DEVICE_GRADIENTS`]), into the step's. BatchNorm statistics follow the main
+/// device's batch only, as PyTorch's DDP keeps the first process's buffers. A device whose slice of
+/// the epoch has run out (uneven slices) sits the step out.
+fn data_parallel_step<M>(
+    model: &M,
+    shares: Vec<Option<M::Input>>,
+    main: &Device,
+    others: &[Device],
+    sum: bool,
+) -> (GradientsParams, Vec<M::Output>)
+where
+    M: TrainStep + burn::module::Module + Send + Sync,
+    M::Output: Send,
+{
+    let mut shares = shares.into_iter();
+    let main_share = shares.next().flatten();
+    let (mut outputs, main_output) = std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .zip(others)
+            .filter_map(|(share, device)| share.map(|batch| (batch, device)))
+            .map(|(batch, device)| {
+                let replica = model.clone().fork(device);
+                scope.spawn(move || {
+                    let output = TrainStep::step(&replica, batch);
+                    (output.grads.to_device(main, &replica), output.item)
+                })
+            })
+            .collect();
+        let main_output = main_share.map(|batch| {
+            let output = TrainStep::step(model, batch);
+            (output.grads, output.item)
+        });
+        let outputs: Vec<_> =
+            handles.into_iter().map(|handle| handle.join().expect("a device's training step panicked")).collect();
+        (outputs, main_output)
+    });
+    if let Some(output) = main_output {
+        outputs.insert(0, output);
+    }
+    let shares = outputs.len();
+    let mut accumulator = burn::optim::GradientsAccumulator::new();
+    let mut items = Vec::with_capacity(shares);
+    for (grads, item) in outputs {
+        accumulator.accumulate(model, grads);
+        items.push(item);
+    }
+    let mut grads = accumulator.grads();
+    if !sum && shares > 1 {
+        grads = scale_gradients(grads, model, 1.0 / shares as f64);
+    }
+    (grads, items)
+}
+
+/// Every gradient of `module`'s parameters times `factor`.
+fn scale_gradients<M: burn::module::Module>(mut grads: GradientsParams, module: &M, factor: f64) -> GradientsParams {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl burn::module::ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            if let Some(grad) = self.grads.remove::<D>(param.id) {
+                self.grads.register::<D>(param.id, grad.mul_scalar(self.factor));
+            }
+        }
+    }
+    module.visit(&mut Scale { grads: &mut grads, factor });
+    grads
+}
+
 /// `results.csv`: the header and one row per epoch record, written atomically.
 fn write_results<R: EpochRecord>(run_dir: &std::path::Path, history: &[R]) -> Result<(), TrainError> {
     let mut csv = String::from(R::CSV_HEADER);
@@ -363,8 +483,17 @@ impl<T: TrainTask> SupervisedLearningStrategy<T::Model> for TaskStrategy<T> {
         val_loader: ValidLoader<T::Model>,
         starting_epoch: usize,
     ) -> (T::Model, SupervisedTrainingEventProcessor<T::Model>) {
-        let device = self.task.settings().device.clone();
-        let train_loader = train_loader.to_device(&device);
+        let settings = self.task.settings();
+        let device = settings.device.clone();
+        // One slice of the epoch per device, each made on its device.
+        let devices: Vec<Device> = std::iter::once(device.clone()).chain(settings.data_parallel.iter().cloned()).collect();
+        let items = train_loader.num_items();
+        let train_loaders: Vec<Arc<dyn DataLoader<TrainInput<T>>>> = if devices.len() == 1 {
+            vec![train_loader.to_device(&device)]
+        } else {
+            let n = devices.len();
+            (0..n).map(|k| train_loader.slice(k * items / n, (k + 1) * items / n).to_device(&devices[k])).collect()
+        };
         let val_loader = val_loader.to_device(&device.clone().without_autodiff());
         learner.fork(&device);
         let mut processor = components.event_processor;
@@ -372,7 +501,7 @@ impl<T: TrainTask> SupervisedLearningStrategy<T::Model> for TaskStrategy<T> {
         let result = fit(
             &*self.task,
             &mut learner,
-            &*train_loader,
+            &train_loaders,
             &*val_loader,
             starting_epoch,
             &mut checkpointer,
@@ -430,4 +559,80 @@ pub fn launch<T: TrainTask>(
         }
     }
     Ok(FitOutcome { state, stopped_early, seconds: start.elapsed().as_secs_f64() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::module::Module;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::{Tensor, TensorData};
+    use burn::train::TrainOutput;
+
+    #[derive(Module, Debug)]
+    struct Tiny {
+        linear: Linear,
+    }
+
+    impl TrainStep for Tiny {
+        type Input = (Tensor<2>, Tensor<2>);
+        type Output = StepOutput<()>;
+
+        fn step(&self, (x, y): Self::Input) -> TrainOutput<Self::Output> {
+            let loss = (self.linear.forward(x) - y).powi_scalar(2).sum().reshape([1]);
+            let grads = loss.backward();
+            TrainOutput::new(self, grads, StepOutput::new(loss.detach(), (), 1))
+        }
+    }
+
+    fn batch(seed: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let values = |n: usize, k: usize| (0..n).map(|i| ((i * 7 + seed * 13 + k) % 11) as f32 / 5.0 - 1.0).collect();
+        (
+            Tensor::from_data(TensorData::new(values(8, 0), [2, 4]), device),
+            Tensor::from_data(TensorData::new(values(6, 3), [2, 3]), device),
+        )
+    }
+
+    fn weight_grad(grads: &GradientsParams, model: &Tiny) -> Vec<f32> {
+        kiln_models::device::read_floats(grads.get::<2>(model.linear.weight.id).expect("a gradient")).unwrap()
+    }
+
+    /// Several devices' batches make one step whose gradients are the sum (or mean) of each
+    /// batch's own, whichever device ran it (two flex devices here: the copies, the threads, the
+    /// move back to the main device and the combination are what is checked).
+    #[test]
+    fn data_parallel_gradients_are_the_sum_or_mean_of_each_batch_s() {
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        let model = Tiny { linear: LinearConfig::new(4, 3).init(&device) };
+        let alone = |seed| weight_grad(&model.step(batch(seed, &device)).grads, &model);
+        let (first, second) = (alone(1), alone(2));
+        assert!(first.iter().zip(&second).any(|(a, b)| (a - b).abs() > 1e-3), "two different batches");
+        let others = [device.clone()];
+        for sum in [true, false] {
+            let shares = vec![Some(batch(1, &device)), Some(batch(2, &device))];
+            let (grads, items) = data_parallel_step(&model, shares, &device, &others, sum);
+            assert_eq!(items.len(), 2);
+            let combined = weight_grad(&grads, &model);
+            for ((c, a), b) in combined.iter().zip(&first).zip(&second) {
+                let expected = if sum { a + b } else { (a + b) / 2.0 };
+                assert!((c - expected).abs() <= 1e-5, "sum {sum}: {c} vs {expected}");
+            }
+        }
+        // A device whose slice ran out sits the step out: the other's batch alone.
+        let (grads, items) = data_parallel_step(&model, vec![None, Some(batch(2, &device))], &device, &others, false);
+        assert_eq!(items.len(), 1);
+        for (c, b) in weight_grad(&grads, &model).iter().zip(&second) {
+            assert!((c - b).abs() <= 1e-6);
+        }
+    }
+
+    #[test]
+    fn every_device_takes_an_equal_slice_of_the_epoch() {
+        assert_eq!(iterations_per_epoch(10, 4, 1), 3);
+        assert_eq!(iterations_per_epoch(16, 4, 2), 2);
+        // 0..3, 3..6, 6..10: the largest slice decides.
+        assert_eq!(iterations_per_epoch(10, 2, 3), 2);
+        assert_eq!(iterations_per_epoch(10, 3, 3), 2);
+    }
 }

@@ -473,6 +473,8 @@ pub struct GroundingRunOptions {
     pub run_dir: PathBuf,
     pub adapter_dir: PathBuf,
     pub device: Device,
+    /// Devices beside `device` that take a share of every step (data parallelism).
+    pub data_parallel: Vec<Device>,
     pub resume: bool,
     pub verbosity: Verbosity,
     pub stop_after_epochs: Option<usize>,
@@ -494,7 +496,7 @@ pub fn train_grounding_dino(
     options: GroundingRunOptions,
     data: GroundingData,
 ) -> Result<GroundingTrainSummary, TrainError> {
-    let GroundingRunOptions { config, run_dir, adapter_dir, device, resume, verbosity, stop_after_epochs, dry_run } =
+    let GroundingRunOptions { config, run_dir, adapter_dir, device, data_parallel, resume, verbosity, stop_after_epochs, dry_run } =
         options;
     if config.epochs == 0 || config.batch_size == 0 {
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
@@ -557,7 +559,8 @@ pub fn train_grounding_dino(
         special_ids: tokenizer.special_ids.clone(),
         max_text_len: model_config.max_text_len,
     };
-    let iterations_per_epoch = train_dataset.len().div_ceil(config.batch_size);
+    let iterations_per_epoch =
+        crate::engine::iterations_per_epoch(train_dataset.len(), config.batch_size, 1 + data_parallel.len());
     let batcher_for_probe = batcher.clone();
     let train_loader = DataLoaderBuilder::new(batcher.clone())
         .batch_size(config.batch_size)
@@ -624,7 +627,10 @@ pub fn train_grounding_dino(
             resume_from,
             stop_after_epochs,
         )
-        .with_memory(memory.clone()),
+        .with_memory(memory.clone())
+        .with_data_parallel(
+            data_parallel.iter().map(|d| crate::engine::autodiff_device(d, config.gradient_checkpointing)).collect(),
+        ),
         output,
         config: config.clone(),
         caption,

@@ -315,8 +315,25 @@ pub fn run_train_teacher_for(
     verbosity: Verbosity,
     stop_after_epochs: Option<usize>,
 ) -> Result<TeacherSummary, TrainError> {
+    run_train_teacher_on(request, &[device], verbosity, stop_after_epochs)
+}
+
+/// [`run_train_teacher_for`] on several devices together (`--device cuda:0,1`): each takes a
+/// share of every step's batches (`crate::engine`'s data parallelism); the first steps the
+/// optimiser and validates.
+pub fn run_train_teacher_on(
+    request: &TrainTeacherRequest,
+    devices: &[Device],
+    verbosity: Verbosity,
+    stop_after_epochs: Option<usize>,
+) -> Result<TeacherSummary, TrainError> {
+    let Some(device) = devices.first().cloned() else {
+        return Err(TrainError::Config("no device to train on".into()));
+    };
     // A device that cannot run a convolution fails here, before any file is written.
-    kiln_models::device::check(&device)?;
+    for device in devices {
+        kiln_models::device::check(device)?;
+    }
     let (data, summary) = load_student_data(&request.train, &request.val, request.images.as_deref())?;
     if request.dry_run {
         let mut config =
@@ -332,7 +349,7 @@ pub fn run_train_teacher_for(
         let scratch = crate::engine::memory::DryRunDir::new("train-teacher")?;
         let data = data.first_images(crate::engine::memory::DRY_RUN_IMAGES);
         let (grounding_dino, sam) =
-            train_teachers(&config, scratch.path(), &data, device, false, verbosity, None, true)?;
+            train_teachers(&config, scratch.path(), &data, &[device], false, verbosity, None, true)?;
         return Ok(TeacherSummary { config, grounding_dino, sam, teachers_dir: request.output.join("teachers") });
     }
     let teachers = request.output.join("teachers");
@@ -365,7 +382,7 @@ pub fn run_train_teacher_for(
         crate::engine::write_metadata(&teachers.join("metadata.json"), request, &data, &summary, &config)?;
     }
     let trained =
-        train_teachers(&config, &teachers, &data, device, request.resume, verbosity, stop_after_epochs, false);
+        train_teachers(&config, &teachers, &data, devices, request.resume, verbosity, stop_after_epochs, false);
     let any_checkpoint = ["sam_train", "grounding_dino_train"]
         .iter()
         .any(|run| !crate::engine::complete_checkpoints(&teachers.join(run).join("checkpoint"), &[]).is_empty());
@@ -385,7 +402,7 @@ fn train_teachers(
     config: &TeacherConfig,
     teachers: &Path,
     data: &crate::split::StudentData,
-    device: Device,
+    devices: &[Device],
     resume: bool,
     verbosity: Verbosity,
     stop_after_epochs: Option<usize>,
@@ -397,7 +414,8 @@ fn train_teachers(
                 config: g.clone(),
                 run_dir: teachers.join("grounding_dino_train"),
                 adapter_dir: teachers.join(if g.full_finetune { "grounding_dino_full" } else { "grounding_dino_lora" }),
-                device: device.clone(),
+                device: devices[0].clone(),
+                data_parallel: devices[1..].to_vec(),
                 resume,
                 verbosity,
                 stop_after_epochs,
@@ -419,7 +437,8 @@ fn train_teachers(
                 config: sam_config.clone(),
                 run_dir: teachers.join("sam_train"),
                 adapter_dir: teachers.join(if sam_config.full_finetune { "sam_full" } else { "sam_lora" }),
-                device,
+                device: devices[0].clone(),
+                data_parallel: devices[1..].to_vec(),
                 resume,
                 verbosity,
                 stop_after_epochs,

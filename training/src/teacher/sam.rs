@@ -625,6 +625,8 @@ pub struct SamRunOptions {
     /// `teachers/sam_lora`.
     pub adapter_dir: PathBuf,
     pub device: Device,
+    /// Devices beside `device` that take a share of every step (data parallelism).
+    pub data_parallel: Vec<Device>,
     pub resume: bool,
     pub verbosity: Verbosity,
     pub stop_after_epochs: Option<usize>,
@@ -642,7 +644,7 @@ const SHOWN_IMAGES: usize = 8;
 
 /// Fine-tunes SAM with LoRA on `data`.
 pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummary, TrainError> {
-    let SamRunOptions { config, run_dir, adapter_dir, device, resume, verbosity, stop_after_epochs, dry_run } = options;
+    let SamRunOptions { config, run_dir, adapter_dir, device, data_parallel, resume, verbosity, stop_after_epochs, dry_run } = options;
     if config.epochs == 0 || config.batch_size == 0 {
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
     }
@@ -723,7 +725,8 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
     };
     let batcher = SamBatcher { image_size, embedding_shape };
     let batcher_for_probe = batcher.clone();
-    let iterations_per_epoch = train_samples.len().div_ceil(config.batch_size);
+    let iterations_per_epoch =
+        crate::engine::iterations_per_epoch(train_samples.len(), config.batch_size, 1 + data_parallel.len());
     let train_loader = DataLoaderBuilder::new(batcher.clone())
         .batch_size(config.batch_size)
         .num_workers(0)
@@ -779,7 +782,10 @@ pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummar
             resume_from,
             stop_after_epochs,
         )
-        .with_memory(memory.clone()),
+        .with_memory(memory.clone())
+        .with_data_parallel(
+            data_parallel.iter().map(|d| crate::engine::autodiff_device(d, config.gradient_checkpointing)).collect(),
+        ),
         output,
         config: config.clone(),
         classes: data.classes.clone(),
