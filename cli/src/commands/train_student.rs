@@ -9,7 +9,7 @@ use kiln_training::distill::prepare::DistillRequest;
 use kiln_training::optim::OptimizerKind;
 use kiln_training::presets::Preset;
 
-use crate::common::{DevicesArg, TRAIN_DEVICE_HELP, open_devices, StudentModelArg, run_output, value_name};
+use crate::common::{DevicesArg, StudentModelArg, TRAIN_DEVICE_HELP, open_devices, run_output, value_name};
 
 /// The optimisers `--optimizer` offers; clap lists them in `--help` and refuses any other.
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]

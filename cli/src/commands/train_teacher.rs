@@ -7,7 +7,9 @@ use kiln_training::characteristics::{Characteristics, Environment, Intensity, Ob
 use kiln_training::presets::Preset;
 use kiln_training::teacher::{TeacherOverrides, TrainTeacherRequest, render_teacher_summary, run_train_teacher_on};
 
-use crate::common::{DevicesArg, TRAIN_DEVICE_HELP, open_devices, GroundingDinoModelArg, SamModelArg, run_output, value_name};
+use crate::common::{
+    DevicesArg, GroundingDinoModelArg, SamModelArg, TRAIN_DEVICE_HELP, open_devices, run_output, value_name,
+};
 
 /// The teachers `--teacher` can single out; clap lists them in `--help` and refuses any other.
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]

@@ -79,7 +79,10 @@ pub fn init_seeded<M: burn::module::Module>(seed: u64, autodiff: &Device, init: 
 /// on every device.
 pub fn iterations_per_epoch(items: usize, batch_size: usize, devices: usize) -> usize {
     let devices = devices.max(1);
-    (0..devices).map(|k| ((k + 1) * items / devices - k * items / devices).div_ceil(batch_size.max(1))).max().unwrap_or(0)
+    (0..devices)
+        .map(|k| ((k + 1) * items / devices - k * items / devices).div_ceil(batch_size.max(1)))
+        .max()
+        .unwrap_or(0)
 }
 
 /// The batches a task trains on and the ones it validates on.
@@ -170,7 +173,7 @@ pub struct Validation<V, S> {
 /// sums of the epoch's losses, an EMA of the weights, pending accumulated gradients); `State` is
 /// the part of it a resumed run needs back (saved in `state-N.json`).
 pub trait TrainTask: Send + Sync + 'static {
-    type Model: LearnerModel + TrainStep<Output = StepOutput<Self::Parts>>;
+    type Model: LearnerModel + TrainStep<Output = StepOutput<Self::Parts>> + Send + Sync;
     /// The loss parts a step reports.
     type Parts: Send + 'static;
     type Record: EpochRecord;
@@ -486,7 +489,8 @@ impl<T: TrainTask> SupervisedLearningStrategy<T::Model> for TaskStrategy<T> {
         let settings = self.task.settings();
         let device = settings.device.clone();
         // One slice of the epoch per device, each made on its device.
-        let devices: Vec<Device> = std::iter::once(device.clone()).chain(settings.data_parallel.iter().cloned()).collect();
+        let devices: Vec<Device> =
+            std::iter::once(device.clone()).chain(settings.data_parallel.iter().cloned()).collect();
         let items = train_loader.num_items();
         let train_loaders: Vec<Arc<dyn DataLoader<TrainInput<T>>>> = if devices.len() == 1 {
             vec![train_loader.to_device(&device)]

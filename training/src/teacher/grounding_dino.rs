@@ -496,8 +496,17 @@ pub fn train_grounding_dino(
     options: GroundingRunOptions,
     data: GroundingData,
 ) -> Result<GroundingTrainSummary, TrainError> {
-    let GroundingRunOptions { config, run_dir, adapter_dir, device, data_parallel, resume, verbosity, stop_after_epochs, dry_run } =
-        options;
+    let GroundingRunOptions {
+        config,
+        run_dir,
+        adapter_dir,
+        device,
+        data_parallel,
+        resume,
+        verbosity,
+        stop_after_epochs,
+        dry_run,
+    } = options;
     if config.epochs == 0 || config.batch_size == 0 {
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
     }

@@ -644,7 +644,17 @@ const SHOWN_IMAGES: usize = 8;
 
 /// Fine-tunes SAM with LoRA on `data`.
 pub fn train_sam(options: SamRunOptions, data: SamData) -> Result<SamTrainSummary, TrainError> {
-    let SamRunOptions { config, run_dir, adapter_dir, device, data_parallel, resume, verbosity, stop_after_epochs, dry_run } = options;
+    let SamRunOptions {
+        config,
+        run_dir,
+        adapter_dir,
+        device,
+        data_parallel,
+        resume,
+        verbosity,
+        stop_after_epochs,
+        dry_run,
+    } = options;
     if config.epochs == 0 || config.batch_size == 0 {
         return Err(TrainError::Config("--epochs and --batch-size must be at least 1".into()));
     }
