@@ -20,7 +20,8 @@
 #
 # GPU_CHECK_BACKENDS overrides the backends (default "tch cuda"; e.g. "tch" where cuda does not build).
 # GPU_CHECK_QUICK=1 runs the tiny configs at small sizes (a check of this script; any machine), and
-# GPU_CHECK_PROFILE=dev builds faster for it (timings then mean nothing).
+# GPU_CHECK_PROFILE=dev builds faster for it (timings then mean nothing); CI runs it so on the CPU.
+# Exits non-zero when a measurement or a step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu_check}"
@@ -50,6 +51,7 @@ cargo build --profile "$profile" -p kiln-benches --features "$features" --exampl
 check="$bin/examples/gpu_check"
 kiln="$bin/kiln"
 
+failures=0
 # One measurement in its own process, with the GPU's memory sampled beside it.
 measure() { # DEVICE WHAT
   local before=0 peak="-" line sampler=""
@@ -58,7 +60,7 @@ measure() { # DEVICE WHAT
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 >"$out/memory.$$" &
     sampler=$!
   fi
-  line=$("$check" "$1" "$2" "${quick[@]}" 2>>"$out/errors.log") || line="$2 $1 failed - -"
+  line=$("$check" "$1" "$2" "${quick[@]}" 2>>"$out/errors.log") || { line="$2 $1 failed - -"; failures=$((failures + 1)); }
   if [ -n "$sampler" ]; then
     kill "$sampler" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
@@ -99,6 +101,7 @@ if "$kiln" train-student --data "$data/splits/train.json" --val "$data/splits/va
     | tee -a "$out/gpu_check.md"
   if ! "$kiln" export --model "$run" --output "$out/student.onnx" --imgsz 640 >"$out/export.log" 2>&1; then
     echo "export failed: $out/export.log" | tee -a "$out/gpu_check.md"
+    failures=$((failures + 1))
   elif command -v trtexec >/dev/null; then
     trtexec --onnx="$out/student.onnx" --fp16 --saveEngine="$out/student.engine" >"$out/trtexec.log" 2>&1 \
       && grep -E "GPU Compute Time|Latency" "$out/trtexec.log" | tail -2 | tee -a "$out/gpu_check.md"
@@ -107,6 +110,7 @@ if "$kiln" train-student --data "$data/splits/train.json" --val "$data/splits/va
   fi
 else
   echo "| kiln train-student | $first | failed: $out/train-student.log | | |" | tee -a "$out/gpu_check.md"
+  failures=$((failures + 1))
 fi
 # Two GPUs together (data parallelism), when the machine has them.
 if [ $has_gpu = 1 ] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && [ "$first" = cuda ]; then
@@ -117,6 +121,11 @@ if [ $has_gpu = 1 ] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && [ "$first" = cuda
     echo "| kiln train-student, the same on two GPUs | cuda:0,1 | $(($(date +%s) - started)) s | | |" | tee -a "$out/gpu_check.md"
   else
     echo "| kiln train-student on two GPUs | cuda:0,1 | failed: $out/train-student-2gpu.log | | |" | tee -a "$out/gpu_check.md"
+    failures=$((failures + 1))
   fi
 fi
 echo "written: $out/gpu_check.md" >&2
+if [ $failures -gt 0 ]; then
+  echo "$failures measurements failed (errors: $out/errors.log and the logs beside it)" >&2
+  exit 1
+fi
