@@ -9,6 +9,7 @@
 //! - WHAT:
 //!   - `student-train`: one yolov8n-seg training step, batch 16, 640x640 (forward, YOLOv8 loss with
 //!     masks, backward, SGD update), as `kiln train-student` takes it;
+//!   - `student-train-bf16`: the same with `--precision bf16` (bf16 convolutions, float32 weights);
 //!   - `student-infer`: yolov8n-seg forward, batch 1, 640x640 (the seeds' 8 ms on a GPU);
 //!   - `sam-lora`, `sam-full`, `sam-lora-checkpointed`: one SAM vit_b step on one 1024x1024 image with
 //!     16 box prompts (image encoder, prompt encoder, decoder, SAM's focal + dice + IoU loss,
@@ -42,7 +43,7 @@ type Rate = burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gpu_check DEVICE WHAT [--quick]\n  WHAT: student-train | student-infer | sam-lora | sam-full | \
+        "usage: gpu_check DEVICE WHAT [--quick]\n  WHAT: student-train | student-train-bf16 | student-infer | sam-lora | sam-full | \
          sam-lora-checkpointed | gdino-lora | gdino-full"
     );
     std::process::exit(2)
@@ -101,10 +102,11 @@ fn random_images(batch: usize, h: usize, w: usize, device: &Device) -> Tensor<4>
     Tensor::random([batch, 3, h, w], burn::tensor::Distribution::Uniform(0.0, 1.0), device)
 }
 
-fn student_train(device: &Device, quick: bool) -> f64 {
+fn student_train(device: &Device, quick: bool, bf16: bool) -> f64 {
     let (batch, size) = if quick { (2, 128) } else { (16, 640) };
     let device = device.clone().autodiff();
-    let mut model = "yolov8n-seg".parse::<YoloConfig>().unwrap().with_num_classes(3).init(&device);
+    let model = "yolov8n-seg".parse::<YoloConfig>().unwrap().with_num_classes(3).init(&device);
+    let mut model = model.with_compute(bf16.then_some(burn::tensor::FloatDType::BF16));
     let choice = OptimizerChoice { kind: OptimizerKind::Sgd, lr0: 0.01, momentum: 0.937 };
     let mut optimizer = build_optimizer(&choice, 5e-4);
     let (images, targets) = (random_images(batch, size, size, &device), student_targets(batch, size, &device));
@@ -220,7 +222,8 @@ fn main() {
         std::process::exit(1)
     });
     let median_ms = match what.as_str() {
-        "student-train" => student_train(&device, quick),
+        "student-train" => student_train(&device, quick, false),
+        "student-train-bf16" => student_train(&device, quick, true),
         "student-infer" => student_infer(&device, quick),
         "sam-lora" => sam_step(&device, quick, true, false),
         "sam-full" => sam_step(&device, quick, false, false),

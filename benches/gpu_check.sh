@@ -4,7 +4,8 @@
 #
 #   benches/gpu_check.sh [OUT]            OUT defaults to gpu_check/; about 30 min with cold builds
 #
-# - student training step, yolov8n-seg, batch 16, 640x640 (steps/s), per backend;
+# - student training step, yolov8n-seg, batch 16, 640x640 (steps/s), per backend, in float32 and
+#   with --precision bf16;
 # - SAM vit_b step (1 image 1024x1024, 16 boxes): LoRA, full fine-tuning, LoRA with gradient
 #   checkpointing; GroundingDINO Swin-T OGC step (800x1333): LoRA, full; time and peak GPU memory;
 # - student inference latency, batch 1, 640x640 (the seeds' 8 ms);
@@ -16,7 +17,6 @@
 #
 # Needs: Rust, Python 3 with venv, network for PyPI (PyTorch 2.9.0's CUDA wheel, through
 # scripts/libtorch.sh) and for cubecl's LLVM bundle on the first `cuda` build (github.com).
-# Mixed precision is not measured: kiln has no `--precision` yet (README, "GPUs for training").
 #
 # GPU_CHECK_BACKENDS overrides the backends (default "tch cuda"; e.g. "tch" where cuda does not build).
 # GPU_CHECK_QUICK=1 runs the tiny configs at small sizes (a check of this script; any machine), and
@@ -79,7 +79,7 @@ measure() { # DEVICE WHAT
   echo "|---|---|---|---|---|"
 } | tee "$out/gpu_check.md"
 for backend in $backends; do
-  for what in student-train student-infer sam-lora sam-full sam-lora-checkpointed gdino-lora gdino-full; do
+  for what in student-train student-train-bf16 student-infer sam-lora sam-full sam-lora-checkpointed gdino-lora gdino-full; do
     measure "$backend" "$what"
   done
 done

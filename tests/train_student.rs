@@ -358,3 +358,48 @@ fn a_run_on_two_devices_splits_each_epoch_between_them() {
     assert!(summary.history.iter().all(|r| r.train.sum().is_finite() && r.train.sum() > 0.0), "{:?}", summary.history);
     assert!(output.join("weights/last.safetensors").is_file() && output.join("weights/best.safetensors").is_file());
 }
+
+/// `--precision bf16` (mixed precision): an epoch from the same weights and batches as in float32
+/// computes its convolutions in bf16 (the weights it ends with differ from float32's) while its
+/// loss stays within 5 % of float32's, and the weights it keeps and saves are float32.
+#[test]
+fn a_bf16_epoch_keeps_float32_weights_and_float32_s_loss() {
+    use kiln_models::yolo::{YoloConfig, YoloV8};
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("train-bf16");
+    let (train, val) = dataset(scratch.path(), 8, 64);
+    let start = scratch.path().join("start.safetensors");
+    let yolo: YoloV8 = "yolov8n-seg".parse::<YoloConfig>().unwrap().with_num_classes(3).init(&Device::flex());
+    yolo.save(&start, &[]).unwrap();
+    let run_in = |precision: kiln_training::run::Precision, name: &str| {
+        let (data, _) = load_student_data(&train, &val, None).unwrap();
+        let mut config = config(data.train.class_names(), data.train.class_ids(), 1);
+        config.weights = Some(start.clone());
+        config.optimizer = kiln_training::optim::OptimizerKind::Sgd;
+        config.lr0 = 0.01;
+        config.precision = precision;
+        let output = scratch.path().join(name);
+        let options = TrainOptions {
+            config,
+            output: output.clone(),
+            device: Device::flex(),
+            data_parallel: Vec::new(),
+            resume: false,
+            verbosity: Verbosity::Quiet,
+            stop_after_epochs: None,
+            dry_run: false,
+        };
+        let summary = train_student(options, data).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let weights = output.join("weights/last.safetensors");
+        assert!(kiln_tests::safetensors_dtypes(&weights).iter().all(|d| d == "F32"), "{name}: saved in float32");
+        let saved: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(output.join("student_config.yaml")).unwrap()).unwrap();
+        (summary.history[0].train.sum(), kiln_tests::safetensors_tensors(&weights), saved["precision"].clone())
+    };
+    let (f32_loss, f32_weights, f32_saved) = run_in(kiln_training::run::Precision::F32, "f32");
+    let (bf16_loss, bf16_weights, bf16_saved) = run_in(kiln_training::run::Precision::Bf16, "bf16");
+    assert_eq!((f32_saved.as_str(), bf16_saved.as_str()), (Some("f32"), Some("bf16")));
+    assert!((f32_loss - bf16_loss).abs() <= 0.05 * f32_loss.abs(), "loss: f32 {f32_loss}, bf16 {bf16_loss}");
+    assert!(f32_loss != bf16_loss || f32_weights != bf16_weights, "bf16 computed exactly as float32: not in bf16");
+    eprintln!("loss: f32 {f32_loss}, bf16 {bf16_loss}");
+}

@@ -37,6 +37,8 @@ pub struct StudentOverrides {
     pub patience: Option<usize>,
     pub seed: Option<u64>,
     pub close_mosaic: Option<usize>,
+    /// What the convolutions compute in (mixed precision).
+    pub precision: Option<crate::run::Precision>,
     /// The objects and their scene, choosing the augmentation (`crate::characteristics`).
     pub characteristics: Characteristics,
     /// Settings between the defaults and the flags (`crate::presets`).
@@ -138,6 +140,7 @@ pub fn student_config(
     config.patience = o.patience.unwrap_or(config.patience);
     config.seed = o.seed.unwrap_or(config.seed);
     config.close_mosaic = o.close_mosaic.unwrap_or(config.close_mosaic);
+    config.precision = o.precision.unwrap_or(config.precision);
     // Defaults, then the characteristics' recipe, then `--set augment.KEY=VALUE`.
     config.augment = o.characteristics.recipe(config.augment);
     config.characteristics = o.characteristics.clone();

@@ -44,6 +44,27 @@ use crate::split::StudentData;
 use crate::student::{ModelEma, Student, StudentStep};
 
 /// Everything a student run is made of; saved as `student_config.yaml`.
+/// What a student's convolutions compute in while it trains (`--precision`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Float32 throughout.
+    #[default]
+    F32,
+    /// Mixed precision: bf16 convolutions, float32 weights and everything else. f16 is not offered:
+    /// it needs loss scaling, which kiln does not have.
+    Bf16,
+}
+
+impl Precision {
+    pub fn compute_dtype(self) -> Option<burn::tensor::FloatDType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(burn::tensor::FloatDType::BF16),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StudentConfig {
     pub model: String,
@@ -70,6 +91,11 @@ pub struct StudentConfig {
     /// Epochs without improvement before stopping; 0: never.
     pub patience: usize,
     pub max_grad_norm: f32,
+    /// What the convolutions compute in while training: `f32`, or `bf16` (mixed precision: bf16
+    /// convolutions over float32 weights, BatchNorm, loss and optimiser in float32; for GPUs with
+    /// bf16 units). Validation, the EMA and the saved weights are float32 either way.
+    #[serde(default)]
+    pub precision: Precision,
     pub seed: u64,
     pub loss: LossConfig,
     pub augment: AugmentConfig,
@@ -317,6 +343,17 @@ pub fn train_student_with(
         None => crate::engine::init_seeded(config.seed, &autodiff, |on| yolo_config.init(on)),
     };
     let initial_ema = burn::module::Module::valid(&yolo);
+    // Mixed precision on the model that trains only: the EMA validates and saves in float32.
+    if let Some(dtype) = config.precision.compute_dtype() {
+        if !autodiff.supports_dtype(dtype) {
+            return Err(TrainError::Config(format!(
+                "--precision {:?}: {} cannot compute in it; use --precision f32",
+                config.precision,
+                kiln_models::device::describe(&device)
+            )));
+        }
+    }
+    let yolo = yolo.with_compute(config.precision.compute_dtype());
     let distill = config.distill.map(|d| DistillLoss {
         teacher_labels: d.teacher_labels,
         logit: logit_weight.unwrap_or(0.0),

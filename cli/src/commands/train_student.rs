@@ -79,6 +79,12 @@ pub struct Args {
     /// Turn mosaic off for the last N epochs [default: 10].
     #[arg(long)]
     pub close_mosaic: Option<usize>,
+    /// What the convolutions compute in while training: f32, or bf16 (mixed precision: bf16
+    /// convolutions over float32 weights, with BatchNorm, the loss and the optimiser in float32;
+    /// for GPUs with bf16 units, e.g. --device cuda or tch on Ampere and newer). Validation and the
+    /// saved weights are float32 either way. [default: f32]
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
     /// Seed of the weights' initialisation, the batch order and the augmentation.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -184,6 +190,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             patience: args.patience,
             seed: args.seed,
             close_mosaic: args.close_mosaic,
+            precision: args.precision.map(|p| match p {
+                PrecisionArg::F32 => kiln_training::run::Precision::F32,
+                PrecisionArg::Bf16 => kiln_training::run::Precision::Bf16,
+            }),
             preset: args.preset,
             characteristics: Characteristics {
                 objects: args.objects.clone(),
@@ -213,4 +223,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         print!("{}", render_train_summary(&config, &summary, &output));
     }
     Ok(())
+}
+
+/// `--precision`'s values.
+#[derive(Clone, Copy, clap::ValueEnum, Debug, PartialEq, Eq)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
 }

@@ -4,7 +4,8 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
-use burn::tensor::{Device, Tensor, activation::silu};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Device, FloatDType, Tensor, activation::silu};
 
 #[derive(Module, Debug)]
 pub struct Conv {
@@ -14,6 +15,10 @@ pub struct Conv {
     /// skips `bn`, which keeps the values it had.
     #[module(skip)]
     pub folded: bool,
+    /// Mixed precision (`--precision bf16`): the convolution computes in this type, its weights
+    /// and everything around it (BatchNorm, SiLU, the loss) stay float32. None: float32.
+    #[module(skip)]
+    pub compute: Option<FloatDType>,
 }
 
 impl Conv {
@@ -27,14 +32,18 @@ impl Conv {
             .init(device);
         // Ultralytics trains with momentum 0.03 (PyTorch convention: weight of the new batch).
         let bn = BatchNormConfig::new(c2).with_epsilon(1e-3).with_momentum(0.03).init(device);
-        Self { conv, bn, folded: false }
+        Self { conv, bn, folded: false, compute: None }
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let y = match self.compute {
+            Some(dtype) => conv_in(&self.conv, x, dtype),
+            None => self.conv.forward(x),
+        };
         if self.folded {
-            return silu(self.conv.forward(x));
+            return silu(y);
         }
-        silu(self.bn.forward(self.conv.forward(x)))
+        silu(self.bn.forward(y))
     }
 
     /// Folds the BatchNorm (inference statistics) into the convolution, as ONNX export does:
@@ -57,4 +66,20 @@ impl Conv {
         self.conv.bias = Some(Param::from_tensor(shift));
         self.folded = true;
     }
+}
+
+/// `conv` computed in `dtype` on a float32 input, its output back in float32: mixed precision as
+/// PyTorch's autocast runs a convolution. The weights stay float32 (the optimiser's master copy)
+/// and receive float32 gradients through the casts, which Burn's autodiff differentiates. A
+/// padding other than kiln's symmetric explicit one runs in float32.
+pub fn conv_in(conv: &Conv2d, x: Tensor<4>, dtype: FloatDType) -> Tensor<4> {
+    let padding = match conv.padding {
+        PaddingConfig2d::Explicit(a, b, c, d) if a == b && b == c && c == d => [a, a],
+        PaddingConfig2d::Valid => [0, 0],
+        _ => return conv.forward(x),
+    };
+    let options = ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups);
+    let weight = conv.weight.val().cast(dtype);
+    let bias = conv.bias.as_ref().map(|bias| bias.val().cast(dtype));
+    burn::tensor::module::conv2d(x.cast(dtype), weight, bias, options).cast(FloatDType::F32)
 }

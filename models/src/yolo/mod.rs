@@ -209,6 +209,15 @@ impl YoloV8 {
         self
     }
 
+    /// Mixed precision for training: every `Conv` block's convolution computes in `dtype` (bf16),
+    /// the weights and the rest stay float32 ([`conv::conv_in`]); None: float32 throughout.
+    pub fn with_compute(mut self, dtype: Option<burn::tensor::FloatDType>) -> Self {
+        for conv in self.convs_mut() {
+            conv.compute = dtype;
+        }
+        self
+    }
+
     /// Whether [`YoloV8::fold_batch_norms`] folded this model (it then has no checkpoint form).
     pub fn is_folded(&self) -> bool {
         self.clone().convs_mut().iter().any(|conv| conv.folded)
