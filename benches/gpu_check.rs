@@ -29,11 +29,11 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use kiln_models::grounding_dino::{CaptionTokenizer, GroundingDinoConfig};
 use kiln_models::sam::SamConfig;
 use kiln_models::{Backend, YoloConfig};
-use kiln_training::loss::{LossConfig, Targets, yolo_loss};
+use kiln_training::loss::{LossConfig, yolo_loss};
 use kiln_training::optim::{OptimizerChoice, OptimizerKind, build_optimizer};
 use kiln_training::teacher::TeacherConfig;
 use kiln_training::teacher::grounding_dino::{ClassCaption, GroundingBatcher, GroundingDinoTeacher, GroundingItem};
@@ -65,39 +65,6 @@ fn time(warmup: usize, runs: usize, mut step: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
-/// Three objects per image with elliptical masks at a quarter of the input size.
-fn student_targets(batch: usize, size: usize, device: &Device) -> Targets {
-    let (m, ms, scale) = (3, size / 4, size as f32 / 320.0);
-    let mut boxes = Vec::new();
-    let mut masks = vec![0f32; batch * m * ms * ms];
-    for b in 0..batch {
-        for k in 0..m {
-            let (x1, y1) = ((20.0 + 80.0 * k as f32 + b as f32) * scale, (30.0 + 60.0 * k as f32) * scale);
-            let (x2, y2) = (x1 + 70.0 * scale, y1 + 90.0 * scale);
-            boxes.extend([x1, y1, x2, y2]);
-            let (cx, cy, rx, ry) = ((x1 + x2) / 8.0, (y1 + y2) / 8.0, (x2 - x1) / 8.0, (y2 - y1) / 8.0);
-            for y in 0..ms {
-                for x in 0..ms {
-                    let (dx, dy) = ((x as f32 + 0.5 - cx) / rx, (y as f32 + 0.5 - cy) / ry);
-                    if dx * dx + dy * dy <= 1.0 {
-                        masks[((b * m + k) * ms + y) * ms + x] = 1.0;
-                    }
-                }
-            }
-        }
-    }
-    Targets {
-        boxes: Tensor::from_data(TensorData::new(boxes, [batch, m, 4]), device),
-        classes: Tensor::<2, Int>::from_data(
-            TensorData::new((0..batch * m).map(|i| (i % 3) as i64).collect::<Vec<_>>(), [batch, m]),
-            device,
-        ),
-        valid: Tensor::ones([batch, m], device),
-        masks: Some(Tensor::from_data(TensorData::new(masks, [batch, m, ms, ms]), device)),
-        teacher: None,
-    }
-}
-
 fn random_images(batch: usize, h: usize, w: usize, device: &Device) -> Tensor<4> {
     Tensor::random([batch, 3, h, w], burn::tensor::Distribution::Uniform(0.0, 1.0), device)
 }
@@ -109,7 +76,7 @@ fn student_train(device: &Device, quick: bool, bf16: bool) -> f64 {
     let mut model = model.with_compute(bf16.then_some(burn::tensor::FloatDType::BF16));
     let choice = OptimizerChoice { kind: OptimizerKind::Sgd, lr0: 0.01, momentum: 0.937 };
     let mut optimizer = build_optimizer(&choice, 5e-4);
-    let (images, targets) = (random_images(batch, size, size, &device), student_targets(batch, size, &device));
+    let (images, targets) = kiln_benches::student_step::batch(batch, size, &device);
     let config = LossConfig::default();
     time(2, 5, || {
         let loss = yolo_loss(&config, &model.forward(images.clone()), &targets).expect("the loss reads back");

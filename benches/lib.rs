@@ -61,3 +61,44 @@ pub fn large_coco(images: usize, annotations: usize, seed: u64) -> CocoDataset {
     }
     dataset
 }
+
+/// The YOLOv8 student training step's input, shared by `train_step.rs` and `gpu_check.rs`.
+#[cfg(feature = "models")]
+pub mod student_step {
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    use kiln_training::loss::Targets;
+
+    /// Three objects per image, with elliptical masks at a quarter of the input size.
+    pub fn batch(batch: usize, size: usize, device: &Device) -> (Tensor<4>, Targets) {
+        let images = Tensor::<4>::random([batch, 3, size, size], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
+        let (m, ms) = (3, size / 4);
+        let scale = size as f32 / 320.0;
+        let mut boxes = Vec::new();
+        let mut masks = vec![0f32; batch * m * ms * ms];
+        for b in 0..batch {
+            for k in 0..m {
+                let (x1, y1) = ((20.0 + 80.0 * k as f32 + b as f32) * scale, (30.0 + 60.0 * k as f32) * scale);
+                let (x2, y2) = (x1 + 70.0 * scale, y1 + 90.0 * scale);
+                boxes.extend([x1, y1, x2, y2]);
+                let (cx, cy, rx, ry) = ((x1 + x2) / 8.0, (y1 + y2) / 8.0, (x2 - x1) / 8.0, (y2 - y1) / 8.0);
+                for y in 0..ms {
+                    for x in 0..ms {
+                        let (dx, dy) = ((x as f32 + 0.5 - cx) / rx, (y as f32 + 0.5 - cy) / ry);
+                        if dx * dx + dy * dy <= 1.0 {
+                            masks[((b * m + k) * ms + y) * ms + x] = 1.0;
+                        }
+                    }
+                }
+            }
+        }
+        let classes: Vec<i64> = (0..batch * m).map(|i| (i % 3) as i64).collect();
+        let targets = Targets {
+            boxes: Tensor::from_data(TensorData::new(boxes, [batch, m, 4]), device),
+            classes: Tensor::<2, Int>::from_data(TensorData::new(classes, [batch, m]), device),
+            valid: Tensor::ones([batch, m], device),
+            masks: Some(Tensor::from_data(TensorData::new(masks.clone(), [batch, m, ms, ms]), device)),
+            teacher: None,
+        };
+        (images, targets)
+    }
+}

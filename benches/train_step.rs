@@ -16,11 +16,11 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2dConfig;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main, measurement::WallTime};
 use kiln_data::batch::{BatchFeatures, DetectionBatch, TeacherTargets};
 use kiln_models::{Backend, YoloConfig};
-use kiln_training::loss::{DistillLoss, LossConfig, Targets, yolo_loss};
+use kiln_training::loss::{DistillLoss, LossConfig, yolo_loss};
 use kiln_training::optim::{OptimizerChoice, OptimizerKind, build_optimizer};
 use kiln_training::student::Student;
 
@@ -55,40 +55,6 @@ fn devices() -> Vec<(String, Device)> {
         .collect()
 }
 
-/// Three objects per image, with elliptical masks at a quarter of the input size.
-fn targets(batch: usize, size: usize, device: &Device) -> (Tensor<4>, Targets) {
-    let images = Tensor::<4>::random([batch, 3, size, size], burn::tensor::Distribution::Uniform(0.0, 1.0), device);
-    let (m, ms) = (3, size / 4);
-    let scale = size as f32 / 320.0;
-    let mut boxes = Vec::new();
-    let mut masks = vec![0f32; batch * m * ms * ms];
-    for b in 0..batch {
-        for k in 0..m {
-            let (x1, y1) = ((20.0 + 80.0 * k as f32 + b as f32) * scale, (30.0 + 60.0 * k as f32) * scale);
-            let (x2, y2) = (x1 + 70.0 * scale, y1 + 90.0 * scale);
-            boxes.extend([x1, y1, x2, y2]);
-            let (cx, cy, rx, ry) = ((x1 + x2) / 8.0, (y1 + y2) / 8.0, (x2 - x1) / 8.0, (y2 - y1) / 8.0);
-            for y in 0..ms {
-                for x in 0..ms {
-                    let (dx, dy) = ((x as f32 + 0.5 - cx) / rx, (y as f32 + 0.5 - cy) / ry);
-                    if dx * dx + dy * dy <= 1.0 {
-                        masks[((b * m + k) * ms + y) * ms + x] = 1.0;
-                    }
-                }
-            }
-        }
-    }
-    let classes: Vec<i64> = (0..batch * m).map(|i| (i % 3) as i64).collect();
-    let targets = Targets {
-        boxes: Tensor::from_data(TensorData::new(boxes, [batch, m, 4]), device),
-        classes: Tensor::<2, Int>::from_data(TensorData::new(classes, [batch, m]), device),
-        valid: Tensor::ones([batch, m], device),
-        masks: Some(Tensor::from_data(TensorData::new(masks.clone(), [batch, m, ms, ms]), device)),
-        teacher: None,
-    };
-    (images, targets)
-}
-
 /// The supervised step on `device` (an autodiff one is made of it).
 fn supervised_step(group: &mut BenchmarkGroup<WallTime>, label: &str, device: &Device, batch: usize, size: usize) {
     let device = device.clone().autodiff();
@@ -96,7 +62,7 @@ fn supervised_step(group: &mut BenchmarkGroup<WallTime>, label: &str, device: &D
     let mut model = config.with_num_classes(3).init(&device);
     let choice = OptimizerChoice { kind: OptimizerKind::Sgd, lr0: 0.01, momentum: 0.937 };
     let mut optimizer = build_optimizer(&choice, 5e-4);
-    let (images, targets) = targets(batch, size, &device);
+    let (images, targets) = kiln_benches::student_step::batch(batch, size, &device);
     let loss_config = LossConfig::default();
     group.bench_function(format!("{label}_batch{batch}_{size}"), |b| {
         b.iter(|| {
@@ -130,7 +96,7 @@ fn benches(c: &mut Criterion) {
     let device = Device::flex().autodiff();
     let config: YoloConfig = "yolov8n-seg".parse().unwrap();
     let choice = OptimizerChoice { kind: OptimizerKind::Sgd, lr0: 0.01, momentum: 0.937 };
-    let (images, targets) = targets(BATCH, SIZE, &device);
+    let (images, targets) = kiln_benches::student_step::batch(BATCH, SIZE, &device);
     let loss_config = LossConfig::default();
     // Every object as a teacher's: soft class probabilities and its mask as probabilities.
     let (m, ms) = (3, SIZE / 4);
