@@ -47,6 +47,20 @@ fn config(classes: Vec<String>, ids: Vec<u64>, epochs: usize) -> StudentConfig {
     }
 }
 
+/// A quiet new run of `config` into `output` on `device`.
+fn run_options(config: StudentConfig, output: &Path, device: Device) -> TrainOptions {
+    TrainOptions {
+        config,
+        output: output.to_path_buf(),
+        device,
+        data_parallel: Vec::new(),
+        resume: false,
+        verbosity: Verbosity::Quiet,
+        stop_after_epochs: None,
+        dry_run: false,
+    }
+}
+
 fn run(
     train: &Path,
     val: &Path,
@@ -57,16 +71,7 @@ fn run(
 ) -> kiln_training::run::TrainSummary {
     let (data, _) = load_student_data(train, val, None).unwrap();
     let config = config(data.train.class_names(), data.train.class_ids(), epochs);
-    let options = TrainOptions {
-        config,
-        output: output.to_path_buf(),
-        device: Device::flex(),
-        data_parallel: Vec::new(),
-        resume,
-        verbosity: Verbosity::Quiet,
-        stop_after_epochs: stop_after,
-        dry_run: false,
-    };
+    let options = TrainOptions { resume, stop_after_epochs: stop_after, ..run_options(config, output, Device::flex()) };
     train_student(options, data).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -161,16 +166,7 @@ fn a_student_learns_a_small_dataset() {
         category_ids: data.train.class_ids(),
         ..StudentConfig::default()
     };
-    let options = TrainOptions {
-        config,
-        output: scratch.path().join("run"),
-        device: Device::flex(),
-        data_parallel: Vec::new(),
-        resume: false,
-        verbosity: Verbosity::Quiet,
-        stop_after_epochs: None,
-        dry_run: false,
-    };
+    let options = run_options(config, &scratch.path().join("run"), Device::flex());
     let summary = train_student(options, data).unwrap_or_else(|e| panic!("{e}"));
     let (first, last) = (summary.history[0], summary.history[summary.history.len() - 1]);
     assert!(last.train.sum() < 0.5 * first.train.sum(), "loss {} -> {}", first.train.sum(), last.train.sum());
@@ -282,16 +278,7 @@ fn an_epoch_on_libtorch_cpu_equals_flex() {
         config.lr0 = 0.01;
         config.batch_size = 4;
         let output = scratch.path().join(name);
-        let options = TrainOptions {
-            config,
-            output: output.clone(),
-            device,
-            data_parallel: Vec::new(),
-            resume: false,
-            verbosity: Verbosity::Quiet,
-            stop_after_epochs: None,
-            dry_run: false,
-        };
+        let options = run_options(config, &output, device);
         let summary = train_student(options, data).unwrap_or_else(|e| panic!("{name}: {e}"));
         (summary.history[0].train.sum(), floats(&output.join("weights/last.safetensors")))
     };
@@ -343,16 +330,8 @@ fn a_run_on_two_devices_splits_each_epoch_between_them() {
     let (train, val) = dataset(scratch.path(), 20, 64);
     let (data, _) = load_student_data(&train, &val, None).unwrap();
     let output = scratch.path().join("run");
-    let options = TrainOptions {
-        config: config(data.train.class_names(), data.train.class_ids(), 2),
-        output: output.clone(),
-        device: Device::flex(),
-        data_parallel: vec![Device::flex()],
-        resume: false,
-        verbosity: Verbosity::Quiet,
-        stop_after_epochs: None,
-        dry_run: false,
-    };
+    let config = config(data.train.class_names(), data.train.class_ids(), 2);
+    let options = TrainOptions { data_parallel: vec![Device::flex()], ..run_options(config, &output, Device::flex()) };
     let summary = train_student(options, data).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(summary.history.len(), 2);
     assert!(summary.history.iter().all(|r| r.train.sum().is_finite() && r.train.sum() > 0.0), "{:?}", summary.history);
@@ -379,16 +358,7 @@ fn a_bf16_epoch_keeps_float32_weights_and_float32_s_loss() {
         config.lr0 = 0.01;
         config.precision = precision;
         let output = scratch.path().join(name);
-        let options = TrainOptions {
-            config,
-            output: output.clone(),
-            device: Device::flex(),
-            data_parallel: Vec::new(),
-            resume: false,
-            verbosity: Verbosity::Quiet,
-            stop_after_epochs: None,
-            dry_run: false,
-        };
+        let options = run_options(config, &output, Device::flex());
         let summary = train_student(options, data).unwrap_or_else(|e| panic!("{name}: {e}"));
         let weights = output.join("weights/last.safetensors");
         assert!(kiln_tests::safetensors_dtypes(&weights).iter().all(|d| d == "F32"), "{name}: saved in float32");
