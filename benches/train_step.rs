@@ -140,6 +140,7 @@ fn benches(c: &mut Criterion) {
         loss: loss_config,
         distill: Some(DistillLoss { teacher_labels: 1.0, logit: 1.0, temperature: 2.0, mask: 1.0, feature: 1.0 }),
         max_grad_norm: 10.0,
+        loss_scaler: None,
     };
     let mut optimizer = build_optimizer(&choice, 5e-4);
     group.bench_function("distilled_flex_batch8_320", |b| {

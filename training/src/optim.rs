@@ -147,10 +147,38 @@ impl LrScheduler for WarmupLinearSchedule {
     }
 }
 
+/// Every gradient of `module`'s parameters times `factor`.
+pub fn scale_gradients<M: burn::module::Module>(
+    mut grads: GradientsParams,
+    module: &M,
+    factor: f64,
+) -> GradientsParams {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl burn::module::ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            if let Some(grad) = self.grads.remove::<D>(param.id) {
+                self.grads.register::<D>(param.id, grad.mul_scalar(self.factor));
+            }
+        }
+    }
+    module.visit(&mut Scale { grads: &mut grads, factor });
+    grads
+}
+
 /// Scales all gradients together so their global L2 norm is at most `max_norm`
 /// (`torch.nn.utils.clip_grad_norm_`: every gradient times `min(1, max_norm / (norm + 1e-6))`;
 /// burn's own clipping works per tensor). Computed on the device, so nothing is read back.
 pub fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f32) {
+    let Some(total) = squared_norm(model, grads) else { return };
+    let factor = (total.sqrt() + 1e-6).recip().mul_scalar(max_norm).clamp_max(1.0);
+    model.visit(&mut ScaleBy { grads, factor });
+}
+
+/// The sum of the squares of every gradient of `model` (on the device; none without gradients).
+pub fn squared_norm<M: Module>(model: &M, grads: &GradientsParams) -> Option<Tensor<1>> {
     struct SquaredNorm<'a> {
         grads: &'a GradientsParams,
         total: Option<Tensor<1>>,
@@ -166,21 +194,22 @@ pub fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_n
             }
         }
     }
-    struct Scale<'a> {
-        grads: &'a mut GradientsParams,
-        factor: Tensor<1>,
-    }
-    impl ModuleVisitor for Scale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.grads.remove::<D>(param.id) {
-                let factor = self.factor.clone().reshape([1; D]);
-                self.grads.register(param.id, g * factor);
-            }
-        }
-    }
     let mut norm = SquaredNorm { grads, total: None };
     model.visit(&mut norm);
-    let Some(total) = norm.total else { return };
-    let factor = (total.sqrt() + 1e-6).recip().mul_scalar(max_norm).clamp_max(1.0);
-    model.visit(&mut Scale { grads, factor });
+    norm.total
+}
+
+/// Every gradient times a factor computed on the device.
+struct ScaleBy<'a> {
+    grads: &'a mut GradientsParams,
+    factor: Tensor<1>,
+}
+
+impl ModuleVisitor for ScaleBy<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            let factor = self.factor.clone().reshape([1; D]);
+            self.grads.register(param.id, g * factor);
+        }
+    }
 }

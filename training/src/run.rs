@@ -51,9 +51,11 @@ pub enum Precision {
     /// Float32 throughout.
     #[default]
     F32,
-    /// Mixed precision: bf16 convolutions, float32 weights and everything else. f16 is not offered:
-    /// it needs loss scaling, which kiln does not have.
+    /// Mixed precision: bf16 convolutions, float32 weights and everything else.
     Bf16,
+    /// The same in f16 (GPUs without bf16 units), with dynamic loss scaling
+    /// ([`crate::student::LossScaler`]): f16's range is too narrow for small gradients.
+    F16,
 }
 
 impl Precision {
@@ -61,6 +63,7 @@ impl Precision {
         match self {
             Precision::F32 => None,
             Precision::Bf16 => Some(burn::tensor::FloatDType::BF16),
+            Precision::F16 => Some(burn::tensor::FloatDType::F16),
         }
     }
 }
@@ -372,7 +375,11 @@ pub fn train_student_with(
         }
         _ => None,
     };
-    let student = Student { yolo, projection, loss: config.loss, distill, max_grad_norm: config.max_grad_norm };
+    // f16: PyTorch's GradScaler grows from 2^16; kiln's loss is scaled by the batch size (as
+    // Ultralytics'), so its gradients are larger and it starts lower.
+    let loss_scaler = (config.precision == Precision::F16).then(|| crate::student::LossScaler::new(1024.0, 2000));
+    let student =
+        Student { yolo, projection, loss: config.loss, distill, max_grad_norm: config.max_grad_norm, loss_scaler };
     let accumulation = Accumulation::new(config.nbs, config.batch_size * devices);
     let samples = train_images;
     let choice = choose_optimizer(

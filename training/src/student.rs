@@ -12,7 +12,7 @@ use kiln_models::yolo::YoloV8;
 use crate::engine::StepOutput;
 use crate::loss::distill::feature_distillation;
 use crate::loss::{DistillLoss, LossConfig, LossError, LossParts, Targets, yolo_loss_distilled};
-use crate::optim::clip_global_norm;
+use crate::optim::{clip_global_norm, scale_gradients, squared_norm};
 use burn::nn::conv::Conv2d;
 
 #[derive(Module, Debug)]
@@ -29,6 +29,9 @@ pub struct Student {
     /// Largest global gradient norm (Ultralytics clips at 10).
     #[module(skip)]
     pub max_grad_norm: f32,
+    /// `--precision f16`'s dynamic loss scaling; none in float32 and bf16.
+    #[module(skip)]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// What one step reports: the loss per image and its parts summed over the batch's images.
@@ -71,7 +74,12 @@ impl TrainStep for Student {
                 return TrainOutput { grads: GradientsParams::new(), item };
             }
         };
-        let grads = out.total.backward();
+        // f16 gradients underflow below ~6e-8: the loss is scaled up before the backward pass and
+        // the gradients down again before the step.
+        let grads = match &self.loss_scaler {
+            Some(scaler) => out.total.clone().mul_scalar(scaler.scale()).backward(),
+            None => out.total.backward(),
+        };
         let loss = out.total.detach() / images as f32;
         TrainOutput::new(self, grads, StepOutput::new(loss, out.parts, images))
     }
@@ -82,8 +90,57 @@ impl TrainStep for Student {
         lr: burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate,
         mut grads: GradientsParams,
     ) -> Self {
+        if let Some(scaler) = self.loss_scaler.clone() {
+            grads = scale_gradients(grads, &self, 1.0 / scaler.scale() as f64);
+            let finite = squared_norm(&self, &grads)
+                .map(|total| kiln_models::device::read_floats(total).is_ok_and(|v| v.iter().all(|x| x.is_finite())))
+                .unwrap_or(true);
+            if !scaler.record(finite) {
+                // Overflowed gradients: this step is skipped, the next one runs at half the scale.
+                return self;
+            }
+        }
         clip_global_norm(&self, &mut grads, self.max_grad_norm);
         optim.step(lr, self, grads)
+    }
+}
+
+/// Dynamic loss scaling for f16 training, as PyTorch's `GradScaler`: the loss is multiplied by the
+/// scale before the backward pass, the gradients divided by it before the step; a step whose
+/// gradients overflowed (inf or NaN) is skipped and the scale halved, and after `growth_interval`
+/// good steps in a row it doubles. Shared by the model's copies (the optimiser rebuilds the
+/// module every step). A resumed run starts again from the initial scale.
+#[derive(Debug, Clone)]
+pub struct LossScaler {
+    state: std::sync::Arc<std::sync::Mutex<(f32, u32)>>,
+    growth_interval: u32,
+}
+
+impl LossScaler {
+    pub fn new(initial_scale: f32, growth_interval: u32) -> Self {
+        Self { state: std::sync::Arc::new(std::sync::Mutex::new((initial_scale, 0))), growth_interval }
+    }
+
+    /// The current scale.
+    pub fn scale(&self) -> f32 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Records a step whose gradients were `finite` or not; returns whether the step runs.
+    pub fn record(&self, finite: bool) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (scale, good) = &mut *state;
+        if !finite {
+            *scale = (*scale / 2.0).max(1.0);
+            *good = 0;
+            return false;
+        }
+        *good += 1;
+        if *good >= self.growth_interval {
+            *scale = (*scale * 2.0).min(f32::MAX / 2.0);
+            *good = 0;
+        }
+        true
     }
 }
 
@@ -146,5 +203,32 @@ impl ModelEma {
         model.visit(&mut grab);
         // Modules are handles to reference-counted tensors: the clone copies no weights.
         self.model = self.model.clone().map(&mut Blend { source: grab.0.into_iter(), d: d as f32 });
+    }
+}
+
+#[cfg(test)]
+mod loss_scaler_tests {
+    use super::LossScaler;
+
+    /// PyTorch's GradScaler rule: an overflow skips the step and halves the scale (never below 1),
+    /// `growth_interval` good steps in a row double it, an overflow restarts the count; the copies
+    /// the optimiser makes share one scale.
+    #[test]
+    fn overflow_halves_and_skips_good_steps_double() {
+        let scaler = LossScaler::new(1024.0, 3);
+        let copy = scaler.clone();
+        assert!(!scaler.record(false), "an overflowed step is skipped");
+        assert_eq!(copy.scale(), 512.0);
+        assert!(scaler.record(true) && scaler.record(true));
+        assert_eq!(scaler.scale(), 512.0, "two good steps of three");
+        assert!(!scaler.record(false));
+        assert_eq!(scaler.scale(), 256.0);
+        for _ in 0..3 {
+            assert!(scaler.record(true));
+        }
+        assert_eq!(copy.scale(), 512.0, "three good steps in a row");
+        let low = LossScaler::new(1.0, 100);
+        low.record(false);
+        assert_eq!(low.scale(), 1.0);
     }
 }

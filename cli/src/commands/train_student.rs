@@ -81,8 +81,9 @@ pub struct Args {
     pub close_mosaic: Option<usize>,
     /// What the convolutions compute in while training: f32, or bf16 (mixed precision: bf16
     /// convolutions over float32 weights, with BatchNorm, the loss and the optimiser in float32;
-    /// for GPUs with bf16 units, e.g. --device cuda or tch on Ampere and newer). Validation and the
-    /// saved weights are float32 either way. [default: f32]
+    /// for GPUs with bf16 units, e.g. --device cuda or tch on Ampere and newer), or f16 (the same
+    /// in f16 with dynamic loss scaling, for older GPUs). Validation and the saved weights are
+    /// float32 either way. [default: f32]
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
     /// Seed of the weights' initialisation, the batch order and the augmentation.
@@ -193,6 +194,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             precision: args.precision.map(|p| match p {
                 PrecisionArg::F32 => kiln_training::run::Precision::F32,
                 PrecisionArg::Bf16 => kiln_training::run::Precision::Bf16,
+                PrecisionArg::F16 => kiln_training::run::Precision::F16,
             }),
             preset: args.preset,
             characteristics: Characteristics {
@@ -230,4 +232,5 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 pub enum PrecisionArg {
     F32,
     Bf16,
+    F16,
 }

@@ -445,3 +445,36 @@ mod tests {
         assert!(error.contains("folded") && !path.exists(), "{error}");
     }
 }
+
+#[cfg(test)]
+mod precision_tests {
+    use super::*;
+    use burn::tensor::{Distribution, FloatDType};
+
+    fn outputs(model: &YoloV8, input: Tensor<4>) -> Vec<f32> {
+        let output = model.forward(input);
+        let mut tensors: Vec<Tensor<4>> = output.levels;
+        tensors.extend(output.coefficients.unwrap());
+        tensors.push(output.prototypes.unwrap());
+        tensors.into_iter().flat_map(|t| crate::device::read_floats(t).unwrap()).collect()
+    }
+
+    /// Mixed precision's convolutions (`with_compute`): the outputs stay close to float32's (the
+    /// half type's rounding, through every layer) and are not float32's (the half path ran).
+    #[test]
+    fn half_precision_convolutions_stay_close_to_float32() {
+        let device = Device::flex();
+        device.seed(3);
+        let model = "yolov8n-seg".parse::<YoloConfig>().unwrap().with_num_classes(3).init(&device).valid();
+        let input = Tensor::<4>::random([1, 3, 64, 64], Distribution::Uniform(0.0, 1.0), &device);
+        let reference = outputs(&model, input.clone());
+        let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for dtype in [FloatDType::BF16, FloatDType::F16] {
+            let half = outputs(&model.clone().with_compute(Some(dtype)), input.clone());
+            let largest = reference.iter().zip(&half).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!("{dtype:?}: largest difference {largest} of outputs up to {scale}");
+            assert!(largest > 0.0, "{dtype:?}: the half path did not run");
+            assert!(largest <= 0.05 * scale, "{dtype:?}: outputs differ by {largest} (largest output {scale})");
+        }
+    }
+}

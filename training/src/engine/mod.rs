@@ -435,26 +435,9 @@ where
     }
     let mut grads = accumulator.grads();
     if !sum && shares > 1 {
-        grads = scale_gradients(grads, model, 1.0 / shares as f64);
+        grads = crate::optim::scale_gradients(grads, model, 1.0 / shares as f64);
     }
     (grads, items)
-}
-
-/// Every gradient of `module`'s parameters times `factor`.
-fn scale_gradients<M: burn::module::Module>(mut grads: GradientsParams, module: &M, factor: f64) -> GradientsParams {
-    struct Scale<'a> {
-        grads: &'a mut GradientsParams,
-        factor: f64,
-    }
-    impl burn::module::ModuleVisitor for Scale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
-            if let Some(grad) = self.grads.remove::<D>(param.id) {
-                self.grads.register::<D>(param.id, grad.mul_scalar(self.factor));
-            }
-        }
-    }
-    module.visit(&mut Scale { grads: &mut grads, factor });
-    grads
 }
 
 /// `results.csv`: the header and one row per epoch record, written atomically.
