@@ -403,7 +403,7 @@ impl crate::weights::OfficialCheckpoint for YoloV8 {
 mod tests {
     use super::*;
     use burn::module::{Param, RunningState};
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, FloatDType};
 
     fn outputs(model: &YoloV8, input: Tensor<4>) -> Vec<f32> {
         let output = model.forward(input);
@@ -443,20 +443,6 @@ mod tests {
         let path = std::env::temp_dir().join(format!("kiln-folded-{}.safetensors", std::process::id()));
         let error = folded.save(&path, &[]).unwrap_err().to_string();
         assert!(error.contains("folded") && !path.exists(), "{error}");
-    }
-}
-
-#[cfg(test)]
-mod precision_tests {
-    use super::*;
-    use burn::tensor::{Distribution, FloatDType};
-
-    fn outputs(model: &YoloV8, input: Tensor<4>) -> Vec<f32> {
-        let output = model.forward(input);
-        let mut tensors: Vec<Tensor<4>> = output.levels;
-        tensors.extend(output.coefficients.unwrap());
-        tensors.push(output.prototypes.unwrap());
-        tensors.into_iter().flat_map(|t| crate::device::read_floats(t).unwrap()).collect()
     }
 
     /// Mixed precision's convolutions (`with_compute`): the outputs stay close to float32's (the
