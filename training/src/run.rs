@@ -43,7 +43,6 @@ use crate::plots;
 use crate::split::StudentData;
 use crate::student::{ModelEma, Student, StudentStep};
 
-/// Everything a student run is made of; saved as `student_config.yaml`.
 /// What a student's convolutions compute in while it trains (`--precision`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +67,7 @@ impl Precision {
     }
 }
 
+/// Everything a student run is made of; saved as `student_config.yaml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StudentConfig {
     pub model: String,
@@ -94,9 +94,9 @@ pub struct StudentConfig {
     /// Epochs without improvement before stopping; 0: never.
     pub patience: usize,
     pub max_grad_norm: f32,
-    /// What the convolutions compute in while training: `f32`, or `bf16` (mixed precision: bf16
-    /// convolutions over float32 weights, BatchNorm, loss and optimiser in float32; for GPUs with
-    /// bf16 units). Validation, the EMA and the saved weights are float32 either way.
+    /// What the convolutions compute in while training: `f32`, `bf16` or `f16` (mixed precision:
+    /// half-type convolutions over float32 weights, BatchNorm, loss and optimiser in float32; f16
+    /// with dynamic loss scaling). Validation, the EMA and the saved weights are float32 either way.
     #[serde(default)]
     pub precision: Precision,
     pub seed: u64,
@@ -278,6 +278,16 @@ pub fn train_student_with(
     if data.train.images.is_empty() || data.val.images.is_empty() {
         return Err(TrainError::Config("the training and validation sets both need images".into()));
     }
+    // Refused before anything is written.
+    if let Some(dtype) = config.precision.compute_dtype() {
+        if let Some(lacking) = std::iter::once(&device).chain(&data_parallel).find(|d| !d.supports_dtype(dtype)) {
+            return Err(TrainError::Config(format!(
+                "--precision {}: {} cannot compute in it; use --precision f32 or another device",
+                serde_yaml::to_string(&config.precision).unwrap_or_default().trim(),
+                kiln_models::device::describe(lacking)
+            )));
+        }
+    }
     let logit_weight = match (config.distill, teachers.as_ref().and_then(|t| t.logit_weight)) {
         (Some(_), Some(chosen)) => Some(chosen),
         (Some(settings), None) => Some(settings.logit_weight()?),
@@ -347,15 +357,6 @@ pub fn train_student_with(
     };
     let initial_ema = burn::module::Module::valid(&yolo);
     // Mixed precision on the model that trains only: the EMA validates and saves in float32.
-    if let Some(dtype) = config.precision.compute_dtype() {
-        if !autodiff.supports_dtype(dtype) {
-            return Err(TrainError::Config(format!(
-                "--precision {:?}: {} cannot compute in it; use --precision f32",
-                config.precision,
-                kiln_models::device::describe(&device)
-            )));
-        }
-    }
     let yolo = yolo.with_compute(config.precision.compute_dtype());
     let distill = config.distill.map(|d| DistillLoss {
         teacher_labels: d.teacher_labels,
