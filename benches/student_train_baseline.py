@@ -70,12 +70,14 @@ def main():
     ap.add_argument("--train", required=True)
     ap.add_argument("--val", required=True)
     ap.add_argument("--images", required=True)
+    ap.add_argument("--val-images", help="the val images' directory when it is not --images")
     ap.add_argument("--imgsz", type=int, default=160)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--optimizer", default="AdamW")
     ap.add_argument("--lr0", type=float, default=0.003)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", nargs="*", default=[], help="more Ultralytics train settings, KEY=VALUE (e.g. mosaic=0)")
     args = ap.parse_args()
@@ -83,13 +85,13 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # Ultralytics 8.4 puts a relative project under runs/<task>/
     data_dir = out / "data"
     coco = json.loads(Path(args.train).read_text())
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     class_index = {c["id"]: i for i, c in enumerate(categories)}
     convert(args.train, args.images, data_dir, "train", class_index)
-    convert(args.val, args.images, data_dir, "val", class_index)
+    convert(args.val, args.val_images or args.images, data_dir, "val", class_index)
     names = "\n".join(f"  {i}: {c['name']}" for i, c in enumerate(categories))
     (data_dir / "data.yaml").write_text(f"path: {data_dir}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
 
@@ -121,11 +123,11 @@ def main():
         pretrained=False,
         amp=False,
         plots=False,
-        seed=0,
+        seed=args.seed,
         deterministic=True,
         verbose=False,
     )
-    print((out / "run" / "results.csv").read_text())
+    print((Path(model.trainer.save_dir) / "results.csv").read_text())
 
 
 if __name__ == "__main__":
