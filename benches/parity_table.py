@@ -1,12 +1,18 @@
-"""Side by side, per epoch: kiln's and Ultralytics' training losses and validation mAP50 of one run
-each (their results.csv files), or, with --scores, the pycocotools scores `parity_score.py` wrote.
-Part of `benches/parity_experiment.sh`.
+"""Side by side, per epoch: kiln's and Ultralytics' training losses and validation mAP50 (their
+results.csv files); with --ultralytics-scores, Ultralytics' pycocotools scores from
+`parity_score.py` beside kiln's own COCO evaluation (which equals pycocotools: tests/coco_eval.rs).
+With --summary OUT, the whole experiment's verdict per dataset over its seeds (the issue's goal:
+final box and mask mAP50 >= 0.97x Ultralytics', mean of the seeds, and never more than 0.05 behind
+after the first quarter of the epochs). Part of `benches/parity_experiment.sh`.
 
-    python benches/parity_table.py KILN_RUN/results.csv ULTRA_RUN/results.csv [--scores K.txt U.txt]
+    python benches/parity_table.py KILN_RUN/results.csv ULTRA_RUN/results.csv [--ultralytics-scores F]
+    python benches/parity_table.py --summary OUT [--tag TAG]
 """
 
 import argparse
 import csv
+import re
+from pathlib import Path
 
 
 def read_csv(path):
@@ -16,31 +22,32 @@ def read_csv(path):
 
 
 def read_scores(path):
-    """`epoch box50 box50-95 mask50 mask50-95` lines (parity_score.py's output; other lines skipped)."""
+    """`epoch box50 box50-95 mask50 mask50-95` lines (parity_score.py's output)."""
     out = {}
     for line in open(path):
         parts = line.split()
         if len(parts) == 5 and parts[0].isdigit():
-            try:
-                out[int(parts[0])] = [float(p) for p in parts[1:]]
-            except ValueError:
-                continue
+            out[int(parts[0])] = [float(p) for p in parts[1:]]
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("kiln")
-    ap.add_argument("ultralytics")
-    ap.add_argument("--scores", nargs=2, metavar=("KILN_SCORES", "ULTRA_SCORES"))
-    args = ap.parse_args()
-    k, u = read_csv(args.kiln), read_csv(args.ultralytics)
-    ks, us = (read_scores(args.scores[0]), read_scores(args.scores[1])) if args.scores else ({}, {})
+def kiln_coco(k):
+    """kiln's own per-epoch COCO figures, as parity_score.py's columns."""
+    return {
+        e: [float(r[f"metrics/{m}({kind})"]) for kind in ("B", "M") for m in ("mAP50", "mAP50-95")]
+        for e, r in k.items()
+        if e > 0
+    }
+
+
+def side_by_side(kiln_csv, ultra_csv, ultra_scores):
+    k, u = read_csv(kiln_csv), read_csv(ultra_csv)
+    us = read_scores(ultra_scores) if ultra_scores else {}
+    kc = kiln_coco(k)
     losses = ["box", "seg", "cls", "dfl"]
-    print("epoch | " + " | ".join(f"{n} k/u" for n in losses) + " | box50 k/u | mask50 k/u" + (" | coco box50 k/u | coco mask50 k/u" if ks or us else ""))
-    for epoch in sorted(set(k) | set(u)):
-        if epoch == 0:
-            continue
+    header = "epoch | " + " | ".join(f"{n} loss k/u" for n in losses) + " | own box50 k/u | own mask50 k/u"
+    print(header + (" | COCO box50 k/u | COCO mask50 k/u" if us else ""))
+    for epoch in sorted(e for e in set(k) | set(u) if e > 0):
         cells = []
         for n in losses:
             a, b = k.get(epoch, {}).get(f"train/{n}_loss"), u.get(epoch, {}).get(f"train/{n}_loss")
@@ -48,11 +55,55 @@ def main():
         for kind in ("B", "M"):
             a, b = k.get(epoch, {}).get(f"metrics/mAP50({kind})"), u.get(epoch, {}).get(f"metrics/mAP50({kind})")
             cells.append(f"{float(a):.3f}/{float(b):.3f}" if a and b else "-")
-        if ks or us:
+        if us:
             for i in (0, 2):
-                a, b = ks.get(epoch), us.get(epoch)
+                a, b = kc.get(epoch), us.get(epoch)
                 cells.append(f"{a[i]:.3f}/{b[i]:.3f}" if a and b else "-")
         print(f"{epoch:5d} | " + " | ".join(cells))
+
+
+def summary(out, tag):
+    print(f"dataset | seeds | final box50 kiln / Ultralytics (ratio) | final mask50 kiln / Ultralytics (ratio) | "
+          f"worst shortfall box / mask after the first quarter | goal")
+    for dataset in sorted(p for p in Path(out).iterdir() if p.is_dir()):
+        curves = []
+        for run in sorted(dataset.glob(f"kiln-s*{tag}")):
+            m = re.fullmatch(rf"kiln-s(\d+){re.escape(tag)}", run.name)
+            ultra = dataset / f"ultra-s{m.group(1)}{tag}.scores" if m else None
+            if not m or not (run / "results.csv").is_file() or not ultra.is_file():
+                continue
+            kc, us = kiln_coco(read_csv(run / "results.csv")), read_scores(ultra)
+            epochs = sorted(set(kc) & set(us))
+            if epochs:
+                curves.append((epochs, kc, us))
+        if not curves:
+            continue
+        epochs = sorted(set.intersection(*(set(c[0]) for c in curves)))
+        mean = lambda source, e, i: sum(c[source][e][i] for c in curves) / len(curves)
+        last = epochs[-1]
+        kb, ub, km, um = mean(1, last, 0), mean(2, last, 0), mean(1, last, 2), mean(2, last, 2)
+        after = [e for e in epochs if e > last / 4]
+        worst_box = max(mean(2, e, 0) - mean(1, e, 0) for e in after)
+        worst_mask = max(mean(2, e, 2) - mean(1, e, 2) for e in after)
+        ratio = lambda a, b: a / b if b > 0 else float("nan")
+        ok = ratio(kb, ub) >= 0.97 and ratio(km, um) >= 0.97 and worst_box <= 0.05 and worst_mask <= 0.05
+        print(f"{dataset.name} | {len(curves)} | {kb:.3f} / {ub:.3f} ({ratio(kb, ub):.2f}x) | "
+              f"{km:.3f} / {um:.3f} ({ratio(km, um):.2f}x) | {worst_box:+.3f} / {worst_mask:+.3f} | "
+              f"{'met' if ok else 'missed'}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kiln", nargs="?")
+    ap.add_argument("ultralytics", nargs="?")
+    ap.add_argument("--ultralytics-scores")
+    ap.add_argument("--summary", metavar="OUT")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    if args.summary:
+        summary(args.summary, args.tag)
+    else:
+        side_by_side(args.kiln, args.ultralytics, args.ultralytics_scores)
 
 
 if __name__ == "__main__":
