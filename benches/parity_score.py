@@ -90,7 +90,8 @@ def ultralytics_epochs(run, data, imgsz, truth):
         Path(run, "weights").glob("epoch*.pt"), key=lambda p: int(re.search(r"epoch(\d+)", p.stem).group(1))
     )
     for w in weights:
-        epoch = int(re.search(r"epoch(\d+)", w.stem).group(1))
+        # Ultralytics names the checkpoint after its 0-based epoch: epoch0.pt ends the first one.
+        epoch = int(re.search(r"epoch(\d+)", w.stem).group(1)) + 1
         with tempfile.TemporaryDirectory() as tmp:
             model = YOLO(str(w))
             validator_out = io.StringIO()
