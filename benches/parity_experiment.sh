@@ -24,8 +24,9 @@
 # COCO results its own validator writes for each epoch's EMA weights (save_period=1), against the
 # same val COCO file (benches/parity_score.py). Both at conf 0.001, IoU 0.7, 300 detections.
 #
-# Time on the 2-core CPU: about 11 minutes per dataset and seed with KILN_DEVICE=tch-cpu
-# (kiln 5.5 min, Ultralytics 5.3 min, scoring 1 min), so all five datasets x 3 seeds ~ 2.8 h.
+# Time on the 2-core CPU, measured on shapes4 only: about 11 minutes per seed with
+# KILN_DEVICE=tch-cpu (kiln 5.5 min, Ultralytics 5.3 min, scoring 1 min); the other sets differ in
+# size, so all five x 3 seeds is an estimate of about 3 h.
 set -euo pipefail
 OUT=${1:?usage: parity_experiment.sh OUT [DATASET ...]}
 shift || true
@@ -99,7 +100,8 @@ for name in $DATASETS; do
       # shellcheck disable=SC2086
       (time "$KILN" train-student --data "$dir/train/annotations.json" --val "$dir/val/annotations.json" \
         --epochs "$EPOCHS" --batch-size 8 --imgsz "$IMGSZ" --optimizer adamw --lr0 0.003 --seed "$seed" \
-        --device "$KILN_DEVICE" --output "$kiln_run" ${KILN_FLAGS:-}) >"$kiln_run.log" 2>&1
+        --device "$KILN_DEVICE" --output "$kiln_run" ${KILN_FLAGS:-}) >"$kiln_run.log" 2>&1 \
+        || { echo "kiln failed: see $kiln_run.log" >&2; exit 1; }
     fi
     ultra=$dir/ultra-s$seed$TAG
     if [ ! -f "$ultra.scores" ]; then
@@ -107,10 +109,14 @@ for name in $DATASETS; do
       (time "$PYTHON" "$ROOT/benches/student_train_baseline.py" --train "$dir/train/annotations.json" \
         --images "$dir/train/images" --val "$dir/val/annotations.json" --val-images "$dir/val/images" \
         --imgsz "$IMGSZ" --batch 8 --epochs "$EPOCHS" --optimizer AdamW --lr0 0.003 --seed "$seed" \
-        --out "$ultra" --set save_period=1 ${ULTRA_SET:-}) >"$ultra.log" 2>&1
-      "$PYTHON" "$ROOT/benches/parity_score.py" --truth "$dir/val/annotations.json" \
-        --ultralytics-run "$ultra/run" --data "$ultra/data/data.yaml" --imgsz "$IMGSZ" 2>/dev/null \
-        | grep -E '^[0-9]+ [0-9.]+ [0-9.]+ [0-9.]+ [0-9.]+$' >"$ultra.scores"
+        --out "$ultra" --set save_period=1 ${ULTRA_SET:-}) >"$ultra.log" 2>&1 \
+        || { echo "Ultralytics failed: see $ultra.log" >&2; exit 1; }
+      if ! "$PYTHON" "$ROOT/benches/parity_score.py" --truth "$dir/val/annotations.json" \
+        --ultralytics-run "$ultra/run" --data "$ultra/data/data.yaml" --imgsz "$IMGSZ" >"$ultra.scoring.log" 2>&1; then
+        echo "scoring $ultra failed: see $ultra.scoring.log" >&2
+        exit 1
+      fi
+      grep -E '^[0-9]+ [0-9.]+ [0-9.]+ [0-9.]+ [0-9.]+$' "$ultra.scoring.log" >"$ultra.scores"
     fi
     echo "== $name seed $seed${TAG:+ ($TAG)}: epoch | losses kiln/ultralytics | mAP50 by each tool's own metric | pycocotools"
     "$PYTHON" "$ROOT/benches/parity_table.py" "$kiln_run/results.csv" "$ultra/run/results.csv" \

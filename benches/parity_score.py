@@ -62,7 +62,7 @@ def normalise(results, coco, category_of_class=None):
 
 
 def score(coco, results):
-    """(box mAP50, box mAP50-95, mask mAP50, mask mAP50-95); -1 for a kind with no results."""
+    """(box mAP50, box mAP50-95, mask mAP50, mask mAP50-95); 0 for a kind with no results."""
     figures = []
     for kind in ("bbox", "segm"):
         usable = [r for r in results if kind == "bbox" or "segmentation" in r]
@@ -100,7 +100,9 @@ def ultralytics_epochs(run, data, imgsz, truth):
                     data=data, imgsz=imgsz, batch=8, conf=0.001, iou=0.7, max_det=300, save_json=True,
                     plots=False, project=tmp, name="val", device="cpu", workers=0, verbose=False,
                 )
-            predictions = json.loads(Path(tmp, "val", "predictions.json").read_text())
+            written = Path(tmp, "val", "predictions.json")
+            # An untrained model may detect nothing at all; Ultralytics then writes no file.
+            predictions = json.loads(written.read_text()) if written.is_file() else []
         # Ultralytics writes class index + 1 as the category of a dataset that is not COCO's own.
         results = normalise(predictions, truth, {i + 1: c for i, c in enumerate(categories)})
         yield epoch, score(truth, results)

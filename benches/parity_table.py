@@ -87,8 +87,9 @@ def summary(out, tag):
         worst_mask = max(mean(2, e, 2) - mean(1, e, 2) for e in after)
         ratio = lambda a, b: a / b if b > 0 else float("nan")
         ok = ratio(kb, ub) >= 0.97 and ratio(km, um) >= 0.97 and worst_box <= 0.05 and worst_mask <= 0.05
-        print(f"{dataset.name} | {len(curves)} | {kb:.3f} / {ub:.3f} ({ratio(kb, ub):.2f}x) | "
-              f"{km:.3f} / {um:.3f} ({ratio(km, um):.2f}x) | {worst_box:+.3f} / {worst_mask:+.3f} | "
+        shown = lambda a, b: f"{a / b:.2f}x" if b > 0 else "n/a: Ultralytics scored 0"
+        print(f"{dataset.name} | {len(curves)} | {kb:.3f} / {ub:.3f} ({shown(kb, ub)}) | "
+              f"{km:.3f} / {um:.3f} ({shown(km, um)}) | {worst_box:+.3f} / {worst_mask:+.3f} | "
               f"{'met' if ok else 'missed'}")
 
 
