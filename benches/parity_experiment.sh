@@ -123,4 +123,4 @@ for name in $DATASETS; do
       --ultralytics-scores "$ultra.scores"
   done
 done | tee -a "$OUT/parity${TAG}.txt"
-"$PYTHON" "$ROOT/benches/parity_table.py" --summary "$OUT" --tag "$TAG" | tee "$OUT/summary${TAG}.txt"
+"$PYTHON" "$ROOT/benches/parity_table.py" --summary "$OUT" --tag="$TAG" | tee "$OUT/summary${TAG}.txt"

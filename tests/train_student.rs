@@ -70,7 +70,9 @@ fn run(
     stop_after: Option<usize>,
 ) -> kiln_training::run::TrainSummary {
     let (data, _) = load_student_data(train, val, None).unwrap();
-    let config = config(data.train.class_names(), data.train.class_ids(), epochs);
+    // Steps of up to 7 batches of 4 (nbs 28), ramped over the warm-up, on the 3 or 4 batches of an
+    // epoch: the first epoch ends inside a step that a later one finishes (Ultralytics' rule).
+    let config = StudentConfig { nbs: 28, ..config(data.train.class_names(), data.train.class_ids(), epochs) };
     let options = TrainOptions { resume, stop_after_epochs: stop_after, ..run_options(config, output, Device::flex()) };
     train_student(options, data).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -99,6 +101,9 @@ fn a_run_writes_its_files_and_resumes_to_the_same_weights() {
     let parted = scratch.path().join("parted");
     let first = run(&train, &val, &parted, 3, false, Some(1));
     assert_eq!(first.history.len(), 1);
+    // The step the first epoch leaves open goes on in the next epoch (as Ultralytics counts its
+    // accumulation), its gradients so far kept with the checkpoint.
+    assert!(parted.join("checkpoint/grads-1.bin").is_file(), "the pending gradients are checkpointed");
     let second = run(&train, &val, &parted, 3, true, None);
     assert_eq!(second.history.len(), 3, "the resumed run carries the first epoch's record");
     let a = tensors(&whole.join("weights/last.safetensors"));

@@ -8,6 +8,7 @@
 //! weights/last.safetensors  weights/best.safetensors   (EMA weights, official key names)
 //! checkpoint/{model,optim,scheduler}-N.bpk             (burn-train: resume state)
 //! checkpoint/ema-N.safetensors  checkpoint/state-N.json (kiln: EMA and best-so-far)
+//! checkpoint/grads-N.bin  (kiln: a step's gradients the epoch's end left pending, if any)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use crate::augment::AugmentConfig;
 use crate::characteristics::Characteristics;
 use crate::data::{EpochCounter, TrainBatcher, TrainDataset, ValDataset, val_batcher};
 use crate::distill::{DistillConfig, TeacherData};
+use crate::engine::carried::CarriedGradients;
 use crate::engine::memory::{MemoryEstimate, MemoryPlan};
 use crate::engine::{FitSettings, TrainTask, Validation, Verbosity};
 use crate::error::{AtPath, TrainError};
@@ -381,7 +383,8 @@ pub fn train_student_with(
     let loss_scaler = (config.precision == Precision::F16).then(|| crate::student::LossScaler::new(1024.0, 2000));
     let student =
         Student { yolo, projection, loss: config.loss, distill, max_grad_norm: config.max_grad_norm, loss_scaler };
-    let accumulation = Accumulation::new(config.nbs, config.batch_size * devices);
+    let accumulation =
+        Accumulation::new(config.nbs, config.batch_size * devices).within(iterations_per_epoch * config.epochs);
     let samples = train_images;
     let choice = choose_optimizer(
         config.optimizer,
@@ -393,7 +396,8 @@ pub fn train_student_with(
     let optimizer = build_optimizer(&choice, config.weight_decay * accumulation.weight_decay_scale());
     // Ultralytics 8.4: the warm-up leaves at least the last epoch at the scheduled rate.
     let warmup_epochs = config.warmup_epochs.min(config.epochs.saturating_sub(1) as f64).max(0.0);
-    let warmup = ((warmup_epochs * iterations_per_epoch as f64).round() as usize).max(1);
+    // Ultralytics' `nw`: 0 is no warm-up at all.
+    let warmup = (warmup_epochs * iterations_per_epoch as f64).round() as usize;
     let schedule = |warmup_start: f64| WarmupLinearSchedule {
         lr0: choice.lr0,
         lrf: config.lrf,
@@ -401,6 +405,7 @@ pub fn train_student_with(
         iterations_per_epoch,
         warmup_iterations: warmup,
         warmup_start,
+        lead: 0,
         step: 0,
     };
     // `auto` starts the biases' warm-up at 0 too, as Ultralytics does.
@@ -509,6 +514,10 @@ struct StudentLive {
     /// Gradients summed over the batches of one optimiser step.
     accumulator: GradientsAccumulator<Student>,
     pending: usize,
+    /// The accumulated gradients the epoch's end left pending, read for its checkpoint.
+    carried: Option<Result<CarriedGradients, TrainError>>,
+    /// A resumed run's pending gradients, put back before its first batch's are added.
+    restore: Option<CarriedGradients>,
     sums: LossParts,
     seen: usize,
 }
@@ -517,6 +526,9 @@ struct StudentLive {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct StudentState {
     ema_updates: usize,
+    /// Batches whose gradients the epoch's end left pending (in `grads-N.bin`).
+    #[serde(default)]
+    pending_batches: usize,
 }
 
 /// The validation of an epoch: losses and the COCO evaluations.
@@ -541,7 +553,7 @@ impl TrainTask for StudentTask {
     type Live = StudentLive;
     type Figures = StudentFigures;
     type Shown = StudentShown;
-    const CHECKPOINT_FILES: &'static [&'static str] = &["ema-{}.safetensors"];
+    const CHECKPOINT_FILES: &'static [&'static str] = &["ema-{}.safetensors", "grads-{}.bin"];
     // Ultralytics' loss is scaled by the batch size: the devices' batches sum to the whole step's.
     const SUM_DEVICE_GRADIENTS: bool = true;
 
@@ -557,10 +569,18 @@ impl TrainTask for StudentTask {
         } else {
             ModelEma::new(self.initial_ema.clone(), 0)
         };
+        let restore = if starting_epoch > 1 && state.pending_batches > 0 {
+            let path = self.settings.run_dir.join(format!("checkpoint/grads-{}.bin", starting_epoch - 1));
+            Some(CarriedGradients::load(&path)?)
+        } else {
+            None
+        };
         Ok(StudentLive {
             ema,
             accumulator: GradientsAccumulator::new(),
-            pending: 0,
+            pending: if restore.is_some() { state.pending_batches } else { 0 },
+            carried: None,
+            restore,
             sums: LossParts::default(),
             seen: 0,
         })
@@ -570,14 +590,11 @@ impl TrainTask for StudentTask {
         self.epoch_counter.set(epoch);
         live.sums = LossParts::default();
         live.seen = 0;
-        // Flushed at each epoch's end, so that every epoch is self-contained and a resumed run
-        // repeats the uninterrupted one exactly.
-        live.accumulator = GradientsAccumulator::new();
-        live.pending = 0;
     }
 
-    /// Gradients are summed over `accumulation.at(..)` batches per optimiser step (as
-    /// Ultralytics' `last_opt_step`), and the EMA follows every optimiser step.
+    /// Gradients are summed over `accumulation.at(..)` batches per optimiser step, counted across
+    /// epochs as Ultralytics' `last_opt_step` (a step the epoch's end cuts goes on in the next
+    /// epoch; the last epoch's unfinished one is not taken), and the EMA follows every step.
     fn optimizer_step(
         &self,
         live: &mut StudentLive,
@@ -586,12 +603,29 @@ impl TrainTask for StudentTask {
         iteration: usize,
         last_of_epoch: bool,
     ) {
+        if let Some(restore) = live.restore.take() {
+            match restore.to_grads(&learner.model(), &self.settings.device.clone().inner()) {
+                Ok(pending) => live.accumulator.accumulate(&learner.model(), pending),
+                Err(e) => {
+                    eprintln!("warning: {e}; the resumed run's first step starts without them");
+                    live.pending = 0;
+                }
+            }
+        }
         live.accumulator.accumulate(&learner.model(), grads);
         live.pending += 1;
-        if live.pending >= self.accumulation.at(iteration, self.warmup_iterations) || last_of_epoch {
+        live.carried = None;
+        if live.pending >= self.accumulation.at(iteration, self.warmup_iterations) {
             learner.optimizer_step(live.accumulator.grads());
             live.ema.update(&learner.model().yolo);
             live.pending = 0;
+        } else if last_of_epoch {
+            // Without a step (whose EMA update does it) the last batch's BatchNorm update stays
+            // aside (burn applies it at the next forward), and the checkpoint would miss it.
+            let _ = burn::module::Module::valid(&learner.model().yolo);
+            let pending = live.accumulator.grads();
+            live.carried = Some(CarriedGradients::read(&learner.model(), &pending));
+            live.accumulator.accumulate(&learner.model(), pending);
         }
     }
 
@@ -700,7 +734,15 @@ impl TrainTask for StudentTask {
     fn checkpoint(&self, live: &StudentLive, epoch: usize) -> Result<StudentState, TrainError> {
         let path = self.settings.run_dir.join(format!("checkpoint/ema-{epoch}.safetensors"));
         live.ema.model.save(&path, &self.weights_metadata())?;
-        Ok(StudentState { ema_updates: live.ema.updates })
+        let pending_batches = match &live.carried {
+            Some(Ok(carried)) => {
+                carried.save(&self.settings.run_dir.join(format!("checkpoint/grads-{epoch}.bin")))?;
+                live.pending
+            }
+            Some(Err(e)) => return Err(TrainError::Training(format!("reading the pending gradients back: {e}"))),
+            None => 0,
+        };
+        Ok(StudentState { ema_updates: live.ema.updates, pending_batches })
     }
 }
 
@@ -803,23 +845,33 @@ pub struct Accumulation {
     pub batch_size: usize,
     /// Batches per optimiser step after the warm-up.
     pub batches: usize,
+    /// `round(nbs / batch_size)`, what the weight decay is scaled by even where a short run
+    /// caps `batches`.
+    nominal: usize,
 }
 
 impl Accumulation {
     pub fn new(nbs: usize, batch_size: usize) -> Self {
         let nbs = nbs.max(1);
         let batch_size = batch_size.max(1);
-        Self { nbs, batch_size, batches: ((nbs as f64 / batch_size as f64).round_ties_even() as usize).max(1) }
+        let nominal = ((nbs as f64 / batch_size as f64).round_ties_even() as usize).max(1);
+        Self { nbs, batch_size, batches: nominal, nominal }
+    }
+
+    /// At most the run's `batches` in one step (Ultralytics 8.4 caps `accumulate` at the run's
+    /// batches, so that a run shorter than one nominal batch still takes a step).
+    pub fn within(self, batches: usize) -> Self {
+        Self { batches: self.batches.min(batches.max(1)), ..self }
     }
 
     /// Weight decay is given for a batch of `nbs` images (`weight_decay * batch * accumulate / nbs`).
     pub fn weight_decay_scale(&self) -> f64 {
-        (self.batch_size * self.batches) as f64 / self.nbs as f64
+        (self.batch_size * self.nominal) as f64 / self.nbs as f64
     }
 
     /// Batches per step at global batch `iteration` (0-based) of a `warmup`-batch warm-up.
     pub fn at(&self, iteration: usize, warmup: usize) -> usize {
-        if iteration > warmup {
+        if warmup == 0 || iteration > warmup {
             return self.batches;
         }
         let t = iteration as f64 / warmup.max(1) as f64;
@@ -895,9 +947,13 @@ mod tests {
         assert_eq!(a.weight_decay_scale(), 1.0);
         // Ramped from 1 over the warm-up, rounding half to even as numpy does (4.5 -> 4).
         assert_eq!([a.at(0, 96), a.at(48, 96), a.at(96, 96), a.at(500, 96)], [1, 4, 8, 8]);
+        assert_eq!(a.at(0, 0), 8, "without a warm-up (Ultralytics' nw = 0) every step is a nominal one");
         let b = Accumulation::new(64, 24);
         assert_eq!(b.batches, 3);
         assert_eq!(b.weight_decay_scale(), 72.0 / 64.0);
         assert_eq!(Accumulation::new(64, 128).batches, 1);
+        // A run of 12 batches in all steps after at most 12; its weight decay stays scaled by 16.
+        let short = Accumulation::new(64, 4).within(12);
+        assert_eq!((short.batches, short.weight_decay_scale()), (12, 1.0));
     }
 }

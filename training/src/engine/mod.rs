@@ -13,6 +13,7 @@
 //! checkpoint/state-N.json  checkpoint/<task files>-N     (kiln: history, best so far, task state)
 //! ```
 
+pub mod carried;
 pub mod checkpoint;
 pub mod lock;
 pub mod memory;
