@@ -255,3 +255,48 @@ fn safetensors_with_official_keys_load_like_the_pytorch_file() {
         assert_eq!(p.into_data().try_to_vec::<f32>().unwrap(), q.into_data().try_to_vec::<f32>().unwrap());
     }
 }
+
+/// The validator's NMS (`multi_label=True`: every class above the threshold at an anchor is a
+/// candidate) against Ultralytics' on random anchors of 3 classes: the same detections, and more
+/// than the predictor's best-class NMS keeps from the same anchors.
+#[test]
+fn multi_label_nms_matches_ultralytics_validator() {
+    let reference = reference();
+    let entry = &reference["multi_label_nms"];
+    let rows: Vec<Vec<f32>> = entry["decoded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+        .collect();
+    let anchors = rows[0].len();
+    let decoded: Vec<f32> = rows.concat();
+    let classes = entry["classes"].as_u64().unwrap() as usize;
+    let options = PredictOptions {
+        conf: entry["conf"].as_f64().unwrap() as f32,
+        iou: entry["iou"].as_f64().unwrap() as f32,
+        multi_label: true,
+        ..Default::default()
+    };
+    let got = kiln_models::yolo::predict::non_max_suppression(&decoded, classes, anchors, &options);
+    let expected = entry["detections"].as_array().unwrap();
+    assert_eq!(got.len(), expected.len(), "number of detections");
+    for row in expected {
+        let v: Vec<f32> = row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let found = got.iter().any(|c| {
+            c.class_id == v[5] as usize
+                && (c.score - v[4]).abs() < 1e-6
+                && c.bbox.iter().zip(&v[..4]).all(|(a, b)| (a - b).abs() < 1e-4)
+        });
+        assert!(found, "Ultralytics' detection {v:?} is kiln's too");
+    }
+    let best_class_only = kiln_models::yolo::predict::non_max_suppression(
+        &decoded,
+        classes,
+        anchors,
+        &PredictOptions { multi_label: false, ..options },
+    );
+    assert!(best_class_only.len() < got.len(), "{} vs {}", best_class_only.len(), got.len());
+    assert_eq!(PredictOptions::validation().max_det, 300);
+    assert!(PredictOptions::validation().multi_label && !PredictOptions::default().multi_label);
+}

@@ -122,6 +122,22 @@ def postprocess(model, x, segment):
     return result
 
 
+def multi_label_nms(generator):
+    """The validator's NMS (`DetectionValidator.postprocess`: `multi_label=True`, every class above
+    the threshold at an anchor is a candidate) on 60 random anchors of 3 classes with distinct
+    scores, overlapping boxes and 2 mask coefficients."""
+    anchors, nc = 60, 3
+    centres = torch.rand(2, anchors, generator=generator) * 100
+    sizes = 10 + torch.rand(2, anchors, generator=generator) * 30
+    scores = torch.rand(nc, anchors, generator=generator)
+    coefficients = torch.randn(2, anchors, generator=generator)
+    y = torch.cat([centres, sizes, scores, coefficients])[None]
+    conf, iou = 0.4, 0.5
+    kept = nms.non_max_suppression(y, conf, iou, max_det=MAX_DET, nc=nc, multi_label=True)[0]
+    assert kept[:, 5].unique().numel() > 1 and len(kept) > 10
+    return {"decoded": y[0].tolist(), "classes": nc, "conf": conf, "iou": iou, "detections": kept[:, :6].tolist()}
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     reference = {
@@ -177,6 +193,7 @@ def main():
         }
         if "masks" in post:  # compressed COCO RLE at the original size
             reference["models"][name]["masks"] = post["masks"]
+    reference["multi_label_nms"] = multi_label_nms(generator)
     with open(f"{OUT}/reference.json", "w") as f:
         json.dump(reference, f, indent=1)
     print(json.dumps(reference["parameters"], indent=1))

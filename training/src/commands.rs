@@ -428,9 +428,9 @@ pub fn evaluate_teachers(
 /// The least teacher score `kiln eval --teachers` keeps.
 pub const TEACHER_EVAL_THRESHOLD: f32 = 0.01;
 
-/// The evaluation settings `kiln eval` uses (Ultralytics' validation: every detection above 0.001).
-pub const EVAL_PREDICT_OPTIONS: PredictOptions =
-    PredictOptions { conf: 0.001, iou: 0.7, max_det: 100, max_nms: 30_000 };
+/// The evaluation settings `kiln eval` uses: Ultralytics' validator's (every class above 0.001,
+/// 300 detections), as training validates.
+pub const EVAL_PREDICT_OPTIONS: PredictOptions = PredictOptions::validation();
 
 /// COCO box (and, with `masks`, mask) evaluation of any predictor on a dataset, one image at a
 /// time: how an exported or quantised model is scored the same way as the student it came from.

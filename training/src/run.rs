@@ -772,7 +772,7 @@ impl StudentTask {
         model: &YoloV8,
         loader: &dyn DataLoader<DetectionBatch>,
     ) -> Result<(LossParts, CocoEvaluation, Option<CocoEvaluation>, Vec<Vec<Detection>>), TrainError> {
-        let options = PredictOptions { conf: 0.001, iou: 0.7, max_det: 100, max_nms: 30_000 };
+        let options = PredictOptions::validation();
         let mut shown = Vec::new();
         let bar = crate::engine::epoch_bar(self.settings.verbosity, loader.num_items() as u64, "validating");
         let mut results = Vec::new();

@@ -25,12 +25,24 @@ pub struct PredictOptions {
     pub max_det: usize,
     /// Candidates kept for NMS, highest scores first.
     pub max_nms: usize,
+    /// Every class above `conf` at an anchor is a candidate, not only its best (Ultralytics'
+    /// validator does this: `multi_label=True`; its predictor does not).
+    pub multi_label: bool,
 }
 
 impl Default for PredictOptions {
     /// Ultralytics' `predict` defaults.
     fn default() -> Self {
-        Self { conf: 0.25, iou: 0.7, max_det: 300, max_nms: 30_000 }
+        Self { conf: 0.25, iou: 0.7, max_det: 300, max_nms: 30_000, multi_label: false }
+    }
+}
+
+impl PredictOptions {
+    /// Ultralytics' validator (`DetectionValidator.postprocess`): every class above 0.001 at every
+    /// anchor, 300 detections per image. The COCO metric then counts a box's second-best class as
+    /// a detection of its own, so an uncertain class costs less than with the best class alone.
+    pub const fn validation() -> Self {
+        Self { conf: 0.001, iou: 0.7, max_det: 300, max_nms: 30_000, multi_label: true }
     }
 }
 
@@ -123,21 +135,25 @@ fn anchor_points(levels: &[Tensor<4>], input_height: usize, device: &Device) -> 
     )
 }
 
-/// Ultralytics' `non_max_suppression` (best class per box, class-aware) on one image's decoded
-/// predictions, `[4 + nc + nm, A]` row-major.
+/// Ultralytics' `non_max_suppression` (class-aware; the best class per box, or with
+/// `multi_label` every class above `conf`) on one image's decoded predictions, `[4 + nc + nm, A]`
+/// row-major.
 pub fn non_max_suppression(decoded: &[f32], nc: usize, anchors: usize, options: &PredictOptions) -> Vec<Candidate> {
     let channels = decoded.len() / anchors;
     let at = |c: usize, a: usize| decoded[c * anchors + a];
+    let multi_label = options.multi_label && nc > 1;
     let mut candidates: Vec<Candidate> = (0..anchors)
-        .filter_map(|a| {
-            let (class_id, score) = (0..nc)
-                .map(|c| (c, at(4 + c, a)))
-                .fold((0, f32::NEG_INFINITY), |best, x| if x.1 > best.1 { x } else { best });
-            if score <= options.conf {
-                return None;
-            }
+        .flat_map(|a| {
+            let classes: Vec<(usize, f32)> = if multi_label {
+                (0..nc).map(|c| (c, at(4 + c, a))).filter(|&(_, score)| score > options.conf).collect()
+            } else {
+                let best = (0..nc)
+                    .map(|c| (c, at(4 + c, a)))
+                    .fold((0, f32::NEG_INFINITY), |best, x| if x.1 > best.1 { x } else { best });
+                if best.1 > options.conf { vec![best] } else { Vec::new() }
+            };
             let (cx, cy, w, h) = (at(0, a), at(1, a), at(2, a), at(3, a));
-            Some(Candidate {
+            classes.into_iter().map(move |(class_id, score)| Candidate {
                 bbox: [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0],
                 score,
                 class_id,
