@@ -11,7 +11,11 @@ tools load. Settings: one batch of 8 (so the order of the images does not matter
 augmentation, nbs=8 (a step per batch), no warm-up, AdamW lr0 0.003, EPOCHS epochs.
 
     PYTHONPATH=~/.cache/kiln/ultralytics-8.4 ~/.cache/kiln/torch-venv/bin/python benches/parity_step.py OUT \
-        --kiln ~/.cache/kiln/target-gpu/debug/kiln --device tch-cpu
+        --kiln ~/.cache/kiln/target-gpu/debug/kiln --device tch-cpu [--layout dense]
+
+`--layout dense` puts up to 14 rectangles in each image, from 7 px (under the assigner's 8-px
+stride) and touching one another, as a mosaic does: the assigner with many objects per image, tiny
+boxes widened to the stride, anchors claimed by several objects.
 
 (`eval "$(scripts/libtorch.sh)"` first for a tch build.) Prints both tools' losses per step and,
 after the first and the last step, how far kiln's weight update is from Ultralytics' (the norm of
@@ -34,26 +38,29 @@ SETTINGS = dict(imgsz=256, batch=8, lr0=0.003, nbs=8, warmup_epochs=0)
 NO_AUGMENT = dict(mosaic=0, scale=0, translate=0, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0)
 
 
-def make_data(out: Path):
+def make_data(out: Path, layout: str):
     from PIL import Image
 
     rng = np.random.default_rng(5)
     colors = [(220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40)]
     images, annotations = [], []
     (out / "images").mkdir(parents=True, exist_ok=True)
+    # sparse: up to 3 rectangles of 3+ cells, apart; dense: up to 14 of 1+ cells (boxes from 7 px,
+    # under the assigner's 8-px stride), touching but not overlapping, as in a mosaic.
+    count, least, gap = (3, 3, 4) if layout == "sparse" else (14, 1, -1)
     for i in range(8):
         pixels = rng.integers(60, 140, (256, 256, 3)).astype(np.uint8)
         taken = []
-        for _ in range(3):
+        for _ in range(count):
             for _ in range(100):
                 a, b = sorted(int(v) for v in rng.integers(1, 62, 2))
                 c, d = sorted(int(v) for v in rng.integers(1, 62, 2))
-                if b - a < 3 or d - c < 3:
+                if b - a < least or d - c < least or (layout == "dense" and (b - a) * (d - c) > 200):
                     continue
                 # Pixels 4a..4b+3: cell k's centre (4k+2) and Ultralytics' samples (4k+1, 4k+2)
                 # are inside exactly for k in a..b.
                 x1, x2, y1, y2 = 4 * a, 4 * b + 3, 4 * c, 4 * d + 3
-                if any(not (x2 < p[0] - 4 or x1 > p[2] + 4 or y2 < p[1] - 4 or y1 > p[3] + 4) for p in taken):
+                if any(not (x2 < p[0] - gap or x1 > p[2] + gap or y2 < p[1] - gap or y1 > p[3] + gap) for p in taken):
                     continue
                 taken.append((x1, y1, x2, y2))
                 cls = int(rng.integers(0, 4))
@@ -144,6 +151,8 @@ def main():
     parser.add_argument("--kiln", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--layout", choices=["sparse", "dense"], default="sparse",
+                        help="dense: up to 14 rectangles per image, from 7 px, touching (mosaic-like)")
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     import torch
@@ -152,7 +161,7 @@ def main():
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "data/annotations.json").exists():
-        make_data(out / "data")
+        make_data(out / "data", args.layout)
     theirs = run_ultralytics(out, args.epochs)
     _, first_ours = run_kiln(out, args.kiln, args.device, 1)
     last_run, ours = run_kiln(out, args.kiln, args.device, args.epochs)
