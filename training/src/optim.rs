@@ -112,6 +112,10 @@ pub struct WarmupLinearSchedule {
     pub iterations_per_epoch: usize,
     pub warmup_iterations: usize,
     pub warmup_start: f64,
+    /// Batches of warm-up already counted at the first batch: 0 is Ultralytics'
+    /// `np.interp(ni, [0, nw], ...)` (the first batch at `warmup_start`), 1 gives the first batch
+    /// `1 / warmup_iterations` of the way (the teachers).
+    pub lead: usize,
     pub step: usize,
 }
 
@@ -121,7 +125,7 @@ impl WarmupLinearSchedule {
         let lf = (1.0 - epoch as f64 / self.epochs as f64) * (1.0 - self.lrf) + self.lrf;
         let target = self.lr0 * lf;
         if step < self.warmup_iterations {
-            let t = (step + 1) as f64 / self.warmup_iterations as f64;
+            let t = (step + self.lead) as f64 / self.warmup_iterations as f64;
             self.warmup_start + (target - self.warmup_start) * t
         } else {
             target
@@ -211,5 +215,38 @@ impl ModuleVisitor for ScaleBy<'_> {
             let factor = self.factor.clone().reshape([1; D]);
             self.grads.register(param.id, g * factor);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WarmupLinearSchedule;
+
+    /// Ultralytics 8.4's rates per batch `ni` for 30 epochs of 20 batches, lr0 0.003, lrf 0.01,
+    /// a 60-batch warm-up: `np.interp(ni, [0, 60], [start, 0.003 * lf(epoch)])`, then `lf(epoch)`
+    /// (the weights start at 0, the biases at `warmup_bias_lr` 0.1).
+    #[test]
+    fn the_student_schedule_is_ultralytics_per_batch() {
+        let schedule = |warmup_start| WarmupLinearSchedule {
+            lr0: 0.003,
+            lrf: 0.01,
+            epochs: 30,
+            iterations_per_epoch: 20,
+            warmup_iterations: 60,
+            warmup_start,
+            lead: 0,
+            step: 0,
+        };
+        let lf = |epoch: f64| (1.0 - epoch / 30.0) * 0.99 + 0.01;
+        let (weights, biases) = (schedule(0.0), schedule(0.1));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(weights.rate(0), 0.0) && close(biases.rate(0), 0.1));
+        assert!(close(weights.rate(19), 0.003 * 19.0 / 60.0), "{}", weights.rate(19));
+        assert!(close(weights.rate(45), 0.003 * lf(2.0) * 0.75));
+        assert!(close(biases.rate(45), 0.1 + (0.003 * lf(2.0) - 0.1) * 0.75));
+        assert!(close(weights.rate(60), 0.003 * lf(3.0)) && close(biases.rate(60), 0.003 * lf(3.0)));
+        assert!(close(weights.rate(599), 0.003 * lf(29.0)));
+        let none = WarmupLinearSchedule { warmup_iterations: 0, ..schedule(0.1) };
+        assert!(close(none.rate(0), 0.003), "no warm-up: the scheduled rate from the first batch");
     }
 }

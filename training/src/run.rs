@@ -396,7 +396,8 @@ pub fn train_student_with(
     let optimizer = build_optimizer(&choice, config.weight_decay * accumulation.weight_decay_scale());
     // Ultralytics 8.4: the warm-up leaves at least the last epoch at the scheduled rate.
     let warmup_epochs = config.warmup_epochs.min(config.epochs.saturating_sub(1) as f64).max(0.0);
-    let warmup = ((warmup_epochs * iterations_per_epoch as f64).round() as usize).max(1);
+    // Ultralytics' `nw`: 0 is no warm-up at all.
+    let warmup = (warmup_epochs * iterations_per_epoch as f64).round() as usize;
     let schedule = |warmup_start: f64| WarmupLinearSchedule {
         lr0: choice.lr0,
         lrf: config.lrf,
@@ -404,6 +405,7 @@ pub fn train_student_with(
         iterations_per_epoch,
         warmup_iterations: warmup,
         warmup_start,
+        lead: 0,
         step: 0,
     };
     // `auto` starts the biases' warm-up at 0 too, as Ultralytics does.

@@ -659,6 +659,7 @@ pub fn teacher_schedule(
         iterations_per_epoch,
         warmup_iterations: warmup.min(iterations_per_epoch * epochs / 2).max(1),
         warmup_start: 0.0,
+        lead: 1,
         step: 0,
     }
 }
