@@ -60,19 +60,44 @@ pub fn autodiff_device(device: &Device, gradient_checkpointing: bool) -> Device 
 /// between backends (flex, LibTorch, CubeCL), so the module is drawn on flex's autodiff device and
 /// moved to `autodiff` (an autodiff device): a random base made for training on a GPU equals the
 /// one inference on the CPU makes from the same seed. Without flex, drawn on `autodiff` itself.
+///
+/// Burn initialises parameters lazily, at their first use: the values are drawn here, at once,
+/// while the seeded generator is the one they come from. Left lazy, a module moved to another
+/// device drew them there later, from that device's unseeded generator, so a seed did not fix
+/// the start of a LibTorch run.
 pub fn init_seeded<M: burn::module::Module>(seed: u64, autodiff: &Device, init: impl FnOnce(&Device) -> M) -> M {
     #[cfg(feature = "flex")]
     {
         let host = Device::flex().autodiff();
         host.seed(seed);
-        let module = init(&host);
+        let module = materialize(init(&host));
         if host == *autodiff { module } else { module.fork(autodiff) }
     }
     #[cfg(not(feature = "flex"))]
     {
         autodiff.seed(seed);
-        init(autodiff)
+        materialize(init(autodiff))
     }
+}
+
+/// Draws every lazily initialised parameter of `module` now, in the module's order.
+pub fn materialize<M: burn::module::Module>(module: M) -> M {
+    struct Draw;
+    impl burn::module::ModuleMapper for Draw {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<burn::tensor::Tensor<D>>,
+        ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+            param.map(|tensor| tensor)
+        }
+        fn map_int<const D: usize>(
+            &mut self,
+            param: burn::module::Param<burn::tensor::Tensor<D, burn::tensor::Int>>,
+        ) -> burn::module::Param<burn::tensor::Tensor<D, burn::tensor::Int>> {
+            param.map(|tensor| tensor)
+        }
+    }
+    module.map(&mut Draw)
 }
 
 /// Batches per epoch of a run on `devices` devices: each device takes an equal slice of the
@@ -556,6 +581,37 @@ mod tests {
     use burn::nn::{Linear, LinearConfig};
     use burn::tensor::{Tensor, TensorData};
     use burn::train::TrainOutput;
+
+    /// Every value of `model`'s parameters, in the module's order.
+    fn parameter_values<M: Module>(model: &M) -> Vec<f32> {
+        struct Values(Vec<f32>);
+        impl burn::module::ModuleVisitor for Values {
+            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+                self.0.extend(kiln_models::device::read_floats(param.val()).expect("readable"));
+            }
+        }
+        let mut values = Values(Vec::new());
+        model.visit(&mut values);
+        values.0
+    }
+
+    /// Burn draws a parameter at its first use. Left lazy, a seeded student took its numbers from
+    /// whatever used the generator first (or, moved to LibTorch, from LibTorch's unseeded one).
+    #[test]
+    fn a_seeded_student_is_drawn_at_once() {
+        let config = "yolov8n-seg".parse::<kiln_models::yolo::YoloConfig>().unwrap().with_num_classes(4);
+        let host = Device::flex().autodiff();
+        let first = init_seeded(5, &host, |on| config.init(on));
+        let first = parameter_values(&first);
+        let second = init_seeded(5, &host, |on| config.init(on));
+        // Another draw from the same generator before the student is first used.
+        let _ = Tensor::<2>::random([64, 64], burn::tensor::Distribution::Default, &host);
+        let second = parameter_values(&second);
+        assert_eq!(first.len(), second.len());
+        assert!(first == second, "the same seed drew different students");
+        let other = parameter_values(&init_seeded(6, &host, |on| config.init(on)));
+        assert!(first != other, "another seed drew the same student");
+    }
 
     #[derive(Module, Debug)]
     struct Tiny {
