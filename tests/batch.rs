@@ -73,13 +73,15 @@ fn batch_shapes_padding_and_box_mask_alignment() {
                 continue;
             }
             assert!((0..4).contains(&classes[slot]));
-            // The mask's tight box and the target box agree to within a pixel.
+            // The mask's tight box and the target box agree to within 2 px: the box is the
+            // shape's, and a star's 36-degree tip, drawn again at 0.8x, keeps no pixel centre over
+            // its last 2 px.
             let rle = Rle::encode(&mask_of(&batch, bi, mi));
             let [x, y, bw, bh] = rle.bbox();
             let target = &boxes[slot * 4..slot * 4 + 4];
             for (got, want) in [x, y, x + bw, y + bh].iter().zip(target) {
                 assert!(
-                    (*got as f32 - want).abs() <= 1.5,
+                    (*got as f32 - want).abs() <= 2.0,
                     "image {bi} instance {mi}: mask box {:?} vs target {target:?}",
                     [x, y, x + bw, y + bh]
                 );
@@ -107,9 +109,44 @@ fn downsampled_masks_keep_their_place() {
     let (full, _, _s1) = batch_on(&device, 1);
     let (quarter, _, _s2) = batch_on(&device, 4);
     assert_eq!(quarter.masks.as_ref().unwrap().dims()[2..], [24, 24]);
-    let big = mask_of(&full, 0, 0);
-    let small = mask_of(&quarter, 0, 0);
-    let iou = big.resize_nearest(24, 24).iou(&small);
+    // Every object of the batch: the quarter-resolution mask against the full one shrunk by area
+    // (a cell is on when half its 16 pixels are), summed over the objects (a mask of a few cells
+    // alone is mostly its edge), and each object's centre of mass to within 2 px.
+    let valid = full.valid.to_data().try_to_vec::<f32>().unwrap();
+    let slots = full.valid.dims()[1];
+    let (mut intersection, mut union) = (0u64, 0u64);
+    for b in 0..4 {
+        for m in (0..slots).filter(|&m| valid[b * slots + m] > 0.0) {
+            let (big, small) = (mask_of(&full, b, m), mask_of(&quarter, b, m));
+            let shrunk: Vec<u8> = (0..24 * 24)
+                .map(|cell| {
+                    let (cy, cx) = (cell / 24, cell % 24);
+                    let on: u32 = (0..16).map(|k| big.data[(cy * 4 + k / 4) * 96 + cx * 4 + k % 4] as u32).sum();
+                    (on >= 8) as u8
+                })
+                .collect();
+            intersection += shrunk.iter().zip(&small.data).filter(|(a, b)| **a == 1 && **b == 1).count() as u64;
+            union += shrunk.iter().zip(&small.data).filter(|(a, b)| **a == 1 || **b == 1).count() as u64;
+            let centre = |data: &[u8], width: usize, scale: f64| {
+                let (mut n, mut x, mut y) = (0.0, 0.0, 0.0);
+                for (i, &v) in data.iter().enumerate() {
+                    if v > 0 {
+                        n += 1.0;
+                        x += ((i % width) as f64 + 0.5) * scale;
+                        y += ((i / width) as f64 + 0.5) * scale;
+                    }
+                }
+                (n, x / n, y / n)
+            };
+            let (n, sx, sy) = centre(&small.data, 24, 4.0);
+            let (_, bx, by) = centre(&big.data, 96, 1.0);
+            if n >= 4.0 {
+                let distance = ((sx - bx).powi(2) + (sy - by).powi(2)).sqrt();
+                assert!(distance <= 2.0, "image {b} object {m}: centres {distance:.2} px apart");
+            }
+        }
+    }
+    let iou = intersection as f64 / union as f64;
     assert!(iou > 0.8, "quarter-resolution mask IoU {iou}");
 }
 

@@ -471,6 +471,7 @@ impl Segmentation {
     /// Rasterises the mask after the map `x' = x * sx + ox`, `y' = y * sy + oy` onto an
     /// `out_width x out_height` grid. Polygons are transformed, then rasterised (sharp at any
     /// scale); RLE masks are decoded and sampled by nearest neighbour at the output pixel centres.
+    /// Only the image is the object's: a polygon's part past the image's edge is left out.
     pub fn rasterize_affine(
         &self,
         image_width: u32,
@@ -485,7 +486,28 @@ impl Segmentation {
                     .iter()
                     .map(|p| p.chunks_exact(2).flat_map(|xy| [xy[0] * sx + ox, xy[1] * sy + oy]).collect())
                     .collect();
-                Ok(Rle::from_polygons(&mapped, out_height, out_width).decode())
+                let mut out = Rle::from_polygons(&mapped, out_height, out_width).decode();
+                // A polygon may run past its image's edge (shapes cut by the frame); only the part
+                // inside the image is the object, as for an RLE. Left in, that part landed in the
+                // letterbox padding or in a mosaic's neighbouring tile.
+                let inside = |out_coordinate: u32, scale: f64, offset: f64, size: u32| {
+                    let s = (out_coordinate as f64 + 0.5 - offset) / scale;
+                    s >= 0.0 && s < size as f64
+                };
+                let columns: Vec<bool> = (0..out_width).map(|x| inside(x, sx, ox, image_width)).collect();
+                for y in 0..out_height {
+                    let row = &mut out.data[(y * out_width) as usize..((y + 1) * out_width) as usize];
+                    if !inside(y, sy, oy, image_height) {
+                        row.fill(0);
+                        continue;
+                    }
+                    for (cell, &keep) in row.iter_mut().zip(&columns) {
+                        if !keep {
+                            *cell = 0;
+                        }
+                    }
+                }
+                Ok(out)
             }
             Segmentation::Rle(_) => {
                 let source = self.to_rle(image_height, image_width)?.decode();
@@ -583,5 +605,17 @@ mod tests {
         assert_eq!(rle.rasterize(40, 30, 80, 60).unwrap(), double);
         let half = rle.rasterize(40, 30, 20, 15).unwrap();
         assert_eq!(Rle::encode(&half).bbox(), [5.0, 5.0, 10.0, 5.0]);
+    }
+
+    /// A shape cut by the frame (its polygon runs to y = -10 on a 40x30 image), placed 10 px down
+    /// in a letterbox: its mask stops at the image's top edge, as its RLE would, and leaves the
+    /// padding above empty.
+    #[test]
+    fn a_polygon_past_the_edge_is_cut_at_the_image() {
+        let cut = Segmentation::Polygons(vec![vec![5.0, -10.0, 25.0, -10.0, 25.0, 10.0, 5.0, 10.0]]);
+        let mask = cut.rasterize_affine(40, 30, [1.0, 1.0, 0.0, 10.0], 40, 50).unwrap();
+        assert_eq!(Rle::encode(&mask).bbox(), [5.0, 10.0, 20.0, 10.0]);
+        let rle = Segmentation::Rle(cut.to_rle(30, 40).unwrap().to_json(true));
+        assert_eq!(rle.rasterize_affine(40, 30, [1.0, 1.0, 0.0, 10.0], 40, 50).unwrap(), mask);
     }
 }
