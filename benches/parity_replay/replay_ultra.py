@@ -6,6 +6,7 @@ sys.path.insert(0, "/work/main/benches")
 os.environ["YOLO_OFFLINE"] = "1"
 from student_train_baseline import convert
 dump, val, val_images, out, seed, epochs, per = sys.argv[1:8]
+w0 = sys.argv[8] if len(sys.argv) > 8 else False  # initial weights; none: Ultralytics' own seeded init
 seed, epochs, per = int(seed), int(epochs), int(per)
 import torch
 torch.set_num_threads(2)
@@ -25,6 +26,6 @@ from ultralytics import YOLO
 model = YOLO("yolov8n-seg.yaml")
 model.add_callback("on_train_epoch_start", lambda tr: EPOCH.__setitem__(0, tr.epoch))
 model.train(data=str(data_dir / "data.yaml"), imgsz=256, batch=8, epochs=epochs, optimizer="AdamW", lr0=0.003,
-            device="cpu", workers=0, project=str(out), name="run", exist_ok=True, pretrained=False, amp=False,
+            device="cpu", workers=0, project=str(out), name="run", exist_ok=True, pretrained=w0, amp=False,
             plots=False, seed=seed, deterministic=True, verbose=False, save_period=1,
             mosaic=0, scale=0, translate=0, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0)

@@ -5,4 +5,4 @@ PY=$HOME/.cache/kiln/torch-venv/bin/python
 while pgrep -f "kiln-blog train-student" >/dev/null; do sleep 10; done
 V=$HOME/exp/parity/shapes4/val; O=$HOME/exp/cross; D=$HOME/exp/augstats/kiln-dump
 run=$O/replay-ultra-on-kiln-m0
-(time $PY $O/replay_ultra_w.py $D $V/annotations.json $V/images $run 0 30 160 $HOME/exp/init/m0.pt) > $run.log 2>&1
+(time $PY $O/replay_ultra.py $D $V/annotations.json $V/images $run 0 30 160 $HOME/exp/init/m0.pt) > $run.log 2>&1
