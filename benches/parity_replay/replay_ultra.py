@@ -1,5 +1,5 @@
 # Ultralytics 8.4 trained on pre-augmented samples: epoch e's batch position p is dump image e*PER+p
-# (augmentation off), the full schedule of a PER-image run. Usage: DUMP VAL_JSON VAL_IMAGES OUT SEED EPOCHS PER
+# (augmentation off), the full schedule of a PER-image run. Usage: DUMP VAL_JSON VAL_IMAGES OUT SEED EPOCHS PER [W0.pt]
 import os, sys, json
 from pathlib import Path
 sys.path.insert(0, "/work/main/benches")
