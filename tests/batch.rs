@@ -73,13 +73,15 @@ fn batch_shapes_padding_and_box_mask_alignment() {
                 continue;
             }
             assert!((0..4).contains(&classes[slot]));
-            // The mask's tight box and the target box agree to within a pixel.
+            // The mask's tight box and the target box agree to within 2 px: the box is the
+            // shape's, and a star's 36-degree tip, drawn again at 0.8x, keeps no pixel centre over
+            // its last 2 px.
             let rle = Rle::encode(&mask_of(&batch, bi, mi));
             let [x, y, bw, bh] = rle.bbox();
             let target = &boxes[slot * 4..slot * 4 + 4];
             for (got, want) in [x, y, x + bw, y + bh].iter().zip(target) {
                 assert!(
-                    (*got as f32 - want).abs() <= 1.5,
+                    (*got as f32 - want).abs() <= 2.0,
                     "image {bi} instance {mi}: mask box {:?} vs target {target:?}",
                     [x, y, x + bw, y + bh]
                 );

@@ -200,10 +200,15 @@ fn int8_in_onnxruntime(activations: kiln_export::quantize::ActivationType) {
 }
 
 /// The FP16 export (`kiln export --half`, `kiln optimize`'s `model.fp16.onnx`) of the trained
-/// student on real images of its domain: ONNX Runtime's float16 outputs stay within 3e-2 and
-/// kiln's interpreter's (float32 arithmetic on float16 storage) within 1e-1 relative
-/// (`|a - b| ≤ tol · max(|b|, 1)`: boxes in pixels, probabilities near 0) of the FP32 graph, and
-/// the detections above 0.25 are the same objects (class, box within 1 px).
+/// student on real images of its domain stays within float16's reach of the FP32 graph, in ONNX
+/// Runtime and in kiln's interpreter (float32 arithmetic on float16 storage), and the detections
+/// above 0.25 are the same objects (class, box within 1 px).
+///
+/// Each output is measured on its own scale: box coordinates as a share of the image side,
+/// class probabilities absolutely, mask coefficients and prototypes relative to `max(|b|, 1)`.
+/// A coordinate measured relative to itself made a box near the image's left edge 100× stricter
+/// than one at its right: a stride-32 box side is 32 × a DFL expectation of up to 15 bins, whose
+/// float16 step (2^-7) is 0.25 px, and one such box at x = -1.1 px read as a 22% error.
 #[test]
 fn fp16_onnx_stays_within_half_precision_of_fp32_in_onnxruntime_and_kiln() {
     use indicatif::ProgressBar;
@@ -212,11 +217,14 @@ fn fp16_onnx_stays_within_half_precision_of_fp32_in_onnxruntime_and_kiln() {
     use kiln_models::PredictOptions;
 
     // Float16 keeps 11 significant bits (relative step 2^-11 ≈ 4.9e-4); after ~60 layers the
-    // outputs drift by many steps. Measured on these 4 images: ONNX Runtime ≤ 1.4e-2 from FP32 (it
-    // keeps some fused operators in float32), kiln's interpreter ≤ 5.8e-2 (it rounds every operator's
-    // output, the most pessimistic float16 runtime); the bounds leave room for both.
-    const ONNXRUNTIME_TOLERANCE: f32 = 3e-2;
-    const FP16_TOLERANCE: f32 = 1e-1;
+    // outputs drift by many steps. Measured on these 4 images (and on the 4 the same seed drew
+    // before 2026-12-06), worst of each kind, kiln / ONNX Runtime from FP32: boxes 5.0e-3 / 5.0e-3
+    // (3.8e-3 / 3.0e-3), classes 1.4e-3 / 9.4e-4 (2.3e-3 / 1.3e-3), coefficients 4.0e-3 / 3.2e-3
+    // (5.4e-3 / 5.1e-3), prototypes 1.4e-2 / 1.5e-2 (2.2e-2 / 2.1e-2). kiln's interpreter rounds
+    // every operator's output (the most pessimistic float16 runtime), ONNX Runtime keeps some fused
+    // operators in float32; the bounds leave room for both.
+    const ONNXRUNTIME_TOLERANCE: f32 = 4e-2;
+    const FP16_TOLERANCE: f32 = 6e-2;
     let scratch = Scratch::new("export-fp16");
     let device = Device::flex();
     let options = SynthOptions {
@@ -238,10 +246,22 @@ fn fp16_onnx_stays_within_half_precision_of_fp32_in_onnxruntime_and_kiln() {
     std::fs::write(&fp16_path, fp16.write_to_bytes().unwrap()).unwrap();
     let (fp32_run, fp16_run) =
         (OnnxDetector::new(&fp32, 3, 160, &device).unwrap(), OnnxDetector::new(&fp16, 3, 160, &device).unwrap());
-    let worst = |ours: &[f32], theirs: &[f32]| {
-        assert_eq!(ours.len(), theirs.len());
-        ours.iter().zip(theirs).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max)
+    // output0 is [1, 4 + classes + 32, anchors] (box, class and mask-coefficient rows), output1
+    // the mask prototypes.
+    const KINDS: [&str; 4] = ["boxes", "classes", "coefficients", "prototypes"];
+    let kind_of = |output: usize, row: usize| match (output, row) {
+        (0, row) if row < 4 => 0,
+        (0, row) if row < 4 + 3 => 1,
+        (0, _) => 2,
+        _ => 3,
     };
+    let error = |kind: usize, ours: f32, exact: f32| match kind {
+        0 => (ours - exact).abs() / 160.0,
+        1 => (ours - exact).abs(),
+        _ => (ours - exact).abs() / exact.abs().max(1.0),
+    };
+    // The worst error of each kind: kiln from FP32, ONNX Runtime from FP32, kiln from ONNX Runtime.
+    let mut worst = [[0f32; 4]; 3];
     let mut found = 0;
     for image in &synth.dataset.images {
         let picture = image::open(synth.images_dir.join(&image.file_name)).unwrap().to_rgb8();
@@ -249,15 +269,21 @@ fn fp16_onnx_stays_within_half_precision_of_fp32_in_onnxruntime_and_kiln() {
         let reference = fp32_run.outputs(input.clone()).unwrap();
         let kiln_half = fp16_run.outputs(input.clone()).unwrap();
         let ort_half = run_onnxruntime(&fp16_path, &[1, 3, 160, 160], &input.data, scratch.path());
-        for (i, name) in ["output0", "output1"].iter().enumerate() {
-            let (kiln, ort, exact) = (&kiln_half[i].data, &ort_half.outputs[i].2, &reference[i].data);
-            let (kiln_error, ort_error, between) = (worst(kiln, exact), worst(ort, exact), worst(kiln, ort));
-            println!(
-                "{} {name}: kiln FP16 {kiln_error:.2e}, ORT FP16 {ort_error:.2e} from FP32; kiln vs ORT {between:.2e}",
-                image.file_name
-            );
-            assert!(kiln_error <= FP16_TOLERANCE && ort_error <= ONNXRUNTIME_TOLERANCE && between <= FP16_TOLERANCE);
-            assert!(kiln_error > 0.0, "the float16 graph must round: {name} equals FP32 exactly");
+        for output in 0..2 {
+            let (kiln, ort, exact) = (&kiln_half[output].data, &ort_half.outputs[output].2, &reference[output].data);
+            assert!(kiln.len() == exact.len() && ort.len() == exact.len());
+            assert!(kiln != exact, "the float16 graph must round: output{output} equals FP32 exactly");
+            let anchors = reference[output].shape.last().copied().unwrap();
+            for index in 0..exact.len() {
+                let kind = kind_of(output, index / anchors);
+                for (pair, (ours, theirs)) in
+                    [(kiln[index], exact[index]), (ort[index], exact[index]), (kiln[index], ort[index])]
+                        .into_iter()
+                        .enumerate()
+                {
+                    worst[pair][kind] = worst[pair][kind].max(error(kind, ours, theirs));
+                }
+            }
         }
         let detect = |outputs: &[kiln_export::interpreter::Value]| {
             let options = PredictOptions { conf: 0.25, ..Default::default() };
@@ -270,6 +296,11 @@ fn fp16_onnx_stays_within_half_precision_of_fp32_in_onnxruntime_and_kiln() {
             assert!(a.bbox.iter().zip(&b.bbox).all(|(x, y)| (x - y).abs() <= 1.0), "{:?} vs {:?}", a.bbox, b.bbox);
         }
         found += exact.len();
+    }
+    for (kind, name) in KINDS.iter().enumerate() {
+        let [kiln, ort, between] = [worst[0][kind], worst[1][kind], worst[2][kind]];
+        println!("{name}: kiln FP16 {kiln:.2e}, ORT FP16 {ort:.2e} from FP32; kiln vs ORT {between:.2e}");
+        assert!(kiln <= FP16_TOLERANCE && ort <= ONNXRUNTIME_TOLERANCE && between <= FP16_TOLERANCE, "{name}");
     }
     assert!(found >= 4, "the student should find its shapes ({found} detections)");
 }
