@@ -10,7 +10,10 @@
 #   benches/parity_experiment.sh OUT [DATASET ...]        # default: all datasets below
 #
 # Environment:
-#   SEEDS="0 1 2"  EPOCHS=30  IMGSZ=256
+#   SEEDS="0 1 2"  EPOCHS=30  IMGSZ=256   (one run's final figure moves by 0.04-0.08 from seed to
+#                   seed at this scale, and by as much from a 1e-5 nudge of the initial weights: the
+#                   summary prints the final difference with twice its standard error; three seeds
+#                   resolve about 0.1, a 3 % difference needs a hundred or more; README)
 #   KILN            the kiln binary (default: a tch build when KILN_DEVICE is tch-cpu, else flex)
 #   KILN_DEVICE     cpu (flex) or tch-cpu (LibTorch's CPU, 4x faster to train; same results)
 #   PYTHON          a Python with torch 2.9.0, pycocotools (default: ~/.cache/kiln/torch-venv)
