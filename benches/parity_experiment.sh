@@ -120,6 +120,8 @@ for name in $DATASETS; do
         exit 1
       fi
       grep -E '^[0-9]+ [0-9.]+ [0-9.]+ [0-9.]+ [0-9.]+$' "$ultra.scoring.log" >"$ultra.scores"
+      # Scored: the per-epoch checkpoints (200 MB a run) go; last.pt and best.pt stay.
+      rm -f "$ultra"/run/weights/epoch*.pt
     fi
     echo "== $name seed $seed${TAG:+ ($TAG)}: epoch | losses kiln/ultralytics | mAP50 by each tool's own metric | pycocotools"
     "$PYTHON" "$ROOT/benches/parity_table.py" "$kiln_run/results.csv" "$ultra/run/results.csv" \
