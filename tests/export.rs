@@ -223,7 +223,7 @@ fn fp16_onnx_stays_within_half_precision_of_fp32_in_onnxruntime_and_kiln() {
     // (5.4e-3 / 5.1e-3), prototypes 1.4e-2 / 1.5e-2 (2.2e-2 / 2.1e-2). kiln's interpreter rounds
     // every operator's output (the most pessimistic float16 runtime), ONNX Runtime keeps some fused
     // operators in float32; the bounds leave room for both.
-    const ONNXRUNTIME_TOLERANCE: f32 = 4e-2;
+    const ONNXRUNTIME_TOLERANCE: f32 = 3e-2;
     const FP16_TOLERANCE: f32 = 6e-2;
     let scratch = Scratch::new("export-fp16");
     let device = Device::flex();
