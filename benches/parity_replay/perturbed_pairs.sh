@@ -10,6 +10,6 @@ PY=$HOME/.cache/kiln/torch-venv/bin/python
 V=$HOME/exp/parity/shapes4/val; O=$HOME/exp/cross/batches; D=$HOME/exp/augstats/kiln-dump
 NOAUG="--set augment.mosaic=0 --set augment.scale=0 --set augment.translate=0 --set augment.hsv_h=0 --set augment.hsv_s=0 --set augment.hsv_v=0 --set augment.fliplr=0"
 for I in "$@"; do
-  $PY $HOME/exp/cross/replay_ultra_b.py $D $V/val1.json $V/images $O/ultra-$I-kd600 0 30 160 $HOME/exp/init/$I.pt > $O/ultra-$I-kd600.log 2>&1
+  $PY /work/main/benches/parity_replay/replay_ultra_b.py $D $V/val1.json $V/images $O/ultra-$I-kd600 0 30 160 $HOME/exp/init/$I.pt > $O/ultra-$I-kd600.log 2>&1
   env KILN_BATCH_LOG=1 KILN_REPLAY_PER_EPOCH=160 $HOME/exp/kiln-blog train-student --data $D/annotations.json --val $V/val1.json --epochs 30 --batch-size 8 --imgsz 256 --optimizer adamw --lr0 0.003 --seed 0 --device tch-cpu --output $O/kiln-$I-kd600 $NOAUG --set weights=$HOME/exp/init/$I.safetensors 2> $O/kiln-$I-kd600.batches > $O/kiln-$I-kd600.log
 done

@@ -1,32 +1,18 @@
-# Ultralytics 8.4 trained on pre-augmented samples: epoch e's batch position p is dump image e*PER+p
-# (augmentation off), the full schedule of a PER-image run. Usage: DUMP VAL_JSON VAL_IMAGES OUT SEED EPOCHS PER
-import os, sys, json
+# Ultralytics 8.4 on pre-augmented samples, unshuffled, from given initial weights: epoch e's batch
+# position p is dump image e*PER+p (augmentation off); each batch's losses in OUT.batches;
+# STOP_EPOCHS ends it early. Usage: DUMP VAL_JSON VAL_IMAGES OUT SEED EPOCHS PER W0.pt
+import os, sys
 from pathlib import Path
-sys.path.insert(0, "/work/main/benches")
-os.environ["YOLO_OFFLINE"] = "1"
-from student_train_baseline import convert
+from replay_common import prepare_data, replay_epochs
 dump, val, val_images, out, seed, epochs, per, w0 = sys.argv[1:9]
 seed, epochs, per = int(seed), int(epochs), int(per)
 import torch
 torch.set_num_threads(2)
-out = Path(out).resolve(); data_dir = out / "data"
-coco = json.loads(Path(dump, "annotations.json").read_text())
-cats = sorted(coco["categories"], key=lambda c: c["id"]); ci = {c["id"]: i for i, c in enumerate(cats)}
-convert(f"{dump}/annotations.json", f"{dump}/images", data_dir, "train", ci)
-convert(val, val_images, data_dir, "val", ci)
-names = "\n".join(f"  {i}: {c['name']}" for i, c in enumerate(cats))
-(data_dir / "data.yaml").write_text(f"path: {data_dir}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
-import ultralytics.data.dataset as D
-EPOCH = [0]
-orig_len, orig_get = D.YOLODataset.__len__, D.YOLODataset.__getitem__
-D.YOLODataset.__len__ = lambda self: per if self.augment else orig_len(self)
-D.YOLODataset.__getitem__ = lambda self, i: orig_get(self, EPOCH[0] * per + i) if self.augment else orig_get(self, i)
-import ultralytics.models.yolo.detect.train as T
-orig_build = T.build_dataloader
-T.build_dataloader = lambda dataset, batch, workers, shuffle=True, *a, **k: orig_build(dataset, batch, workers, False, *a, **k)
+out = Path(out).resolve()
+data_yaml = prepare_data(dump, val, val_images, out)
 from ultralytics import YOLO
 model = YOLO("yolov8n-seg.yaml")
-model.add_callback("on_train_epoch_start", lambda tr: EPOCH.__setitem__(0, tr.epoch))
+replay_epochs(model, per, shuffle=False)
 LOG = open(str(out) + ".batches", "w")
 def on_batch(tr):
     li = tr.loss_items; li = (list(li.values()) if isinstance(li, dict) else li.tolist()); li = [float(v) for v in li]
@@ -36,7 +22,7 @@ STOP = int(os.environ.get("STOP_EPOCHS", "0"))
 def on_epoch_end(tr):
     if STOP and tr.epoch + 1 >= STOP: raise SystemExit(0)
 model.add_callback("on_train_epoch_end", on_epoch_end)
-model.train(data=str(data_dir / "data.yaml"), imgsz=256, batch=8, epochs=epochs, optimizer="AdamW", lr0=0.003,
+model.train(data=str(data_yaml), imgsz=256, batch=8, epochs=epochs, optimizer="AdamW", lr0=0.003,
             device="cpu", workers=0, project=str(out), name="run", exist_ok=True, pretrained=w0, amp=False,
             plots=False, seed=seed, deterministic=True, verbose=False, save_period=1,
             mosaic=0, scale=0, translate=0, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0)
