@@ -3,7 +3,8 @@
 //! convolutions), and on wgpu when built with the `wgpu` feature; decode + NMS + masks. Target: ONNX Runtime's latency on the same
 //! machine (`benches/yolov8_baseline.py`; numbers in the README).
 //!
-//! `cargo bench -p kiln-benches --features models --bench yolov8` (add `wgpu` for the GPU path).
+//! `cargo bench -p kiln-benches --features models --bench yolov8` (add `wgpu` for the GPU path;
+//! `-- conv_silu` for the per-layer convolutions only).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -55,7 +56,51 @@ fn forward(c: &mut Criterion, name: &str, device: Device, fold: bool) {
     group.finish();
 }
 
+/// YOLOv8n-seg's convolution shapes at 640² (c_in, c_out, kernel, stride, input side), each as
+/// inference runs it: Burn's conv2d with bias, then SiLU (`burn`), against kiln's convolution with
+/// the bias and SiLU in its output loop (`fused`, `kiln_models::nn::conv_act`).
+fn conv_layers(c: &mut Criterion) {
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Distribution;
+    use kiln_models::nn::{Activation, conv2d_activation};
+    let device = Device::flex();
+    let mut group = c.benchmark_group("conv_silu_640");
+    group.sample_size(20);
+    for (c_in, c_out, kernel, stride, side) in [
+        (3, 16, 3, 2, 640),
+        (16, 32, 3, 2, 320),
+        (16, 16, 3, 1, 160),
+        (32, 32, 3, 1, 80),
+        (64, 64, 3, 1, 40),
+        (128, 128, 3, 1, 20),
+        (48, 32, 1, 1, 160),
+        (384, 256, 1, 1, 20),
+    ] {
+        let conv = Conv2dConfig::new([c_in, c_out], [kernel, kernel])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(kernel / 2, kernel / 2, kernel / 2, kernel / 2))
+            .init(&device);
+        let x = Tensor::<4>::random([1, c_in, side, side], Distribution::Default, &device);
+        let name = format!("{c_in}x{c_out}_k{kernel}s{stride}_{side}");
+        group.bench_function(format!("{name}_burn"), |b| {
+            b.iter(|| {
+                let y = burn::tensor::activation::silu(conv.forward(black_box(x.clone())));
+                let _: f32 = y.slice([0..1, 0..1, 0..1, 0..1]).into_scalar();
+            })
+        });
+        group.bench_function(format!("{name}_fused"), |b| {
+            b.iter(|| {
+                let y = conv2d_activation(&conv, black_box(x.clone()), Activation::Silu);
+                let _: f32 = y.slice([0..1, 0..1, 0..1, 0..1]).into_scalar();
+            })
+        });
+    }
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
+    conv_layers(c);
     forward(c, "flex", Device::flex(), false);
     forward(c, "flex_folded", Device::flex(), true);
     #[cfg(feature = "wgpu")]

@@ -1,8 +1,10 @@
 //! Blocks several models share, each in the file of its own and named as the official code names
 //! it (the parameter keys follow).
 
+pub mod conv_act;
 pub mod layer_norm_2d;
 pub mod mlp;
 
+pub use conv_act::{Activation, conv2d_activation};
 pub use layer_norm_2d::LayerNorm2d;
 pub use mlp::Mlp;

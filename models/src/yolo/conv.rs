@@ -7,6 +7,8 @@ use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, FloatDType, Tensor, activation::silu};
 
+use crate::nn::{Activation, conv2d_activation};
+
 #[derive(Module, Debug)]
 pub struct Conv {
     pub conv: Conv2d,
@@ -38,6 +40,8 @@ impl Conv {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = match self.compute {
             Some(dtype) => conv_in(&self.conv, x, dtype),
+            // Folded: the bias and SiLU in the convolution's output loop where the backend has one.
+            None if self.folded => return conv2d_activation(&self.conv, x, Activation::Silu),
             None => self.conv.forward(x),
         };
         if self.folded {

@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::conv::Conv;
 use crate::lowering::StridedUpsample;
+use crate::nn::{Activation, conv2d_activation};
 
 /// Distribution Focal Loss bins per box side.
 pub const REG_MAX: usize = 16;
@@ -40,7 +41,7 @@ fn class_prior(nc: usize, stride: usize) -> f32 {
 }
 
 fn run(branch: &Branch, x: Tensor<4>) -> Tensor<4> {
-    branch.2.forward(branch.1.forward(branch.0.forward(x)))
+    conv2d_activation(&branch.2, branch.1.forward(branch.0.forward(x)), Activation::Identity)
 }
 
 /// `DFL(c1=16)`: a fixed 1x1 conv with weights 0..15 that turns the 16-bin distribution of each box

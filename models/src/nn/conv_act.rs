@@ -1,0 +1,468 @@
+//! A convolution whose output loop adds the bias and applies the activation: the inference form of
+//! every Ultralytics `Conv` once its BatchNorm is folded (Conv2d + bias + SiLU), and of the heads'
+//! last `nn.Conv2d` (Conv2d + bias).
+//!
+//! Why: on Burn flex, `silu(conv2d(x))` walks the output three times (the convolution's own bias
+//! pass, then a sigmoid and a product, each on one thread calling libm's `expf` per value), and
+//! flex's im2col convolution converts the input to NHWC and scatters each tile back to NCHW on
+//! top. Here each block of output columns is built (im2col, NCHW, no layout change), multiplied
+//! (the `gemm` crate flex itself uses, AVX-512 where the CPU has it) straight into the NCHW output,
+//! and finished (bias + SiLU, vectorised) while it is still in cache, blocks spread over all cores.
+//!
+//! Nothing here knows a model: any float32 Conv2d with one group and no dilation qualifies. Every
+//! other case (another backend, autodiff, bf16, groups, dilation) runs Burn's `conv2d` and the
+//! activation, the path the outputs are tested against (`tests` below).
+
+use burn::nn::conv::Conv2d;
+use burn::tensor::{Tensor, activation::silu};
+
+/// What follows the convolution and its bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Silu,
+}
+
+/// `activation(conv(x))`: on flex (float32, no autodiff, one group, no dilation) in one pass over
+/// the output; elsewhere Burn's `conv2d` followed by the activation.
+pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: Activation) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = flex::forward(conv, &x, activation) {
+        return y;
+    }
+    let y = conv.forward(x);
+    match activation {
+        Activation::Identity => y,
+        Activation::Silu => silu(y),
+    }
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use super::Activation;
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2d;
+    use burn::tensor::{DType, Tensor, TensorData};
+    use rayon::prelude::*;
+
+    /// None when the case is not one this kernel covers (the caller falls back).
+    pub(super) fn forward(conv: &Conv2d, x: &Tensor<4>, activation: Activation) -> Option<Tensor<4>> {
+        let [pad_h, pad_w] = match conv.padding {
+            PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => [top, left],
+            PaddingConfig2d::Valid => [0, 0],
+            _ => return None,
+        };
+        if conv.groups != 1 || conv.dilation != [1, 1] {
+            return None;
+        }
+        let x = x.clone().try_into_primitive::<Flex>().ok()?;
+        let weight = conv.weight.val().try_into_primitive::<Flex>().ok()?;
+        let bias = match &conv.bias {
+            Some(bias) => Some(bias.val().try_into_primitive::<Flex>().ok()?.to_contiguous()),
+            None => None,
+        };
+        if x.dtype() != DType::F32
+            || weight.dtype() != DType::F32
+            || bias.as_ref().is_some_and(|b| b.dtype() != DType::F32)
+        {
+            return None;
+        }
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let &[batch, channels_in, height, width] = x.layout().shape().as_slice() else { return None };
+        let &[channels_out, weight_in, kernel_h, kernel_w] = weight.layout().shape().as_slice() else { return None };
+        if weight_in != channels_in || height + 2 * pad_h < kernel_h || width + 2 * pad_w < kernel_w {
+            return None;
+        }
+        let shape = ConvShape {
+            batch,
+            channels_in,
+            height,
+            width,
+            channels_out,
+            kernel: [kernel_h, kernel_w],
+            stride: conv.stride,
+            padding: [pad_h, pad_w],
+        };
+        let output = conv2d_f32(
+            x.storage::<f32>(),
+            weight.storage::<f32>(),
+            bias.as_ref().map(|b| b.storage::<f32>()),
+            &shape,
+            activation,
+        );
+        let dims = [batch, channels_out, shape.out_h(), shape.out_w()];
+        Some(Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(output, dims))))
+    }
+
+    pub(super) struct ConvShape {
+        pub batch: usize,
+        pub channels_in: usize,
+        pub height: usize,
+        pub width: usize,
+        pub channels_out: usize,
+        pub kernel: [usize; 2],
+        pub stride: [usize; 2],
+        pub padding: [usize; 2],
+    }
+
+    impl ConvShape {
+        fn out_h(&self) -> usize {
+            (self.height + 2 * self.padding[0] - self.kernel[0]) / self.stride[0] + 1
+        }
+        fn out_w(&self) -> usize {
+            (self.width + 2 * self.padding[1] - self.kernel[1]) / self.stride[1] + 1
+        }
+        fn is_pointwise(&self) -> bool {
+            self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+        }
+    }
+
+    /// A raw pointer shared by tasks: into the output, of which each writes a disjoint block, or
+    /// into an im2col matrix they only read.
+    #[derive(Clone, Copy)]
+    struct OutputPtr(*mut f32);
+    unsafe impl Send for OutputPtr {}
+    unsafe impl Sync for OutputPtr {}
+
+    impl OutputPtr {
+        // A method, not the field: a closure would capture the bare pointer field, which is not Sync.
+        fn at(&self, offset: usize) -> *mut f32 {
+            self.0.wrapping_add(offset)
+        }
+    }
+
+    /// Output columns per block: a block's im2col matrix (`k` rows) stays near 1 MiB, the size of
+    /// one core's L2 on current x86 parts, and no block is narrower than gemm's packing makes worth it.
+    fn block_columns(k: usize, positions: usize, tasks_wanted: usize) -> usize {
+        let by_cache = ((1 << 18) / k.max(1)).clamp(64, 1024) / 16 * 16;
+        let by_balance = positions.div_ceil(tasks_wanted).div_ceil(16) * 16;
+        by_cache.min(by_balance.max(64))
+    }
+
+    /// Below this many multiply-adds a convolution runs on the calling thread: waking the pool
+    /// costs more than it saves (the small layers of a 160-px model).
+    const SERIAL_WORK: usize = 1 << 20;
+
+    pub(super) fn conv2d_f32(
+        x: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        shape: &ConvShape,
+        activation: Activation,
+    ) -> Vec<f32> {
+        let (out_h, out_w) = (shape.out_h(), shape.out_w());
+        let positions = out_h * out_w;
+        let [kernel_h, kernel_w] = shape.kernel;
+        let k = shape.channels_in * kernel_h * kernel_w;
+        let (m, batch) = (shape.channels_out, shape.batch);
+        let mut output = vec![0f32; batch * m * positions];
+        if output.is_empty() {
+            return output;
+        }
+        let serial = batch * m * k * positions < SERIAL_WORK;
+        let threads = if serial { 1 } else { rayon::current_num_threads().max(1) };
+        let columns = block_columns(k, positions, 2 * threads);
+        let column_blocks = positions.div_ceil(columns);
+        let pointwise = shape.is_pointwise();
+        let out = OutputPtr(output.as_mut_ptr());
+        let input_plane = shape.channels_in * shape.height * shape.width;
+        // One block of the output: rows m0..m0+rows, columns p0..p0+cols of `image`, from `rhs`,
+        // the block's [k, cols] im2col matrix (or the input itself) with the row stride given.
+        let block = |image: usize, m0: usize, rows: usize, p0: usize, cols: usize, rhs: *const f32, rhs_rs: usize| {
+            // SAFETY: `dst` spans rows m0..m0+rows, columns p0..p0+cols of this image's output, a
+            // block no other task writes; `lhs` is rows m0.. of the [m, k] weight and `rhs` a
+            // [k, cols] matrix with the row stride given, both alive for the call.
+            unsafe {
+                let dst = out.at(image * m * positions + m0 * positions + p0);
+                gemm::gemm(
+                    rows,
+                    cols,
+                    k,
+                    dst,
+                    1,
+                    positions as isize,
+                    false,
+                    weight.as_ptr().add(m0 * k),
+                    1,
+                    k as isize,
+                    rhs,
+                    1,
+                    rhs_rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                for row in 0..rows {
+                    let values = std::slice::from_raw_parts_mut(dst.add(row * positions), cols);
+                    finish(values, bias.map_or(0.0, |b| b[m0 + row]), activation);
+                }
+            }
+        };
+
+        if serial || batch * column_blocks >= 2 * threads {
+            // Enough column blocks for every core: each task builds its block's im2col and
+            // computes all output channels of it.
+            let task = |col: &mut Vec<f32>, task: usize| {
+                let (image, p0) = (task / column_blocks, task % column_blocks * columns);
+                let cols = columns.min(positions - p0);
+                let xb = &x[image * input_plane..(image + 1) * input_plane];
+                if pointwise {
+                    block(image, 0, m, p0, cols, xb[p0..].as_ptr(), positions);
+                } else {
+                    col.resize(k * cols, 0.0);
+                    im2col(xb, shape, out_w, p0, cols, col);
+                    block(image, 0, m, p0, cols, col.as_ptr(), cols);
+                }
+            };
+            if serial {
+                let mut col = Vec::new();
+                (0..batch * column_blocks).for_each(|t| task(&mut col, t));
+            } else {
+                (0..batch * column_blocks).into_par_iter().for_each_init(Vec::new, task);
+            }
+        } else {
+            // Few output positions (the deep, small layers): one im2col per image, and the output
+            // channels split among the cores.
+            let rows_per_chunk = m.div_ceil(2 * threads).div_ceil(16) * 16;
+            let mut col = Vec::new();
+            for image in 0..batch {
+                let xb = &x[image * input_plane..(image + 1) * input_plane];
+                let rhs = if pointwise {
+                    xb.as_ptr()
+                } else {
+                    col.resize(k * positions, 0.0);
+                    im2col(xb, shape, out_w, 0, positions, &mut col);
+                    col.as_ptr()
+                };
+                let rhs = OutputPtr(rhs.cast_mut());
+                (0..m.div_ceil(rows_per_chunk)).into_par_iter().for_each(|chunk| {
+                    let m0 = chunk * rows_per_chunk;
+                    block(image, m0, rows_per_chunk.min(m - m0), 0, positions, rhs.at(0), positions);
+                });
+            }
+        }
+        output
+    }
+
+    /// Columns p0..p0+cols of the [k, positions] im2col matrix of one image, row by row
+    /// (channel, kernel row, kernel column), zeros where the window reaches into the padding.
+    fn im2col(x: &[f32], shape: &ConvShape, out_w: usize, p0: usize, cols: usize, col: &mut [f32]) {
+        let (height, width) = (shape.height as isize, shape.width);
+        let [kernel_h, kernel_w] = shape.kernel;
+        let [stride_h, stride_w] = shape.stride;
+        let [pad_h, pad_w] = shape.padding;
+        let mut row = 0;
+        for channel in 0..shape.channels_in {
+            let plane = &x[channel * shape.height * width..(channel + 1) * shape.height * width];
+            for ky in 0..kernel_h {
+                for kx in 0..kernel_w {
+                    let dst_row = &mut col[row * cols..(row + 1) * cols];
+                    row += 1;
+                    // Output columns whose input column ox * stride + kx - pad lies inside the image.
+                    let first_valid = (pad_w.saturating_sub(kx)).div_ceil(stride_w);
+                    let end_valid = if width + pad_w > kx { (width + pad_w - kx - 1) / stride_w + 1 } else { 0 };
+                    let (mut j, mut p) = (0, p0);
+                    while j < cols {
+                        let (oy, ox0) = (p / out_w, p % out_w);
+                        let run = (out_w - ox0).min(cols - j);
+                        let dst = &mut dst_row[j..j + run];
+                        let iy = (oy * stride_h + ky) as isize - pad_h as isize;
+                        if iy < 0 || iy >= height {
+                            dst.fill(0.0);
+                        } else {
+                            let src = &plane[iy as usize * width..(iy as usize + 1) * width];
+                            let lo = first_valid.clamp(ox0, ox0 + run);
+                            let hi = end_valid.clamp(lo, ox0 + run);
+                            dst[..lo - ox0].fill(0.0);
+                            dst[hi - ox0..].fill(0.0);
+                            if lo < hi {
+                                let ix0 = lo * stride_w + kx - pad_w;
+                                let valid = &mut dst[lo - ox0..hi - ox0];
+                                if stride_w == 1 {
+                                    valid.copy_from_slice(&src[ix0..ix0 + valid.len()]);
+                                } else {
+                                    for (i, v) in valid.iter_mut().enumerate() {
+                                        *v = src[ix0 + i * stride_w];
+                                    }
+                                }
+                            }
+                        }
+                        j += run;
+                        p += run;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `values + bias`, then the activation, in place; the widest vector unit the CPU has.
+    fn finish(values: &mut [f32], bias: f32, activation: Activation) {
+        match activation {
+            Activation::Identity => values.iter_mut().for_each(|v| *v += bias),
+            Activation::Silu => super::silu_in_place(values, bias),
+        }
+    }
+}
+
+/// `v = silu(v + bias)` over a slice, vectorised: AVX-512 or AVX2 where the CPU has them
+/// (detected at run time), the portable build otherwise.
+pub(crate) fn silu_in_place(values: &mut [f32], bias: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { silu_avx512(values, bias) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { silu_avx2(values, bias) };
+        }
+    }
+    silu_portable(values, bias)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn silu_avx512(values: &mut [f32], bias: f32) {
+    silu_portable(values, bias)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_avx2(values: &mut [f32], bias: f32) {
+    silu_portable(values, bias)
+}
+
+#[inline(always)]
+fn silu_portable(values: &mut [f32], bias: f32) {
+    for v in values.iter_mut() {
+        let x = *v + bias;
+        *v = x / (1.0 + exp_f32(-x));
+    }
+}
+
+/// e^x without branches, so loops over it vectorise: Cephes' `expf` (range reduction by ln 2 in
+/// two parts, a degree-5 polynomial; within 2 ulp of libm), the argument clamped to where the
+/// result is a normal float (SiLU reads e^x only through 1 / (1 + e^x), which saturates there).
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    let exponent = (shifted.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32;
+    e_r * f32::from_bits(exponent << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::{Device, Distribution, TensorData};
+
+    fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().try_to_vec::<f32>().unwrap()
+    }
+
+    /// Largest |a - b| / (|b| + floor) over two equally long lists.
+    fn worst_error(a: &[f32], b: &[f32], floor: f32) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs() / (y.abs() + floor)).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn exp_matches_libm_over_the_clamped_range() {
+        let mut worst = 0f32;
+        for i in -870_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let rel = (exp_f32(x) - x.exp()).abs() / x.exp();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp_f32(-1000.0), (-87f32).exp());
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn silu_matches_burn_including_extremes() {
+        let device = Device::flex();
+        let mut values: Vec<f32> = (-3000..3000).map(|i| i as f32 * 0.01).collect();
+        values.extend([-1e6, -100.0, -88.5, 88.5, 100.0, 1e6, 0.0, -0.0]);
+        let n = values.len();
+        let expected = floats(silu(Tensor::<1>::from_data(TensorData::new(values.clone(), [n]), &device)));
+        let mut got = values.clone();
+        silu_in_place(&mut got, 0.0);
+        let worst = worst_error(&got, &expected, 1e-6);
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        let mut shifted = vec![0.25f32; 37];
+        silu_in_place(&mut shifted, 0.5);
+        assert!(shifted.iter().all(|&v| (v - 0.75 / (1.0 + (-0.75f32).exp())).abs() < 1e-6));
+    }
+
+    /// The fused path against Burn's conv2d + bias + SiLU on the same flex tensors: kernel sizes,
+    /// strides, paddings, channel counts and image sizes that hit every branch (pointwise, im2col,
+    /// windows in the padding, several images; small enough to run serially, column blocks over
+    /// the cores, output channels split across them).
+    #[test]
+    fn fused_convolution_matches_burn() {
+        let device = Device::flex();
+        let cases: &[(usize, usize, usize, usize, usize, usize, usize, usize, bool)] = &[
+            // (batch, c_in, c_out, h, w, kernel, stride, padding, bias)
+            (1, 3, 16, 33, 40, 3, 2, 1, true),
+            (2, 16, 24, 17, 19, 3, 1, 1, true),
+            (1, 32, 64, 8, 8, 1, 1, 0, true),
+            (2, 8, 200, 5, 7, 3, 1, 1, false),
+            (1, 64, 40, 3, 3, 3, 2, 1, true),
+            (1, 4, 8, 64, 64, 1, 1, 0, false),
+            (1, 5, 6, 9, 11, 5, 2, 2, true),
+            (1, 7, 3, 6, 6, 2, 2, 0, true),
+            (3, 12, 20, 40, 24, 3, 1, 1, true),
+            // Above SERIAL_WORK: column blocks over the cores (im2col, pointwise) ...
+            (2, 64, 48, 32, 32, 1, 1, 0, true),
+            // ... and few positions, the output channels split (im2col, pointwise).
+            (1, 128, 100, 6, 6, 3, 1, 1, true),
+            (1, 1024, 90, 4, 5, 1, 1, 0, false),
+        ];
+        for &(batch, c_in, c_out, h, w, kernel, stride, padding, bias) in cases {
+            let conv = Conv2dConfig::new([c_in, c_out], [kernel, kernel])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+                .with_bias(bias)
+                .init(&device);
+            let x = Tensor::<4>::random([batch, c_in, h, w], Distribution::Normal(0.0, 2.0), &device);
+            for activation in [Activation::Silu, Activation::Identity] {
+                let expected = match activation {
+                    Activation::Silu => silu(conv.forward(x.clone())),
+                    Activation::Identity => conv.forward(x.clone()),
+                };
+                // The kernel itself, not the fallback (which would compare Burn with Burn).
+                let got = flex::forward(&conv, &x, activation).expect("the flex kernel takes this case");
+                assert_eq!(got.dims(), expected.dims());
+                // Sums in another order: a value near zero is compared on the output's scale.
+                let expected = floats(expected);
+                let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = worst_error(&floats(got), &expected, 1e-2 * scale);
+                assert!(
+                    worst < 1e-4,
+                    "{batch}x{c_in}->{c_out} {h}x{w} k{kernel} s{stride} p{padding} {activation:?}: {worst}"
+                );
+            }
+        }
+    }
+}
