@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Inference latency of one yolov8n-seg student, Burn flex against ONNX Runtime on kiln's own export
-# of the same weights, at 640 and 160 px, batch 1: the ratio issue 20's target is stated in.
-# The two engines alternate, ROUNDS times each, in one session, so both see the same machine state.
+# of the same weights, at 640 and 160 px, batch 1: the ratio issue 20's target is stated in. Flex runs
+# twice: with kiln's fused convolution (the default) and with Burn's conv2d + SiLU (KILN_FUSED_CONV=0).
+# The engines alternate, ROUNDS times each, in one session, so all see the same machine state.
 #
 #   benches/inference_speed.sh OUT [STUDENT.safetensors] [ROUNDS]
 #
@@ -20,9 +21,11 @@ for size in 640 160; do
   [ -f "$onnx" ] || "$kiln" export --model "$student" --imgsz "$size" --output "$onnx" > /dev/null
   runs=$([ "$size" = 640 ] && echo 20 || echo 100)
   for round in $(seq "$rounds"); do
-    for engine in flex onnxruntime; do
+    for engine in flex flex_burn_conv onnxruntime; do
       if [ "$engine" = flex ]; then
         "$kiln" bench --model "$student" --imgsz "$size" --runs "$runs" > "$out/bench.txt"
+      elif [ "$engine" = flex_burn_conv ]; then
+        KILN_FUSED_CONV=0 "$kiln" bench --model "$student" --imgsz "$size" --runs "$runs" > "$out/bench.txt"
       else
         "$kiln" bench --model "$onnx" --engine onnxruntime --threads 2 --runs "$runs" > "$out/bench.txt"
       fi
@@ -36,6 +39,8 @@ python3 - "$out/medians.tsv" <<'PY'
 import statistics, sys
 rows = [line.split("\t") for line in open(sys.argv[1]).read().split("\n") if line]
 for size in ("640", "160"):
-    med = {e: statistics.median(float(r[3]) for r in rows if r[0] == size and r[1] == e) for e in ("flex", "onnxruntime")}
-    print(f"{size} px: flex {med['flex']:.1f} ms, ONNX Runtime {med['onnxruntime']:.1f} ms, ratio {med['flex'] / med['onnxruntime']:.2f}x")
+    med = {e: statistics.median(float(r[3]) for r in rows if r[0] == size and r[1] == e) for e in ("flex", "flex_burn_conv", "onnxruntime")}
+    ort = med["onnxruntime"]
+    print(f"{size} px: flex {med['flex']:.1f} ms ({med['flex'] / ort:.2f}x ONNX Runtime), flex with Burn's conv2d + SiLU "
+          f"{med['flex_burn_conv']:.1f} ms ({med['flex_burn_conv'] / ort:.2f}x), ONNX Runtime {ort:.1f} ms")
 PY

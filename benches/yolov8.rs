@@ -40,8 +40,12 @@ fn input(device: &Device) -> (Tensor<4>, Letterbox) {
 fn forward(c: &mut Criterion, name: &str, device: Device, fold: bool) {
     // As inference loads a student (`Detector`, `kiln infer`, `kiln bench`): BatchNorms folded.
     let model = if fold { burn::module::Module::valid(&model(&device)).fold_batch_norms() } else { model(&device) };
-    let (x, _) = input(&device);
-    let mut group = c.benchmark_group("yolov8n_seg_640");
+    forward_model(c, "yolov8n_seg_640", name, &model, &device);
+}
+
+fn forward_model(c: &mut Criterion, group: &str, name: &str, model: &YoloV8, device: &Device) {
+    let (x, _) = input(device);
+    let mut group = c.benchmark_group(group);
     group.sample_size(10);
     group.bench_function(format!("forward_{name}"), |b| {
         b.iter(|| {
@@ -103,6 +107,18 @@ fn benches(c: &mut Criterion) {
     conv_layers(c);
     forward(c, "flex", Device::flex(), false);
     forward(c, "flex_folded", Device::flex(), true);
+    // The same folded model on Burn's conv2d + SiLU (kiln's fused convolution off), in this run.
+    kiln_models::nn::set_fused_convolution(false);
+    forward(c, "flex_folded_burn_conv", Device::flex(), true);
+    kiln_models::nn::set_fused_convolution(true);
+    // yolov8s-seg (random weights, folded: latency does not depend on the values), both paths.
+    let device = Device::flex();
+    let small = YoloV8::new(&"yolov8s-seg".parse::<YoloConfig>().unwrap(), &device);
+    let small = burn::module::Module::valid(&small).fold_batch_norms();
+    forward_model(c, "yolov8s_seg_640", "flex_folded", &small, &device);
+    kiln_models::nn::set_fused_convolution(false);
+    forward_model(c, "yolov8s_seg_640", "flex_folded_burn_conv", &small, &device);
+    kiln_models::nn::set_fused_convolution(true);
     #[cfg(feature = "wgpu")]
     match kiln_models::device::wgpu() {
         Ok(device) => forward(c, "wgpu", device, true),

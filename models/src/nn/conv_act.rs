@@ -13,6 +13,8 @@
 //! other case (another backend, autodiff, bf16, groups, dilation) runs Burn's `conv2d` and the
 //! activation, the path the outputs are tested against (`tests` below).
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Tensor, activation::silu};
 
@@ -23,11 +25,35 @@ pub enum Activation {
     Silu,
 }
 
+/// 0: not read yet, 1: on, 2: off.
+static FUSED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether flex runs the fused kernel: on unless `KILN_FUSED_CONV=0` (to compare with Burn's path,
+/// or to rule the kernel out when a result looks wrong) or [`set_fused_convolution`] said otherwise.
+pub fn fused_convolution() -> bool {
+    match FUSED.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("KILN_FUSED_CONV").map_or(true, |v| v != "0");
+            FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+        state => state == 1,
+    }
+}
+
+/// Switches the fused kernel on or off for the whole process (benches compare the two paths in
+/// one run).
+pub fn set_fused_convolution(on: bool) {
+    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
 /// `activation(conv(x))`: on flex (float32, no autodiff, one group, no dilation) in one pass over
 /// the output; elsewhere Burn's `conv2d` followed by the activation.
 pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: Activation) -> Tensor<4> {
     #[cfg(feature = "flex")]
-    if let Some(y) = flex::forward(conv, &x, activation) {
+    if fused_convolution()
+        && let Some(y) = flex::forward(conv, &x, activation)
+    {
         return y;
     }
     let y = conv.forward(x);

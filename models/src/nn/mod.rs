@@ -5,6 +5,6 @@ pub mod conv_act;
 pub mod layer_norm_2d;
 pub mod mlp;
 
-pub use conv_act::{Activation, conv2d_activation};
+pub use conv_act::{Activation, conv2d_activation, fused_convolution, set_fused_convolution};
 pub use layer_norm_2d::LayerNorm2d;
 pub use mlp::Mlp;
