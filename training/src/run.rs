@@ -775,6 +775,11 @@ impl StudentTask {
         loader: &dyn DataLoader<DetectionBatch>,
     ) -> Result<(LossParts, CocoEvaluation, Option<CocoEvaluation>, Vec<Vec<Detection>>), TrainError> {
         let options = PredictOptions::validation();
+        // Validated as inference runs it: BatchNorm folded into the convolutions (on flex, kiln's
+        // fused convolution: the same outputs to float rounding, the network's forward pass in a
+        // third of the time), on a copy: the EMA keeps its BatchNorm to go on averaging and saving.
+        let folded = model.clone().fold_batch_norms();
+        let model = &folded;
         let mut shown = Vec::new();
         let bar = crate::engine::epoch_bar(self.settings.verbosity, loader.num_items() as u64, "validating");
         let mut results = Vec::new();
