@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Inference latency of one yolov8n-seg student, Burn flex against ONNX Runtime on kiln's own export
 # of the same weights, at 640 and 160 px, batch 1: the ratio issue 20's target is stated in. Flex runs
-# twice: with kiln's fused convolution (the default) and with Burn's conv2d + SiLU (KILN_FUSED_CONV=0).
+# twice: with kiln's fused convolution (the default) and with Burn's conv2d + SiLU (KILN_FLEX_KERNELS=0).
 # The engines alternate, ROUNDS times each, in one session, so all see the same machine state.
 #
 #   benches/inference_speed.sh OUT [STUDENT.safetensors] [ROUNDS]
@@ -25,7 +25,7 @@ for size in 640 160; do
       if [ "$engine" = flex ]; then
         "$kiln" bench --model "$student" --imgsz "$size" --runs "$runs" > "$out/bench.txt"
       elif [ "$engine" = flex_burn_conv ]; then
-        KILN_FUSED_CONV=0 "$kiln" bench --model "$student" --imgsz "$size" --runs "$runs" > "$out/bench.txt"
+        KILN_FLEX_KERNELS=0 "$kiln" bench --model "$student" --imgsz "$size" --runs "$runs" > "$out/bench.txt"
       else
         "$kiln" bench --model "$onnx" --engine onnxruntime --threads 2 --runs "$runs" > "$out/bench.txt"
       fi

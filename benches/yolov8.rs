@@ -108,17 +108,17 @@ fn benches(c: &mut Criterion) {
     forward(c, "flex", Device::flex(), false);
     forward(c, "flex_folded", Device::flex(), true);
     // The same folded model on Burn's conv2d + SiLU (kiln's fused convolution off), in this run.
-    kiln_models::nn::set_fused_convolution(false);
+    kiln_models::nn::set_flex_kernels(false);
     forward(c, "flex_folded_burn_conv", Device::flex(), true);
-    kiln_models::nn::set_fused_convolution(true);
+    kiln_models::nn::set_flex_kernels(true);
     // yolov8s-seg (random weights, folded: latency does not depend on the values), both paths.
     let device = Device::flex();
     let small = YoloV8::new(&"yolov8s-seg".parse::<YoloConfig>().unwrap(), &device);
     let small = burn::module::Module::valid(&small).fold_batch_norms();
     forward_model(c, "yolov8s_seg_640", "flex_folded", &small, &device);
-    kiln_models::nn::set_fused_convolution(false);
+    kiln_models::nn::set_flex_kernels(false);
     forward_model(c, "yolov8s_seg_640", "flex_folded_burn_conv", &small, &device);
-    kiln_models::nn::set_fused_convolution(true);
+    kiln_models::nn::set_flex_kernels(true);
     #[cfg(feature = "wgpu")]
     match kiln_models::device::wgpu() {
         Ok(device) => forward(c, "wgpu", device, true),

@@ -1,18 +1,24 @@
-//! Training keeps Burn's differentiable path through `conv2d_activation`: the flex kernel that
-//! adds the bias and applies SiLU in the convolution's output loop is for inference only, so an
-//! autodiff input must be passed to Burn's conv2d + SiLU, with the same values and gradients.
+//! kiln's flex kernels under autodiff (training): the convolution that adds the bias and applies
+//! SiLU in its output loop is for inference only, so an autodiff input takes Burn's conv2d and
+//! kiln's SiLU; kiln's SiLU has a backward pass of its own, checked here against Burn's composition.
 
 #![cfg(feature = "flex")]
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2dConfig;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Distribution, Tensor};
 use kiln_models::device::read_floats;
-use kiln_models::nn::{Activation, conv2d_activation};
+use kiln_models::nn::{Activation, conv2d_activation, silu};
+
+/// Largest |a - b| over the largest |b|.
+fn relative_to_scale(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
 
 #[test]
-fn autodiff_inputs_get_burns_values_and_gradients() {
+fn autodiff_inputs_take_burns_convolution() {
     let device = Device::flex().autodiff();
     let conv = Conv2dConfig::new([3, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device);
     let x = Tensor::<4>::random([2, 3, 6, 6], Distribution::Default, &device).require_grad();
@@ -27,4 +33,33 @@ fn autodiff_inputs_get_burns_values_and_gradients() {
     assert_eq!(weight_grad(&fused_grads), weight_grad(&reference_grads));
     let input_grad = |grads| read_floats(x.grad(grads).expect("the input has a gradient")).unwrap();
     assert_eq!(input_grad(&fused_grads), input_grad(&reference_grads));
+}
+
+/// kiln's SiLU against Burn's `x * sigmoid(x)`: values and the input's gradient under autodiff, on
+/// a tensor small enough for one thread and one split among the cores, with an upstream gradient
+/// that is not all ones (so the backward pass's product with it is checked).
+#[test]
+fn silu_values_and_gradients_match_burns() {
+    let device = Device::flex().autodiff();
+    for shape in [[1, 3, 5, 7], [2, 16, 64, 40]] {
+        let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, 4.0), &device).require_grad();
+        let weights = Tensor::<4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+        assert!(kiln_models::nn::silu::flex::silu(&x).is_some(), "kiln's kernel takes a flex autodiff tensor");
+
+        let ours = silu(x.clone());
+        let ours_grads = (ours.clone() * weights.clone()).sum().backward();
+        let burns = burn::tensor::activation::silu(x.clone());
+        let burns_grads = (burns.clone() * weights).sum().backward();
+
+        let values = relative_to_scale(&read_floats(ours).unwrap(), &read_floats(burns).unwrap());
+        assert!(values < 1e-6, "{shape:?}: values differ by {values} of their scale");
+        let gradient = |grads| read_floats(x.grad(grads).expect("the input has a gradient")).unwrap();
+        let gradients = relative_to_scale(&gradient(&ours_grads), &gradient(&burns_grads));
+        assert!(gradients < 1e-5, "{shape:?}: gradients differ by {gradients} of their scale");
+    }
+    // Without autodiff, the one-pass forward.
+    let plain = Tensor::<2>::random([300, 200], Distribution::Normal(0.0, 4.0), &Device::flex());
+    let ours = read_floats(silu(plain.clone())).unwrap();
+    let burns = read_floats(burn::tensor::activation::silu(plain)).unwrap();
+    assert!(relative_to_scale(&ours, &burns) < 1e-6);
 }

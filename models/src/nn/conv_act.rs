@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::nn::conv::Conv2d;
-use burn::tensor::{Tensor, activation::silu};
+use burn::tensor::Tensor;
 
 /// What follows the convolution and its bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,32 +26,33 @@ pub enum Activation {
 }
 
 /// 0: not read yet, 1: on, 2: off.
-static FUSED: AtomicU8 = AtomicU8::new(0);
+static FLEX_KERNELS: AtomicU8 = AtomicU8::new(0);
 
-/// Whether flex runs the fused kernel: on unless `KILN_FUSED_CONV=0` (to compare with Burn's path,
-/// or to rule the kernel out when a result looks wrong) or [`set_fused_convolution`] said otherwise.
-pub fn fused_convolution() -> bool {
-    match FUSED.load(Ordering::Relaxed) {
+/// Whether flex runs kiln's own kernels (this convolution, [`super::silu`]): on unless
+/// `KILN_FLEX_KERNELS=0` (to compare with Burn's path, or to rule them out when a result looks
+/// wrong) or [`set_flex_kernels`] said otherwise.
+pub fn flex_kernels() -> bool {
+    match FLEX_KERNELS.load(Ordering::Relaxed) {
         0 => {
-            let on = std::env::var("KILN_FUSED_CONV").map_or(true, |v| v != "0");
-            FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            let on = std::env::var("KILN_FLEX_KERNELS").map_or(true, |v| v != "0");
+            FLEX_KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
             on
         }
         state => state == 1,
     }
 }
 
-/// Switches the fused kernel on or off for the whole process (benches compare the two paths in
-/// one run).
-pub fn set_fused_convolution(on: bool) {
-    FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+/// Switches kiln's flex kernels on or off for the whole process (benches compare the two paths
+/// in one run).
+pub fn set_flex_kernels(on: bool) {
+    FLEX_KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
 /// `activation(conv(x))`: on flex (float32, no autodiff, one group, no dilation) in one pass over
 /// the output; elsewhere Burn's `conv2d` followed by the activation.
 pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: Activation) -> Tensor<4> {
     #[cfg(feature = "flex")]
-    if fused_convolution()
+    if flex_kernels()
         && let Some(y) = flex::forward(conv, &x, activation)
     {
         return y;
@@ -59,7 +60,7 @@ pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: Activation) ->
     let y = conv.forward(x);
     match activation {
         Activation::Identity => y,
-        Activation::Silu => silu(y),
+        Activation::Silu => super::silu(y),
     }
 }
 
@@ -335,41 +336,108 @@ mod flex {
     }
 }
 
-/// `v = silu(v + bias)` over a slice, vectorised: AVX-512 or AVX2 where the CPU has them
-/// (detected at run time), the portable build otherwise.
+/// `v = silu(v + bias)` over a slice, vectorised (AVX-512 or AVX2 where the CPU has them).
 pub(crate) fn silu_in_place(values: &mut [f32], bias: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { silu_avx512(values, bias) };
+            return unsafe { simd::avx512::silu_in_place(values, bias) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { silu_avx2(values, bias) };
+            return unsafe { simd::avx2::silu_in_place(values, bias) };
         }
     }
-    silu_portable(values, bias)
+    portable::silu_in_place(values, bias)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn silu_avx512(values: &mut [f32], bias: f32) {
-    silu_portable(values, bias)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn silu_avx2(values: &mut [f32], bias: f32) {
-    silu_portable(values, bias)
-}
-
-#[inline(always)]
-fn silu_portable(values: &mut [f32], bias: f32) {
-    for v in values.iter_mut() {
-        let x = *v + bias;
-        *v = x / (1.0 + exp_f32(-x));
+/// `dst = silu(src)`, vectorised as [`silu_in_place`].
+pub(crate) fn silu_to(src: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: as above.
+            return unsafe { simd::avx512::silu_to(src, dst) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { simd::avx2::silu_to(src, dst) };
+        }
     }
+    portable::silu_to(src, dst)
+}
+
+/// `dst = grad * silu'(x)` with silu'(x) = s(x)·(1 + x·(1 − s(x))), vectorised as [`silu_in_place`].
+pub(crate) fn silu_gradient(x: &[f32], grad: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: as above.
+            return unsafe { simd::avx512::silu_gradient(x, grad, dst) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { simd::avx2::silu_gradient(x, grad, dst) };
+        }
+    }
+    portable::silu_gradient(x, grad, dst)
+}
+
+/// The loops, written once; `simd` compiles them again for AVX-512 and AVX2.
+mod portable {
+    use super::exp_f32;
+
+    #[inline(always)]
+    pub fn silu_in_place(values: &mut [f32], bias: f32) {
+        for v in values.iter_mut() {
+            let x = *v + bias;
+            *v = x / (1.0 + exp_f32(-x));
+        }
+    }
+
+    #[inline(always)]
+    pub fn silu_to(src: &[f32], dst: &mut [f32]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = x / (1.0 + exp_f32(-x));
+        }
+    }
+
+    #[inline(always)]
+    pub fn silu_gradient(x: &[f32], grad: &[f32], dst: &mut [f32]) {
+        for ((d, &x), &g) in dst.iter_mut().zip(x).zip(grad) {
+            let s = 1.0 / (1.0 + exp_f32(-x));
+            *d = g * s * (1.0 + x * (1.0 - s));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    macro_rules! variant {
+        ($name:ident, $features:literal) => {
+            pub mod $name {
+                use super::super::portable;
+
+                #[target_feature(enable = $features)]
+                pub unsafe fn silu_in_place(values: &mut [f32], bias: f32) {
+                    portable::silu_in_place(values, bias)
+                }
+
+                #[target_feature(enable = $features)]
+                pub unsafe fn silu_to(src: &[f32], dst: &mut [f32]) {
+                    portable::silu_to(src, dst)
+                }
+
+                #[target_feature(enable = $features)]
+                pub unsafe fn silu_gradient(x: &[f32], grad: &[f32], dst: &mut [f32]) {
+                    portable::silu_gradient(x, grad, dst)
+                }
+            }
+        };
+    }
+    variant!(avx512, "avx512f");
+    variant!(avx2, "avx2,fma");
 }
 
 /// e^x without branches, so loops over it vectorise: Cephes' `expf` (range reduction by ln 2 in
@@ -400,6 +468,7 @@ mod tests {
     use super::*;
     use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::activation::silu;
     use burn::tensor::{Device, Distribution, TensorData};
 
     fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -436,6 +505,19 @@ mod tests {
         silu_in_place(&mut got, 0.0);
         let worst = worst_error(&got, &expected, 1e-6);
         assert!(worst < 1e-6, "worst relative error {worst}");
+        let mut copied = vec![0f32; n];
+        silu_to(&values, &mut copied);
+        assert_eq!(copied, got);
+        // The gradient against the formula in float64, on values where it is not cancelled out.
+        let grads: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+        let mut gradient = vec![0f32; n];
+        silu_gradient(&values, &grads, &mut gradient);
+        for ((&x, &g), &d) in values.iter().zip(&grads).zip(&gradient) {
+            let (x64, g64) = (x as f64, g as f64);
+            let s = 1.0 / (1.0 + (-x64).exp());
+            let expected = g64 * s * (1.0 + x64 * (1.0 - s));
+            assert!((d as f64 - expected).abs() <= 1e-6 * (1.0 + expected.abs()), "x {x}: {d} vs {expected}");
+        }
         let mut shifted = vec![0.25f32; 37];
         silu_in_place(&mut shifted, 0.5);
         assert!(shifted.iter().all(|&v| (v - 0.75 / (1.0 + (-0.75f32).exp())).abs() < 1e-6));

@@ -5,9 +5,9 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, FloatDType, Tensor, activation::silu};
+use burn::tensor::{Device, FloatDType, Tensor};
 
-use crate::nn::{Activation, conv2d_activation};
+use crate::nn::{Activation, conv2d_activation, silu};
 
 #[derive(Module, Debug)]
 pub struct Conv {
