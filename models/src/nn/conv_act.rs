@@ -339,52 +339,38 @@ mod flex {
     }
 }
 
+/// Calls `$name` from `simd::avx512` or `simd::avx2` when the CPU has that instruction set
+/// (detected at run time), from `portable` otherwise.
+macro_rules! widest_simd {
+    ($name:ident($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                return unsafe { simd::avx512::$name($($arg),*) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                return unsafe { simd::avx2::$name($($arg),*) };
+            }
+        }
+        portable::$name($($arg),*)
+    }};
+}
+
 /// `v = silu(v + bias)` over a slice, vectorised (AVX-512 or AVX2 where the CPU has them).
 pub(crate) fn silu_in_place(values: &mut [f32], bias: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { simd::avx512::silu_in_place(values, bias) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { simd::avx2::silu_in_place(values, bias) };
-        }
-    }
-    portable::silu_in_place(values, bias)
+    widest_simd!(silu_in_place(values, bias))
 }
 
 /// `dst = silu(src)`, vectorised as [`silu_in_place`].
 pub(crate) fn silu_to(src: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: as above.
-            return unsafe { simd::avx512::silu_to(src, dst) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { simd::avx2::silu_to(src, dst) };
-        }
-    }
-    portable::silu_to(src, dst)
+    widest_simd!(silu_to(src, dst))
 }
 
 /// `dst = grad * silu'(x)` with silu'(x) = s(x)·(1 + x·(1 − s(x))), vectorised as [`silu_in_place`].
 pub(crate) fn silu_gradient(x: &[f32], grad: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: as above.
-            return unsafe { simd::avx512::silu_gradient(x, grad, dst) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: as above.
-            return unsafe { simd::avx2::silu_gradient(x, grad, dst) };
-        }
-    }
-    portable::silu_gradient(x, grad, dst)
+    widest_simd!(silu_gradient(x, grad, dst))
 }
 
 /// The loops, written once; `simd` compiles them again for AVX-512 and AVX2.
