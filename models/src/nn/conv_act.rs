@@ -56,7 +56,7 @@ pub fn set_flex_kernels(on: bool) {
 pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: Activation) -> Tensor<4> {
     #[cfg(feature = "flex")]
     if flex_kernels()
-        && let Some(y) = flex::forward(conv, &x, activation)
+        && let Some(y) = flex::forward(conv, &x, activation, flex::Method::Fastest)
     {
         return y;
     }
@@ -65,6 +65,21 @@ pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: Activation) ->
         Activation::Identity => y,
         Activation::Silu => super::silu(y),
     }
+}
+
+/// Runs `f` on a worker of the thread pool flex and kiln's kernels share when `device` is the CPU
+/// without autodiff (inference); elsewhere on this thread. From a worker, a kernel's parallel loop
+/// starts at once, the other workers stealing its halves; from outside the pool each loop queues
+/// a job, wakes a worker and puts the caller to sleep until it is done, which the ~100 layers of a
+/// small model pay every call (measured on a 160-px yolov8n-seg, 2 cores: 6.4 -> 5.8-6.0 ms).
+pub fn on_flex_workers<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() -> R + Send) -> R {
+    #[cfg(feature = "flex")]
+    if *device == crate::device::cpu() {
+        return rayon::scope(|_| f());
+    }
+    #[cfg(not(feature = "flex"))]
+    let _ = device;
+    f()
 }
 
 #[cfg(feature = "flex")]
@@ -77,8 +92,19 @@ mod flex {
     use burn::tensor::{DType, Tensor, TensorData};
     use rayon::prelude::*;
 
+    /// Which loops compute the convolution.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) enum Method {
+        /// The direct kernel ([`direct`]) where the CPU has AVX-512 and the kernel is not 1x1,
+        /// im2col and gemm otherwise.
+        Fastest,
+        /// im2col and gemm always (what a CPU without AVX-512 runs; the tests cover both).
+        #[cfg_attr(not(test), allow(dead_code))]
+        Im2col,
+    }
+
     /// None when the case is not one this kernel covers (the caller falls back).
-    pub(super) fn forward(conv: &Conv2d, x: &Tensor<4>, activation: Activation) -> Option<Tensor<4>> {
+    pub(super) fn forward(conv: &Conv2d, x: &Tensor<4>, activation: Activation, method: Method) -> Option<Tensor<4>> {
         let [pad_h, pad_w] = match conv.padding {
             PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => [top, left],
             PaddingConfig2d::Valid => [0, 0],
@@ -121,6 +147,7 @@ mod flex {
             bias.as_ref().map(|b| b.storage::<f32>()),
             &shape,
             activation,
+            method,
         );
         let dims = [batch, channels_out, shape.out_h(), shape.out_w()];
         Some(Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(output, dims))))
@@ -181,7 +208,12 @@ mod flex {
         bias: Option<&[f32]>,
         shape: &ConvShape,
         activation: Activation,
+        method: Method,
     ) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if method == Method::Fastest && !shape.is_pointwise() && direct::available() {
+            return direct::conv2d_f32(x, weight, bias, shape, activation);
+        }
         let (out_h, out_w) = (shape.out_h(), shape.out_w());
         let positions = out_h * out_w;
         let [kernel_h, kernel_w] = shape.kernel;
@@ -277,6 +309,280 @@ mod flex {
             }
         }
         output
+    }
+
+    /// Stride-1 convolutions without an im2col matrix (the 3x3 convolutions of every bottleneck):
+    /// the input is padded once, and on a padded image an output position q = oy * padded_width
+    /// + ox reads tap (ky, kx) at q + ky * padded_width + kx, so a run of consecutive positions
+    /// reads a run of consecutive inputs, whatever the row length. The micro-kernel keeps
+    /// ROWS output channels x COLS positions in registers and reads the weights in Burn's own
+    /// [c_out, c_in, kh, kw] order (no packing per call); positions on the padding columns are
+    /// computed and dropped (2 of every width + 2 for a 3x3, what makes 5-wide maps cheap).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) mod direct {
+        use super::{Activation, ConvShape, OutputPtr, SERIAL_WORK, finish};
+        use rayon::prelude::*;
+        use std::arch::x86_64::*;
+
+        /// Output channels per micro-tile: each weight broadcast feeds VECTORS products.
+        const ROWS: usize = 8;
+        /// 16-float vectors of positions per micro-tile: ROWS x VECTORS accumulators (24 of the
+        /// 32 registers); per input channel and tap VECTORS loads and ROWS broadcasts feed
+        /// ROWS x VECTORS multiply-adds.
+        const VECTORS: usize = 3;
+        const COLS: usize = 16 * VECTORS;
+
+        pub(in super::super) fn available() -> bool {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+
+        pub(in super::super) fn conv2d_f32(
+            x: &[f32],
+            weight: &[f32],
+            bias: Option<&[f32]>,
+            shape: &ConvShape,
+            activation: Activation,
+        ) -> Vec<f32> {
+            debug_assert!(available());
+            let [kernel_h, kernel_w] = shape.kernel;
+            let [pad_h, pad_w] = shape.padding;
+            let [stride_h, stride_w] = shape.stride;
+            let (height, width) = (shape.height, shape.width);
+            let (padded_h, padded_w) = (height + 2 * pad_h, width + 2 * pad_w);
+            let (out_h, out_w) = (shape.out_h(), shape.out_w());
+            let (channels, m, batch) = (shape.channels_in, shape.channels_out, shape.batch);
+            let k = channels * kernel_h * kernel_w;
+            // A strided convolution reads each padded plane as stride_h x stride_w phases (the
+            // rows y = stride_h * i + a, columns x = stride_w * j + b): tap (ky, kx) is then a
+            // unit-stride tap on one phase, and one kernel serves every stride.
+            let (phase_h, phase_w) = (padded_h.div_ceil(stride_h), padded_w.div_ceil(stride_w));
+            let phase_plane = phase_h * phase_w;
+            let channel_len = stride_h * stride_w * phase_plane;
+            let image_len = channels * channel_len;
+            let offsets: Vec<usize> = (0..kernel_h)
+                .flat_map(|ky| {
+                    (0..kernel_w).map(move |kx| {
+                        let phase = (ky % stride_h) * stride_w + kx % stride_w;
+                        phase * phase_plane + ky / stride_h * phase_w + kx / stride_w
+                    })
+                })
+                .collect();
+            // Output positions on the phase width: out_w valid ones, then columns dropped.
+            let span = out_h * phase_w;
+            let tiles = span.div_ceil(COLS);
+            let reach = offsets.iter().copied().max().unwrap_or(0);
+            // The last tile of the last channel reads up to COLS + reach past the image.
+            let padded_len = batch * image_len + COLS + reach;
+            let mut kept = PADDED
+                .with(|cell| cell.try_borrow_mut().map(|mut slot| std::mem::take(&mut *slot)).unwrap_or_default());
+            if kept.len() < padded_len {
+                kept = vec![0f32; padded_len];
+            }
+            let padded = &mut kept[..padded_len];
+            let positions = out_h * out_w;
+            let serial = batch * m * k * positions < SERIAL_WORK;
+            pad_phases(x, padded, shape, [phase_h, phase_w], !serial);
+            let padded = &*padded;
+            // Input channels per pass: 32 for a 3x3 (measured: 16 and all channels are slower
+            // on a 64-channel 160x160 map).
+            let channel_pass = (288 / (kernel_h * kernel_w)).max(1);
+            let mut output = vec![0f32; batch * m * positions];
+            let threads = if serial { 1 } else { rayon::current_num_threads().max(1) };
+            let blocks = m.div_ceil(ROWS);
+            // Tiles per task: four tasks per core, a task's input window and weight rows in L2.
+            let chunks_wanted = (4 * threads).div_ceil(batch * blocks);
+            let chunk_tiles = tiles.div_ceil(chunks_wanted).clamp(1, 32);
+            let chunks = tiles.div_ceil(chunk_tiles);
+            let out = OutputPtr(output.as_mut_ptr());
+            let task = |buffer: &mut Vec<f32>, task: usize| {
+                let (image, rest) = (task / (blocks * chunks), task % (blocks * chunks));
+                let (block, chunk) = (rest / chunks, rest % chunks);
+                let first_tile = chunk * chunk_tiles;
+                let len = chunk_tiles.min(tiles - first_tile) * COLS;
+                buffer.resize(ROWS * len, 0.0);
+                let rows = ROWS.min(m - block * ROWS);
+                // Rows past c_out repeat the last one: computed, never written out.
+                let weight_rows: [*const f32; ROWS] =
+                    std::array::from_fn(|r| weight[(block * ROWS + r.min(rows - 1)) * k..].as_ptr());
+                let input = padded[image * image_len..].as_ptr();
+                // A few input channels at a time over all the task's tiles: their rows stay in
+                // L1 from one tile to the next (all channels of a large map would not).
+                for c0 in (0..channels).step_by(channel_pass) {
+                    let pass = channel_pass.min(channels - c0);
+                    let weights = weight_rows.map(|row| row.wrapping_add(c0 * offsets.len()));
+                    for tile in 0..len / COLS {
+                        let q = first_tile * COLS + tile * COLS;
+                        // SAFETY: the CPU has AVX-512F (`available`, checked by the caller); every
+                        // weight row holds k = channels x offsets.len() values; the input reads
+                        // end within `padded` (COLS + reach of slack after the last image); the
+                        // tile's ROWS x COLS block lies within `buffer` (rows `len` apart).
+                        unsafe {
+                            micro_kernel(
+                                &weights,
+                                input.add(c0 * channel_len + q),
+                                channel_len,
+                                &offsets,
+                                pass,
+                                buffer.as_mut_ptr().add(tile * COLS),
+                                len,
+                                c0 > 0,
+                            )
+                        };
+                    }
+                }
+                // The valid positions to the output, each row's run finished in cache.
+                let (q0, q1) = (first_tile * COLS, (first_tile * COLS + len).min(span));
+                for row in 0..rows {
+                    let channel = block * ROWS + row;
+                    let source = &buffer[row * len..(row + 1) * len];
+                    let bias = bias.map_or(0.0, |b| b[channel]);
+                    let mut q = q0;
+                    while q < q1 {
+                        let (oy, ox) = (q / phase_w, q % phase_w);
+                        let end = (q - ox + out_w).min(q1);
+                        if ox < out_w {
+                            // SAFETY: positions oy * out_w + ox.. of this image and channel's
+                            // plane; this task alone writes this channel block and span.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    out.at((image * m + channel) * positions + oy * out_w + ox),
+                                    end - q,
+                                )
+                            };
+                            dst.copy_from_slice(&source[q - q0..end - q0]);
+                            finish(dst, bias, activation);
+                        }
+                        q += phase_w - ox;
+                    }
+                }
+            };
+            let tasks = batch * blocks * chunks;
+            if serial {
+                let mut buffer = Vec::new();
+                (0..tasks).for_each(|t| task(&mut buffer, t));
+            } else {
+                (0..tasks).into_par_iter().for_each_init(Vec::new, task);
+            }
+            if kept.len() <= KEPT_PADDED_MAX {
+                PADDED.with(|cell| {
+                    if let Ok(mut slot) = cell.try_borrow_mut()
+                        && slot.len() < kept.len()
+                    {
+                        *slot = kept;
+                    }
+                });
+            }
+            output
+        }
+
+        thread_local! {
+            /// The padded input, kept for the next call on this thread: a fresh buffer the size
+            /// of a large map costs a page fault per 4 KiB each call (measured: +1.6 ms on the
+            /// 64-channel 160x160 convolution of a 640-px segmentation model, 6.7 MB).
+            static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+
+        /// The largest padded input kept between calls (32 MiB); larger ones are freed.
+        const KEPT_PADDED_MAX: usize = 8 << 20;
+
+        /// Each [height, width] plane of `x`, padded, as its [phase_h, phase_w] phases (stride 1:
+        /// the one padded plane); every value written, since the buffer holds the last call's;
+        /// what follows the last plane (the slack the last tile reads) zeroed.
+        fn pad_phases(
+            x: &[f32],
+            padded: &mut [f32],
+            shape: &ConvShape,
+            [phase_h, phase_w]: [usize; 2],
+            parallel: bool,
+        ) {
+            let (height, width) = (shape.height, shape.width);
+            let [pad_h, pad_w] = shape.padding;
+            let [stride_h, stride_w] = shape.stride;
+            let channel_len = stride_h * stride_w * phase_h * phase_w;
+            let planes = x.len() / (height * width);
+            let (body, slack) = padded.split_at_mut(planes * channel_len);
+            slack.fill(0.0);
+            let one_plane = |(source, dst): (&[f32], &mut [f32])| {
+                for (phase, phase_plane) in dst.chunks_exact_mut(phase_h * phase_w).enumerate() {
+                    let (a, b) = (phase / stride_w, phase % stride_w);
+                    // Phase columns j whose padded column stride_w * j + b is an input column.
+                    let first = pad_w.saturating_sub(b).div_ceil(stride_w);
+                    let end = (pad_w + width).saturating_sub(b).div_ceil(stride_w).min(phase_w);
+                    for (i, line) in phase_plane.chunks_exact_mut(phase_w).enumerate() {
+                        let y = stride_h * i + a;
+                        if y < pad_h || y >= pad_h + height || first >= end {
+                            line.fill(0.0);
+                            continue;
+                        }
+                        let row = &source[(y - pad_h) * width..(y - pad_h + 1) * width];
+                        line[..first].fill(0.0);
+                        line[end..].fill(0.0);
+                        let x0 = stride_w * first + b - pad_w;
+                        if stride_w == 1 {
+                            line[first..end].copy_from_slice(&row[x0..x0 + end - first]);
+                        } else {
+                            // Chunks, not an index times the stride: this form vectorises.
+                            for (value, chunk) in line[first..end].iter_mut().zip(row[x0..].chunks(stride_w)) {
+                                *value = chunk[0];
+                            }
+                        }
+                    }
+                }
+            };
+            let (sources, targets) = (x.chunks_exact(height * width), body.chunks_exact_mut(channel_len));
+            if parallel {
+                let (sources, targets) = (x.par_chunks_exact(height * width), body.par_chunks_exact_mut(channel_len));
+                sources.zip(targets).for_each(one_plane);
+            } else {
+                sources.zip(targets).for_each(one_plane);
+            }
+        }
+
+        /// dst[r][j] (+)= sum over channels c and taps t of weight_rows[r][c * taps + t]
+        /// * input[c * plane + offsets[t] + j], for r < ROWS, j < COLS.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn micro_kernel(
+            weight_rows: &[*const f32; ROWS],
+            input: *const f32,
+            plane: usize,
+            offsets: &[usize],
+            channels: usize,
+            dst: *mut f32,
+            dst_stride: usize,
+            accumulate: bool,
+        ) {
+            let mut acc = [[_mm512_setzero_ps(); VECTORS]; ROWS];
+            if accumulate {
+                for r in 0..ROWS {
+                    for v in 0..VECTORS {
+                        // SAFETY: within the caller's ROWS x COLS block of `dst`.
+                        acc[r][v] = unsafe { _mm512_loadu_ps(dst.add(r * dst_stride + 16 * v)) };
+                    }
+                }
+            }
+            let mut kk = 0;
+            for c in 0..channels {
+                // SAFETY (this block and the next): within the bounds the caller guarantees.
+                let base = unsafe { input.add(c * plane) };
+                for &offset in offsets {
+                    let x: [__m512; VECTORS] =
+                        std::array::from_fn(|v| unsafe { _mm512_loadu_ps(base.add(offset + 16 * v)) });
+                    for r in 0..ROWS {
+                        let w = _mm512_set1_ps(unsafe { *weight_rows[r].add(kk) });
+                        for v in 0..VECTORS {
+                            acc[r][v] = _mm512_fmadd_ps(w, x[v], acc[r][v]);
+                        }
+                    }
+                    kk += 1;
+                }
+            }
+            for r in 0..ROWS {
+                for v in 0..VECTORS {
+                    // SAFETY: within the caller's ROWS x COLS block of `dst`.
+                    unsafe { _mm512_storeu_ps(dst.add(r * dst_stride + 16 * v), acc[r][v]) };
+                }
+            }
+        }
     }
 
     /// Columns p0..p0+cols of the [k, positions] im2col matrix of one image, row by row
@@ -535,6 +841,15 @@ mod tests {
             // ... and few positions, the output channels split (im2col, pointwise).
             (1, 128, 100, 6, 6, 3, 1, 1, true),
             (1, 1024, 90, 4, 5, 1, 1, 0, false),
+            // The direct kernel: input channels in several passes, output channels not a
+            // multiple of its 8 rows, a map smaller than one tile, odd sizes at stride 2, tasks
+            // over the cores at stride 1 and 2, a tall kernel reaching far into the padding.
+            (1, 70, 13, 11, 9, 3, 1, 1, true),
+            (1, 5, 3, 2, 3, 3, 1, 1, true),
+            (2, 9, 17, 15, 13, 3, 2, 1, true),
+            (1, 64, 64, 40, 40, 3, 1, 1, true),
+            (2, 3, 16, 66, 50, 3, 2, 1, false),
+            (1, 6, 10, 12, 7, 7, 1, 3, true),
         ];
         for &(batch, c_in, c_out, h, w, kernel, stride, padding, bias) in cases {
             let conv = Conv2dConfig::new([c_in, c_out], [kernel, kernel])
@@ -548,17 +863,21 @@ mod tests {
                     Activation::Silu => silu(conv.forward(x.clone())),
                     Activation::Identity => conv.forward(x.clone()),
                 };
-                // The kernel itself, not the fallback (which would compare Burn with Burn).
-                let got = flex::forward(&conv, &x, activation).expect("the flex kernel takes this case");
-                assert_eq!(got.dims(), expected.dims());
+                let dims = expected.dims();
                 // Sums in another order: a value near zero is compared on the output's scale.
                 let expected = floats(expected);
                 let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let worst = worst_error(&floats(got), &expected, 1e-2 * scale);
-                assert!(
-                    worst < 1e-4,
-                    "{batch}x{c_in}->{c_out} {h}x{w} k{kernel} s{stride} p{padding} {activation:?}: {worst}"
-                );
+                // The kernels themselves, not the fallback (which would compare Burn with Burn):
+                // the one this CPU runs (the direct kernel where it has AVX-512) and im2col.
+                for method in [flex::Method::Fastest, flex::Method::Im2col] {
+                    let got = flex::forward(&conv, &x, activation, method).expect("the flex kernel takes this case");
+                    assert_eq!(got.dims(), dims);
+                    let worst = worst_error(&floats(got), &expected, 1e-2 * scale);
+                    assert!(
+                        worst < 1e-4,
+                        "{batch}x{c_in}->{c_out} {h}x{w} k{kernel} s{stride} p{padding} {activation:?} {method:?}: {worst}"
+                    );
+                }
             }
         }
     }

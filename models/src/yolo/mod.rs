@@ -315,6 +315,11 @@ impl YoloV8 {
     /// [`YoloV8::forward`], with the neck's outputs the head reads (P3, P4, P5: strides 8, 16,
     /// 32), for feature distillation.
     pub fn forward_with_features(&self, images: Tensor<4>) -> (HeadOutput, [Tensor<4>; 3]) {
+        let device = images.device();
+        crate::nn::on_flex_workers(&device, || self.forward_on_this_thread(images))
+    }
+
+    fn forward_on_this_thread(&self, images: Tensor<4>) -> (HeadOutput, [Tensor<4>; 3]) {
         let x = self.down_p2.forward(self.stem.forward(images));
         let x = self.c2f_p2.forward(x);
         let p3 = self.c2f_p3.forward(self.down_p3.forward(x));
