@@ -430,12 +430,15 @@ mod flex {
                         };
                     }
                 }
-                // The valid positions to the output, each row's run finished in cache.
+                // Bias and activation over the whole block while it is in cache (the dropped
+                // columns too: one long vectorised run beats a short one per output row), then
+                // the valid positions to the output.
                 let (q0, q1) = (first_tile * COLS, (first_tile * COLS + len).min(span));
                 for row in 0..rows {
                     let channel = block * ROWS + row;
-                    let source = &buffer[row * len..(row + 1) * len];
-                    let bias = bias.map_or(0.0, |b| b[channel]);
+                    let source = &mut buffer[row * len..row * len + q1 - q0];
+                    finish(source, bias.map_or(0.0, |b| b[channel]), activation);
+                    let source = &*source;
                     let mut q = q0;
                     while q < q1 {
                         let (oy, ox) = (q / phase_w, q % phase_w);
@@ -450,7 +453,6 @@ mod flex {
                                 )
                             };
                             dst.copy_from_slice(&source[q - q0..end - q0]);
-                            finish(dst, bias, activation);
                         }
                         q += phase_w - ox;
                     }
