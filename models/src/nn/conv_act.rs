@@ -355,8 +355,18 @@ mod flex {
             // A strided convolution reads each padded plane as stride_h x stride_w phases (the
             // rows y = stride_h * i + a, columns x = stride_w * j + b): tap (ky, kx) is then a
             // unit-stride tap on one phase, and one kernel serves every stride.
-            let (phase_h, phase_w) = (padded_h.div_ceil(stride_h), padded_w.div_ceil(stride_w));
-            let phase_plane = phase_h * phase_w;
+            // At stride 1 a row's right padding can be the next row's left (the taps reach
+            // pad_w columns past either end): rows of width + pad_w values, not width + 2 pad_w,
+            // fewer positions computed and dropped (3x3 on a 5-wide map: 6 per row, not 7).
+            let shared_padding = shape.stride == [1, 1] && pad_w < kernel_w;
+            let (phase_h, phase_w) = if shared_padding {
+                (padded_h, width + pad_w)
+            } else {
+                (padded_h.div_ceil(stride_h), padded_w.div_ceil(stride_w))
+            };
+            // The last row's right padding: zeros after the plane.
+            let tail = if shared_padding { pad_w } else { 0 };
+            let phase_plane = phase_h * phase_w + tail;
             let channel_len = stride_h * stride_w * phase_plane;
             let image_len = channels * channel_len;
             let offsets: Vec<usize> = (0..kernel_h)
@@ -381,7 +391,7 @@ mod flex {
             let padded = &mut kept[..padded_len];
             let positions = out_h * out_w;
             let serial = batch * m * k * positions < SERIAL_WORK;
-            pad_phases(x, padded, shape, [phase_h, phase_w], !serial);
+            pad_phases(x, padded, shape, [phase_h, phase_w, tail], !serial);
             let padded = &*padded;
             // Input channels per pass: 32 for a 3x3 (measured: 16 and all channels are slower
             // on a 64-channel 160x160 map).
@@ -488,24 +498,27 @@ mod flex {
         const KEPT_PADDED_MAX: usize = 8 << 20;
 
         /// Each [height, width] plane of `x`, padded, as its [phase_h, phase_w] phases (stride 1:
-        /// the one padded plane); every value written, since the buffer holds the last call's;
-        /// what follows the last plane (the slack the last tile reads) zeroed.
+        /// the one padded plane, rows sharing their padding columns), each followed by `tail`
+        /// zeros; every value written, since the buffer holds the last call's; what follows the
+        /// last plane (the slack the last tile reads) zeroed.
         fn pad_phases(
             x: &[f32],
             padded: &mut [f32],
             shape: &ConvShape,
-            [phase_h, phase_w]: [usize; 2],
+            [phase_h, phase_w, tail]: [usize; 3],
             parallel: bool,
         ) {
             let (height, width) = (shape.height, shape.width);
             let [pad_h, pad_w] = shape.padding;
             let [stride_h, stride_w] = shape.stride;
-            let channel_len = stride_h * stride_w * phase_h * phase_w;
+            let channel_len = stride_h * stride_w * (phase_h * phase_w + tail);
             let planes = x.len() / (height * width);
             let (body, slack) = padded.split_at_mut(planes * channel_len);
             slack.fill(0.0);
             let one_plane = |(source, dst): (&[f32], &mut [f32])| {
-                for (phase, phase_plane) in dst.chunks_exact_mut(phase_h * phase_w).enumerate() {
+                for (phase, phase_plane) in dst.chunks_exact_mut(phase_h * phase_w + tail).enumerate() {
+                    let (phase_plane, tail) = phase_plane.split_at_mut(phase_h * phase_w);
+                    tail.fill(0.0);
                     let (a, b) = (phase / stride_w, phase % stride_w);
                     // Phase columns j whose padded column stride_w * j + b is an input column.
                     let first = pad_w.saturating_sub(b).div_ceil(stride_w);
