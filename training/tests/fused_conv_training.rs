@@ -1,6 +1,8 @@
-//! kiln's flex kernels under autodiff (training): the convolution that adds the bias and applies
-//! SiLU in its output loop is for inference only, so an autodiff input takes Burn's conv2d and
-//! kiln's SiLU; kiln's SiLU has a backward pass of its own, checked here against Burn's composition.
+//! kiln's flex kernels under autodiff (training): a convolution with neither bias nor activation
+//! (every Ultralytics `Conv` in training: a BatchNorm follows it) runs kiln's kernel forward and
+//! Burn's backward pass; one with a bias or SiLU in its output loop is for inference only, so an
+//! autodiff input takes Burn's conv2d and kiln's SiLU; kiln's SiLU has a backward pass of its own.
+//! Each is checked here against Burn's own.
 
 #![cfg(feature = "flex")]
 
@@ -18,7 +20,7 @@ fn relative_to_scale(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn autodiff_inputs_take_burns_convolution() {
+fn autodiff_inputs_with_a_bias_take_burns_convolution() {
     let device = Device::flex().autodiff();
     let conv = Conv2dConfig::new([3, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device);
     let x = Tensor::<4>::random([2, 3, 6, 6], Distribution::Default, &device).require_grad();
@@ -33,6 +35,39 @@ fn autodiff_inputs_take_burns_convolution() {
     assert_eq!(weight_grad(&fused_grads), weight_grad(&reference_grads));
     let input_grad = |grads| read_floats(x.grad(grads).expect("the input has a gradient")).unwrap();
     assert_eq!(input_grad(&fused_grads), input_grad(&reference_grads));
+}
+
+/// Training's convolution (no bias, no activation) on kiln's kernel forward against Burn's
+/// conv2d: values within 1e-5 of their scale (sums in another order), and the gradients of the
+/// input and the weight equal, since the backward pass is Burn's own on the same tensors.
+#[test]
+fn training_convolutions_match_burns_values_and_gradients() {
+    let device = Device::flex().autodiff();
+    // (batch, c_in, c_out, side, kernel, stride, padding): a 3x3, a strided one, a pointwise one,
+    // input channels in several passes of the kernel.
+    for (batch, c_in, c_out, side, kernel, stride, padding) in
+        [(2, 3, 16, 20, 3, 2, 1), (2, 16, 24, 17, 3, 1, 1), (1, 40, 8, 9, 1, 1, 0), (1, 70, 12, 10, 3, 1, 1)]
+    {
+        let conv = Conv2dConfig::new([c_in, c_out], [kernel, kernel])
+            .with_stride([stride, stride])
+            .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+            .with_bias(false)
+            .init(&device);
+        let x = Tensor::<4>::random([batch, c_in, side, side], Distribution::Normal(0.0, 2.0), &device).require_grad();
+        let ours = conv2d_activation(&conv, x.clone(), Activation::Identity);
+        let burns = conv.forward(x.clone());
+        let upstream = Tensor::<4>::random(burns.dims(), Distribution::Uniform(-1.0, 1.0), &device);
+        let ours_grads = (ours.clone() * upstream.clone()).sum().backward();
+        let burns_grads = (burns.clone() * upstream).sum().backward();
+
+        let case = format!("{batch}x{c_in}->{c_out} {side}px k{kernel} s{stride}");
+        let values = relative_to_scale(&read_floats(ours).unwrap(), &read_floats(burns).unwrap());
+        assert!(values < 1e-5, "{case}: values differ by {values} of their scale");
+        let weight_grad = |grads| read_floats(conv.weight.grad(grads).expect("the weight has a gradient")).unwrap();
+        assert_eq!(weight_grad(&ours_grads), weight_grad(&burns_grads), "{case}: weight gradient");
+        let input_grad = |grads| read_floats(x.grad(grads).expect("the input has a gradient")).unwrap();
+        assert_eq!(input_grad(&ours_grads), input_grad(&burns_grads), "{case}: input gradient");
+    }
 }
 
 /// kiln's SiLU against Burn's `x * sigmoid(x)`: values and the input's gradient under autodiff, on

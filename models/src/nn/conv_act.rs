@@ -74,7 +74,9 @@ pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: Activation) ->
 /// small model pay every call (measured on a 160-px yolov8n-seg, 2 cores: 6.4 -> 5.8-6.0 ms).
 pub fn on_flex_workers<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
-    if *device == crate::device::cpu() {
+    // Device equality ignores autodiff: training's forward stays on its thread (its autodiff
+    // graph, built on a pool worker, made two identical training runs end apart).
+    if *device == crate::device::cpu() && !device.is_autodiff() {
         return rayon::scope(|_| f());
     }
     #[cfg(not(feature = "flex"))]
@@ -85,6 +87,7 @@ pub fn on_flex_workers<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() 
 #[cfg(feature = "flex")]
 mod flex {
     use super::Activation;
+    use burn::backend::Autodiff;
     use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
     use burn::nn::PaddingConfig2d;
@@ -105,7 +108,7 @@ mod flex {
 
     /// None when the case is not one this kernel covers (the caller falls back).
     pub(super) fn forward(conv: &Conv2d, x: &Tensor<4>, activation: Activation, method: Method) -> Option<Tensor<4>> {
-        let [pad_h, pad_w] = match conv.padding {
+        let padding = match conv.padding {
             PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => [top, left],
             PaddingConfig2d::Valid => [0, 0],
             _ => return None,
@@ -113,22 +116,46 @@ mod flex {
         if conv.groups != 1 || conv.dilation != [1, 1] {
             return None;
         }
+        if let Ok(x) = x.clone().try_into_primitive::<Autodiff<Flex>>() {
+            // Training: a convolution without bias or activation (a BatchNorm follows it).
+            if conv.bias.is_some() || activation != Activation::Identity {
+                return None;
+            }
+            let weight = conv.weight.val().try_into_primitive::<Autodiff<Flex>>().ok()?;
+            return tracked::conv2d(x, weight, conv.stride, padding, method)
+                .map(Tensor::from_primitive::<Autodiff<Flex>>);
+        }
         let x = x.clone().try_into_primitive::<Flex>().ok()?;
         let weight = conv.weight.val().try_into_primitive::<Flex>().ok()?;
         let bias = match &conv.bias {
-            Some(bias) => Some(bias.val().try_into_primitive::<Flex>().ok()?.to_contiguous()),
+            Some(bias) => Some(bias.val().try_into_primitive::<Flex>().ok()?),
             None => None,
         };
-        if x.dtype() != DType::F32
-            || weight.dtype() != DType::F32
-            || bias.as_ref().is_some_and(|b| b.dtype() != DType::F32)
-        {
+        let output = compute(&x, &weight, bias.as_ref(), conv.stride, padding, activation, method)?;
+        Some(Tensor::from_primitive::<Flex>(output))
+    }
+
+    /// The convolution of flex tensors, or None for a case the kernels do not cover.
+    fn compute(
+        x: &FlexTensor,
+        weight: &FlexTensor,
+        bias: Option<&FlexTensor>,
+        stride: [usize; 2],
+        [pad_h, pad_w]: [usize; 2],
+        activation: Activation,
+        method: Method,
+    ) -> Option<FlexTensor> {
+        if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || bias.is_some_and(|b| b.dtype() != DType::F32) {
             return None;
         }
-        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.map(|b| b.to_contiguous()));
         let &[batch, channels_in, height, width] = x.layout().shape().as_slice() else { return None };
         let &[channels_out, weight_in, kernel_h, kernel_w] = weight.layout().shape().as_slice() else { return None };
-        if weight_in != channels_in || height + 2 * pad_h < kernel_h || width + 2 * pad_w < kernel_w {
+        if weight_in != channels_in
+            || height + 2 * pad_h < kernel_h
+            || width + 2 * pad_w < kernel_w
+            || stride.contains(&0)
+        {
             return None;
         }
         let shape = ConvShape {
@@ -138,7 +165,7 @@ mod flex {
             width,
             channels_out,
             kernel: [kernel_h, kernel_w],
-            stride: conv.stride,
+            stride,
             padding: [pad_h, pad_w],
         };
         let output = conv2d_f32(
@@ -150,7 +177,60 @@ mod flex {
             method,
         );
         let dims = [batch, channels_out, shape.out_h(), shape.out_w()];
-        Some(Tensor::from_primitive::<Flex>(FlexTensor::from_data(TensorData::new(output, dims))))
+        Some(FlexTensor::from_data(TensorData::new(output, dims)))
+    }
+
+    /// Under autodiff: the forward pass through [`compute`], the backward pass Burn flex's own
+    /// (`conv2d_x_backward`, `conv2d_weight_backward`, as Burn's autodiff convolution calls them),
+    /// the input and weight saved as Burn saves them.
+    mod tracked {
+        use super::{Method, compute};
+        use burn::backend::autodiff::checkpoint::base::Checkpointer;
+        use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+        use burn::backend::autodiff::grads::Gradients;
+        use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+        use burn::backend::flex::FlexTensor;
+        use burn::backend::ops::ModuleOps;
+        use burn::backend::tensor::FloatTensor;
+        use burn::backend::{Autodiff, Flex};
+        use burn::tensor::ops::ConvOptions;
+
+        #[derive(Debug)]
+        struct Conv2dBackward;
+
+        impl Backward<Flex, 2> for Conv2dBackward {
+            type State = (FlexTensor, FlexTensor, ConvOptions<2>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_x, node_weight] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (x, weight, options) = ops.state;
+                if let Some(node) = node_x {
+                    let grad_x = Flex::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone());
+                    grads.register::<Flex>(node.id, grad_x);
+                }
+                if let Some(node) = node_weight {
+                    grads.register::<Flex>(node.id, Flex::conv2d_weight_backward(x, weight, grad, options));
+                }
+            }
+        }
+
+        pub(in super::super) fn conv2d(
+            x: FloatTensor<Autodiff<Flex>>,
+            weight: FloatTensor<Autodiff<Flex>>,
+            stride: [usize; 2],
+            padding: [usize; 2],
+            method: Method,
+        ) -> Option<FloatTensor<Autodiff<Flex>>> {
+            let output =
+                compute(x.primitive(), weight.primitive(), None, stride, padding, super::Activation::Identity, method)?;
+            let nodes = [x.node(), weight.node()];
+            let options = ConvOptions::new(stride, padding, [1, 1], 1);
+            Some(match Conv2dBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish((x.into_primitive(), weight.into_primitive(), options), output),
+                OpsKind::UnTracked(prep) => prep.finish(output),
+            })
+        }
     }
 
     pub(super) struct ConvShape {
@@ -381,18 +461,16 @@ mod flex {
             let span = out_h * phase_w;
             let tiles = span.div_ceil(COLS);
             let reach = offsets.iter().copied().max().unwrap_or(0);
-            // The last tile of the last channel reads up to COLS + reach past the image.
-            let padded_len = batch * image_len + COLS + reach;
+            // One image at a time (the padded copy is one image's, not the batch's); the last
+            // tile of the last channel reads up to COLS + reach past it.
+            let padded_len = image_len + COLS + reach;
             let mut kept = PADDED
                 .with(|cell| cell.try_borrow_mut().map(|mut slot| std::mem::take(&mut *slot)).unwrap_or_default());
             if kept.len() < padded_len {
                 kept = vec![0f32; padded_len];
             }
-            let padded = &mut kept[..padded_len];
             let positions = out_h * out_w;
-            let serial = batch * m * k * positions < SERIAL_WORK;
-            pad_phases(x, padded, shape, [phase_h, phase_w, tail], !serial);
-            let padded = &*padded;
+            let serial = m * k * positions < SERIAL_WORK;
             // Input channels per pass: 32 for a 3x3 (measured: 16 and all channels are slower
             // on a 64-channel 160x160 map).
             let channel_pass = (288 / (kernel_h * kernel_w)).max(1);
@@ -400,80 +478,91 @@ mod flex {
             let threads = if serial { 1 } else { rayon::current_num_threads().max(1) };
             let blocks = m.div_ceil(ROWS);
             // Tiles per task: four tasks per core, a task's input window and weight rows in L2.
-            let chunks_wanted = (4 * threads).div_ceil(batch * blocks);
+            let chunks_wanted = (4 * threads).div_ceil(blocks);
             let chunk_tiles = tiles.div_ceil(chunks_wanted).clamp(1, 32);
             let chunks = tiles.div_ceil(chunk_tiles);
             let out = OutputPtr(output.as_mut_ptr());
-            let task = |buffer: &mut Vec<f32>, task: usize| {
-                let (image, rest) = (task / (blocks * chunks), task % (blocks * chunks));
-                let (block, chunk) = (rest / chunks, rest % chunks);
-                let first_tile = chunk * chunk_tiles;
-                let len = chunk_tiles.min(tiles - first_tile) * COLS;
-                buffer.resize(ROWS * len, 0.0);
-                let rows = ROWS.min(m - block * ROWS);
-                // Rows past c_out repeat the last one: computed, never written out.
-                let weight_rows: [*const f32; ROWS] =
-                    std::array::from_fn(|r| weight[(block * ROWS + r.min(rows - 1)) * k..].as_ptr());
-                let input = padded[image * image_len..].as_ptr();
-                // A few input channels at a time over all the task's tiles: their rows stay in
-                // L1 from one tile to the next (all channels of a large map would not).
-                for c0 in (0..channels).step_by(channel_pass) {
-                    let pass = channel_pass.min(channels - c0);
-                    let weights = weight_rows.map(|row| row.wrapping_add(c0 * offsets.len()));
-                    for tile in 0..len / COLS {
-                        let q = first_tile * COLS + tile * COLS;
-                        // SAFETY: the CPU has AVX-512F (`available`, checked by the caller); every
-                        // weight row holds k = channels x offsets.len() values; the input reads
-                        // end within `padded` (COLS + reach of slack after the last image); the
-                        // tile's ROWS x COLS block lies within `buffer` (rows `len` apart).
-                        unsafe {
-                            micro_kernel(
-                                &weights,
-                                input.add(c0 * channel_len + q),
-                                channel_len,
-                                &offsets,
-                                pass,
-                                buffer.as_mut_ptr().add(tile * COLS),
-                                len,
-                                c0 > 0,
-                            )
-                        };
-                    }
-                }
-                // Bias and activation over the whole block while it is in cache (the dropped
-                // columns too: one long vectorised run beats a short one per output row), then
-                // the valid positions to the output.
-                let (q0, q1) = (first_tile * COLS, (first_tile * COLS + len).min(span));
-                for row in 0..rows {
-                    let channel = block * ROWS + row;
-                    let source = &mut buffer[row * len..row * len + q1 - q0];
-                    finish(source, bias.map_or(0.0, |b| b[channel]), activation);
-                    let source = &*source;
-                    let mut q = q0;
-                    while q < q1 {
-                        let (oy, ox) = (q / phase_w, q % phase_w);
-                        let end = (q - ox + out_w).min(q1);
-                        if ox < out_w {
-                            // SAFETY: positions oy * out_w + ox.. of this image and channel's
-                            // plane; this task alone writes this channel block and span.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    out.at((image * m + channel) * positions + oy * out_w + ox),
-                                    end - q,
+            let input_len = channels * height * width;
+            for image in 0..batch {
+                let padded = &mut kept[..padded_len];
+                pad_phases(
+                    &x[image * input_len..(image + 1) * input_len],
+                    padded,
+                    shape,
+                    [phase_h, phase_w, tail],
+                    !serial,
+                );
+                let padded = &*padded;
+                let task = |buffer: &mut Vec<f32>, task: usize| {
+                    let (block, chunk) = (task / chunks, task % chunks);
+                    let first_tile = chunk * chunk_tiles;
+                    let len = chunk_tiles.min(tiles - first_tile) * COLS;
+                    buffer.resize(ROWS * len, 0.0);
+                    let rows = ROWS.min(m - block * ROWS);
+                    // Rows past c_out repeat the last one: computed, never written out.
+                    let weight_rows: [*const f32; ROWS] =
+                        std::array::from_fn(|r| weight[(block * ROWS + r.min(rows - 1)) * k..].as_ptr());
+                    let input = padded.as_ptr();
+                    // A few input channels at a time over all the task's tiles: their rows stay in
+                    // L1 from one tile to the next (all channels of a large map would not).
+                    for c0 in (0..channels).step_by(channel_pass) {
+                        let pass = channel_pass.min(channels - c0);
+                        let weights = weight_rows.map(|row| row.wrapping_add(c0 * offsets.len()));
+                        for tile in 0..len / COLS {
+                            let q = first_tile * COLS + tile * COLS;
+                            // SAFETY: the CPU has AVX-512F (`available`, checked by the caller); every
+                            // weight row holds k = channels x offsets.len() values; the input reads
+                            // end within `padded` (COLS + reach of slack after the last image); the
+                            // tile's ROWS x COLS block lies within `buffer` (rows `len` apart).
+                            unsafe {
+                                micro_kernel(
+                                    &weights,
+                                    input.add(c0 * channel_len + q),
+                                    channel_len,
+                                    &offsets,
+                                    pass,
+                                    buffer.as_mut_ptr().add(tile * COLS),
+                                    len,
+                                    c0 > 0,
                                 )
                             };
-                            dst.copy_from_slice(&source[q - q0..end - q0]);
                         }
-                        q += phase_w - ox;
                     }
+                    // Bias and activation over the whole block while it is in cache (the dropped
+                    // columns too: one long vectorised run beats a short one per output row), then
+                    // the valid positions to the output.
+                    let (q0, q1) = (first_tile * COLS, (first_tile * COLS + len).min(span));
+                    for row in 0..rows {
+                        let channel = block * ROWS + row;
+                        let source = &mut buffer[row * len..row * len + q1 - q0];
+                        finish(source, bias.map_or(0.0, |b| b[channel]), activation);
+                        let source = &*source;
+                        let mut q = q0;
+                        while q < q1 {
+                            let (oy, ox) = (q / phase_w, q % phase_w);
+                            let end = (q - ox + out_w).min(q1);
+                            if ox < out_w {
+                                // SAFETY: positions oy * out_w + ox.. of this image and channel's
+                                // plane; this task alone writes this channel block and span.
+                                let dst = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        out.at((image * m + channel) * positions + oy * out_w + ox),
+                                        end - q,
+                                    )
+                                };
+                                dst.copy_from_slice(&source[q - q0..end - q0]);
+                            }
+                            q += phase_w - ox;
+                        }
+                    }
+                };
+                let tasks = blocks * chunks;
+                if serial {
+                    let mut buffer = Vec::new();
+                    (0..tasks).for_each(|t| task(&mut buffer, t));
+                } else {
+                    (0..tasks).into_par_iter().for_each_init(Vec::new, task);
                 }
-            };
-            let tasks = batch * blocks * chunks;
-            if serial {
-                let mut buffer = Vec::new();
-                (0..tasks).for_each(|t| task(&mut buffer, t));
-            } else {
-                (0..tasks).into_par_iter().for_each_init(Vec::new, task);
             }
             if kept.len() <= KEPT_PADDED_MAX {
                 PADDED.with(|cell| {
@@ -494,8 +583,9 @@ mod flex {
             static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
 
-        /// The largest padded input kept between calls (32 MiB); larger ones are freed.
-        const KEPT_PADDED_MAX: usize = 8 << 20;
+        /// The largest padded input kept between calls (8 MiB: a 64-channel 160x160 map's is
+        /// 6.7 MB); larger ones are freed.
+        const KEPT_PADDED_MAX: usize = 2 << 20;
 
         /// Each [height, width] plane of `x`, padded, as its [phase_h, phase_w] phases (stride 1:
         /// the one padded plane, rows sharing their padding columns), each followed by `tail`

@@ -42,7 +42,9 @@ impl Conv {
             Some(dtype) => conv_in(&self.conv, x, dtype),
             // Folded: the bias and SiLU in the convolution's output loop where the backend has one.
             None if self.folded => return conv2d_activation(&self.conv, x, Activation::Silu),
-            None => self.conv.forward(x),
+            // Training (and an unfolded model): kiln's flex kernel where it applies, Burn's
+            // backward pass (see `conv_act`).
+            None => conv2d_activation(&self.conv, x, Activation::Identity),
         };
         if self.folded {
             return silu(y);
