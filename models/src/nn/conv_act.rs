@@ -9,9 +9,15 @@
 //! (the `gemm` crate flex itself uses, AVX-512 where the CPU has it) straight into the NCHW output,
 //! and finished (bias + SiLU, vectorised) while it is still in cache, blocks spread over all cores.
 //!
-//! Nothing here knows a model: any float32 Conv2d with one group and no dilation qualifies. Every
-//! other case (another backend, autodiff, bf16, groups, dilation) runs Burn's `conv2d` and the
-//! activation, the path the outputs are tested against (`tests` below).
+//! On CPUs with AVX-512 every convolution but the 1x1 ones runs the direct kernel instead (`flex`'s
+//! `direct`: no im2col, the input read in place from one padded copy), which the tests check
+//! against Burn's as they check im2col.
+//!
+//! Nothing here knows a model: any float32 Conv2d with one group and no dilation qualifies. Under
+//! autodiff (training) a convolution with neither bias nor activation runs the kernel forward and
+//! Burn flex's own backward pass. Every other case (another backend, autodiff with a bias or SiLU,
+//! bf16, groups, dilation) runs Burn's `conv2d` and the activation, the path the outputs are tested
+//! against (`tests` below, `training/tests/fused_conv_training.rs`).
 
 // The vectorised SiLU and exp serve the flex kernels only; a build without flex leaves them unused.
 #![cfg_attr(not(feature = "flex"), allow(dead_code))]
@@ -51,8 +57,9 @@ pub fn set_flex_kernels(on: bool) {
     FLEX_KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// `activation(conv(x))`: on flex (float32, no autodiff, one group, no dilation) in one pass over
-/// the output; elsewhere Burn's `conv2d` followed by the activation.
+/// `activation(conv(x))`: on flex (float32, one group, no dilation; under autodiff only without
+/// bias and activation) by kiln's kernels, in one pass over the output; elsewhere Burn's `conv2d`
+/// followed by the activation.
 pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: Activation) -> Tensor<4> {
     #[cfg(feature = "flex")]
     if flex_kernels()
