@@ -966,6 +966,9 @@ mod tests {
             (1, 64, 64, 40, 40, 3, 1, 1, true),
             (2, 3, 16, 66, 50, 3, 2, 1, false),
             (1, 6, 10, 12, 7, 7, 1, 3, true),
+            // No padding at stride 1: rows of the bare width, the taps reaching into the next row
+            // only for positions that are dropped.
+            (2, 6, 9, 7, 8, 3, 1, 0, true),
         ];
         for &(batch, c_in, c_out, h, w, kernel, stride, padding, bias) in cases {
             let conv = Conv2dConfig::new([c_in, c_out], [kernel, kernel])
