@@ -10,7 +10,7 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2dConfig;
 use burn::tensor::{Device, Distribution, Tensor};
 use kiln_models::device::read_floats;
-use kiln_models::nn::{Activation, conv2d_activation, silu};
+use kiln_models::nn::{Activation, conv2d_activation, runs_kiln_kernel, silu};
 
 /// Largest |a - b| over the largest |b|.
 fn relative_to_scale(a: &[f32], b: &[f32]) -> f32 {
@@ -24,6 +24,7 @@ fn autodiff_inputs_with_a_bias_take_burns_convolution() {
     let device = Device::flex().autodiff();
     let conv = Conv2dConfig::new([3, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device);
     let x = Tensor::<4>::random([2, 3, 6, 6], Distribution::Default, &device).require_grad();
+    assert!(!runs_kiln_kernel(&conv, &x, Activation::Silu), "a bias and SiLU under autodiff take Burn's path");
 
     let fused = conv2d_activation(&conv, x.clone(), Activation::Silu);
     let fused_grads = fused.clone().sum().backward();
@@ -54,6 +55,7 @@ fn training_convolutions_match_burns_values_and_gradients() {
             .with_bias(false)
             .init(&device);
         let x = Tensor::<4>::random([batch, c_in, side, side], Distribution::Normal(0.0, 2.0), &device).require_grad();
+        assert!(runs_kiln_kernel(&conv, &x, Activation::Identity), "kiln's kernel takes training's convolution");
         let ours = conv2d_activation(&conv, x.clone(), Activation::Identity);
         let burns = conv.forward(x.clone());
         let upstream = Tensor::<4>::random(burns.dims(), Distribution::Uniform(-1.0, 1.0), &device);

@@ -57,6 +57,19 @@ pub fn set_flex_kernels(on: bool) {
     FLEX_KERNELS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }
 
+/// Whether [`conv2d_activation`] runs kiln's kernel (not Burn's) on these inputs, computing it
+/// once to find out: the tests that compare the two paths assert it, so that they cannot pass by
+/// comparing Burn with itself.
+pub fn runs_kiln_kernel(conv: &Conv2d, x: &Tensor<4>, activation: Activation) -> bool {
+    #[cfg(feature = "flex")]
+    return flex_kernels() && flex::forward(conv, x, activation, flex::Method::Fastest).is_some();
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (conv, x, activation);
+        false
+    }
+}
+
 /// `activation(conv(x))`: on flex (float32, one group, no dilation; under autodiff only without
 /// bias and activation) by kiln's kernels, in one pass over the output; elsewhere Burn's `conv2d`
 /// followed by the activation.

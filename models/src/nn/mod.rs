@@ -6,7 +6,7 @@ pub mod layer_norm_2d;
 pub mod mlp;
 pub mod silu;
 
-pub use conv_act::{Activation, conv2d_activation, flex_kernels, on_flex_workers, set_flex_kernels};
+pub use conv_act::{Activation, conv2d_activation, flex_kernels, on_flex_workers, runs_kiln_kernel, set_flex_kernels};
 pub use layer_norm_2d::LayerNorm2d;
 pub use mlp::Mlp;
 pub use silu::silu;
