@@ -411,13 +411,14 @@ mod flex {
         output
     }
 
-    /// Stride-1 convolutions without an im2col matrix (the 3x3 convolutions of every bottleneck):
-    /// the input is padded once, and on a padded image an output position q = oy * padded_width
-    /// + ox reads tap (ky, kx) at q + ky * padded_width + kx, so a run of consecutive positions
-    /// reads a run of consecutive inputs, whatever the row length. The micro-kernel keeps
-    /// ROWS output channels x COLS positions in registers and reads the weights in Burn's own
-    /// [c_out, c_in, kh, kw] order (no packing per call); positions on the padding columns are
-    /// computed and dropped (2 of every width + 2 for a 3x3, what makes 5-wide maps cheap).
+    /// Convolutions without an im2col matrix (every one but 1x1 on an AVX-512 CPU): each image is
+    /// padded once, and on a padded plane an output position q = oy * row + ox reads tap (ky, kx)
+    /// at q + ky * row + kx, so a run of consecutive positions reads a run of consecutive inputs,
+    /// whatever the row length (a strided convolution reads its plane as stride x stride phases,
+    /// where every tap is unit-stride). The micro-kernel keeps ROWS output channels x COLS
+    /// positions in registers and reads the weights in Burn's own [c_out, c_in, kh, kw] order (no
+    /// packing per call); positions on the padding columns are computed and dropped (one per row
+    /// for a 3x3 at stride 1, where rows share their padding).
     #[cfg(target_arch = "x86_64")]
     pub(super) mod direct {
         use super::{Activation, ConvShape, OutputPtr, SERIAL_WORK, finish};
@@ -536,7 +537,7 @@ mod flex {
                             let q = first_tile * COLS + tile * COLS;
                             // SAFETY: the CPU has AVX-512F (`available`, checked by the caller); every
                             // weight row holds k = channels x offsets.len() values; the input reads
-                            // end within `padded` (COLS + reach of slack after the last image); the
+                            // end within `padded` (COLS + reach of slack after the image); the
                             // tile's ROWS x COLS block lies within `buffer` (rows `len` apart).
                             unsafe {
                                 micro_kernel(
