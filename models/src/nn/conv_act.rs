@@ -200,11 +200,14 @@ mod flex {
         Some(FlexTensor::from_data(TensorData::new(output, dims)))
     }
 
-    /// Under autodiff: the forward pass through [`compute`], the backward pass Burn flex's own
-    /// (`conv2d_x_backward`, `conv2d_weight_backward`, as Burn's autodiff convolution calls them),
-    /// the input and weight saved as Burn saves them.
+    mod backward;
+
+    /// Under autodiff: the forward pass through [`compute`], the backward pass kiln's
+    /// ([`backward`]: the weight gradient always, the input gradient at stride 1) or, for the
+    /// input gradient of a strided convolution, Burn flex's `conv2d_x_backward`; the input and
+    /// weight saved as Burn saves them.
     mod tracked {
-        use super::{Method, compute};
+        use super::{ConvShape, Method, backward, compute};
         use burn::backend::autodiff::checkpoint::base::Checkpointer;
         use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
         use burn::backend::autodiff::grads::Gradients;
@@ -213,10 +216,17 @@ mod flex {
         use burn::backend::ops::ModuleOps;
         use burn::backend::tensor::FloatTensor;
         use burn::backend::{Autodiff, Flex};
+        use burn::tensor::TensorData;
         use burn::tensor::ops::ConvOptions;
 
         #[derive(Debug)]
         struct Conv2dBackward;
+
+        /// Burn's backward pass instead of kiln's (`KILN_CONV_BACKWARD=burn`), to compare the two.
+        fn burns_backward() -> bool {
+            static BURN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *BURN.get_or_init(|| std::env::var("KILN_CONV_BACKWARD").is_ok_and(|v| v == "burn"))
+        }
 
         impl Backward<Flex, 2> for Conv2dBackward {
             type State = (FlexTensor, FlexTensor, ConvOptions<2>);
@@ -225,12 +235,41 @@ mod flex {
                 let [node_x, node_weight] = ops.parents;
                 let grad = grads.consume::<Flex>(&ops.node);
                 let (x, weight, options) = ops.state;
+                if burns_backward() {
+                    if let Some(node) = node_x {
+                        let grad_x = Flex::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone());
+                        grads.register::<Flex>(node.id, grad_x);
+                    }
+                    if let Some(node) = node_weight {
+                        grads.register::<Flex>(node.id, Flex::conv2d_weight_backward(x, weight, grad, options));
+                    }
+                    return;
+                }
+                let (x, weight, grad) = (x.to_contiguous(), weight.to_contiguous(), grad.to_contiguous());
+                let x_dims = x.layout().shape().to_vec();
+                let weight_dims = weight.layout().shape().to_vec();
+                let shape = ConvShape {
+                    batch: x_dims[0],
+                    channels_in: x_dims[1],
+                    height: x_dims[2],
+                    width: x_dims[3],
+                    channels_out: weight_dims[0],
+                    kernel: [weight_dims[2], weight_dims[3]],
+                    stride: options.stride,
+                    // Symmetric: `conv2d` below makes the options from one padding per side.
+                    padding: options.padding.map(|(begin, _)| begin),
+                };
                 if let Some(node) = node_x {
-                    let grad_x = Flex::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone());
+                    let grad_x = match backward::input_gradient(weight.storage::<f32>(), grad.storage::<f32>(), &shape)
+                    {
+                        Some(values) => FlexTensor::from_data(TensorData::new(values, x_dims.clone())),
+                        None => Flex::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options),
+                    };
                     grads.register::<Flex>(node.id, grad_x);
                 }
                 if let Some(node) = node_weight {
-                    grads.register::<Flex>(node.id, Flex::conv2d_weight_backward(x, weight, grad, options));
+                    let values = backward::weight_gradient(x.storage::<f32>(), grad.storage::<f32>(), &shape);
+                    grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(values, weight_dims)));
                 }
             }
         }
@@ -274,6 +313,61 @@ mod flex {
         fn is_pointwise(&self) -> bool {
             self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
         }
+
+        /// Where the direct kernel and the weight gradient read a padded copy of one image.
+        fn padded_layout(&self) -> PaddedLayout {
+            let [kernel_h, kernel_w] = self.kernel;
+            let [pad_h, pad_w] = self.padding;
+            let [stride_h, stride_w] = self.stride;
+            let (padded_h, padded_w) = (self.height + 2 * pad_h, self.width + 2 * pad_w);
+            // A strided convolution reads each padded plane as stride_h x stride_w phases (the
+            // rows y = stride_h * i + a, columns x = stride_w * j + b): tap (ky, kx) is then a
+            // unit-stride tap on one phase, and one kernel serves every stride.
+            // At stride 1 a row's right padding can be the next row's left (the taps reach
+            // pad_w columns past either end): rows of width + pad_w values, not width + 2 pad_w,
+            // fewer positions computed and dropped (3x3 on a 5-wide map: 6 per row, not 7).
+            let shared_padding = self.stride == [1, 1] && pad_w < kernel_w;
+            let (phase_h, phase_w) = if shared_padding {
+                (padded_h, self.width + pad_w)
+            } else {
+                (padded_h.div_ceil(stride_h), padded_w.div_ceil(stride_w))
+            };
+            // The last row's right padding: zeros after the plane.
+            let tail = if shared_padding { pad_w } else { 0 };
+            let phase_plane = phase_h * phase_w + tail;
+            let offsets: Vec<usize> = (0..kernel_h)
+                .flat_map(|ky| {
+                    (0..kernel_w).map(move |kx| {
+                        let phase = (ky % stride_h) * stride_w + kx % stride_w;
+                        phase * phase_plane + ky / stride_h * phase_w + kx / stride_w
+                    })
+                })
+                .collect();
+            PaddedLayout {
+                phase_h,
+                phase_w,
+                tail,
+                channel_len: stride_h * stride_w * phase_plane,
+                reach: offsets.iter().copied().max().unwrap_or(0),
+                offsets,
+                // Output positions on the phase width: out_w valid ones, then columns dropped.
+                span: self.out_h() * phase_w,
+            }
+        }
+    }
+
+    /// A padded image: each channel's plane as stride_h x stride_w phases of [phase_h, phase_w]
+    /// values, each followed by `tail` zeros (`channel_len` values a channel); output position
+    /// q = oy * phase_w + ox (`span` of them, those with ox >= out_w dropped) reads tap t at
+    /// q + offsets[t] of its channel, at most `reach` past q.
+    pub(super) struct PaddedLayout {
+        pub phase_h: usize,
+        pub phase_w: usize,
+        pub tail: usize,
+        pub channel_len: usize,
+        pub offsets: Vec<usize>,
+        pub span: usize,
+        pub reach: usize,
     }
 
     /// A raw pointer shared by tasks: into the output, of which each writes a disjoint block, or
@@ -421,7 +515,7 @@ mod flex {
     /// for a 3x3 at stride 1, where rows share their padding).
     #[cfg(target_arch = "x86_64")]
     pub(super) mod direct {
-        use super::{Activation, ConvShape, OutputPtr, SERIAL_WORK, finish};
+        use super::{Activation, ConvShape, OutputPtr, PaddedLayout, SERIAL_WORK, finish, pad_phases};
         use rayon::prelude::*;
         use std::arch::x86_64::*;
 
@@ -446,42 +540,13 @@ mod flex {
         ) -> Vec<f32> {
             debug_assert!(available());
             let [kernel_h, kernel_w] = shape.kernel;
-            let [pad_h, pad_w] = shape.padding;
-            let [stride_h, stride_w] = shape.stride;
             let (height, width) = (shape.height, shape.width);
-            let (padded_h, padded_w) = (height + 2 * pad_h, width + 2 * pad_w);
             let (out_h, out_w) = (shape.out_h(), shape.out_w());
             let (channels, m, batch) = (shape.channels_in, shape.channels_out, shape.batch);
             let k = channels * kernel_h * kernel_w;
-            // A strided convolution reads each padded plane as stride_h x stride_w phases (the
-            // rows y = stride_h * i + a, columns x = stride_w * j + b): tap (ky, kx) is then a
-            // unit-stride tap on one phase, and one kernel serves every stride.
-            // At stride 1 a row's right padding can be the next row's left (the taps reach
-            // pad_w columns past either end): rows of width + pad_w values, not width + 2 pad_w,
-            // fewer positions computed and dropped (3x3 on a 5-wide map: 6 per row, not 7).
-            let shared_padding = shape.stride == [1, 1] && pad_w < kernel_w;
-            let (phase_h, phase_w) = if shared_padding {
-                (padded_h, width + pad_w)
-            } else {
-                (padded_h.div_ceil(stride_h), padded_w.div_ceil(stride_w))
-            };
-            // The last row's right padding: zeros after the plane.
-            let tail = if shared_padding { pad_w } else { 0 };
-            let phase_plane = phase_h * phase_w + tail;
-            let channel_len = stride_h * stride_w * phase_plane;
+            let PaddedLayout { phase_h, phase_w, tail, channel_len, offsets, span, reach } = shape.padded_layout();
             let image_len = channels * channel_len;
-            let offsets: Vec<usize> = (0..kernel_h)
-                .flat_map(|ky| {
-                    (0..kernel_w).map(move |kx| {
-                        let phase = (ky % stride_h) * stride_w + kx % stride_w;
-                        phase * phase_plane + ky / stride_h * phase_w + kx / stride_w
-                    })
-                })
-                .collect();
-            // Output positions on the phase width: out_w valid ones, then columns dropped.
-            let span = out_h * phase_w;
             let tiles = span.div_ceil(COLS);
-            let reach = offsets.iter().copied().max().unwrap_or(0);
             // One image at a time (the padded copy is one image's, not the batch's); the last
             // tile of the last channel reads up to COLS + reach past it.
             let padded_len = image_len + COLS + reach;
@@ -612,62 +677,6 @@ mod flex {
         /// yolov8s-seg's largest at 640, is 13.4 MB); larger ones are freed.
         const KEPT_PADDED_MAX: usize = 4 << 20;
 
-        /// Each [height, width] plane of `x`, padded, as its [phase_h, phase_w] phases (stride 1:
-        /// the one padded plane, rows sharing their padding columns), each followed by `tail`
-        /// zeros; every value written, since the buffer holds the last call's; what follows the
-        /// last plane (the slack the last tile reads) zeroed.
-        fn pad_phases(
-            x: &[f32],
-            padded: &mut [f32],
-            shape: &ConvShape,
-            [phase_h, phase_w, tail]: [usize; 3],
-            parallel: bool,
-        ) {
-            let (height, width) = (shape.height, shape.width);
-            let [pad_h, pad_w] = shape.padding;
-            let [stride_h, stride_w] = shape.stride;
-            let channel_len = stride_h * stride_w * (phase_h * phase_w + tail);
-            let planes = x.len() / (height * width);
-            let (body, slack) = padded.split_at_mut(planes * channel_len);
-            slack.fill(0.0);
-            let one_plane = |(source, dst): (&[f32], &mut [f32])| {
-                for (phase, phase_plane) in dst.chunks_exact_mut(phase_h * phase_w + tail).enumerate() {
-                    let (phase_plane, tail) = phase_plane.split_at_mut(phase_h * phase_w);
-                    tail.fill(0.0);
-                    let (a, b) = (phase / stride_w, phase % stride_w);
-                    // Phase columns j whose padded column stride_w * j + b is an input column.
-                    let first = pad_w.saturating_sub(b).div_ceil(stride_w);
-                    let end = (pad_w + width).saturating_sub(b).div_ceil(stride_w).min(phase_w);
-                    for (i, line) in phase_plane.chunks_exact_mut(phase_w).enumerate() {
-                        let y = stride_h * i + a;
-                        if y < pad_h || y >= pad_h + height || first >= end {
-                            line.fill(0.0);
-                            continue;
-                        }
-                        let row = &source[(y - pad_h) * width..(y - pad_h + 1) * width];
-                        line[..first].fill(0.0);
-                        line[end..].fill(0.0);
-                        let x0 = stride_w * first + b - pad_w;
-                        if stride_w == 1 {
-                            line[first..end].copy_from_slice(&row[x0..x0 + end - first]);
-                        } else {
-                            // Chunks, not an index times the stride: this form vectorises.
-                            for (value, chunk) in line[first..end].iter_mut().zip(row[x0..].chunks(stride_w)) {
-                                *value = chunk[0];
-                            }
-                        }
-                    }
-                }
-            };
-            let (sources, targets) = (x.chunks_exact(height * width), body.chunks_exact_mut(channel_len));
-            if parallel {
-                let (sources, targets) = (x.par_chunks_exact(height * width), body.par_chunks_exact_mut(channel_len));
-                sources.zip(targets).for_each(one_plane);
-            } else {
-                sources.zip(targets).for_each(one_plane);
-            }
-        }
-
         /// dst[r][j] (+)= sum over channels c and taps t of weight_rows[r][c * taps + t]
         /// * input[c * plane + offsets[t] + j], for r < ROWS, j < COLS.
         #[target_feature(enable = "avx512f")]
@@ -712,6 +721,62 @@ mod flex {
                     unsafe { _mm512_storeu_ps(dst.add(r * dst_stride + 16 * v), acc[r][v]) };
                 }
             }
+        }
+    }
+
+    /// Each [height, width] plane of `x`, padded, as its [phase_h, phase_w] phases (stride 1:
+    /// the one padded plane, rows sharing their padding columns), each followed by `tail`
+    /// zeros; every value written, since the buffer holds the last call's; what follows the
+    /// last plane (the slack the last tile reads) zeroed.
+    pub(super) fn pad_phases(
+        x: &[f32],
+        padded: &mut [f32],
+        shape: &ConvShape,
+        [phase_h, phase_w, tail]: [usize; 3],
+        parallel: bool,
+    ) {
+        let (height, width) = (shape.height, shape.width);
+        let [pad_h, pad_w] = shape.padding;
+        let [stride_h, stride_w] = shape.stride;
+        let channel_len = stride_h * stride_w * (phase_h * phase_w + tail);
+        let planes = x.len() / (height * width);
+        let (body, slack) = padded.split_at_mut(planes * channel_len);
+        slack.fill(0.0);
+        let one_plane = |(source, dst): (&[f32], &mut [f32])| {
+            for (phase, phase_plane) in dst.chunks_exact_mut(phase_h * phase_w + tail).enumerate() {
+                let (phase_plane, tail) = phase_plane.split_at_mut(phase_h * phase_w);
+                tail.fill(0.0);
+                let (a, b) = (phase / stride_w, phase % stride_w);
+                // Phase columns j whose padded column stride_w * j + b is an input column.
+                let first = pad_w.saturating_sub(b).div_ceil(stride_w);
+                let end = (pad_w + width).saturating_sub(b).div_ceil(stride_w).min(phase_w);
+                for (i, line) in phase_plane.chunks_exact_mut(phase_w).enumerate() {
+                    let y = stride_h * i + a;
+                    if y < pad_h || y >= pad_h + height || first >= end {
+                        line.fill(0.0);
+                        continue;
+                    }
+                    let row = &source[(y - pad_h) * width..(y - pad_h + 1) * width];
+                    line[..first].fill(0.0);
+                    line[end..].fill(0.0);
+                    let x0 = stride_w * first + b - pad_w;
+                    if stride_w == 1 {
+                        line[first..end].copy_from_slice(&row[x0..x0 + end - first]);
+                    } else {
+                        // Chunks, not an index times the stride: this form vectorises.
+                        for (value, chunk) in line[first..end].iter_mut().zip(row[x0..].chunks(stride_w)) {
+                            *value = chunk[0];
+                        }
+                    }
+                }
+            }
+        };
+        let (sources, targets) = (x.chunks_exact(height * width), body.chunks_exact_mut(channel_len));
+        if parallel {
+            let (sources, targets) = (x.par_chunks_exact(height * width), body.par_chunks_exact_mut(channel_len));
+            sources.zip(targets).for_each(one_plane);
+        } else {
+            sources.zip(targets).for_each(one_plane);
         }
     }
 
