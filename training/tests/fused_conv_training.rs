@@ -1,9 +1,8 @@
-//! kiln's flex kernels under autodiff (training): a convolution with neither bias nor activation
-//! (every Ultralytics `Conv` in training: a BatchNorm follows it) runs kiln's kernel forward and
-//! kiln's backward pass (the weight gradient always, the input gradient at stride 1; Burn's
-//! transposed convolution for a strided one's input gradient); one with a bias or SiLU in its output loop is for inference only, so an
-//! autodiff input takes Burn's conv2d and kiln's SiLU; kiln's SiLU has a backward pass of its own.
-//! Each is checked here against Burn's own.
+//! kiln's flex kernels under autodiff (training): a convolution without activation (every
+//! Ultralytics `Conv` in training, a BatchNorm following it, and a head's last convolution, with
+//! its bias) runs kiln's kernel forward and kiln's backward pass; SiLU in the output loop is for
+//! inference only, so an autodiff input asking for it takes Burn's conv2d and kiln's SiLU; kiln's
+//! SiLU and BatchNorm have backward passes of their own. Each is checked here against Burn's own.
 
 #![cfg(feature = "flex")]
 
@@ -21,11 +20,11 @@ fn relative_to_scale(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[test]
-fn autodiff_inputs_with_a_bias_take_burns_convolution() {
+fn autodiff_inputs_with_an_activation_take_burns_convolution() {
     let device = Device::flex().autodiff();
     let conv = Conv2dConfig::new([3, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device);
     let x = Tensor::<4>::random([2, 3, 6, 6], Distribution::Default, &device).require_grad();
-    assert!(!runs_kiln_kernel(&conv, &x, Activation::Silu), "a bias and SiLU under autodiff take Burn's path");
+    assert!(!runs_kiln_kernel(&conv, &x, Activation::Silu), "SiLU in the output loop under autodiff takes Burn's path");
 
     let fused = conv2d_activation(&conv, x.clone(), Activation::Silu);
     let fused_grads = fused.clone().sum().backward();
@@ -39,32 +38,36 @@ fn autodiff_inputs_with_a_bias_take_burns_convolution() {
     assert_eq!(input_grad(&fused_grads), input_grad(&reference_grads));
 }
 
-/// Training's convolution (no bias, no activation) on kiln's kernels against Burn's conv2d:
-/// values and the gradients of the input and the weight within 1e-5 of their scale (sums in
-/// another order).
+/// Training's convolution (no activation; with a bias where it ends a head) on kiln's kernels
+/// against Burn's conv2d: values and the gradients of the input, the weight and the bias within
+/// 1e-5 of their scale (sums in another order).
 #[test]
 fn training_convolutions_match_burns_values_and_gradients() {
     let device = Device::flex().autodiff();
-    // (batch, c_in, c_out, side, kernel, stride, padding): a 3x3, strided ones (their input
-    // gradient is Burn's), pointwise ones (one image: the weight gradient splits its output
-    // channels among the cores), input channels in several passes of the kernel, a 5x5, a 3x3
-    // without padding, channel counts not a multiple of 8, odd sides.
-    for (batch, c_in, c_out, side, kernel, stride, padding) in [
-        (2, 3, 16, 20, 3, 2, 1),
-        (2, 16, 24, 17, 3, 1, 1),
-        (1, 40, 8, 9, 1, 1, 0),
-        (1, 24, 40, 12, 1, 1, 0),
-        (3, 20, 12, 11, 1, 1, 0),
-        (1, 70, 12, 10, 3, 1, 1),
-        (3, 5, 7, 13, 5, 1, 2),
-        (2, 6, 9, 9, 3, 1, 0),
-        (2, 8, 16, 15, 3, 2, 1),
-        (4, 33, 17, 7, 3, 1, 1),
+    // (batch, c_in, c_out, side, kernel, stride, padding, bias): 3x3s, strided ones (their input
+    // gradient by columns added back), pointwise ones (one image: the weight gradient splits its
+    // output channels among the cores), input channels in several passes of the kernel, 5x5s,
+    // 3x3s without padding, channel counts not a multiple of 8, odd sides, a head's 1x1 with bias.
+    for (batch, c_in, c_out, side, kernel, stride, padding, bias) in [
+        (2, 3, 16, 20, 3, 2, 1, false),
+        (2, 16, 24, 17, 3, 1, 1, false),
+        (1, 40, 8, 9, 1, 1, 0, false),
+        (1, 24, 40, 12, 1, 1, 0, true),
+        (3, 20, 12, 11, 1, 1, 0, true),
+        (1, 70, 12, 10, 3, 1, 1, false),
+        (3, 5, 7, 13, 5, 1, 2, false),
+        (2, 6, 9, 9, 3, 1, 0, true),
+        (2, 8, 16, 15, 3, 2, 1, false),
+        (4, 33, 17, 7, 3, 1, 1, false),
+        (2, 6, 5, 11, 1, 2, 0, false),
+        (3, 7, 6, 14, 5, 2, 2, true),
+        (1, 4, 8, 12, 3, 2, 0, false),
+        (2, 5, 6, 10, 3, 3, 1, false),
     ] {
         let conv = Conv2dConfig::new([c_in, c_out], [kernel, kernel])
             .with_stride([stride, stride])
             .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
-            .with_bias(false)
+            .with_bias(bias)
             .init(&device);
         let x = Tensor::<4>::random([batch, c_in, side, side], Distribution::Normal(0.0, 2.0), &device).require_grad();
         assert!(runs_kiln_kernel(&conv, &x, Activation::Identity), "kiln's kernel takes training's convolution");
@@ -74,15 +77,20 @@ fn training_convolutions_match_burns_values_and_gradients() {
         let ours_grads = (ours.clone() * upstream.clone()).sum().backward();
         let burns_grads = (burns.clone() * upstream).sum().backward();
 
-        let case = format!("{batch}x{c_in}->{c_out} {side}px k{kernel} s{stride}");
-        let values = relative_to_scale(&read_floats(ours).unwrap(), &read_floats(burns).unwrap());
-        assert!(values < 1e-5, "{case}: values differ by {values} of their scale");
+        let case = format!("{batch}x{c_in}->{c_out} {side}px k{kernel} s{stride} p{padding} bias {bias}");
+        let close = |what: &str, a: Vec<f32>, b: Vec<f32>| {
+            let error = relative_to_scale(&a, &b);
+            assert!(error < 1e-5, "{case}: {what} differ by {error} of their scale");
+        };
+        close("values", read_floats(ours).unwrap(), read_floats(burns).unwrap());
         let weight_grad = |grads| read_floats(conv.weight.grad(grads).expect("the weight has a gradient")).unwrap();
-        let weights = relative_to_scale(&weight_grad(&ours_grads), &weight_grad(&burns_grads));
-        assert!(weights < 1e-5, "{case}: weight gradients differ by {weights} of their scale");
+        close("weight gradients", weight_grad(&ours_grads), weight_grad(&burns_grads));
         let input_grad = |grads| read_floats(x.grad(grads).expect("the input has a gradient")).unwrap();
-        let inputs = relative_to_scale(&input_grad(&ours_grads), &input_grad(&burns_grads));
-        assert!(inputs < 1e-5, "{case}: input gradients differ by {inputs} of their scale");
+        close("input gradients", input_grad(&ours_grads), input_grad(&burns_grads));
+        if let Some(bias) = &conv.bias {
+            let bias_grad = |grads| read_floats(bias.grad(grads).expect("the bias has a gradient")).unwrap();
+            close("bias gradients", bias_grad(&ours_grads), bias_grad(&burns_grads));
+        }
     }
 }
 
@@ -113,4 +121,69 @@ fn silu_values_and_gradients_match_burns() {
     let ours = read_floats(silu(plain.clone())).unwrap();
     let burns = read_floats(burn::tensor::activation::silu(plain)).unwrap();
     assert!(relative_to_scale(&ours, &burns) < 1e-6);
+}
+
+/// kiln's training BatchNorm against burn-nn's: the output, the running statistics it leaves,
+/// and the gradients of the input, gamma and beta, within 1e-5 of their scale (sums in another
+/// order, kiln's in float64); a plane of one value, a batch of one, a mean far from zero.
+#[test]
+fn batch_norm_values_statistics_and_gradients_match_burn_nn() {
+    use burn::module::Param;
+    use burn::nn::BatchNormConfig;
+    use kiln_models::nn::batch_norm;
+
+    let device = Device::flex().autodiff();
+    for (shape, mean) in [([2, 5, 7, 9], 0.0), ([8, 16, 40, 40], 3.0), ([1, 3, 1, 1], 0.0), ([3, 24, 1, 1], -2.0)] {
+        let channels = shape[1];
+        let gamma = Tensor::<1>::random([channels], Distribution::Uniform(0.5, 1.5), &device);
+        let beta = Tensor::<1>::random([channels], Distribution::Uniform(-0.5, 0.5), &device);
+        let running = Tensor::<1>::random([channels], Distribution::Uniform(0.5, 1.5), &device);
+        let make = || {
+            let mut bn = BatchNormConfig::new(channels).with_epsilon(1e-3).with_momentum(0.03).init(&device);
+            bn.gamma = Param::from_tensor(gamma.clone());
+            bn.beta = Param::from_tensor(beta.clone());
+            bn.running_var.update(running.clone());
+            bn
+        };
+        let (ours_bn, burns_bn) = (make(), make());
+        let x = Tensor::<4>::random(shape, Distribution::Normal(mean, 2.0), &device).require_grad();
+        let upstream = Tensor::<4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+        assert!(
+            kiln_models::nn::batch_norm::flex::train(&x, &gamma, &beta, 1e-3).is_some(),
+            "kiln's kernel takes a flex autodiff tensor"
+        );
+
+        let ours = batch_norm(&ours_bn, x.clone());
+        let ours_grads = (ours.clone() * upstream.clone()).sum().backward();
+        let burns = burns_bn.forward(x.clone());
+        let burns_grads = (burns.clone() * upstream).sum().backward();
+
+        let case = format!("{shape:?} mean {mean}");
+        let close = |what: &str, a: Vec<f32>, b: Vec<f32>| {
+            let error = relative_to_scale(&a, &b);
+            assert!(error < 1e-5, "{case}: {what} differs by {error} of its scale");
+        };
+        close("the output", read_floats(ours).unwrap(), read_floats(burns).unwrap());
+        let statistic = |t: Tensor<1>| read_floats(t).unwrap();
+        let moved = statistic(ours_bn.running_mean.value_sync());
+        assert!(moved.iter().any(|&m| m != 0.0), "{case}: the running mean moved from its zeros");
+        close(
+            "the running mean",
+            statistic(ours_bn.running_mean.value_sync()),
+            statistic(burns_bn.running_mean.value_sync()),
+        );
+        close(
+            "the running variance",
+            statistic(ours_bn.running_var.value_sync()),
+            statistic(burns_bn.running_var.value_sync()),
+        );
+        let x_grad = |grads| read_floats(x.grad(grads).expect("the input has a gradient")).unwrap();
+        close("the input gradient", x_grad(&ours_grads), x_grad(&burns_grads));
+        let param_grad = |bn: &burn::nn::BatchNorm, grads, gamma: bool| {
+            let param = if gamma { &bn.gamma } else { &bn.beta };
+            read_floats(param.grad(grads).expect("the parameter has a gradient")).unwrap()
+        };
+        close("gamma's gradient", param_grad(&ours_bn, &ours_grads, true), param_grad(&burns_bn, &burns_grads, true));
+        close("beta's gradient", param_grad(&ours_bn, &ours_grads, false), param_grad(&burns_bn, &burns_grads, false));
+    }
 }

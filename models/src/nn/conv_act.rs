@@ -137,12 +137,16 @@ mod flex {
             return None;
         }
         if let Ok(x) = x.clone().try_into_primitive::<Autodiff<Flex>>() {
-            // Training: a convolution without bias or activation (a BatchNorm follows it).
-            if conv.bias.is_some() || activation != Activation::Identity {
+            // Training: a convolution without activation (a BatchNorm follows it, or it ends a head).
+            if activation != Activation::Identity {
                 return None;
             }
             let weight = conv.weight.val().try_into_primitive::<Autodiff<Flex>>().ok()?;
-            return tracked::conv2d(x, weight, conv.stride, padding, method)
+            let bias = match &conv.bias {
+                Some(bias) => Some(bias.val().try_into_primitive::<Autodiff<Flex>>().ok()?),
+                None => None,
+            };
+            return tracked::conv2d(x, weight, bias, conv.stride, padding, method)
                 .map(Tensor::from_primitive::<Autodiff<Flex>>);
         }
         let x = x.clone().try_into_primitive::<Flex>().ok()?;
@@ -203,11 +207,11 @@ mod flex {
     mod backward;
 
     /// Under autodiff: the forward pass through [`compute`], the backward pass kiln's
-    /// ([`backward`]: the weight gradient always, the input gradient at stride 1) or, for the
-    /// input gradient of a strided convolution, Burn flex's `conv2d_x_backward`; the input and
-    /// weight saved as Burn saves them.
+    /// ([`backward`]; Burn flex's `conv2d_x_backward` / `conv2d_weight_backward` with
+    /// `KILN_CONV_BACKWARD=burn`); the input and weight saved as Burn saves them.
     mod tracked {
         use super::{ConvShape, Method, backward, compute};
+        use burn::backend::autodiff::NodeId;
         use burn::backend::autodiff::checkpoint::base::Checkpointer;
         use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
         use burn::backend::autodiff::grads::Gradients;
@@ -235,57 +239,106 @@ mod flex {
                 let [node_x, node_weight] = ops.parents;
                 let grad = grads.consume::<Flex>(&ops.node);
                 let (x, weight, options) = ops.state;
-                if burns_backward() {
-                    if let Some(node) = node_x {
-                        let grad_x = Flex::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone());
-                        grads.register::<Flex>(node.id, grad_x);
-                    }
-                    if let Some(node) = node_weight {
-                        grads.register::<Flex>(node.id, Flex::conv2d_weight_backward(x, weight, grad, options));
-                    }
-                    return;
+                register(node_x.map(|n| n.id), node_weight.map(|n| n.id), x, weight, grad, options, grads);
+            }
+        }
+
+        /// A convolution with a bias (the heads' last): its gradient is the output gradient's sum
+        /// per channel.
+        #[derive(Debug)]
+        struct Conv2dBiasBackward;
+
+        impl Backward<Flex, 3> for Conv2dBiasBackward {
+            type State = (FlexTensor, FlexTensor, ConvOptions<2>);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_x, node_weight, node_bias] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (x, weight, options) = ops.state;
+                if let Some(node) = node_bias {
+                    let grad = grad.to_contiguous();
+                    let dims = grad.layout().shape().to_vec();
+                    let (channels, plane) = (dims[1], dims[2..].iter().product());
+                    let values = backward::bias_gradient(grad.storage::<f32>(), channels, plane);
+                    grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(values, [channels])));
                 }
-                let (x, weight, grad) = (x.to_contiguous(), weight.to_contiguous(), grad.to_contiguous());
-                let x_dims = x.layout().shape().to_vec();
-                let weight_dims = weight.layout().shape().to_vec();
-                let shape = ConvShape {
-                    batch: x_dims[0],
-                    channels_in: x_dims[1],
-                    height: x_dims[2],
-                    width: x_dims[3],
-                    channels_out: weight_dims[0],
-                    kernel: [weight_dims[2], weight_dims[3]],
-                    stride: options.stride,
-                    // Symmetric: `conv2d` below makes the options from one padding per side.
-                    padding: options.padding.map(|(begin, _)| begin),
-                };
+                register(node_x.map(|n| n.id), node_weight.map(|n| n.id), x, weight, grad, options, grads);
+            }
+        }
+
+        /// Registers the gradients of the input and the weight (those asked for).
+        fn register(
+            node_x: Option<NodeId>,
+            node_weight: Option<NodeId>,
+            x: FlexTensor,
+            weight: FlexTensor,
+            grad: FlexTensor,
+            options: ConvOptions<2>,
+            grads: &mut Gradients,
+        ) {
+            if burns_backward() {
                 if let Some(node) = node_x {
-                    let grad_x = match backward::input_gradient(weight.storage::<f32>(), grad.storage::<f32>(), &shape)
-                    {
-                        Some(values) => FlexTensor::from_data(TensorData::new(values, x_dims.clone())),
-                        None => Flex::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options),
-                    };
-                    grads.register::<Flex>(node.id, grad_x);
+                    let grad_x = Flex::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options.clone());
+                    grads.register::<Flex>(node, grad_x);
                 }
                 if let Some(node) = node_weight {
-                    let values = backward::weight_gradient(x.storage::<f32>(), grad.storage::<f32>(), &shape);
-                    grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(values, weight_dims)));
+                    grads.register::<Flex>(node, Flex::conv2d_weight_backward(x, weight, grad, options));
                 }
+                return;
+            }
+            let (x, weight, grad) = (x.to_contiguous(), weight.to_contiguous(), grad.to_contiguous());
+            let x_dims = x.layout().shape().to_vec();
+            let weight_dims = weight.layout().shape().to_vec();
+            let shape = ConvShape {
+                batch: x_dims[0],
+                channels_in: x_dims[1],
+                height: x_dims[2],
+                width: x_dims[3],
+                channels_out: weight_dims[0],
+                kernel: [weight_dims[2], weight_dims[3]],
+                stride: options.stride,
+                // Symmetric: `conv2d` below makes the options from one padding per side.
+                padding: options.padding.map(|(begin, _)| begin),
+            };
+            if let Some(node) = node_x {
+                let values = backward::input_gradient(weight.storage::<f32>(), grad.storage::<f32>(), &shape);
+                grads.register::<Flex>(node, FlexTensor::from_data(TensorData::new(values, x_dims)));
+            }
+            if let Some(node) = node_weight {
+                let values = backward::weight_gradient(x.storage::<f32>(), grad.storage::<f32>(), &shape);
+                grads.register::<Flex>(node, FlexTensor::from_data(TensorData::new(values, weight_dims)));
             }
         }
 
         pub(in super::super) fn conv2d(
             x: FloatTensor<Autodiff<Flex>>,
             weight: FloatTensor<Autodiff<Flex>>,
+            bias: Option<FloatTensor<Autodiff<Flex>>>,
             stride: [usize; 2],
             padding: [usize; 2],
             method: Method,
         ) -> Option<FloatTensor<Autodiff<Flex>>> {
-            let output =
-                compute(x.primitive(), weight.primitive(), None, stride, padding, super::Activation::Identity, method)?;
-            let nodes = [x.node(), weight.node()];
+            let output = compute(
+                x.primitive(),
+                weight.primitive(),
+                bias.as_ref().map(|b| b.primitive()),
+                stride,
+                padding,
+                super::Activation::Identity,
+                method,
+            )?;
             let options = ConvOptions::new(stride, padding, [1, 1], 1);
-            Some(match Conv2dBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+            let Some(bias) = bias else {
+                let nodes = [x.node(), weight.node()];
+                return Some(match Conv2dBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+                    OpsKind::Tracked(prep) => {
+                        prep.finish((x.into_primitive(), weight.into_primitive(), options), output)
+                    }
+                    OpsKind::UnTracked(prep) => prep.finish(output),
+                });
+            };
+            let nodes = [x.node(), weight.node(), bias.node()];
+            Some(match Conv2dBiasBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => prep.finish((x.into_primitive(), weight.into_primitive(), options), output),
                 OpsKind::UnTracked(prep) => prep.finish(output),
             })

@@ -12,19 +12,20 @@
 //! dropped positions zero) and X_t the [span, c_in] view of the padded input shifted by the tap's
 //! offset (column c is channel c's plane, contiguous): one gemm per image and tap, no im2col. At
 //! stride 1 the input gradient is the convolution of the output gradient with the weights
-//! flipped and transposed, padded k - 1 - p: the forward kernel itself.
+//! flipped and transposed, padded k - 1 - p: the forward kernel itself; at other strides it is
+//! W^T G per image (one gemm) added back where each tap read (col2im).
 
 use super::super::Activation;
 use super::{ConvShape, Method, OutputPtr, PaddedLayout, conv2d_f32, pad_phases};
 use rayon::prelude::*;
 
-/// dL/dx of a convolution without bias, from dL/dy (`grad`, [batch, c_out, out_h, out_w]); None
-/// for a case it does not cover (a stride other than 1: Burn's transposed convolution runs then).
-pub(in super::super) fn input_gradient(weight: &[f32], grad: &[f32], shape: &ConvShape) -> Option<Vec<f32>> {
+/// dL/dx of a convolution ([batch, c_in, height, width]) from dL/dy (`grad`, [batch, c_out,
+/// out_h, out_w]).
+pub(in super::super) fn input_gradient(weight: &[f32], grad: &[f32], shape: &ConvShape) -> Vec<f32> {
     let [kernel_h, kernel_w] = shape.kernel;
     let [pad_h, pad_w] = shape.padding;
     if shape.stride != [1, 1] || pad_h >= kernel_h || pad_w >= kernel_w {
-        return None;
+        return scattered_input_gradient(weight, grad, shape);
     }
     let (c_out, c_in) = (shape.channels_out, shape.channels_in);
     // flipped[i][o][ky][kx] = weight[o][i][kh - 1 - ky][kw - 1 - kx]
@@ -50,7 +51,90 @@ pub(in super::super) fn input_gradient(weight: &[f32], grad: &[f32], shape: &Con
         padding: [kernel_h - 1 - pad_h, kernel_w - 1 - pad_w],
     };
     debug_assert_eq!((transposed.out_h(), transposed.out_w()), (shape.height, shape.width));
-    Some(conv2d_f32(grad, &flipped, None, &transposed, Activation::Identity, Method::Fastest))
+    conv2d_f32(grad, &flipped, None, &transposed, Activation::Identity, Method::Fastest)
+}
+
+/// The input gradient of a strided convolution: per image, the columns W^T G ([c_in x taps,
+/// positions], one gemm) added back where each tap read them (col2im). Images in parallel, each
+/// whole on one thread: every value is summed in one order.
+fn scattered_input_gradient(weight: &[f32], grad: &[f32], shape: &ConvShape) -> Vec<f32> {
+    let (c_in, c_out) = (shape.channels_in, shape.channels_out);
+    let (height, width) = (shape.height, shape.width);
+    let (out_h, out_w) = (shape.out_h(), shape.out_w());
+    let [kernel_h, kernel_w] = shape.kernel;
+    let [stride_h, stride_w] = shape.stride;
+    let [pad_h, pad_w] = shape.padding;
+    let (positions, rows) = (out_h * out_w, c_in * kernel_h * kernel_w);
+    let input_len = c_in * height * width;
+    let mut dx = vec![0f32; shape.batch * input_len];
+    if dx.is_empty() || positions == 0 || c_out == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(input_len).enumerate().for_each_init(Vec::new, |columns: &mut Vec<f32>, (image, dx)| {
+        columns.resize(rows * positions, 0.0);
+        // SAFETY: dst is the [rows, positions] `columns`; lhs(i, o) = weight[o * rows + i] (the
+        // [c_out, rows] weight transposed), rhs(o, j) = grad[image][o][j], all within bounds.
+        unsafe {
+            gemm::gemm(
+                rows,
+                positions,
+                c_out,
+                columns.as_mut_ptr(),
+                1,
+                positions as isize,
+                false,
+                weight.as_ptr(),
+                rows as isize,
+                1,
+                grad[image * c_out * positions..].as_ptr(),
+                1,
+                positions as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
+        for (c, plane) in dx.chunks_exact_mut(height * width).enumerate() {
+            for ky in 0..kernel_h {
+                for kx in 0..kernel_w {
+                    let row = &columns[((c * kernel_h + ky) * kernel_w + kx) * positions..][..positions];
+                    // Output columns whose input column ox * stride_w + kx - pad_w is in the image.
+                    let first = pad_w.saturating_sub(kx).div_ceil(stride_w);
+                    let end = if width + pad_w > kx { ((width + pad_w - kx - 1) / stride_w + 1).min(out_w) } else { 0 };
+                    for oy in 0..out_h {
+                        let iy = oy * stride_h + ky;
+                        if iy < pad_h || iy - pad_h >= height || first >= end {
+                            continue;
+                        }
+                        let line = &mut plane[(iy - pad_h) * width..][..width];
+                        let source = &row[oy * out_w..][..out_w];
+                        for ox in first..end {
+                            line[ox * stride_w + kx - pad_w] += source[ox];
+                        }
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// dL/db of a convolution: dL/dy ([batch, channels, plane]) summed per channel, each channel
+/// on one thread, in float64 over float32 blocks.
+pub(in super::super) fn bias_gradient(grad: &[f32], channels: usize, plane: usize) -> Vec<f32> {
+    if plane == 0 {
+        return vec![0.0; channels];
+    }
+    (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            let planes = grad.chunks_exact(plane).skip(c).step_by(channels);
+            planes.flat_map(|p| p.chunks(1024)).map(|block| block.iter().sum::<f32>() as f64).sum::<f64>() as f32
+        })
+        .collect()
 }
 
 /// dL/dW ([c_out, c_in, kh, kw]) of a convolution, from its input `x` and dL/dy (`grad`). Each

@@ -1,0 +1,250 @@
+//! BatchNorm in training (the batch's own statistics) in two passes forward and two backward on
+//! flex, each over all cores: Ultralytics' `Conv` normalises every convolution's output with it.
+//!
+//! Why: Burn's `batch_norm_train` is composed of tensor operations: the mean and the variance
+//! each from a copy of the input transposed to [channels, batch x positions], then five
+//! element-wise passes for the output; its backward pass two more transposed copies and about
+//! eight passes. Profiled on the yolov8n-seg training step (flex, batch 8, 320 px) those copies
+//! and passes were the largest share after the convolutions. Here the forward pass reads the
+//! input twice for the statistics (the mean, then the centred squares, as Burn does, so that a
+//! large mean does not cost the variance its precision) and once for the output; the backward
+//! pass reads the input and the gradient once for the two sums per channel and once for the input
+//! gradient, written by hand:
+//! dx = gamma / sqrt(var + eps) * (g - mean(g) - x_hat * mean(g * x_hat)),
+//! dgamma = sum(g * x_hat), dbeta = sum(g). Sums are per channel in float64 over float32 partial
+//! sums, each channel on one thread, so a run repeats itself exactly.
+//!
+//! The running statistics are updated as burn-nn's `BatchNorm` updates them. Other backends,
+//! inference, dtypes other than float32, and `KILN_FLEX_KERNELS=0` take burn-nn's `forward`, which
+//! this is tested against (values, running statistics, the gradients of the input, `gamma` and
+//! `beta`: `training/tests/fused_conv_training.rs`).
+
+use burn::nn::BatchNorm;
+use burn::tensor::Tensor;
+
+/// `bn.forward(x)`, by kiln's kernel where it applies (training on flex, float32).
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if super::conv_act::flex_kernels()
+        && x.device().is_autodiff()
+        && bn.training.is_enabled()
+        && let Some((output, mean, variance)) = flex::train(&x, &bn.gamma.val(), &bn.beta.val(), bn.epsilon)
+    {
+        // As burn-nn's `BatchNorm::forward_train` updates them (the biased variance, detached).
+        let device = output.device();
+        let running_mean = bn.running_mean.value_sync().to_device(&device);
+        let running_var = bn.running_var.value_sync().to_device(&device);
+        let running_mean = running_mean.mul_scalar(1.0 - bn.momentum).add(mean.mul_scalar(bn.momentum));
+        let running_var = running_var.mul_scalar(1.0 - bn.momentum).add(variance.mul_scalar(bn.momentum));
+        bn.running_mean.update(running_mean.detach());
+        bn.running_var.update(running_var.detach());
+        return output;
+    }
+    bn.forward(x)
+}
+
+#[cfg(feature = "flex")]
+pub mod flex {
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{DType, Tensor, TensorData};
+    use rayon::prelude::*;
+
+    /// Values a task covers at least (smaller planes are grouped).
+    const TASK_VALUES: usize = 1 << 14;
+
+    /// The batch-statistics normalisation of a float32 flex autodiff tensor [batch, channels,
+    /// height, width]: (output, batch mean, biased batch variance), the statistics detached;
+    /// None for any other tensor (the caller falls back).
+    pub fn train(
+        x: &Tensor<4>,
+        gamma: &Tensor<1>,
+        beta: &Tensor<1>,
+        epsilon: f64,
+    ) -> Option<(Tensor<4>, Tensor<1>, Tensor<1>)> {
+        if x.dtype() != DType::F32 || gamma.dtype() != DType::F32 || beta.dtype() != DType::F32 {
+            return None;
+        }
+        let device = x.device();
+        let x = x.clone().try_into_primitive::<Autodiff<Flex>>().ok()?;
+        let gamma = gamma.clone().try_into_primitive::<Autodiff<Flex>>().ok()?;
+        let beta = beta.clone().try_into_primitive::<Autodiff<Flex>>().ok()?;
+        if [x.primitive(), gamma.primitive(), beta.primitive()].iter().any(|t| t.dtype() != DType::F32) {
+            return None;
+        }
+        let input = x.primitive().to_contiguous();
+        let dims = input.layout().shape().as_slice().to_vec();
+        let &[batch, channels, height, width] = dims.as_slice() else { return None };
+        let plane = height * width;
+        let gamma_values = gamma.primitive().to_contiguous().storage::<f32>().to_vec();
+        let beta_values = beta.primitive().to_contiguous().storage::<f32>().to_vec();
+        if batch * plane == 0 || gamma_values.len() != channels || beta_values.len() != channels {
+            return None;
+        }
+        let values = input.storage::<f32>();
+        let count = (batch * plane) as f64;
+        let mean: Vec<f64> = (0..channels)
+            .into_par_iter()
+            .map(|c| planes(values, c, channels, plane).map(sum).sum::<f64>() / count)
+            .collect();
+        let variance: Vec<f64> = (0..channels)
+            .into_par_iter()
+            .map(|c| {
+                let m = mean[c] as f32;
+                planes(values, c, channels, plane).map(|p| centred_squares(p, m)).sum::<f64>() / count
+            })
+            .collect();
+        let inv_std: Vec<f32> = variance.iter().map(|v| (1.0 / (v + epsilon).sqrt()) as f32).collect();
+        let mean: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        let mut output = vec![0f32; values.len()];
+        output
+            .par_chunks_mut(plane)
+            .zip(values.par_chunks(plane))
+            .enumerate()
+            .with_min_len(TASK_VALUES.div_ceil(plane))
+            .for_each(|(index, (out, x))| {
+                let c = index % channels;
+                let (scale, m, shift) = (inv_std[c] * gamma_values[c], mean[c], beta_values[c]);
+                out.iter_mut().zip(x).for_each(|(o, &v)| *o = (v - m) * scale + shift);
+            });
+        let output = FlexTensor::from_data(TensorData::new(output, dims));
+        let nodes = [x.node(), gamma.node(), beta.node()];
+        let state = Saved { input, gamma: gamma_values, mean: mean.clone(), inv_std };
+        let output = match BatchNormBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(state, output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        };
+        let statistic = |values: Vec<f32>| Tensor::<1>::from_data(TensorData::new(values, [channels]), &device);
+        let variance = variance.iter().map(|&v| v as f32).collect();
+        Some((Tensor::from_primitive::<Autodiff<Flex>>(output), statistic(mean), statistic(variance)))
+    }
+
+    /// What the backward pass reads: the input, gamma, and the batch's mean and 1/sqrt(var + eps).
+    #[derive(Clone, Debug)]
+    struct Saved {
+        input: FlexTensor,
+        gamma: Vec<f32>,
+        mean: Vec<f32>,
+        inv_std: Vec<f32>,
+    }
+
+    #[derive(Debug)]
+    struct BatchNormBackward;
+
+    impl Backward<Flex, 3> for BatchNormBackward {
+        type State = Saved;
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let [node_x, node_gamma, node_beta] = ops.parents;
+            let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+            let Saved { input, gamma, mean, inv_std } = ops.state;
+            let dims = input.layout().shape().as_slice().to_vec();
+            let (channels, plane) = (dims[1], dims[2] * dims[3]);
+            let (x, g) = (input.storage::<f32>(), grad.storage::<f32>());
+            assert_eq!(x.len(), g.len(), "BatchNorm backward: the gradient has the input's shape");
+            // Per channel: sum(g) and sum(g * x_hat).
+            let sums: Vec<(f64, f64)> = (0..channels)
+                .into_par_iter()
+                .map(|c| {
+                    planes(x, c, channels, plane).zip(planes(g, c, channels, plane)).fold(
+                        (0.0, 0.0),
+                        |(sg, sgx), (x, g)| {
+                            let (a, b) = grad_sums(x, g, mean[c], inv_std[c]);
+                            (sg + a, sgx + b)
+                        },
+                    )
+                })
+                .collect();
+            if let Some(node) = node_x {
+                let count = (x.len() / channels) as f64;
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(plane)
+                    .zip(x.par_chunks(plane).zip(g.par_chunks(plane)))
+                    .enumerate()
+                    .with_min_len(TASK_VALUES.div_ceil(plane))
+                    .for_each(|(index, (dx, (x, g)))| {
+                        let c = index % channels;
+                        let (m, s) = (mean[c], inv_std[c]);
+                        let (mean_g, mean_gx) = ((sums[c].0 / count) as f32, (sums[c].1 / count) as f32);
+                        let scale = gamma[c] * s;
+                        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                            *d = scale * (g - mean_g - (x - m) * s * mean_gx);
+                        }
+                    });
+                grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, dims)));
+            }
+            let per_channel = |values: Vec<f32>| FlexTensor::from_data(TensorData::new(values, [channels]));
+            if let Some(node) = node_gamma {
+                grads.register::<Flex>(node.id, per_channel(sums.iter().map(|s| s.1 as f32).collect()));
+            }
+            if let Some(node) = node_beta {
+                grads.register::<Flex>(node.id, per_channel(sums.iter().map(|s| s.0 as f32).collect()));
+            }
+        }
+    }
+
+    /// The [height x width] planes of channel `c`, image by image.
+    fn planes(values: &[f32], c: usize, channels: usize, plane: usize) -> impl Iterator<Item = &[f32]> {
+        values.chunks_exact(plane).skip(c).step_by(channels)
+    }
+
+    /// Values per float32 partial sum: blocks of this many go into float64.
+    const BLOCK: usize = 1024;
+
+    fn sum(values: &[f32]) -> f64 {
+        values.chunks(BLOCK).map(|block| lanes(block, |v| v) as f64).sum()
+    }
+
+    fn centred_squares(values: &[f32], mean: f32) -> f64 {
+        values
+            .chunks(BLOCK)
+            .map(|block| {
+                lanes(block, |v| {
+                    let d = v - mean;
+                    d * d
+                }) as f64
+            })
+            .sum()
+    }
+
+    /// (sum(g), sum(g * (x - mean) * inv_std)) over one plane.
+    fn grad_sums(x: &[f32], g: &[f32], mean: f32, inv_std: f32) -> (f64, f64) {
+        let (mut sg, mut sgx) = (0f64, 0f64);
+        for (x, g) in x.chunks(BLOCK).zip(g.chunks(BLOCK)) {
+            let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+            let (xc, gc) = (x.chunks_exact(16), g.chunks_exact(16));
+            let (xr, gr) = (xc.remainder(), gc.remainder());
+            for (x, g) in xc.zip(gc) {
+                for i in 0..16 {
+                    a[i] += g[i];
+                    b[i] += g[i] * (x[i] - mean) * inv_std;
+                }
+            }
+            for (&x, &g) in xr.iter().zip(gr) {
+                a[0] += g;
+                b[0] += g * (x - mean) * inv_std;
+            }
+            sg += a.iter().sum::<f32>() as f64;
+            sgx += b.iter().sum::<f32>() as f64;
+        }
+        (sg, sgx)
+    }
+
+    /// The sum of f(v) over a block, in 16 float32 lanes (the loop vectorises).
+    #[inline(always)]
+    fn lanes(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+        let mut acc = [0f32; 16];
+        let chunks = values.chunks_exact(16);
+        let rest = chunks.remainder();
+        for chunk in chunks {
+            for i in 0..16 {
+                acc[i] += f(chunk[i]);
+            }
+        }
+        acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
+    }
+}
