@@ -108,8 +108,7 @@ pub mod flex {
             .with_min_len(TASK_VALUES.div_ceil(plane))
             .for_each(|(index, (out, x))| {
                 let c = index % channels;
-                let (scale, m, shift) = (inv_std[c] * gamma_values[c], mean[c], beta_values[c]);
-                out.iter_mut().zip(x).for_each(|(o, &v)| *o = (v - m) * scale + shift);
+                normalise(out, x, mean[c], inv_std[c] * gamma_values[c], beta_values[c]);
             });
         let output = FlexTensor::from_data(TensorData::new(output, dims));
         let nodes = [x.node(), gamma.node(), beta.node()];
@@ -150,13 +149,14 @@ pub mod flex {
             let sums: Vec<(f64, f64)> = (0..channels)
                 .into_par_iter()
                 .map(|c| {
-                    planes(x, c, channels, plane).zip(planes(g, c, channels, plane)).fold(
+                    let (sg, sgx) = planes(x, c, channels, plane).zip(planes(g, c, channels, plane)).fold(
                         (0.0, 0.0),
                         |(sg, sgx), (x, g)| {
-                            let (a, b) = grad_sums(x, g, mean[c], inv_std[c]);
+                            let (a, b) = grad_sums(x, g, mean[c]);
                             (sg + a, sgx + b)
                         },
-                    )
+                    );
+                    (sg, sgx * inv_std[c] as f64)
                 })
                 .collect();
             if let Some(node) = node_x {
@@ -168,12 +168,8 @@ pub mod flex {
                     .with_min_len(TASK_VALUES.div_ceil(plane))
                     .for_each(|(index, (dx, (x, g)))| {
                         let c = index % channels;
-                        let (m, s) = (mean[c], inv_std[c]);
                         let (mean_g, mean_gx) = ((sums[c].0 / count) as f32, (sums[c].1 / count) as f32);
-                        let scale = gamma[c] * s;
-                        for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                            *d = scale * (g - mean_g - (x - m) * s * mean_gx);
-                        }
+                        input_gradient(dx, x, g, mean[c], inv_std[c], gamma[c] * inv_std[c], mean_g, mean_gx);
                     });
                 grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, dims)));
             }
@@ -194,57 +190,87 @@ pub mod flex {
 
     /// Values per float32 partial sum: blocks of this many go into float64.
     const BLOCK: usize = 1024;
+    /// Float32 accumulators per sum: two AVX-512 registers (two chains of additions in flight).
+    const LANES: usize = 32;
 
-    fn sum(values: &[f32]) -> f64 {
-        values.chunks(BLOCK).map(|block| lanes(block, |v| v) as f64).sum()
-    }
-
-    fn centred_squares(values: &[f32], mean: f32) -> f64 {
-        values
-            .chunks(BLOCK)
-            .map(|block| {
-                lanes(block, |v| {
-                    let d = v - mean;
-                    d * d
-                }) as f64
-            })
-            .sum()
-    }
-
-    /// (sum(g), sum(g * (x - mean) * inv_std)) over one plane.
-    fn grad_sums(x: &[f32], g: &[f32], mean: f32, inv_std: f32) -> (f64, f64) {
-        let (mut sg, mut sgx) = (0f64, 0f64);
-        for (x, g) in x.chunks(BLOCK).zip(g.chunks(BLOCK)) {
-            let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
-            let (xc, gc) = (x.chunks_exact(16), g.chunks_exact(16));
-            let (xr, gr) = (xc.remainder(), gc.remainder());
-            for (x, g) in xc.zip(gc) {
-                for i in 0..16 {
-                    a[i] += g[i];
-                    b[i] += g[i] * (x[i] - mean) * inv_std;
+    widest! {
+        /// sum(v) over a slice, in float64 over float32 blocks.
+        pub(crate) fn sum(values: &[f32]) -> f64 {
+            let mut total = 0f64;
+            for block in values.chunks(BLOCK) {
+                let mut acc = [0f32; LANES];
+                let chunks = block.chunks_exact(LANES);
+                let rest: f32 = chunks.remainder().iter().sum();
+                for chunk in chunks {
+                    for i in 0..LANES {
+                        acc[i] += chunk[i];
+                    }
                 }
+                total += (acc.iter().sum::<f32>() + rest) as f64;
             }
-            for (&x, &g) in xr.iter().zip(gr) {
-                a[0] += g;
-                b[0] += g * (x - mean) * inv_std;
-            }
-            sg += a.iter().sum::<f32>() as f64;
-            sgx += b.iter().sum::<f32>() as f64;
+            total
         }
-        (sg, sgx)
     }
 
-    /// The sum of f(v) over a block, in 16 float32 lanes (the loop vectorises).
-    #[inline(always)]
-    fn lanes(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-        let mut acc = [0f32; 16];
-        let chunks = values.chunks_exact(16);
-        let rest = chunks.remainder();
-        for chunk in chunks {
-            for i in 0..16 {
-                acc[i] += f(chunk[i]);
+    widest! {
+        /// sum((v - mean)^2) over one plane.
+        fn centred_squares(values: &[f32], mean: f32) -> f64 {
+            let mut total = 0f64;
+            for block in values.chunks(BLOCK) {
+                let mut acc = [0f32; LANES];
+                let chunks = block.chunks_exact(LANES);
+                let rest: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+                for chunk in chunks {
+                    for i in 0..LANES {
+                        let d = chunk[i] - mean;
+                        acc[i] += d * d;
+                    }
+                }
+                total += (acc.iter().sum::<f32>() + rest) as f64;
+            }
+            total
+        }
+    }
+
+    widest! {
+        /// out = (x - mean) * scale + shift.
+        fn normalise(out: &mut [f32], x: &[f32], mean: f32, scale: f32, shift: f32) {
+            out.iter_mut().zip(x).for_each(|(o, &v)| *o = (v - mean) * scale + shift);
+        }
+    }
+
+    widest! {
+        /// (sum(g), sum(g * (x - mean))) over one plane.
+        fn grad_sums(x: &[f32], g: &[f32], mean: f32) -> (f64, f64) {
+            let (mut sg, mut sgx) = (0f64, 0f64);
+            for (x, g) in x.chunks(BLOCK).zip(g.chunks(BLOCK)) {
+                let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+                let (xc, gc) = (x.chunks_exact(LANES), g.chunks_exact(LANES));
+                let (mut ra, mut rb) = (0f32, 0f32);
+                for (&x, &g) in xc.remainder().iter().zip(gc.remainder()) {
+                    ra += g;
+                    rb += g * (x - mean);
+                }
+                for (x, g) in xc.zip(gc) {
+                    for i in 0..LANES {
+                        a[i] += g[i];
+                        b[i] += g[i] * (x[i] - mean);
+                    }
+                }
+                sg += (a.iter().sum::<f32>() + ra) as f64;
+                sgx += (b.iter().sum::<f32>() + rb) as f64;
+            }
+            (sg, sgx)
+        }
+    }
+
+    widest! {
+        /// dx = scale * (g - mean_g - (x - mean) * inv_std * mean_gx).
+        fn input_gradient(dx: &mut [f32], x: &[f32], g: &[f32], mean: f32, inv_std: f32, scale: f32, mean_g: f32, mean_gx: f32) {
+            let projection = inv_std * mean_gx;
+            for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                *d = scale * (g - mean_g - (x - mean) * projection);
             }
         }
-        acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
     }
 }

@@ -132,7 +132,7 @@ pub(in super::super) fn bias_gradient(grad: &[f32], channels: usize, plane: usiz
         .into_par_iter()
         .map(|c| {
             let planes = grad.chunks_exact(plane).skip(c).step_by(channels);
-            planes.flat_map(|p| p.chunks(1024)).map(|block| block.iter().sum::<f32>() as f64).sum::<f64>() as f32
+            planes.map(crate::nn::batch_norm::flex::sum).sum::<f64>() as f32
         })
         .collect()
 }
