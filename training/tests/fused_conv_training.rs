@@ -123,17 +123,25 @@ fn silu_values_and_gradients_match_burns() {
     assert!(relative_to_scale(&ours, &burns) < 1e-6);
 }
 
-/// kiln's training BatchNorm against burn-nn's: the output, the running statistics it leaves,
-/// and the gradients of the input, gamma and beta, within 1e-5 of their scale (sums in another
-/// order, kiln's in float64); a plane of one value, a batch of one, a mean far from zero.
+/// kiln's training BatchNorm, alone and followed by SiLU, against burn-nn's (and Burn's SiLU):
+/// the output, the running statistics it leaves, and the gradients of the input, gamma and beta,
+/// within 1e-5 of their scale (sums in another order, kiln's in float64); a plane of one value, a
+/// batch of one, a mean far from zero.
 #[test]
 fn batch_norm_values_statistics_and_gradients_match_burn_nn() {
     use burn::module::Param;
     use burn::nn::BatchNormConfig;
-    use kiln_models::nn::batch_norm;
+    use kiln_models::nn::{batch_norm, batch_norm_silu};
 
     let device = Device::flex().autodiff();
-    for (shape, mean) in [([2, 5, 7, 9], 0.0), ([8, 16, 40, 40], 3.0), ([1, 3, 1, 1], 0.0), ([3, 24, 1, 1], -2.0)] {
+    let cases = [
+        ([2, 5, 7, 9], 0.0),
+        ([8, 16, 40, 40], 3.0),
+        ([1, 3, 1, 1], 0.0),
+        ([3, 24, 1, 1], -2.0),
+        ([2, 4, 30, 50], 50.0),
+    ];
+    for ((shape, mean), with_silu) in cases.into_iter().flat_map(|case| [(case, false), (case, true)]) {
         let channels = shape[1];
         let gamma = Tensor::<1>::random([channels], Distribution::Uniform(0.5, 1.5), &device);
         let beta = Tensor::<1>::random([channels], Distribution::Uniform(-0.5, 0.5), &device);
@@ -149,16 +157,19 @@ fn batch_norm_values_statistics_and_gradients_match_burn_nn() {
         let x = Tensor::<4>::random(shape, Distribution::Normal(mean, 2.0), &device).require_grad();
         let upstream = Tensor::<4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
         assert!(
-            kiln_models::nn::batch_norm::flex::train(&x, &gamma, &beta, 1e-3).is_some(),
+            kiln_models::nn::batch_norm::flex::train(&x, &gamma, &beta, 1e-3, with_silu).is_some(),
             "kiln's kernel takes a flex autodiff tensor"
         );
 
-        let ours = batch_norm(&ours_bn, x.clone());
+        let (ours, burns) = if with_silu {
+            (batch_norm_silu(&ours_bn, x.clone()), burn::tensor::activation::silu(burns_bn.forward(x.clone())))
+        } else {
+            (batch_norm(&ours_bn, x.clone()), burns_bn.forward(x.clone()))
+        };
         let ours_grads = (ours.clone() * upstream.clone()).sum().backward();
-        let burns = burns_bn.forward(x.clone());
         let burns_grads = (burns.clone() * upstream).sum().backward();
 
-        let case = format!("{shape:?} mean {mean}");
+        let case = format!("{shape:?} mean {mean} silu {with_silu}");
         let close = |what: &str, a: Vec<f32>, b: Vec<f32>| {
             let error = relative_to_scale(&a, &b);
             assert!(error < 1e-5, "{case}: {what} differs by {error} of its scale");

@@ -211,6 +211,7 @@ mod flex {
     /// `KILN_CONV_BACKWARD=burn`); the input and weight saved as Burn saves them.
     mod tracked {
         use super::{ConvShape, Method, backward, compute};
+        use crate::nn::profile::{self, Kernel};
         use burn::backend::autodiff::NodeId;
         use burn::backend::autodiff::checkpoint::base::Checkpointer;
         use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -256,6 +257,7 @@ mod flex {
                 let grad = grads.consume::<Flex>(&ops.node);
                 let (x, weight, options) = ops.state;
                 if let Some(node) = node_bias {
+                    let _span = profile::span(Kernel::ConvBiasGradient);
                     let grad = grad.to_contiguous();
                     let dims = grad.layout().shape().to_vec();
                     let (channels, plane) = (dims[1], dims[2..].iter().product());
@@ -301,10 +303,12 @@ mod flex {
                 padding: options.padding.map(|(begin, _)| begin),
             };
             if let Some(node) = node_x {
+                let _span = profile::convolution_span(Kernel::ConvInputGradient, || shape.describe());
                 let values = backward::input_gradient(weight.storage::<f32>(), grad.storage::<f32>(), &shape);
                 grads.register::<Flex>(node, FlexTensor::from_data(TensorData::new(values, x_dims)));
             }
             if let Some(node) = node_weight {
+                let _span = profile::convolution_span(Kernel::ConvWeightGradient, || shape.describe());
                 let values = backward::weight_gradient(x.storage::<f32>(), grad.storage::<f32>(), &shape);
                 grads.register::<Flex>(node, FlexTensor::from_data(TensorData::new(values, weight_dims)));
             }
@@ -318,6 +322,20 @@ mod flex {
             padding: [usize; 2],
             method: Method,
         ) -> Option<FloatTensor<Autodiff<Flex>>> {
+            let _span = profile::convolution_span(Kernel::ConvForward, || {
+                let (x, w) = (x.primitive().layout().shape().to_vec(), weight.primitive().layout().shape().to_vec());
+                ConvShape {
+                    batch: x[0],
+                    channels_in: x[1],
+                    height: x[2],
+                    width: x[3],
+                    channels_out: w[0],
+                    kernel: [w[2], w[3]],
+                    stride,
+                    padding,
+                }
+                .describe()
+            });
             let output = compute(
                 x.primitive(),
                 weight.primitive(),
@@ -363,6 +381,24 @@ mod flex {
         fn out_w(&self) -> usize {
             (self.width + 2 * self.padding[1] - self.kernel[1]) / self.stride[1] + 1
         }
+        /// For the profile: a name and the multiply-adds of one call.
+        pub(super) fn describe(&self) -> (String, u64) {
+            let name = format!(
+                "{}x{}->{} {}x{} s{} {}x{}",
+                self.batch,
+                self.channels_in,
+                self.channels_out,
+                self.kernel[0],
+                self.kernel[1],
+                self.stride[0],
+                self.height,
+                self.width
+            );
+            let taps = self.kernel[0] * self.kernel[1];
+            let macs = self.batch * self.channels_out * self.channels_in * taps * self.out_h() * self.out_w();
+            (name, macs as u64)
+        }
+
         fn is_pointwise(&self) -> bool {
             self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
         }

@@ -30,9 +30,10 @@ pub mod batch_norm;
 pub mod conv_act;
 pub mod layer_norm_2d;
 pub mod mlp;
+pub mod profile;
 pub mod silu;
 
-pub use batch_norm::batch_norm;
+pub use batch_norm::{batch_norm, batch_norm_silu};
 pub use conv_act::{Activation, conv2d_activation, flex_kernels, on_flex_workers, runs_kiln_kernel, set_flex_kernels};
 pub use layer_norm_2d::LayerNorm2d;
 pub use mlp::Mlp;

@@ -64,6 +64,7 @@ pub mod flex {
         type State = FlexTensor;
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let _span = crate::nn::profile::span(crate::nn::profile::Kernel::SiluBackward);
             let input = ops.state;
             unary::<Flex, _>(ops.parents, ops.node, grads, |grad| backward(&input, &grad));
         }
@@ -73,6 +74,7 @@ pub mod flex {
     // training does not checkpoint, and a saved input is less than Burn's composition keeps
     // (the input and the sigmoid).
     fn silu_tracked(x: FloatTensor<Autodiff<Flex>>) -> FloatTensor<Autodiff<Flex>> {
+        let _span = crate::nn::profile::span(crate::nn::profile::Kernel::SiluForward);
         let guard = x.node();
         let input = x.into_primitive();
         let output = forward(&input);

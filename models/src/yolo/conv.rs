@@ -7,7 +7,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, FloatDType, Tensor};
 
-use crate::nn::{Activation, batch_norm, conv2d_activation, silu};
+use crate::nn::{Activation, batch_norm_silu, conv2d_activation, silu};
 
 #[derive(Module, Debug)]
 pub struct Conv {
@@ -49,7 +49,7 @@ impl Conv {
         if self.folded {
             return silu(y);
         }
-        silu(batch_norm(&self.bn, y))
+        batch_norm_silu(&self.bn, y)
     }
 
     /// Folds the BatchNorm (inference statistics) into the convolution, as ONNX export does:
