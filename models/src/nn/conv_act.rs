@@ -1023,7 +1023,7 @@ mod simd {
 /// two parts, a degree-5 polynomial; within 2 ulp of libm), the argument clamped to where the
 /// result is a normal float (SiLU reads e^x only through 1 / (1 + e^x), which saturates there).
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;

@@ -28,6 +28,7 @@ macro_rules! widest {
 
 pub mod batch_norm;
 pub mod conv_act;
+pub mod gelu;
 pub mod layer_norm_2d;
 pub mod mlp;
 pub mod profile;
@@ -35,6 +36,7 @@ pub mod silu;
 
 pub use batch_norm::{batch_norm, batch_norm_silu};
 pub use conv_act::{Activation, conv2d_activation, flex_kernels, on_flex_workers, runs_kiln_kernel, set_flex_kernels};
+pub use gelu::gelu;
 pub use layer_norm_2d::LayerNorm2d;
 pub use mlp::Mlp;
 pub use silu::silu;

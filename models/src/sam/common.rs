@@ -5,7 +5,9 @@
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
-use burn::tensor::activation::{gelu, relu};
+use burn::tensor::activation::relu;
+
+use crate::nn::gelu;
 use burn::tensor::{Device, Tensor};
 
 use crate::nn::LayerNorm2d;

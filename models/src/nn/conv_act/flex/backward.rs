@@ -137,10 +137,22 @@ pub(in super::super) fn bias_gradient(grad: &[f32], channels: usize, plane: usiz
         .collect()
 }
 
-/// dL/dW ([c_out, c_in, kh, kw]) of a convolution, from its input `x` and dL/dy (`grad`). Each
-/// image's share is computed apart and the shares are added in image order, so the result does
-/// not depend on how the thread pool splits the work (training must repeat itself exactly).
+/// dL/dW ([c_out, c_in, kh, kw]) of a convolution, from its input `x` and dL/dy (`grad`): on
+/// AVX-512 CPUs, for 3x3 and 1x1 kernels over at least 16 input channels, by
+/// [`direct::weight_gradient`]; elsewhere by gemm ([`gemm_weight_gradient`]). Either way every
+/// value is summed in one fixed order, whatever the thread pool does (training must repeat
+/// itself exactly).
 pub(in super::super) fn weight_gradient(x: &[f32], grad: &[f32], shape: &ConvShape) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(values) = direct::weight_gradient(x, grad, shape) {
+        return values;
+    }
+    gemm_weight_gradient(x, grad, shape)
+}
+
+/// The weight gradient by gemm: for each image and tap, dW[:, :, tap] = G X_tap on the padded copy;
+/// each image's share is computed apart and the shares are added in image order.
+pub(in super::super) fn gemm_weight_gradient(x: &[f32], grad: &[f32], shape: &ConvShape) -> Vec<f32> {
     let (batch, c_in, c_out) = (shape.batch, shape.channels_in, shape.channels_out);
     let (out_h, out_w) = (shape.out_h(), shape.out_w());
     let [kernel_h, kernel_w] = shape.kernel;
@@ -240,4 +252,170 @@ pub(in super::super) fn weight_gradient(x: &[f32], grad: &[f32], shape: &ConvSha
     });
     shares.truncate(weight_len);
     shares
+}
+
+/// The weight gradient without gemm's packing: each image's input is laid out padded (as for the
+/// forward kernel) with 16 input channels interleaved per position ([block][position][16]), so
+/// that for a tap at offset o, X'[q + o] is one 16-wide vector of input channels. A micro-tile
+/// keeps ROWS output channels x TAPS taps x 16 input channels in registers and, per output
+/// position q, multiplies the broadcast G[row][q] with the TAPS vectors X'[q + o_t]: every value
+/// of the tile is a final dW value, accumulated over all images and positions (no shares to add,
+/// no horizontal sums). Tasks take one block of 16 input channels and a group of row blocks, and
+/// go image by image, chunk by chunk of positions, every tile of the task per chunk (its input
+/// chunk then stays in L1, its gradient rows in L2).
+#[cfg(target_arch = "x86_64")]
+mod direct {
+    use super::super::{ConvShape, PaddedLayout, pad_phases};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// Input channels per vector.
+    const LANES: usize = 16;
+    /// Output positions per chunk: a task's input chunk ((CHUNK + reach) x 16 floats) stays in L1.
+    const CHUNK: usize = 256;
+
+    /// None where it does not apply (the caller takes gemm's path).
+    pub(super) fn weight_gradient(x: &[f32], grad: &[f32], shape: &ConvShape) -> Option<Vec<f32>> {
+        let taps = shape.kernel[0] * shape.kernel[1];
+        if !std::arch::is_x86_feature_detected!("avx512f") || shape.channels_in < LANES || !matches!(taps, 1 | 9) {
+            return None;
+        }
+        Some(if taps == 9 { compute::<3, 9>(x, grad, shape) } else { compute::<12, 1>(x, grad, shape) })
+    }
+
+    fn compute<const ROWS: usize, const TAPS: usize>(x: &[f32], grad: &[f32], shape: &ConvShape) -> Vec<f32> {
+        let (batch, c_in, c_out) = (shape.batch, shape.channels_in, shape.channels_out);
+        let (out_h, out_w) = (shape.out_h(), shape.out_w());
+        let PaddedLayout { phase_h, phase_w, tail, channel_len, offsets, span, reach } = shape.padded_layout();
+        debug_assert_eq!(offsets.len(), TAPS);
+        let blocks = c_in.div_ceil(LANES);
+        // Positions per interleaved block: the last chunk reads up to reach past span.
+        let positions = channel_len.max(span + reach);
+        let block_len = positions * LANES;
+        let input_len = c_in * shape.height * shape.width;
+        // X': [image][block][position][lane], lanes past c_in zero.
+        let mut interleaved = vec![0f32; batch * blocks * block_len];
+        interleaved.par_chunks_mut(block_len).enumerate().for_each_init(
+            Vec::new,
+            |planes: &mut Vec<f32>, (index, out)| {
+                let (image, block) = (index / blocks, index % blocks);
+                let lanes = LANES.min(c_in - block * LANES);
+                let first = image * input_len + block * LANES * shape.height * shape.width;
+                let source = &x[first..first + lanes * shape.height * shape.width];
+                planes.resize(lanes * channel_len, 0.0);
+                pad_phases(source, planes, shape, [phase_h, phase_w, tail], false);
+                for (lane, plane) in planes.chunks_exact(channel_len).enumerate() {
+                    for (p, &value) in plane.iter().enumerate() {
+                        out[p * LANES + lane] = value;
+                    }
+                }
+            },
+        );
+        // G on the padded grid: [image][c_out][span], dropped positions zero (a 1x1 reads grad).
+        let grid: Vec<f32>;
+        let grid: &[f32] = if span == out_h * out_w {
+            grad
+        } else {
+            let mut g = vec![0f32; batch * c_out * span];
+            g.par_chunks_mut(span).zip(grad.par_chunks(out_h * out_w)).for_each(|(rows, source)| {
+                for (row, source) in rows.chunks_exact_mut(phase_w).zip(source.chunks_exact(out_w)) {
+                    row[..out_w].copy_from_slice(source);
+                }
+            });
+            grid = g;
+            &grid
+        };
+        let row_blocks = c_out.div_ceil(ROWS);
+        let threads = rayon::current_num_threads().max(1);
+        let groups = (2 * threads).div_ceil(blocks).clamp(1, row_blocks);
+        let group_len = row_blocks.div_ceil(groups);
+        let vector_offsets: [usize; TAPS] = std::array::from_fn(|t| offsets[t] * LANES);
+        // Per task: its tiles' values, [row block][ROWS][TAPS][LANES].
+        let results: Vec<(usize, usize, Vec<f32>)> = (0..blocks * groups)
+            .into_par_iter()
+            .map(|task| {
+                let (block, group) = (task / groups, task % groups);
+                let first_row_block = group * group_len;
+                let tiles = group_len.min(row_blocks.saturating_sub(first_row_block));
+                let mut acc = vec![0f32; tiles * ROWS * TAPS * LANES];
+                for image in 0..batch {
+                    let input = interleaved[(image * blocks + block) * block_len..].as_ptr();
+                    let g_image = &grid[image * c_out * span..(image + 1) * c_out * span];
+                    for q0 in (0..span).step_by(CHUNK) {
+                        let q1 = (q0 + CHUNK).min(span);
+                        for tile in 0..tiles {
+                            let row0 = (first_row_block + tile) * ROWS;
+                            // Rows past c_out repeat the last (computed, never written out).
+                            let g_rows: [*const f32; ROWS] =
+                                std::array::from_fn(|r| g_image[(row0 + r).min(c_out - 1) * span..].as_ptr());
+                            // SAFETY: the CPU has AVX-512F (checked by the caller); g rows hold
+                            // span values (q < q1 <= span); the input reads position q + offset
+                            // < span + reach <= positions of this block; the tile's
+                            // ROWS x TAPS x LANES values lie within `acc`.
+                            unsafe {
+                                micro_kernel::<ROWS, TAPS>(
+                                    &g_rows,
+                                    input,
+                                    &vector_offsets,
+                                    q0,
+                                    q1,
+                                    acc.as_mut_ptr().add(tile * ROWS * TAPS * LANES),
+                                )
+                            };
+                        }
+                    }
+                }
+                (block, first_row_block, acc)
+            })
+            .collect();
+        let mut dw = vec![0f32; c_out * c_in * TAPS];
+        for (block, first_row_block, acc) in results {
+            for (tile, values) in acc.chunks_exact(ROWS * TAPS * LANES).enumerate() {
+                for r in 0..ROWS {
+                    let row = (first_row_block + tile) * ROWS + r;
+                    if row >= c_out {
+                        break;
+                    }
+                    for t in 0..TAPS {
+                        for lane in 0..LANES.min(c_in - block * LANES) {
+                            dw[(row * c_in + block * LANES + lane) * TAPS + t] = values[(r * TAPS + t) * LANES + lane];
+                        }
+                    }
+                }
+            }
+        }
+        dw
+    }
+
+    /// acc[r][t] (16 input channels) += sum over q in q0..q1 of g_rows[r][q] * input[q * 16 +
+    /// offsets[t] ..][..16].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro_kernel<const ROWS: usize, const TAPS: usize>(
+        g_rows: &[*const f32; ROWS],
+        input: *const f32,
+        offsets: &[usize; TAPS],
+        q0: usize,
+        q1: usize,
+        acc: *mut f32,
+    ) {
+        // SAFETY (every access below): within the bounds the caller guarantees.
+        let mut sums: [[__m512; TAPS]; ROWS] = std::array::from_fn(|r| {
+            std::array::from_fn(|t| unsafe { _mm512_loadu_ps(acc.add((r * TAPS + t) * LANES)) })
+        });
+        for q in q0..q1 {
+            let base = unsafe { input.add(q * LANES) };
+            let g: [__m512; ROWS] = std::array::from_fn(|r| _mm512_set1_ps(unsafe { *g_rows[r].add(q) }));
+            for t in 0..TAPS {
+                let x = unsafe { _mm512_loadu_ps(base.add(offsets[t])) };
+                for r in 0..ROWS {
+                    sums[r][t] = _mm512_fmadd_ps(g[r], x, sums[r][t]);
+                }
+            }
+        }
+        for r in 0..ROWS {
+            for t in 0..TAPS {
+                unsafe { _mm512_storeu_ps(acc.add((r * TAPS + t) * LANES), sums[r][t]) };
+            }
+        }
+    }
 }
