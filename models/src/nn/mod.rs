@@ -26,6 +26,7 @@ macro_rules! widest {
     };
 }
 
+pub mod attention;
 pub mod batch_norm;
 pub mod conv_act;
 pub mod gelu;

@@ -107,16 +107,26 @@ impl Attention {
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b * heads, tokens, head_dim]);
         let (q, k, v) = (part(0), part(1), part(2));
         let scale = (head_dim as f64).powf(-0.5);
-        let attention = (q.clone() * scale).matmul(k.swap_dims(1, 2));
-        let attention = self.add_decomposed_rel_pos(attention, q, h, w);
-        let attention = softmax(attention, 2);
-        let out = attention.matmul(v).reshape([b, heads, h, w, head_dim]).permute([0, 2, 3, 1, 4]);
+        let (rel_h, rel_w) = self.decomposed_rel_pos(q.clone(), h, w);
+        #[cfg(feature = "flex")]
+        let fused = crate::nn::attention::flex::rel_pos_attention(&q, &k, &v, &rel_h, &rel_w, scale as f32);
+        #[cfg(not(feature = "flex"))]
+        let fused = None;
+        let out = fused.unwrap_or_else(|| {
+            let attention = (q * scale).matmul(k.swap_dims(1, 2));
+            let attention = attention.reshape([b * heads, h, w, h, w])
+                + rel_h.reshape([b * heads, h, w, h]).unsqueeze_dim::<5>(4)
+                + rel_w.reshape([b * heads, h, w, w]).unsqueeze_dim::<5>(3);
+            softmax(attention.reshape([b * heads, tokens, tokens]), 2).matmul(v)
+        });
+        let out = out.reshape([b, heads, h, w, head_dim]).permute([0, 2, 3, 1, 4]);
         self.proj.forward(out.reshape([b, h, w, dim]))
     }
 
-    /// `add_decomposed_rel_pos` for query and key grids of the same size `h x w` (always the case in
-    /// SAM's encoder): `attn + rel_h[..., None] + rel_w[..., None, :]`.
-    fn add_decomposed_rel_pos(&self, attention: Tensor<3>, q: Tensor<3>, h: usize, w: usize) -> Tensor<3> {
+    /// The terms of `add_decomposed_rel_pos` for query and key grids of the same size `h x w`
+    /// (always the case in SAM's encoder), `attn + rel_h[..., None] + rel_w[..., None, :]`:
+    /// rel_h [batch, h w, h] (per query, per key row) and rel_w [batch, h w, w] (per key column).
+    fn decomposed_rel_pos(&self, q: Tensor<3>, h: usize, w: usize) -> (Tensor<3>, Tensor<3>) {
         let [batch, _, head_dim] = q.dims();
         let r_h = relative_positions(self.rel_pos_h.val(), h); // [h, h, C]
         let r_w = relative_positions(self.rel_pos_w.val(), w); // [w, w, C]
@@ -136,9 +146,7 @@ impl Attention {
             .matmul(r_w.swap_dims(1, 2))
             .reshape([w, batch, h, w])
             .permute([1, 2, 0, 3]);
-        let attention =
-            attention.reshape([batch, h, w, h, w]) + rel_h.unsqueeze_dim::<5>(4) + rel_w.unsqueeze_dim::<5>(3);
-        attention.reshape([batch, h * w, h * w])
+        (rel_h.reshape([batch, h * w, h]), rel_w.reshape([batch, h * w, w]))
     }
 }
 
