@@ -48,9 +48,9 @@ fn training_convolutions_match_burns_values_and_gradients() {
     // gradient by columns added back), pointwise ones (one image: the weight gradient splits its
     // output channels among the cores), input channels in several passes of the kernel, 5x5s,
     // 3x3s without padding, channel counts not a multiple of 8, odd sides, a head's 1x1 with bias;
-    // the weight gradient of 3x3s and 1x1s over 16 or more input channels by kiln's own kernel
-    // (output channels not a multiple of its tile, input channels not a multiple of 16), the
-    // others (fewer channels, 5x5) by gemm.
+    // the weight gradient of 3x3s over 16 or more input channels by kiln's own kernel (output
+    // channels not a multiple of its tile, input channels not a multiple of 16), the others
+    // (fewer channels, 1x1, 5x5) by gemm.
     for (batch, c_in, c_out, side, kernel, stride, padding, bias) in [
         (2, 3, 16, 20, 3, 2, 1, false),
         (2, 16, 24, 17, 3, 1, 1, false),
