@@ -62,83 +62,12 @@ widest! {
 
 #[cfg(feature = "flex")]
 pub mod flex {
-    use burn::backend::autodiff::checkpoint::base::Checkpointer;
-    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
-    use burn::backend::autodiff::grads::Gradients;
-    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-    use burn::backend::flex::FlexTensor;
-    use burn::backend::tensor::FloatTensor;
-    use burn::backend::{Autodiff, Flex};
-    use burn::tensor::{DType, Tensor, TensorData};
-    use rayon::prelude::*;
-
+    use super::super::elementwise::{Kernels, apply};
     use super::{gelu_gradient, gelu_to};
-
-    /// Values per task: below two of these a tensor is done on the calling thread.
-    const CHUNK: usize = 1 << 14;
+    use burn::tensor::Tensor;
 
     /// The kernel itself: None when the tensor is not a float32 flex tensor (the caller falls back).
     pub fn gelu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
-        if x.dtype() != DType::F32 {
-            return None;
-        }
-        if let Ok(tracked) = x.clone().try_into_primitive::<Autodiff<Flex>>() {
-            if tracked.primitive().dtype() != DType::F32 {
-                return None;
-            }
-            return Some(Tensor::from_primitive::<Autodiff<Flex>>(gelu_tracked(tracked)));
-        }
-        let plain = x.clone().try_into_primitive::<Flex>().ok()?;
-        (plain.dtype() == DType::F32).then(|| Tensor::from_primitive::<Flex>(forward(&plain)))
-    }
-
-    /// The backward step: the input is the state, the derivative is recomputed from it.
-    #[derive(Debug)]
-    struct GeluBackward;
-
-    impl Backward<Flex, 1> for GeluBackward {
-        type State = FlexTensor;
-
-        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-            let input = ops.state;
-            unary::<Flex, _>(ops.parents, ops.node, grads, |grad| backward(&input, &grad));
-        }
-    }
-
-    fn gelu_tracked(x: FloatTensor<Autodiff<Flex>>) -> FloatTensor<Autodiff<Flex>> {
-        let guard = x.node();
-        let input = x.into_primitive();
-        let output = forward(&input);
-        match GeluBackward.prepare::<NoCheckpointing>([guard]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(input, output),
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
-    }
-
-    fn forward(x: &FlexTensor) -> FlexTensor {
-        let x = x.to_contiguous();
-        let src = x.storage::<f32>();
-        let mut out = vec![0f32; src.len()];
-        if src.len() < 2 * CHUNK {
-            gelu_to(src, &mut out);
-        } else {
-            out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, i)| gelu_to(i, o));
-        }
-        FlexTensor::from_data(TensorData::new(out, x.layout().shape().as_slice().to_vec()))
-    }
-
-    fn backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
-        let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
-        let (xs, gs) = (x.storage::<f32>(), grad.storage::<f32>());
-        assert_eq!(xs.len(), gs.len(), "GELU backward: the gradient has the input's shape");
-        let mut out = vec![0f32; xs.len()];
-        if xs.len() < 2 * CHUNK {
-            gelu_gradient(xs, gs, &mut out);
-        } else {
-            out.par_chunks_mut(CHUNK)
-                .zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK)))
-                .for_each(|(o, (x, g))| gelu_gradient(x, g, o));
-        }
-        FlexTensor::from_data(TensorData::new(out, x.layout().shape().as_slice().to_vec()))
+        apply(x, Kernels { forward: gelu_to, gradient: gelu_gradient })
     }
 }

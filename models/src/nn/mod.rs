@@ -29,6 +29,8 @@ macro_rules! widest {
 pub mod attention;
 pub mod batch_norm;
 pub mod conv_act;
+#[cfg(feature = "flex")]
+mod elementwise;
 pub mod gelu;
 pub mod layer_norm_2d;
 pub mod mlp;

@@ -15,24 +15,20 @@ pub enum Kernel {
     ConvBiasGradient,
     NormForward,
     NormBackward,
-    SiluForward,
-    SiluBackward,
 }
 
-const KERNELS: [(Kernel, &str); 8] = [
+const KERNELS: [(Kernel, &str); 6] = [
     (Kernel::ConvForward, "convolution forward"),
     (Kernel::ConvInputGradient, "convolution input gradient"),
     (Kernel::ConvWeightGradient, "convolution weight gradient"),
     (Kernel::ConvBiasGradient, "convolution bias gradient"),
     (Kernel::NormForward, "BatchNorm (+ SiLU) forward"),
     (Kernel::NormBackward, "BatchNorm (+ SiLU) backward"),
-    (Kernel::SiluForward, "SiLU forward"),
-    (Kernel::SiluBackward, "SiLU backward"),
 ];
 
 /// 0: not read yet, 1: on, 2: off.
 static STATE: AtomicU8 = AtomicU8::new(0);
-static NANOS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static NANOS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 /// Per convolution shape: (shape, multiply-adds of one call, nanoseconds and calls forward /
 /// input gradient / weight gradient).
 static CONVOLUTIONS: Mutex<Vec<(String, u64, [(u64, u64); 3])>> = Mutex::new(Vec::new());
