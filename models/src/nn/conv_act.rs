@@ -14,10 +14,10 @@
 //! against Burn's as they check im2col.
 //!
 //! Nothing here knows a model: any float32 Conv2d with one group and no dilation qualifies. Under
-//! autodiff (training) a convolution with neither bias nor activation runs the kernel forward and
-//! Burn flex's own backward pass. Every other case (another backend, autodiff with a bias or SiLU,
-//! bf16, groups, dilation) runs Burn's `conv2d` and the activation, the path the outputs are tested
-//! against (`tests` below, `training/tests/fused_conv_training.rs`).
+//! autodiff (training) a convolution without activation runs the kernel forward and kiln's own
+//! backward pass (`flex::backward`). Every other case (another backend, autodiff with SiLU in the
+//! output loop, bf16, groups, dilation) runs Burn's `conv2d` and the activation, the path the
+//! outputs and gradients are tested against (`tests` below, `training/tests/fused_conv_training.rs`).
 
 // The vectorised SiLU and exp serve the flex kernels only; a build without flex leaves them unused.
 #![cfg_attr(not(feature = "flex"), allow(dead_code))]

@@ -42,8 +42,8 @@ impl Conv {
             Some(dtype) => conv_in(&self.conv, x, dtype),
             // Folded: the bias and SiLU in the convolution's output loop where the backend has one.
             None if self.folded => return conv2d_activation(&self.conv, x, Activation::Silu),
-            // Training (and an unfolded model): kiln's flex kernel where it applies, Burn's
-            // backward pass (see `conv_act`).
+            // Training (and an unfolded model): kiln's flex kernel and backward pass where they
+            // apply (see `conv_act`), then BatchNorm and SiLU as one kernel (`nn::batch_norm`).
             None => conv2d_activation(&self.conv, x, Activation::Identity),
         };
         if self.folded {
