@@ -10,6 +10,9 @@
 # KILN (default: target/release/kiln) is the binary; MINILM the all-MiniLM-L6-v2 model.safetensors
 # (default: ../shared/weights/all-minilm-l6-v2/model.safetensors). Every row writes its run into
 # OUT/<row>; `kiln eval` prints each row's box / mask mAP50 on the validation split at the end.
+# Another seed of the students on the same images, split and teachers (the README's seeds 2 and 3):
+#   SEED=2 FROM=OUT benches/distill_experiment.sh OUT2 a c10 d10
+# (FROM: an earlier OUT whose target, target_test and teachers b are linked into OUT2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: benches/distill_experiment.sh OUT [ROW ...]}
@@ -19,6 +22,11 @@ TEACHER_S="$OUT/s_teacher"
 KILN=${KILN:-target/release/kiln}
 MINILM=${MINILM:-../shared/weights/all-minilm-l6-v2/model.safetensors}
 mkdir -p "$OUT"
+if [ -n "${FROM:-}" ]; then
+  for shared in target target_test b; do
+    [ -e "$OUT/$shared" ] || ln -s "$(cd "$FROM" && pwd)/$shared" "$OUT/$shared"
+  done
+fi
 T=$OUT/target
 
 if [ ! -f "$T/splits/val.json" ]; then
