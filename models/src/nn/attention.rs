@@ -76,26 +76,12 @@ pub mod flex {
                 // SAFETY: scores is [rows, tokens] (row stride tokens); lhs(i, d) = q[(first + i) *
                 // dim + d]; rhs(d, j) = k[j * dim + d] (k transposed); all within this head.
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        tokens,
-                        dim,
-                        scores.as_mut_ptr(),
-                        1,
-                        tokens as isize,
-                        false,
-                        q[first * dim..].as_ptr(),
-                        1,
-                        dim as isize,
-                        k.as_ptr(),
-                        dim as isize,
-                        1,
-                        0.0,
+                    crate::nn::conv_act::matmul(
+                        [rows, tokens, dim],
+                        (scores.as_mut_ptr(), tokens, 1),
+                        (q[first * dim..].as_ptr(), dim, 1),
+                        (k.as_ptr(), 1, dim),
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     )
                 };
                 for (i, row) in scores.chunks_exact_mut(tokens).take(rows).enumerate() {
@@ -109,26 +95,12 @@ pub mod flex {
                 // SAFETY: out is this task's [rows, dim] block; lhs = scores [rows, tokens];
                 // rhs(j, d) = v[j * dim + d].
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        dim,
-                        tokens,
-                        out.as_mut_ptr(),
-                        1,
-                        dim as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        tokens as isize,
-                        v.as_ptr(),
-                        1,
-                        dim as isize,
-                        0.0,
+                    crate::nn::conv_act::matmul(
+                        [rows, dim, tokens],
+                        (out.as_mut_ptr(), dim, 1),
+                        (scores.as_ptr(), tokens, 1),
+                        (v.as_ptr(), dim, 1),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     )
                 };
             });

@@ -105,6 +105,9 @@ pub fn on_flex_workers<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() 
 }
 
 #[cfg(feature = "flex")]
+pub(crate) use flex::matmul;
+
+#[cfg(feature = "flex")]
 mod flex {
     use super::Activation;
     use burn::backend::Autodiff;
@@ -473,6 +476,46 @@ mod flex {
         }
     }
 
+    /// dst = scale * lhs rhs, on this thread, by the `gemm` crate; each operand as (pointer, row
+    /// stride, column stride): dst [m, n] (overwritten, not read), lhs [m, k], rhs [k, n]. The one
+    /// form of gemm's call that kiln's kernels use.
+    ///
+    /// # Safety
+    /// Every element the strides reach lies within its operand's allocation; dst overlaps neither.
+    pub(crate) unsafe fn matmul(
+        [m, n, k]: [usize; 3],
+        dst: (*mut f32, usize, usize),
+        lhs: (*const f32, usize, usize),
+        rhs: (*const f32, usize, usize),
+        scale: f32,
+    ) {
+        let stride = |s: usize| s as isize;
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.0,
+                stride(dst.2),
+                stride(dst.1),
+                false,
+                lhs.0,
+                stride(lhs.2),
+                stride(lhs.1),
+                rhs.0,
+                stride(rhs.2),
+                stride(rhs.1),
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    }
+
     /// Output columns per block: a block's im2col matrix (`k` rows) stays near 1 MiB, the size of
     /// one core's L2 on current x86 parts, and no block is narrower than gemm's packing makes worth it.
     fn block_columns(k: usize, positions: usize, tasks_wanted: usize) -> usize {
@@ -521,26 +564,12 @@ mod flex {
             // [k, cols] matrix with the row stride given, both alive for the call.
             unsafe {
                 let dst = out.at(image * m * positions + m0 * positions + p0);
-                gemm::gemm(
-                    rows,
-                    cols,
-                    k,
-                    dst,
-                    1,
-                    positions as isize,
-                    false,
-                    weight.as_ptr().add(m0 * k),
-                    1,
-                    k as isize,
-                    rhs,
-                    1,
-                    rhs_rs as isize,
-                    0.0,
+                matmul(
+                    [rows, cols, k],
+                    (dst, positions, 1),
+                    (weight.as_ptr().add(m0 * k), k, 1),
+                    (rhs, rhs_rs, 1),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
                 for row in 0..rows {
                     let values = std::slice::from_raw_parts_mut(dst.add(row * positions), cols);

@@ -75,26 +75,12 @@ fn scattered_input_gradient(weight: &[f32], grad: &[f32], shape: &ConvShape) -> 
         // SAFETY: dst is the [rows, positions] `columns`; lhs(i, o) = weight[o * rows + i] (the
         // [c_out, rows] weight transposed), rhs(o, j) = grad[image][o][j], all within bounds.
         unsafe {
-            gemm::gemm(
-                rows,
-                positions,
-                c_out,
-                columns.as_mut_ptr(),
-                1,
-                positions as isize,
-                false,
-                weight.as_ptr(),
-                rows as isize,
-                1,
-                grad[image * c_out * positions..].as_ptr(),
-                1,
-                positions as isize,
-                0.0,
+            super::matmul(
+                [rows, positions, c_out],
+                (columns.as_mut_ptr(), positions, 1),
+                (weight.as_ptr(), 1, rows),
+                (grad[image * c_out * positions..].as_ptr(), positions, 1),
                 1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
             )
         };
         for (c, plane) in dx.chunks_exact_mut(height * width).enumerate() {
@@ -219,26 +205,12 @@ pub(in super::super) fn gemm_weight_gradient(x: &[f32], grad: &[f32], shape: &Co
         // i * rhs_cs + q] in its padded input (q < k = span; `padded_len` covers the last
         // channel's reach), or for a 1x1 in the image's input.
         unsafe {
-            gemm::gemm(
-                rows,
-                c_in,
-                k,
-                out.at(image * weight_len + first_row * c_in * taps + tap),
-                taps as isize,
-                (c_in * taps) as isize,
-                false,
-                lhs.add(first_row * lhs_rs),
-                1,
-                lhs_rs as isize,
-                rhs.add(offsets[tap]),
-                rhs_cs as isize,
-                1,
-                0.0,
+            super::matmul(
+                [rows, c_in, k],
+                (out.at(image * weight_len + first_row * c_in * taps + tap), (c_in * taps), taps),
+                (lhs.add(first_row * lhs_rs), lhs_rs, 1),
+                (rhs.add(offsets[tap]), 1, rhs_cs),
                 1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
             )
         };
     });
