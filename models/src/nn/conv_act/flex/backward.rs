@@ -392,3 +392,49 @@ mod direct {
         }
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::ConvShape;
+
+    /// The direct weight-gradient kernel against the gemm one, on shapes where it applies (so
+    /// that a dispatch falling back to gemm cannot pass unnoticed): output channels not a multiple
+    /// of its 3-row tile, input channels not a multiple of 16, strided, unpadded, odd sides; within
+    /// 1e-5 of the gradient's scale.
+    #[test]
+    fn direct_weight_gradient_matches_gemm() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut seed = 7u32;
+        let mut random = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        for (batch, c_in, c_out, side, stride, padding) in
+            [(2, 16, 8, 13, 1, 1), (1, 33, 7, 9, 2, 1), (3, 20, 12, 11, 1, 0), (2, 48, 5, 6, 2, 0)]
+        {
+            let shape = ConvShape {
+                batch,
+                channels_in: c_in,
+                height: side,
+                width: side,
+                channels_out: c_out,
+                kernel: [3, 3],
+                stride: [stride, stride],
+                padding: [padding, padding],
+            };
+            let x = random(batch * c_in * side * side);
+            let grad = random(batch * c_out * shape.out_h() * shape.out_w());
+            let direct = super::direct::weight_gradient(&x, &grad, &shape).expect("the direct kernel applies");
+            let gemm = super::gemm_weight_gradient(&x, &grad, &shape);
+            let scale = gemm.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = direct.iter().zip(&gemm).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+            assert!(worst < 1e-5, "{batch}x{c_in}->{c_out} {side}px s{stride} p{padding}: {worst} of the scale");
+        }
+    }
+}
