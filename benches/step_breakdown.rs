@@ -5,8 +5,10 @@
 //!     cargo run --release -p kiln-benches --features models --example step_breakdown
 //!     KILN_PROFILE=1 target/release/examples/step_breakdown
 //!
-//! Means over 10 steps after 2 warm-up steps. What the profile leaves out of a phase is Burn's:
+//! Means over 20 steps after 2 warm-up steps. What the profile leaves out of a phase is Burn's:
 //! autodiff bookkeeping, concatenations and slices, upsampling, the loss's tensor operations.
+//! Each step runs on a pool worker as `Student::step` runs it; `KILN_STEP_ON=caller` runs them on
+//! this thread, `KILN_STEP_ON=alternate` one each way in turn and prints both means.
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -17,7 +19,7 @@ use kiln_training::optim::{OptimizerChoice, OptimizerKind, build_optimizer};
 use std::time::Instant;
 
 const WARM_UP: usize = 2;
-const STEPS: usize = 10;
+const STEPS: usize = 20;
 
 fn main() {
     let device = Device::flex().autodiff();
@@ -29,28 +31,48 @@ fn main() {
     let loss_config = LossConfig::default();
     // forward, loss, backward, optimizer, the whole step: milliseconds summed over STEPS.
     let mut sums = [0f64; 5];
+    let mode = std::env::var("KILN_STEP_ON").unwrap_or_default();
+    let mut by_thread = [0f64; 2];
     for step in 0..WARM_UP + STEPS {
-        if step == WARM_UP {
-            kiln_models::nn::profile::reset();
-        }
-        let start = Instant::now();
-        let output = model.forward(images.clone());
-        let forward = Instant::now();
-        let loss = yolo_loss(&loss_config, &output, &targets).expect("the loss of a valid batch");
-        let _: f32 = loss.total.clone().into_scalar();
-        let loss_end = Instant::now();
-        let grads = loss.total.backward();
-        let backward = Instant::now();
-        let grads = GradientsParams::from_grads(grads, &model);
-        let rate = burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(0.01);
-        model = optimizer.step(rate, model.clone(), grads);
-        let _: f32 = Module::valid(&model).stem.conv.weight.val().sum().into_scalar();
-        let end = Instant::now();
-        if step >= WARM_UP {
-            let phases = [forward - start, loss_end - forward, backward - loss_end, end - backward, end - start];
-            for (sum, phase) in sums.iter_mut().zip(phases) {
-                *sum += phase.as_secs_f64() * 1000.0;
+        let mut body = || {
+            if step == WARM_UP {
+                kiln_models::nn::profile::reset();
             }
+            let start = Instant::now();
+            let output = model.forward(images.clone());
+            let forward = Instant::now();
+            let loss = yolo_loss(&loss_config, &output, &targets).expect("the loss of a valid batch");
+            let _: f32 = loss.total.clone().into_scalar();
+            let loss_end = Instant::now();
+            let grads = loss.total.backward();
+            let backward = Instant::now();
+            let grads = GradientsParams::from_grads(grads, &model);
+            let rate = burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(0.01);
+            model = optimizer.step(rate, model.clone(), grads);
+            let _: f32 = Module::valid(&model).stem.conv.weight.val().sum().into_scalar();
+            let end = Instant::now();
+            if step >= WARM_UP {
+                let phases = [forward - start, loss_end - forward, backward - loss_end, end - backward, end - start];
+                for (sum, phase) in sums.iter_mut().zip(phases) {
+                    *sum += phase.as_secs_f64() * 1000.0;
+                }
+            }
+        };
+        let t = Instant::now();
+        // As `Student::step` runs it: on a pool worker; `KILN_STEP_ON=caller` on this thread,
+        // `alternate` both, step by step (even steps on this thread), to compare the two.
+        let on_worker = match mode.as_str() {
+            "caller" => false,
+            "alternate" => step % 2 == 1,
+            _ => true,
+        };
+        if on_worker {
+            kiln_models::nn::on_flex_workers(&device, body)
+        } else {
+            body()
+        }
+        if step >= WARM_UP {
+            by_thread[step % 2] += t.elapsed().as_secs_f64() * 1000.0;
         }
     }
     let [forward, loss, backward, optimizer, step] = sums.map(|s| s / STEPS as f64);
@@ -58,6 +80,10 @@ fn main() {
         "yolov8n-seg training step, batch 8, 320x320, flex: forward {forward:.0} ms, loss {loss:.0} ms, \
          backward {backward:.0} ms, optimizer {optimizer:.0} ms, step {step:.0} ms"
     );
+    if mode == "alternate" {
+        let [caller, worker] = by_thread.map(|sum| sum / (STEPS / 2) as f64);
+        println!("steps on this thread {caller:.0} ms, on a pool worker {worker:.0} ms");
+    }
     if kiln_models::nn::profile::enabled() {
         println!("\n{}", kiln_models::nn::profile::report(STEPS));
     }
