@@ -22,6 +22,7 @@ const WARM_UP: usize = 2;
 const STEPS: usize = 20;
 
 fn main() {
+    kiln_models::device::keep_freed_memory();
     let device = Device::flex().autodiff();
     let config: YoloConfig = "yolov8n-seg".parse().expect("a known model");
     let mut model = config.with_num_classes(3).init(&device);

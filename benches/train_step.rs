@@ -57,6 +57,8 @@ fn devices() -> Vec<(String, Device)> {
 
 /// The supervised step on `device` (an autodiff one is made of it).
 fn supervised_step(group: &mut BenchmarkGroup<WallTime>, label: &str, device: &Device, batch: usize, size: usize) {
+    // As the `kiln` binary runs.
+    kiln_models::device::keep_freed_memory();
     let device = device.clone().autodiff();
     let config: YoloConfig = "yolov8n-seg".parse().unwrap();
     let mut model = config.with_num_classes(3).init(&device);

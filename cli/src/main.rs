@@ -178,6 +178,7 @@ pub fn run_command_line(arguments: &[String]) -> anyhow::Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    kiln_models::device::keep_freed_memory();
     kiln_data::paths::set_allow_outside_paths(cli.allow_outside_paths);
     // With --json, a failure is reported as JSON on stdout too, so scripts always get JSON.
     let json = matches!(&cli.command, Command::Validate(a) if a.json);

@@ -546,10 +546,12 @@ mod flex {
         let [kernel_h, kernel_w] = shape.kernel;
         let k = shape.channels_in * kernel_h * kernel_w;
         let (m, batch) = (shape.channels_out, shape.batch);
-        let mut output = vec![0f32; batch * m * positions];
-        if output.is_empty() {
-            return output;
+        let len = batch * m * positions;
+        if len == 0 {
+            return Vec::new();
         }
+        // Not zeroed: the blocks below write every value (gemm overwrites its destination).
+        let mut output = Vec::<f32>::with_capacity(len);
         let serial = batch * m * k * positions < SERIAL_WORK;
         let threads = if serial { 1 } else { rayon::current_num_threads().max(1) };
         let columns = block_columns(k, positions, 2 * threads);
@@ -621,6 +623,9 @@ mod flex {
                 });
             }
         }
+        // SAFETY: every one of the `len` values was written above (each task's block, the
+        // blocks tiling all images, channels and positions).
+        unsafe { output.set_len(len) };
         output
     }
 
@@ -669,39 +674,46 @@ mod flex {
             // One image at a time (the padded copy is one image's, not the batch's); the last
             // tile of the last channel reads up to COLS + reach past it.
             let padded_len = image_len + COLS + reach;
-            let mut kept = PADDED
-                .with(|cell| cell.try_borrow_mut().map(|mut slot| std::mem::take(&mut *slot)).unwrap_or_default());
-            if kept.len() < padded_len {
-                kept = vec![0f32; padded_len];
-            }
             let positions = out_h * out_w;
-            let serial = m * k * positions < SERIAL_WORK;
             // Input channels per pass: 32 for a 3x3 (measured: 16 and all channels are slower
             // on a 64-channel 160x160 map).
             let channel_pass = (288 / (kernel_h * kernel_w)).max(1);
-            let mut output = vec![0f32; batch * m * positions];
-            let threads = if serial { 1 } else { rayon::current_num_threads().max(1) };
+            // Not zeroed: the tasks write every valid position of every channel.
+            let mut output = Vec::<f32>::with_capacity(batch * m * positions);
+            let threads = rayon::current_num_threads().max(1);
+            let serial = batch * m * k * positions < SERIAL_WORK;
+            // A batch of several images (training) goes image by image to the cores, each image
+            // on one thread: one parallel loop a convolution instead of two an image (measured on
+            // a yolov8n-seg training step, batch 8, 2 cores: ...).
+            let by_image = !serial
+                && batch > 1
+                && (batch % threads == 0 || batch >= 4 * threads)
+                && !crate::nn::profile::ab("KILN_AB_BY_IMAGE");
             let blocks = m.div_ceil(ROWS);
-            // Tiles per task: four tasks per core, and a chunk's input window (all channels) at
-            // most 512 KiB: the tasks go chunk by chunk, every block of output channels of a
-            // chunk in turn, so the window is read from memory once and from L2 by the other
-            // blocks (block by block, a 128-channel 160x160 map was read 16 times: 2.5x slower).
-            let chunks_wanted = (4 * threads).div_ceil(blocks);
-            let window_tiles = ((1 << 17) / (channels * COLS)).max(1);
-            let chunk_tiles = tiles.div_ceil(chunks_wanted).clamp(1, 32).min(window_tiles);
-            let chunks = tiles.div_ceil(chunk_tiles);
             let out = OutputPtr(output.as_mut_ptr());
             let input_len = channels * height * width;
-            for image in 0..batch {
+            // One image, its loops parallel or not.
+            let one_image = |image: usize, kept: &mut Vec<f32>, parallel: bool| {
+                if kept.len() < padded_len {
+                    *kept = vec![0f32; padded_len];
+                }
                 let padded = &mut kept[..padded_len];
                 pad_phases(
                     &x[image * input_len..(image + 1) * input_len],
                     padded,
                     shape,
                     [phase_h, phase_w, tail],
-                    !serial,
+                    parallel,
                 );
                 let padded = &*padded;
+                // Tiles per task: four tasks per core, and a chunk's input window (all channels)
+                // at most 512 KiB: the tasks go chunk by chunk, every block of output channels of
+                // a chunk in turn, so the window is read from memory once and from L2 by the other
+                // blocks (block by block, a 128-channel 160x160 map was read 16 times: 2.5x slower).
+                let chunks_wanted = (4 * if parallel { threads } else { 1 }).div_ceil(blocks);
+                let window_tiles = ((1 << 17) / (channels * COLS)).max(1);
+                let chunk_tiles = tiles.div_ceil(chunks_wanted).clamp(1, 32).min(window_tiles);
+                let chunks = tiles.div_ceil(chunk_tiles);
                 let task = |buffer: &mut Vec<f32>, task: usize| {
                     let (chunk, block) = (task / blocks, task % blocks);
                     let first_tile = chunk * chunk_tiles;
@@ -766,22 +778,29 @@ mod flex {
                     }
                 };
                 let tasks = blocks * chunks;
-                if serial {
+                if parallel {
+                    (0..tasks).into_par_iter().for_each_init(Vec::new, task);
+                } else {
                     let mut buffer = Vec::new();
                     (0..tasks).for_each(|t| task(&mut buffer, t));
-                } else {
-                    (0..tasks).into_par_iter().for_each_init(Vec::new, task);
                 }
-            }
-            if kept.len() <= KEPT_PADDED_MAX {
-                PADDED.with(|cell| {
-                    if let Ok(mut slot) = cell.try_borrow_mut()
-                        && slot.len() < kept.len()
-                    {
-                        *slot = kept;
-                    }
+            };
+            if by_image {
+                (0..batch).into_par_iter().for_each(|image| {
+                    let mut kept = take_padded();
+                    one_image(image, &mut kept, false);
+                    keep_padded(kept);
                 });
+            } else {
+                let mut kept = take_padded();
+                let parallel = m * k * positions >= SERIAL_WORK;
+                for image in 0..batch {
+                    one_image(image, &mut kept, parallel);
+                }
+                keep_padded(kept);
             }
+            // SAFETY: every image's tasks wrote each channel's out_h x out_w positions.
+            unsafe { output.set_len(batch * m * positions) };
             output
         }
 
@@ -790,6 +809,25 @@ mod flex {
             /// of a large map costs a page fault per 4 KiB each call (measured: +1.6 ms on the
             /// 64-channel 160x160 convolution of a 640-px segmentation model, 6.7 MB).
             static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+
+        /// This thread's kept padded buffer (empty if none, or if it is in use).
+        fn take_padded() -> Vec<f32> {
+            PADDED.with(|cell| cell.try_borrow_mut().map(|mut slot| std::mem::take(&mut *slot)).unwrap_or_default())
+        }
+
+        /// Keeps `buffer` for this thread's next call, unless it is larger than
+        /// [`KEPT_PADDED_MAX`] or smaller than the one kept.
+        fn keep_padded(buffer: Vec<f32>) {
+            if buffer.len() <= KEPT_PADDED_MAX {
+                PADDED.with(|cell| {
+                    if let Ok(mut slot) = cell.try_borrow_mut()
+                        && slot.len() < buffer.len()
+                    {
+                        *slot = buffer;
+                    }
+                });
+            }
         }
 
         /// The largest padded input kept between calls (16 MiB: a 128-channel 160x160 map's,
