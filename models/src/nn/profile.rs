@@ -125,12 +125,3 @@ pub fn report(steps: usize) -> String {
     }
     out
 }
-
-/// TEMPORARY A/B switch: true when the variable is set to 1 (read once per name... per call).
-pub fn ab(name: &str) -> bool {
-    static FLAGS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, bool>>> =
-        std::sync::OnceLock::new();
-    let map = FLAGS.get_or_init(Default::default);
-    let mut map = map.lock().unwrap();
-    *map.entry(name.to_string()).or_insert_with(|| std::env::var(name).is_ok_and(|v| v == "1"))
-}
