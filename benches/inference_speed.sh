@@ -5,6 +5,7 @@
 # The engines alternate, ROUNDS times each, in one session, so all see the same machine state.
 #
 #   benches/inference_speed.sh OUT [STUDENT.safetensors] [ROUNDS]
+#   SIZES=160 benches/inference_speed.sh OUT      (one size only)
 #
 # Needs a release `kiln` (cargo build --release -p kiln-cli; KILN=path to use another) and a Python
 # with onnxruntime (KILN_PYTHON, as `kiln bench` finds it). Prints each `kiln bench` table and, at the
@@ -16,7 +17,7 @@ rounds=${3:-3}
 kiln=${KILN:-${CARGO_TARGET_DIR:-target}/release/kiln}
 mkdir -p "$out"
 : > "$out/medians.tsv"
-for size in 640 160; do
+for size in ${SIZES:-640 160}; do
   onnx="$out/student_$size.onnx"
   [ -f "$onnx" ] || "$kiln" export --model "$student" --imgsz "$size" --output "$onnx" > /dev/null
   runs=$([ "$size" = 640 ] && echo 20 || echo 100)
@@ -38,9 +39,9 @@ done
 python3 - "$out/medians.tsv" <<'PY'
 import statistics, sys
 rows = [line.split("\t") for line in open(sys.argv[1]).read().split("\n") if line]
-for size in ("640", "160"):
+for size in sorted({r[0] for r in rows}, key=int, reverse=True):
     med = {e: statistics.median(float(r[3]) for r in rows if r[0] == size and r[1] == e) for e in ("flex", "flex_burn_conv", "onnxruntime")}
     ort = med["onnxruntime"]
-    print(f"{size} px: flex {med['flex']:.1f} ms ({med['flex'] / ort:.2f}x ONNX Runtime), flex with Burn's conv2d + SiLU "
-          f"{med['flex_burn_conv']:.1f} ms ({med['flex_burn_conv'] / ort:.2f}x), ONNX Runtime {ort:.1f} ms")
+    print(f"{size} px: flex {med['flex']:.2f} ms ({med['flex'] / ort:.2f}x ONNX Runtime), flex with Burn's conv2d + SiLU "
+          f"{med['flex_burn_conv']:.2f} ms ({med['flex_burn_conv'] / ort:.2f}x), ONNX Runtime {ort:.2f} ms")
 PY
