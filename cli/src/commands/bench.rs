@@ -117,6 +117,10 @@ fn bench_student(args: &Args) -> anyhow::Result<Measured> {
     bar.set_length(args.runs as u64);
     let times = latency::burn_student(&model, args.batch, s, (args.runs, args.warmup), &device, || bar.inc(1))?;
     bar.finish_and_clear();
+    if kiln_models::nn::profile::enabled() {
+        // KILN_PROFILE=1: kiln's kernels per run (the warm-up runs counted in).
+        println!("{}", kiln_models::nn::profile::report(args.runs + args.warmup));
+    }
     Ok(Measured {
         engine: format!(
             "Burn on the {}, {}{}",

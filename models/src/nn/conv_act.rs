@@ -159,6 +159,20 @@ mod flex {
             Some(bias) => Some(bias.val().try_into_primitive::<Flex>().ok()?),
             None => None,
         };
+        let _span = crate::nn::profile::convolution_span(crate::nn::profile::Kernel::ConvForward, || {
+            let (x, w) = (x.layout().shape().to_vec(), weight.layout().shape().to_vec());
+            ConvShape {
+                batch: x[0],
+                channels_in: x[1],
+                height: x[2],
+                width: x[3],
+                channels_out: w[0],
+                kernel: [w[2], w[3]],
+                stride: conv.stride,
+                padding,
+            }
+            .describe()
+        });
         let output = compute(&x, &weight, bias.as_ref(), conv.stride, padding, activation, method)?;
         Some(Tensor::from_primitive::<Flex>(output))
     }
