@@ -239,3 +239,55 @@ fn gelu_values_and_gradients_match_burns() {
     let burns = read_floats(burn::tensor::activation::gelu(plain)).unwrap();
     assert!(relative_to_scale(&ours, &burns) < 1e-6);
 }
+
+#[test]
+fn strided_transposed_convolution_values_and_gradients_match_burns() {
+    use burn::module::Param;
+    use burn::nn::conv::ConvTranspose2dConfig;
+    use kiln_models::nn::conv_transpose::{conv_transpose2d, flex};
+
+    // (batch, c_in, c_out, height, width, kernel = stride, bias)
+    let cases = [
+        (2, 5, 7, 6, 9, [2, 2], true),
+        (8, 16, 16, 10, 10, [2, 2], true),
+        (1, 3, 4, 5, 3, [3, 2], false),
+        (3, 8, 2, 1, 1, [2, 2], true),
+    ];
+    for (batch, c_in, c_out, height, width, kernel, bias) in cases {
+        let case = format!("{batch}x{c_in}->{c_out} {height}x{width} kernel {kernel:?} bias {bias}");
+        for device in [Device::flex().autodiff(), Device::flex()] {
+            let mut layer =
+                ConvTranspose2dConfig::new([c_in, c_out], kernel).with_stride(kernel).with_bias(bias).init(&device);
+            // Non-zero bias, so that its place in the output is checked too.
+            if bias {
+                layer.bias =
+                    Some(Param::from_tensor(Tensor::random([c_out], Distribution::Uniform(-1.0, 1.0), &device)));
+            }
+            let x = Tensor::<4>::random([batch, c_in, height, width], Distribution::Normal(0.0, 1.0), &device);
+            let x = if device.is_autodiff() { x.require_grad() } else { x };
+            assert!(flex::forward(&layer, &x).is_some(), "{case}: kiln's kernel applies");
+            let (ours, burns) = (conv_transpose2d(&layer, x.clone()), layer.forward(x.clone()));
+            assert_eq!(ours.dims(), burns.dims(), "{case}");
+            let error = relative_to_scale(&read_floats(ours.clone()).unwrap(), &read_floats(burns.clone()).unwrap());
+            assert!(error < 1e-5, "{case}: the output differs by {error} of its scale");
+            if !device.is_autodiff() {
+                continue;
+            }
+            let upstream = Tensor::<4>::random(burns.dims(), Distribution::Uniform(-1.0, 1.0), &device);
+            let ours_grads = (ours * upstream.clone()).sum().backward();
+            let burns_grads = (burns * upstream).sum().backward();
+            let within = |what: &str, a: Vec<f32>, b: Vec<f32>| {
+                let error = relative_to_scale(&a, &b);
+                assert!(error < 1e-5, "{case}: {what} differs by {error} of its scale");
+            };
+            let x_grad = |grads| read_floats(x.grad(grads).expect("the input has a gradient")).unwrap();
+            within("the input gradient", x_grad(&ours_grads), x_grad(&burns_grads));
+            let w_grad = |grads| read_floats(layer.weight.grad(grads).expect("the weight has a gradient")).unwrap();
+            within("the weight gradient", w_grad(&ours_grads), w_grad(&burns_grads));
+            if let Some(b) = &layer.bias {
+                let b_grad = |grads| read_floats(b.grad(grads).expect("the bias has a gradient")).unwrap();
+                within("the bias gradient", b_grad(&ours_grads), b_grad(&burns_grads));
+            }
+        }
+    }
+}

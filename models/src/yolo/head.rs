@@ -169,7 +169,7 @@ impl Proto {
         let x = self.cv1.forward(x);
         let x = match &self.upsample_lowered {
             Some(lowered) => lowered.forward(x),
-            None => self.upsample.forward(x),
+            None => crate::nn::conv_transpose2d(&self.upsample, x),
         };
         self.cv3.forward(self.cv2.forward(x))
     }
