@@ -291,3 +291,34 @@ fn strided_transposed_convolution_values_and_gradients_match_burns() {
         }
     }
 }
+
+#[test]
+fn binary_cross_entropy_values_and_gradients_match_the_composed_form() {
+    use kiln_models::nn::bce;
+
+    for device in [Device::flex().autodiff(), Device::flex()] {
+        for shape in [[3, 5], [37, 1000]] {
+            let logits = Tensor::<2>::random(shape, Distribution::Normal(0.0, 8.0), &device);
+            let targets = Tensor::<2>::random(shape, Distribution::Uniform(0.0, 1.0), &device);
+            let (logits, targets) =
+                if device.is_autodiff() { (logits.require_grad(), targets.require_grad()) } else { (logits, targets) };
+            assert!(bce::flex::forward(&logits, &targets).is_some(), "kiln's kernel applies");
+            let ours = bce::bce_with_logits(logits.clone(), targets.clone());
+            let composed = bce::composed(logits.clone(), targets.clone());
+            let case = format!("{shape:?} autodiff {}", device.is_autodiff());
+            let error = relative_to_scale(&read_floats(ours.clone()).unwrap(), &read_floats(composed.clone()).unwrap());
+            assert!(error < 1e-6, "{case}: the loss differs by {error} of its scale");
+            if !device.is_autodiff() {
+                continue;
+            }
+            let upstream = Tensor::<2>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+            let ours_grads = (ours * upstream.clone()).sum().backward();
+            let composed_grads = (composed * upstream).sum().backward();
+            for (what, tensor) in [("logits", &logits), ("targets", &targets)] {
+                let grad = |grads| read_floats(tensor.grad(grads).expect("a gradient")).unwrap();
+                let error = relative_to_scale(&grad(&ours_grads), &grad(&composed_grads));
+                assert!(error < 1e-5, "{case}: the gradient of the {what} differs by {error} of its scale");
+            }
+        }
+    }
+}

@@ -28,6 +28,7 @@ macro_rules! widest {
 
 pub mod attention;
 pub mod batch_norm;
+pub mod bce;
 pub mod conv_act;
 pub mod conv_transpose;
 #[cfg(feature = "flex")]
@@ -39,6 +40,7 @@ pub mod profile;
 pub mod silu;
 
 pub use batch_norm::{batch_norm, batch_norm_silu};
+pub use bce::bce_with_logits;
 pub use conv_act::{Activation, conv2d_activation, flex_kernels, on_flex_workers, runs_kiln_kernel, set_flex_kernels};
 pub use conv_transpose::conv_transpose2d;
 pub use gelu::gelu;

@@ -166,7 +166,7 @@ pub fn flatten_levels(levels: &[Tensor<4>]) -> Tensor<3> {
 
 /// `max(x, 0) - x t + log(1 + e^-|x|)`: BCE with logits, element-wise.
 fn bce_with_logits<const D: usize>(logits: Tensor<D>, targets: Tensor<D>) -> Tensor<D> {
-    logits.clone().clamp_min(0.0) - logits.clone() * targets + logits.abs().neg().exp().log1p()
+    kiln_models::nn::bce_with_logits(logits, targets)
 }
 
 fn host_f32<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, LossError> {
