@@ -7,8 +7,9 @@
 //!
 //! Means over 20 steps after 2 warm-up steps. What the profile leaves out of a phase is Burn's:
 //! autodiff bookkeeping, concatenations and slices, upsampling, the loss's tensor operations.
-//! Each step runs on a pool worker as `Student::step` runs it; `KILN_STEP_ON=caller` runs them on
-//! this thread, `KILN_STEP_ON=alternate` one each way in turn and prints both means.
+//! Each step runs on this thread as `Student::step` runs it; `KILN_STEP_ON=worker` runs them on a
+//! pool worker (`kiln_models::nn::on_flex_workers_training`), `KILN_STEP_ON=alternate` one each
+//! way in turn and prints both means.
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -60,15 +61,15 @@ fn main() {
             }
         };
         let t = Instant::now();
-        // As `Student::step` runs it: on a pool worker; `KILN_STEP_ON=caller` on this thread,
+        // As `Student::step` runs it: on this thread; `KILN_STEP_ON=worker` on a pool worker,
         // `alternate` both, step by step (even steps on this thread), to compare the two.
         let on_worker = match mode.as_str() {
-            "caller" => false,
+            "worker" => true,
             "alternate" => step % 2 == 1,
-            _ => true,
+            _ => false,
         };
         if on_worker {
-            kiln_models::nn::on_flex_workers(&device, body)
+            kiln_models::nn::on_flex_workers_training(&device, body)
         } else {
             body()
         }

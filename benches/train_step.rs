@@ -67,20 +67,17 @@ fn supervised_step(group: &mut BenchmarkGroup<WallTime>, label: &str, device: &D
     let (images, targets) = kiln_benches::student_step::batch(batch, size, &device);
     let loss_config = LossConfig::default();
     group.bench_function(format!("{label}_batch{batch}_{size}"), |b| {
-        // On a pool worker, as `Student::step` and `Student::optimize` run (see `on_flex_workers`).
         b.iter(|| {
-            kiln_models::nn::on_flex_workers(&device, || {
-                let output = model.forward(images.clone());
-                let loss = yolo_loss(&loss_config, &output, &targets).unwrap();
-                let grads = GradientsParams::from_grads(loss.total.backward(), &model);
-                model = optimizer.step(
-                    burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(0.01),
-                    model.clone(),
-                    grads,
-                );
-                // Wait for the update: read one weight back.
-                let _: f32 = Module::valid(&model).stem.conv.weight.val().sum().into_scalar();
-            })
+            let output = model.forward(images.clone());
+            let loss = yolo_loss(&loss_config, &output, &targets).unwrap();
+            let grads = GradientsParams::from_grads(loss.total.backward(), &model);
+            model = optimizer.step(
+                burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(0.01),
+                model.clone(),
+                grads,
+            );
+            // Wait for the update: read one weight back.
+            let _: f32 = Module::valid(&model).stem.conv.weight.val().sum().into_scalar();
         })
     });
 }
@@ -150,17 +147,15 @@ fn benches(c: &mut Criterion) {
     let mut optimizer = build_optimizer(&choice, 5e-4);
     group.bench_function("distilled_flex_batch8_320", |b| {
         b.iter(|| {
-            kiln_models::nn::on_flex_workers(&device, || {
-                let loss = student.loss(&batch).unwrap();
-                assert!(loss.parts.distill_feature_loss > 0.0 && loss.parts.distill_mask_loss > 0.0);
-                let grads = GradientsParams::from_grads(loss.total.backward(), &student);
-                student = optimizer.step(
-                    burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(0.01),
-                    student.clone(),
-                    grads,
-                );
-                let _: f32 = Module::valid(&student.yolo).stem.conv.weight.val().sum().into_scalar();
-            })
+            let loss = student.loss(&batch).unwrap();
+            assert!(loss.parts.distill_feature_loss > 0.0 && loss.parts.distill_mask_loss > 0.0);
+            let grads = GradientsParams::from_grads(loss.total.backward(), &student);
+            student = optimizer.step(
+                burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate::from(0.01),
+                student.clone(),
+                grads,
+            );
+            let _: f32 = Module::valid(&student.yolo).stem.conv.weight.val().sum().into_scalar();
         })
     });
     group.finish();

@@ -66,23 +66,6 @@ impl TrainStep for Student {
     type Output = StudentStep;
 
     fn step(&self, batch: DetectionBatch) -> TrainOutput<StudentStep> {
-        let device = batch.images.device();
-        kiln_models::nn::on_flex_workers(&device, || self.step_on_this_thread(batch))
-    }
-
-    fn optimize(
-        self,
-        optim: &mut ModuleOptimizer,
-        lr: burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate,
-        grads: GradientsParams,
-    ) -> Self {
-        let device = self.yolo.devices().into_iter().next().unwrap_or_default();
-        kiln_models::nn::on_flex_workers(&device, || self.optimize_on_this_thread(optim, lr, grads))
-    }
-}
-
-impl Student {
-    fn step_on_this_thread(&self, batch: DetectionBatch) -> TrainOutput<StudentStep> {
         let images = batch.images.dims()[0];
         let out = match self.loss(&batch) {
             Ok(out) => out,
@@ -101,7 +84,7 @@ impl Student {
         TrainOutput::new(self, grads, StepOutput::new(loss, out.parts, images))
     }
 
-    fn optimize_on_this_thread(
+    fn optimize(
         self,
         optim: &mut ModuleOptimizer,
         lr: burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate,

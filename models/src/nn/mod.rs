@@ -41,7 +41,10 @@ pub mod silu;
 
 pub use batch_norm::{batch_norm, batch_norm_silu};
 pub use bce::bce_with_logits;
-pub use conv_act::{Activation, conv2d_activation, flex_kernels, on_flex_workers, runs_kiln_kernel, set_flex_kernels};
+pub use conv_act::{
+    Activation, conv2d_activation, flex_kernels, on_flex_workers, on_flex_workers_training, runs_kiln_kernel,
+    set_flex_kernels,
+};
 pub use conv_transpose::conv_transpose2d;
 pub use gelu::gelu;
 pub use layer_norm_2d::LayerNorm2d;
