@@ -176,18 +176,7 @@ mod flex {
             None => None,
         };
         let _span = crate::nn::profile::convolution_span(crate::nn::profile::Kernel::ConvForward, || {
-            let (x, w) = (x.layout().shape().to_vec(), weight.layout().shape().to_vec());
-            ConvShape {
-                batch: x[0],
-                channels_in: x[1],
-                height: x[2],
-                width: x[3],
-                channels_out: w[0],
-                kernel: [w[2], w[3]],
-                stride: conv.stride,
-                padding,
-            }
-            .describe()
+            ConvShape::of(&x, &weight, conv.stride, padding).describe()
         });
         let output = compute(&x, &weight, bias.as_ref(), conv.stride, padding, activation, method)?;
         Some(Tensor::from_primitive::<Flex>(output))
@@ -357,18 +346,7 @@ mod flex {
             method: Method,
         ) -> Option<FloatTensor<Autodiff<Flex>>> {
             let _span = profile::convolution_span(Kernel::ConvForward, || {
-                let (x, w) = (x.primitive().layout().shape().to_vec(), weight.primitive().layout().shape().to_vec());
-                ConvShape {
-                    batch: x[0],
-                    channels_in: x[1],
-                    height: x[2],
-                    width: x[3],
-                    channels_out: w[0],
-                    kernel: [w[2], w[3]],
-                    stride,
-                    padding,
-                }
-                .describe()
+                ConvShape::of(x.primitive(), weight.primitive(), stride, padding).describe()
             });
             let output = compute(
                 x.primitive(),
@@ -409,6 +387,22 @@ mod flex {
     }
 
     impl ConvShape {
+        /// The shape of a call on `x` [batch, c_in, h, w] with `weight` [c_out, c_in, kh, kw]
+        /// (4-d both: the callers' layers guarantee it).
+        fn of(x: &FlexTensor, weight: &FlexTensor, stride: [usize; 2], padding: [usize; 2]) -> Self {
+            let (x, w) = (x.layout().shape(), weight.layout().shape());
+            Self {
+                batch: x[0],
+                channels_in: x[1],
+                height: x[2],
+                width: x[3],
+                channels_out: w[0],
+                kernel: [w[2], w[3]],
+                stride,
+                padding,
+            }
+        }
+
         fn out_h(&self) -> usize {
             (self.height + 2 * self.padding[0] - self.kernel[0]) / self.stride[0] + 1
         }
