@@ -8,6 +8,7 @@ pub mod fuzz;
 pub mod grounding_dino;
 pub mod lora;
 pub mod lowering;
+#[macro_use]
 pub mod nn;
 pub mod sam;
 pub mod weights;

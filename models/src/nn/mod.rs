@@ -35,6 +35,7 @@ pub mod conv_transpose;
 mod elementwise;
 pub mod gelu;
 pub mod layer_norm_2d;
+pub mod max_pool;
 pub mod mlp;
 pub mod profile;
 pub mod silu;
@@ -48,5 +49,6 @@ pub use conv_act::{
 pub use conv_transpose::conv_transpose2d;
 pub use gelu::gelu;
 pub use layer_norm_2d::LayerNorm2d;
+pub use max_pool::max_pool_pyramid;
 pub use mlp::Mlp;
 pub use silu::silu;

@@ -7,6 +7,7 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::tensor::{Device, Tensor};
 
 use super::conv::Conv;
+use crate::nn::max_pool_pyramid;
 
 #[derive(Module, Debug)]
 pub struct Sppf {
@@ -30,10 +31,7 @@ impl Sppf {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let y0 = self.cv1.forward(x);
-        let y1 = self.m.forward(y0.clone());
-        let y2 = self.m.forward(y1.clone());
-        let y3 = self.m.forward(y2.clone());
-        self.cv2.forward(Tensor::cat(vec![y0, y1, y2, y3], 1))
+        // `self.m`'s pool, three times (`nn::max_pool`: one pass on flex at inference).
+        self.cv2.forward(max_pool_pyramid(self.cv1.forward(x), self.m.kernel_size[0], 3))
     }
 }
