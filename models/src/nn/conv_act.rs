@@ -97,10 +97,42 @@ pub fn on_flex_workers<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() 
     #[cfg(feature = "flex")]
     // Device equality ignores autodiff.
     if *device == crate::device::cpu() && !device.is_autodiff() {
-        return rayon::scope(|_| f());
+        return rayon::scope(|_| with_workers_awake(f));
     }
     #[cfg(not(feature = "flex"))]
     let _ = device;
+    f()
+}
+
+/// Runs `f` on this pool worker while the pool's other workers poll for work instead of going to
+/// sleep between its parallel loops (ONNX Runtime's workers spin the same way between operators).
+/// A sleeping worker is woken per loop; on this project's virtual machine, when its host is busy,
+/// a wake-up took so long that a 160-px yolov8n-seg ran as slowly on two threads as on one.
+#[cfg(feature = "flex")]
+fn with_workers_awake<R>(f: impl FnOnce() -> R) -> R {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Releases the pollers when `f` returns or unwinds.
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let done = Release(Arc::new(AtomicBool::new(false)));
+    let (caller, flag) = (rayon::current_thread_index(), done.0.clone());
+    rayon::spawn_broadcast(move |context| {
+        // Not on the caller's own thread: it would poll on top of `f`'s frames, which could
+        // then never return.
+        if Some(context.index()) == caller {
+            return;
+        }
+        while !flag.load(Ordering::Acquire) {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::hint::spin_loop();
+            }
+        }
+    });
     f()
 }
 
