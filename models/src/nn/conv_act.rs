@@ -92,7 +92,8 @@ pub fn conv2d_activation(conv: &Conv2d, x: Tensor<4>, activation: Activation) ->
 /// starts at once, the other workers stealing its halves; from outside the pool each loop queues
 /// a job, wakes a worker and puts the caller to sleep until it is done, which the ~100 layers of a
 /// small model pay every call (measured on a 160-px yolov8n-seg, 2 cores: 6.4 -> 5.8-6.0 ms).
-/// Training steps take [`on_flex_workers_training`].
+/// Meanwhile the other workers poll for its loops' halves ([`with_workers_awake`]). Training steps
+/// take [`on_flex_workers_training`].
 pub fn on_flex_workers<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
     // Device equality ignores autodiff.
@@ -106,12 +107,18 @@ pub fn on_flex_workers<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() 
 
 /// Runs `f` on this pool worker while the pool's other workers poll for work instead of going to
 /// sleep between its parallel loops (ONNX Runtime's workers spin the same way between operators).
-/// A sleeping worker is woken per loop; on this project's virtual machine, when its host is busy,
-/// a wake-up took so long that a 160-px yolov8n-seg ran as slowly on two threads as on one.
+/// A sleeping worker is woken per loop: measured on a 160-px yolov8n-seg, 2 threads, 4.47 -> 4.11
+/// ms in a phase where this project's virtual machine was slow, 2.8 -> 2.66 ms in a fast one.
+///
+/// A poller gives up after [`POLL_IDLE`] without work. It has to: a worker runs a poller as any
+/// other job, so one can start on top of a job that `f` waits for (stolen from `f`'s thread, which
+/// then sleeps until it completes) and would otherwise keep it from completing until `f` returns,
+/// which it cannot (Burn's own convolution, whose parallel loops nest, hung this way).
 #[cfg(feature = "flex")]
 fn with_workers_awake<R>(f: impl FnOnce() -> R) -> R {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
     /// Releases the pollers when `f` returns or unwinds.
     struct Release(Arc<AtomicBool>);
     impl Drop for Release {
@@ -122,19 +129,28 @@ fn with_workers_awake<R>(f: impl FnOnce() -> R) -> R {
     let done = Release(Arc::new(AtomicBool::new(false)));
     let (caller, flag) = (rayon::current_thread_index(), done.0.clone());
     rayon::spawn_broadcast(move |context| {
-        // Not on the caller's own thread: it would poll on top of `f`'s frames, which could
-        // then never return.
+        // Not on the caller's own thread: it would poll on top of `f`'s frames.
         if Some(context.index()) == caller {
             return;
         }
+        let mut last_work = Instant::now();
         while !flag.load(Ordering::Acquire) {
-            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                last_work = Instant::now();
+            } else if last_work.elapsed() > POLL_IDLE {
+                return;
+            } else {
                 std::hint::spin_loop();
             }
         }
     });
     f()
 }
+
+/// How long a poller of [`with_workers_awake`] waits for work before it leaves its worker to
+/// rayon's own idling (longer than the serial stretches between a forward pass's parallel loops).
+#[cfg(feature = "flex")]
+const POLL_IDLE: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// [`on_flex_workers`] for a training step (`device` an autodiff CPU device too). Not what kiln's
 /// trainer runs: a yolov8n-seg step at 320 px, batch 8 (~1,500 parallel loops, each of which pays
@@ -1305,6 +1321,29 @@ mod tests {
     fn worst_error(a: &[f32], b: &[f32], floor: f32) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter().zip(b).map(|(x, y)| (x - y).abs() / (y.abs() + floor)).fold(0.0, f32::max)
+    }
+
+    /// Burn's convolution (parallel loops nested in parallel loops) in many calls, each with its
+    /// pollers, gives the same values every time and finishes. (What it guards against, a poller on
+    /// top of a stolen half that the call waits for, hung `kiln bench` with `KILN_FLEX_KERNELS=0`
+    /// in one run of six before pollers gave up when idle; this test's calls did not hit that
+    /// interleaving in 3 x 3,000 calls of the old code: a smoke test, not a reproduction.)
+    #[test]
+    fn nested_parallel_loops_under_polling_workers_finish() {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let device = Device::flex();
+            let conv =
+                Conv2dConfig::new([16, 16], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device);
+            let x = Tensor::<4>::random([1, 16, 40, 40], Distribution::Normal(0.0, 1.0), &device);
+            let layers = || on_flex_workers(&device, || conv.forward(conv.forward(conv.forward(x.clone()))));
+            let first = floats(layers());
+            for _ in 0..3000 {
+                assert_eq!(floats(layers()), first);
+            }
+            sender.send(()).expect("the test waits");
+        });
+        receiver.recv_timeout(std::time::Duration::from_secs(120)).expect("the calls finish (a hang otherwise)");
     }
 
     #[test]
