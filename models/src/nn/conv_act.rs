@@ -170,7 +170,7 @@ pub fn on_flex_workers_training<R: Send>(device: &burn::tensor::Device, f: impl 
 }
 
 #[cfg(feature = "flex")]
-pub(crate) use flex::matmul;
+pub(crate) use flex::{OutputPtr, matmul};
 
 #[cfg(feature = "flex")]
 mod flex {
@@ -539,15 +539,15 @@ mod flex {
     }
 
     /// A raw pointer shared by tasks: into the output, of which each writes a disjoint block, or
-    /// into an im2col matrix they only read.
+    /// into an im2col matrix they only read (also `nn::max_pool`'s).
     #[derive(Clone, Copy)]
-    struct OutputPtr(*mut f32);
+    pub(crate) struct OutputPtr(pub(crate) *mut f32);
     unsafe impl Send for OutputPtr {}
     unsafe impl Sync for OutputPtr {}
 
     impl OutputPtr {
         // A method, not the field: a closure would capture the bare pointer field, which is not Sync.
-        fn at(&self, offset: usize) -> *mut f32 {
+        pub(crate) fn at(&self, offset: usize) -> *mut f32 {
             self.0.wrapping_add(offset)
         }
     }

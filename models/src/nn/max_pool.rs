@@ -52,6 +52,8 @@ pub mod flex {
     use burn::tensor::{DType, Tensor, TensorData};
     use rayon::prelude::*;
 
+    use super::super::conv_act::OutputPtr;
+
     /// Values per parallel task: a smaller map is pooled on the calling thread.
     const CHUNK: usize = 1 << 15;
 
@@ -120,19 +122,6 @@ pub mod flex {
                     *o = max_nan(*o, v);
                 }
             }
-        }
-    }
-
-    /// The output, of which each chain writes its own planes.
-    #[derive(Clone, Copy)]
-    struct OutputPtr(*mut f32);
-    unsafe impl Send for OutputPtr {}
-    unsafe impl Sync for OutputPtr {}
-
-    impl OutputPtr {
-        // A method, not the field: a closure would capture the bare pointer field, which is not Sync.
-        fn at(&self, offset: usize) -> *mut f32 {
-            self.0.wrapping_add(offset)
         }
     }
 
