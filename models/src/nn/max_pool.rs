@@ -138,7 +138,7 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     fn floats(t: Tensor<4>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec::<f32>().expect("float32 tensor")
+        t.into_data().convert::<f32>().try_to_vec::<f32>().expect("float32 tensor")
     }
 
     /// The kernel against Burn's max pools and concatenation, maps smaller and larger than the

@@ -501,7 +501,7 @@ mod tests {
     use burn::tensor::Distribution;
 
     fn floats(t: Tensor<3>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec::<f32>().expect("float32 tensor")
+        t.into_data().convert::<f32>().try_to_vec::<f32>().expect("float32 tensor")
     }
 
     /// The one-pass decoding against the composition, detection and segmentation heads, one image
