@@ -155,7 +155,18 @@ mod flex {
         let &[batch, channels, ..] = levels[0].layout().shape().as_slice() else { return None };
         let nc = channels.checked_sub(4 * REG_MAX)?;
         let nm = coefficients.as_ref().map_or(0, |c| c[0].layout().shape()[1]);
+        // Every level [batch, channels, h, w], every coefficient level [batch, nm, h, w] of its size.
+        let fits = |tensor: &FlexTensor, rows: usize, [h, w]: [usize; 2]| {
+            tensor.layout().shape().as_slice() == [batch, rows, h, w]
+        };
         let sizes: Vec<[usize; 2]> = levels.iter().map(|l| [l.layout().shape()[2], l.layout().shape()[3]]).collect();
+        if levels.iter().zip(&sizes).any(|(level, &size)| !fits(level, channels, size))
+            || coefficients.as_ref().is_some_and(|c| {
+                c.len() != levels.len() || c.iter().zip(&sizes).any(|(level, &size)| !fits(level, nm, size))
+            })
+        {
+            return None;
+        }
         let anchors: usize = sizes.iter().map(|[h, w]| h * w).sum();
         let rows = 4 + nc + nm;
         let mut decoded = vec![0f32; batch * rows * anchors];
