@@ -107,8 +107,9 @@ pub fn on_flex_workers<R: Send>(device: &burn::tensor::Device, f: impl FnOnce() 
 
 /// Runs `f` on this pool worker while the pool's other workers poll for work instead of going to
 /// sleep between its parallel loops (ONNX Runtime's workers spin the same way between operators).
-/// A sleeping worker is woken per loop: measured on a 160-px yolov8n-seg, 2 threads, 4.47 -> 4.11
-/// ms in a phase where this project's virtual machine was slow, 2.8 -> 2.66 ms in a fast one.
+/// A sleeping worker is woken per loop: measured on a 160-px yolov8n-seg, 2 threads, 4.56 -> 4.26
+/// ms in a phase where this project's virtual machine was slow (with the idle limit below; 2.80 ->
+/// 2.66 ms in a fast phase without it).
 ///
 /// A poller gives up after [`POLL_IDLE`] without work. It has to: a worker runs a poller as any
 /// other job, so one can start on top of a job that `f` waits for (stolen from `f`'s thread, which
