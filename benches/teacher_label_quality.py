@@ -11,6 +11,9 @@ from collections import defaultdict
 truth = json.load(open(sys.argv[1])); labels = json.load(open(sys.argv[2]))
 if isinstance(labels, dict):
     ids = {i["file_name"]: i["id"] for i in truth["images"]}
+    missing = [i["file_name"] for i in labels["images"] if i["file_name"] not in ids]
+    if missing:
+        sys.exit(f"{sys.argv[2]}: {len(missing)} image(s) not in {sys.argv[1]} (first: {missing[0]}); pass the truth of the same unlabelled images")
     local = {i["id"]: ids[i["file_name"]] for i in labels["images"]}
     labels = [dict(l, image_id=local[l["image_id"]]) for l in labels["annotations"]]
 thr = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
