@@ -98,12 +98,17 @@ for name in $DATASETS; do
   dir=$OUT/$name
   for seed in $SEEDS; do
     kiln_run=$dir/kiln-s$seed$TAG
-    if [ ! -f "$kiln_run/weights/last.safetensors" ]; then
-      rm -rf "$kiln_run"
+    # Finished when results.csv holds every epoch (weights are saved every epoch, so their presence
+    # says nothing); a run stopped part-way (the script killed, the session over) is resumed.
+    epochs_done=0
+    [ -f "$kiln_run/results.csv" ] && epochs_done=$(($(wc -l <"$kiln_run/results.csv") - 1))
+    if [ "$epochs_done" -lt "$EPOCHS" ]; then
+      resume=""
+      if [ -f "$kiln_run/student_config.yaml" ]; then resume=--resume; else rm -rf "$kiln_run" "$kiln_run.log"; fi
       # shellcheck disable=SC2086
       (time "$KILN" train-student --data "$dir/train/annotations.json" --val "$dir/val/annotations.json" \
         --epochs "$EPOCHS" --batch-size 8 --imgsz "$IMGSZ" --optimizer adamw --lr0 0.003 --seed "$seed" \
-        --device "$KILN_DEVICE" --output "$kiln_run" ${KILN_FLAGS:-}) >"$kiln_run.log" 2>&1 \
+        --device "$KILN_DEVICE" --output "$kiln_run" $resume ${KILN_FLAGS:-}) >>"$kiln_run.log" 2>&1 \
         || { echo "kiln failed: see $kiln_run.log" >&2; exit 1; }
     fi
     ultra=$dir/ultra-s$seed$TAG
