@@ -62,6 +62,9 @@ def side_by_side(kiln_csv, ultra_csv, ultra_scores):
         print(f"{epoch:5d} | " + " | ".join(cells))
 
 
+LOSS_TERMS = ("box", "seg", "cls", "dfl")
+
+
 def summary(out, tag):
     print(f"dataset | seeds | final box50 kiln / Ultralytics (ratio) | final mask50 kiln / Ultralytics (ratio) | "
           f"worst shortfall box / mask after the first quarter | final difference box / mask ± 2 s.e. | goal")
@@ -72,10 +75,12 @@ def summary(out, tag):
             ultra = dataset / f"ultra-s{m.group(1)}{tag}.scores" if m else None
             if not m or not (run / "results.csv").is_file() or not ultra.is_file():
                 continue
-            kc, us = kiln_coco(read_csv(run / "results.csv")), read_scores(ultra)
+            k = read_csv(run / "results.csv")
+            kc, us = kiln_coco(k), read_scores(ultra)
             epochs = sorted(set(kc) & set(us))
+            ultra_csv = dataset / f"ultra-s{m.group(1)}{tag}" / "run" / "results.csv"
             if epochs:
-                curves.append((epochs, kc, us))
+                curves.append((epochs, kc, us, int(m.group(1)), k, read_csv(ultra_csv) if ultra_csv.is_file() else {}))
         if not curves:
             continue
         # A run killed before its last epoch (its weights are saved every epoch) would cut every
@@ -110,6 +115,17 @@ def summary(out, tag):
         print(f"{dataset.name} | {seeds} | {kb:.3f} / {ub:.3f} ({shown(kb, ub)}) | "
               f"{km:.3f} / {um:.3f} ({shown(km, um)}) | {worst_box:+.3f} / {worst_mask:+.3f} | "
               f"{difference(0)} / {difference(2)} | {goal}")
+        # Per seed: where a run ends against the other tool's, and how its training loss compared
+        # over the last five epochs (a run that ends behind has, so far, always trained to a higher
+        # loss on its own samples: README, "Every set on the current code").
+        for _, kc, us, seed, k, u in sorted(curves, key=lambda c: c[3]):
+            ratio_text = "n/a"
+            tail = [e for e in epochs[-5:] if e in k and e in u]
+            if tail:
+                total = lambda rows: sum(float(rows[e][f"train/{t}_loss"]) for e in tail for t in LOSS_TERMS)
+                ratio_text = f"{total(k) / total(u):.2f}"
+            print(f"  seed {seed}: final box {kc[last][0]:.3f} / {us[last][0]:.3f}, mask {kc[last][2]:.3f} / "
+                  f"{us[last][2]:.3f}; training loss kiln / Ultralytics over the last 5 epochs {ratio_text}")
 
 
 def main():
