@@ -27,9 +27,10 @@
 # COCO results its own validator writes for each epoch's EMA weights (save_period=1), against the
 # same val COCO file (benches/parity_score.py). Both at conf 0.001, IoU 0.7, 300 detections.
 #
-# Time on the 2-core CPU, measured on shapes4 only: about 11 minutes per seed with
-# KILN_DEVICE=tch-cpu (kiln 5.5 min, Ultralytics 5.3 min, scoring 1 min); the other sets differ in
-# size, so all five x 3 seeds is an estimate of about 3 h.
+# Time on the 2-core CPU with a flex release build of kiln (measured 2026-12-06): about 3 h for all
+# five sets x 3 seeds; per set and seed 10 (shifted8) to 20 (dense6) minutes, kiln's training,
+# Ultralytics' training and scoring its 30 checkpoints about a third each; coco8 under a minute.
+# Started again with the same arguments, it continues where it stopped (finished runs are kept).
 set -euo pipefail
 OUT=${1:?usage: parity_experiment.sh OUT [DATASET ...]}
 shift || true
