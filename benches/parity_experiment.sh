@@ -30,7 +30,8 @@
 # Time on the 2-core CPU with a flex release build of kiln (measured 2026-12-06): about 3 h for all
 # five sets x 3 seeds; per set and seed 10 (shifted8) to 20 (dense6) minutes, kiln's training,
 # Ultralytics' training and scoring its 30 checkpoints about a third each; coco8 under a minute.
-# Started again with the same arguments, it continues where it stopped (finished runs are kept).
+# Started again with the same arguments, it keeps finished runs, resumes an unfinished kiln run and
+# starts an unfinished Ultralytics run over.
 set -euo pipefail
 OUT=${1:?usage: parity_experiment.sh OUT [DATASET ...]}
 shift || true
@@ -114,6 +115,9 @@ for name in $DATASETS; do
     fi
     ultra=$dir/ultra-s$seed$TAG
     if [ ! -f "$ultra.scores" ]; then
+      # An unfinished Ultralytics run starts over: rerun into the same directory, it would append
+      # its epochs to the old results.csv.
+      rm -rf "$ultra"
       # shellcheck disable=SC2086
       (time "$PYTHON" "$ROOT/benches/student_train_baseline.py" --train "$dir/train/annotations.json" \
         --images "$dir/train/images" --val "$dir/val/annotations.json" --val-images "$dir/val/images" \
