@@ -788,7 +788,7 @@ impl Warp {
                 (b, None)
             }
         };
-        if !box_candidate(before.map(|v| v as f64), bbox) {
+        if !box_candidate(before.map(|v| v as f64), bbox, min_area_share(instance)) {
             return Ok(None);
         }
         let mask = match (mask_downsample, warped) {
@@ -840,16 +840,25 @@ fn inverse(m: [[f64; 3]; 3]) -> [[f64; 3]; 3] {
 }
 
 /// Ultralytics' `box_candidates`: an object whose box went from `before` to `after` stays when
-/// its sides are over 2 px, it keeps over 10 % of its area and its aspect is under 100.
-fn box_candidate(before: [f64; 4], after: [f64; 4]) -> bool {
+/// its sides are over 2 px, it keeps over `min_area_share` of its area and its aspect is under 100.
+fn box_candidate(before: [f64; 4], after: [f64; 4], min_area_share: f64) -> bool {
     let (w0, h0) = (before[2] - before[0], before[3] - before[1]);
     let (w, h) = (after[2] - after[0], after[3] - after[1]);
     let aspect = (w / (h + 1e-16)).max(h / (w + 1e-16));
-    w > 2.0 && h > 2.0 && w * h / (w0 * h0 + 1e-16) > 0.1 && aspect < 100.0
+    w > 2.0 && h > 2.0 && w * h / (w0 * h0 + 1e-16) > min_area_share && aspect < 100.0
+}
+
+/// The share of its (scaled) box area an object must keep to stay a label: Ultralytics 8.4 keeps
+/// an object with a segmentation down to 1 % (its box is that of what is visible of the shape),
+/// one with a box only down to 10 % (`RandomPerspective`: `area_thr=0.01 if len(segments) else 0.10`).
+/// Dropping a visible sliver would teach the pixels of a real object as background.
+fn min_area_share(instance: &InstanceLabel) -> f64 {
+    if instance.segmentation.is_some() { 0.01 } else { 0.10 }
 }
 
 /// The instance's box (and mask) in the output, or `None` when too little of it survives
-/// (Ultralytics' `box_candidates`: sides > 2 px, > 10 % of its scaled area, aspect < 100).
+/// (Ultralytics' `box_candidates`: sides > 2 px, aspect < 100, and enough of its scaled area:
+/// `min_area_share`).
 fn place_instance(
     instance: &InstanceLabel,
     item: &DetectionItem,
@@ -892,7 +901,7 @@ fn place_instance(
     }) else {
         return Ok(None);
     };
-    if !box_candidate(mapped, clip) {
+    if !box_candidate(mapped, clip, min_area_share(instance)) {
         return Ok(None);
     }
     let mask = match (mask_downsample, &instance.segmentation) {
@@ -1016,8 +1025,11 @@ fn paint(out: &mut RgbImage, source: &RgbImage, placement: &Placement) {
 }
 
 /// Ultralytics' `RandomHSV`: gains on OpenCV's 8-bit HSV (hue 0..180) through look-up tables.
+/// The hue moves by `(gh - 1) * 180` (8.4's `(x + r * 180) % 180`, truncated to 8 bits), so every
+/// hue turns, red (hue 0) included, which a multiplicative gain (older releases) leaves alone.
 fn adjust_hsv(image: &mut RgbImage, [gh, gs, gv]: [f64; 3]) {
-    let hue: Vec<f32> = (0..180).map(|x| ((x as f64 * gh) as i64).rem_euclid(180) as f32).collect();
+    let shift = (gh - 1.0) * 180.0;
+    let hue: Vec<f32> = (0..180).map(|x| (x as f64 + shift).rem_euclid(180.0).floor().min(179.0) as f32).collect();
     let sat: Vec<f32> = (0..256).map(|x| (x as f64 * gs).clamp(0.0, 255.0) as u8 as f32).collect();
     let val: Vec<f32> = (0..256).map(|x| (x as f64 * gv).clamp(0.0, 255.0) as u8 as f32).collect();
     for pixel in image.pixels_mut() {
@@ -1084,6 +1096,41 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// Ultralytics 8.4's `box_candidates` thresholds: an object with a segmentation stays down to
+    /// 1 % of its scaled box area, one with a box only down to 10 %; sides over 2 px either way.
+    #[test]
+    fn segmented_slivers_stay_labels_box_only_ones_are_dropped() {
+        let mut segmented = item(100, 100, &[[0.0, 0.0, 50.0, 50.0]]).instances.remove(0);
+        let before = [0.0, 0.0, 50.0, 50.0];
+        let sliver = [0.0, 0.0, 50.0, 2.5]; // 5 % of the area
+        assert!(box_candidate(before, sliver, min_area_share(&segmented)));
+        assert!(!box_candidate(before, [0.0, 0.0, 50.0, 0.4], min_area_share(&segmented)), "under 1 %");
+        assert!(!box_candidate(before, [0.0, 0.0, 1.9, 50.0], min_area_share(&segmented)), "a side under 2 px");
+        segmented.segmentation = None;
+        assert!(!box_candidate(before, sliver, min_area_share(&segmented)));
+        assert!(box_candidate(before, [0.0, 0.0, 50.0, 5.5], min_area_share(&segmented)), "11 %");
+    }
+
+    /// 8.4's hue shift `(x + r * 180) % 180`: pure red (hue 0) turns by 1.8 units of OpenCV's hue
+    /// (truncated to 1, i.e. 2°) at r = 0.01, and a negative shift wraps to the top of the circle.
+    #[test]
+    fn the_hue_gain_shifts_every_hue_red_included() {
+        let mut red = RgbImage::from_pixel(1, 1, image::Rgb([255, 0, 0]));
+        adjust_hsv(&mut red, [1.01, 1.0, 1.0]);
+        // h = 2°, s = 1, v = 255: (255, 255 * 2 / 60, 0).
+        assert_eq!(red.get_pixel(0, 0).0, [255, 9, 0]);
+        let mut red = RgbImage::from_pixel(1, 1, image::Rgb([255, 0, 0]));
+        adjust_hsv(&mut red, [0.99, 1.0, 1.0]);
+        // 0 - 1.8 wraps to 178.2, truncated to 178: h = 356°, (255, 0, 255 * 4 / 60).
+        assert_eq!(red.get_pixel(0, 0).0, [255, 0, 17]);
+        let mut unchanged = RgbImage::from_pixel(1, 1, image::Rgb([40, 120, 200]));
+        let before = unchanged.clone();
+        adjust_hsv(&mut unchanged, [1.0, 1.0, 1.0]);
+        let [r, g, b] = unchanged.get_pixel(0, 0).0.map(i32::from);
+        let [r0, g0, b0] = before.get_pixel(0, 0).0.map(i32::from);
+        assert!((r - r0).abs() <= 2 && (g - g0).abs() <= 2 && (b - b0).abs() <= 2, "no gain, no change beyond 8-bit HSV rounding");
     }
 
     #[test]
