@@ -1130,7 +1130,10 @@ mod tests {
         adjust_hsv(&mut unchanged, [1.0, 1.0, 1.0]);
         let [r, g, b] = unchanged.get_pixel(0, 0).0.map(i32::from);
         let [r0, g0, b0] = before.get_pixel(0, 0).0.map(i32::from);
-        assert!((r - r0).abs() <= 2 && (g - g0).abs() <= 2 && (b - b0).abs() <= 2, "no gain, no change beyond 8-bit HSV rounding");
+        assert!(
+            (r - r0).abs() <= 2 && (g - g0).abs() <= 2 && (b - b0).abs() <= 2,
+            "no gain, no change beyond 8-bit HSV rounding"
+        );
     }
 
     #[test]
