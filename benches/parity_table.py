@@ -65,6 +65,42 @@ def side_by_side(kiln_csv, ultra_csv, ultra_scores):
 LOSS_TERMS = ("box", "seg", "cls", "dfl")
 
 
+def goal_holds(a, b, epochs):
+    """The goal's test of runs `a` against runs `b` (each a {epoch: [box50, box50-95, mask50,
+    mask50-95]}): the means' final ratio >= 0.97 for box and mask, and the mean never more than
+    0.05 behind after the first quarter."""
+    mean = lambda runs, e, i: sum(r[e][i] for r in runs) / len(runs)
+    last = epochs[-1]
+    for i in (0, 2):
+        if mean(b, last, i) > 0 and mean(a, last, i) < 0.97 * mean(b, last, i):
+            return False
+        if any(mean(b, e, i) - mean(a, e, i) > 0.05 for e in epochs if e > last / 4):
+            return False
+    return True
+
+
+def noise_floor(kiln, ultra, epochs, size=3):
+    """How often the goal's test passes on every choice of `size` seeds per side: kiln against
+    Ultralytics, and each tool against itself on disjoint seeds (two equal trainers, told apart by
+    nothing but the seeds). A pass rate well under 100 % for a tool against itself means the test
+    on `size` seeds cannot tell a few per cent from noise on this set."""
+    from itertools import combinations
+
+    def rate(a, b, disjoint):
+        tried = passed = 0
+        for x in combinations(range(len(a)), size):
+            for y in combinations(range(len(b)), size):
+                if disjoint and set(x) & set(y):
+                    continue
+                tried += 1
+                passed += goal_holds([a[i] for i in x], [b[i] for i in y], epochs)
+        return f"{passed / tried:.0%} of {tried}" if tried else "n/a"
+
+    return (f"the goal's test on every choice of {size} seeds per side passes: kiln vs Ultralytics "
+            f"{rate(kiln, ultra, False)}; Ultralytics vs itself (disjoint seeds) {rate(ultra, ultra, True)}; "
+            f"kiln vs itself {rate(kiln, kiln, True)}")
+
+
 def summary(out, tag):
     print(f"dataset | seeds | final box50 kiln / Ultralytics (ratio) | final mask50 kiln / Ultralytics (ratio) | "
           f"worst shortfall box / mask after the first quarter | final difference box / mask ± 2 s.e. | goal")
@@ -115,6 +151,8 @@ def summary(out, tag):
         print(f"{dataset.name} | {seeds} | {kb:.3f} / {ub:.3f} ({shown(kb, ub)}) | "
               f"{km:.3f} / {um:.3f} ({shown(km, um)}) | {worst_box:+.3f} / {worst_mask:+.3f} | "
               f"{difference(0)} / {difference(2)} | {goal}")
+        if len(curves) > 3 and not silent:
+            print("  " + noise_floor([c[1] for c in curves], [c[2] for c in curves], epochs))
         # Per seed: where a run ends against the other tool's, and how its training loss compared
         # over the last five epochs (a run that ends behind has, so far, always trained to a higher
         # loss on its own samples: README, "Every set on the current code").

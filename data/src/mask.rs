@@ -391,6 +391,115 @@ impl BinaryMask {
         out
     }
 
+    /// Ultralytics' training mask of one polygon (`polygon2mask` before its resize): the vertices
+    /// (`x0, y0, x1, y1, ...` in this mask's pixels) truncated to whole pixels as
+    /// `np.asarray(..., dtype=np.int32)` does, then filled as OpenCV's `fillPoly` fills: every
+    /// edge drawn as an 8-connected line, and each row filled between the edges' crossings (even-odd),
+    /// the crossings taken half a pixel to the right in 16-bit fixed point. The result is set
+    /// into this mask (OR). Matches OpenCV 5.1 to within 0.1 % of the pixels (tests/masks.rs).
+    pub fn fill_polygon_like_opencv(&mut self, polygon: &[f64]) {
+        const SHIFT: u32 = 16;
+        let points: Vec<(i64, i64)> = polygon.chunks_exact(2).map(|p| (p[0] as i64, p[1] as i64)).collect();
+        if points.is_empty() {
+            return;
+        }
+        let (w, h) = (self.width as i64, self.height as i64);
+        // (first row, row past the end, x at the first row, x step per row), x in fixed point.
+        let mut edges: Vec<(i64, i64, i64, i64)> = Vec::with_capacity(points.len());
+        for i in 0..points.len() {
+            let (x0, y0) = points[(i + points.len() - 1) % points.len()];
+            let (x1, y1) = points[i];
+            self.line_8_connected((x0, y0), (x1, y1));
+            if y0 == y1 {
+                continue;
+            }
+            let half = 1i64 << (SHIFT - 1);
+            let (c0, c1) = ((x0 << SHIFT) + half, (x1 << SHIFT) + half);
+            // C's integer division (toward zero), as OpenCV computes the step.
+            let step = (c1 - c0) / (y1 - y0);
+            edges.push(if y0 < y1 { (y0, y1, c0, step) } else { (y1, y0, c1, step) });
+        }
+        if edges.len() < 2 {
+            return;
+        }
+        let first = edges.iter().map(|e| e.0).min().unwrap_or(0).max(0);
+        let end = edges.iter().map(|e| e.1).max().unwrap_or(0).min(h);
+        let mut crossings = Vec::with_capacity(edges.len());
+        for y in first..end {
+            crossings.clear();
+            crossings.extend(edges.iter().filter(|e| e.0 <= y && y < e.1).map(|e| e.2 + (y - e.0) * e.3));
+            crossings.sort_unstable();
+            for pair in crossings.chunks_exact(2) {
+                let (a, b) = (pair[0] >> SHIFT, pair[1] >> SHIFT);
+                if a < w && b >= 0 {
+                    let row = (y * w) as usize;
+                    self.data[row + a.max(0) as usize..=row + b.min(w - 1) as usize].fill(1);
+                }
+            }
+        }
+    }
+
+    /// OpenCV's 8-connected line (`LineIterator`, left to right), the pixels inside the mask set.
+    fn line_8_connected(&mut self, (mut x0, mut y0): (i64, i64), (mut x1, mut y1): (i64, i64)) {
+        if x1 < x0 {
+            std::mem::swap(&mut x0, &mut x1);
+            std::mem::swap(&mut y0, &mut y1);
+        }
+        let (dx, dy) = (x1 - x0, (y1 - y0).abs());
+        let y_step = if y1 < y0 { -1 } else { 1 };
+        let (major, minor) = (dx.max(dy), dx.min(dy));
+        let y_major = dy > dx;
+        let mut error = major - 2 * minor;
+        let (mut x, mut y) = (x0, y0);
+        for _ in 0..=major {
+            if (0..self.width as i64).contains(&x) && (0..self.height as i64).contains(&y) {
+                self.data[(y * self.width as i64 + x) as usize] = 1;
+            }
+            let minor_step = error < 0;
+            error += if minor_step { 2 * major - 2 * minor } else { -2 * minor };
+            if y_major {
+                y += y_step;
+                x += minor_step as i64;
+            } else {
+                x += 1;
+                y += if minor_step { y_step } else { 0 };
+            }
+        }
+    }
+
+    /// Ultralytics' shrink of a training mask by `d` (`cv2.resize` with `INTER_LINEAR` in
+    /// `polygon2mask`): each cell is the bilinear sample at pixel `d * x + (d - 1) / 2`, rounded
+    /// half up: for an even `d` at least two of the four pixels around the cell's centre, for an
+    /// odd `d` the pixel at its centre. Sides `len.div_ceil(d)` (a partial last cell reads the
+    /// pixels it has).
+    pub fn downsample_like_opencv(&self, d: u32) -> BinaryMask {
+        let d = d.max(1);
+        if d == 1 {
+            return self.clone();
+        }
+        let (w, h) = (self.width.div_ceil(d), self.height.div_ceil(d));
+        let mut out = BinaryMask::zeros(w, h);
+        let pixels = |c: u32, len: u32| -> [u32; 2] {
+            let centre = c * d + d / 2;
+            let low = if d % 2 == 0 { centre - 1 } else { centre };
+            [low.min(len - 1), centre.min(len - 1)]
+        };
+        for y in 0..h {
+            let rows = pixels(y, self.height);
+            for x in 0..w {
+                let columns = pixels(x, self.width);
+                let set: u32 = rows
+                    .iter()
+                    .flat_map(|&r| columns.iter().map(move |&c| (r, c)))
+                    .map(|(r, c)| self.data[(r * self.width + c) as usize] as u32)
+                    .sum();
+                // Odd d: one pixel read four times.
+                out.data[(y * w + x) as usize] = (set >= 2) as u8;
+            }
+        }
+        out
+    }
+
     /// Intersection over union with another mask of the same size.
     pub fn iou(&self, other: &BinaryMask) -> f64 {
         let (mut inter, mut union) = (0u64, 0u64);
