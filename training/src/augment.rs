@@ -855,6 +855,8 @@ fn place_instance(
     // The box of what stays visible: with a mask, the box of the mask's visible part (as
     // Ultralytics derives boxes from the transformed segments), not the clipped full box, which
     // would frame background where a mosaic seam or the crop cuts a shape.
+    // An RLE's raster at full size gives its box, and its mask target below.
+    let mut rle_raster = None;
     let visible_box = match &instance.segmentation {
         Some(Segmentation::Polygons(polygons)) => {
             let map = |x: f64, y: f64| (x * placement.sx + placement.ox, y * placement.sy + placement.oy);
@@ -863,7 +865,7 @@ fn place_instance(
         Some(rle @ Segmentation::Rle(_)) => {
             let map = [placement.sx, placement.sy, placement.ox, placement.oy];
             let full = rle.rasterize_affine(item.image.width(), item.image.height(), map, size, size)?;
-            mask_box(&full, window)
+            mask_box(&full, window).inspect(|_| rle_raster = Some(full))
         }
         None => Some([
             mapped[0].max(window[0]),
@@ -903,25 +905,25 @@ fn place_instance(
                     }
                     full
                 }
-                rle => {
-                    let map = [placement.sx, placement.sy, placement.ox, placement.oy];
-                    rle.rasterize_affine(item.image.width(), item.image.height(), map, size, size)?
-                }
+                Segmentation::Rle(_) => match rle_raster {
+                    Some(full) => full,
+                    None => return Ok(None),
+                },
             };
             // What lies outside this image's visible part belongs to a neighbour in the mosaic (or
-            // to the letterbox's padding).
-            for y in 0..size {
-                let row = &mut full.data[(y * size) as usize..((y + 1) * size) as usize];
-                let cy = y as f64 + 0.5;
-                if cy < v[1] || cy > v[3] {
+            // to the letterbox's padding): pixels whose centre is outside it are cleared.
+            let inside = |low: f64, high: f64| -> (usize, usize) {
+                let first = (low - 0.5).ceil().clamp(0.0, size as f64) as usize;
+                let end = ((high - 0.5).floor() + 1.0).clamp(first as f64, size as f64) as usize;
+                (first, end)
+            };
+            let ((x0, x1), (y0, y1)) = (inside(v[0], v[2]), inside(v[1], v[3]));
+            for (y, row) in full.data.chunks_exact_mut(size as usize).enumerate() {
+                if y < y0 || y >= y1 {
                     row.fill(0);
-                    continue;
-                }
-                for (x, pixel) in row.iter_mut().enumerate() {
-                    let cx = x as f64 + 0.5;
-                    if cx < v[0] || cx > v[2] {
-                        *pixel = 0;
-                    }
+                } else {
+                    row[..x0].fill(0);
+                    row[x1..].fill(0);
                 }
             }
             Some(full.downsample_like_opencv(d))
