@@ -155,7 +155,7 @@ def summary(out, tag):
             print("  " + noise_floor([c[1] for c in curves], [c[2] for c in curves], epochs))
         # Per seed: where a run ends against the other tool's, and how its training loss compared
         # over the last five epochs (a run that ends behind has, so far, always trained to a higher
-        # loss on its own samples: README, "Every set on the current code").
+        # loss on its own samples: README, "Every set at c0e6cd2").
         for _, kc, us, seed, k, u in sorted(curves, key=lambda c: c[3]):
             ratio_text = "n/a"
             tail = [e for e in epochs[-5:] if e in k and e in u]
