@@ -185,3 +185,18 @@ fn the_mask_shrink_reads_the_pixels_around_each_cell_centre() {
     odd.data[0] = 1;
     assert_eq!(odd.downsample_like_opencv(3).data, vec![0]);
 }
+
+/// A polygon with coordinates far outside the sample or not numbers at all (a broken annotation)
+/// fills what it covers and returns: no overflow, no endless line.
+#[test]
+fn a_polygon_far_outside_or_not_a_number_is_filled_without_fault() {
+    let mut mask = BinaryMask::zeros(16, 16);
+    mask.fill_polygon_like_opencv(&[-1e300, -1e300, 1e300, -1e300, 1e300, 1e300, -1e300, 1e300]);
+    assert_eq!(mask.area(), 256, "a square around the whole mask covers it");
+    let mut mask = BinaryMask::zeros(16, 16);
+    mask.fill_polygon_like_opencv(&[f64::NAN, 2.0, 8.0, f64::INFINITY, 8.0, 8.0]);
+    assert!(mask.area() <= 256);
+    let mut mask = BinaryMask::zeros(16, 16);
+    mask.fill_polygon_like_opencv(&[2.0, 2.0, 9.0, 2.0, 9.0, 9.0, 2.0, 9.0]);
+    assert_eq!(mask.area(), 64, "8 x 8 pixels: fillPoly takes in both edges");
+}

@@ -399,7 +399,12 @@ impl BinaryMask {
     /// into this mask (OR). Matches OpenCV 5.1 to within 0.1 % of the pixels (tests/masks.rs).
     pub fn fill_polygon_like_opencv(&mut self, polygon: &[f64]) {
         const SHIFT: u32 = 16;
-        let points: Vec<(i64, i64)> = polygon.chunks_exact(2).map(|p| (p[0] as i64, p[1] as i64)).collect();
+        // Far outside any mask (a hostile or broken annotation): held at a bound that keeps the
+        // fixed-point sums and the line walks finite; the part inside the mask is unchanged for
+        // any polygon within a million pixels of it.
+        const FAR: i64 = 1 << 20;
+        let whole = |v: f64| (v as i64).clamp(-FAR, FAR);
+        let points: Vec<(i64, i64)> = polygon.chunks_exact(2).map(|p| (whole(p[0]), whole(p[1]))).collect();
         if points.is_empty() {
             return;
         }
