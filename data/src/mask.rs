@@ -396,7 +396,7 @@ impl BinaryMask {
     /// `np.asarray(..., dtype=np.int32)` does, then filled as OpenCV's `fillPoly` fills: every
     /// edge drawn as an 8-connected line, and each row filled between the edges' crossings (even-odd),
     /// the crossings taken half a pixel to the right in 16-bit fixed point. The result is set
-    /// into this mask (OR). Matches OpenCV 5.1 to within 0.1 % of the pixels (tests/masks.rs).
+    /// into this mask (OR). Matches OpenCV 5.1 to within 0.2 % of the pixels (tests/masks.rs).
     pub fn fill_polygon_like_opencv(&mut self, polygon: &[f64]) {
         const SHIFT: u32 = 16;
         // Far outside any mask (a hostile or broken annotation): held at a bound that keeps the
