@@ -422,3 +422,74 @@ fn half_precision_gradients_stay_close_to_float32() {
         assert!(largest > 0.0 && largest <= 0.02 * scale, "{dtype:?}: gradient differs by {largest} of {scale}");
     }
 }
+
+/// Mosaic partners come from Ultralytics' buffer of recently loaded images: the buffer after
+/// each load, for the same sequence of sample images, equals what Ultralytics 8.4's own
+/// `BaseDataset.load_image` leaves (tests/fixtures/ultralytics_mosaic_buffer.json, written by
+/// tests/reference/ultralytics_mosaic_buffer.py), for a loader's length (16) and a short one (4).
+#[test]
+fn the_mosaic_buffer_holds_what_ultralytics_holds() {
+    use kiln_training::data::MosaicBuffer;
+    let text = std::fs::read_to_string(kiln_tests::fixture("ultralytics_mosaic_buffer.json")).expect("fixture present");
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let images = fixture["images"].as_u64().unwrap() as usize;
+    let sequence: Vec<usize> =
+        fixture["sequence"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let capacity = case["capacity"].as_u64().unwrap() as usize;
+        let mut buffer = MosaicBuffer::new(images, capacity);
+        for (step, (&image, expected)) in sequence.iter().zip(case["buffers"].as_array().unwrap()).enumerate() {
+            buffer.load(image);
+            let expected: Vec<usize> =
+                expected.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            assert_eq!(buffer.images(), expected, "capacity {capacity}, step {step} (image {image})");
+        }
+    }
+}
+
+/// A sample's mosaic depends on the buffer, that is on every sample before it; asked out of order
+/// (a resumed run starts in the middle), the dataset replays the buffer and draws the same sample.
+#[test]
+fn samples_with_the_mosaic_buffer_do_not_depend_on_the_order_they_are_asked_in() {
+    use kiln_data::batch::CocoDetectionDataset;
+    use kiln_training::augment::AugmentConfig;
+    use kiln_training::data::{EpochCounter, TrainDataset};
+    let scratch = Scratch::new("mosaic-buffer");
+    let options = SynthOptions { images: 12, classes: 2, size: 64, seed: 3, max_objects: 2, ..Default::default() };
+    let generated = synthesize(&options, &scratch.0.join("synth"), &ProgressBar::hidden()).unwrap();
+    let source = std::sync::Arc::new(CocoDetectionDataset::new(generated.dataset, generated.images_dir));
+    let make = || {
+        TrainDataset::new(vec![source.clone()], AugmentConfig::default(), 64, Some(4), 7, 4, 1, EpochCounter::default())
+            .with_mosaic_buffer(5)
+    };
+    let in_order = make();
+    let mut samples = Vec::new();
+    for epoch in 1..=3 {
+        for position in 0..12 {
+            samples.push(((epoch, position), in_order.sample(epoch, position).unwrap()));
+        }
+    }
+    let jumping = make();
+    for &index in &[30usize, 5, 29, 13, 0, 35] {
+        let ((epoch, position), expected) = &samples[index];
+        let sample = jumping.sample(*epoch, *position).unwrap();
+        assert_eq!(sample.image.as_raw(), expected.image.as_raw(), "epoch {epoch} position {position}");
+        assert_eq!(sample.boxes, expected.boxes, "epoch {epoch} position {position}");
+    }
+    // The buffer changes the draws: the same positions without it give other mosaics.
+    let uniform = TrainDataset::new(
+        vec![source.clone()],
+        AugmentConfig::default(),
+        64,
+        Some(4),
+        7,
+        4,
+        1,
+        EpochCounter::default(),
+    );
+    let differ =
+        samples.iter().filter(|((e, p), s)| uniform.sample(*e, *p).unwrap().image.as_raw() != s.image.as_raw()).count();
+    assert!(differ > 0, "the buffer changed no mosaic");
+}

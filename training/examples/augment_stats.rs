@@ -38,7 +38,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("KILN_NO_HSV").is_some() {
         (augment.hsv_h, augment.hsv_s, augment.hsv_v) = (0.0, 0.0, 0.0);
     }
-    let dataset = TrainDataset::new(vec![source], augment, imgsz, Some(4), seed, epochs, 10, EpochCounter::default());
+    // `KILN_NO_MOSAIC=1`: the samples of the last epochs, after mosaic closes.
+    if std::env::var_os("KILN_NO_MOSAIC").is_some() {
+        augment.mosaic = 0.0;
+    }
+    // Ultralytics' mosaic buffer at batch 8: min(images, 8 * 8, 1000).
+    let buffer = n.min(64).min(1000);
+    let dataset = TrainDataset::new(vec![source], augment, imgsz, Some(4), seed, epochs, 10, EpochCounter::default())
+        .with_mosaic_buffer(buffer);
     let full = TrainDataset::new(
         vec![Arc::new(CocoDetectionDataset::new(CocoDataset::load(&PathBuf::from(annotations))?, images))],
         augment,
@@ -48,7 +55,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         epochs,
         10,
         EpochCounter::default(),
-    );
+    )
+    .with_mosaic_buffer(buffer);
     let (mut coco_images, mut coco_annotations) = (Vec::new(), Vec::new());
     for k in 0..samples {
         let sample = dataset.sample(1 + k / n, k % n)?;

@@ -31,8 +31,8 @@ impl EpochCounter {
 }
 
 /// Training samples: position `i` of epoch `e` is image `order_e[i]`, augmented (with a mosaic
-/// of three more images drawn at random) by a generator seeded from (seed, e, i). Mosaic is off
-/// for the last `close_mosaic` epochs, as in Ultralytics.
+/// of three more images drawn from the recently loaded ones, see [`MosaicBuffer`]) by a generator
+/// seeded from (seed, e, i). Mosaic is off for the last `close_mosaic` epochs, as in Ultralytics.
 pub struct TrainDataset {
     /// The labelled images, then (distillation) the teacher-labelled ones, as one list.
     sources: Vec<Arc<CocoDetectionDataset>>,
@@ -44,6 +44,55 @@ pub struct TrainDataset {
     pub close_mosaic: usize,
     epoch: EpochCounter,
     order: Mutex<(usize, Vec<usize>)>,
+    /// How many recently loaded images the mosaic draws its partners from (Ultralytics'
+    /// `max_buffer_length`); 0 draws them from the whole set.
+    mosaic_buffer: usize,
+    buffer: Mutex<Option<BufferState>>,
+}
+
+/// Ultralytics' mosaic buffer (`BaseDataset.buffer`, a loader without workers): an image read
+/// from disk as a sample's own image joins it, the oldest leaves once it holds `capacity`
+/// (`max_buffer_length`), and a mosaic's three partners are drawn from it, the sample's own image
+/// included. So an image comes back as a partner within the next few batches after it was a
+/// sample's own image, and the first samples of a run tile copies of few images.
+#[derive(Debug, Clone)]
+pub struct MosaicBuffer {
+    capacity: usize,
+    images: std::collections::VecDeque<usize>,
+    held: Vec<bool>,
+}
+
+impl MosaicBuffer {
+    /// An empty buffer over `images` images.
+    pub fn new(images: usize, capacity: usize) -> Self {
+        Self { capacity, images: Default::default(), held: vec![false; images] }
+    }
+
+    /// A sample's own image is loaded: it joins unless it is held already.
+    pub fn load(&mut self, image: usize) {
+        if self.held[image] {
+            return;
+        }
+        self.held[image] = true;
+        self.images.push_back(image);
+        if self.images.len() > 1 && self.images.len() >= self.capacity {
+            if let Some(oldest) = self.images.pop_front() {
+                self.held[oldest] = false;
+            }
+        }
+    }
+
+    /// The images a mosaic draws from, the oldest first.
+    pub fn images(&self) -> Vec<usize> {
+        self.images.iter().copied().collect()
+    }
+}
+
+/// The buffer's state before the sample at `next` (epoch, position) loads its image.
+#[derive(Debug)]
+struct BufferState {
+    next: (usize, usize),
+    buffer: MosaicBuffer,
 }
 
 impl TrainDataset {
@@ -67,15 +116,52 @@ impl TrainDataset {
             close_mosaic,
             epoch,
             order: Mutex::new((usize::MAX, Vec::new())),
+            mosaic_buffer: 0,
+            buffer: Mutex::new(None),
         }
+    }
+
+    /// Mosaic partners drawn from the last `capacity` images loaded (Ultralytics:
+    /// `min(images, batch_size * 8, 1000)`); 0 draws them from the whole set.
+    pub fn with_mosaic_buffer(mut self, capacity: usize) -> Self {
+        self.mosaic_buffer = capacity;
+        self
+    }
+
+    /// The epochs' order of images, epoch `epoch` (pure: does not touch the cached order).
+    fn order_of(&self, epoch: usize) -> Vec<usize> {
+        let mut images: Vec<usize> = (0..self.images()).collect();
+        SeededRng::new(self.seed).fork(epoch as u64).shuffle(&mut images);
+        images
+    }
+
+    /// The buffer's images once the sample at (epoch, position) has loaded its own image. The
+    /// state is a function of the epochs' orders alone, replayed from the run's first sample when
+    /// asked for an earlier position (a resumed run draws what an uninterrupted one would).
+    fn buffered_images(&self, epoch: usize, position: usize) -> Vec<usize> {
+        let n = self.images();
+        let mut guard = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_some_and(|s| s.next > (epoch, position)) {
+            *guard = None;
+        }
+        let state =
+            guard.get_or_insert_with(|| BufferState { next: (1, 0), buffer: MosaicBuffer::new(n, self.mosaic_buffer) });
+        let mut order = (usize::MAX, Vec::new());
+        while state.next <= (epoch, position) {
+            let (e, p) = state.next;
+            if order.0 != e {
+                order = (e, self.order_of(e));
+            }
+            state.buffer.load(order.1[p]);
+            state.next = if p + 1 < n { (e, p + 1) } else { (e + 1, 0) };
+        }
+        state.buffer.images()
     }
 
     fn image_at(&self, epoch: usize, position: usize) -> usize {
         let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         if order.0 != epoch {
-            let mut images: Vec<usize> = (0..self.images()).collect();
-            SeededRng::new(self.seed).fork(epoch as u64).shuffle(&mut images);
-            *order = (epoch, images);
+            *order = (epoch, self.order_of(epoch));
         }
         order.1[position]
     }
@@ -103,7 +189,12 @@ impl TrainDataset {
         let mosaic_on = epoch + self.close_mosaic <= self.epochs;
         let mut indexes = vec![image];
         if mosaic_on && rng.chance(self.augment.mosaic) {
-            indexes.extend((0..3).map(|_| rng.below(n)));
+            if self.mosaic_buffer > 0 {
+                let buffered = self.buffered_images(epoch, position);
+                indexes.extend((0..3).map(|_| buffered[rng.below(buffered.len())]));
+            } else {
+                indexes.extend((0..3).map(|_| rng.below(n)));
+            }
         }
         let items: Vec<DetectionItem> = indexes.iter().map(|&i| self.load(i)).collect::<Result<_, _>>()?;
         augment(&items, &self.augment, self.image_size, self.mask_downsample, &mut rng)

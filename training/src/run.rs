@@ -324,16 +324,19 @@ pub fn train_student_with(
     let val_source = Arc::new(CocoDetectionDataset::new(data.val.clone(), &data.val_images));
     let epoch_counter = EpochCounter::default();
     let mask_downsample = masks.then_some(4);
-    let train_dataset = Arc::new(TrainDataset::new(
-        train_sources,
-        config.augment,
-        config.imgsz,
-        mask_downsample,
-        config.seed,
-        config.epochs,
-        config.close_mosaic,
-        epoch_counter.clone(),
-    ));
+    let train_dataset = Arc::new(
+        TrainDataset::new(
+            train_sources,
+            config.augment,
+            config.imgsz,
+            mask_downsample,
+            config.seed,
+            config.epochs,
+            config.close_mosaic,
+            epoch_counter.clone(),
+        )
+        .with_mosaic_buffer(train_images.min(config.batch_size * 8).min(1000)),
+    );
     if resume_from.is_none() {
         write_training_samples(&train_dataset, &config.classes, &output.join("train_batches.jpg"))?;
     }
