@@ -86,13 +86,32 @@ impl MosaicBuffer {
     pub fn images(&self) -> Vec<usize> {
         self.images.iter().copied().collect()
     }
+
+    /// A buffer holding `held` (the oldest first), as [`MosaicBuffer::images`] returned them.
+    fn holding(images: usize, capacity: usize, held: &[usize]) -> Self {
+        let mut buffer = Self::new(images, capacity);
+        for &image in held {
+            buffer.held[image] = true;
+            buffer.images.push_back(image);
+        }
+        buffer
+    }
 }
 
-/// The buffer's state before the sample at `next` (epoch, position) loads its image.
+/// Positions apart at which the buffer's state is kept, so that a sample asked for out of order
+/// (a resumed run, several devices reading their parts of an epoch) replays at most this many
+/// loads.
+const BUFFER_SAVED_EVERY: usize = 16;
+
+/// The buffer's state before the sample at `next` (epoch, position) loads its image, the order
+/// of the epoch being replayed, and saved states (their images) to go back to: every epoch's
+/// start, and every [`BUFFER_SAVED_EVERY`] positions of the last two epochs.
 #[derive(Debug)]
 struct BufferState {
     next: (usize, usize),
     buffer: MosaicBuffer,
+    order: (usize, Vec<usize>),
+    saved: std::collections::BTreeMap<(usize, usize), Vec<usize>>,
 }
 
 impl TrainDataset {
@@ -136,23 +155,39 @@ impl TrainDataset {
     }
 
     /// The buffer's images once the sample at (epoch, position) has loaded its own image. The
-    /// state is a function of the epochs' orders alone, replayed from the run's first sample when
-    /// asked for an earlier position (a resumed run draws what an uninterrupted one would).
+    /// state is a function of the epochs' orders alone: asked for an earlier position than the
+    /// last, it is replayed from the latest saved state before it (a resumed run draws what an
+    /// uninterrupted one would).
     fn buffered_images(&self, epoch: usize, position: usize) -> Vec<usize> {
-        let n = self.images();
+        let (n, capacity) = (self.images(), self.mosaic_buffer);
         let mut guard = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().is_some_and(|s| s.next > (epoch, position)) {
-            *guard = None;
+        let state = guard.get_or_insert_with(|| BufferState {
+            next: (1, 0),
+            buffer: MosaicBuffer::new(n, capacity),
+            order: (usize::MAX, Vec::new()),
+            saved: Default::default(),
+        });
+        if state.next > (epoch, position) {
+            let (at, held) = state
+                .saved
+                .range(..=(epoch, position))
+                .next_back()
+                .map_or(((1, 0), Vec::new()), |(&at, held)| (at, held.clone()));
+            state.buffer = MosaicBuffer::holding(n, capacity, &held);
+            state.next = at;
         }
-        let state =
-            guard.get_or_insert_with(|| BufferState { next: (1, 0), buffer: MosaicBuffer::new(n, self.mosaic_buffer) });
-        let mut order = (usize::MAX, Vec::new());
         while state.next <= (epoch, position) {
             let (e, p) = state.next;
-            if order.0 != e {
-                order = (e, self.order_of(e));
+            if p % BUFFER_SAVED_EVERY == 0 {
+                if p == 0 {
+                    state.saved.retain(|&(saved_epoch, saved_position), _| saved_position == 0 || saved_epoch + 1 >= e);
+                }
+                state.saved.insert((e, p), state.buffer.images());
             }
-            state.buffer.load(order.1[p]);
+            if state.order.0 != e {
+                state.order = (e, self.order_of(e));
+            }
+            state.buffer.load(state.order.1[p]);
             state.next = if p + 1 < n { (e, p + 1) } else { (e + 1, 0) };
         }
         state.buffer.images()
