@@ -11,6 +11,7 @@ pub mod lowering;
 #[macro_use]
 pub mod nn;
 pub mod sam;
+pub mod torch_init;
 pub mod weights;
 pub mod yolo;
 

@@ -355,10 +355,13 @@ pub fn train_student_with(
         .build(ValDataset(val_source.clone()));
 
     let autodiff = device.clone().autodiff();
-    // Drawn the same on every device (flex's generator), so a seed means one start everywhere.
+    // From scratch: PyTorch's draws in Ultralytics' order, so `--seed s` starts from the weights
+    // Ultralytics' `seed=s` run starts from; on the host, so one start on every device.
     let yolo = match &config.weights {
         Some(path) => YoloV8::load(&yolo_config, path, &autodiff)?,
-        None => crate::engine::init_seeded(config.seed, &autodiff, |on| yolo_config.init(on)),
+        None => {
+            crate::engine::init_seeded(config.seed, &autodiff, |on| yolo_config.init_drawn_as_pytorch(config.seed, on))
+        }
     };
     let initial_ema = burn::module::Module::valid(&yolo);
     // Mixed precision on the model that trains only: the EMA validates and saves in float32.

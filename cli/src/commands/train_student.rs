@@ -86,7 +86,9 @@ pub struct Args {
     /// float32 either way. [default: f32]
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
-    /// Seed of the weights' initialisation, the batch order and the augmentation.
+    /// Seed of the weights' initialisation, the batch order and the augmentation. From scratch, a
+    /// seed starts from the weights Ultralytics' run with the same `seed` starts from (PyTorch's
+    /// draws).
     #[arg(long)]
     pub seed: Option<u64>,
     /// A few settings at once, overridden by any flag: quick (10 epochs at 320 px), dev (30 at

@@ -37,6 +37,15 @@ pub struct C2f {
 }
 
 impl C2f {
+    /// `cv1`, `cv2`, then each bottleneck's `cv1`, `cv2`: the order `C2f.__init__` creates them.
+    pub fn convs_in_construction_order(&mut self) -> Vec<&mut Conv> {
+        let mut convs = vec![&mut self.cv1, &mut self.cv2];
+        for bottleneck in &mut self.m {
+            convs.extend([&mut bottleneck.cv1, &mut bottleneck.cv2]);
+        }
+        convs
+    }
+
     /// `C2f(c1, c2, n, shortcut, g=1, e=0.5)`.
     pub fn new(c1: usize, c2: usize, n: usize, shortcut: bool, device: &Device) -> Self {
         let c = c2 / 2;

@@ -106,6 +106,19 @@ impl YoloConfig {
     pub fn init(&self, device: &Device) -> YoloV8 {
         YoloV8::new(self, device)
     }
+
+    /// The model PyTorch builds for this config after `torch.manual_seed(torch_seed)`: every
+    /// convolution drawn from PyTorch's generator with its default initialisation, in the order
+    /// Ultralytics' `parse_model` constructs them ([`crate::torch_init`]), then Ultralytics'
+    /// `bias_init` constants on the box and class outputs. An Ultralytics training run with
+    /// `seed=s` on one device builds its model right after `torch.manual_seed(s)` (its trainer
+    /// seeds `s + 1 + RANK`, and RANK is -1 outside distributed runs), so `torch_seed = s` starts
+    /// from that run's weights, to the bit (tests/train_student.rs).
+    pub fn init_drawn_as_pytorch(&self, torch_seed: u64, device: &Device) -> YoloV8 {
+        let mut model = self.init(device);
+        model.draw_as_pytorch(&mut crate::torch_init::TorchGenerator::manual_seed(torch_seed));
+        model
+    }
 }
 
 impl fmt::Display for YoloConfig {
@@ -265,6 +278,93 @@ impl YoloV8 {
         }
         convs
     }
+}
+
+impl YoloV8 {
+    /// Redraws every convolution from `generator` in PyTorch's construction order: the layers in
+    /// the yaml's order; in each, the submodules in the order their `__init__` creates them
+    /// (C2f: cv1, cv2, then the bottlenecks; Detect: the box branches, the class branches, the
+    /// DFL's fixed convolution (drawn, then overwritten with 0..15); Segment then adds Proto and
+    /// the mask-coefficient branches). BatchNorm starts at 1 and 0 and takes no draws.
+    fn draw_as_pytorch(&mut self, generator: &mut crate::torch_init::TorchGenerator) {
+        let mut convs: Vec<&mut Conv> = vec![&mut self.stem, &mut self.down_p2];
+        convs.extend(self.c2f_p2.convs_in_construction_order());
+        convs.push(&mut self.down_p3);
+        convs.extend(self.c2f_p3.convs_in_construction_order());
+        convs.push(&mut self.down_p4);
+        convs.extend(self.c2f_p4.convs_in_construction_order());
+        convs.push(&mut self.down_p5);
+        convs.extend(self.c2f_p5.convs_in_construction_order());
+        convs.extend([&mut self.sppf.cv1, &mut self.sppf.cv2]);
+        convs.extend(self.top_down_p4.convs_in_construction_order());
+        convs.extend(self.top_down_p3.convs_in_construction_order());
+        convs.push(&mut self.bottom_up_down_p3);
+        convs.extend(self.bottom_up_p4.convs_in_construction_order());
+        convs.push(&mut self.bottom_up_down_p4);
+        convs.extend(self.bottom_up_p5.convs_in_construction_order());
+        for conv in convs {
+            draw_conv2d(&mut conv.conv, generator, BiasDraw::Drawn);
+        }
+        let head = &mut self.head;
+        // `bias_init` sets the box and class biases after the draws: kiln's head holds them.
+        for branch in head.cv2.iter_mut().chain(head.cv3.iter_mut()) {
+            draw_branch(branch, generator, BiasDraw::Constant);
+        }
+        let dfl = head.dfl.conv.weight.dims();
+        generator.conv_weight(dfl);
+        if let Some(proto) = &mut head.proto {
+            draw_conv2d(&mut proto.cv1.conv, generator, BiasDraw::Drawn);
+            let upsample = &mut proto.upsample;
+            let dims = upsample.weight.dims();
+            upsample.weight = drawn(upsample.weight.clone(), generator.conv_weight(dims));
+            if let Some(bias) = upsample.bias.take() {
+                upsample.bias = Some(drawn(bias, generator.conv_bias(dims, dims[1])));
+            }
+            draw_conv2d(&mut proto.cv2.conv, generator, BiasDraw::Drawn);
+            draw_conv2d(&mut proto.cv3.conv, generator, BiasDraw::Drawn);
+        }
+        for branch in head.cv4.iter_mut() {
+            draw_branch(branch, generator, BiasDraw::Drawn);
+        }
+    }
+}
+
+/// Whether a convolution's bias keeps the draw or only consumes it (a constant set afterwards).
+#[derive(Clone, Copy)]
+enum BiasDraw {
+    Drawn,
+    Constant,
+}
+
+fn draw_branch(branch: &mut head::Branch, generator: &mut crate::torch_init::TorchGenerator, last_bias: BiasDraw) {
+    draw_conv2d(&mut branch.0.conv, generator, BiasDraw::Drawn);
+    draw_conv2d(&mut branch.1.conv, generator, BiasDraw::Drawn);
+    draw_conv2d(&mut branch.2, generator, last_bias);
+}
+
+fn draw_conv2d(
+    conv: &mut burn::nn::conv::Conv2d,
+    generator: &mut crate::torch_init::TorchGenerator,
+    bias_draw: BiasDraw,
+) {
+    let dims = conv.weight.dims();
+    conv.weight = drawn(conv.weight.clone(), generator.conv_weight(dims));
+    if let Some(bias) = conv.bias.take() {
+        let values = generator.conv_bias(dims, dims[0]);
+        conv.bias = Some(match bias_draw {
+            BiasDraw::Drawn => drawn(bias, values),
+            BiasDraw::Constant => bias,
+        });
+    }
+}
+
+/// `param` with `values` (row-major, its shape), on its device, keeping its id and whether it
+/// trains (a new tensor on an autodiff device is not tracked until told).
+fn drawn<const D: usize>(param: burn::module::Param<Tensor<D>>, values: Vec<f32>) -> burn::module::Param<Tensor<D>> {
+    param.map(|tensor| {
+        let (dims, tracked) = (tensor.dims(), tensor.is_require_grad());
+        Tensor::from_data(burn::tensor::TensorData::new(values, dims), &tensor.device()).set_require_grad(tracked)
+    })
 }
 
 impl YoloV8 {
