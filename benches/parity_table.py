@@ -103,7 +103,7 @@ def noise_floor(kiln, ultra, epochs, size=3):
 
 def summary(out, tag):
     print(f"dataset | seeds | final box50 kiln / Ultralytics (ratio) | final mask50 kiln / Ultralytics (ratio) | "
-          f"worst shortfall box / mask after the first quarter | final difference box / mask ± 2 s.e. | goal")
+          f"worst shortfall box / mask after the first quarter | final difference box / mask ± 2 s.e. (paired by seed) | goal")
     for dataset in sorted(p for p in Path(out).iterdir() if p.is_dir()):
         curves = []
         for run in sorted(dataset.glob(f"kiln-s*{tag}")):
@@ -140,14 +140,16 @@ def summary(out, tag):
         shown = lambda a, b: f"{a / b:.2f}x" if b > 0 else "n/a: Ultralytics scored 0"
         # Seed-to-seed spread: one run's final figure moves by 0.04-0.08 at this scale (README), so
         # the difference of the means is shown with twice its standard error; a shortfall inside it
-        # is not told apart from noise by these seeds.
+        # is not told apart from noise by these seeds. Paired by seed: kiln's and Ultralytics' runs
+        # of one seed start from the same weights (kiln draws them as PyTorch does), so what moves
+        # both with the start cancels in the per-seed difference.
         def difference(i):
-            k, u = [c[1][last][i] for c in curves], [c[2][last][i] for c in curves]
-            if len(curves) < 2:
-                return f"{sum(k) / len(k) - sum(u) / len(u):+.3f} ± n/a (one seed)"
-            var = lambda xs: sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / (len(xs) - 1)
-            se = ((var(k) + var(u)) / len(curves)) ** 0.5
-            return f"{sum(k) / len(k) - sum(u) / len(u):+.3f} ± {2 * se:.3f}"
+            d = [c[1][last][i] - c[2][last][i] for c in curves]
+            if len(d) < 2:
+                return f"{d[0]:+.3f} ± n/a (one seed)"
+            m = sum(d) / len(d)
+            se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+            return f"{m:+.3f} ± {2 * se:.3f}"
         print(f"{dataset.name} | {seeds} | {kb:.3f} / {ub:.3f} ({shown(kb, ub)}) | "
               f"{km:.3f} / {um:.3f} ({shown(km, um)}) | {worst_box:+.3f} / {worst_mask:+.3f} | "
               f"{difference(0)} / {difference(2)} | {goal}")
