@@ -9,7 +9,8 @@ elongated boxes, mask cells per object, the padding grey and the pixel statistic
         --kiln-stats $CARGO_TARGET_DIR/debug/examples/augment_stats --out OUT [--no-hsv]
 
 `--no-hsv` turns the colour changes off on both sides, so the padding grey can be counted;
-`--no-mosaic` compares the samples of the last epochs (mosaic closed). Both
+`--no-mosaic` compares the samples of the last epochs (mosaic closed); `--set KEY=VALUE ...` changes an
+augmentation setting on both sides (Ultralytics' names, which are kiln's). Both
 tools use their default recipe (mosaic, scale ±0.5, translate ±0.1, HSV, horizontal flip). About a
 minute for 480 samples.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 
-def ultralytics_samples(data_yaml, imgsz, samples, no_hsv, no_mosaic=False):
+def ultralytics_samples(data_yaml, imgsz, samples, no_hsv, no_mosaic=False, settings=()):
     """Ultralytics' training pipeline up to `Format`, in augment_stats.rs's line format."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ultralytics.cfg import get_cfg
@@ -37,6 +38,7 @@ def ultralytics_samples(data_yaml, imgsz, samples, no_hsv, no_mosaic=False):
         overrides.update(hsv_h=0, hsv_s=0, hsv_v=0)
     if no_mosaic:
         overrides.update(mosaic=0)
+    overrides.update({k: float(v) for k, v in (s.split("=") for s in settings)})
     cfg = get_cfg(DEFAULT_CFG, overrides)
     data = check_det_dataset(data_yaml)
     dataset = build_yolo_dataset(cfg, os.path.join(data["path"], data["train"]), 8, data, mode="train", stride=32)
@@ -91,6 +93,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-hsv", action="store_true")
     ap.add_argument("--no-mosaic", action="store_true", help="the samples of the last epochs, once mosaic is closed")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="an augmentation setting on both sides, by Ultralytics' name (scale, translate, fliplr, ...): "
+                         "with --no-mosaic --set scale=0 translate=0 fliplr=0 each image gives one sample, the same on both")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from student_train_baseline import convert
@@ -104,11 +109,13 @@ def main():
         convert(args.train, args.images, yolo, "train", {c["id"]: i for i, c in enumerate(categories)})
         names = "".join(f"  {i}: {c['name']}\n" for i, c in enumerate(categories))
         (yolo / "data.yaml").write_text(f"path: {yolo}\ntrain: images/train\nval: images/train\nnames:\n{names}")
-    env = dict(os.environ, **({"KILN_NO_HSV": "1"} if args.no_hsv else {}), **({"KILN_NO_MOSAIC": "1"} if args.no_mosaic else {}))
+    env = dict(os.environ, **({"KILN_NO_HSV": "1"} if args.no_hsv else {}), **({"KILN_NO_MOSAIC": "1"} if args.no_mosaic else {}),
+               **({"KILN_SET": " ".join(args.set)} if args.set else {}))
     kiln = subprocess.run([args.kiln_stats, args.train, args.images, str(args.imgsz), str(args.samples)],
                           check=True, capture_output=True, text=True, env=env).stdout.splitlines()
     summary("kiln", kiln)
-    summary("Ultralytics", ultralytics_samples(str(yolo / "data.yaml"), args.imgsz, args.samples, args.no_hsv, args.no_mosaic))
+    summary("Ultralytics", ultralytics_samples(str(yolo / "data.yaml"), args.imgsz, args.samples, args.no_hsv, args.no_mosaic,
+                                          args.set))
 
 
 if __name__ == "__main__":

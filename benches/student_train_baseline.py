@@ -33,6 +33,14 @@ def polygons_of(segmentation, height, width):
     return [c.reshape(-1, 2).astype(np.float64) for c in contours if len(c) >= 3]
 
 
+def merge_parts(polys):
+    if len(polys) == 1:
+        return polys[0]
+    from ultralytics.data.converter import merge_multi_segment
+
+    return np.concatenate(merge_multi_segment([q.reshape(-1).tolist() for q in polys]), axis=0)
+
+
 def convert(coco_path, images_dir, out_dir, split, class_index):
     coco = json.loads(Path(coco_path).read_text())
     (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -51,8 +59,12 @@ def convert(coco_path, images_dir, out_dir, split, class_index):
             polys = polygons_of(a["segmentation"], h, w)
             if not polys:
                 continue
-            # YOLO takes one polygon per instance: the largest part.
-            p = max(polys, key=lambda q: cv2.contourArea(q.astype(np.float32)))
+            # YOLO takes one polygon per instance. An object in several parts (an RLE mask split by
+            # an occluder, a multi-polygon) is joined into one as Ultralytics' own `convert_coco`
+            # joins it (`merge_multi_segment`: the parts linked by thin bridges), so its label
+            # keeps every part and the box around them all, as a user converting with Ultralytics
+            # gets it (taking the largest part alone dropped the rest: 9 % of dense6's objects).
+            p = merge_parts(polys)
             coords = " ".join(f"{x / w:.6f} {y / h:.6f}" for x, y in p)
             lines.append(f"{class_index[a['category_id']]} {coords}")
         (out_dir / "labels" / split / (src.stem + ".txt")).write_text("\n".join(lines) + "\n")

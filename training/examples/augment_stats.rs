@@ -42,6 +42,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("KILN_NO_MOSAIC").is_some() {
         augment.mosaic = 0.0;
     }
+    // `KILN_SET="scale=0 translate=0"`: any augmentation setting, as `--set augment.KEY=VALUE`.
+    if let Some(settings) = std::env::var_os("KILN_SET") {
+        let settings: Vec<String> = settings.to_string_lossy().split_whitespace().map(str::to_owned).collect();
+        augment = kiln_training::commands::apply_settings(augment, &settings)?;
+    }
     // Ultralytics' mosaic buffer at batch 8: min(images, 8 * 8, 1000).
     let buffer = n.min(64).min(1000);
     let dataset = TrainDataset::new(vec![source], augment, imgsz, Some(4), seed, epochs, 10, EpochCounter::default())
