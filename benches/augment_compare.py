@@ -97,6 +97,12 @@ def main():
                     help="an augmentation setting on both sides, by Ultralytics' name (scale, translate, fliplr, ...): "
                          "with --no-mosaic --set scale=0 translate=0 fliplr=0 each image gives one sample, the same on both")
     args = ap.parse_args()
+    for setting in args.set:
+        key, _, value = setting.partition("=")
+        try:
+            float(value)
+        except ValueError:
+            ap.error(f"--set {setting!r}: expected KEY=NUMBER, e.g. scale=0")
     sys.path.insert(0, str(Path(__file__).parent))
     from student_train_baseline import convert
     import json
