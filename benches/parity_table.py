@@ -6,7 +6,7 @@ final box and mask mAP50 >= 0.97x Ultralytics', mean of the seeds, and never mor
 after the first quarter of the epochs). Part of `benches/parity_experiment.sh`.
 
     python benches/parity_table.py KILN_RUN/results.csv ULTRA_RUN/results.csv [--ultralytics-scores F]
-    python benches/parity_table.py --summary OUT [--tag TAG]
+    python benches/parity_table.py --summary OUT [OUT ...] [--tag TAG]
 """
 
 import argparse
@@ -101,10 +101,11 @@ def noise_floor(kiln, ultra, epochs, size=3):
             f"kiln vs itself {rate(kiln, kiln, True)}")
 
 
-def summary(out, tag):
+def summary(outs, tag):
     print(f"dataset | seeds | final box50 kiln / Ultralytics (ratio) | final mask50 kiln / Ultralytics (ratio) | "
           f"worst shortfall box / mask after the first quarter | final difference box / mask ± 2 s.e. (paired by seed) | goal")
-    for dataset in sorted(p for p in Path(out).iterdir() if p.is_dir()):
+    pooled = {}
+    for dataset in sorted((p for out in outs for p in Path(out).iterdir() if p.is_dir()), key=lambda p: p.name):
         curves = []
         for run in sorted(dataset.glob(f"kiln-s*{tag}")):
             m = re.fullmatch(rf"kiln-s(\d+){re.escape(tag)}", run.name)
@@ -153,6 +154,8 @@ def summary(out, tag):
         print(f"{dataset.name} | {seeds} | {kb:.3f} / {ub:.3f} ({shown(kb, ub)}) | "
               f"{km:.3f} / {um:.3f} ({shown(km, um)}) | {worst_box:+.3f} / {worst_mask:+.3f} | "
               f"{difference(0)} / {difference(2)} | {goal}")
+        if not silent:
+            pooled[dataset.name] = [(c[1][last][0], c[2][last][0], c[1][last][2], c[2][last][2]) for c in curves]
         if len(curves) > 3 and not silent:
             print("  " + noise_floor([c[1] for c in curves], [c[2] for c in curves], epochs))
         # Per seed: where a run ends against the other tool's, and how its training loss compared
@@ -166,6 +169,28 @@ def summary(out, tag):
                 ratio_text = f"{total(k) / total(u):.2f}"
             print(f"  seed {seed}: final box {kc[last][0]:.3f} / {us[last][0]:.3f}, mask {kc[last][2]:.3f} / "
                   f"{us[last][2]:.3f}; training loss kiln / Ultralytics over the last 5 epochs {ratio_text}")
+    if len(pooled) > 1:
+        print(pooled_ratio(pooled))
+
+
+def pooled_ratio(pooled):
+    """Every set's seeds pooled: each run's final figure minus Ultralytics' of the same seed, over
+    Ultralytics' mean on that set, averaged over all runs of all sets, with twice its standard
+    error. One set's three seeds resolve about 0.1 (README); pooled over sets and seeds, the
+    question "does kiln learn as well as Ultralytics" gets an answer a few per cent wide."""
+    def line(k, u):
+        rel = []
+        for runs in pooled.values():
+            base = sum(r[u] for r in runs) / len(runs)
+            rel += [(r[k] - r[u]) / base for r in runs] if base > 0 else []
+        if len(rel) < 2:
+            return "n/a"
+        m = sum(rel) / len(rel)
+        se = (sum((x - m) ** 2 for x in rel) / (len(rel) - 1) / len(rel)) ** 0.5
+        return f"{1 + m:.3f}x ± {2 * se:.3f}"
+    runs = sum(len(r) for r in pooled.values())
+    return (f"pooled over {len(pooled)} sets, {runs} paired runs: final kiln / Ultralytics, box "
+            f"{line(0, 1)}, mask {line(2, 3)} (each run against Ultralytics' mean on its set, ± 2 s.e.)")
 
 
 def main():
@@ -173,7 +198,7 @@ def main():
     ap.add_argument("kiln", nargs="?")
     ap.add_argument("ultralytics", nargs="?")
     ap.add_argument("--ultralytics-scores")
-    ap.add_argument("--summary", metavar="OUT")
+    ap.add_argument("--summary", metavar="OUT", nargs="+", help="one or more experiment directories")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     if args.summary:
