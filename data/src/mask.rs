@@ -516,6 +516,42 @@ impl BinaryMask {
     }
 }
 
+/// Ultralytics' `resample_segments`: a polygon `[x0, y0, x1, y1, ...]` as `n` points spaced evenly
+/// in vertex index (not in length) around the closed outline, the first vertex at both ends
+/// (`np.interp` at `np.linspace(0, len, n)` of the polygon with its first point repeated). Every
+/// segment of a training image is resampled so before the augmentation draws it.
+pub fn resample_like_ultralytics(polygon: &[f64], n: usize) -> Vec<f64> {
+    let points = polygon.len() / 2;
+    if points == 0 || n < 2 {
+        return polygon[..2 * points].to_vec();
+    }
+    let vertex = |k: usize| (polygon[2 * (k % points)], polygon[2 * (k % points) + 1]);
+    let step = points as f64 / (n - 1) as f64;
+    let mut out = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        // numpy's linspace ends at the end exactly: the closing copy of the first vertex.
+        if i == n - 1 {
+            out.extend([polygon[0], polygon[1]]);
+            break;
+        }
+        let t = i as f64 * step;
+        let k = (t.floor() as usize).min(points - 1);
+        let f = t - k as f64;
+        let ((x0, y0), (x1, y1)) = (vertex(k), vertex(k + 1));
+        out.push((x1 - x0) * f + x0);
+        out.push((y1 - y0) * f + y0);
+    }
+    out
+}
+
+/// How many points Ultralytics resamples every segment of an image to, given the most points any
+/// of them has: 1000, or one more than the most where a segment has more
+/// (`YOLODataset.update_labels_info`).
+pub fn ultralytics_resample_count(most_points: usize) -> usize {
+    const SEGMENT_RESAMPLES: usize = 1000;
+    if most_points > SEGMENT_RESAMPLES { most_points + 1 } else { SEGMENT_RESAMPLES }
+}
+
 impl Segmentation {
     /// The mask as RLE for an image of `height x width` (pycocotools `annToRLE`).
     pub fn to_rle(&self, height: u32, width: u32) -> Result<Rle> {

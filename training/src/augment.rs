@@ -19,7 +19,7 @@
 use image::RgbImage;
 use kiln_data::batch::{DetectionItem, InstanceLabel};
 use kiln_data::coco::Segmentation;
-use kiln_data::mask::BinaryMask;
+use kiln_data::mask::{BinaryMask, resample_like_ultralytics, ultralytics_resample_count};
 use kiln_data::rng::SeededRng;
 use serde::{Deserialize, Serialize};
 
@@ -896,8 +896,11 @@ fn place_instance(
             let mut full = match segmentation {
                 Segmentation::Polygons(polygons) => {
                     let mut full = BinaryMask::zeros(size, size);
+                    // Ultralytics resamples every segment of the image before the augmentation
+                    // moves its points (a placement is affine: resampling commutes with it).
+                    let n = ultralytics_resample_count(most_polygon_points(item));
                     for polygon in polygons {
-                        let placed: Vec<f64> = polygon
+                        let placed: Vec<f64> = resample_like_ultralytics(polygon, n)
                             .chunks_exact(2)
                             .flat_map(|p| [p[0] * placement.sx + placement.ox, p[1] * placement.sy + placement.oy])
                             .collect();
@@ -932,6 +935,18 @@ fn place_instance(
         (None, _) => None,
     };
     Ok(Some((clip.map(|c| c as f32), mask)))
+}
+
+/// The most points of any polygon among the image's instances (Ultralytics' resample count).
+fn most_polygon_points(item: &DetectionItem) -> usize {
+    item.instances
+        .iter()
+        .filter_map(|i| match &i.segmentation {
+            Some(Segmentation::Polygons(polygons)) => polygons.iter().map(|p| p.len() / 2).max(),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The box of `polygons` (mapped by `map`) clipped to the rectangle `window` (Sutherland-Hodgman:
@@ -1158,6 +1173,29 @@ mod tests {
         // 32 x 16 pixels are 8 x 4 cells; Ultralytics' target (`polygon2mask`: fillPoly takes in
         // the edge pixels, the shrink reads the pixels around each cell's centre) has 9 x 4.
         assert_eq!(sample.masks[0].area(), 36);
+    }
+
+    /// A polygon's target is drawn from its outline resampled to Ultralytics' 1000 points (its
+    /// dataset resamples every segment before the augmentation), not from its vertices: on a star
+    /// the two differ by cells along its points.
+    #[test]
+    fn a_polygon_target_is_drawn_from_its_resampled_outline() {
+        let mut it = item(256, 256, &[[60.0, 60.0, 180.0, 180.0]]);
+        let star: Vec<f64> = (0..10)
+            .flat_map(|k| {
+                let (r, a) = (if k % 2 == 0 { 57.0 } else { 21.7 }, 0.3 + k as f64 * std::f64::consts::PI / 5.0);
+                [120.3 + r * a.cos(), 119.6 + r * a.sin()]
+            })
+            .collect();
+        it.instances[0].segmentation = Some(Segmentation::Polygons(vec![star.clone()]));
+        let sample = augment(&[it], &AugmentConfig::none(), 256, Some(4), &mut SeededRng::new(0)).unwrap();
+        let target = |polygon: &[f64]| {
+            let mut full = BinaryMask::zeros(256, 256);
+            full.fill_polygon_like_opencv(polygon);
+            full.downsample_like_opencv(4)
+        };
+        assert_eq!(sample.masks[0], target(&resample_like_ultralytics(&star, 1000)));
+        assert_ne!(sample.masks[0], target(&star), "the vertices alone give another target");
     }
 
     #[test]
