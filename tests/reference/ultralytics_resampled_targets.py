@@ -21,18 +21,7 @@ import numpy as np
 from ultralytics.data.utils import polygon2mask
 from ultralytics.utils.ops import resample_segments
 
-
-def runs(mask):
-    flat = mask.reshape(-1).astype(np.uint8)
-    out, value, count = [], 0, 0
-    for v in flat:
-        if v == value:
-            count += 1
-        else:
-            out.append(count)
-            value, count = v, 1
-    out.append(count)
-    return out
+from ultralytics_mask_targets import runs  # this directory: the same run-length layout
 
 
 def main():
