@@ -264,7 +264,10 @@ fn characteristics_and_presets_choose_settings_and_flags_override_them() {
 
 /// One epoch (two SGD steps of a yolov8n-seg from the same weights, same batches and
 /// augmentation) on LibTorch's CPU (`--device tch-cpu`) gives flex's loss within 1e-3 (relative)
-/// and flex's updated weights within 1e-4 (absolute).
+/// and flex's updated weights within 1e-4 (absolute). The start weights are drawn from a fixed
+/// seed: drawn afresh, one CI run in many started where the two backends' updates parted by 5e-4
+/// in `model.0.conv.weight` with equal losses (presumably a near-tie that rounding decides, such as
+/// the assigner's top-k), which 255 seeded starts here did not reproduce (all within 1.5e-6).
 #[cfg(feature = "tch")]
 #[test]
 fn an_epoch_on_libtorch_cpu_equals_flex() {
@@ -273,7 +276,9 @@ fn an_epoch_on_libtorch_cpu_equals_flex() {
     let scratch = Scratch::new("train-libtorch");
     let (train, val) = dataset(scratch.path(), 8, 64);
     let start = scratch.path().join("start.safetensors");
-    let yolo: YoloV8 = "yolov8n-seg".parse::<YoloConfig>().unwrap().with_num_classes(3).init(&Device::flex());
+    let host = Device::flex();
+    host.seed(0);
+    let yolo: YoloV8 = "yolov8n-seg".parse::<YoloConfig>().unwrap().with_num_classes(3).init(&host);
     yolo.save(&start, &[]).unwrap();
     let run_on = |device: Device, name: &str| {
         let (data, _) = load_student_data(&train, &val, None).unwrap();
