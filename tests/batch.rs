@@ -22,7 +22,7 @@ fn batch_on(device: &Device, downsample: u32) -> (DetectionBatch, CocoDetectionD
     let scratch = Scratch::new(&format!("batch-{downsample}-{}", device_name(device)));
     let data = dataset(&scratch);
     let items: Vec<_> = (0..4).map(|i| data.load(i).unwrap()).collect();
-    let batcher = DetectionBatcher { image_size: 96, mask_downsample: Some(downsample) };
+    let batcher = DetectionBatcher { image_size: 96, mask_downsample: Some(downsample), overlap_masks: false };
     (batcher.try_batch(&items, device).unwrap(), data, scratch)
 }
 

@@ -4,7 +4,7 @@
 //! floats), except where the issue states a tolerance (coco8-seg: bbox 0.5 px, area 1 %).
 
 use indicatif::ProgressBar;
-use kiln_data::mask::resample_like_ultralytics;
+use kiln_data::mask::{give_shared_cells_to_the_smallest, resample_like_ultralytics};
 use kiln_data::{BinaryMask, CocoDataset, Rle, SynthLabels, SynthOptions, repair, synthesize};
 use kiln_tests::{Scratch, coco8_dir, fixture};
 use serde_json::Value;
@@ -206,6 +206,34 @@ fn polygon_mask_targets_are_drawn_from_the_resampled_outline_as_ultralytics_draw
         (vertices_missing + vertices_extra) as f64 > 0.02 * cells_set as f64 && vertices_missing > 2 * vertices_extra,
         "the vertices alone miss {vertices_missing} and add {vertices_extra} of {cells_set} cells"
     );
+}
+
+/// Where objects overlap, each instance's target keeps only the cells no smaller instance covers,
+/// as Ultralytics' default `overlap_mask=True` makes them (fixture from
+/// tests/reference/ultralytics_overlap_targets.py: 40 scenes of 2-20 overlapping polygons, each
+/// instance's own quarter-size mask and its target from `polygons2masks_overlap`): equal cell for
+/// cell, and the rule gives up cells (the masks alone are not the targets).
+#[test]
+fn overlapping_masks_leave_shared_cells_to_the_smallest_as_ultralytics_overlap_mask() {
+    let text = std::fs::read_to_string(fixture("ultralytics_overlap_targets.json")).expect("fixture present");
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let scenes = reference["scenes"].as_array().unwrap();
+    assert!(scenes.len() >= 30);
+    let mut given_up = 0u64;
+    for (i, scene) in scenes.iter().enumerate() {
+        let size = scene["size"].as_u64().unwrap() as u32;
+        let runs_of = |key: &str| -> Vec<BinaryMask> {
+            scene[key].as_array().unwrap().iter().map(|r| from_runs(&counts(r), size, size)).collect()
+        };
+        let (mut masks, targets) = (runs_of("masks"), runs_of("targets"));
+        let before: u64 = masks.iter().map(BinaryMask::area).sum();
+        give_shared_cells_to_the_smallest(&mut masks);
+        for (j, (mask, target)) in masks.iter().zip(&targets).enumerate() {
+            assert_eq!(mask, target, "scene {i}, instance {j}: the target differs from Ultralytics'");
+        }
+        given_up += before - masks.iter().map(BinaryMask::area).sum::<u64>();
+    }
+    assert!(given_up > 1000, "only {given_up} shared cells: the scenes do not test the rule");
 }
 
 /// The shrink is OpenCV's bilinear one on a 0/1 mask: by 4, a cell is set when at least two of the

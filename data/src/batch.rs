@@ -15,7 +15,7 @@ use image::RgbImage;
 use crate::coco::{CocoDataset, Segmentation};
 use crate::error::{DataError, Result};
 use crate::letterbox::Letterbox;
-use crate::mask::Rle;
+use crate::mask::{BinaryMask, Rle, give_shared_cells_to_the_smallest, ultralytics_resample_count};
 
 /// One labelled instance as training uses it.
 #[derive(Debug, Clone)]
@@ -78,6 +78,23 @@ pub struct DetectionItem {
     pub instances: Vec<InstanceLabel>,
     /// A teacher's feature map of the image (feature distillation).
     pub features: Option<Arc<FeatureMap>>,
+}
+
+impl DetectionItem {
+    /// How many points Ultralytics resamples each polygon of this image to before drawing its
+    /// mask target ([`ultralytics_resample_count`] of the most points any polygon has).
+    pub fn ultralytics_resample_count(&self) -> usize {
+        let most = self
+            .instances
+            .iter()
+            .filter_map(|i| match &i.segmentation {
+                Some(Segmentation::Polygons(polygons)) => polygons.iter().map(|p| p.len() / 2).max(),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        ultralytics_resample_count(most)
+    }
 }
 
 /// A teacher's feature map of an image: `channels x height x width` (row-major per channel) on a
@@ -332,6 +349,10 @@ pub struct DetectionBatcher {
     pub image_size: u32,
     /// `Some(d)`: masks at `image_size / d` (YOLOv8-seg trains on `d = 4`); `None`: no masks.
     pub mask_downsample: Option<u32>,
+    /// Cells that several masks of an image cover stay only in the smallest one's
+    /// ([`give_shared_cells_to_the_smallest`]: the targets of a student trained with
+    /// `loss.overlap_mask`).
+    pub overlap_masks: bool,
 }
 
 impl DetectionBatcher {
@@ -352,17 +373,27 @@ impl DetectionBatcher {
             for c in 0..3 {
                 pixels.extend(canvas.as_raw().iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
             }
+            let mut item_masks = Vec::new();
             for (mi, instance) in item.instances.iter().enumerate() {
                 let slot = bi * m + mi;
                 let mapped = letterbox.forward_box(instance.bbox);
                 boxes[slot * 4..slot * 4 + 4].copy_from_slice(&mapped.map(|v| v as f32));
                 classes[slot] = instance.class as i64;
                 valid[slot] = 1.0;
-                if let (Some(d), Some(ms), Some(segmentation)) =
-                    (self.mask_downsample, mask_size, &instance.segmentation)
-                {
-                    let mask = letterbox.apply_mask(segmentation, d)?;
-                    let plane = (ms * ms) as usize;
+                if let (Some(d), Some(segmentation)) = (self.mask_downsample, &instance.segmentation) {
+                    item_masks.push((slot, letterbox.apply_mask(segmentation, d, item.ultralytics_resample_count())?));
+                }
+            }
+            if self.overlap_masks {
+                let mut shared: Vec<BinaryMask> = item_masks.iter().map(|(_, mask)| mask.clone()).collect();
+                give_shared_cells_to_the_smallest(&mut shared);
+                for ((_, mask), owned) in item_masks.iter_mut().zip(shared) {
+                    *mask = owned;
+                }
+            }
+            if let Some(ms) = mask_size {
+                let plane = (ms * ms) as usize;
+                for (slot, mask) in &item_masks {
                     for (dst, &v) in masks[slot * plane..(slot + 1) * plane].iter_mut().zip(&mask.data) {
                         *dst = v as f32;
                     }

@@ -5,7 +5,7 @@ use image::RgbImage;
 
 use crate::coco::Segmentation;
 use crate::error::Result;
-use crate::mask::BinaryMask;
+use crate::mask::{BinaryMask, resample_like_ultralytics};
 
 /// Grey used for padding (Ultralytics' `LetterBox` default).
 pub const PAD_VALUE: u8 = 114;
@@ -92,13 +92,49 @@ impl Letterbox {
         out
     }
 
-    /// The instance mask in the letterboxed frame, at `1 / downsample` of its resolution.
-    pub fn apply_mask(&self, segmentation: &Segmentation, downsample: u32) -> Result<BinaryMask> {
-        let d = downsample.max(1) as f64;
-        let (out_w, out_h) = (self.width.div_ceil(downsample.max(1)), self.height.div_ceil(downsample.max(1)));
-        let (sx, sy) = (self.scale_x / d, self.scale_y / d);
-        let (ox, oy) = (self.pad_left as f64 / d, self.pad_top as f64 / d);
-        segmentation.rasterize_affine(self.original_width, self.original_height, [sx, sy, ox, oy], out_w, out_h)
+    /// The instance mask in the letterboxed frame, at `1 / downsample` of its resolution, drawn as
+    /// the training targets are (and Ultralytics' `polygon2mask`): at full size, a polygon
+    /// resampled to `resample` points ([`DetectionItem::ultralytics_resample_count`]) and filled as
+    /// `cv2.fillPoly` fills, an RLE by the cell under each pixel centre; then shrunk as
+    /// `cv2.resize` shrinks.
+    ///
+    /// [`DetectionItem::ultralytics_resample_count`]: crate::DetectionItem::ultralytics_resample_count
+    pub fn apply_mask(&self, segmentation: &Segmentation, downsample: u32, resample: usize) -> Result<BinaryMask> {
+        let map = [self.scale_x, self.scale_y, self.pad_left as f64, self.pad_top as f64];
+        let full = match segmentation {
+            Segmentation::Polygons(polygons) => {
+                let mut full = BinaryMask::zeros(self.width, self.height);
+                for polygon in polygons {
+                    let placed: Vec<f64> = resample_like_ultralytics(polygon, resample)
+                        .chunks_exact(2)
+                        .flat_map(|p| [p[0] * map[0] + map[2], p[1] * map[1] + map[3]])
+                        .collect();
+                    full.fill_polygon_like_opencv(&placed);
+                }
+                // A polygon reaching past the image would paint the padding: only the content's
+                // pixels are kept (as the training clears what lies outside an image's part).
+                let (left, top) = (self.pad_left as usize, self.pad_top as usize);
+                let (right, bottom) = (left + self.content_width() as usize, top + self.content_height() as usize);
+                let width = self.width as usize;
+                for (y, row) in full.data.chunks_exact_mut(width).enumerate() {
+                    if y < top || y >= bottom {
+                        row.fill(0);
+                    } else {
+                        row[..left.min(width)].fill(0);
+                        row[right.min(width)..].fill(0);
+                    }
+                }
+                full
+            }
+            Segmentation::Rle(_) => segmentation.rasterize_affine(
+                self.original_width,
+                self.original_height,
+                map,
+                self.width,
+                self.height,
+            )?,
+        };
+        Ok(full.downsample_like_opencv(downsample))
     }
 }
 

@@ -544,6 +544,36 @@ pub fn resample_like_ultralytics(polygon: &[f64], n: usize) -> Vec<f64> {
     out
 }
 
+/// The instance masks of one sample (all the same size) with each cell that several cover kept
+/// only in the smallest of them (by area; of equal areas, the later one), as Ultralytics' default
+/// targets are (`overlap_mask=True`: `polygons2masks_overlap` draws the masks largest first into
+/// one index map, so the smaller object owns where two overlap, and the loss compares each
+/// instance with `map == index + 1`). Masks of another size than the first are left as they are.
+pub fn give_shared_cells_to_the_smallest(masks: &mut [BinaryMask]) {
+    let Some(first) = masks.first() else { return };
+    let (width, height) = (first.width, first.height);
+    let same: Vec<usize> = (0..masks.len()).filter(|&i| (masks[i].width, masks[i].height) == (width, height)).collect();
+    let mut largest_first = same.clone();
+    // Stable: of equal areas the later one is drawn later and keeps the cells (numpy's argsort may
+    // order equal areas either way).
+    largest_first.sort_by_key(|&i| std::cmp::Reverse(masks[i].area()));
+    let mut owner = vec![usize::MAX; first.data.len()];
+    for &i in &largest_first {
+        for (cell, &v) in owner.iter_mut().zip(&masks[i].data) {
+            if v != 0 {
+                *cell = i;
+            }
+        }
+    }
+    for &i in &same {
+        for (v, &o) in masks[i].data.iter_mut().zip(&owner) {
+            if o != i {
+                *v = 0;
+            }
+        }
+    }
+}
+
 /// How many points Ultralytics resamples every segment of an image to, given the most points any
 /// of them has: 1000, or one more than the most where a segment has more
 /// (`YOLODataset.update_labels_info`).

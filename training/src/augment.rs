@@ -19,7 +19,7 @@
 use image::RgbImage;
 use kiln_data::batch::{DetectionItem, InstanceLabel};
 use kiln_data::coco::Segmentation;
-use kiln_data::mask::{BinaryMask, resample_like_ultralytics, ultralytics_resample_count};
+use kiln_data::mask::{BinaryMask, resample_like_ultralytics};
 use kiln_data::rng::SeededRng;
 use serde::{Deserialize, Serialize};
 
@@ -898,7 +898,7 @@ fn place_instance(
                     let mut full = BinaryMask::zeros(size, size);
                     // Ultralytics resamples every segment of the image before the augmentation
                     // moves its points (a placement is affine: resampling commutes with it).
-                    let n = ultralytics_resample_count(most_polygon_points(item));
+                    let n = item.ultralytics_resample_count();
                     for polygon in polygons {
                         let placed: Vec<f64> = resample_like_ultralytics(polygon, n)
                             .chunks_exact(2)
@@ -935,18 +935,6 @@ fn place_instance(
         (None, _) => None,
     };
     Ok(Some((clip.map(|c| c as f32), mask)))
-}
-
-/// The most points of any polygon among the image's instances (Ultralytics' resample count).
-fn most_polygon_points(item: &DetectionItem) -> usize {
-    item.instances
-        .iter()
-        .filter_map(|i| match &i.segmentation {
-            Some(Segmentation::Polygons(polygons)) => polygons.iter().map(|p| p.len() / 2).max(),
-            _ => None,
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 /// The box of `polygons` (mapped by `map`) clipped to the rectangle `window` (Sutherland-Hodgman:
@@ -1196,6 +1184,60 @@ mod tests {
         };
         assert_eq!(sample.masks[0], target(&resample_like_ultralytics(&star, 1000)));
         assert_ne!(sample.masks[0], target(&star), "the vertices alone give another target");
+    }
+
+    /// Validation's targets (the batcher's letterbox) are the training's drawn without
+    /// augmentation: a polygon from its resampled outline, an RLE by pixel centres, both shrunk as
+    /// OpenCV shrinks, and under `loss.overlap_mask` the shared cells left to the smaller object,
+    /// as the training dataset leaves them (a thin star over a square, an occluded RLE shape, a
+    /// shape cut by the image's edge).
+    #[test]
+    fn validation_mask_targets_are_the_training_ones_without_augmentation() {
+        let boxes =
+            [[20.0, 10.0, 120.0, 60.0], [50.0, 5.0, 110.0, 65.0], [130.0, 20.0, 190.0, 90.0], [0.0, 0.0, 15.0, 30.0]];
+        let mut it = item(200, 100, &boxes);
+        // A shape cut by the image's edge: its polygon reaches past it, into the letterbox's padding.
+        it.instances[3].segmentation =
+            Some(Segmentation::Polygons(vec![vec![-8.0, -10.0, 15.0, -10.0, 15.0, 30.0, -8.0, 30.0]]));
+        let star: Vec<f64> = (0..10)
+            .flat_map(|k| {
+                let (r, a) = (if k % 2 == 0 { 30.0 } else { 11.0 }, 0.2 + k as f64 * std::f64::consts::PI / 5.0);
+                [80.3 + r * a.cos(), 35.1 + r * a.sin()]
+            })
+            .collect();
+        it.instances[1].segmentation = Some(Segmentation::Polygons(vec![star]));
+        let mut blob = BinaryMask::zeros(200, 100);
+        for y in 20..90 {
+            for x in 130..190 {
+                let (dx, dy) = (x as i64 - 130, y as i64 - 55);
+                blob.data[y * 200 + x] = (dx * dx + dy * dy < 900 && x > 140) as u8;
+            }
+        }
+        it.instances[2].segmentation = Some(Segmentation::Rle(kiln_data::Rle::encode(&blob).to_json(true)));
+        let mut whole_square = 0;
+        for overlap in [false, true] {
+            let mut training =
+                augment(&[it.clone()], &AugmentConfig::none(), 64, Some(4), &mut SeededRng::new(0)).unwrap();
+            if overlap {
+                kiln_data::mask::give_shared_cells_to_the_smallest(&mut training.masks);
+            }
+            let batcher =
+                kiln_data::DetectionBatcher { image_size: 64, mask_downsample: Some(4), overlap_masks: overlap };
+            let batch = batcher.try_batch(&[it.clone()], &burn::tensor::Device::flex()).unwrap();
+            let validation = batch.masks.unwrap().into_data().try_to_vec::<f32>().unwrap();
+            assert_eq!(training.masks.len(), 4);
+            for (i, mask) in training.masks.iter().enumerate() {
+                let cells: Vec<f32> = mask.data.iter().map(|&v| v as f32).collect();
+                assert_eq!(cells, validation[i * 256..(i + 1) * 256], "instance {i}, overlap {overlap}");
+                assert!(mask.area() > 0);
+            }
+            let square = training.masks[0].area();
+            if overlap {
+                assert!(square + 3 < whole_square, "the star takes cells from the square ({square} of {whole_square})");
+            } else {
+                whole_square = square;
+            }
+        }
     }
 
     #[test]

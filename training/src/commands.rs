@@ -357,7 +357,7 @@ pub fn evaluate_student(
     }
     let imgsz = imgsz.unwrap_or(info.imgsz);
     let dataset = CocoDetectionDataset::new(data.clone(), images_dir);
-    let batcher = DetectionBatcher { image_size: imgsz, mask_downsample: None };
+    let batcher = DetectionBatcher { image_size: imgsz, mask_downsample: None, overlap_masks: false };
     let options = EVAL_PREDICT_OPTIONS;
     let n = data.images.len();
     progress.set_length(n as u64);

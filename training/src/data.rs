@@ -12,6 +12,7 @@ use kiln_data::Letterbox;
 use kiln_data::batch::{
     BatchFeatures, CocoDetectionDataset, DetectionBatch, DetectionBatcher, DetectionItem, TeacherTargets,
 };
+use kiln_data::mask::give_shared_cells_to_the_smallest;
 use kiln_data::rng::SeededRng;
 
 use crate::augment::{AugmentConfig, TrainSample, augment};
@@ -48,6 +49,9 @@ pub struct TrainDataset {
     /// `max_buffer_length`); 0 draws them from the whole set.
     mosaic_buffer: usize,
     buffer: Mutex<Option<BufferState>>,
+    /// Cells that several masks of a sample cover stay only in the smallest one's target
+    /// (`loss.overlap_mask`).
+    overlap_masks: bool,
 }
 
 /// Ultralytics' mosaic buffer (`BaseDataset.buffer`, a loader without workers): an image read
@@ -137,6 +141,7 @@ impl TrainDataset {
             order: Mutex::new((usize::MAX, Vec::new())),
             mosaic_buffer: 0,
             buffer: Mutex::new(None),
+            overlap_masks: false,
         }
     }
 
@@ -144,6 +149,13 @@ impl TrainDataset {
     /// `min(images, batch_size * 8, 1000)`); 0 draws them from the whole set.
     pub fn with_mosaic_buffer(mut self, capacity: usize) -> Self {
         self.mosaic_buffer = capacity;
+        self
+    }
+
+    /// Samples whose mask targets leave the cells several masks share to the smallest
+    /// (`loss.overlap_mask`, [`give_shared_cells_to_the_smallest`]).
+    pub fn with_overlap_masks(mut self, overlap: bool) -> Self {
+        self.overlap_masks = overlap;
         self
     }
 
@@ -232,7 +244,15 @@ impl TrainDataset {
             }
         }
         let items: Vec<DetectionItem> = indexes.iter().map(|&i| self.load(i)).collect::<Result<_, _>>()?;
-        augment(&items, &self.augment, self.image_size, self.mask_downsample, &mut rng)
+        self.targets(augment(&items, &self.augment, self.image_size, self.mask_downsample, &mut rng)?)
+    }
+
+    /// The sample's mask targets under `overlap_masks`.
+    fn targets(&self, mut sample: TrainSample) -> kiln_data::Result<TrainSample> {
+        if self.overlap_masks {
+            give_shared_cells_to_the_smallest(&mut sample.masks);
+        }
+        Ok(sample)
     }
 }
 
@@ -243,7 +263,7 @@ impl TrainDataset {
         let mut rng = SeededRng::new(self.seed).fork(seed | (1 << 62));
         let chosen = if images.len() == 4 && self.augment.mosaic > 0.0 { images } else { &images[..1] };
         let items: Vec<DetectionItem> = chosen.iter().map(|&i| self.load(i)).collect::<Result<_, _>>()?;
-        augment(&items, &self.augment, self.image_size, self.mask_downsample, &mut rng)
+        self.targets(augment(&items, &self.augment, self.image_size, self.mask_downsample, &mut rng)?)
     }
 }
 
@@ -362,7 +382,8 @@ impl Dataset<DetectionItem> for ValDataset {
     }
 }
 
-/// The validation batcher: [`DetectionBatcher`] at the training size.
-pub fn val_batcher(image_size: u32, masks: bool) -> DetectionBatcher {
-    DetectionBatcher { image_size, mask_downsample: masks.then_some(4) }
+/// The validation batcher: [`DetectionBatcher`] at the training size, with the training's mask
+/// targets (`overlap_masks`: `loss.overlap_mask`).
+pub fn val_batcher(image_size: u32, masks: bool, overlap_masks: bool) -> DetectionBatcher {
+    DetectionBatcher { image_size, mask_downsample: masks.then_some(4), overlap_masks }
 }

@@ -335,7 +335,8 @@ pub fn train_student_with(
             config.close_mosaic,
             epoch_counter.clone(),
         )
-        .with_mosaic_buffer(train_images.min(config.batch_size * 8).min(1000)),
+        .with_mosaic_buffer(train_images.min(config.batch_size * 8).min(1000))
+        .with_overlap_masks(config.loss.overlap_mask),
     );
     if resume_from.is_none() {
         write_training_samples(&train_dataset, &config.classes, &output.join("train_batches.jpg"))?;
@@ -348,7 +349,7 @@ pub fn train_student_with(
         .num_workers(0)
         .set_device(device.clone().autodiff())
         .build(train_dataset.clone());
-    let val_loader = DataLoaderBuilder::new(val_batcher(config.imgsz, masks))
+    let val_loader = DataLoaderBuilder::new(val_batcher(config.imgsz, masks, config.loss.overlap_mask))
         .batch_size(config.batch_size)
         .num_workers(0)
         .set_device(device.clone())

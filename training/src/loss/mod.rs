@@ -37,11 +37,17 @@ pub struct LossConfig {
     pub topk: usize,
     pub alpha: f32,
     pub beta: f32,
+    /// Where instance masks overlap, the smaller object's target keeps the shared cells and the
+    /// larger one's loses them (Ultralytics' `overlap_mask`, on by default there and in
+    /// configs/student.yaml); off, every target is the instance's whole mask. A config saved
+    /// before the setting existed reads as off, as those runs trained.
+    #[serde(default)]
+    pub overlap_mask: bool,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        Self { box_gain: 7.5, cls_gain: 0.5, dfl_gain: 1.5, topk: 10, alpha: 0.5, beta: 6.0 }
+        Self { box_gain: 7.5, cls_gain: 0.5, dfl_gain: 1.5, topk: 10, alpha: 0.5, beta: 6.0, overlap_mask: true }
     }
 }
 
