@@ -5,7 +5,7 @@ use image::RgbImage;
 
 use crate::coco::Segmentation;
 use crate::error::Result;
-use crate::mask::{BinaryMask, resample_like_ultralytics};
+use crate::mask::BinaryMask;
 
 /// Grey used for padding (Ultralytics' `LetterBox` default).
 pub const PAD_VALUE: u8 = 114;
@@ -101,30 +101,9 @@ impl Letterbox {
     /// [`DetectionItem::ultralytics_resample_count`]: crate::DetectionItem::ultralytics_resample_count
     pub fn apply_mask(&self, segmentation: &Segmentation, downsample: u32, resample: usize) -> Result<BinaryMask> {
         let map = [self.scale_x, self.scale_y, self.pad_left as f64, self.pad_top as f64];
-        let full = match segmentation {
+        let mut full = match segmentation {
             Segmentation::Polygons(polygons) => {
-                let mut full = BinaryMask::zeros(self.width, self.height);
-                for polygon in polygons {
-                    let placed: Vec<f64> = resample_like_ultralytics(polygon, resample)
-                        .chunks_exact(2)
-                        .flat_map(|p| [p[0] * map[0] + map[2], p[1] * map[1] + map[3]])
-                        .collect();
-                    full.fill_polygon_like_opencv(&placed);
-                }
-                // A polygon reaching past the image would paint the padding: only the content's
-                // pixels are kept (as the training clears what lies outside an image's part).
-                let (left, top) = (self.pad_left as usize, self.pad_top as usize);
-                let (right, bottom) = (left + self.content_width() as usize, top + self.content_height() as usize);
-                let width = self.width as usize;
-                for (y, row) in full.data.chunks_exact_mut(width).enumerate() {
-                    if y < top || y >= bottom {
-                        row.fill(0);
-                    } else {
-                        row[..left.min(width)].fill(0);
-                        row[right.min(width)..].fill(0);
-                    }
-                }
-                full
+                BinaryMask::from_polygons_like_ultralytics(polygons, resample, map, self.width, self.height)
             }
             Segmentation::Rle(_) => segmentation.rasterize_affine(
                 self.original_width,
@@ -134,6 +113,10 @@ impl Letterbox {
                 self.height,
             )?,
         };
+        // A polygon reaching past the image would paint the padding: only the content's pixels
+        // are kept, as the training keeps them.
+        let (left, top) = (self.pad_left as f64, self.pad_top as f64);
+        full.clear_outside([left, top, left + self.content_width() as f64, top + self.content_height() as f64]);
         Ok(full.downsample_like_opencv(downsample))
     }
 }

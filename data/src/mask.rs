@@ -544,6 +544,52 @@ pub fn resample_like_ultralytics(polygon: &[f64], n: usize) -> Vec<f64> {
     out
 }
 
+impl BinaryMask {
+    /// `polygons` drawn as Ultralytics draws a mask target at full size: each resampled to
+    /// `resample` points ([`resample_like_ultralytics`]; a placement is affine, so resampling
+    /// before it is the same), placed by `map` (`[sx, sy, ox, oy]`: `x * sx + ox`), filled as
+    /// `cv2.fillPoly` fills.
+    pub fn from_polygons_like_ultralytics(
+        polygons: &[Vec<f64>],
+        resample: usize,
+        map: [f64; 4],
+        width: u32,
+        height: u32,
+    ) -> BinaryMask {
+        let mut full = BinaryMask::zeros(width, height);
+        for polygon in polygons {
+            let placed: Vec<f64> = resample_like_ultralytics(polygon, resample)
+                .chunks_exact(2)
+                .flat_map(|p| [p[0] * map[0] + map[2], p[1] * map[1] + map[3]])
+                .collect();
+            full.fill_polygon_like_opencv(&placed);
+        }
+        full
+    }
+
+    /// Clears every pixel whose centre lies outside `window` (`x1, y1, x2, y2`, pixels).
+    pub fn clear_outside(&mut self, window: [f64; 4]) {
+        let inside = |low: f64, high: f64, len: u32| -> (usize, usize) {
+            let first = (low - 0.5).ceil().clamp(0.0, len as f64) as usize;
+            let end = ((high - 0.5).floor() + 1.0).clamp(first as f64, len as f64) as usize;
+            (first, end)
+        };
+        let ((x0, x1), (y0, y1)) =
+            (inside(window[0], window[2], self.width), inside(window[1], window[3], self.height));
+        if self.width == 0 {
+            return;
+        }
+        for (y, row) in self.data.chunks_exact_mut(self.width as usize).enumerate() {
+            if y < y0 || y >= y1 {
+                row.fill(0);
+            } else {
+                row[..x0].fill(0);
+                row[x1..].fill(0);
+            }
+        }
+    }
+}
+
 /// The instance masks of one sample (all the same size) with each cell that several cover kept
 /// only in the smallest of them (by area; of equal areas, the later one), as Ultralytics' default
 /// targets are (`overlap_mask=True`: `polygons2masks_overlap` draws the masks largest first into

@@ -19,7 +19,7 @@
 use image::RgbImage;
 use kiln_data::batch::{DetectionItem, InstanceLabel};
 use kiln_data::coco::Segmentation;
-use kiln_data::mask::{BinaryMask, resample_like_ultralytics};
+use kiln_data::mask::BinaryMask;
 use kiln_data::rng::SeededRng;
 use serde::{Deserialize, Serialize};
 
@@ -894,20 +894,15 @@ fn place_instance(
             // shrunk as `cv2.resize` shrinks it (`polygon2mask`); about half a cell fuller than
             // sampling each cell's centre, most on thin shapes.
             let mut full = match segmentation {
-                Segmentation::Polygons(polygons) => {
-                    let mut full = BinaryMask::zeros(size, size);
-                    // Ultralytics resamples every segment of the image before the augmentation
-                    // moves its points (a placement is affine: resampling commutes with it).
-                    let n = item.ultralytics_resample_count();
-                    for polygon in polygons {
-                        let placed: Vec<f64> = resample_like_ultralytics(polygon, n)
-                            .chunks_exact(2)
-                            .flat_map(|p| [p[0] * placement.sx + placement.ox, p[1] * placement.sy + placement.oy])
-                            .collect();
-                        full.fill_polygon_like_opencv(&placed);
-                    }
-                    full
-                }
+                // Ultralytics resamples every segment of the image before the augmentation moves
+                // its points.
+                Segmentation::Polygons(polygons) => BinaryMask::from_polygons_like_ultralytics(
+                    polygons,
+                    item.ultralytics_resample_count(),
+                    [placement.sx, placement.sy, placement.ox, placement.oy],
+                    size,
+                    size,
+                ),
                 Segmentation::Rle(_) => match rle_raster {
                     Some(full) => full,
                     None => return Ok(None),
@@ -915,20 +910,7 @@ fn place_instance(
             };
             // What lies outside this image's visible part belongs to a neighbour in the mosaic (or
             // to the letterbox's padding): pixels whose centre is outside it are cleared.
-            let inside = |low: f64, high: f64| -> (usize, usize) {
-                let first = (low - 0.5).ceil().clamp(0.0, size as f64) as usize;
-                let end = ((high - 0.5).floor() + 1.0).clamp(first as f64, size as f64) as usize;
-                (first, end)
-            };
-            let ((x0, x1), (y0, y1)) = (inside(v[0], v[2]), inside(v[1], v[3]));
-            for (y, row) in full.data.chunks_exact_mut(size as usize).enumerate() {
-                if y < y0 || y >= y1 {
-                    row.fill(0);
-                } else {
-                    row[..x0].fill(0);
-                    row[x1..].fill(0);
-                }
-            }
+            full.clear_outside(v);
             Some(full.downsample_like_opencv(d))
         }
         (Some(d), None) => Some(BinaryMask::zeros(size.div_ceil(d.max(1)), size.div_ceil(d.max(1)))),
@@ -1078,6 +1060,7 @@ fn adjust_hsv(image: &mut RgbImage, [gh, gs, gv]: [f64; 3]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_data::mask::resample_like_ultralytics;
 
     fn item(width: u32, height: u32, boxes: &[[f64; 4]]) -> DetectionItem {
         let mut image = RgbImage::from_pixel(width, height, image::Rgb([10, 200, 30]));
