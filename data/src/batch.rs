@@ -15,7 +15,7 @@ use image::RgbImage;
 use crate::coco::{CocoDataset, Segmentation};
 use crate::error::{DataError, Result};
 use crate::letterbox::Letterbox;
-use crate::mask::{BinaryMask, Rle, give_shared_cells_to_the_smallest, ultralytics_resample_count};
+use crate::mask::{Rle, give_shared_cells_to_the_smallest, ultralytics_resample_count};
 
 /// One labelled instance as training uses it.
 #[derive(Debug, Clone)]
@@ -373,7 +373,8 @@ impl DetectionBatcher {
             for c in 0..3 {
                 pixels.extend(canvas.as_raw().iter().skip(c).step_by(3).map(|&v| v as f32 / 255.0));
             }
-            let mut item_masks = Vec::new();
+            let resample = item.ultralytics_resample_count();
+            let (mut mask_slots, mut item_masks) = (Vec::new(), Vec::new());
             for (mi, instance) in item.instances.iter().enumerate() {
                 let slot = bi * m + mi;
                 let mapped = letterbox.forward_box(instance.bbox);
@@ -381,19 +382,16 @@ impl DetectionBatcher {
                 classes[slot] = instance.class as i64;
                 valid[slot] = 1.0;
                 if let (Some(d), Some(segmentation)) = (self.mask_downsample, &instance.segmentation) {
-                    item_masks.push((slot, letterbox.apply_mask(segmentation, d, item.ultralytics_resample_count())?));
+                    mask_slots.push(slot);
+                    item_masks.push(letterbox.apply_mask(segmentation, d, resample)?);
                 }
             }
             if self.overlap_masks {
-                let mut shared: Vec<BinaryMask> = item_masks.iter().map(|(_, mask)| mask.clone()).collect();
-                give_shared_cells_to_the_smallest(&mut shared);
-                for ((_, mask), owned) in item_masks.iter_mut().zip(shared) {
-                    *mask = owned;
-                }
+                give_shared_cells_to_the_smallest(&mut item_masks);
             }
             if let Some(ms) = mask_size {
                 let plane = (ms * ms) as usize;
-                for (slot, mask) in &item_masks {
+                for (slot, mask) in mask_slots.iter().zip(&item_masks) {
                     for (dst, &v) in masks[slot * plane..(slot + 1) * plane].iter_mut().zip(&mask.data) {
                         *dst = v as f32;
                     }
