@@ -26,6 +26,8 @@
 # (kiln's evaluator equals pycocotools: tests/coco_eval.rs); Ultralytics' are pycocotools on the
 # COCO results its own validator writes for each epoch's EMA weights (save_period=1), against the
 # same val COCO file (benches/parity_score.py). Both at conf 0.001, IoU 0.7, 300 detections.
+# The val sets hold 40-50 images; benches/parity_test_set.py scores the finished runs' final weights
+# on a larger test set drawn like a val set, with per-class figures.
 #
 # Time on the 2-core CPU with a flex release build of kiln (measured 2026-12-06): about 3 h for all
 # five sets x 3 seeds; per set and seed 10 (shifted8) to 20 (dense6) minutes, kiln's training,
