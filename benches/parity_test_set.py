@@ -13,7 +13,7 @@ standard error, and each class's box AP50.
         benches/parity_test_set.py --test TEST/annotations.json --kiln BIN --set-dir OUT/shifted8 \
         --seeds 0 1 2 [--kiln-prefix kiln-s] [--ultra-prefix ultra-s]
 
-About 30 s a run (400 images at 256 px) on the 2-core CPU.
+About 75 s a seed (both tools, 400 images at 256 px) on the 2-core CPU.
 """
 import argparse
 import contextlib
@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,10 +76,13 @@ def ultralytics_results(weights, data_yaml, imgsz, truth):
 
 def kiln_figures(kiln, weights, test, imgsz, names):
     """kiln's own evaluation (equal to pycocotools: tests/coco_eval.rs), read from its table."""
-    table = subprocess.run(
+    run = subprocess.run(
         [kiln, "eval", "--model", str(weights), "--data", str(test), "--imgsz", str(imgsz)],
-        check=True, capture_output=True, text=True,
-    ).stdout
+        capture_output=True, text=True,
+    )
+    if run.returncode != 0:
+        raise SystemExit(f"kiln eval of {weights} failed:\n{run.stderr}")
+    table = run.stdout
     by_name = {name: c for c, name in names.items()}
     box = mask = None
     per_class = {}
@@ -112,10 +116,20 @@ def main():
     ap.add_argument("--ultra-prefix", default="ultra-s")
     ap.add_argument("--imgsz", type=int, default=256)
     args = ap.parse_args()
+    for path, what in ((args.test, "test set"), (args.kiln, "kiln binary"), (args.set_dir, "set directory")):
+        if not Path(path).exists():
+            raise SystemExit(f"{path}: no such {what}")
     truth = load_truth(args.test)
     names = {c["id"]: c["name"] for c in truth.dataset["categories"]}
     set_dir = Path(args.set_dir)
     data_dir = Path(tempfile.mkdtemp(prefix="parity-test-"))
+    try:
+        score_runs(args, truth, names, set_dir, data_dir)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def score_runs(args, truth, names, set_dir, data_dir):
     categories = sorted(names)
     convert(args.test, Path(args.test).parent / "images", data_dir, "val",
             {c: i for i, c in enumerate(categories)})
