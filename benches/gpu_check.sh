@@ -20,7 +20,8 @@
 #
 # GPU_CHECK_BACKENDS overrides the backends (default "tch cuda"; e.g. "tch" where cuda does not build).
 # GPU_CHECK_QUICK=1 runs the tiny configs at small sizes (a check of this script; any machine), and
-# GPU_CHECK_PROFILE=dev builds faster for it (timings then mean nothing); CI runs it so on the CPU.
+# GPU_CHECK_PROFILE=dev (or test) builds faster for it (timings then mean nothing); CI runs it so on
+# the CPU, with the test profile of its tch test build.
 # Exits non-zero when a measurement or a step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +45,17 @@ features="tch"
 case " $backends " in *" cuda"*) features="tch,cuda" ;; esac
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kiln/target}-gpu"
 profile="${GPU_CHECK_PROFILE:-release}"
-bin="$CARGO_TARGET_DIR/$([ "$profile" = dev ] && echo debug || echo "$profile")"
+case "$profile" in
+  dev | test) bin="$CARGO_TARGET_DIR/debug" ;;
+  release | bench) bin="$CARGO_TARGET_DIR/release" ;;
+  *) bin="$CARGO_TARGET_DIR/$profile" ;;
+esac
 echo "building ($profile, --features $features)" >&2
-cargo build --profile "$profile" -p kiln-cli --features "$features" 2>&1 | tail -1 >&2
-cargo build --profile "$profile" -p kiln-benches --features "$features" --example gpu_check 2>&1 | tail -1 >&2
+# One cargo call for both programs, over the whole workspace: its features then resolve as in
+# `cargo test --workspace --features tch`, so Burn is built once (two calls, `-p kiln-cli` and
+# `-p kiln-benches`, resolved Burn's features differently and built it twice), and with
+# GPU_CHECK_PROFILE=test CI's tch test build is reused whole.
+cargo build --profile "$profile" --workspace --features "$features" --bin kiln --example gpu_check 2>&1 | tail -1 >&2
 check="$bin/examples/gpu_check"
 kiln="$bin/kiln"
 
